@@ -1,0 +1,275 @@
+"""Decoder configuration shared by the Llama-style families (LLaMA-1, Llama-2, Mistral, Yi,
+DeepSeek-LLM), built from a Hugging Face ``config.json`` or from gin."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import gin
+import jax.numpy as jnp
+
+# HF model types whose weights and maths are the same Llama-style decoder.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+_DTYPES = {
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "fp16": jnp.float16,
+}
+
+
+def resolve_dtype(dtype: Any):
+    """Accepts a jnp dtype or its name (gin files hold names)."""
+    if isinstance(dtype, str):
+        try:
+            return _DTYPES[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+    return jnp.dtype(dtype).type
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF-style rope scaling dict, e.g. {"rope_type": "linear", "factor": 2.0}; None = plain RoPE.
+    rope_scaling: Optional[tuple] = None
+    max_position_embeddings: int = 4096
+    sliding_window: Optional[int] = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Any = 2
+    pad_token_id: Optional[int] = None
+    model_type: str = "llama"
+    # Numerics: params are stored in param_dtype, matmuls run in dtype; norms, softmax and
+    # logits stay in float32 because bf16 there costs accuracy and saves almost nothing.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    # Per-layer rematerialization: "none", "full" (recompute the whole block) or
+    # "dots" (save matmul outputs without a batch dim, recompute the rest).
+    remat_policy: str = "none"
+    # Scan over layers: one compiled layer body instead of num_layers copies. Compile time
+    # for 32-80 layer models is what makes this worth the stacked param layout.
+    scan_layers: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        rope_type = self.rope_type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+            )
+        if self.remat_policy not in ("none", "full", "dots"):
+            raise ValueError(f"remat_policy must be none|full|dots, got {self.remat_policy!r}")
+        resolve_dtype(self.dtype)
+        resolve_dtype(self.param_dtype)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling or ())
+
+    @property
+    def rope_type(self) -> str:
+        d = self.rope_scaling_dict
+        return d.get("rope_type", d.get("type", "default")) or "default"
+
+    @property
+    def compute_dtype(self):
+        return resolve_dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return resolve_dtype(self.param_dtype)
+
+    @property
+    def eos_token_ids(self) -> tuple:
+        e = self.eos_token_id
+        if e is None:
+            return ()
+        return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
+
+    def replace(self, **kw) -> "DecoderConfig":
+        return dataclasses.replace(self, **kw)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.attention_bias:
+            attn += d * (self.num_heads + 2 * self.num_kv_heads) + h
+        mlp = 3 * h * f + (2 * f + h if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * h
+        total = self.num_layers * per_layer + h
+        if include_embeddings:
+            total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward, 6N plus attention), as MaxText counts."""
+        n = self.num_params(include_embeddings=False) + self.vocab_size * self.hidden_size
+        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len / 2  # causal half
+        return 6 * n + attn
+
+    # -- Hugging Face interop --------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_config, **overrides) -> "DecoderConfig":
+        """From a transformers config object (LlamaConfig / MistralConfig) or its dict."""
+        d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+        model_type = d.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported yet; supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported (only silu)")
+        # transformers >= 5 folds theta and scaling into rope_parameters; older configs keep
+        # rope_theta and rope_scaling apart.
+        rope = dict(d.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        if not rope and d.get("rope_scaling"):
+            rope = dict(d["rope_scaling"])
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = None if rope_type in (None, "default") else rope
+        window = d.get("sliding_window") if model_type == "mistral" else None
+        if d.get("use_sliding_window") is False:
+            window = None
+        kw = dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or None,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            sliding_window=window,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            model_type=model_type,
+            initializer_range=d.get("initializer_range", 0.02),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> "DecoderConfig":
+        cfg_file = os.path.join(path, "config.json")
+        try:
+            with open(cfg_file) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json in HF model directory {path!r}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        # Let transformers normalise legacy fields (rope_scaling "type", defaults).
+        import transformers
+
+        hf = transformers.AutoConfig.for_model(**d)
+        return cls.from_hf(hf, **overrides)
+
+    def to_hf(self):
+        """The equivalent transformers config object."""
+        import transformers
+
+        rope = {"rope_type": "default"} if not self.rope_scaling else dict(self.rope_scaling_dict)
+        kw = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            hidden_act="silu",
+            initializer_range=self.initializer_range,
+        )
+        _set_hf_rope(kw, self.rope_theta, rope)
+        if self.model_type == "mistral":
+            cfg = transformers.MistralConfig(sliding_window=self.sliding_window, **kw)
+            cfg.architectures = ["MistralForCausalLM"]
+        else:
+            if self.sliding_window:
+                raise ValueError("sliding_window needs model_type='mistral' to export to HF")
+            cfg = transformers.LlamaConfig(
+                attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, **kw
+            )
+            cfg.architectures = ["LlamaForCausalLM"]
+        return cfg
+
+
+def _set_hf_rope(kw: dict, theta: float, rope: dict) -> None:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major >= 5:
+        kw["rope_parameters"] = {"rope_theta": theta, **rope}
+    else:
+        kw["rope_theta"] = theta
+        kw["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+
+
+@gin.configurable
+def model_config(
+    hf_dir: Optional[str] = gin.REQUIRED,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    remat_policy: str = "none",
+    scan_layers: bool = True,
+    **overrides,
+) -> DecoderConfig:
+    """The gin edge: a config from a local HF directory, with numerics overrides."""
+    return DecoderConfig.from_pretrained(
+        hf_dir,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat_policy=remat_policy,
+        scan_layers=scan_layers,
+        **overrides,
+    )
+
+
+@gin.configurable
+def custom_model_config(**kwargs) -> DecoderConfig:
+    """A config spelled out in gin (tiny test models, architecture ablations)."""
+    return DecoderConfig(**kwargs)

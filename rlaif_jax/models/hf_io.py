@@ -1,0 +1,354 @@
+"""Import from and export to Hugging Face model directories (safetensors, sharded or not),
+without torch.
+
+Import reads each device shard straight out of the memory-mapped safetensors files with
+`jax.make_array_from_callback`, so a host only ever materialises the slices its own devices
+hold: a 70B checkpoint never exists whole in one host's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rlaif_jax import sharding as shd
+from rlaif_jax.models.config import DecoderConfig
+from rlaif_jax.models.params import abstract_params, build_model
+
+log = logging.getLogger(__name__)
+
+# Buffers some old checkpoints carry; they are recomputed, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+SCORE_HEAD = "score"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """How one of our params is stored in HF: key and layout kind."""
+
+    hf_key: str
+    kind: str  # kernel | qkv_kernel | o_kernel | qkv_bias | vector
+
+
+def _layer_entries(cfg: DecoderConfig, i: int) -> dict:
+    pre = f"model.layers.{i}."
+    e = {
+        ("attn", "q_proj", "kernel"): _Entry(pre + "self_attn.q_proj.weight", "qkv_kernel"),
+        ("attn", "k_proj", "kernel"): _Entry(pre + "self_attn.k_proj.weight", "qkv_kernel"),
+        ("attn", "v_proj", "kernel"): _Entry(pre + "self_attn.v_proj.weight", "qkv_kernel"),
+        ("attn", "o_proj", "kernel"): _Entry(pre + "self_attn.o_proj.weight", "o_kernel"),
+        ("mlp", "gate_proj", "kernel"): _Entry(pre + "mlp.gate_proj.weight", "kernel"),
+        ("mlp", "up_proj", "kernel"): _Entry(pre + "mlp.up_proj.weight", "kernel"),
+        ("mlp", "down_proj", "kernel"): _Entry(pre + "mlp.down_proj.weight", "kernel"),
+        ("input_norm", "scale"): _Entry(pre + "input_layernorm.weight", "vector"),
+        ("post_attn_norm", "scale"): _Entry(pre + "post_attention_layernorm.weight", "vector"),
+    }
+    if cfg.attention_bias:
+        for n in ("q", "k", "v"):
+            e[("attn", f"{n}_proj", "bias")] = _Entry(pre + f"self_attn.{n}_proj.bias", "qkv_bias")
+        e[("attn", "o_proj", "bias")] = _Entry(pre + "self_attn.o_proj.bias", "vector")
+    if cfg.mlp_bias:
+        for n in ("gate", "up", "down"):
+            e[("mlp", f"{n}_proj", "bias")] = _Entry(pre + f"mlp.{n}_proj.bias", "vector")
+    return e
+
+
+def _global_entries(cfg: DecoderConfig, lm_head: bool, score_head: bool) -> dict:
+    e = {
+        ("embed", "embedding"): _Entry("model.embed_tokens.weight", "vector"),
+        ("final_norm", "scale"): _Entry("model.norm.weight", "vector"),
+    }
+    if lm_head and not cfg.tie_word_embeddings:
+        e[("lm_head", "kernel")] = _Entry("lm_head.weight", "kernel")
+    if score_head:
+        e[(f"{SCORE_HEAD}_head", "kernel")] = _Entry("score.weight", "kernel")
+    return e
+
+
+# -- layout transforms (HF tensor <-> our param), also on slices ---------------------------
+
+
+def _heads_dim(kind: str, shape: Sequence[int]) -> int:
+    return shape[-1] if kind in ("qkv_kernel", "qkv_bias") else shape[1]
+
+
+def _read_slice(get: Callable, kind: str, shape: tuple, index: tuple) -> np.ndarray:
+    """Our-layout slice `index` of a param of our-layout `shape`, read from HF storage via
+    `get(hf_index)` (which slices the memory-mapped tensor)."""
+    index = tuple(slice(*s.indices(d)) for s, d in zip(index, shape))
+    if kind == "vector":
+        return get(index)
+    if kind == "kernel":  # ours [in, out] = HF [out, in].T
+        return get((index[1], index[0])).T
+    if kind == "qkv_kernel":  # ours [E, N, D] = HF [N*D, E].T
+        e, n, d = index
+        D = shape[2]
+        rows = slice(n.start * D, n.stop * D)
+        x = get((rows, e)).T
+        return x.reshape(x.shape[0], n.stop - n.start, D)[:, :, d]
+    if kind == "o_kernel":  # ours [H, D, E] = HF [E, H*D].T
+        h, d, e = index
+        D = shape[1]
+        x = get((e, slice(h.start * D, h.stop * D))).T
+        return x.reshape(h.stop - h.start, D, x.shape[1])[:, d, :]
+    if kind == "qkv_bias":  # ours [N, D] = HF [N*D]
+        n, d = index
+        D = shape[1]
+        x = get((slice(n.start * D, n.stop * D),))
+        return x.reshape(n.stop - n.start, D)[:, d]
+    raise ValueError(kind)
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+    if kind == "vector":
+        return x
+    if kind == "kernel":
+        return np.ascontiguousarray(x.T)
+    if kind == "qkv_kernel":
+        return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
+    if kind == "o_kernel":
+        return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
+    if kind == "qkv_bias":
+        return x.reshape(-1)
+    raise ValueError(kind)
+
+
+def _hf_shape(kind: str, shape: tuple) -> tuple:
+    return _to_hf(kind, np.empty(shape, np.int8)).shape
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+class _SafetensorsDir:
+    """Lazy, memory-mapped access to every tensor of an HF directory by name."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        index_file = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index_file):
+            try:
+                with open(index_file) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index_file}: not a valid safetensors index ({e})") from None
+        elif os.path.exists(single):
+            weight_map = None
+        else:
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors or model.safetensors.index.json "
+                "(only safetensors checkpoints are supported; convert .bin files first)"
+            )
+        self._handles = {}
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        for fname in files:
+            fpath = os.path.join(path, fname)
+            try:
+                self._handles[fname] = safe_open(fpath, framework="numpy")
+            except Exception as e:
+                raise ValueError(f"cannot open safetensors file {fpath}: {e}") from None
+        if weight_map is None:
+            weight_map = {k: "model.safetensors" for k in self._handles["model.safetensors"].keys()}
+        self.weight_map = weight_map
+
+    def keys(self):
+        return self.weight_map.keys()
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def _handle(self, key):
+        try:
+            return self._handles[self.weight_map[key]]
+        except KeyError:
+            raise KeyError(f"{self.path}: checkpoint has no tensor {key!r}") from None
+
+    def getter(self, key: str) -> Callable:
+        sl = self._handle(key).get_slice(key)
+        fname = self.weight_map[key]
+
+        def get(index):
+            try:
+                return np.asarray(sl[index])
+            except Exception as e:  # truncated file, bad offsets
+                raise ValueError(f"{os.path.join(self.path, fname)}: cannot read {key!r}: {e}") from None
+
+        return get
+
+
+def _flatten(tree: Any, prefix=()) -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, prefix + (k,)))
+        return out
+    return {prefix: tree}
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def _plan(cfg: DecoderConfig, lm_head: bool, score_head: bool) -> dict:
+    """Our flat param path -> list of HF entries (one per layer when layers are stacked)."""
+    plan = {k: [v] for k, v in _global_entries(cfg, lm_head, score_head).items()}
+    for i in range(cfg.num_layers):
+        for k, v in _layer_entries(cfg, i).items():
+            if cfg.scan_layers:
+                plan.setdefault(("layers",) + k, []).append(v)
+            else:
+                plan[(f"layers_{i}",) + k] = [v]
+    return plan
+
+
+def load_hf(
+    path: str,
+    mesh: Optional[Mesh] = None,
+    rules: Optional[Sequence] = None,
+    config: Optional[DecoderConfig] = None,
+    lm_head: bool = True,
+    score_head: bool = False,
+    **config_overrides,
+) -> tuple[DecoderConfig, Any]:
+    """(config, params) from a local HF directory. With a mesh, params come back sharded by
+    the logical rules and each host reads only its shards; without, on the default device.
+    `score_head` loads a LlamaForSequenceClassification's `score` (num_labels=1) as our
+    scalar head named "score"."""
+    cfg = config or DecoderConfig.from_pretrained(path, **config_overrides)
+    store = _SafetensorsDir(path)
+    heads = (SCORE_HEAD,) if score_head else ()
+    model = build_model(cfg, lm_head=lm_head, scalar_heads=heads)
+    boxed = abstract_params(model)
+    abstract = _flatten(nn.unbox(boxed))
+    if mesh is None:
+        mesh = shd.single_device_mesh()
+        shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+    else:
+        shardings = _flatten(shd.param_shardings(boxed, mesh, rules or shd.logical_rules()))
+    plan = _plan(cfg, lm_head, score_head)
+    missing = [e.hf_key for entries in plan.values() for e in entries if e.hf_key not in store.weight_map]
+    if missing:
+        raise KeyError(
+            f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]} "
+            f"(model_type={cfg.model_type}, tie_word_embeddings={cfg.tie_word_embeddings})"
+        )
+    used = {e.hf_key for entries in plan.values() for e in entries}
+    extra = [k for k in store.keys() if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    if extra:
+        log.warning("%s: %d checkpoint tensor(s) not used by the model, e.g. %s", path, len(extra), extra[:3])
+
+    flat = {}
+    for our_path, entries in plan.items():
+        spec = abstract[our_path]
+        stacked = len(entries) > 1 or (cfg.scan_layers and our_path[0] == "layers")
+        per_shape = spec.shape[1:] if stacked else spec.shape
+        for e in entries:
+            want = _hf_shape(e.kind, per_shape)
+            got = store.shape(e.hf_key)
+            if got != want:
+                raise ValueError(
+                    f"{path}: tensor {e.hf_key!r} has shape {got}, the config implies {want}"
+                )
+        getters = [store.getter(e.hf_key) for e in entries]
+        kinds = [e.kind for e in entries]
+        dtype = spec.dtype
+
+        def callback(index, getters=getters, kinds=kinds, stacked=stacked, per_shape=per_shape, dtype=dtype):
+            if not stacked:
+                return _read_slice(getters[0], kinds[0], per_shape, index).astype(dtype)
+            layers = range(*index[0].indices(len(getters)))
+            return np.stack(
+                [_read_slice(getters[i], kinds[i], per_shape, index[1:]).astype(dtype) for i in layers]
+            )
+
+        flat[our_path] = jax.make_array_from_callback(spec.shape, shardings[our_path], callback)
+    return cfg, _unflatten(flat)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def save_hf(
+    path: str,
+    cfg: DecoderConfig,
+    params: Any,
+    tokenizer: Any = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    dtype: Optional[Any] = None,
+    score_head: bool = False,
+) -> None:
+    """Write an HF directory that transformers' AutoModelForCausalLM (or, with
+    `score_head`, AutoModelForSequenceClassification) loads. Tensors are fetched one
+    layer at a time, so the host never holds more than one layer plus one output shard.
+    Every process must call it (gathers are collective); only process 0 writes."""
+    from safetensors.numpy import save_file
+
+    lm_head = "lm_head" in params or cfg.tie_word_embeddings
+    plan = _plan(cfg, lm_head and not score_head, score_head)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(path, exist_ok=True)
+    flat = _flatten(params)
+    shards: list[dict] = []
+    current: dict = {}
+    current_bytes = 0
+    for our_path, entries in plan.items():
+        if our_path not in flat:
+            raise KeyError(f"params have no {'/'.join(our_path)} (needed for {entries[0].hf_key})")
+        arr = flat[our_path]
+        for i, e in enumerate(entries):
+            stacked = cfg.scan_layers and our_path[0] == "layers"
+            x = shd.to_host(arr[i] if stacked else arr)
+            x = _to_hf(e.kind, x)
+            if dtype is not None:
+                x = x.astype(dtype)
+            if not writer:
+                continue
+            if current and current_bytes + x.nbytes > max_shard_bytes:
+                shards.append(current)
+                current, current_bytes = {}, 0
+            current[e.hf_key] = x
+            current_bytes += x.nbytes
+    if not writer:
+        return
+    shards.append(current)
+    n = len(shards)
+    weight_map = {}
+    total = 0
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        for key, x in shard.items():
+            weight_map[key] = fname
+            total += x.nbytes
+    if n > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_cfg = cfg.to_hf()
+    if score_head:
+        hf_cfg.architectures = [hf_cfg.architectures[0].replace("ForCausalLM", "ForSequenceClassification")]
+        hf_cfg.num_labels = 1
+    if dtype is not None:
+        hf_cfg.dtype = str(np.dtype(dtype))
+    else:
+        hf_cfg.dtype = str(np.dtype(cfg.params_dtype))
+    hf_cfg.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)

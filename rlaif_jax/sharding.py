@@ -1,0 +1,208 @@
+"""Device mesh, logical-axis rules and placement helpers.
+
+Params and activations carry logical axis names (embed, mlp, heads, vocab, ...). One rule
+table maps them onto the (data, fsdp, tensor) mesh, so changing parallelism is a config
+change. A mesh axis that does not divide a dimension is dropped for that dimension (with a
+log line) rather than failing: tiny test models and odd vocab sizes still place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Batch is split over data *and* fsdp (ZeRO-3 style: fsdp shards
+# params along embed and gathers them per layer); tensor splits heads and the MLP.
+DEFAULT_RULES: tuple = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+@gin.configurable
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Optional[Sequence[Any]] = None,
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all (or the given) devices; one size may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not split into mesh sizes {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+            f"does not match {len(devices)} devices"
+        )
+    try:
+        from jax.experimental import mesh_utils
+
+        # Topology-aware order on TPU (tensor on the fastest links); plain order elsewhere.
+        arr = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # pragma: no cover - non-TPU topologies mesh_utils cannot place
+        arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+@gin.configurable
+def logical_rules(overrides: Sequence = ()) -> tuple:
+    """The rule table, with (logical, mesh_axes) pairs in `overrides` taking precedence."""
+    over = {k: v for k, v in overrides}
+    rules = [(k, over.pop(k, v)) for k, v in DEFAULT_RULES]
+    return tuple(rules + list(over.items()))
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drop mesh axes that do not evenly divide their dimension."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        kept = []
+        for a in axes_t:
+            if dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+                kept.append(a)
+            elif mesh.shape[a] > 1:
+                log.info("dimension %d is not divisible by mesh axis %r; replicating it", dim, a)
+        out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+    return P(*out)
+
+
+def logical_to_sharding(logical: Any, shapes: Any, mesh: Mesh, rules: Sequence) -> Any:
+    """A tree of NamedShardings from a tree of logical PartitionSpecs and matching shapes."""
+
+    def one(spec, shape):
+        mesh_spec = nn.logical_to_mesh_axes(spec, rules)
+        return NamedSharding(mesh, _fit_spec(mesh_spec, shape.shape, mesh))
+
+    return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence) -> Any:
+    """Shardings for an unboxed param tree, from the boxed (logically annotated) abstract
+    tree that `jax.eval_shape(model.init, ...)` returns."""
+    logical = nn.get_partition_spec(abstract_boxed)
+    return logical_to_sharding(logical, nn.unbox(abstract_boxed), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis over data x fsdp, everything else replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place a host batch on the mesh. On one process `batch` is the global batch; on many
+    processes it is this process's slice, and the global array is assembled from all."""
+
+    def one(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(x, _fitted(sharding, x.shape))
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(one, batch)
+
+
+def _fitted(sharding: NamedSharding, shape) -> NamedSharding:
+    return NamedSharding(sharding.mesh, _fit_spec(sharding.spec, shape, sharding.mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@gin.configurable
+def initialize_distributed(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    local_device_ids: Optional[Sequence[int]] = None,
+) -> None:
+    """Multi-host start-up. On Cloud TPU all arguments are discovered automatically; on
+    GPU/CPU clusters pass them (or set JAX_COORDINATOR_ADDRESS etc.). Safe to call twice."""
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+    )
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("rlaif_jax_mesh_rules", default=None)
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Optional[Mesh], rules: Optional[Sequence] = None):
+    """Activates activation-sharding constraints for code traced inside the block."""
+    token = _ACTIVE.set(None if mesh is None else (mesh, tuple(rules or logical_rules())))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
+    """with_sharding_constraint by logical names (fitted to the shape); a no-op outside
+    `mesh_rules`, so model code runs unchanged on one device."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = _fit_spec(nn.logical_to_mesh_axes(tuple(logical_axes), rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-host sharded) array as numpy on every host."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
