@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Forward and generation throughput of the JAX decoder beside HF transformers (PyTorch) on
+the same config and weights, in the same run.
+
+  python scripts/benchmark_model.py --preset small
+  python scripts/benchmark_model.py --hf_dir /path/to/Llama-2-7b-hf --dtype bfloat16 --batch 8
+
+Prints tokens/s for both, their ratio, MFU where the device's peak is known (or given with
+--peak_tflops), and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+
+PRESETS = {
+    # ~15M params: runs in a minute on a 2-core laptop.
+    "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4),
+    # ~110M params, Llama-2 shape scaled down.
+    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32),
+}
+
+# Dense bf16 peak TFLOP/s per device, for MFU.
+PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6e": 918.0,
+               "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}
+
+
+def peak_tflops(device, override):
+    if override:
+        return override
+    kind = getattr(device, "device_kind", "")
+    for k, v in PEAK_TFLOPS.items():
+        if kind.startswith(k):
+            return v
+    return None
+
+
+def timed(fn, repeats):
+    fn()  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (random weights)")
+    ap.add_argument("--hf_dir", help="benchmark this local HF checkpoint instead of a preset")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq_len", type=int, default=256, help="forward sequence length")
+    ap.add_argument("--prompt_len", type=int, default=64)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU if not known")
+    ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from rlaif_jax.models import apply, build_model
+    from rlaif_jax.models.hf_io import load_hf
+    from rlaif_jax.sampling import SamplingParams, generate
+
+    torch = None
+    hf_model = None
+    tmp = None
+    if not args.no_torch:
+        import torch
+        import transformers
+
+        torch.set_num_threads(os.cpu_count())
+    if args.hf_dir:
+        path = args.hf_dir
+        if torch is not None:
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    else:
+        if torch is None:
+            raise SystemExit("presets build their random weights with transformers+torch; drop --no_torch")
+        hc = transformers.LlamaConfig(max_position_embeddings=4096, **PRESETS[args.preset])
+        torch.manual_seed(0)
+        hf_model = transformers.LlamaForCausalLM(hc).eval()
+        tmp = tempfile.TemporaryDirectory()
+        path = tmp.name
+        hf_model.save_pretrained(path)
+        hf_model = hf_model.to(getattr(torch, args.dtype))
+
+    cfg, params = load_hf(path, dtype=args.dtype, param_dtype=args.dtype)
+    model = build_model(cfg)
+    dev = jax.devices()[0]
+    rs = np.random.RandomState(0)
+    B, T = args.batch, args.seq_len
+    ids = rs.randint(3, cfg.vocab_size, (B, T)).astype(np.int32)
+    fwd = jax.jit(lambda p, t: apply(model, p, t)["logits"])
+    ids_dev = jnp.asarray(ids)
+    t_jax = timed(lambda: fwd(params, ids_dev).block_until_ready(), args.repeats)
+    n_params = cfg.num_params()
+    fwd_flops = B * T * (2 * n_params + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T)
+    peak = peak_tflops(dev, args.peak_tflops)
+    print(f"device: {dev.device_kind} x{jax.device_count()}  backend: {jax.default_backend()}  "
+          f"params: {n_params / 1e6:.1f}M  dtype: {args.dtype}")
+    rows = []
+    fwd_tps = B * T / t_jax
+    mfu = f"{100 * fwd_flops / t_jax / (peak * 1e12):.1f}%" if peak else "n/a (peak unknown)"
+    rows.append(("forward", fwd_tps))
+
+    prompts = [list(rs.randint(3, cfg.vocab_size, args.prompt_len)) for _ in range(B)]
+    sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, eos_ids=())
+    key = jax.random.key(0)
+    t_gen = timed(lambda: generate(model, params, prompts, key, sp), args.repeats)
+    gen_tps = B * args.new_tokens / t_gen
+    rows.append(("generate", gen_tps))
+
+    torch_rows = {}
+    if hf_model is not None:
+        t_ids = torch.tensor(ids, dtype=torch.long)
+        with torch.inference_mode():
+            t_fwd = timed(lambda: hf_model(t_ids).logits, args.repeats)
+            p_ids = torch.tensor(np.array(prompts), dtype=torch.long)
+            mask = torch.ones_like(p_ids)
+            t_tgen = timed(lambda: hf_model.generate(p_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                                     min_new_tokens=args.new_tokens, do_sample=False,
+                                                     pad_token_id=0), args.repeats)
+        torch_rows = {"forward": B * T / t_fwd, "generate": B * args.new_tokens / t_tgen}
+
+    print(f"\n{'':10s} {'rlaif_jax tok/s':>16s} {'HF torch tok/s':>16s} {'ratio':>7s}")
+    for name, tps in rows:
+        ref = torch_rows.get(name)
+        print(f"{name:10s} {tps:16.1f} {ref if ref is None else f'{ref:16.1f}':>16} "
+              f"{'' if ref is None else f'{tps / ref:7.2f}'}")
+    print(f"\nforward: batch {B} x {T} tokens, MFU {mfu}")
+    print(f"generate: batch {B}, prompt {args.prompt_len}, {args.new_tokens} new tokens (greedy, no early stop)")
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak host RSS (both frameworks, this process): {rss:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
