@@ -229,14 +229,28 @@ class Transformer(nn.Module):
                 use_bias=False,  # as OpenRLHF and HF score heads; a bias cancels in Bradley-Terry
                 dtype=jnp.float32,
                 param_dtype=jnp.float32,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(1.0 / (cfg.hidden_size + 1) ** 0.5), ("embed", None)
-                ),
+                kernel_init=nn.with_logical_partitioning(_scalar_head_init(cfg), ("embed", None)),
                 name=f"{head}_head",
             )(hidden.astype(jnp.float32))[..., 0]
         if cache is not None:
             out["cache"] = new_cache
         return out
+
+
+def _scalar_head_init(cfg: DecoderConfig):
+    return nn.initializers.normal(1.0 / (cfg.hidden_size + 1) ** 0.5)
+
+
+def init_scalar_head(cfg: DecoderConfig, rng: jax.Array, mesh=None) -> dict:
+    """A fresh scalar head's params (for a reward/value model on a pretrained trunk),
+    placed like the model would place it."""
+    kernel = _scalar_head_init(cfg)(rng, (cfg.hidden_size, 1), jnp.float32)
+    if mesh is not None:
+        from rlaif_jax import sharding as shd
+
+        kernel = jax.device_put(kernel, shd.logical_to_sharding(
+            jax.sharding.PartitionSpec("embed", None), kernel, mesh, shd.logical_rules()))
+    return {"kernel": kernel}
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:

@@ -250,7 +250,9 @@ def load_hf(
             f"(model_type={cfg.model_type}, tie_word_embeddings={cfg.tie_word_embeddings})"
         )
     used = {e.hf_key for entries in plan.values() for e in entries}
-    extra = [k for k in store.keys() if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    # A reward model initialised from a policy drops its LM head on purpose.
+    skip = _IGNORED_SUFFIXES + (() if lm_head else ("lm_head.weight",))
+    extra = [k for k in store.keys() if k not in used and not k.endswith(skip)]
     if extra:
         log.warning("%s: %d checkpoint tensor(s) not used by the model, e.g. %s", path, len(extra), extra[:3])
 

@@ -1,0 +1,241 @@
+"""The one training loop: any objective, any mesh, exact resume, metrics, export.
+
+The hot loop calls one jitted, donated step per batch and touches the host only to feed
+batches and, every `log_every` steps, to fetch metrics (which is also when a non-finite
+loss is noticed: the run stops naming the step and the batch, before any checkpoint of the
+bad state is written).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from rlaif_jax import sharding as shd
+from rlaif_jax.models import DecoderConfig, build_model, init_params
+from rlaif_jax.models.decoder import init_scalar_head
+from rlaif_jax.models.hf_io import load_hf, save_hf
+from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
+from rlaif_jax.train.metrics import MetricsWriter, mfu, peak_tflops
+from rlaif_jax.train.optim import make_optimizer
+from rlaif_jax.train.step import TrainState, compile_step, create_state, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _batch_tokens(batch: dict) -> int:
+    return int(sum((v > 0).sum() for k, v in batch.items() if k.endswith("segment_ids")))
+
+
+def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str], mesh, rules, seed: int):
+    """(cfg, model, params): from an HF directory when given (a reward model gets a fresh
+    score head on the pretrained trunk), else random."""
+    if cfg is None:
+        if not init_from:
+            raise ValueError("train needs model_config or init_from (an HF directory)")
+        cfg = DecoderConfig.from_pretrained(init_from)
+    model = build_model(cfg, lm_head=objective.lm_head, scalar_heads=objective.scalar_heads)
+    if not init_from:
+        return cfg, model, init_params(model, jax.random.key(seed), mesh, rules)
+    _, params = load_hf(init_from, mesh=mesh, rules=rules, config=cfg, lm_head=objective.lm_head)
+    for head in objective.scalar_heads:
+        params[f"{head}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), mesh)
+    return cfg, model, params
+
+
+def _check_finite(state: TrainState, recent: collections.deque, run_dir: str) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad < 0:
+        return
+    where = next((pos for s, pos, _ in recent if s == bad), None)
+    batch = next((b for s, _, b in recent if s == bad), None)
+    dump = None
+    if batch is not None and jax.process_index() == 0:
+        dump = os.path.join(run_dir, f"nonfinite_batch_step{bad}.npz")
+        np.savez(dump, **batch)
+    raise NonFiniteLossError(
+        f"loss or gradient became non-finite at step {bad} (data iterator position before that "
+        f"batch: {where}; batch saved to {dump}). That update was not applied and no checkpoint "
+        "of it was written; the last good checkpoint is intact."
+    )
+
+
+@gin.configurable(denylist=["stop_after"])
+def train(
+    run_dir: str = gin.REQUIRED,
+    objective: Any = gin.REQUIRED,
+    train_data: Callable = gin.REQUIRED,
+    num_steps: int = gin.REQUIRED,
+    model_config: Optional[DecoderConfig] = None,
+    init_from: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    eval_data: Optional[Callable] = None,
+    grad_accum: int = 1,
+    optimizer: Callable = make_optimizer,
+    mesh: Callable = shd.make_mesh,
+    seed: int = 0,
+    log_every: int = 10,
+    eval_every: int = 0,
+    eval_batches: Optional[int] = None,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 3,
+    async_checkpoint: bool = True,
+    export_hf: bool = True,
+    sample_prompts: Sequence[str] = (),
+    sample_max_new_tokens: int = 64,
+    peak_device_tflops: Optional[float] = None,
+    stop_after: Optional[int] = None,
+) -> dict:
+    """Train `objective` for num_steps (resuming from run_dir/checkpoints if present).
+
+    train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
+    tokenizer=..., state=... (the iterator position to resume from). `stop_after` ends the
+    process-side loop early without a final checkpoint: preemption in tests.
+    Returns the last logged metrics.
+    """
+    from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+
+    os.makedirs(run_dir, exist_ok=True)
+    the_mesh = mesh() if callable(mesh) else mesh
+    rules = shd.logical_rules()
+    tok_dir = tokenizer or init_from
+    tok = load_tokenizer(tok_dir) if tok_dir else None
+    cfg, model, params = load_policy(objective, model_config, init_from, the_mesh, rules, seed)
+    ref_params = jax.tree.map(jnp.copy, params) if objective.needs_reference else None
+    tx, schedule = optimizer(params=params, default_total_steps=num_steps)
+    state = jax.jit(lambda p: create_state(p, tx, seed))(params)
+    del params
+
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep_checkpoints, async_checkpoint)
+    data_state = None
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state, _ = ckpt.restore(latest, abstract_like(state))
+        start = int(jax.device_get(state.step))
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+    it = train_data(tokenizer=tok, state=data_state or None)
+    step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh, ref_params)
+    eval_fn = jax.jit(make_eval_step(objective, model, the_mesh)) if eval_data else None
+    writer = MetricsWriter(run_dir)
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "config.gin"), "w") as f:
+            f.write(gin.config_str())
+
+    peak = peak_tflops(jax.devices()[0], peak_device_tflops)
+    recent: collections.deque = collections.deque(maxlen=max(log_every, 1))
+    last: dict = {}
+    t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+    bar = tqdm(total=num_steps, initial=start, desc=f"train[{type(objective).__name__}]", disable=jax.process_index() != 0)
+    step = start
+    try:
+        while step < num_steps:
+            position = it.get_state()
+            try:
+                batch = next(it)
+            except StopIteration:
+                log.warning("training data exhausted after %d steps (num_steps=%d)", step, num_steps)
+                break
+            recent.append((step, position, batch))
+            tokens_since += _batch_tokens(batch)
+            steps_since += 1
+            state, metrics = step_fn(state, shd.shard_batch(batch, the_mesh), ref_params)
+            step += 1
+            bar.update(1)
+
+            if step % log_every == 0 or step == num_steps:
+                metrics = jax.device_get(metrics)
+                _check_finite(state, recent, run_dir)
+                dt = time.perf_counter() - t_last
+                seq_len = batch[next(k for k in batch if k.endswith("tokens"))].shape[1]
+                flops = cfg.flops_per_token(seq_len) * tokens_since * (2 if objective.needs_reference else 1)
+                m = {k: float(v) for k, v in metrics.items()}
+                m.update(tokens_per_second=tokens_since / dt, step_time=dt / steps_since, epoch=it.epoch)
+                u = mfu(flops, dt, jax.device_count(), peak)
+                if u is not None:
+                    m["mfu"] = u
+                writer.write(step, m)
+                last = m
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
+                t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+
+            if eval_fn is not None and eval_every and step % eval_every == 0:
+                ev = evaluate(eval_fn, state.params, eval_data, tok, the_mesh, ref_params, eval_batches)
+                writer.write(step, ev, prefix="eval/")
+                last.update({f"eval/{k}": v for k, v in ev.items()})
+                if sample_prompts and objective.lm_head and tok is not None:
+                    for p, text in zip(sample_prompts, sample_texts(model, state.params, tok, sample_prompts,
+                                                                    sample_max_new_tokens, the_mesh)):
+                        writer.text(step, "samples", f"**{p}**\n\n{text}")
+                        writer.write(step, {"prompt": p, "completion": text}, prefix="sample/")
+
+            if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
+                _check_finite(state, recent, run_dir)
+                ckpt.save(step, state, it.get_state())
+            if stop_after is not None and step >= stop_after:
+                ckpt.wait()
+                return last
+        _check_finite(state, recent, run_dir)
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state, it.get_state())
+        ckpt.wait()
+        if jax.process_index() == 0:
+            with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
+                f.write(gin.operative_config_str())
+        if export_hf:
+            save_hf(os.path.join(run_dir, "hf"), cfg, state.params, tokenizer=tok,
+                    score_head=not objective.lm_head)
+        summary = {"step": step, **last}
+        if jax.process_index() == 0:
+            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+    finally:
+        bar.close()
+        it.close() if hasattr(it, "close") else None
+        writer.close()
+        ckpt.close()
+
+
+def evaluate(eval_fn, params, eval_data: Callable, tok, mesh, ref_params, max_batches: Optional[int]) -> dict:
+    """Metric averages over one pass of the held-out iterator (sums / counts, exactly)."""
+    it = eval_data(tokenizer=tok, state=None)
+    sums: dict = {}
+    try:
+        for i, batch in enumerate(it):
+            if max_batches is not None and i >= max_batches:
+                break
+            out = jax.device_get(eval_fn(params, shd.shard_batch(batch, mesh), ref_params))
+            for k, (s, c) in out.items():
+                a, b = sums.get(k, (0.0, 0.0))
+                sums[k] = (a + float(s), b + float(c))
+    finally:
+        it.close() if hasattr(it, "close") else None
+    return {k: s / c for k, (s, c) in sums.items() if c}
+
+
+def sample_texts(model, params, tok, prompts: Sequence[str], max_new_tokens: int, mesh, template: str = "paper"):
+    from rlaif_jax.data.tokenize.encode import Encoder
+    from rlaif_jax.sampling import SamplingParams, generate
+
+    enc = Encoder(tok, template, max_length=model.cfg.max_position_embeddings, max_prompt_length=model.cfg.max_position_embeddings // 2)
+    ids = [list(map(int, x)) for x in enc.encode_prompts(list(prompts))]
+    eos = tuple(model.cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
+    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, eos_ids=eos,
+                        pad_id=tok.pad_token_id or 0)
+    out = generate(model, params, ids, jax.random.key(0), sp, mesh=mesh)
+    return [tok.decode(t[:n], skip_special_tokens=True) for t, n in zip(out.tokens, out.lengths)]

@@ -1,0 +1,92 @@
+"""Metric sinks (JSONL and TensorBoard event files) and MFU accounting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak TFLOP/s per device (vendor figures), for MFU.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0,
+    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
+}
+
+
+def peak_tflops(device=None, override: Optional[float] = None) -> Optional[float]:
+    """Per-device peak, or None where unknown (CPUs): MFU is then not reported."""
+    if override:
+        return override
+    kind = getattr(device or jax.devices()[0], "device_kind", "")
+    for name, value in PEAK_TFLOPS.items():
+        if kind.startswith(name):
+            return value
+    return None
+
+
+def mfu(flops: float, seconds: float, n_devices: int, peak: Optional[float]) -> Optional[float]:
+    if not peak or seconds <= 0:
+        return None
+    return flops / seconds / (peak * 1e12 * n_devices)
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, (np.ndarray, jax.Array)):
+        v = np.asarray(v)
+        return v.item() if v.size == 1 else v.tolist()
+    return v
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to
+    TensorBoard (tensorboardX) when installed. Only process 0 writes."""
+
+    def __init__(self, run_dir: str, filename: str = "metrics.jsonl"):
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._f = open(os.path.join(run_dir, filename), "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            log.warning("tensorboardX not installed: metrics go to %s only", filename)
+
+    def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": time.time()}
+        for k, v in metrics.items():
+            row[prefix + k] = _scalar(v)
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,50 @@
+"""Supervised fine-tuning: cross-entropy on response tokens, padded or packed batches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax.numpy as jnp
+
+from rlaif_jax.models.params import apply
+from rlaif_jax.train.logprobs import entropy_and_accuracy, token_logps
+
+
+def num_sequences(positions, segment_ids):
+    """Sequences in a (possibly packed) batch: each starts at position 0 of a real segment."""
+    return ((positions == 0) & (segment_ids > 0)).sum().astype(jnp.float32)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SFT:
+    """reduction="sum": each sequence's summed token NLL, averaged over sequences (the
+    paper's code); "mean": NLL averaged over all response tokens in the batch."""
+
+    reduction: str = "sum"
+    data_kind: str = "sft"
+    lm_head: bool = True
+    scalar_heads: tuple = ()
+    needs_reference: bool = False
+
+    def __post_init__(self):
+        if self.reduction not in ("sum", "mean"):
+            raise ValueError(f"SFT.reduction must be 'sum' or 'mean', got {self.reduction!r}")
+
+    def loss(self, model, params, batch, ref_params, rng, mesh):
+        tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
+        out = apply(model, params, tokens, batch["positions"], batch["segment_ids"], mesh=mesh)
+        nll = -(token_logps(out["logits"], tokens) * mask).sum()
+        n_tok = mask.sum()
+        n_seq = num_sequences(batch["positions"], batch["segment_ids"])
+        weight = n_seq if self.reduction == "sum" else n_tok
+        ent, correct = entropy_and_accuracy(out["logits"], tokens, mask)
+        metrics = {
+            "nll_per_token": (nll, n_tok),
+            "token_accuracy": (correct, n_tok),
+            "entropy": (ent, n_tok),
+            "response_tokens_per_sequence": (n_tok, n_seq),
+        }
+        del rng, ref_params
+        return nll, weight, metrics
