@@ -1,0 +1,59 @@
+"""Shared command-line handling for gin-configured scripts (t5x style): repeatable
+--gin_file and --gin_param, with every configurable module imported first so a typo in a
+binding is an error at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from typing import Optional, Sequence
+
+import gin
+
+# Modules whose @gin.configurable functions a config may bind.
+CONFIGURABLE_MODULES = (
+    "rlaif_jax.sharding",
+    "rlaif_jax.models.config",
+    "rlaif_jax.sampling",
+    "rlaif_jax.train.sft",
+    "rlaif_jax.train.dpo",
+    "rlaif_jax.train.reward",
+    "rlaif_jax.train.optim",
+    "rlaif_jax.train.loop",
+    "rlaif_jax.data.pipeline.builders",
+)
+
+
+def import_configurables(extra: Sequence[str] = ()) -> None:
+    for name in tuple(CONFIGURABLE_MODULES) + tuple(extra):
+        importlib.import_module(name)
+
+
+def gin_arg_parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+    ap.add_argument("--gin_param", action="append", default=[],
+                    help="a gin binding overriding the files, e.g. --gin_param=train.num_steps=100 (repeatable)")
+    ap.add_argument("--gin_search_path", action="append", default=[],
+                    help="directory to resolve relative gin includes against (repeatable)")
+    ap.add_argument("--log_level", default="INFO")
+    return ap
+
+
+def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> None:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import_configurables(extra_modules)
+    for path in args.gin_search_path or ["."]:
+        gin.add_config_file_search_path(path)
+    if not args.gin_file and not args.gin_param:
+        raise SystemExit("give at least one --gin_file (see configs/)")
+    gin.parse_config_files_and_bindings(args.gin_file, args.gin_param, finalize_config=False)
+    gin.finalize()
+
+
+def main_with_gin(description: str, fn, argv: Optional[Sequence[str]] = None, extra_modules=()) -> object:
+    args = gin_arg_parser(description).parse_args(argv)
+    parse_gin(args, extra_modules)
+    return fn()
