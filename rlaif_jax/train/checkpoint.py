@@ -8,6 +8,7 @@ Paths may be local or gs://.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import jax
@@ -18,13 +19,14 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = directory
+        # orbax wants absolute local paths; gs:// and other URLs pass through.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._mngr = ocp.CheckpointManager(directory, options=options)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> Optional[int]:
         return self._mngr.latest_step()

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import functools
-import os
 
 from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
-from rlaif_jax.data.records import DEMONSTRATIONS, PREFERENCES, write_records
-from rlaif_jax.data.tokenize import build_test_tokenizer
-from rlaif_jax.data import prompt_id
+from rlaif_jax.data.toy import write_toy_world
 from rlaif_jax.models import DecoderConfig
-
-WORDS = "red green blue yellow black white cat dog bird fish one two three four five six".split()
 
 
 def tiny_config(vocab_size: int, **kw) -> DecoderConfig:
@@ -22,23 +17,9 @@ def tiny_config(vocab_size: int, **kw) -> DecoderConfig:
 
 
 def make_world(root: str, n: int = 32):
-    """A tokenizer, demonstrations (answer = the prompt's words reversed: learnable) and
-    preferences (chosen = reversed, rejected = the words unchanged)."""
-    prompts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(3 + i % 3)) for i in range(n)]
-    rev = [" ".join(p.split()[::-1]) for p in prompts]
-    tok_dir = os.path.join(root, "tok")
-    tok = build_test_tokenizer(tok_dir, texts=prompts + ["Human: Assistant:"] + WORDS)
-    demo_dir = os.path.join(root, "demos")
-    write_records(demo_dir, DEMONSTRATIONS, [
-        {"prompt_id": prompt_id(p), "prompt": p, "completion": r, "source_model": "rule", "finish_reason": "stop"}
-        for p, r in zip(prompts, rev)
-    ], num_shards=2)
-    pref_dir = os.path.join(root, "prefs")
-    write_records(pref_dir, PREFERENCES, [
-        {"prompt_id": prompt_id(p), "prompt": p, "chosen": r, "rejected": p, "provenance": "rule"}
-        for p, r in zip(prompts, rev)
-    ])
-    return tok, tok_dir, demo_dir, pref_dir
+    """(tokenizer, tokenizer dir, demonstrations dir, preferences dir) of the toy world."""
+    w = write_toy_world(root, n)
+    return w["tok"], w["tokenizer"], w["demonstrations"], w["preferences"]
 
 
 def sft_data(demo_dir, batch_size=8, seq_len=32, **kw):

@@ -221,3 +221,28 @@ make_optimizer.learning_rate = 1e-4
     bad = subprocess.run(cmd + ["--gin_param=make_optimizer.learnig_rate=1.0"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "learnig_rate" in bad.stderr
+
+
+def test_precomputed_reference_records_train_like_a_reference_model(world, sft_run, tmp_path):
+    from rlaif_jax.train.reference import precompute_reference_logps
+
+    ref = os.path.join(sft_run[0], "hf")
+    precompute_reference_logps(preferences_dir=world["prefs"], out_dir=str(tmp_path / "prefs_ref"), reference=ref,
+                               seq_len=32, max_length=32, max_prompt_length=16, batch_size=5)
+    from rlaif_jax.data.records import read_records
+
+    recs = list(read_records(str(tmp_path / "prefs_ref")))
+    assert all(r["ref_chosen_logp"] < 0 and r["ref_model"].startswith(os.path.abspath(ref)) for r in recs)
+    outs = {}
+    for mode, data in (("model", world["prefs"]), ("precomputed", str(tmp_path / "prefs_ref"))):
+        run = tmp_path / mode
+        train(run_dir=str(run), objective=DPO(beta=0.5, reference=mode), train_data=pref_data(data),
+              num_steps=3, init_from=ref, optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+              mesh=ONE_DEVICE, log_every=1)
+        outs[mode] = (read_jsonl(str(run / "metrics.jsonl")), load_file(str(run / "hf" / "model.safetensors")))
+    (ma, pa), (mb, pb) = outs["model"], outs["precomputed"]
+    for ra, rb in zip(ma, mb):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
+        assert ra["rewards/margins"] == pytest.approx(rb["rewards/margins"], rel=1e-3, abs=1e-5)
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], atol=1e-5)

@@ -1,0 +1,96 @@
+"""Precompute DPO reference log-probs once, so training holds one model.
+
+Reads preference records, scores chosen and rejected under the reference checkpoint with
+exactly the encoding the preference pipeline uses (template, truncation, masks), and writes
+a copy of the records with `ref_chosen_logp` / `ref_rejected_logp` (summed over response
+tokens) and `ref_model` = the reference's identity: checkpoint path, a hash of its weights
+index/config and of the tokenizer vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional
+
+import gin
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from rlaif_jax import sharding as shd
+from rlaif_jax.data.pipeline.batches import pad_preference_batch
+from rlaif_jax.data.pipeline.builders import _tokenizer_hash
+from rlaif_jax.data.records import PREFERENCES, read_manifest, read_records, write_records
+from rlaif_jax.data.tokenize.encode import Encoder
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+from rlaif_jax.models import apply, build_model
+from rlaif_jax.models.hf_io import load_hf
+from rlaif_jax.train.logprobs import sequence_logps
+from rlaif_jax.train.objectives import concat_pairs
+
+
+def reference_identity(ref_dir: str, tok) -> str:
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json", "model.safetensors"):
+        path = os.path.join(ref_dir, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            if name == "model.safetensors.index.json":
+                break  # the index names every shard; hashing 100 GB of weights is not worth it
+    return f"{os.path.abspath(ref_dir)}#weights={h.hexdigest()[:16]}#tokenizer={_tokenizer_hash(tok)}"
+
+
+@gin.configurable
+def precompute_reference_logps(
+    preferences_dir: str = gin.REQUIRED,
+    out_dir: str = gin.REQUIRED,
+    reference: str = gin.REQUIRED,
+    tokenizer: Optional[str] = None,
+    batch_size: int = 16,
+    seq_len: int = 512,
+    template: str = "paper",
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation_mode: str = "keep_end",
+    num_shards: Optional[int] = None,
+    dtype: str = "float32",
+) -> dict:
+    """Writes out_dir (a PREFERENCES record set) and returns its manifest."""
+    tok = load_tokenizer(tokenizer or reference)
+    mesh = shd.make_mesh(-1, 1, 1)
+    cfg, params = load_hf(reference, mesh=mesh, dtype=dtype, param_dtype=dtype)
+    model = build_model(cfg)
+    records = list(read_records(preferences_dir, PREFERENCES))
+    if not records:
+        raise ValueError(f"{preferences_dir}: no preference records")
+    enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
+    pairs = enc.encode_pairs([r["prompt"] for r in records], [r["chosen"] for r in records],
+                             [r["rejected"] for r in records])
+
+    @jax.jit
+    def score(params, batch):
+        both = concat_pairs(batch)
+        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], mesh=mesh)
+        return sequence_logps(out["logits"], both["tokens"], both["loss_mask"])
+
+    logps = np.zeros((len(records), 2), np.float64)
+    for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
+        chunk = pairs[start:start + batch_size]
+        batch = pad_preference_batch(chunk, batch_size, seq_len)
+        lp = shd.to_host(score(params, shd.shard_batch(batch, mesh)))
+        n = len(chunk)
+        logps[start:start + n, 0], logps[start:start + n, 1] = lp[:n], lp[batch_size:batch_size + n]
+    if not np.isfinite(logps).all():
+        bad = int(np.where(~np.isfinite(logps).all(1))[0][0])
+        raise FloatingPointError(f"non-finite reference log-prob for record {bad} (prompt_id {records[bad]['prompt_id']})")
+    ident = reference_identity(reference, tok)
+    out = [dict(r, ref_chosen_logp=float(c), ref_rejected_logp=float(j), ref_model=ident)
+           for r, (c, j) in zip(records, logps)]
+    src = read_manifest(preferences_dir, PREFERENCES)
+    return write_records(out_dir, PREFERENCES, out, num_shards=num_shards or len(src["shards"]),
+                         provenance={"source": os.path.abspath(preferences_dir), "ref_model": ident,
+                                     "template": template, "max_length": max_length,
+                                     "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode})
