@@ -1,0 +1,26 @@
+"""Training input pipeline: batch layouts, packing, and the checkpointable iterator."""
+
+from rlaif_jax.data.pipeline.batches import (
+    SEQUENCE_KEYS,
+    RowPacker,
+    empty_batch,
+    pack_batch,
+    packing_efficiency,
+    pad_batch,
+    pad_preference_batch,
+)
+from rlaif_jax.data.pipeline.builders import load_host_records, preference_pipeline, sft_pipeline
+from rlaif_jax.data.pipeline.iterator import (
+    DataIterator,
+    IndexStream,
+    PackedBatcher,
+    PaddedBatcher,
+    PreferenceBatcher,
+)
+
+__all__ = [
+    "SEQUENCE_KEYS", "DataIterator", "IndexStream", "PackedBatcher", "PaddedBatcher",
+    "PreferenceBatcher", "RowPacker", "empty_batch", "load_host_records", "pack_batch",
+    "packing_efficiency", "pad_batch", "pad_preference_batch", "preference_pipeline",
+    "sft_pipeline",
+]

@@ -1,0 +1,201 @@
+"""Pipeline constructors: record directories -> tokenized examples -> DataIterator.
+
+Each process reads only its own shards (shard i goes to process i % process_count) and
+tokenizes them once, in memory. The epoch size is the smallest per-process example count
+(known from the manifests without reading other hosts' files), so all hosts take the same
+number of padded batches per epoch and stay in lock-step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import gin
+import numpy as np
+
+from rlaif_jax.data.pipeline.iterator import (
+    DataIterator,
+    IndexStream,
+    PackedBatcher,
+    PaddedBatcher,
+    PreferenceBatcher,
+    fingerprint,
+)
+from rlaif_jax.data.records import (
+    DEMONSTRATIONS,
+    PREFERENCES,
+    Schema,
+    read_manifest,
+    read_records,
+    shard_indices_for_process,
+)
+from rlaif_jax.data.tokenize.encode import Encoder
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+
+_ENCODE_CHUNK = 2048
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def load_host_records(
+    data_dirs: str | Sequence[str], schema: Schema, process_index: int, process_count: int
+) -> tuple[list[dict], int, list[str]]:
+    """This process's records, the smallest per-process count, and all shard checksums.
+
+    Shards of all directories are numbered globally (in the order given), then dealt out
+    round-robin to processes.
+    """
+    dirs = [data_dirs] if isinstance(data_dirs, (str, os.PathLike)) else list(data_dirs)
+    shards = []  # (directory, shard index within it, manifest entry)
+    for d in dirs:
+        for s, entry in enumerate(read_manifest(d, schema)["shards"]):
+            shards.append((os.fspath(d), s, entry))
+    mine = shard_indices_for_process(len(shards), process_index, process_count)
+    per_process = [
+        sum(shards[g][2]["num_records"] for g in shard_indices_for_process(len(shards), p, process_count))
+        for p in range(process_count)
+    ]
+    records = []
+    for g in mine:
+        d, s, _ = shards[g]
+        records.extend(read_records(d, schema, shards=[s]))
+    return records, min(per_process), [e["sha256"] for _, _, e in shards]
+
+
+def _tokenizer_hash(tok: Any) -> str:
+    """Identifies the vocabulary, so a resumed run with another tokenizer is refused."""
+    return fingerprint(vocab=sorted(tok.get_vocab().items()), bos=tok.bos_token_id, eos=tok.eos_token_id)
+
+
+def _chunks(n: int):
+    for start in range(0, n, _ENCODE_CHUNK):
+        yield slice(start, min(n, start + _ENCODE_CHUNK))
+
+
+@gin.configurable
+def sft_pipeline(
+    data_dirs: str | Sequence[str],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    seq_len: int = 512,
+    packing: bool = False,
+    template: str = "paper",
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation_mode: str = "keep_end",
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: Optional[int] = None,
+    drop_remainder: bool = True,
+    max_carry: int = 8,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    prefetch: int = 2,
+    transform: Optional[Callable[[dict], Any]] = None,
+    state: Optional[dict] = None,
+) -> DataIterator:
+    """SFT batches (tokens/positions/segment_ids/loss_mask) from DEMONSTRATIONS record sets.
+
+    batch_size is per process. packing=True first-fit packs several examples per row (the
+    number of examples per batch then varies; use a step count rather than num_epochs to
+    end multi-host runs). num_epochs=None repeats forever.
+    """
+    if max_length > seq_len:
+        raise ValueError(f"max_length ({max_length}) must be <= seq_len ({seq_len})")
+    process_index, process_count = _process(process_index, process_count)
+    tok = load_tokenizer(tokenizer)
+    records, epoch_size, checksums = load_host_records(data_dirs, DEMONSTRATIONS, process_index, process_count)
+    if not records:
+        raise ValueError(f"{data_dirs}: no demonstrations for process {process_index}")
+    enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
+    examples = []
+    for sl in _chunks(len(records)):
+        chunk = records[sl]
+        examples.extend(enc.encode_sft([r["prompt"] for r in chunk], [r["completion"] for r in chunk]))
+    batcher = (
+        PackedBatcher(examples, batch_size, seq_len, max_carry)
+        if packing
+        else PaddedBatcher(examples, batch_size, seq_len, drop_remainder)
+    )
+    stream = IndexStream(len(examples), epoch_size, seed, shuffle, num_epochs, process_index)
+    fp = fingerprint(
+        kind="sft", data=checksums, batch=batch_size, seq_len=seq_len, packing=packing,
+        template=enc.template.name, max_length=max_length, max_prompt_length=max_prompt_length,
+        truncation=truncation_mode, seed=seed, shuffle=shuffle, process=(process_index, process_count),
+        max_carry=max_carry if packing else None, tokenizer=_tokenizer_hash(tok),
+    )
+    return DataIterator(batcher, stream, fp, state, prefetch, transform)
+
+
+@gin.configurable
+def preference_pipeline(
+    data_dirs: str | Sequence[str],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    seq_len: int = 512,
+    template: str = "paper",
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation_mode: str = "keep_end",
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: Optional[int] = None,
+    drop_remainder: bool = True,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    prefetch: int = 2,
+    transform: Optional[Callable[[dict], Any]] = None,
+    state: Optional[dict] = None,
+) -> DataIterator:
+    """Preference batches (chosen_* / rejected_* keys) from PREFERENCES record sets.
+
+    If every record carries ref_chosen_logp / ref_rejected_logp, the batches include
+    ref_chosen_logps / ref_rejected_logps; if only some do, that is an error.
+    """
+    if max_length > seq_len:
+        raise ValueError(f"max_length ({max_length}) must be <= seq_len ({seq_len})")
+    process_index, process_count = _process(process_index, process_count)
+    tok = load_tokenizer(tokenizer)
+    records, epoch_size, checksums = load_host_records(data_dirs, PREFERENCES, process_index, process_count)
+    if not records:
+        raise ValueError(f"{data_dirs}: no preference pairs for process {process_index}")
+    has_ref = [r["ref_chosen_logp"] is not None and r["ref_rejected_logp"] is not None for r in records]
+    if any(has_ref) and not all(has_ref):
+        missing = has_ref.index(False)
+        raise ValueError(
+            f"{data_dirs}: {sum(has_ref)} of {len(records)} pairs have reference log-probs; "
+            f"all or none must (first without: prompt_id {records[missing]['prompt_id']})"
+        )
+    ref = (
+        np.asarray([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in records], np.float32)
+        if all(has_ref)
+        else None
+    )
+    enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
+    pairs = []
+    for sl in _chunks(len(records)):
+        chunk = records[sl]
+        pairs.extend(
+            enc.encode_pairs(
+                [r["prompt"] for r in chunk], [r["chosen"] for r in chunk], [r["rejected"] for r in chunk]
+            )
+        )
+    batcher = PreferenceBatcher(pairs, batch_size, seq_len, drop_remainder, ref)
+    stream = IndexStream(len(pairs), epoch_size, seed, shuffle, num_epochs, process_index)
+    fp = fingerprint(
+        kind="preference", data=checksums, batch=batch_size, seq_len=seq_len,
+        template=enc.template.name, max_length=max_length, max_prompt_length=max_prompt_length,
+        truncation=truncation_mode, seed=seed, shuffle=shuffle, process=(process_index, process_count),
+        tokenizer=_tokenizer_hash(tok),
+    )
+    return DataIterator(batcher, stream, fp, state, prefetch, transform)

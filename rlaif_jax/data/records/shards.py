@@ -1,0 +1,193 @@
+"""Sharded record sets: `<dir>/<name>-SSSSS-of-NNNNN.tfrecord` files plus `manifest.json`.
+
+The manifest is written last (atomically), so a directory without one is an unfinished
+write. It records schema name and version, per-shard record counts, byte sizes and sha256
+checksums, and free-form provenance (models, templates, sampling parameters...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+from rlaif_jax.data.records.example import SchemaError, decode_example, encode_example
+from rlaif_jax.data.records.schemas import Schema, get_schema
+from rlaif_jax.data.records.tfrecord import RecordError, TFRecordWriter, iter_records
+
+MANIFEST = "manifest.json"
+FORMAT = "rlaif_jax.records/1"
+
+
+class ManifestError(ValueError):
+    """A missing, inconsistent or mismatched manifest, or a shard that disagrees with it."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_name(name: str, index: int, count: int) -> str:
+    return f"{name}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def write_records(
+    directory: str | os.PathLike,
+    schema: Schema,
+    records: Iterable[Mapping[str, Any]],
+    *,
+    num_shards: int = 1,
+    provenance: Optional[Mapping[str, Any]] = None,
+) -> dict:
+    """Writes records in order into `num_shards` contiguous shards; returns the manifest.
+
+    Contiguous (not round-robin) so that reading shards in manifest order gives back the
+    input order, which the order-based SFT/feedback split relies on. Records are
+    materialized once to size the shards evenly; a shard may be empty when there are
+    fewer records than shards.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(os.path.join(directory, MANIFEST)):
+        os.remove(os.path.join(directory, MANIFEST))  # invalidate before rewriting shards
+    encoded = []
+    for i, r in enumerate(records):
+        try:
+            encoded.append(encode_example(schema, r))
+        except SchemaError as e:
+            raise SchemaError(f"{directory}: record {i}: {e}") from None
+    per_shard = math.ceil(len(encoded) / num_shards) if encoded else 0
+    shards = []
+    for s in range(num_shards):
+        fname = shard_name(schema.name, s, num_shards)
+        path = os.path.join(directory, fname)
+        tmp = path + ".tmp"
+        chunk = encoded[s * per_shard : (s + 1) * per_shard]
+        with TFRecordWriter(tmp) as w:
+            for data in chunk:
+                w.write(data)
+        os.replace(tmp, path)
+        shards.append(
+            {
+                "file": fname,
+                "num_records": len(chunk),
+                "bytes": os.path.getsize(path),
+                "sha256": _sha256(path),
+            }
+        )
+    manifest = {
+        "format": FORMAT,
+        "schema": schema.describe(),
+        "num_records": len(encoded),
+        "shards": shards,
+        "provenance": dict(provenance or {}),
+        "created_unix": int(time.time()),
+    }
+    tmp = os.path.join(directory, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, MANIFEST))
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike, schema: Optional[Schema] = None) -> dict:
+    """Loads and checks the manifest (format, schema name and version, shard files present)."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise ManifestError(f"{path}: no manifest (unfinished or not a record directory)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    got = manifest.get("schema", {})
+    if schema is not None and (got.get("name"), got.get("version")) != (schema.name, schema.version):
+        raise ManifestError(
+            f"{path}: schema {got.get('name')!r} v{got.get('version')}, "
+            f"expected {schema.name!r} v{schema.version}"
+        )
+    total = 0
+    for shard in manifest["shards"]:
+        shard_path = os.path.join(directory, shard["file"])
+        if not os.path.exists(shard_path):
+            raise ManifestError(f"{path}: shard {shard_path} is missing")
+        size = os.path.getsize(shard_path)
+        if size != shard["bytes"]:
+            raise ManifestError(
+                f"{shard_path}: {size} bytes on disk, manifest says {shard['bytes']} (truncated?)"
+            )
+        total += shard["num_records"]
+    if total != manifest["num_records"]:
+        raise ManifestError(f"{path}: shard counts sum to {total}, not {manifest['num_records']}")
+    return manifest
+
+
+def schema_of(directory: str | os.PathLike) -> Schema:
+    """The (current) Schema named by a directory's manifest; fails on a version mismatch."""
+    manifest = read_manifest(directory)
+    schema = get_schema(manifest["schema"]["name"])
+    read_manifest(directory, schema)
+    return schema
+
+
+def shard_indices_for_process(num_shards: int, process_index: int, process_count: int) -> list[int]:
+    """Shards a process reads: every process_count-th, so each host reads only its own files."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
+    if num_shards < process_count:
+        raise ValueError(
+            f"{num_shards} shards cannot be split over {process_count} processes; "
+            "rewrite the data with num_shards >= process count"
+        )
+    return list(range(process_index, num_shards, process_count))
+
+
+def iter_shard(
+    directory: str | os.PathLike, schema: Schema, shard: Mapping[str, Any], verify_checksum: bool = True
+) -> Iterator[dict]:
+    path = os.path.join(os.fspath(directory), shard["file"])
+    if verify_checksum:
+        digest = _sha256(path)
+        if digest != shard["sha256"]:
+            raise ManifestError(f"{path}: sha256 {digest[:12]}.. differs from manifest {shard['sha256'][:12]}..")
+    n = 0
+    for i, data in enumerate(iter_records(path)):
+        try:
+            yield decode_example(schema, data)
+        except SchemaError as e:
+            raise RecordError(f"{path}: record {i}: {e}") from None
+        n += 1
+    if n != shard["num_records"]:
+        raise ManifestError(f"{path}: {n} records, manifest says {shard['num_records']}")
+
+
+def read_records(
+    directory: str | os.PathLike,
+    schema: Optional[Schema] = None,
+    *,
+    shards: Optional[Sequence[int]] = None,
+    verify_checksum: bool = True,
+) -> Iterator[dict]:
+    """Yields decoded records of the chosen shards (default: all) in manifest order.
+
+    `schema` defaults to the one the manifest names (checked for version); pass it to also
+    assert which kind of records a stage expects.
+    """
+    if schema is None:
+        schema = schema_of(directory)
+    manifest = read_manifest(directory, schema)
+    entries = manifest["shards"]
+    for s in range(len(entries)) if shards is None else shards:
+        yield from iter_shard(directory, schema, entries[s], verify_checksum)
