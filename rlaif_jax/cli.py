@@ -21,7 +21,12 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.train.reward",
     "rlaif_jax.train.optim",
     "rlaif_jax.train.loop",
+    "rlaif_jax.train.ppo",
+    "rlaif_jax.train.advantages",
+    "rlaif_jax.train.reference",
     "rlaif_jax.data.pipeline.builders",
+    "rlaif_jax.data.prompts.prepare",
+    "rlaif_jax.data.prompts.imports",
 )
 
 
@@ -44,6 +49,8 @@ def gin_arg_parser(description: str) -> argparse.ArgumentParser:
 def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> None:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # orbax logs every checkpoint step at INFO through absl; keep the console readable.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     import_configurables(extra_modules)
     for path in args.gin_search_path or ["."]:
         gin.add_config_file_search_path(path)

@@ -155,7 +155,8 @@ class PPOTrainer:
         if reward_fn is None and reward_model is None:
             raise ValueError("PPO needs a reward model or a reward_fn")
         self.sampling = dataclasses.replace(config.sampling, eos_ids=tuple(eos_ids), pad_id=pad_id)
-        self.rollout = jax.jit(self._rollout)
+        self.sample = jax.jit(self._sample)
+        self.score = jax.jit(self._score)
         self.update = jax.jit(self._update, donate_argnums=(0,))
 
     # policy params without the value head feed the sampler (same tree minus one leaf)
@@ -176,18 +177,21 @@ class PPOTrainer:
         out = apply(self.reward_model, self.reward_params, tokens, positions, segs, mesh=self.mesh)
         return gather_last(out["score"], segs)
 
-    def _rollout(self, params, kl_coef, prompt_tokens, prompt_pos, prompt_seg, rng):
+    def _sample(self, params, prompt_tokens, prompt_pos, prompt_seg, rng):
+        response, lengths, _ = _generate(self.sampler_model, self.sampling, self.mesh,
+                                         shd.logical_rules() if self.mesh else None,
+                                         self._policy_lm(params), prompt_tokens, prompt_pos, prompt_seg, rng)
+        return response, lengths
+
+    def _score(self, params, kl_coef, prompt_tokens, prompt_pos, prompt_seg, response, lengths):
         c = self.c
         P = prompt_tokens.shape[1]
-        rng, key = jax.random.split(rng)
-        response, lengths, _ = _generate(self.sampler_model, self.sampling, self.mesh, shd.logical_rules() if self.mesh else None,
-                                         self._policy_lm(params), prompt_tokens, prompt_pos, prompt_seg, key)
         tokens, positions, segs, rmask = full_sequences(prompt_tokens, prompt_pos, prompt_seg, response, lengths)
         mask = rmask.astype(jnp.float32)
         pol = apply(self.sampler_model, self._policy_lm(params), tokens, positions, segs, mesh=self.mesh)
-        logp, entropy = response_logps_and_entropy(pol["logits"] / max(c.temperature, 1e-6), tokens, P)
+        logp, entropy = response_logps_and_entropy(pol["logits"] / c.temperature, tokens, P)
         ref = apply(self.sampler_model, self.ref_params, tokens, positions, segs, mesh=self.mesh)
-        ref_logp, _ = response_logps_and_entropy(ref["logits"] / max(c.temperature, 1e-6), tokens, P)
+        ref_logp, _ = response_logps_and_entropy(ref["logits"] / c.temperature, tokens, P)
         logp, ref_logp = logp * mask, ref_logp * mask
 
         scores = self._scores(tokens, positions, segs, rmask, P).astype(jnp.float32)
@@ -225,14 +229,14 @@ class PPOTrainer:
             "val/num_eos_tokens": has_eos.sum(),
             "val/response_length": lengths.mean(),
         }
-        return batch, metrics, rng
+        return batch, metrics
 
     def _loss(self, params, mb):
         c = self.c
         P = mb["tokens"].shape[1] - mb["mask"].shape[1]
         mask = mb["mask"]
         out = apply(self.policy, params["policy"], mb["tokens"], mb["positions"], mb["segment_ids"], mesh=self.mesh)
-        logp, entropy = response_logps_and_entropy(out["logits"] / max(c.temperature, 1e-6), mb["tokens"], P)
+        logp, entropy = response_logps_and_entropy(out["logits"] / c.temperature, mb["tokens"], P)
         log_ratio = (logp - mb["old_logp"]) * mask
         ratio = jnp.exp(log_ratio)
         adv = mb["advantages"]
@@ -291,21 +295,25 @@ class PPOTrainer:
                              rng=jax.random.key_data(rng)), metrics
 
     def iteration(self, state: PPOState, prompt_batch: tuple) -> tuple[PPOState, dict]:
+        """One rollout + update. Times each phase (a device sync per phase, not per token)."""
         t0 = time.perf_counter()
         rng = jax.random.wrap_key_data(state.rng)
         rng, key = jax.random.split(rng)
-        batch, metrics, _ = self.rollout(state.params, state.kl_coef, *prompt_batch, key)
-        jax.block_until_ready(batch["advantages"])
+        response, lengths = self.sample(state.params, *prompt_batch, key)
+        jax.block_until_ready(lengths)
         t1 = time.perf_counter()
+        batch, metrics = self.score(state.params, state.kl_coef, *prompt_batch, response, lengths)
+        jax.block_until_ready(batch["advantages"])
+        t2 = time.perf_counter()
         state = state.replace(rng=jax.random.key_data(rng))
         state, up = self.update(state, batch)
         metrics = jax.device_get({**metrics, **up})
-        t2 = time.perf_counter()
-        n_tokens = float(np.asarray(jax.device_get(batch["mask"])).sum())
+        t3 = time.perf_counter()
+        n_tokens = float(jax.device_get(lengths).sum())
         kl_coef = self.kl.update(state.kl_coef, metrics["objective/kl"], prompt_batch[0].shape[0])
         state = state.replace(kl_coef=jnp.asarray(kl_coef, jnp.float32))
         metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update({"time/rollout": t1 - t0, "time/update": t2 - t1,
+        metrics.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
                         "rollout_tokens_per_second": n_tokens / (t1 - t0)})
         return state, metrics
 

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Time per PPO iteration, split into rollout (sampling), scoring (policy, reference, value
+and reward forward passes, advantages) and update (ppo_epochs x mini-batches), and the
+rollout's tokens/s, on a random-weight model of a given shape.
+
+  python scripts/benchmark_ppo.py --preset tiny
+  python scripts/benchmark_ppo.py --preset small --rollout_batch 64 --new_tokens 128 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+PRESETS = {
+    "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4),
+    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--rollout_batch", type=int, default=16)
+    ap.add_argument("--mini_batch", type=int, default=8)
+    ap.add_argument("--ppo_epochs", type=int, default=2)
+    ap.add_argument("--prompt_len", type=int, default=64)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--value_model", choices=["separate", "shared"], default="separate")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from rlaif_jax import sharding as shd
+    from rlaif_jax.models import DecoderConfig, build_model, init_params
+    from rlaif_jax.models.decoder import init_scalar_head
+    from rlaif_jax.train.advantages import KLController
+    from rlaif_jax.train.optim import make_optimizer
+    from rlaif_jax.train.ppo import VALUE_HEAD, PPOConfig, PPOState, PPOTrainer, PromptStream
+
+    cfg = DecoderConfig(max_position_embeddings=4096, dtype=args.dtype, eos_token_id=None, **PRESETS[args.preset])
+    mesh = shd.make_mesh(-1, 1, 1)
+    policy = init_params(build_model(cfg), jax.random.key(0), mesh)
+    rm_model = build_model(cfg, lm_head=False, scalar_heads=("score",))
+    rm_params = init_params(rm_model, jax.random.key(1), mesh)
+    params = {"policy": policy}
+    if args.value_model == "separate":
+        params["value"] = {k: v for k, v in init_params(build_model(cfg, lm_head=False, scalar_heads=(VALUE_HEAD,)),
+                                                        jax.random.key(2), mesh).items()}
+    else:
+        params["policy"][f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(2), mesh)
+    config = PPOConfig(rollout_batch_size=args.rollout_batch, mini_batch_size=args.mini_batch, ppo_epochs=args.ppo_epochs,
+                       max_new_tokens=args.new_tokens, max_prompt_length=args.prompt_len, value_model=args.value_model)
+    tx, _ = make_optimizer(learning_rate=1e-6)
+    state = PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.key_data(jax.random.key(0)), kl_coef=jnp.asarray(0.05, jnp.float32))
+    trainer = PPOTrainer(cfg, config, tx, mesh, jax.tree.map(jnp.copy, policy), rm_model, rm_params, None,
+                         eos_ids=(), pad_id=0, kl=KLController(0.05))
+    rs = np.random.RandomState(0)
+    prompts = [list(rs.randint(3, cfg.vocab_size, rs.randint(args.prompt_len // 2, args.prompt_len + 1)))
+               for _ in range(4 * args.rollout_batch)]
+    stream = PromptStream(prompts, args.rollout_batch, 1, args.prompt_len, 0)
+    t = time.perf_counter()
+    state, _ = trainer.iteration(state, shd.shard_batch(next(stream), mesh))
+    compile_s = time.perf_counter() - t
+    rows = []
+    for _ in range(args.iterations):
+        state, m = trainer.iteration(state, shd.shard_batch(next(stream), mesh))
+        rows.append(m)
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    total = mean["time/rollout"] + mean["time/scoring"] + mean["time/update"]
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} x{jax.device_count()}  params: {cfg.num_params() / 1e6:.1f}M (x3 models + ref)  "
+          f"dtype {args.dtype}  value model: {args.value_model}")
+    print(f"rollout batch {args.rollout_batch} prompts x <= {args.prompt_len} tokens, {args.new_tokens} new tokens; "
+          f"{args.ppo_epochs} epochs of mini-batches of {args.mini_batch}")
+    print(f"first iteration (compile + run): {compile_s:.1f} s")
+    print(f"{'phase':10s} {'seconds':>9s} {'share':>7s}")
+    for phase in ("rollout", "scoring", "update"):
+        print(f"{phase:10s} {mean['time/' + phase]:9.3f} {100 * mean['time/' + phase] / total:6.1f}%")
+    print(f"{'total':10s} {total:9.3f}")
+    print(f"rollout tokens/s: {mean['rollout_tokens_per_second']:.1f}  "
+          f"(iteration tokens/s incl. scoring and update: {args.rollout_batch * args.new_tokens / total:.1f})")
+
+
+if __name__ == "__main__":
+    main()
