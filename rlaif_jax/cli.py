@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 from typing import Optional, Sequence
 
 import gin
@@ -52,6 +53,11 @@ def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> No
     # orbax logs every checkpoint step at INFO through absl; keep the console readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     import_configurables(extra_modules)
+    if os.environ.get("RLAIF_DISTRIBUTED") == "1":
+        # Multi-host (tpu/run.sh sets this): must precede any use of the devices.
+        from rlaif_jax.sharding import initialize_distributed
+
+        initialize_distributed()
     for path in args.gin_search_path or ["."]:
         gin.add_config_file_search_path(path)
     if not args.gin_file and not args.gin_param:

@@ -50,21 +50,16 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(args.hf_dir, local_files_only=True)
     mesh = shd.make_mesh(*[int(x) for x in args.mesh.split(",")]) if args.mesh else None
     cfg, params = load_hf(args.hf_dir, mesh=mesh, dtype=args.dtype, param_dtype=args.dtype)
-    texts = []
-    for p in prompts:
-        if args.template == "paper":
-            texts.append(f"Human: {p}\n\nAssistant: ")
-        elif args.template == "model":
-            texts.append(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True))
-        else:
-            texts.append(p)
-    ids = []
-    for t in texts:
-        x = tok(t, add_special_tokens=False)["input_ids"]
-        if tok.bos_token_id is not None and (not x or x[0] != tok.bos_token_id):
-            x = [tok.bos_token_id] + x
-        ids.append(x)
+    from rlaif_jax.data.tokenize.encode import Encoder
+
+    if args.template == "none":
+        ids = [[tok.bos_token_id] * (tok.bos_token_id is not None) + tok(p, add_special_tokens=False)["input_ids"]
+               for p in prompts]
+    else:
+        # The same prompt encoding the trainers and the feedback stages use (one BOS, template).
+        enc = Encoder(tok, args.template, max_length=cfg.max_position_embeddings,
+                      max_prompt_length=cfg.max_position_embeddings - args.max_new_tokens)
+        ids = [list(map(int, x)) for x in enc.encode_prompts(prompts)]
     eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
     sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, eos_ids=eos, pad_id=tok.pad_token_id or 0)
