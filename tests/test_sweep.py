@@ -28,7 +28,7 @@ def _sweep_file(tmp_path, grid, fixed=None):
         "grid": grid, "metrics": ["loss", "learning_rate"],
     }
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(path)
 
 
