@@ -19,30 +19,7 @@ import time
 
 import numpy as np
 
-PRESETS = {
-    # ~15M params: runs in a minute on a 2-core laptop.
-    "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=4),
-    # ~110M params, Llama-2 shape scaled down.
-    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=4),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32),
-}
-
-# Dense bf16 peak TFLOP/s per device, for MFU.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6e": 918.0,
-               "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}
-
-
-def peak_tflops(device, override):
-    if override:
-        return override
-    kind = getattr(device, "device_kind", "")
-    for k, v in PEAK_TFLOPS.items():
-        if kind.startswith(k):
-            return v
-    return None
+from rlaif_jax.models.presets import PRESETS, preset_config
 
 
 def timed(fn, repeats):
@@ -75,6 +52,7 @@ def main():
     from rlaif_jax.models import apply, build_model
     from rlaif_jax.models.hf_io import load_hf
     from rlaif_jax.sampling import SamplingParams, generate
+    from rlaif_jax.train.metrics import peak_tflops
 
     torch = None
     hf_model = None
@@ -91,7 +69,7 @@ def main():
     else:
         if torch is None:
             raise SystemExit("presets build their random weights with transformers+torch; drop --no_torch")
-        hc = transformers.LlamaConfig(max_position_embeddings=4096, **PRESETS[args.preset])
+        hc = preset_config(args.preset).to_hf()
         torch.manual_seed(0)
         hf_model = transformers.LlamaForCausalLM(hc).eval()
         tmp = tempfile.TemporaryDirectory()

@@ -16,10 +16,7 @@ import time
 
 import numpy as np
 
-PRESETS = {
-    "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4),
-    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4),
-}
+from rlaif_jax.models.presets import PRESETS, preset_config
 
 
 def main():
@@ -39,13 +36,13 @@ def main():
     import jax.numpy as jnp
 
     from rlaif_jax import sharding as shd
-    from rlaif_jax.models import DecoderConfig, build_model, init_params
+    from rlaif_jax.models import build_model, init_params
     from rlaif_jax.models.decoder import init_scalar_head
     from rlaif_jax.train.advantages import KLController
     from rlaif_jax.train.optim import make_optimizer
     from rlaif_jax.train.ppo import VALUE_HEAD, PPOConfig, PPOState, PPOTrainer, PromptStream
 
-    cfg = DecoderConfig(max_position_embeddings=4096, dtype=args.dtype, eos_token_id=None, **PRESETS[args.preset])
+    cfg = preset_config(args.preset, dtype=args.dtype, eos_token_id=None)
     mesh = shd.make_mesh(-1, 1, 1)
     policy = init_params(build_model(cfg), jax.random.key(0), mesh)
     rm_model = build_model(cfg, lm_head=False, scalar_heads=("score",))

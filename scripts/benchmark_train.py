@@ -21,14 +21,7 @@ import time
 
 import numpy as np
 
-PRESETS = {
-    "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=4),
-    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=4),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32),
-}
+from rlaif_jax.models.presets import PRESETS, preset_config
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -74,7 +67,7 @@ def main():
     from rlaif_jax.train.metrics import mfu, peak_tflops
 
     torch.set_num_threads(os.cpu_count())
-    hc = transformers.LlamaConfig(max_position_embeddings=4096, **PRESETS[args.preset])
+    hc = preset_config(args.preset).to_hf()
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hc)
     tmp = tempfile.TemporaryDirectory()

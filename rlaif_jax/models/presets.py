@@ -1,0 +1,19 @@
+"""Named model shapes for benchmarks and smoke runs (random weights)."""
+
+PRESETS = {
+    # ~7M params: seconds per step on a 2-core laptop.
+    "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4),
+    # ~110M params, Llama-2 shape scaled down.
+    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                  num_kv_heads=4),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                      num_kv_heads=32),
+}
+
+
+def preset_config(name: str, **overrides):
+    from rlaif_jax.models.config import DecoderConfig
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return DecoderConfig(**{"max_position_embeddings": 4096, **PRESETS[name], **overrides})
