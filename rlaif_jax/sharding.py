@@ -138,13 +138,14 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim)
         if jax.process_count() == 1:
-            return jax.device_put(x, _fitted(sharding, x.shape))
+            return jax.device_put(x, fit_sharding(sharding, x.shape))
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(one, batch)
 
 
-def _fitted(sharding: NamedSharding, shape) -> NamedSharding:
+def fit_sharding(sharding: NamedSharding, shape) -> NamedSharding:
+    """The same sharding without mesh axes that do not divide `shape`."""
     return NamedSharding(sharding.mesh, _fit_spec(sharding.spec, shape, sharding.mesh))
 
 

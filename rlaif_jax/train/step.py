@@ -133,7 +133,7 @@ def compile_step(step_fn, state: TrainState, mesh: Mesh, ref_params: Any = None)
     rep = NamedSharding(mesh, P())
 
     def batch_sh(batch):
-        return jax.tree.map(lambda x: shd._fitted(shd.batch_sharding(mesh, x.ndim), x.shape), batch)
+        return jax.tree.map(lambda x: shd.fit_sharding(shd.batch_sharding(mesh, x.ndim), x.shape), batch)
 
     cache: dict = {}
 
