@@ -142,6 +142,26 @@ def train(
     t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
     bar = tqdm(total=num_steps, initial=start, desc=f"train[{type(objective).__name__}]", disable=jax.process_index() != 0)
     step = start
+    metrics = batch = None
+
+    def log_metrics(metrics, batch) -> dict:
+        nonlocal t_last, tokens_since, steps_since
+        metrics = jax.device_get(metrics)
+        _check_finite(state, recent, run_dir)
+        dt = time.perf_counter() - t_last
+        seq_len = batch[next(k for k in batch if k.endswith("tokens"))].shape[1]
+        # 6N per token for the policy's forward and backward; a reference forward adds 2N.
+        flops = cfg.flops_per_token(seq_len) * tokens_since * (4 / 3 if objective.needs_reference else 1)
+        m = {k: float(v) for k, v in metrics.items()}
+        m.update(tokens_per_second=tokens_since / dt, step_time=dt / steps_since, epoch=it.epoch)
+        u = mfu(flops, dt, jax.device_count(), peak)
+        if u is not None:
+            m["mfu"] = u
+        writer.write(step, m)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
+        t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+        return m
+
     try:
         while step < num_steps:
             position = it.get_state()
@@ -158,21 +178,7 @@ def train(
             bar.update(1)
 
             if step % log_every == 0 or step == num_steps:
-                metrics = jax.device_get(metrics)
-                _check_finite(state, recent, run_dir)
-                dt = time.perf_counter() - t_last
-                seq_len = batch[next(k for k in batch if k.endswith("tokens"))].shape[1]
-                flops = cfg.flops_per_token(seq_len) * tokens_since * (2 if objective.needs_reference else 1)
-                m = {k: float(v) for k, v in metrics.items()}
-                m.update(tokens_per_second=tokens_since / dt, step_time=dt / steps_since, epoch=it.epoch)
-                u = mfu(flops, dt, jax.device_count(), peak)
-                if u is not None:
-                    m["mfu"] = u
-                writer.write(step, m)
-                last = m
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
-                t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
-
+                last = log_metrics(metrics, batch)
             if eval_fn is not None and eval_every and step % eval_every == 0:
                 ev = evaluate(eval_fn, state.params, eval_data, tok, the_mesh, ref_params, eval_batches)
                 writer.write(step, ev, prefix="eval/")
@@ -189,6 +195,8 @@ def train(
             if stop_after is not None and step >= stop_after:
                 ckpt.wait()
                 return last
+        if steps_since:  # the data ran out between two logging steps
+            last = {**last, **log_metrics(metrics, batch)}
         _check_finite(state, recent, run_dir)
         if ckpt.latest_step() != step:
             ckpt.save(step, state, it.get_state())

@@ -246,3 +246,12 @@ def test_precomputed_reference_records_train_like_a_reference_model(world, sft_r
         assert ra["rewards/margins"] == pytest.approx(rb["rewards/margins"], rel=1e-3, abs=1e-5)
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], atol=1e-5)
+
+
+def test_data_running_out_between_log_steps_still_logs_and_exports(world, tmp_path):
+    out = train(run_dir=str(tmp_path), objective=SFT(), train_data=sft_data(world["demos"], num_epochs=1),
+                num_steps=1000, model_config=world["cfg"], tokenizer=world["tok_dir"], mesh=ONE_DEVICE,
+                log_every=100, optimizer=functools.partial(make_optimizer, learning_rate=1e-3))
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert out["step"] == 4 and rows and rows[-1]["step"] == 4 and "loss" in rows[-1]
+    assert (tmp_path / "hf" / "model.safetensors").exists()
