@@ -28,6 +28,10 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.data.pipeline.builders",
     "rlaif_jax.data.prompts.prepare",
     "rlaif_jax.data.prompts.imports",
+    "rlaif_jax.feedback.client",
+    "rlaif_jax.feedback.stages",
+    "rlaif_jax.synthetic.backend",
+    "rlaif_jax.synthetic.models",
 )
 
 

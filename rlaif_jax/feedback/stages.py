@@ -1,0 +1,481 @@
+"""The feedback stages, each a gin-configurable function that reads files and writes a
+record set (TFRecord shards + manifest, via rlaif_jax.data.records) plus JSON sidecars:
+
+  teacher_stage         prompts -> demonstrations (API teacher), finish_reason filter
+  policy_samples_stage  prompts -> demonstrations (a local checkpoint, compiled sampler)
+  critic_stage          two demonstration sets -> comparisons (API critic), order
+                        randomized per prompt and mapped back; pairwise or 1-5 ratings
+  preferences_stage     comparisons (one or more critics) -> preference pairs + report
+
+API stages go through FeedbackClient, so a rerun after a kill sends only what is not yet
+in the cache and ends with the same records. Every prompt ends as a record or as a line
+in errors.jsonl naming the request's error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import gin
+
+from rlaif_jax.data.ids import prompt_id as make_prompt_id
+from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_records, write_records
+from rlaif_jax.data.records.schemas import normalize_finish_reason
+from rlaif_jax.feedback import judge as J
+from rlaif_jax.feedback.client import FeedbackClient
+from rlaif_jax.feedback.preferences import build_preference_pairs
+
+log = logging.getLogger(__name__)
+STAGE_VERSION = 1
+
+
+# -- io helpers ----------------------------------------------------------------------------
+
+
+def _is_records_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    return out
+
+
+def load_prompts(path: str, split: Optional[str] = None) -> list[dict]:
+    """Prompt records from a PROMPTS record set or a JSONL file of {"prompt": ...} lines
+    (prompt_id computed when absent), optionally only one split."""
+    if _is_records_dir(path):
+        rows = list(read_records(path, PROMPTS))
+    elif os.path.isfile(path):
+        rows = _read_jsonl(path)
+        for i, r in enumerate(rows):
+            if not isinstance(r.get("prompt"), str):
+                raise ValueError(f"{path}: line {i + 1} has no string 'prompt'")
+            r.setdefault("prompt_id", make_prompt_id(r["prompt"]))
+    else:
+        raise FileNotFoundError(f"{path}: neither a record directory with a manifest nor a JSONL file")
+    if split is not None:
+        rows = [r for r in rows if r.get("split") == split]
+    return rows
+
+
+def load_demonstrations(path: str) -> list[dict]:
+    if _is_records_dir(path):
+        return list(read_records(path, DEMONSTRATIONS))
+    return _read_jsonl(path)
+
+
+def load_comparisons(path: str) -> list[dict]:
+    """The rich comparisons.jsonl beside a comparison record set when present (views,
+    p_1, errors), else the records themselves."""
+    side = os.path.join(path, "comparisons.jsonl") if os.path.isdir(path) else path
+    if os.path.isfile(side):
+        return _read_jsonl(side)
+    return list(read_records(path, COMPARISONS))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_operative_config(out_dir: str) -> None:
+    # The client takes the *name* of the key's environment variable, never the key, so the
+    # operative config cannot contain it.
+    try:
+        text = gin.operative_config_str()
+    except Exception:  # pragma: no cover - gin not in use
+        return
+    if text.strip():
+        with open(os.path.join(out_dir, "operative_config.gin"), "w") as f:
+            f.write(text)
+
+
+def _run(client: FeedbackClient, requests, desc: str, batch_api: bool, poll_interval_s: float):
+    if batch_api:
+        return client.run_batch(requests, desc, poll_interval_s=poll_interval_s)
+    return client.run(requests, desc)
+
+
+def _too_long(prompt: str, max_words: Optional[int], max_chars: Optional[int]) -> bool:
+    return bool((max_words and len(prompt.split()) >= max_words) or (max_chars and len(prompt) >= max_chars))
+
+
+# -- teacher -------------------------------------------------------------------------------
+
+
+@gin.configurable
+def teacher_stage(
+    prompts: str = gin.REQUIRED,
+    out_dir: str = gin.REQUIRED,
+    client: FeedbackClient = gin.REQUIRED,
+    system_prompt: Optional[str] = "You are a helpful assistant.",
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    max_tokens: Optional[int] = None,
+    n: int = 1,
+    keep_finish_reasons: Optional[Sequence[str]] = ("stop",),
+    split: Optional[str] = None,
+    max_prompt_words: Optional[int] = 2000,
+    max_prompt_chars: Optional[int] = 8000,
+    limit: Optional[int] = None,
+    batch_api: bool = False,
+    poll_interval_s: float = 30.0,
+    num_shards: int = 1,
+) -> dict:
+    """Teacher completions -> DEMONSTRATIONS records. temperature/top_p None leave the API's
+    default (the paper's GPT-4 arm). The paper keeps finish_reason "stop" only; None keeps
+    everything. Prompts of >= max_prompt_words words or >= max_prompt_chars characters are
+    skipped before any request, as in the paper's API scripts. Returns the manifest."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = load_prompts(prompts, split)[:limit]
+    skipped_long = [r for r in rows if _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
+    rows = [r for r in rows if not _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
+    sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "n": n if n != 1 else None}
+    template = f"teacher_system@{hashlib.sha256((system_prompt or '').encode()).hexdigest()[:16]}"
+    reqs = []
+    for r in rows:
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": r["prompt"]}]
+        reqs.append(client.request(msgs, template=template, meta={"prompt_id": r["prompt_id"], "stage": "teacher"},
+                                   **sampling))
+    results = _run(client, reqs, f"teacher {client.model}", batch_api, poll_interval_s)
+    demos, errors = [], []
+    dropped = {}
+    for r, res in zip(rows, results):
+        if res["status"] != "ok":
+            errors.append({"prompt_id": r["prompt_id"], "key": res["key"], **res["error"]})
+            continue
+        for ch in res["response"]["choices"]:
+            try:
+                fr = normalize_finish_reason(ch.get("finish_reason"))
+            except ValueError:
+                fr = "unknown"
+            if keep_finish_reasons is not None and fr not in keep_finish_reasons:
+                dropped[f"finish_reason={fr}"] = dropped.get(f"finish_reason={fr}", 0) + 1
+                continue
+            demos.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": ch["content"],
+                          "source_model": client.model, "finish_reason": fr})
+    _write_jsonl(os.path.join(out_dir, "errors.jsonl"), errors)
+    report = {
+        "prompts": len(rows) + len(skipped_long), "skipped_too_long": len(skipped_long), "requested": len(rows),
+        "request_errors": len(errors), "demonstrations": len(demos), "dropped": dropped,
+        "api": client.summary.as_dict(),
+    }
+    _write_json(os.path.join(out_dir, "report.json"), report)
+    manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
+        "stage": "teacher", "stage_version": STAGE_VERSION, "client": client.describe(),
+        "system_prompt": system_prompt, "template": template, "sampling": sampling,
+        "keep_finish_reasons": list(keep_finish_reasons) if keep_finish_reasons is not None else None,
+        "mode": "batch" if batch_api else "online", "prompts_source": os.path.abspath(prompts), "split": split,
+        "report": report,
+    })
+    _save_operative_config(out_dir)
+    log.info("teacher: %d demonstrations, %d request errors -> %s", len(demos), len(errors), out_dir)
+    return manifest
+
+
+# -- critic --------------------------------------------------------------------------------
+
+
+def pair_tasks(first: Sequence[Mapping], second: Sequence[Mapping]) -> tuple[list[J.PairTask], dict]:
+    """Joins two demonstration sets on prompt_id (first completion per prompt on each side),
+    in the order of `first`."""
+    def index(rows):
+        out = {}
+        for r in rows:
+            out.setdefault(r["prompt_id"], r)
+        return out
+
+    a, b = index(first), index(second)
+    tasks = [
+        J.PairTask(pid, ra["prompt"], ra["completion"], b[pid]["completion"],
+                   ra.get("source_model", ""), b[pid].get("source_model", ""))
+        for pid, ra in a.items() if pid in b
+    ]
+    return tasks, {"only_in_first": len(set(a) - set(b)), "only_in_second": len(set(b) - set(a)), "paired": len(tasks)}
+
+
+def truncate_to_budget(tasks: Sequence[J.PairTask], tokenizer: Any, max_length: int,
+                      template: str = "paper") -> tuple[list[J.PairTask], int]:
+    """Cuts each response so that BOS + templated prompt + response fits max_length tokens:
+    the paper judges the teacher's completion truncated to the policy sample's budget, so
+    the critic cannot prefer it merely for going on longer. Returns (tasks, responses cut)."""
+    import dataclasses
+
+    from rlaif_jax.data.tokenize import get_template, load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    tmpl = get_template(template, tok)
+    cut_count = 0
+    out = []
+    for t in tasks:
+        n_prompt = len(tok(tmpl.prompt_text(t.prompt), add_special_tokens=False)["input_ids"])
+        budget = max(0, max_length - n_prompt - (1 if tok.bos_token_id is not None else 0))
+
+        def cut(text: str) -> str:
+            nonlocal cut_count
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget:
+                return text
+            cut_count += 1
+            return tok.decode(ids[:budget], skip_special_tokens=False)
+
+        out.append(dataclasses.replace(t, response_1=cut(t.response_1), response_2=cut(t.response_2)))
+    return out, cut_count
+
+
+def judge_pairs(
+    client: FeedbackClient,
+    tasks: Sequence[J.PairTask],
+    template: J.JudgeTemplate,
+    *,
+    mode: str = "pairwise",
+    both_orders: bool = False,
+    seed: int = 0,
+    logprobs: bool = False,
+    top_logprobs: int = 5,
+    temperature: float = 0.0,
+    max_tokens: int = 16,
+    on_disagreement: str = "tie",
+    judge_name: Optional[str] = None,
+    batch_api: bool = False,
+    poll_interval_s: float = 30.0,
+) -> list[dict]:
+    """Comparison dicts (COMPARISONS fields + views, p_1, error...) in the order of tasks."""
+    if mode not in ("pairwise", "rating"):
+        raise ValueError(f"mode must be 'pairwise' or 'rating', got {mode!r}")
+    judge_name = judge_name or client.model
+    params = {"temperature": temperature, "max_tokens": max_tokens}
+    if logprobs:
+        params.update(logprobs=True, top_logprobs=top_logprobs)
+    plan, reqs = [], []
+    for t in tasks:
+        meta = {"prompt_id": t.prompt_id, "stage": "critic"}
+        if t.response_1 == t.response_2:
+            plan.append(("identical", t, []))
+        elif mode == "pairwise":
+            s = J.is_swapped(t.prompt_id, seed)
+            orders = [s, not s] if both_orders else [s]
+            idx = []
+            for sw in orders:
+                idx.append((len(reqs), sw))
+                reqs.append(client.request(J.pairwise_messages(template, t, sw), template=template.id, meta=meta, **params))
+            plan.append(("pairwise", t, idx))
+        else:
+            idx = []
+            for resp in (t.response_1, t.response_2):
+                idx.append((len(reqs), False))
+                reqs.append(client.request(J.rating_messages(template, t.prompt, resp), template=template.id, meta=meta, **params))
+            plan.append(("rating", t, idx))
+    results = _run(client, reqs, f"critic {client.model}", batch_api, poll_interval_s) if reqs else []
+    out = []
+    for kind, t, idx in plan:
+        if kind == "identical":
+            out.append(J.identical_comparison(t, judge_name, mode))
+        elif kind == "pairwise":
+            views = [J.read_presentation(results[i], sw) for i, sw in idx]
+            out.append(J.comparison_from_views(t, judge_name, views, on_disagreement,
+                                               "both_orders" if both_orders else "pairwise"))
+        else:
+            r1, r2 = (J.read_rating(results[i]) for i, _ in idx)
+            out.append(J.comparison_from_ratings(t, judge_name, r1, r2))
+    return out
+
+
+def comparison_record(c: Mapping[str, Any]) -> dict:
+    """The COMPARISONS-schema subset of a comparison dict."""
+    return {k: c[k] for k in ("prompt_id", "prompt", "response_1", "response_2", "judge", "verdict",
+                              "raw_judge_text", "swapped")} | {
+        "model_1": c.get("model_1") or None, "model_2": c.get("model_2") or None}
+
+
+@gin.configurable
+def critic_stage(
+    responses_1: str = gin.REQUIRED,
+    responses_2: str = gin.REQUIRED,
+    out_dir: str = gin.REQUIRED,
+    client: FeedbackClient = gin.REQUIRED,
+    template: str = "pairwise_v1",
+    mode: str = "pairwise",
+    both_orders: bool = False,
+    seed: int = 0,
+    logprobs: bool = False,
+    top_logprobs: int = 5,
+    temperature: float = 0.0,
+    max_tokens: int = 16,
+    on_disagreement: str = "tie",
+    judge_name: Optional[str] = None,
+    limit: Optional[int] = None,
+    batch_api: bool = False,
+    poll_interval_s: float = 30.0,
+    num_shards: int = 1,
+    truncate_tokenizer: Optional[str] = None,
+    truncate_max_length: int = 512,
+    truncate_template: str = "paper",
+) -> dict:
+    """Critic judgments of (responses_1[p], responses_2[p]) for every prompt p in both ->
+    COMPARISONS records + comparisons.jsonl (every view, p_1, errors) + report.json.
+    With truncate_tokenizer (the policy's tokenizer directory), both responses are cut to
+    the policy sample's budget (truncate_max_length tokens including the prompt) first,
+    as the paper does with the teacher's completion."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmpl = J.load_template(template)
+    tasks, join = pair_tasks(load_demonstrations(responses_1), load_demonstrations(responses_2))
+    tasks = tasks[:limit]
+    if truncate_tokenizer:
+        tasks, join["responses_truncated"] = truncate_to_budget(tasks, truncate_tokenizer, truncate_max_length,
+                                                                truncate_template)
+    comps = judge_pairs(client, tasks, tmpl, mode=mode, both_orders=both_orders, seed=seed, logprobs=logprobs,
+                        top_logprobs=top_logprobs, temperature=temperature, max_tokens=max_tokens,
+                        on_disagreement=on_disagreement, judge_name=judge_name, batch_api=batch_api,
+                        poll_interval_s=poll_interval_s)
+    _write_jsonl(os.path.join(out_dir, "comparisons.jsonl"), comps)
+    _write_jsonl(os.path.join(out_dir, "errors.jsonl"),
+                 [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")])
+    _, prefs_report = build_preference_pairs(comps)
+    report = {"join": join, "api": client.summary.as_dict(), **prefs_report}
+    _write_json(os.path.join(out_dir, "report.json"), report)
+    manifest = write_records(out_dir, COMPARISONS, [comparison_record(c) for c in comps], num_shards=num_shards,
+                             provenance={
+        "stage": "critic", "stage_version": STAGE_VERSION, "client": client.describe(),
+        "template": tmpl.id, "template_sha256": tmpl.sha256, "mode": mode, "both_orders": both_orders,
+        "seed": seed, "logprobs": logprobs, "temperature": temperature, "max_tokens": max_tokens,
+        "on_disagreement": on_disagreement, "responses_1": os.path.abspath(responses_1),
+        "responses_2": os.path.abspath(responses_2), "api_mode": "batch" if batch_api else "online",
+        "truncate": {"tokenizer": os.path.abspath(truncate_tokenizer), "max_length": truncate_max_length,
+                     "template": truncate_template} if truncate_tokenizer else None,
+        "report": report,
+    })
+    _save_operative_config(out_dir)
+    return manifest
+
+
+# -- preferences ---------------------------------------------------------------------------
+
+
+@gin.configurable
+def preferences_stage(
+    comparisons: Sequence[str] = gin.REQUIRED,
+    out_dir: str = gin.REQUIRED,
+    judge: Optional[str] = None,
+    require_agreement: bool = False,
+    min_confidence: float = 0.0,
+    num_shards: int = 1,
+) -> dict:
+    """Comparison sets (one per critic) -> PREFERENCES records + report.json."""
+    if isinstance(comparisons, str):
+        comparisons = [comparisons]
+    os.makedirs(out_dir, exist_ok=True)
+    comps = [c for path in comparisons for c in load_comparisons(path)]
+    pairs, report = build_preference_pairs(comps, judge=judge, require_agreement=require_agreement,
+                                           min_confidence=min_confidence)
+    _write_json(os.path.join(out_dir, "report.json"), report)
+    manifest = write_records(out_dir, PREFERENCES, pairs, num_shards=num_shards, provenance={
+        "stage": "preferences", "stage_version": STAGE_VERSION,
+        "comparisons": [os.path.abspath(p) for p in comparisons], "judge": judge,
+        "require_agreement": require_agreement, "min_confidence": min_confidence, "report": report,
+    })
+    _save_operative_config(out_dir)
+    return manifest
+
+
+# -- policy samples ------------------------------------------------------------------------
+
+
+@gin.configurable
+def policy_samples_stage(
+    hf_dir: str = gin.REQUIRED,
+    prompts: str = gin.REQUIRED,
+    out_dir: str = gin.REQUIRED,
+    template: str = "paper",
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    top_k: int = 0,
+    batch_size: int = 32,
+    seed: int = 0,
+    split: Optional[str] = None,
+    limit: Optional[int] = None,
+    source_model: Optional[str] = None,
+    dtype: str = "float32",
+    mesh_shape: Optional[Sequence[int]] = None,
+    length_bucket: int = 32,
+    num_shards: int = 1,
+) -> dict:
+    """Samples a local checkpoint on the prompts (the paper: T=1.0, top_p 0.9, 512 tokens
+    including the prompt) -> DEMONSTRATIONS records with finish_reason "stop" (EOS) or
+    "length". Finished batches go to samples.jsonl as they complete, so a killed run
+    resumes at the next batch with the same per-batch RNG and so the same samples."""
+    from rlaif_jax.feedback.server.model_backend import LocalModel
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = load_prompts(prompts, split)[:limit]
+    lm = LocalModel(hf_dir, template=template, max_prompt_length=max_prompt_length, max_length=max_length,
+                    dtype=dtype, mesh_shape=mesh_shape)
+    name = source_model or os.path.basename(os.path.normpath(hf_dir))
+    progress_path = os.path.join(out_dir, "samples.jsonl")
+    done = {}
+    if os.path.exists(progress_path):
+        for r in _read_jsonl_tolerant(progress_path):
+            done[r["batch"]] = r["samples"]
+    from tqdm.auto import tqdm
+
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    with open(progress_path, "a") as f:
+        for bi, batch in enumerate(tqdm(batches, desc=f"sampling {name}", unit="batch")):
+            if bi in done:
+                continue
+            outs = lm.sample([r["prompt"] for r in batch], temperature=temperature, top_p=top_p, top_k=top_k,
+                             seed=seed * 1_000_003 + bi, length_bucket=length_bucket)
+            samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": o.text,
+                        "source_model": name, "finish_reason": o.finish_reason} for r, o in zip(batch, outs)]
+            f.write(json.dumps({"batch": bi, "samples": samples}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            done[bi] = samples
+    demos = [s for bi in range(len(batches)) for s in done[bi]]
+    counts = {fr: sum(d["finish_reason"] == fr for d in demos) for fr in ("stop", "length")}
+    manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
+        "stage": "policy_samples", "stage_version": STAGE_VERSION, "hf_dir": os.path.abspath(hf_dir),
+        "source_model": name, "template": template, "max_length": max_length,
+        "max_prompt_length": max_prompt_length, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        "seed": seed, "batch_size": batch_size, "finish_reasons": counts,
+    })
+    _save_operative_config(out_dir)
+    return manifest
+
+
+def _read_jsonl_tolerant(path: str) -> list[dict]:
+    """Lines of a progress file; a torn last line (kill -9 mid-write) is cut off so the next
+    append starts on a fresh line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        log.warning("%s: cutting a torn last line", path)
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    return [json.loads(line) for line in data.splitlines() if line.strip()]

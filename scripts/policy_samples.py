@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Sample an SFT checkpoint (HF directory) on the feedback prompts with the compiled sampler
+-> demonstration records (the paper: T=1.0, top_p 0.9, 512 tokens including the prompt).
+
+  python scripts/policy_samples.py --gin_file=configs/feedback/policy_samples.gin \
+      --gin_param="policy_samples_stage.hf_dir='runs/sft/hf'" --gin_param="policy_samples_stage.prompts='runs/prompts'" \
+      --gin_param="policy_samples_stage.out_dir='runs/policy_samples'"
+"""
+
+import sys
+
+from rlaif_jax.cli import main_with_gin
+
+
+def main(argv=None):
+    from rlaif_jax.feedback.stages import policy_samples_stage
+
+    manifest = main_with_gin(__doc__, policy_samples_stage, argv, extra_modules=("rlaif_jax.feedback.stages",))
+    print(f"{manifest['num_records']} samples: {manifest['provenance']['finish_reasons']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
