@@ -224,6 +224,10 @@ def run_miniature(
                 json.dump(row, f, indent=2)
     ref_samples = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_records(ref_out)]
     write_report(out_dir, rows, task_accuracy(ref_samples))
+    # One flat summary per miniature, so sweeps (rlaif_jax.sweep) can tabulate runs.
+    summary = {f"{r['arm']}/{k}": r[k] for r in rows for k in ("win_rate", "se", "task_score", "task_exact")}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     return rows
 
 

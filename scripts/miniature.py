@@ -16,15 +16,18 @@ from rlaif_jax.cli import gin_arg_parser, parse_gin
 def main(argv=None):
     ap = gin_arg_parser(__doc__)
     args = ap.parse_args(argv)
-    if not args.gin_file and not args.gin_param:
-        args.gin_param = ["run_miniature.out_dir = 'runs/miniature'"]
+    # No gin file is needed: the defaults are the miniature; bindings only change knobs.
+    args.gin_param = ["run_miniature.seed = 0"] + args.gin_param
     parse_gin(args, ["rlaif_jax.miniature"])
-    from rlaif_jax.miniature import run_miniature
-
     import gin
 
+    from rlaif_jax.miniature import run_miniature
+
     rows = run_miniature()
-    out = gin.query_parameter("run_miniature.out_dir") if "run_miniature.out_dir" in gin.config_str() else "runs/miniature"
+    try:
+        out = gin.query_parameter("run_miniature.out_dir")
+    except ValueError:
+        out = "runs/miniature"
     print(open(os.path.join(out, "results.md")).read())
     print(f"table: {os.path.join(out, 'results.md')} (and results.csv)\nplot:  {os.path.join(out, 'results.png')}")
     return 0 if rows else 1
