@@ -1,0 +1,321 @@
+"""One evaluation run: generate the policy's outputs on an eval set with the compiled sampler,
+judge each against the reference output (API judge through the feedback client, or a reward
+model), and write generations, judgments, metrics and cost to out_dir.
+
+The judging is the feedback package's: its judge templates, verdict parsing, per-instruction
+order randomization (a hash of the prompt id and the seed) and un-swapping, client cache,
+retries, Batch API and cost accounting. The policy is always response_1 and the reference
+response_2, so a verdict "first" is a policy win. A rerun resumes: generation continues at
+the next unfinished batch and every judge call already made comes from the cache.
+
+out_dir/
+  prompts.jsonl          the eval set's prompts (prompt_id, prompt)
+  generations/           the policy's samples (DEMONSTRATIONS records + samples.jsonl)
+  generations.json       AlpacaEval-format outputs (instruction, output, generator)
+  judgments.jsonl        per instruction: verdict, raw judge text, swapped, p_1, views, error
+  metrics.json           win rate +- SE, W/L/T/invalid counts, LC win rate, labels, cost_usd
+                         (this invocation) and cost_usd_total (every invocation in out_dir)
+  api_ledger.jsonl       one line of API accounting per invocation
+  operative_config.gin
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import gin
+import numpy as np
+
+from rlaif_jax.eval.length_control import length_controlled_win_rate
+from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
+
+log = logging.getLogger(__name__)
+PROTOCOLS = ("judge", "reward_model")
+
+
+class EvalInputError(ValueError):
+    """A malformed eval set or reference file; the message names the file and record."""
+
+
+def load_eval_set(path: str, references: Optional[str] = None, reference_generator: Optional[str] = None) -> list[dict]:
+    """[{prompt_id, prompt, reference, reference_generator}] from an AlpacaEval JSON (its
+    `output` is the reference) or any prompt file the data readers accept; `references`
+    (an AlpacaEval-format file) supplies or replaces the reference outputs, joined on the
+    instruction text. Every instruction must end with a reference output."""
+    from rlaif_jax.data.prompts.readers import read_prompt_source
+    from rlaif_jax.data.prompts.types import InputError
+
+    try:
+        prompts, _, _ = read_prompt_source(path)
+    except InputError as e:
+        raise EvalInputError(str(e)) from None
+    if not prompts:
+        raise EvalInputError(f"{path}: no prompts")
+    refs: dict[str, tuple] = {}
+    if references:
+        try:
+            ref_rows, _, _ = read_prompt_source(references, format="alpaca")
+        except InputError as e:
+            raise EvalInputError(str(e)) from None
+        for r in ref_rows:
+            if r.completion is None:
+                raise EvalInputError(f"{references}: record {r.index} has no 'output'")
+            refs.setdefault(r.prompt_id, (r.completion, r.completion_model))
+    rows, seen = [], set()
+    for p in prompts:
+        if p.prompt_id in seen:  # the same instruction twice would be judged (and counted) twice
+            log.warning("%s: record %d repeats an earlier instruction; skipped", path, p.index)
+            continue
+        seen.add(p.prompt_id)
+        ref, gen = refs.get(p.prompt_id, (p.completion, p.completion_model))
+        if ref is None:
+            where = f"{references} has no output for it" if references else "and no --references file was given"
+            raise EvalInputError(f"{path}: record {p.index} ({p.prompt[:60]!r}) has no reference output, {where}")
+        rows.append({"prompt_id": p.prompt_id, "prompt": p.prompt, "reference": ref,
+                     "reference_generator": reference_generator or gen or "reference"})
+    return rows
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False, default=_nan_safe)
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: str, rows) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(_clean(r), sort_keys=True, ensure_ascii=False, default=_nan_safe) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_operative_config(out_dir: str) -> None:
+    # FeedbackClient takes the name of the key's environment variable, never the key.
+    text = gin.operative_config_str()
+    if text.strip():
+        with open(os.path.join(out_dir, "operative_config.gin"), "w") as f:
+            f.write(text)
+
+
+def _add_to_ledger(out_dir: str, api: Mapping[str, Any]) -> float:
+    """Appends this invocation's API spend to out_dir/api_ledger.jsonl and returns the run's
+    total: a resumed run's own summary counts cache hits as free, so without the ledger the
+    money spent before the interruption would vanish from metrics.json."""
+    path = os.path.join(out_dir, "api_ledger.jsonl")
+    entry = {k: api.get(k) for k in ("requests", "cached", "ok", "errors", "prompt_tokens", "completion_tokens",
+                                     "cost_usd", "unpriced_requests")}
+    with open(path, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    with open(path) as f:
+        return round(sum(json.loads(line)["cost_usd"] or 0.0 for line in f if line.strip()), 6)
+
+
+def _nan_safe(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return str(x)
+
+
+def _clean(obj):
+    """NaN -> None so metrics.json is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _check_fingerprint(gen_dir: str, spec: dict) -> None:
+    """The policy-samples stage resumes by batch index, so samples left in gen_dir by a run
+    with other prompts or sampling settings would be reused as if they were this run's."""
+    os.makedirs(gen_dir, exist_ok=True)
+    path = os.path.join(gen_dir, "eval_spec.json")
+    spec = json.loads(json.dumps(spec, default=list))
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != spec:
+            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            raise ValueError(f"{gen_dir} holds generations made with different {diff}; use a new out_dir "
+                             "(or delete that directory to regenerate)")
+        return
+    _write_json(path, spec)
+
+
+def generate_outputs(checkpoint: str, rows: Sequence[Mapping], out_dir: str, generator: str, **sampling) -> list[str]:
+    """The policy's output for each row (resumable: the feedback package's policy-samples
+    stage over the compiled sampler)."""
+    from rlaif_jax.feedback.stages import load_demonstrations, policy_samples_stage
+
+    prompts_path = os.path.join(out_dir, "prompts.jsonl")
+    with open(prompts_path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt_id": r["prompt_id"], "prompt": r["prompt"]}, ensure_ascii=False) + "\n")
+    gen_dir = os.path.join(out_dir, "generations")
+    _check_fingerprint(gen_dir, {"checkpoint": os.path.abspath(checkpoint), "generator": generator,
+                                 "prompt_ids": [r["prompt_id"] for r in rows], **sampling})
+    policy_samples_stage(hf_dir=checkpoint, prompts=prompts_path, out_dir=gen_dir, source_model=generator, **sampling)
+    by_id = {d["prompt_id"]: d["completion"] for d in load_demonstrations(gen_dir)}
+    missing = [r["prompt_id"] for r in rows if r["prompt_id"] not in by_id]
+    if missing:
+        raise RuntimeError(f"{gen_dir}: no generation for {len(missing)} prompts (first {missing[0]})")
+    return [by_id[r["prompt_id"]] for r in rows]
+
+
+def load_outputs(path: str, rows: Sequence[Mapping]) -> list[str]:
+    """Policy outputs from an AlpacaEval-format file (instruction, output), for judging
+    outputs generated elsewhere."""
+    from rlaif_jax.data.prompts.readers import read_prompt_source
+
+    got, _, _ = read_prompt_source(path, format="alpaca")
+    by_id = {}
+    for p in got:
+        if p.completion is None:
+            raise EvalInputError(f"{path}: record {p.index} has no 'output'")
+        by_id.setdefault(p.prompt_id, p.completion)
+    missing = [r for r in rows if r["prompt_id"] not in by_id]
+    if missing:
+        raise EvalInputError(f"{path}: no output for {len(missing)} instructions, e.g. {missing[0]['prompt'][:60]!r}")
+    return [by_id[r["prompt_id"]] for r in rows]
+
+
+def judge_metrics(comparisons: Sequence[Mapping], outputs: Sequence[str], references: Sequence[str],
+                  lc_bootstrap: int = 200, seed: int = 0) -> dict:
+    """Win rate +- SE, counts, length-controlled win rate, and the logprob-weighted
+    (continuous) win rate where every valid judgment carries one."""
+    prefs = preferences_from_verdicts([c["verdict"] for c in comparisons], policy_is="first")
+    wr = win_rate(prefs)
+    m = wr.as_dict()
+    lc = length_controlled_win_rate(prefs, [len(o) for o in outputs], [len(r) for r in references],
+                                    n_bootstrap=lc_bootstrap, seed=seed)
+    m.update(lc_win_rate=lc["lc_win_rate"], lc_standard_error=lc["lc_standard_error"], lc_coef=lc["coef"])
+    cont = continuous_preferences(comparisons, policy_is="first")
+    if cont is not None:
+        cw = win_rate(cont)
+        m.update(continuous_win_rate=cw.win_rate, continuous_standard_error=cw.standard_error)
+    m["n_identical"] = sum(bool(c.get("identical")) for c in comparisons)
+    m["n_api_errors"] = sum(bool(c.get("error")) for c in comparisons)
+    return m
+
+
+@gin.configurable
+def evaluate(
+    out_dir: str = gin.REQUIRED,
+    eval_set: str = gin.REQUIRED,
+    checkpoint: Optional[str] = None,
+    policy_outputs: Optional[str] = None,
+    references: Optional[str] = None,
+    protocol: str = "judge",
+    generator: Optional[str] = None,
+    reference_generator: Optional[str] = None,
+    limit: Optional[int] = None,
+    # sampling (AlpacaEval 1.0 in the paper: T=0.7, top_p 0.9)
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 0,
+    template: str = "paper",
+    max_length: int = 1024,
+    max_prompt_length: int = 512,
+    batch_size: int = 32,
+    sample_seed: int = 0,
+    dtype: str = "float32",
+    mesh_shape: Optional[Sequence[int]] = None,
+    # judge
+    client: Any = None,
+    judge_template: str = "pairwise_v1",
+    judge_name: Optional[str] = None,
+    order_seed: int = 0,
+    both_orders: bool = False,
+    on_disagreement: str = "tie",
+    logprobs: bool = False,
+    top_logprobs: int = 5,
+    judge_temperature: float = 0.0,
+    judge_max_tokens: int = 16,
+    batch_api: bool = False,
+    poll_interval_s: float = 30.0,
+    # reward-model protocol
+    reward_model: Optional[str] = None,
+    reward_batch_size: int = 16,
+    # metrics
+    length_control: bool = True,
+    lc_bootstrap: int = 200,
+    labels: Optional[Mapping[str, Any]] = None,
+) -> dict:
+    """Runs one evaluation and returns its metrics (also written to out_dir/metrics.json).
+    `labels` (run, base_model, arm, sft_fraction, ...) are copied into the metrics for
+    reports. Give `checkpoint` (an HF directory) to generate, or `policy_outputs` to judge
+    outputs made elsewhere."""
+    from rlaif_jax.feedback import judge as J
+    from rlaif_jax.feedback.stages import judge_pairs
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if (checkpoint is None) == (policy_outputs is None):
+        raise ValueError("give exactly one of checkpoint (to generate) and policy_outputs (to judge existing outputs)")
+    if protocol == "judge" and client is None:
+        raise ValueError("protocol 'judge' needs a client (bind evaluate.client = @FeedbackClient())")
+    if protocol == "reward_model" and not reward_model:
+        raise ValueError("protocol 'reward_model' needs reward_model (an HF reward model directory)")
+    os.makedirs(out_dir, exist_ok=True)
+    rows = load_eval_set(eval_set, references, reference_generator)[:limit]
+    name = generator or os.path.basename(os.path.normpath(checkpoint or policy_outputs))
+    if checkpoint is not None:
+        outputs = generate_outputs(checkpoint, rows, out_dir, name, template=template, max_length=max_length,
+                                   max_prompt_length=max_prompt_length, temperature=temperature, top_p=top_p,
+                                   top_k=top_k, batch_size=batch_size, seed=sample_seed, dtype=dtype,
+                                   mesh_shape=mesh_shape)
+    else:
+        outputs = load_outputs(policy_outputs, rows)
+    _write_json(os.path.join(out_dir, "generations.json"),
+                [{"instruction": r["prompt"], "output": o, "generator": name} for r, o in zip(rows, outputs)])
+    refs = [r["reference"] for r in rows]
+    metrics: dict = {"protocol": protocol, "generator": name, "eval_set": os.path.abspath(eval_set),
+                     "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+                     "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k, "template": template,
+                                  "max_length": max_length, "max_prompt_length": max_prompt_length,
+                                  "seed": sample_seed} if checkpoint else None,
+                     "avg_length": float(np.mean([len(o) for o in outputs])) if outputs else None,
+                     "avg_reference_length": float(np.mean([len(r) for r in refs])) if refs else None}
+    if protocol == "judge":
+        tmpl = J.load_template(judge_template)
+        tasks = [J.PairTask(r["prompt_id"], r["prompt"], o, r["reference"], name, r["reference_generator"])
+                 for r, o in zip(rows, outputs)]
+        comps = judge_pairs(client, tasks, tmpl, mode="pairwise", both_orders=both_orders, seed=order_seed,
+                            logprobs=logprobs, top_logprobs=top_logprobs, temperature=judge_temperature,
+                            max_tokens=judge_max_tokens, on_disagreement=on_disagreement, judge_name=judge_name,
+                            batch_api=batch_api, poll_interval_s=poll_interval_s)
+        _write_jsonl(os.path.join(out_dir, "judgments.jsonl"), comps)
+        jm = judge_metrics(comps, outputs, refs, lc_bootstrap if length_control else 0, order_seed)
+        if not length_control:
+            jm.update(lc_win_rate=None, lc_standard_error=None, lc_coef=None)
+        api = client.summary.as_dict()
+        metrics.update(jm, judge=judge_name or client.model, judge_template=tmpl.id, order_seed=order_seed,
+                       both_orders=both_orders, logprobs=logprobs, api=api, cost_usd=api["cost_usd"],
+                       cost_usd_total=_add_to_ledger(out_dir, api), client=client.describe())
+    else:
+        from rlaif_jax.eval.reward_score import RewardScorer, reward_protocol_metrics
+
+        scorer = RewardScorer(reward_model, template=template, max_length=max_length,
+                              max_prompt_length=max_prompt_length, batch_size=reward_batch_size, dtype=dtype)
+        prompts = [r["prompt"] for r in rows]
+        r_pol, r_ref = scorer.score(prompts, outputs), scorer.score(prompts, refs)
+        _write_jsonl(os.path.join(out_dir, "judgments.jsonl"),
+                     [{"prompt_id": r["prompt_id"], "reward_policy": float(a), "reward_reference": float(b)}
+                      for r, a, b in zip(rows, r_pol, r_ref)])
+        metrics.update(reward_protocol_metrics(r_pol, r_ref), judge=f"reward_model:{os.path.abspath(reward_model)}",
+                       cost_usd=0.0)
+    metrics["labels"] = dict(labels or {})
+    metrics = _clean(metrics)
+    _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    _save_operative_config(out_dir)
+    log.info("%s: win rate %s +- %s (LC %s) -> %s", name, metrics.get("win_rate"), metrics.get("standard_error"),
+             metrics.get("lc_win_rate"), out_dir)
+    return metrics
