@@ -23,7 +23,6 @@ import csv
 import functools
 import json
 import logging
-import math
 import os
 from typing import Optional, Sequence
 
@@ -34,6 +33,7 @@ from rlaif_jax import sharding as shd
 from rlaif_jax.data.prompts.prepare import prepare_prompts
 from rlaif_jax.data.records import read_records
 from rlaif_jax.data.tokenize.tokenizer import build_test_tokenizer, load_tokenizer
+from rlaif_jax.eval.winrate import verdict_win_rate
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.server import ServerThread, make_app
 from rlaif_jax.feedback.stages import critic_stage, load_comparisons, policy_samples_stage, preferences_stage, teacher_stage
@@ -59,16 +59,11 @@ def _done(path: str) -> bool:
 
 
 def win_rate(comparisons: Sequence[dict]) -> dict:
-    """First response (the policy) vs second (the reference): ties count 0.5; invalid
-    judgments are excluded from the rate and counted, never scored."""
-    outcome = {"first": 1.0, "second": 0.0, "tie": 0.5}
-    scores = [outcome[c["verdict"]] for c in comparisons if c["verdict"] in outcome]
-    n = len(scores)
-    mean = sum(scores) / n if n else float("nan")
-    var = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else float("nan")
-    counts = {v: sum(c["verdict"] == v for c in comparisons) for v in ("first", "second", "tie", "invalid")}
-    return {"win_rate": 100 * mean, "se": 100 * math.sqrt(var / n) if n > 1 else float("nan"), "n": n,
-            "wins": counts["first"], "losses": counts["second"], "ties": counts["tie"], "invalid": counts["invalid"]}
+    """The policy (response_1) against the reference (response_2), as AlpacaEval scores it
+    (rlaif_jax.eval.winrate): ties 0.5, invalid judgments counted apart, never scored."""
+    wr = verdict_win_rate([c["verdict"] for c in comparisons], policy_is="first")
+    return {"win_rate": wr.win_rate, "se": wr.standard_error, "n": wr.n_scored, "wins": wr.n_wins,
+            "losses": wr.n_losses, "ties": wr.n_ties, "invalid": wr.n_invalid}
 
 
 def task_accuracy(samples: Sequence[dict]) -> dict:

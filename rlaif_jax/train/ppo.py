@@ -444,7 +444,7 @@ def train_ppo(
                                          f"(prompt stream position {stream.get_state()}); no checkpoint written")
             bar.update(1)
             last = m
-            if (it + 1) % log_every == 0:
+            if (it + 1) % log_every == 0 or it + 1 == num_iterations:
                 writer.write(it + 1, m)
                 bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
             if checkpoint_every and (it + 1) % checkpoint_every == 0 and it + 1 < num_iterations:
