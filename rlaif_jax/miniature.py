@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import gin
 import jax

@@ -10,8 +10,6 @@ rollout's tokens/s, on a random-weight model of a given shape.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import numpy as np

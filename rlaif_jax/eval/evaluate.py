@@ -32,6 +32,7 @@ import numpy as np
 
 from rlaif_jax.eval.length_control import length_controlled_win_rate
 from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
+from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("judge", "reward_model")
@@ -80,29 +81,6 @@ def load_eval_set(path: str, references: Optional[str] = None, reference_generat
     return rows
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False, default=_nan_safe)
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: str, rows) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(_clean(r), sort_keys=True, ensure_ascii=False, default=_nan_safe) + "\n")
-    os.replace(tmp, path)
-
-
-def _save_operative_config(out_dir: str) -> None:
-    # FeedbackClient takes the name of the key's environment variable, never the key.
-    text = gin.operative_config_str()
-    if text.strip():
-        with open(os.path.join(out_dir, "operative_config.gin"), "w") as f:
-            f.write(text)
-
-
 def _add_to_ledger(out_dir: str, api: Mapping[str, Any]) -> float:
     """Appends this invocation's API spend to out_dir/api_ledger.jsonl and returns the run's
     total: a resumed run's own summary counts cache hits as free, so without the ledger the
@@ -114,6 +92,14 @@ def _add_to_ledger(out_dir: str, api: Mapping[str, Any]) -> float:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
     with open(path) as f:
         return round(sum(json.loads(line)["cost_usd"] or 0.0 for line in f if line.strip()), 6)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    write_json(path, obj, default=_nan_safe)
+
+
+def _write_jsonl(path: str, rows) -> None:
+    write_jsonl(path, (_clean(r) for r in rows), default=_nan_safe)
 
 
 def _nan_safe(x):
@@ -315,7 +301,7 @@ def evaluate(
     metrics["labels"] = dict(labels or {})
     metrics = _clean(metrics)
     _write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    _save_operative_config(out_dir)
+    save_operative_config(out_dir)
     log.info("%s: win rate %s +- %s (LC %s) -> %s", name, metrics.get("win_rate"), metrics.get("standard_error"),
              metrics.get("lc_win_rate"), out_dir)
     return metrics

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import gin
 
@@ -28,6 +28,7 @@ from rlaif_jax.data.records.schemas import normalize_finish_reason
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.preferences import build_preference_pairs
+from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 STAGE_VERSION = 1
@@ -83,33 +84,6 @@ def load_comparisons(path: str) -> list[dict]:
     if os.path.isfile(side):
         return _read_jsonl(side)
     return list(read_records(path, COMPARISONS))
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _save_operative_config(out_dir: str) -> None:
-    # The client takes the *name* of the key's environment variable, never the key, so the
-    # operative config cannot contain it.
-    try:
-        text = gin.operative_config_str()
-    except Exception:  # pragma: no cover - gin not in use
-        return
-    if text.strip():
-        with open(os.path.join(out_dir, "operative_config.gin"), "w") as f:
-            f.write(text)
 
 
 def _run(client: FeedbackClient, requests, desc: str, batch_api: bool, poll_interval_s: float):
@@ -177,13 +151,13 @@ def teacher_stage(
                 continue
             demos.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": ch["content"],
                           "source_model": client.model, "finish_reason": fr})
-    _write_jsonl(os.path.join(out_dir, "errors.jsonl"), errors)
+    write_jsonl(os.path.join(out_dir, "errors.jsonl"), errors)
     report = {
         "prompts": len(rows) + len(skipped_long), "skipped_too_long": len(skipped_long), "requested": len(rows),
         "request_errors": len(errors), "demonstrations": len(demos), "dropped": dropped,
         "api": client.summary.as_dict(),
     }
-    _write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(os.path.join(out_dir, "report.json"), report)
     manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
         "stage": "teacher", "stage_version": STAGE_VERSION, "client": client.describe(),
         "system_prompt": system_prompt, "template": template, "sampling": sampling,
@@ -191,7 +165,7 @@ def teacher_stage(
         "mode": "batch" if batch_api else "online", "prompts_source": os.path.abspath(prompts), "split": split,
         "report": report,
     })
-    _save_operative_config(out_dir)
+    save_operative_config(out_dir)
     log.info("teacher: %d demonstrations, %d request errors -> %s", len(demos), len(errors), out_dir)
     return manifest
 
@@ -351,12 +325,12 @@ def critic_stage(
                         top_logprobs=top_logprobs, temperature=temperature, max_tokens=max_tokens,
                         on_disagreement=on_disagreement, judge_name=judge_name, batch_api=batch_api,
                         poll_interval_s=poll_interval_s)
-    _write_jsonl(os.path.join(out_dir, "comparisons.jsonl"), comps)
-    _write_jsonl(os.path.join(out_dir, "errors.jsonl"),
+    write_jsonl(os.path.join(out_dir, "comparisons.jsonl"), comps)
+    write_jsonl(os.path.join(out_dir, "errors.jsonl"),
                  [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")])
     _, prefs_report = build_preference_pairs(comps)
     report = {"join": join, "api": client.summary.as_dict(), **prefs_report}
-    _write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(os.path.join(out_dir, "report.json"), report)
     manifest = write_records(out_dir, COMPARISONS, [comparison_record(c) for c in comps], num_shards=num_shards,
                              provenance={
         "stage": "critic", "stage_version": STAGE_VERSION, "client": client.describe(),
@@ -368,7 +342,7 @@ def critic_stage(
                      "template": truncate_template} if truncate_tokenizer else None,
         "report": report,
     })
-    _save_operative_config(out_dir)
+    save_operative_config(out_dir)
     return manifest
 
 
@@ -391,13 +365,13 @@ def preferences_stage(
     comps = [c for path in comparisons for c in load_comparisons(path)]
     pairs, report = build_preference_pairs(comps, judge=judge, require_agreement=require_agreement,
                                            min_confidence=min_confidence)
-    _write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(os.path.join(out_dir, "report.json"), report)
     manifest = write_records(out_dir, PREFERENCES, pairs, num_shards=num_shards, provenance={
         "stage": "preferences", "stage_version": STAGE_VERSION,
         "comparisons": [os.path.abspath(p) for p in comparisons], "judge": judge,
         "require_agreement": require_agreement, "min_confidence": min_confidence, "report": report,
     })
-    _save_operative_config(out_dir)
+    save_operative_config(out_dir)
     return manifest
 
 
@@ -464,7 +438,7 @@ def policy_samples_stage(
         "max_prompt_length": max_prompt_length, "temperature": temperature, "top_p": top_p, "top_k": top_k,
         "seed": seed, "batch_size": batch_size, "finish_reasons": counts,
     })
-    _save_operative_config(out_dir)
+    save_operative_config(out_dir)
     return manifest
 
 

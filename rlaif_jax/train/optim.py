@@ -9,7 +9,6 @@ import gin
 import jax
 import optax
 
-from rlaif_jax.models.hf_io import _flatten
 
 
 def make_schedule(learning_rate: float, schedule: str, warmup_steps: int, total_steps: Optional[int],

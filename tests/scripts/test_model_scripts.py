@@ -1,11 +1,10 @@
-"""The README's main job: write a tiny HF checkpoint, then sample from it, as a user would."""
+"""The model scripts as a user runs them: write a tiny HF checkpoint, then sample from it."""
 
 import json
 import os
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
