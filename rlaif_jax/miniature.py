@@ -157,7 +157,7 @@ def run_miniature(
             dirs, epochs = sft_data[arm]
             if _done(p("runs", arm)):
                 continue
-            train(run_dir=p("runs", arm), objective=SFT(), num_steps=10**9, model_config=cfg, tokenizer=tok_dir,
+            train(run_dir=p("runs", arm), objective=SFT(), num_steps=None, model_config=cfg, tokenizer=tok_dir,
                   train_data=functools.partial(sft_pipeline, dirs, num_epochs=epochs, seed=seed, **seq),
                   optimizer=functools.partial(make_optimizer, learning_rate=sft_lr, clip_norm=10.0),
                   mesh=one_device, log_every=20, seed=seed, async_checkpoint=False)
@@ -179,13 +179,13 @@ def run_miniature(
                 preferences_stage(comparisons=[comps], out_dir=prefs)
             pref_data = functools.partial(preference_pipeline, prefs, seed=seed, **seq)
             if "dpo_weak_10" in arms and not _done(p("runs", "dpo_weak_10")):
-                train(run_dir=p("runs", "dpo_weak_10"), objective=DPO(beta=dpo_beta), num_steps=10**9, init_from=base,
+                train(run_dir=p("runs", "dpo_weak_10"), objective=DPO(beta=dpo_beta), num_steps=None, init_from=base,
                       train_data=functools.partial(pref_data, num_epochs=dpo_epochs),
                       optimizer=functools.partial(make_optimizer, learning_rate=dpo_lr, clip_norm=10.0),
                       mesh=one_device, log_every=10, seed=seed, async_checkpoint=False)
             if "ppo_weak_10" in arms:
                 if not _done(p("runs", "rm_weak_10")):
-                    train(run_dir=p("runs", "rm_weak_10"), objective=RewardModel(), num_steps=10**9, init_from=base,
+                    train(run_dir=p("runs", "rm_weak_10"), objective=RewardModel(), num_steps=None, init_from=base,
                           train_data=functools.partial(pref_data, num_epochs=rm_epochs),
                           optimizer=functools.partial(make_optimizer, learning_rate=dpo_lr, clip_norm=10.0),
                           mesh=one_device, log_every=10, seed=seed, async_checkpoint=False)

@@ -79,7 +79,7 @@ def train(
     run_dir: str = gin.REQUIRED,
     objective: Any = gin.REQUIRED,
     train_data: Callable = gin.REQUIRED,
-    num_steps: int = gin.REQUIRED,
+    num_steps: Optional[int] = gin.REQUIRED,
     model_config: Optional[DecoderConfig] = None,
     init_from: Optional[str] = None,
     tokenizer: Optional[str] = None,
@@ -100,7 +100,8 @@ def train(
     peak_device_tflops: Optional[float] = None,
     stop_after: Optional[int] = None,
 ) -> dict:
-    """Train `objective` for num_steps (resuming from run_dir/checkpoints if present).
+    """Train `objective` for num_steps, or until the data runs out when num_steps is None
+(epoch-based recipes bind the pipeline's num_epochs); resumes from run_dir/checkpoints.
 
     train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
     tokenizer=..., state=... (the iterator position to resume from). `stop_after` ends the
@@ -163,12 +164,13 @@ def train(
         return m
 
     try:
-        while step < num_steps:
+        while num_steps is None or step < num_steps:
             position = it.get_state()
             try:
                 batch = next(it)
             except StopIteration:
-                log.warning("training data exhausted after %d steps (num_steps=%d)", step, num_steps)
+                if num_steps is not None:
+                    log.warning("training data exhausted after %d steps (num_steps=%d)", step, num_steps)
                 break
             recent.append((step, position, batch))
             tokens_since += _batch_tokens(batch)
@@ -189,7 +191,7 @@ def train(
                         writer.text(step, "samples", f"**{p}**\n\n{text}")
                         writer.write(step, {"prompt": p, "completion": text}, prefix="sample/")
 
-            if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
+            if checkpoint_every and step % checkpoint_every == 0 and step != num_steps:
                 _check_finite(state, recent, run_dir)
                 ckpt.save(step, state, it.get_state())
             if stop_after is not None and step >= stop_after:
