@@ -203,7 +203,7 @@ def test_readable_by_tensorflow(tmp_path):
     tf = pytest.importorskip(
         "tensorflow",
         reason="TensorFlow is not installed (tensorflow-cpu is ~1.5 GB, so it is not in the "
-        "test extra); install it to run this interoperability check",
+        "test extra); pip install -e '.[test,tf-interop]' to run this interoperability check",
     )
     schema, records = SAMPLES["preferences"]
     write_records(tmp_path, schema, records, num_shards=2)
