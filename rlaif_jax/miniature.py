@@ -37,6 +37,7 @@ from rlaif_jax.eval.winrate import verdict_win_rate
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.server import ServerThread, make_app
 from rlaif_jax.feedback.stages import critic_stage, load_comparisons, policy_samples_stage, preferences_stage, teacher_stage
+from rlaif_jax.fileio import write_jsonl
 from rlaif_jax.models import DecoderConfig
 from rlaif_jax.synthetic.backend import synthetic_world
 from rlaif_jax.synthetic.tasks import make_instructions, parse_instruction, score, vocabulary
@@ -109,12 +110,8 @@ def run_miniature(
     # -- prompts and tokenizer
     texts = make_instructions(num_prompts + num_eval, seed=seed)
     if not _done(p("data", "prompts", "feedback")):
-        with open(p("prompts.jsonl"), "w") as f:
-            for t in texts[:num_prompts]:
-                f.write(json.dumps({"prompt": t}) + "\n")
-        with open(p("eval_prompts.jsonl"), "w") as f:
-            for t in texts[num_prompts:]:
-                f.write(json.dumps({"prompt": t}) + "\n")
+        write_jsonl(p("prompts.jsonl"), ({"prompt": t} for t in texts[:num_prompts]))
+        write_jsonl(p("eval_prompts.jsonl"), ({"prompt": t} for t in texts[num_prompts:]))
         prepare_prompts(p("prompts.jsonl"), p("data"), format="plain", sft_fraction=sft_fraction)
     tok_dir = p("tokenizer")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):

@@ -18,7 +18,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlaif_jax import sharding as shd
-from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.decoder import CACHE_LOGICAL_AXES, Transformer, init_cache
 
 
@@ -176,9 +175,3 @@ def generate(
         tokens, positions, segs = shd.shard_batch((tokens, positions, segs), mesh)
     out_tokens, lengths, logps = fn(params, tokens, positions, segs, rng)
     return SampleOutput(*(shd.to_host(x) for x in (out_tokens, lengths, logps)))
-
-
-def generate_from_config(cfg: DecoderConfig, params: Any, prompts, rng, sampling: SamplingParams, **kw) -> SampleOutput:
-    from rlaif_jax.models.params import build_model
-
-    return generate(build_model(cfg), params, prompts, rng, sampling, **kw)

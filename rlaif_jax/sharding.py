@@ -17,7 +17,6 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -149,10 +148,6 @@ def fit_sharding(sharding: NamedSharding, shape) -> NamedSharding:
     return NamedSharding(sharding.mesh, _fit_spec(sharding.spec, shape, sharding.mesh))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 @gin.configurable
 def initialize_distributed(
     coordinator_address: Optional[str] = None,
@@ -194,10 +189,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     mesh, rules = active
     spec = _fit_spec(nn.logical_to_mesh_axes(tuple(logical_axes), rules), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def tree_bytes(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -15,21 +15,10 @@ import argparse
 import os
 import resource
 import tempfile
-import time
 
 import numpy as np
 
-from rlaif_jax.models.presets import PRESETS, preset_config
-
-
-def timed(fn, repeats):
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from rlaif_jax.models.presets import PRESETS, median_seconds, preset_config
 
 
 def main():
@@ -85,7 +74,7 @@ def main():
     ids = rs.randint(3, cfg.vocab_size, (B, T)).astype(np.int32)
     fwd = jax.jit(lambda p, t: apply(model, p, t)["logits"])
     ids_dev = jnp.asarray(ids)
-    t_jax = timed(lambda: fwd(params, ids_dev).block_until_ready(), args.repeats)
+    t_jax = median_seconds(lambda: fwd(params, ids_dev).block_until_ready(), args.repeats)
     n_params = cfg.num_params()
     fwd_flops = B * T * (2 * n_params + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T)
     peak = peak_tflops(dev, args.peak_tflops)
@@ -99,7 +88,7 @@ def main():
     prompts = [list(rs.randint(3, cfg.vocab_size, args.prompt_len)) for _ in range(B)]
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, eos_ids=())
     key = jax.random.key(0)
-    t_gen = timed(lambda: generate(model, params, prompts, key, sp), args.repeats)
+    t_gen = median_seconds(lambda: generate(model, params, prompts, key, sp), args.repeats)
     gen_tps = B * args.new_tokens / t_gen
     rows.append(("generate", gen_tps))
 
@@ -107,10 +96,10 @@ def main():
     if hf_model is not None:
         t_ids = torch.tensor(ids, dtype=torch.long)
         with torch.inference_mode():
-            t_fwd = timed(lambda: hf_model(t_ids).logits, args.repeats)
+            t_fwd = median_seconds(lambda: hf_model(t_ids).logits, args.repeats)
             p_ids = torch.tensor(np.array(prompts), dtype=torch.long)
             mask = torch.ones_like(p_ids)
-            t_tgen = timed(lambda: hf_model.generate(p_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+            t_tgen = median_seconds(lambda: hf_model.generate(p_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                                                      min_new_tokens=args.new_tokens, do_sample=False,
                                                      pad_token_id=0), args.repeats)
         torch_rows = {"forward": B * T / t_fwd, "generate": B * args.new_tokens / t_tgen}

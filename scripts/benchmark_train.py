@@ -17,22 +17,10 @@ import argparse
 import os
 import resource
 import tempfile
-import time
 
 import numpy as np
 
-from rlaif_jax.models.presets import PRESETS, preset_config
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+from rlaif_jax.models.presets import PRESETS, median_seconds, preset_config
 
 
 def make_batch(rs, batch, seq_len, vocab, prefix=""):
@@ -96,7 +84,7 @@ def main():
             holder["state"], m = step(holder["state"], dev_batch, ref)
             jax.block_until_ready(m["loss"])
 
-        t = median_time(run, args.repeats)
+        t = median_seconds(run, args.repeats)
         tokens = n_rows * T
         # Policy forward+backward = 6N flops per token; a reference forward adds 2N.
         flops = tokens * cfg.flops_per_token(T) * (1 + (1 / 3 if fwd_mult == 2 else 0))
@@ -140,7 +128,7 @@ def main():
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
                     opt.step()
 
-            tt = median_time(torch_step, args.repeats)
+            tt = median_seconds(torch_step, args.repeats)
             row.update(torch_tok_s=tokens / tt, torch_step_s=tt)
         results.append(row)
 

@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -187,25 +188,6 @@ class _SafetensorsDir:
         return get
 
 
-def _flatten(tree: Any, prefix=()) -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, prefix + (k,)))
-        return out
-    return {prefix: tree}
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = v
-    return out
-
-
 def _plan(cfg: DecoderConfig, lm_head: bool, score_head: bool) -> dict:
     """Our flat param path -> list of HF entries (one per layer when layers are stacked)."""
     plan = {k: [v] for k, v in _global_entries(cfg, lm_head, score_head).items()}
@@ -236,12 +218,12 @@ def load_hf(
     heads = (SCORE_HEAD,) if score_head else ()
     model = build_model(cfg, lm_head=lm_head, scalar_heads=heads)
     boxed = abstract_params(model)
-    abstract = _flatten(nn.unbox(boxed))
+    abstract = flatten_dict(nn.unbox(boxed))
     if mesh is None:
         mesh = shd.single_device_mesh()
         shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
     else:
-        shardings = _flatten(shd.param_shardings(boxed, mesh, rules or shd.logical_rules()))
+        shardings = flatten_dict(shd.param_shardings(boxed, mesh, rules or shd.logical_rules()))
     plan = _plan(cfg, lm_head, score_head)
     missing = [e.hf_key for entries in plan.values() for e in entries if e.hf_key not in store.weight_map]
     if missing:
@@ -281,7 +263,7 @@ def load_hf(
             )
 
         flat[our_path] = jax.make_array_from_callback(spec.shape, shardings[our_path], callback)
-    return cfg, _unflatten(flat)
+    return cfg, unflatten_dict(flat)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -307,7 +289,7 @@ def save_hf(
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)
-    flat = _flatten(params)
+    flat = flatten_dict(params)
     shards: list[dict] = []
     current: dict = {}
     current_bytes = 0

@@ -1,4 +1,9 @@
-"""Named model shapes for benchmarks and smoke runs (random weights)."""
+"""Named model shapes for benchmarks and smoke runs (random weights), and the benchmarks'
+timing helper."""
+
+import time
+
+import numpy as np
 
 PRESETS = {
     # ~7M params: seconds per step on a 2-core laptop.
@@ -17,3 +22,16 @@ def preset_config(name: str, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return DecoderConfig(**{"max_position_embeddings": 4096, **PRESETS[name], **overrides})
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() over `repeats` calls, after `warmup` calls. Two warm-up calls:
+    a step fed its own donated output can compile a second time (committed inputs)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))

@@ -80,6 +80,25 @@ def _chunks(n: int):
         yield slice(start, min(n, start + _ENCODE_CHUNK))
 
 
+def _host_inputs(data_dirs, schema, what: str, tokenizer, seq_len, max_length, process_index, process_count):
+    """What both pipelines start from: settings checked, this process's records loaded."""
+    if max_length > seq_len:
+        raise ValueError(f"max_length ({max_length}) must be <= seq_len ({seq_len})")
+    process_index, process_count = _process(process_index, process_count)
+    tok = load_tokenizer(tokenizer)
+    records, epoch_size, checksums = load_host_records(data_dirs, schema, process_index, process_count)
+    if not records:
+        raise ValueError(f"{data_dirs}: no {what} for process {process_index}")
+    return process_index, process_count, tok, records, epoch_size, checksums
+
+
+def _encode_in_chunks(records: list, encode: Callable[[list], list]) -> list:
+    out = []
+    for sl in _chunks(len(records)):
+        out.extend(encode(records[sl]))
+    return out
+
+
 @gin.configurable
 def sft_pipeline(
     data_dirs: str | Sequence[str],
@@ -109,18 +128,10 @@ def sft_pipeline(
     number of examples per batch then varies; use a step count rather than num_epochs to
     end multi-host runs). num_epochs=None repeats forever.
     """
-    if max_length > seq_len:
-        raise ValueError(f"max_length ({max_length}) must be <= seq_len ({seq_len})")
-    process_index, process_count = _process(process_index, process_count)
-    tok = load_tokenizer(tokenizer)
-    records, epoch_size, checksums = load_host_records(data_dirs, DEMONSTRATIONS, process_index, process_count)
-    if not records:
-        raise ValueError(f"{data_dirs}: no demonstrations for process {process_index}")
+    process_index, process_count, tok, records, epoch_size, checksums = _host_inputs(
+        data_dirs, DEMONSTRATIONS, "demonstrations", tokenizer, seq_len, max_length, process_index, process_count)
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
-    examples = []
-    for sl in _chunks(len(records)):
-        chunk = records[sl]
-        examples.extend(enc.encode_sft([r["prompt"] for r in chunk], [r["completion"] for r in chunk]))
+    examples = _encode_in_chunks(records, lambda c: enc.encode_sft([r["prompt"] for r in c], [r["completion"] for r in c]))
     batcher = (
         PackedBatcher(examples, batch_size, seq_len, max_carry)
         if packing
@@ -162,13 +173,8 @@ def preference_pipeline(
     If every record carries ref_chosen_logp / ref_rejected_logp, the batches include
     ref_chosen_logps / ref_rejected_logps; if only some do, that is an error.
     """
-    if max_length > seq_len:
-        raise ValueError(f"max_length ({max_length}) must be <= seq_len ({seq_len})")
-    process_index, process_count = _process(process_index, process_count)
-    tok = load_tokenizer(tokenizer)
-    records, epoch_size, checksums = load_host_records(data_dirs, PREFERENCES, process_index, process_count)
-    if not records:
-        raise ValueError(f"{data_dirs}: no preference pairs for process {process_index}")
+    process_index, process_count, tok, records, epoch_size, checksums = _host_inputs(
+        data_dirs, PREFERENCES, "preference pairs", tokenizer, seq_len, max_length, process_index, process_count)
     has_ref = [r["ref_chosen_logp"] is not None and r["ref_rejected_logp"] is not None for r in records]
     if any(has_ref) and not all(has_ref):
         missing = has_ref.index(False)
@@ -182,14 +188,8 @@ def preference_pipeline(
         else None
     )
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
-    pairs = []
-    for sl in _chunks(len(records)):
-        chunk = records[sl]
-        pairs.extend(
-            enc.encode_pairs(
-                [r["prompt"] for r in chunk], [r["chosen"] for r in chunk], [r["rejected"] for r in chunk]
-            )
-        )
+    pairs = _encode_in_chunks(records, lambda c: enc.encode_pairs(
+        [r["prompt"] for r in c], [r["chosen"] for r in c], [r["rejected"] for r in c]))
     batcher = PreferenceBatcher(pairs, batch_size, seq_len, drop_remainder, ref)
     stream = IndexStream(len(pairs), epoch_size, seed, shuffle, num_epochs, process_index)
     fp = fingerprint(
