@@ -33,6 +33,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.eval.evaluate",
     "rlaif_jax.synthetic.backend",
     "rlaif_jax.synthetic.models",
+    "rlaif_jax.arm",
 )
 
 

@@ -1,28 +1,215 @@
-"""Small atomic writers shared by the stages that leave reports beside their records."""
+"""File access for local paths and URLs, and the small atomic writers the stages share.
+
+Every function takes a local path or a URL (gs://bucket/x, s3://..., memory://..., anything
+fsspec supports; gs:// needs gcsfs, a dependency). Local paths go through the builtins
+(open, os.path, os.replace) exactly as before; only a path with a scheme goes through
+fsspec, imported on first use. Credentials for gs:// are gcsfs's usual ones (application
+default credentials; on a Cloud TPU VM, the VM's service account).
+
+Object stores have no directories and no rename (a rename is a copy), but an object
+upload is atomic: `makedirs` is a no-op there, and `atomic_write` writes the final object
+directly instead of a temp file that is then renamed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-from typing import Any, Callable, Iterable, Optional
+import re
+from typing import IO, Any, Callable, Iterable, Iterator, Optional
 
 import gin
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+# Filesystems without real directories: makedirs is a no-op on these.
+_OBJECT_STORES = {"gs", "gcs", "s3", "s3a", "az", "abfs", "abfss", "adl", "memory", "http", "https"}
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for "scheme://..." (gs://, memory://, file://...); False for a plain local path."""
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def url_fs(url: str):
+    """(fsspec filesystem, path without the protocol) for a URL."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url)
+
+
+def _protocols(fs) -> set:
+    p = fs.protocol
+    return {p} if isinstance(p, str) else set(p)
+
+
+def open_file(path: str | os.PathLike, mode: str = "r", encoding: Optional[str] = None) -> IO:
+    """`open` for a local path or a URL. Reads of a URL stream (fsspec's block cache); a
+    URL opened for writing appears when the file is closed (not atomically on every
+    filesystem: use atomic_write for results)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return open(path, mode, encoding=encoding)
+    fs, p = url_fs(path)
+    if "b" in mode:
+        return fs.open(p, mode)
+    return fs.open(p, mode, encoding=encoding or "utf-8")
+
+
+def exists(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.exists(path)
+    fs, p = url_fs(path)
+    return fs.exists(p)
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    """On an object store: whether any object lives under the prefix."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.isdir(path)
+    fs, p = url_fs(path)
+    return fs.isdir(p)
+
+
+def isfile(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.isfile(path)
+    fs, p = url_fs(path)
+    return fs.isfile(p)
+
+
+def getsize(path: str | os.PathLike) -> int:
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.getsize(path)
+    fs, p = url_fs(path)
+    return fs.size(p)
+
+
+def remove(path: str | os.PathLike, missing_ok: bool = False) -> None:
+    path = os.fspath(path)
+    if missing_ok and not exists(path):
+        return
+    if not is_url(path):
+        os.remove(path)
+        return
+    fs, p = url_fs(path)
+    fs.rm_file(p)
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """os.makedirs(exist_ok=True); a no-op on object stores (they have no directories)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    fs, p = url_fs(path)
+    if not _protocols(fs) & _OBJECT_STORES:
+        fs.makedirs(p, exist_ok=True)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """os.path.join for local paths; "/"-joining for URLs, never through os.path (whose
+    normpath / abspath turn "gs://b" into "gs:/b")."""
+    base = os.fspath(base)
+    if not is_url(base):
+        return os.path.join(base, *parts)
+    out = base
+    for part in parts:
+        out = part if is_url(part) else out.rstrip("/") + "/" + part.lstrip("/")
+    return out
+
+
+def abspath(path: str | os.PathLike) -> str:
+    """os.path.abspath for local paths; URLs unchanged (for provenance)."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def listdir_sizes(directory: str | os.PathLike) -> dict[str, int]:
+    """{name: size} of the files directly in a directory, in one listing (one request on
+    an object store, instead of one per file)."""
+    directory = os.fspath(directory)
+    if not is_url(directory):
+        return {e.name: e.stat().st_size for e in os.scandir(directory) if e.is_file()}
+    fs, p = url_fs(directory)
+    try:
+        entries = fs.ls(p, detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in entries if e.get("type") == "file"}
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted matches of a glob pattern; URL patterns give URLs back."""
+    import glob as _glob
+
+    if not is_url(pattern):
+        return sorted(_glob.glob(pattern))
+    fs, p = url_fs(pattern)
+    return sorted(fs.unstrip_protocol(m) for m in fs.glob(p))
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file whose contents appear at `path` only if the block ends without an error.
+
+    Local: write `path + ".tmp"`, then os.replace. Object stores: the final object is
+    written directly (an upload is atomic; a rename would be a copy); on an error the
+    upload is discarded, or, where the filesystem cannot discard, the object removed.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    path = os.fspath(path)
+    if not is_url(path):
+        tmp = path + ".tmp"
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+        return
+    fs, p = url_fs(path)
+    raw = fs.open(p, "wb")
+    f = raw if mode == "wb" else io.TextIOWrapper(raw, encoding="utf-8")
+    try:
+        yield f
+    except BaseException:
+        _abort_write(fs, p, raw, f)
+        raise
+    f.close()
+
+
+def _abort_write(fs, p: str, raw, f) -> None:
+    from fsspec.spec import AbstractBufferedFile
+
+    if f is not raw:
+        with contextlib.suppress(Exception):
+            f.detach()  # the text wrapper must not close (and so commit) the object
+    if isinstance(raw, AbstractBufferedFile) and not raw.closed:
+        with contextlib.suppress(Exception):
+            raw.discard()  # e.g. gcsfs: cancels a resumable upload
+        raw.closed = True  # nothing was committed: uploads happen on close
+    else:
+        with contextlib.suppress(Exception):
+            raw.close()
+    with contextlib.suppress(Exception):
+        if fs.exists(p):
+            fs.rm_file(p)
+
 
 def write_json(path: str, obj: Any, default: Optional[Callable] = str) -> None:
-    """Write-then-rename, so a killed run never leaves half a report."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """Write-then-rename (or one object upload), so a killed run never leaves half a report."""
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False, default=default)
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: str, rows: Iterable[Any], default: Optional[Callable] = None) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r, sort_keys=True, ensure_ascii=False, default=default) + "\n")
-    os.replace(tmp, path)
 
 
 def save_operative_config(out_dir: str) -> None:
@@ -33,5 +220,5 @@ def save_operative_config(out_dir: str) -> None:
     except Exception:  # pragma: no cover - gin not in use
         return
     if text.strip():
-        with open(os.path.join(out_dir, "operative_config.gin"), "w") as f:
+        with open_file(join(out_dir, "operative_config.gin"), "w") as f:
             f.write(text)

@@ -12,7 +12,10 @@ A sweep file (YAML):
       DPO.beta: [0.1, 0.5]
       DPO.loss_type: [sigmoid, ipo]
 
-Values are Python literals written into gin with repr() (strings get their quotes).
+Values are Python literals written into gin with repr() (strings get their quotes). A grid
+key `gin_file` or `gin_file.<axis>` (e.g. gin_file.model, gin_file.arm) varies whole gin
+files instead: each value is a file (or a list of files) added after `gin_files`, and named
+in the run's directory by its base name.
 A run whose directory holds summary.json is finished and skipped.
 """
 
@@ -52,11 +55,21 @@ def _gin_value(v: Any) -> str:
     raise ValueError(f"sweep values must be Python literals, got {v!r}")
 
 
+def _is_file_axis(key: str) -> bool:
+    return key == "gin_file" or key.startswith("gin_file.")
+
+
+def _files(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _slug(point: dict) -> str:
     parts = []
     for k, v in point.items():
         key = k.split(".")[-1]
-        val = re.sub(r"[^A-Za-z0-9.+-]+", "-", str(v)).strip("-")
+        if _is_file_axis(k):
+            v = "+".join(os.path.splitext(os.path.basename(f))[0] for f in _files(v))
+        val = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(v)).strip("-")
         parts.append(f"{key}={val}")
     return ",".join(parts) or "base"
 
@@ -95,7 +108,9 @@ def expand(spec: dict, python: str = sys.executable) -> list[Run]:
         run_dir = os.path.join(spec["run_root"], name)
         cmd = [python, spec.get("script", "scripts/train.py")]
         cmd += [f"--gin_file={g}" for g in spec["gin_files"]]
-        bindings = {**(spec.get("fixed") or {}), **point, spec["run_dir_param"]: run_dir}
+        cmd += [f"--gin_file={g}" for k, v in point.items() if _is_file_axis(k) for g in _files(v)]
+        params = {k: v for k, v in point.items() if not _is_file_axis(k)}
+        bindings = {**(spec.get("fixed") or {}), **params, spec["run_dir_param"]: run_dir}
         cmd += [f"--gin_param={k}={_gin_value(v)}" for k, v in bindings.items()]
         runs.append(Run(name, run_dir, point, tuple(cmd)))
     return runs
@@ -132,7 +147,8 @@ def aggregate(spec: dict, runs: list[Run], metrics: Optional[list] = None) -> li
     evaluation metrics in eval/metrics.json); written as results.csv and results.md."""
     rows = []
     for r in runs:
-        row = {"run": r.name, **r.point}
+        row = {"run": r.name, **{k: "+".join(os.path.splitext(os.path.basename(f))[0] for f in _files(v))
+                                 if _is_file_axis(k) else v for k, v in r.point.items()}}
         if r.finished:
             with open(os.path.join(r.run_dir, SUMMARY)) as f:
                 summary = json.load(f)

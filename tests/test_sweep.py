@@ -61,3 +61,21 @@ def test_sweep_runs_skips_and_aggregates(tmp_path):
     size = log.stat().st_size
     subprocess.run([sys.executable, "scripts/sweep.py", path], cwd=ROOT, env=env, capture_output=True, timeout=600)
     assert log.stat().st_size == size
+
+
+def test_gin_file_axes_vary_whole_files(tmp_path):
+    """The paper's table is base model x arm: grid axes over gin files, named by base name."""
+    spec = load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_arms.yaml"))
+    runs = expand(spec)
+    assert len(runs) == 5 * 3
+    r = next(r for r in runs if "mistral_7b" in r.name and "dpo_gpt4" in r.name)
+    assert r.name == "model=mistral_7b,arm=dpo_gpt4_on_sft_gpt35_10pct"
+    files = [c.split("=", 1)[1] for c in r.command if c.startswith("--gin_file=")]
+    assert files == ["configs/mesh/tpu_v4_32.gin", "configs/models/mistral_7b.gin",
+                     "configs/experiments/paper/arms/dpo_gpt4_on_sft_gpt35_10pct.gin"]
+    assert f"--gin_param=ARM_DIR='runs/paper/arms/{r.name}'" in r.command
+    assert not any(c.startswith("--gin_param=gin_file") for c in r.command)
+    for path in files:  # every file a sweep names exists
+        assert os.path.exists(os.path.join(ROOT, path)), path
+    scaling = expand(load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_sft_scaling.yaml")))
+    assert [r.point["SFT_FRACTION"] for r in scaling] == [0.0, 0.05, 0.1, 0.25, 0.5, 1.0]

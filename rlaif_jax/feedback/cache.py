@@ -12,6 +12,11 @@ Lines carry `status` "ok" or "error". Only "ok" lines are treated as paid-for re
 an "error" line is kept as the record of what went wrong, and a later run tries that
 request again (nothing was paid for it, and an auth or quota error may since be fixed).
 Later lines win over earlier ones for the same key.
+
+The cache is a local working file (appends, flock, fsync, truncation of a torn line: none
+of which an object store offers); a URL (gs://...) as its path is refused. Keep it on the
+VM's disk, or on a mounted bucket where appends are supported, and send the stages'
+outputs to gs:// instead.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import os
 import threading
 import time
 from typing import Any, Iterator, Optional
+
+from rlaif_jax.fileio import is_url
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,11 @@ def _release_process_lock(path: str) -> None:
 class ResultCache:
     def __init__(self, path: str | os.PathLike, fsync_interval_s: float = 0.25):
         self.path = os.fspath(path)
+        if is_url(self.path):
+            raise ValueError(
+                f"cache_path {self.path!r}: the API cache is an append-only local working file (it "
+                "needs appends, flock and fsync); give a local path. Stage outputs (out_dir) may be gs:// URLs."
+            )
         self._locked = False
         self.fsync_interval_s = fsync_interval_s
         self._ok: dict[str, dict] = {}

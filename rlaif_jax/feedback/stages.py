@@ -9,11 +9,13 @@ record set (TFRecord shards + manifest, via rlaif_jax.data.records) plus JSON si
 
 API stages go through FeedbackClient, so a rerun after a kill sends only what is not yet
 in the cache and ends with the same records. Every prompt ends as a record or as a line
-in errors.jsonl naming the request's error.
+in errors.jsonl naming the request's error. Inputs and out_dir may be URLs (gs://...,
+see rlaif_jax.fileio); the API cache (the client's cache_path) stays a local file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +30,7 @@ from rlaif_jax.data.records.schemas import normalize_finish_reason
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.preferences import build_preference_pairs
+from rlaif_jax import fileio as fio
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -38,12 +41,12 @@ STAGE_VERSION = 1
 
 
 def _is_records_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json"))
+    return fio.isdir(path) and fio.exists(fio.join(path, "manifest.json"))
 
 
 def _read_jsonl(path: str) -> list[dict]:
     out = []
-    with open(path) as f:
+    with fio.open_file(path) as f:
         for i, line in enumerate(f):
             if line.strip():
                 try:
@@ -58,7 +61,7 @@ def load_prompts(path: str, split: Optional[str] = None) -> list[dict]:
     (prompt_id computed when absent), optionally only one split."""
     if _is_records_dir(path):
         rows = list(read_records(path, PROMPTS))
-    elif os.path.isfile(path):
+    elif fio.isfile(path):
         rows = _read_jsonl(path)
         for i, r in enumerate(rows):
             if not isinstance(r.get("prompt"), str):
@@ -80,8 +83,8 @@ def load_demonstrations(path: str) -> list[dict]:
 def load_comparisons(path: str) -> list[dict]:
     """The rich comparisons.jsonl beside a comparison record set when present (views,
     p_1, errors), else the records themselves."""
-    side = os.path.join(path, "comparisons.jsonl") if os.path.isdir(path) else path
-    if os.path.isfile(side):
+    side = fio.join(path, "comparisons.jsonl") if fio.isdir(path) else path
+    if fio.isfile(side):
         return _read_jsonl(side)
     return list(read_records(path, COMPARISONS))
 
@@ -122,7 +125,7 @@ def teacher_stage(
     default (the paper's GPT-4 arm). The paper keeps finish_reason "stop" only; None keeps
     everything. Prompts of >= max_prompt_words words or >= max_prompt_chars characters are
     skipped before any request, as in the paper's API scripts. Returns the manifest."""
-    os.makedirs(out_dir, exist_ok=True)
+    fio.makedirs(out_dir)
     rows = load_prompts(prompts, split)[:limit]
     skipped_long = [r for r in rows if _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
     rows = [r for r in rows if not _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
@@ -151,18 +154,18 @@ def teacher_stage(
                 continue
             demos.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": ch["content"],
                           "source_model": client.model, "finish_reason": fr})
-    write_jsonl(os.path.join(out_dir, "errors.jsonl"), errors)
+    write_jsonl(fio.join(out_dir, "errors.jsonl"), errors)
     report = {
         "prompts": len(rows) + len(skipped_long), "skipped_too_long": len(skipped_long), "requested": len(rows),
         "request_errors": len(errors), "demonstrations": len(demos), "dropped": dropped,
         "api": client.summary.as_dict(),
     }
-    write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(fio.join(out_dir, "report.json"), report)
     manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
         "stage": "teacher", "stage_version": STAGE_VERSION, "client": client.describe(),
         "system_prompt": system_prompt, "template": template, "sampling": sampling,
         "keep_finish_reasons": list(keep_finish_reasons) if keep_finish_reasons is not None else None,
-        "mode": "batch" if batch_api else "online", "prompts_source": os.path.abspath(prompts), "split": split,
+        "mode": "batch" if batch_api else "online", "prompts_source": fio.abspath(prompts), "split": split,
         "report": report,
     })
     save_operative_config(out_dir)
@@ -314,7 +317,7 @@ def critic_stage(
     With truncate_tokenizer (the policy's tokenizer directory), both responses are cut to
     the policy sample's budget (truncate_max_length tokens including the prompt) first,
     as the paper does with the teacher's completion."""
-    os.makedirs(out_dir, exist_ok=True)
+    fio.makedirs(out_dir)
     tmpl = J.load_template(template)
     tasks, join = pair_tasks(load_demonstrations(responses_1), load_demonstrations(responses_2))
     tasks = tasks[:limit]
@@ -325,20 +328,20 @@ def critic_stage(
                         top_logprobs=top_logprobs, temperature=temperature, max_tokens=max_tokens,
                         on_disagreement=on_disagreement, judge_name=judge_name, batch_api=batch_api,
                         poll_interval_s=poll_interval_s)
-    write_jsonl(os.path.join(out_dir, "comparisons.jsonl"), comps)
-    write_jsonl(os.path.join(out_dir, "errors.jsonl"),
+    write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
+    write_jsonl(fio.join(out_dir, "errors.jsonl"),
                  [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")])
     _, prefs_report = build_preference_pairs(comps)
     report = {"join": join, "api": client.summary.as_dict(), **prefs_report}
-    write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(fio.join(out_dir, "report.json"), report)
     manifest = write_records(out_dir, COMPARISONS, [comparison_record(c) for c in comps], num_shards=num_shards,
                              provenance={
         "stage": "critic", "stage_version": STAGE_VERSION, "client": client.describe(),
         "template": tmpl.id, "template_sha256": tmpl.sha256, "mode": mode, "both_orders": both_orders,
         "seed": seed, "logprobs": logprobs, "temperature": temperature, "max_tokens": max_tokens,
-        "on_disagreement": on_disagreement, "responses_1": os.path.abspath(responses_1),
-        "responses_2": os.path.abspath(responses_2), "api_mode": "batch" if batch_api else "online",
-        "truncate": {"tokenizer": os.path.abspath(truncate_tokenizer), "max_length": truncate_max_length,
+        "on_disagreement": on_disagreement, "responses_1": fio.abspath(responses_1),
+        "responses_2": fio.abspath(responses_2), "api_mode": "batch" if batch_api else "online",
+        "truncate": {"tokenizer": fio.abspath(truncate_tokenizer), "max_length": truncate_max_length,
                      "template": truncate_template} if truncate_tokenizer else None,
         "report": report,
     })
@@ -361,14 +364,14 @@ def preferences_stage(
     """Comparison sets (one per critic) -> PREFERENCES records + report.json."""
     if isinstance(comparisons, str):
         comparisons = [comparisons]
-    os.makedirs(out_dir, exist_ok=True)
+    fio.makedirs(out_dir)
     comps = [c for path in comparisons for c in load_comparisons(path)]
     pairs, report = build_preference_pairs(comps, judge=judge, require_agreement=require_agreement,
                                            min_confidence=min_confidence)
-    write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(fio.join(out_dir, "report.json"), report)
     manifest = write_records(out_dir, PREFERENCES, pairs, num_shards=num_shards, provenance={
         "stage": "preferences", "stage_version": STAGE_VERSION,
-        "comparisons": [os.path.abspath(p) for p in comparisons], "judge": judge,
+        "comparisons": [fio.abspath(p) for p in comparisons], "judge": judge,
         "require_agreement": require_agreement, "min_confidence": min_confidence, "report": report,
     })
     save_operative_config(out_dir)
@@ -405,20 +408,16 @@ def policy_samples_stage(
     resumes at the next batch with the same per-batch RNG and so the same samples."""
     from rlaif_jax.feedback.server.model_backend import LocalModel
 
-    os.makedirs(out_dir, exist_ok=True)
+    fio.makedirs(out_dir)
     rows = load_prompts(prompts, split)[:limit]
     lm = LocalModel(hf_dir, template=template, max_prompt_length=max_prompt_length, max_length=max_length,
                     dtype=dtype, mesh_shape=mesh_shape)
     name = source_model or os.path.basename(os.path.normpath(hf_dir))
-    progress_path = os.path.join(out_dir, "samples.jsonl")
-    done = {}
-    if os.path.exists(progress_path):
-        for r in _read_jsonl_tolerant(progress_path):
-            done[r["batch"]] = r["samples"]
+    done, save = _sample_progress(out_dir)
     from tqdm.auto import tqdm
 
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    with open(progress_path, "a") as f:
+    with contextlib.closing(save):
         for bi, batch in enumerate(tqdm(batches, desc=f"sampling {name}", unit="batch")):
             if bi in done:
                 continue
@@ -426,20 +425,64 @@ def policy_samples_stage(
                              seed=seed * 1_000_003 + bi, length_bucket=length_bucket)
             samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": o.text,
                         "source_model": name, "finish_reason": o.finish_reason} for r, o in zip(batch, outs)]
-            f.write(json.dumps({"batch": bi, "samples": samples}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            save(bi, samples)
             done[bi] = samples
     demos = [s for bi in range(len(batches)) for s in done[bi]]
     counts = {fr: sum(d["finish_reason"] == fr for d in demos) for fr in ("stop", "length")}
     manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
-        "stage": "policy_samples", "stage_version": STAGE_VERSION, "hf_dir": os.path.abspath(hf_dir),
+        "stage": "policy_samples", "stage_version": STAGE_VERSION, "hf_dir": fio.abspath(hf_dir),
         "source_model": name, "template": template, "max_length": max_length,
         "max_prompt_length": max_prompt_length, "temperature": temperature, "top_p": top_p, "top_k": top_k,
         "seed": seed, "batch_size": batch_size, "finish_reasons": counts,
     })
     save_operative_config(out_dir)
     return manifest
+
+
+class _LocalProgress:
+    """Finished batches appended (and fsynced) to out_dir/samples.jsonl."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "a")
+
+    def __call__(self, bi: int, samples: list) -> None:
+        self._f.write(json.dumps({"batch": bi, "samples": samples}, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _ObjectProgress:
+    """Object stores cannot append: each finished batch is its own object
+    (out_dir/samples/batch-NNNNNN.json; an upload is atomic)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def __call__(self, bi: int, samples: list) -> None:
+        write_json(fio.join(self.directory, f"batch-{bi:06d}.json"), {"batch": bi, "samples": samples})
+
+    def close(self) -> None:
+        pass
+
+
+def _sample_progress(out_dir: str):
+    """({batch index: samples} already finished, a saver for the next ones)."""
+    done = {}
+    if fio.is_url(out_dir):
+        directory = fio.join(out_dir, "samples")
+        for path in fio.glob(fio.join(directory, "batch-*.json")):
+            with fio.open_file(path) as f:
+                r = json.load(f)
+            done[r["batch"]] = r["samples"]
+        return done, _ObjectProgress(directory)
+    progress_path = os.path.join(out_dir, "samples.jsonl")
+    if os.path.exists(progress_path):
+        for r in _read_jsonl_tolerant(progress_path):
+            done[r["batch"]] = r["samples"]
+    return done, _LocalProgress(progress_path)
 
 
 def _read_jsonl_tolerant(path: str) -> list[dict]:

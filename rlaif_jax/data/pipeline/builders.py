@@ -27,9 +27,9 @@ from rlaif_jax.data.records import (
     PREFERENCES,
     Schema,
     read_manifest,
-    read_records,
     shard_indices_for_process,
 )
+from rlaif_jax.data.records.shards import iter_shard
 from rlaif_jax.data.tokenize.encode import Encoder
 from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
@@ -51,7 +51,8 @@ def load_host_records(
     """This process's records, the smallest per-process count, and all shard checksums.
 
     Shards of all directories are numbered globally (in the order given), then dealt out
-    round-robin to processes.
+    round-robin to processes. Each manifest is read (and checked) once; directories may be
+    URLs (gs://...).
     """
     dirs = [data_dirs] if isinstance(data_dirs, (str, os.PathLike)) else list(data_dirs)
     shards = []  # (directory, shard index within it, manifest entry)
@@ -65,8 +66,8 @@ def load_host_records(
     ]
     records = []
     for g in mine:
-        d, s, _ = shards[g]
-        records.extend(read_records(d, schema, shards=[s]))
+        d, _, entry = shards[g]
+        records.extend(iter_shard(d, schema, entry))
     return records, min(per_process), [e["sha256"] for _, _, e in shards]
 
 

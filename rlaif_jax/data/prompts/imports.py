@@ -15,11 +15,12 @@ from rlaif_jax.data.prompts.paper import (
 )
 from rlaif_jax.data.prompts.prepare import dedup
 from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_records, write_records
+from rlaif_jax.fileio import abspath, atomic_write, join, makedirs
 
 
 def _write_stats(output_dir: str, stats: dict) -> dict:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "stats.json"), "w") as f:
+    makedirs(output_dir)
+    with atomic_write(join(output_dir, "stats.json")) as f:
         json.dump(stats, f, indent=2, sort_keys=True)
     return stats
 
@@ -52,13 +53,13 @@ def import_paper_completions(
             stats.drop(f"finish_reason_{rec['finish_reason']}")
             continue
         records.append(rec)
-    provenance = {"source": os.path.abspath(path), "source_model": source_model}
+    provenance = {"source": abspath(path), "source_model": source_model}
     if prompts_dir is None:
         parts = {"all": records}
     else:
         split_of = {}
         for name in ("sft", "feedback"):
-            for r in read_records(os.path.join(prompts_dir, "prompts", name), PROMPTS):
+            for r in read_records(join(prompts_dir, "prompts", name), PROMPTS):
                 split_of[r["prompt_id"]] = name
         parts = {"sft": [], "feedback": []}
         for rec in records:
@@ -68,7 +69,7 @@ def import_paper_completions(
             else:
                 parts[name].append(rec)
     for name, part in parts.items():
-        write_records(os.path.join(output_dir, "demonstrations", name), DEMONSTRATIONS, part,
+        write_records(join(output_dir, "demonstrations", name), DEMONSTRATIONS, part,
                       num_shards=num_shards, provenance={**provenance, "split": name})
     stats.kept = sum(len(p) for p in parts.values())
     return _write_stats(output_dir, {**stats.as_dict(), **{name: len(p) for name, p in parts.items()}})
@@ -81,11 +82,11 @@ def import_paper_annotations(
     """AI-preference annotations -> comparisons/ (every verdict, ties and invalid included)
     and preferences/ (decided, non-identical pairs only), with drop counts in stats.json."""
     comparisons = read_paper_annotations(path, judge)
-    provenance = {"source": os.path.abspath(path), "judge": judge}
-    write_records(os.path.join(output_dir, "comparisons"), COMPARISONS, comparisons,
+    provenance = {"source": abspath(path), "judge": judge}
+    write_records(join(output_dir, "comparisons"), COMPARISONS, comparisons,
                   num_shards=num_shards, provenance=provenance)
     prefs, stats = comparisons_to_preferences(comparisons, os.path.basename(path))
-    write_records(os.path.join(output_dir, "preferences"), PREFERENCES, prefs,
+    write_records(join(output_dir, "preferences"), PREFERENCES, prefs,
                   num_shards=num_shards, provenance=provenance)
     verdicts = {}
     for c in comparisons:

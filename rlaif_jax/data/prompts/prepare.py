@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional, Sequence
 
 import gin
@@ -11,6 +10,7 @@ import gin
 from rlaif_jax.data.prompts.readers import read_prompt_source
 from rlaif_jax.data.prompts.types import PromptExample, Stats
 from rlaif_jax.data.records import DEMONSTRATIONS, PREFERENCES, PROMPTS, write_records
+from rlaif_jax.fileio import abspath, atomic_write, join
 
 # The paper's API-call limits: instructions of >= 2000 words or >= 8000 characters are skipped.
 MAX_WORDS = 2000
@@ -76,7 +76,8 @@ def prepare_prompts(
       stats.json                      read / kept / dropped-by-reason counts and split sizes
 
     Filters run in this order: the reader's own, then length, then dedup; the split is by
-    the order that remains. Returns the stats dict.
+    the order that remains. `source` and `output_dir` may be URLs (gs://...). Returns the
+    stats dict.
     """
     prompts, prefs, stats = read_prompt_source(source, format, split=split, completion_model=completion_model)
     prompts = length_filter(prompts, stats, max_words, max_chars)
@@ -84,10 +85,10 @@ def prepare_prompts(
         prompts = dedup(prompts, stats)
     stats.kept = len(prompts) + len(prefs)
     sft, feedback = split_by_order(prompts, sft_fraction)
-    provenance = {"source": os.path.abspath(source), "format": format, "sft_fraction": sft_fraction}
+    provenance = {"source": abspath(source), "format": format, "sft_fraction": sft_fraction}
     for name, part in (("sft", sft), ("feedback", feedback)):
         write_records(
-            os.path.join(output_dir, "prompts", name),
+            join(output_dir, "prompts", name),
             PROMPTS,
             (ex.prompt_record(name) for ex in part),
             num_shards=num_shards,
@@ -96,16 +97,16 @@ def prepare_prompts(
         demos = [ex.demonstration_record() for ex in part if ex.completion is not None]
         if demos:
             write_records(
-                os.path.join(output_dir, "demonstrations", name),
+                join(output_dir, "demonstrations", name),
                 DEMONSTRATIONS,
                 demos,
                 num_shards=num_shards,
                 provenance={**provenance, "split": name},
             )
     if prefs:
-        write_records(os.path.join(output_dir, "preferences", "all"), PREFERENCES, prefs,
+        write_records(join(output_dir, "preferences", "all"), PREFERENCES, prefs,
                       num_shards=num_shards, provenance=provenance)
     result = {**stats.as_dict(), "sft": len(sft), "feedback": len(feedback), "preferences": len(prefs)}
-    with open(os.path.join(output_dir, "stats.json"), "w") as f:
+    with atomic_write(join(output_dir, "stats.json")) as f:
         json.dump(result, f, indent=2, sort_keys=True)
     return result

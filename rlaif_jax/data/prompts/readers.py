@@ -1,7 +1,7 @@
 """Readers for prompt sources: ShareGPT, Alpaca/AlpacaEval, plain JSONL, TRL schemas and
 local Hugging Face datasets. Each returns (examples, Stats); malformed records raise
 InputError naming file, record index and field. Only the documented filters drop records,
-and every drop is counted in Stats.
+and every drop is counted in Stats. Paths may be URLs (gs://..., see rlaif_jax.fileio).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from rlaif_jax.data.prompts.types import InputError, PromptExample, Stats
+from rlaif_jax.fileio import isdir, isfile, open_file
 
 # Conversations containing these are dropped (as the paper's code does): they would collide
 # with special tokens of the tokenizers the paper trains.
@@ -25,7 +26,7 @@ _ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
 def load_json_records(path: str | os.PathLike) -> list[Any]:
     """A JSON array file, or JSON Lines (one object per line; chosen by content, not name)."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
+    with open_file(path, encoding="utf-8") as f:
         text = f.read()
     try:
         whole = json.loads(text)
@@ -263,11 +264,11 @@ def _need(row: Mapping, name: str, where: str) -> Any:
 def load_hf_rows(path: str | os.PathLike, split: Optional[str] = None) -> list[dict]:
     """Rows of a local Hugging Face dataset: a `save_to_disk` directory, or data files
     (.json/.jsonl/.parquet/.csv) loaded with the matching `datasets` builder. Never
-    touches the hub."""
+    touches the hub. URLs go to `datasets`, which reads them through fsspec."""
     import datasets
 
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if isdir(path):
         ds = datasets.load_from_disk(path)
     else:
         ext = os.path.splitext(path)[1].lstrip(".").lower()
@@ -320,7 +321,7 @@ def read_prompt_source(
     through `datasets`. `format="auto"` looks at the first record's keys.
     """
     path = os.fspath(path)
-    is_json = os.path.isfile(path) and os.path.splitext(path)[1].lower() in (".json", ".jsonl")
+    is_json = os.path.splitext(path)[1].lower() in (".json", ".jsonl") and isfile(path)
     rows: Sequence[Any] = load_json_records(path) if is_json else load_hf_rows(path, split)
     if not isinstance(rows, list):
         raise InputError(f"{path}: expected a list of records, got {type(rows).__name__}")

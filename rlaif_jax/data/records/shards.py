@@ -3,6 +3,9 @@
 The manifest is written last (atomically), so a directory without one is an unfinished
 write. It records schema name and version, per-shard record counts, byte sizes and sha256
 checksums, and free-form provenance (models, templates, sampling parameters...).
+
+A directory may be a URL (gs://bucket/data/prompts/sft, anything fsspec supports; see
+rlaif_jax.fileio): shards are streamed, and a checksummed shard is downloaded once.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 from rlaif_jax.data.records.example import SchemaError, decode_example, encode_example
 from rlaif_jax.data.records.schemas import Schema, get_schema
-from rlaif_jax.data.records.tfrecord import RecordError, TFRecordWriter, iter_records
+from rlaif_jax.data.records.tfrecord import RecordError, encode_record, iter_records, read_framed
+from rlaif_jax.fileio import atomic_write, exists, is_url, join, listdir_sizes, makedirs, open_file, remove
 
 MANIFEST = "manifest.json"
 FORMAT = "rlaif_jax.records/1"
@@ -26,11 +31,14 @@ class ManifestError(ValueError):
     """A missing, inconsistent or mismatched manifest, or a shard that disagrees with it."""
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, copy_to=None) -> str:
+    """sha256 of a file or URL, optionally copying the bytes to `copy_to` on the way."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_file(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+            if copy_to is not None:
+                copy_to.write(chunk)
     return h.hexdigest()
 
 
@@ -56,9 +64,8 @@ def write_records(
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    if os.path.exists(os.path.join(directory, MANIFEST)):
-        os.remove(os.path.join(directory, MANIFEST))  # invalidate before rewriting shards
+    makedirs(directory)
+    remove(join(directory, MANIFEST), missing_ok=True)  # invalidate before rewriting shards
     encoded = []
     for i, r in enumerate(records):
         try:
@@ -69,21 +76,15 @@ def write_records(
     shards = []
     for s in range(num_shards):
         fname = shard_name(schema.name, s, num_shards)
-        path = os.path.join(directory, fname)
-        tmp = path + ".tmp"
         chunk = encoded[s * per_shard : (s + 1) * per_shard]
-        with TFRecordWriter(tmp) as w:
+        h, nbytes = hashlib.sha256(), 0
+        with atomic_write(join(directory, fname), "wb") as f:
             for data in chunk:
-                w.write(data)
-        os.replace(tmp, path)
-        shards.append(
-            {
-                "file": fname,
-                "num_records": len(chunk),
-                "bytes": os.path.getsize(path),
-                "sha256": _sha256(path),
-            }
-        )
+                framed = encode_record(data)
+                f.write(framed)
+                h.update(framed)
+                nbytes += len(framed)
+        shards.append({"file": fname, "num_records": len(chunk), "bytes": nbytes, "sha256": h.hexdigest()})
     manifest = {
         "format": FORMAT,
         "schema": schema.describe(),
@@ -92,21 +93,19 @@ def write_records(
         "provenance": dict(provenance or {}),
         "created_unix": int(time.time()),
     }
-    tmp = os.path.join(directory, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(join(directory, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, MANIFEST))
     return manifest
 
 
 def read_manifest(directory: str | os.PathLike, schema: Optional[Schema] = None) -> dict:
     """Loads and checks the manifest (format, schema name and version, shard files present)."""
     directory = os.fspath(directory)
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
+    path = join(directory, MANIFEST)
+    if not exists(path):
         raise ManifestError(f"{path}: no manifest (unfinished or not a record directory)")
     try:
-        with open(path) as f:
+        with open_file(path) as f:
             manifest = json.load(f)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
@@ -119,11 +118,15 @@ def read_manifest(directory: str | os.PathLike, schema: Optional[Schema] = None)
             f"expected {schema.name!r} v{schema.version}"
         )
     total = 0
+    sizes = listdir_sizes(directory) if is_url(directory) else None  # one listing, not a request per shard
     for shard in manifest["shards"]:
-        shard_path = os.path.join(directory, shard["file"])
-        if not os.path.exists(shard_path):
+        shard_path = join(directory, shard["file"])
+        if sizes is None:
+            size = os.path.getsize(shard_path) if os.path.exists(shard_path) else None
+        else:
+            size = sizes.get(shard["file"])
+        if size is None:
             raise ManifestError(f"{path}: shard {shard_path} is missing")
-        size = os.path.getsize(shard_path)
         if size != shard["bytes"]:
             raise ManifestError(
                 f"{shard_path}: {size} bytes on disk, manifest says {shard['bytes']} (truncated?)"
@@ -157,13 +160,29 @@ def shard_indices_for_process(num_shards: int, process_index: int, process_count
 def iter_shard(
     directory: str | os.PathLike, schema: Schema, shard: Mapping[str, Any], verify_checksum: bool = True
 ) -> Iterator[dict]:
-    path = os.path.join(os.fspath(directory), shard["file"])
+    path = join(os.fspath(directory), shard["file"])
+    if verify_checksum and is_url(path):
+        # One download, hashed on the way into a local spool (memory up to 64 MiB, then a
+        # temp file), then parsed from there: the checksum is still checked before any
+        # record is yielded, without fetching the object twice.
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as local:
+            _check_sha256(path, _sha256(path, copy_to=local), shard)
+            local.seek(0)
+            yield from _decode_shard(path, schema, shard, read_framed(local, path))
+        return
     if verify_checksum:
-        digest = _sha256(path)
-        if digest != shard["sha256"]:
-            raise ManifestError(f"{path}: sha256 {digest[:12]}.. differs from manifest {shard['sha256'][:12]}..")
+        _check_sha256(path, _sha256(path), shard)
+    yield from _decode_shard(path, schema, shard, iter_records(path))
+
+
+def _check_sha256(path: str, digest: str, shard: Mapping[str, Any]) -> None:
+    if digest != shard["sha256"]:
+        raise ManifestError(f"{path}: sha256 {digest[:12]}.. differs from manifest {shard['sha256'][:12]}..")
+
+
+def _decode_shard(path: str, schema: Schema, shard: Mapping[str, Any], payloads: Iterable[bytes]) -> Iterator[dict]:
     n = 0
-    for i, data in enumerate(iter_records(path)):
+    for i, data in enumerate(payloads):
         try:
             yield decode_example(schema, data)
         except SchemaError as e:

@@ -17,6 +17,8 @@ from typing import BinaryIO, Iterator
 
 import google_crc32c
 
+from rlaif_jax.fileio import open_file
+
 _MASK_DELTA = 0xA282EAD8
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -41,11 +43,11 @@ def encode_record(data: bytes) -> bytes:
 
 
 class TFRecordWriter:
-    """Appends framed records to one file (use as a context manager)."""
+    """Appends framed records to one file or URL (use as a context manager)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._f: BinaryIO = open(self.path, "wb")
+        self._f: BinaryIO = open_file(self.path, "wb")
         self.num_records = 0
 
     def write(self, data: bytes) -> None:
@@ -63,32 +65,38 @@ class TFRecordWriter:
 
 
 def iter_records(path: str | os.PathLike, verify_crc: bool = True) -> Iterator[bytes]:
-    """Yields the payload of each record; raises RecordError naming file, index and offset."""
+    """Yields the payload of each record of a file or URL, streaming; raises RecordError
+    naming file, index and offset."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        index = 0
-        while True:
-            offset = f.tell()
-            header = f.read(HEADER_BYTES)
-            if not header:
-                return
-            if len(header) < HEADER_BYTES:
-                raise RecordError(
-                    f"{path}: record {index} (byte {offset}): truncated header "
-                    f"({len(header)} of {HEADER_BYTES} bytes)"
-                )
-            length_bytes = header[:8]
-            if verify_crc and _U32.unpack(header[8:])[0] != masked_crc32c(length_bytes):
-                raise RecordError(f"{path}: record {index} (byte {offset}): length CRC mismatch")
-            (length,) = _U64.unpack(length_bytes)
-            body = f.read(length + FOOTER_BYTES)
-            if len(body) < length + FOOTER_BYTES:
-                raise RecordError(
-                    f"{path}: record {index} (byte {offset}): truncated data "
-                    f"({len(body)} of {length + FOOTER_BYTES} bytes)"
-                )
-            data = body[:length]
-            if verify_crc and _U32.unpack(body[length:])[0] != masked_crc32c(data):
-                raise RecordError(f"{path}: record {index} (byte {offset}): data CRC mismatch")
-            yield data
-            index += 1
+    with open_file(path, "rb") as f:
+        yield from read_framed(f, path, verify_crc)
+
+
+def read_framed(f: BinaryIO, path: str, verify_crc: bool = True) -> Iterator[bytes]:
+    """The records of an open binary file from its current position; `path` names it in errors."""
+    index = 0
+    while True:
+        offset = f.tell()
+        header = f.read(HEADER_BYTES)
+        if not header:
+            return
+        if len(header) < HEADER_BYTES:
+            raise RecordError(
+                f"{path}: record {index} (byte {offset}): truncated header "
+                f"({len(header)} of {HEADER_BYTES} bytes)"
+            )
+        length_bytes = header[:8]
+        if verify_crc and _U32.unpack(header[8:])[0] != masked_crc32c(length_bytes):
+            raise RecordError(f"{path}: record {index} (byte {offset}): length CRC mismatch")
+        (length,) = _U64.unpack(length_bytes)
+        body = f.read(length + FOOTER_BYTES)
+        if len(body) < length + FOOTER_BYTES:
+            raise RecordError(
+                f"{path}: record {index} (byte {offset}): truncated data "
+                f"({len(body)} of {length + FOOTER_BYTES} bytes)"
+            )
+        data = body[:length]
+        if verify_crc and _U32.unpack(body[length:])[0] != masked_crc32c(data):
+            raise RecordError(f"{path}: record {index} (byte {offset}): data CRC mismatch")
+        yield data
+        index += 1

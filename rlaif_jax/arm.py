@@ -1,0 +1,484 @@
+"""One arm of the paper as one chained, resumable run:
+
+  prompts -> teacher -> sft -> samples -> critic -> preferences -> dpo | reward_model -> ppo -> evaluate
+
+Each stage is the library's own run function (prepare_prompts, teacher_stage,
+import_paper_completions, train, policy_samples_stage, critic_stage, preferences_stage,
+train_ppo, evaluate), called inside a gin scope of the stage's name, so an arm's recipe
+binds e.g. `sft/make_optimizer.learning_rate = 1e-6` beside `dpo/make_optimizer.learning_rate
+= 1e-7`, while unscoped bindings (batch size, max length) hold for every stage.
+
+Shared data (prompts and teacher completions) lives under `data_dir` and is reused by every
+arm that points there; everything the arm trains or judges lives under `out_dir`. A stage
+whose output is complete (a manifest, a summary or a metrics file) is not run again, and
+API answers are cached per model under data_dir/api_cache, so a killed or failed arm is
+relaunched with the same command and nothing already paid for is paid again. `status.json`
+records each stage's state (done, reused, failed with the error) as the arm goes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import logging
+import os
+import re
+import time
+import traceback
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import gin
+import jax
+
+from rlaif_jax import fileio
+from rlaif_jax.data.records import DEMONSTRATIONS, PROMPTS, read_records, write_records
+from rlaif_jax.fileio import write_json
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prompts", "teacher", "sft", "samples", "critic", "preferences", "dpo", "reward_model", "ppo", "evaluate")
+# Stages that only call APIs or rewrite records; on a multi-host slice process 0 runs them
+# alone, so nothing is requested (and paid for) once per host.
+_HOST0_STAGES = ("prompts", "teacher", "critic", "preferences")
+# Where each stage leaves its output, relative to out_dir (prompts / teacher: data_dir).
+_OUT = {"sft_data": "sft_data", "sft": "sft", "samples": "samples", "critic": "comparisons",
+        "preferences": "preferences", "dpo": "dpo", "reward_model": "reward_model", "ppo": "ppo",
+        "evaluate": "eval", "evaluate_sft": "eval_sft"}
+_SUMMARY_KEYS = {
+    "sft": ("step", "loss"),
+    "dpo": ("step", "loss", "rewards/accuracies", "rewards/margins"),
+    "reward_model": ("step", "loss", "accuracy", "eval/accuracy"),
+    "ppo": ("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward"),
+}
+_DONE_FILES = ("manifest.json", "summary.json", "metrics.json")
+
+
+class ArmError(ValueError):
+    """A recipe that cannot run as written (names the binding to change)."""
+
+
+def is_complete(path: str) -> bool:
+    return any(fileio.exists(fileio.join(path, f)) for f in _DONE_FILES)
+
+
+def read_json(path: str) -> Any:
+    with fileio.open_file(path) as f:
+        return json.load(f)
+
+
+def safe_name(model: str) -> str:
+    """A model name as a directory name ('gpt-4-0314' stays, 'org/model' -> 'org_model')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
+
+
+class Status:
+    """status.json: one entry per stage, rewritten atomically at every change."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.stages: dict = read_json(path).get("stages", {}) if fileio.exists(path) else {}
+
+    def set(self, stage: str, **fields) -> None:
+        fields["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.stages[stage] = fields
+        if jax.process_index() == 0:
+            write_json(self.path, {"stages": self.stages})
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"rlaif_arm_{name}")
+
+
+@gin.configurable
+def run_arm(
+    out_dir: str = gin.REQUIRED,
+    data_dir: str = gin.REQUIRED,
+    stages: Sequence[str] = gin.REQUIRED,
+    base_model: Optional[str] = None,
+    prompt_source: Optional[str] = None,
+    source_teacher: str = "sharegpt-chatgpt",
+    teachers: Optional[Mapping[str, str]] = None,
+    teacher_imports: Optional[Mapping[str, str]] = None,
+    sft_teacher: str = "sharegpt-chatgpt",
+    sft_splits: Sequence[str] = ("sft",),
+    sft_fraction: Optional[float] = None,
+    pair_teacher: str = "sharegpt-chatgpt",
+    critic: Optional[Callable] = None,
+    eval_set: Optional[str] = None,
+    judge: Optional[Callable] = None,
+    truncate_pairs: bool = True,
+    evaluate_sft: bool = False,
+    stage_dirs: Optional[Mapping[str, str]] = None,
+    labels: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+) -> dict:
+    """Runs (or resumes) one arm; returns its summary (also out_dir/summary.json).
+
+    stages:          an ordered subset of STAGES; what is left out must exist already (in
+                     data_dir, or at stage_dirs[stage], e.g. {'sft': 'runs/x/sft'} to reuse
+                     another arm's SFT run).
+    base_model:      HF directory of the base model (SFT starts there; evaluated as is
+                     when the arm trains nothing).
+    prompt_source:   what `prompts` prepares (ShareGPT / Alpaca / JSONL ...; the
+                     `prompts/prepare_prompts` bindings choose format and split fraction).
+    source_teacher:  the model whose replies the prompt source carries (ShareGPT: GPT-3.5);
+                     its completions are data_dir/demonstrations/<split>.
+    teachers:        model name -> gin scope: the teacher stage asks that model for the
+                     completions the arm needs, building FeedbackClient and calling
+                     teacher_stage inside the scope alone (so `claude/teacher_stage.temperature
+                     = 1.0` and `claude/FeedbackClient.base_url = ...` hold for that teacher).
+    teacher_imports: model name -> released completions file (the paper's JSON), imported
+                     instead of asked for.
+    sft_teacher, sft_splits: SFT data: ('sft',) is the paper's 10%, ('sft', 'feedback') 100%.
+    sft_fraction:    instead of splits: the first fraction of all prompts, in order (the
+                     paper's data-scaling curve); 0 trains nothing and evaluates the base.
+    pair_teacher:    whose completions the policy's samples are compared to by the critic.
+    critic, judge:   client constructors for the critic stage and the evaluation judge.
+    truncate_pairs:  cut the teacher's completion to the policy sample's token budget
+                     before judging (the paper), with the SFT policy's tokenizer.
+    evaluate_sft:    also evaluate the SFT policy the RL stages started from (out_dir/eval_sft,
+                     `eval_sft/*` in the summary): the paper's "SFT 10%" and "+ DPO" columns
+                     from one arm, one SFT run.
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ArmError(f"run_arm.stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    order = [STAGES.index(s) for s in stages]
+    if order != sorted(order) or len(set(order)) != len(order):
+        raise ArmError(f"run_arm.stages must follow the pipeline's order {list(STAGES)} once each, got {list(stages)}")
+    if sft_fraction is not None and not 0.0 <= sft_fraction <= 1.0:
+        raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {sft_fraction}")
+    fileio.makedirs(out_dir)
+    arm = _Arm(out_dir=out_dir, data_dir=data_dir, stages=tuple(stages), base_model=base_model,
+               prompt_source=prompt_source, source_teacher=source_teacher, teachers=dict(teachers or {}),
+               teacher_imports=dict(teacher_imports or {}), sft_teacher=sft_teacher, sft_splits=tuple(sft_splits),
+               sft_fraction=sft_fraction, pair_teacher=pair_teacher, critic=critic, eval_set=eval_set, judge=judge,
+               truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft, stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed)
+    return arm.run()
+
+
+class _Arm:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+        self.status = Status(fileio.join(self.out_dir, "status.json"))
+        self.name = os.path.basename(os.path.normpath(self.out_dir))
+        self.results: dict = {}
+
+    # -- paths ----------------------------------------------------------------------------
+
+    def out(self, stage: str) -> str:
+        """A stage's output: stage_dirs overrides, else under out_dir."""
+        return self.stage_dirs.get(stage) or fileio.join(self.out_dir, _OUT[stage])
+
+    def prompts(self, split: str) -> str:
+        return fileio.join(self.data_dir, "prompts", split)
+
+    def teacher_dir(self, model: str, split: str) -> str:
+        if model == self.source_teacher:
+            return fileio.join(self.data_dir, "demonstrations", split)
+        return fileio.join(self.data_dir, "teachers", safe_name(model), "demonstrations", split)
+
+    def cache(self, role: str) -> str:
+        """One answer cache per role, shared by every arm on this data: requests are keyed
+        by their whole content (model included), so a repeated request is never paid twice."""
+        return fileio.join(self.data_dir, "api_cache", f"{safe_name(role)}.jsonl")
+
+    def needed_teachers(self) -> list[tuple[str, str]]:
+        need = []
+        # The SFT teacher's data even when the arm stops before SFT (an arm that only
+        # prepares data for others).
+        if self.sft_fraction != 0.0 and "sft" not in self.stage_dirs:
+            splits = ("sft", "feedback") if self.sft_fraction is not None else self.sft_splits
+            need += [(self.sft_teacher, s) for s in splits]
+        if "critic" in self.stages:
+            need.append((self.pair_teacher, "feedback"))
+        return list(dict.fromkeys(need))
+
+    def policy(self) -> str:
+        """What the arm ends with: the last policy trained (or given), else the base model."""
+        for stage in ("ppo", "dpo", "sft"):
+            trains = stage in self.stages and not (stage == "sft" and self.sft_fraction == 0.0)
+            if trains or stage in self.stage_dirs:
+                return fileio.join(self.out(stage), "hf")
+        if self.base_model is None:
+            raise ArmError("the arm trains no policy: give run_arm.base_model (evaluated as is)")
+        return self.base_model
+
+    def sft_policy(self) -> str:
+        if ("sft" in self.stages and self.sft_fraction != 0.0) or "sft" in self.stage_dirs:
+            return fileio.join(self.out("sft"), "hf")
+        if self.base_model is None:
+            raise ArmError("no SFT policy: add 'sft' to run_arm.stages, give run_arm.stage_dirs['sft'], "
+                           "or run_arm.base_model")
+        return self.base_model
+
+    def require(self, path: str, what: str, hint: str) -> str:
+        if not is_complete(path):
+            raise ArmError(f"{what} not found at {path} ({hint})")
+        return path
+
+    # -- driver ---------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        t0 = time.time()
+        for stage in self.stages:
+            self.run_stage(stage)
+        summary = {"arm": self.name, "policy": self.policy(), "stages": list(self.stages),
+                   "sft_teacher": self.sft_teacher, "sft_data": self.sft_data_label(), "pair_teacher": self.pair_teacher,
+                   **self.labels, **self.results, "seconds": round(time.time() - t0, 1)}
+        if jax.process_index() == 0:
+            write_json(fileio.join(self.out_dir, "summary.json"), summary)
+        return summary
+
+    def run_stage(self, stage: str) -> None:
+        fn = getattr(self, f"stage_{stage}")
+        t0 = time.time()
+        self.status.set(stage, state="running")
+        try:
+            with gin.config_scope(stage):
+                outcome = fn()
+        except BaseException as e:
+            # The error stays on record beside the outputs already written; relaunching the
+            # arm resumes at this stage.
+            self.status.set(stage, state="failed", error=f"{type(e).__name__}: {e}",
+                            traceback=traceback.format_exc(limit=8), seconds=round(time.time() - t0, 1))
+            raise
+        self.status.set(stage, state=outcome.pop("state", "done"), seconds=round(time.time() - t0, 1), **outcome)
+        _barrier(stage)
+
+    def _skip_or_run(self, out: str, fn: Callable[[], Any], host0_only: bool = False) -> str:
+        if is_complete(out):
+            return "reused"
+        if not host0_only or jax.process_index() == 0:
+            fn()
+        return "done"
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def stage_prompts(self) -> dict:
+        from rlaif_jax.data.prompts.prepare import prepare_prompts
+
+        stats = fileio.join(self.data_dir, "stats.json")
+        state = "reused"
+        if not fileio.exists(stats):  # prepare_prompts writes it last
+            if not self.prompt_source:
+                raise ArmError("the prompts stage needs run_arm.prompt_source (a ShareGPT / Alpaca / JSONL file)")
+            if jax.process_index() == 0:
+                prepare_prompts(self.prompt_source, self.data_dir)
+            _barrier("prompts_written")
+            state = "done"
+        self.results.update({f"prompts/{k}": v for k, v in read_json(stats).items() if k in ("sft", "feedback")})
+        return {"state": state, "output": self.data_dir}
+
+    def stage_teacher(self) -> dict:
+        from rlaif_jax.data.prompts.imports import import_paper_completions
+        from rlaif_jax.feedback.stages import teacher_stage
+
+        done = []
+        for model, split in self.needed_teachers():
+            out = self.teacher_dir(model, split)
+            if is_complete(out):
+                continue
+            if model == self.source_teacher:
+                raise ArmError(f"{model} completions ({split}) should come with the prompts at {out}: the prompt "
+                               f"source has no replies; set run_arm.source_teacher to the model that wrote them, "
+                               f"or to '' and list {model} in run_arm.teachers")
+            if jax.process_index() != 0:
+                continue
+            if model in self.teacher_imports:
+                import_paper_completions(self.teacher_imports[model], os.path.dirname(os.path.dirname(out)),
+                                         source_model=model, prompts_dir=self.data_dir)
+            elif model in self.teachers:
+                from rlaif_jax.feedback.client import FeedbackClient
+
+                with gin.config_scope(None), gin.config_scope(self.teachers[model]):
+                    client = FeedbackClient(model=model, cache_path=self.cache(f"teacher-{model}"))
+                    teacher_stage(prompts=self.prompts(split), out_dir=out, client=client, split=split)
+                report = read_json(fileio.join(out, "report.json"))
+                if report["request_errors"]:
+                    log.warning("teacher %s (%s): %d request errors, listed in %s/errors.jsonl", model, split,
+                                report["request_errors"], out)
+                self.results[f"teacher/{safe_name(model)}/{split}/request_errors"] = report["request_errors"]
+            else:
+                raise ArmError(f"the arm needs {model} completions for the {split} prompts and has no way to get "
+                               f"them: add {model!r} to run_arm.teachers (a client) or run_arm.teacher_imports "
+                               f"(a released completions file)")
+            done.append(f"{model}/{split}")
+        return {"state": "done" if done else "reused", "made": done}
+
+    def train_results(self, stage: str, run_dir: str) -> dict:
+        """The run's last logged metrics into the arm's summary (for reused runs too);
+        returns {} so stage outcomes can splat it."""
+        summary = read_json(fileio.join(run_dir, "summary.json"))
+        keys = _SUMMARY_KEYS[stage]
+        self.results.update({f"{stage}/{k}": summary[k] for k in keys if k in summary})
+        return {}
+
+    def sft_data_label(self) -> str:
+        return f"fraction {self.sft_fraction}" if self.sft_fraction is not None else "+".join(self.sft_splits)
+
+    def sft_data(self) -> list[str]:
+        if self.sft_fraction is None:
+            return [self.require(self.teacher_dir(self.sft_teacher, s), f"{self.sft_teacher} completions ({s})",
+                                 "add 'teacher' to run_arm.stages") for s in self.sft_splits]
+        out = self.out("sft_data")
+        if not is_complete(out) and jax.process_index() == 0:
+            write_fraction_subset(self.data_dir, [self.teacher_dir(self.sft_teacher, s) for s in ("sft", "feedback")],
+                                  self.sft_fraction, out)
+        _barrier("sft_data")
+        return [out]
+
+    def stage_sft(self) -> dict:
+        from rlaif_jax.data.pipeline.builders import sft_pipeline
+        from rlaif_jax.train import SFT
+        from rlaif_jax.train.loop import train
+
+        if self.sft_fraction == 0.0:
+            return {"state": "skipped", "reason": "sft_fraction 0: the policy is the base model"}
+        out = self.out("sft")
+        if is_complete(out):
+            return {"state": "reused", "output": out, **self.train_results("sft", out)}
+        if self.base_model is None:
+            raise ArmError("the sft stage needs run_arm.base_model (an HF directory)")
+        data = self.sft_data()
+        train(run_dir=out, objective=SFT(), init_from=self.base_model,
+              train_data=functools.partial(sft_pipeline, data), seed=self.seed)
+        return {"output": out, "data": data, **self.train_results("sft", out)}
+
+    def stage_samples(self) -> dict:
+        from rlaif_jax.feedback.stages import policy_samples_stage
+
+        out = self.out("samples")
+        if is_complete(out):
+            return {"state": "reused", "output": out}
+        _single_host("samples")
+        policy_samples_stage(hf_dir=self.sft_policy(), prompts=self.prompts("feedback"), out_dir=out,
+                             split="feedback", seed=self.seed, source_model=f"{self.name}/sft")
+        return {"output": out}
+
+    def stage_critic(self) -> dict:
+        from rlaif_jax.feedback.stages import critic_stage, load_comparisons
+
+        out = self.out("critic")
+        state = "reused"
+        if not is_complete(out):
+            if self.critic is None:
+                raise ArmError("the critic stage needs run_arm.critic (e.g. @critic/FeedbackClient)")
+            samples = self.require(self.out("samples"), "policy samples", "add 'samples' to run_arm.stages")
+            teacher = self.require(self.teacher_dir(self.pair_teacher, "feedback"),
+                                   f"{self.pair_teacher} completions (feedback)", "add 'teacher' to run_arm.stages")
+            if jax.process_index() == 0:
+                client = self.critic(cache_path=self.cache("critic"))
+                trunc = {"truncate_tokenizer": self.sft_policy()} if self.truncate_pairs else {}
+                critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client, seed=self.seed,
+                             **trunc)
+            state = "done"
+        _barrier("critic_written")
+        self.results.update(critic_statistics(load_comparisons(out)))
+        return {"state": state, "output": out}
+
+    def stage_preferences(self) -> dict:
+        from rlaif_jax.feedback.stages import preferences_stage
+
+        out = self.out("preferences")
+        comps = self.require(self.out("critic"), "critic comparisons", "add 'critic' to run_arm.stages")
+        state = self._skip_or_run(out, lambda: preferences_stage(comparisons=[comps], out_dir=out), host0_only=True)
+        _barrier("preferences_written")
+        self.results["preferences/pairs"] = read_json(fileio.join(out, "manifest.json"))["num_records"]
+        return {"state": state, "output": out}
+
+    def _train_on_preferences(self, stage: str, objective) -> dict:
+        from rlaif_jax.data.pipeline.builders import preference_pipeline
+        from rlaif_jax.train.loop import train
+
+        out = self.out(stage)
+        if is_complete(out):
+            return {"state": "reused", "output": out, **self.train_results(stage, out)}
+        prefs = self.require(self.out("preferences"), "preference records", "add 'preferences' to run_arm.stages")
+        train(run_dir=out, objective=objective, init_from=self.sft_policy(),
+              train_data=functools.partial(preference_pipeline, prefs), seed=self.seed)
+        return {"output": out, **self.train_results(stage, out)}
+
+    def stage_dpo(self) -> dict:
+        from rlaif_jax.train import DPO
+
+        return self._train_on_preferences("dpo", DPO())
+
+    def stage_reward_model(self) -> dict:
+        from rlaif_jax.train import RewardModel
+
+        return self._train_on_preferences("reward_model", RewardModel())
+
+    def stage_ppo(self) -> dict:
+        from rlaif_jax.train.ppo import train_ppo
+
+        out = self.out("ppo")
+        if is_complete(out):
+            return {"state": "reused", "output": out, **self.train_results("ppo", out)}
+        rm = self.require(self.out("reward_model"), "reward model", "add 'reward_model' to run_arm.stages")
+        train_ppo(run_dir=out, policy=self.sft_policy(), reward_model=fileio.join(rm, "hf"),
+                  prompts=self.prompts("feedback"), seed=self.seed)
+        return {"output": out, **self.train_results("ppo", out)}
+
+    def stage_evaluate(self) -> dict:
+        policies = [("evaluate", self.policy())]
+        if self.evaluate_sft and self.sft_policy() != policies[0][1]:
+            policies.append(("evaluate_sft", self.sft_policy()))
+        states = [self._evaluate(key, policy) for key, policy in policies]
+        return {"state": "done" if "done" in states else "reused", "output": self.out("evaluate")}
+
+    def _evaluate(self, key: str, policy: str) -> str:
+        from rlaif_jax.eval.evaluate import evaluate
+
+        out = self.out(key)
+        state = "reused"
+        if not is_complete(out):
+            if not self.eval_set:
+                raise ArmError("the evaluate stage needs run_arm.eval_set (AlpacaEval's JSON, or records)")
+            _single_host("evaluate")
+            # Without run_arm.judge the gin bindings of `evaluate` choose (e.g. the reward-model protocol).
+            judge = {"client": self.judge(cache_path=self.cache("judge"))} if self.judge else {}
+            evaluate(out_dir=out, eval_set=self.eval_set, checkpoint=policy, generator=f"{self.name}/{_OUT[key]}",
+                     labels={"arm": self.name, "policy": policy, **self.labels}, **judge)
+            state = "done"
+        m = read_json(fileio.join(out, "metrics.json"))
+        prefix = "eval" if key == "evaluate" else "eval_sft"
+        for k in ("win_rate", "standard_error", "lc_win_rate", "lc_standard_error", "avg_length", "cost_usd_total"):
+            if m.get(k) is not None:
+                self.results[f"{prefix}/{k}"] = m[k]
+        return state
+
+
+def _single_host(stage: str) -> None:
+    if jax.process_count() > 1:
+        raise ArmError(f"the {stage} stage samples on one host; run it with its own command on a single-host "
+                       f"machine (run_arm.stages = ['{stage}', ...]) after the multi-host training stages")
+
+
+def critic_statistics(comparisons: Sequence[Mapping]) -> dict:
+    """The paper's critic statistic: how often the critic preferred the policy's sample
+    (response 1) over the teacher's completion (GPT-4 preferred Llama-7B SFT over ChatGPT
+    14.3% of the time, Claude-v1 30.2%); ties count half, invalid answers apart."""
+    from rlaif_jax.eval.winrate import verdict_win_rate
+
+    wr = verdict_win_rate([c["verdict"] for c in comparisons], policy_is="first")
+    return {"critic/policy_preferred": wr.win_rate, "critic/policy_preferred_se": wr.standard_error,
+            "critic/judged": wr.n_scored, "critic/ties": wr.n_ties, "critic/invalid": wr.n_invalid}
+
+
+def write_fraction_subset(data_dir: str, teacher_dirs: Sequence[str], fraction: float, out: str) -> dict:
+    """Demonstrations for the first `fraction` of all prompts (SFT then feedback split, in
+    the order prepare_prompts kept) -> one record set. The cut is on prompts, so a teacher
+    that dropped some completions (finish_reason != stop) keeps its gaps."""
+    order = [r["prompt_id"] for s in ("sft", "feedback") for r in read_records(fileio.join(data_dir, "prompts", s), PROMPTS)]
+    keep = set(order[: int(len(order) * fraction)])
+    demos = [r for d in teacher_dirs for r in read_records(d, DEMONSTRATIONS) if r["prompt_id"] in keep]
+    if not demos:
+        raise ArmError(f"sft_fraction {fraction} of {len(order)} prompts leaves no demonstrations in {list(teacher_dirs)}")
+    return write_records(out, DEMONSTRATIONS, demos, provenance={
+        "stage": "sft_fraction", "fraction": fraction, "prompts_total": len(order), "prompts_kept": len(keep),
+        "sources": [fileio.abspath(d) for d in teacher_dirs]})

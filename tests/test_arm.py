@@ -1,0 +1,239 @@
+"""A chained arm (rlaif_jax.arm) runs every stage through the gin recipe, against the
+synthetic world served over the OpenAI-compatible API on 127.0.0.1; a relaunch reuses what
+is done without asking the API again; a failing stage is recorded and resumed; arms share
+data and each other's stages."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from rlaif_jax.arm import STAGES, ArmError, run_arm
+from rlaif_jax.cli import import_configurables
+from rlaif_jax.data.records import read_manifest, read_records
+from rlaif_jax.feedback.cache import read_cache_lines
+from rlaif_jax.feedback.server import ServerThread, make_app
+from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
+from rlaif_jax.synthetic.backend import synthetic_world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ARM = os.path.join(ROOT, "configs", "experiments", "tiny_arm.gin")
+ARMS = sorted(glob.glob(os.path.join(ROOT, "configs", "experiments", "paper", "arms", "[!_]*.gin")))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("arm_world"))
+    paths = write_arm_inputs(root, num_prompts=60, num_eval=12, hidden_size=32, num_layers=1)
+    with ServerThread(make_app(synthetic_world())) as srv:
+        yield {"root": root, "url": srv.url, **paths}
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    import_configurables()
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def configure(world, arm, *bindings):
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([TINY_ARM], [
+        f"API_BASE = '{world['url']}'",
+        f"ARM_DIR = '{os.path.join(world['root'], arm)}'",
+        f"DATA_DIR = '{os.path.join(world['root'], 'data')}'",
+        f"run_arm.base_model = '{world['base_model']}'",
+        f"run_arm.prompt_source = '{world['prompts']}'",
+        f"run_arm.eval_set = '{world['eval_set']}'",
+        "sft_pipeline.num_epochs = 3",
+        "preference_pipeline.num_epochs = 1",
+        "evaluate.lc_bootstrap = 0",
+        "make_mesh.data = -1",  # the 8 CPU devices of the test session
+        *bindings,
+    ], skip_unknown=False)
+    return os.path.join(world["root"], arm)
+
+
+def cache_sizes(world):
+    caches = os.path.join(world["root"], "data", "api_cache")
+    return {f: len(read_cache_lines(os.path.join(caches, f))) for f in sorted(os.listdir(caches))}
+
+
+def states(arm_dir):
+    with open(os.path.join(arm_dir, "status.json")) as f:
+        return {k: v["state"] for k, v in json.load(f)["stages"].items()}
+
+
+def test_dpo_arm_chains_every_stage_then_a_relaunch_reuses_all(world):
+    arm_dir = configure(world, "dpo", "run_arm.evaluate_sft = True")
+    summary = run_arm()
+    stages = ["prompts", "teacher", "sft", "samples", "critic", "preferences", "dpo", "evaluate"]
+    assert states(arm_dir) == {**{s: "done" for s in stages}, "teacher": "reused"}  # the source carries replies
+    data = os.path.join(world["root"], "data")
+    assert summary["prompts/sft"] == 6 and summary["prompts/feedback"] == 54
+    # The critic compared the SFT policy's samples with the weak teacher's replies.
+    comps = list(read_records(os.path.join(arm_dir, "comparisons")))
+    assert len(comps) == 54
+    assert {c["model_1"] for c in comps} == {"dpo/sft"} and {c["model_2"] for c in comps} == {"weak-teacher"}
+    assert 0 <= summary["critic/policy_preferred"] <= 100 and summary["critic/judged"] + summary["critic/invalid"] == 54
+    assert summary["preferences/pairs"] == read_manifest(os.path.join(arm_dir, "preferences"))["num_records"] > 0
+    assert summary["policy"] == os.path.join(arm_dir, "dpo", "hf")
+    # The SFT policy and the DPO policy, each judged on the 12 evaluation prompts.
+    for key, sub in (("eval", "eval"), ("eval_sft", "eval_sft")):
+        with open(os.path.join(arm_dir, sub, "metrics.json")) as f:
+            m = json.load(f)
+        assert m["n_total"] == 12 and summary[f"{key}/win_rate"] == m["win_rate"]
+    with open(os.path.join(arm_dir, "eval_sft", "metrics.json")) as f:
+        assert json.load(f)["checkpoint"] == os.path.join(arm_dir, "sft", "hf")
+    assert summary["dpo/step"] > 0 and summary["sft/step"] > 0
+    with open(os.path.join(arm_dir, "summary.json")) as f:
+        assert json.load(f)["eval/win_rate"] == summary["eval/win_rate"]
+    # Per-stage scoped bindings held: DPO ran at its own learning rate, SFT at its own.
+    assert "dpo/make_optimizer.learning_rate = 0.0003" in open(os.path.join(arm_dir, "dpo", "config.gin")).read()
+
+    before, mtime = cache_sizes(world), os.path.getmtime(os.path.join(arm_dir, "sft", "summary.json"))
+    configure(world, "dpo", "run_arm.evaluate_sft = True")
+    again = run_arm()
+    assert cache_sizes(world) == before  # nothing asked twice
+    assert set(states(arm_dir).values()) == {"reused"}
+    assert os.path.getmtime(os.path.join(arm_dir, "sft", "summary.json")) == mtime
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in summary.items() if k != "seconds"}
+    assert os.path.isdir(os.path.join(data, "prompts", "feedback"))
+
+
+def test_failed_stage_is_recorded_and_the_relaunch_resumes_there(world):
+    arm_dir = configure(world, "sft_quarter", "run_arm.stages = ['prompts', 'sft', 'evaluate']",
+                        "run_arm.sft_fraction = 0.25", "run_arm.eval_set = '/nonexistent/eval.json'")
+    with pytest.raises(Exception, match="nonexistent"):
+        run_arm()
+    with open(os.path.join(arm_dir, "status.json")) as f:
+        status = json.load(f)["stages"]
+    assert status["sft"]["state"] == "done" and status["evaluate"]["state"] == "failed"
+    assert "nonexistent" in status["evaluate"]["error"]
+    # The first quarter of all prompts (SFT split, then feedback, in order): 15 of 60.
+    data = os.path.join(world["root"], "data")
+    order = [r["prompt_id"] for s in ("sft", "feedback") for r in read_records(os.path.join(data, "prompts", s))]
+    kept = [r["prompt_id"] for r in read_records(os.path.join(arm_dir, "sft_data"))]
+    assert kept == order[:15]
+
+    configure(world, "sft_quarter", "run_arm.stages = ['prompts', 'sft', 'evaluate']", "run_arm.sft_fraction = 0.25")
+    summary = run_arm()
+    assert states(arm_dir) == {"prompts": "reused", "sft": "reused", "evaluate": "done"}
+    assert summary["sft_data"] == "fraction 0.25" and "eval/win_rate" in summary
+
+
+def test_fraction_zero_evaluates_the_base_model(world):
+    arm_dir = configure(world, "base", "run_arm.stages = ['prompts', 'sft', 'evaluate']", "run_arm.sft_fraction = 0.0")
+    summary = run_arm()
+    assert summary["policy"] == world["base_model"]
+    assert states(arm_dir)["sft"] == "skipped" and not os.path.exists(os.path.join(arm_dir, "sft"))
+    with open(os.path.join(arm_dir, "eval", "metrics.json")) as f:
+        assert json.load(f)["checkpoint"] == world["base_model"]
+
+
+def test_teacher_stage_asks_each_teacher_in_its_own_scope(world):
+    arm_dir = configure(world, "strong_sft", "run_arm.stages = ['prompts', 'teacher']",
+                        "run_arm.sft_teacher = 'strong-teacher'", "strong/teacher_stage.temperature = 0.0",
+                        "teacher_stage.temperature = 1.0")
+    run_arm()
+    out = os.path.join(world["root"], "data", "teachers", "strong-teacher", "demonstrations", "sft")
+    manifest = read_manifest(out)
+    assert manifest["provenance"]["sampling"]["temperature"] == 0.0  # the teacher's scope, not the default
+    demos = list(read_records(out))
+    assert len(demos) == 6 and {d["source_model"] for d in demos} == {"strong-teacher"}
+    assert states(arm_dir)["teacher"] == "done"
+
+
+def test_teacher_completions_can_come_from_a_released_file(world, tmp_path):
+    """The paper released its GPT-4 / Claude completions: an arm imports them (into the same
+    layout the API path writes) instead of asking."""
+    with open(world["prompts"]) as f:
+        rows = json.load(f)
+    released = tmp_path / "released.json"
+    released.write_text(json.dumps([{"instruction": r["instruction"], "output": "RELEASED " + r["output"],
+                                     "generator": "released-gpt4"} for r in rows]))
+    arm_dir = configure(world, "imported", "run_arm.stages = ['prompts', 'teacher']",
+                        "run_arm.sft_teacher = 'released-gpt4'",
+                        f"run_arm.teacher_imports = {{'released-gpt4': '{released}'}}")
+    run_arm()
+    teacher = os.path.join(world["root"], "data", "teachers", "released-gpt4", "demonstrations")
+    sft = list(read_records(os.path.join(teacher, "sft")))
+    feedback = list(read_records(os.path.join(teacher, "feedback")))
+    prompts = [r["prompt_id"] for r in read_records(os.path.join(world["root"], "data", "prompts", "sft"))]
+    assert [d["prompt_id"] for d in sft] == prompts and len(feedback) == 54  # the same 10% / 90% split
+    assert all(d["completion"].startswith("RELEASED ") for d in sft + feedback)
+    assert states(arm_dir)["teacher"] == "done"
+
+
+def test_rl_arm_reuses_another_arms_sft_and_preferences(world):
+    # Runs after the DPO test in this module; on its own it builds what it needs first.
+    dpo = os.path.join(world["root"], "dpo")
+    if not os.path.exists(os.path.join(dpo, "summary.json")):
+        configure(world, "dpo")
+        run_arm()
+    arm_dir = configure(world, "ppo", "run_arm.stages = ['reward_model', 'ppo', 'evaluate']",
+                        f"run_arm.stage_dirs = {{'sft': '{dpo}/sft', 'preferences': '{dpo}/preferences'}}",
+                        "train_ppo.num_iterations = 2", "train_ppo.config = @PPOConfig()",
+                        "PPOConfig.rollout_batch_size = 8", "PPOConfig.mini_batch_size = 4",
+                        "PPOConfig.max_new_tokens = 8", "PPOConfig.max_prompt_length = 32")
+    summary = run_arm()
+    assert states(arm_dir) == {"reward_model": "done", "ppo": "done", "evaluate": "done"}
+    assert summary["policy"] == os.path.join(arm_dir, "ppo", "hf")
+    assert summary["ppo/iteration"] == 2 and "reward_model/accuracy" in summary
+    assert not os.path.exists(os.path.join(arm_dir, "sft"))  # reused, not retrained
+
+
+@pytest.mark.parametrize("bindings,match", [
+    (["run_arm.stages = ['sft', 'sampels']"], "unknown stage.*sampels"),
+    (["run_arm.stages = ['dpo', 'sft']"], "must follow the pipeline's order"),
+    (["run_arm.stages = ['prompts', 'teacher']", "run_arm.sft_teacher = 'gpt-5'"], "add 'gpt-5' to run_arm.teachers"),
+    (["run_arm.stages = ['dpo']"], "preference records not found"),
+    (["run_arm.sft_fraction = 1.5"], r"sft_fraction must be in \[0, 1\]"),
+])
+def test_recipe_errors_name_the_binding(world, bindings, match):
+    configure(world, "bad", *bindings)
+    with pytest.raises(ArmError, match=match):
+        run_arm()
+
+
+@pytest.mark.parametrize("path", ARMS, ids=os.path.basename)
+def test_paper_arms_resolve(path):
+    """Each paper arm, with a model file, names valid stages and resolves every path and
+    client binding it uses."""
+    old = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        gin.parse_config_files_and_bindings(["configs/models/llama2_7b.gin", path], [], skip_unknown=False)
+    finally:
+        os.chdir(old)
+    stages = gin.query_parameter("run_arm.stages")
+    assert [s for s in stages if s in STAGES] == list(stages) and stages[-1] == "evaluate"
+    assert gin.query_parameter("%ARM_DIR").startswith("runs/paper/arms/")
+    assert gin.query_parameter("%HF_DIR") == "checkpoints/Llama-2-7b-hf"
+    critic = gin.query_parameter("%CRITIC")
+    assert critic in ("gpt-4-0314", "claude-v1")
+    if "claude" in os.path.basename(path):
+        assert gin.query_parameter("%JUDGE") == "claude-v1"
+    if {"critic", "dpo", "ppo"} & set(stages):
+        assert gin.query_parameter("run_arm.evaluate_sft") is True
+
+
+def test_run_arm_script_runs_a_recipe(world, tmp_path):
+    """scripts/run_arm.py with the tiny recipe: the gin path a user takes, in a fresh process."""
+    arm_dir = str(tmp_path / "script_arm")
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "run_arm.py"), f"--gin_file={TINY_ARM}",
+           f"--gin_param=API_BASE='{world['url']}'", f"--gin_param=ARM_DIR='{arm_dir}'",
+           f"--gin_param=DATA_DIR='{os.path.join(world['root'], 'data')}'",
+           f"--gin_param=run_arm.prompt_source='{world['prompts']}'",
+           "--gin_param=run_arm.stages=['prompts', 'teacher']"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert states(arm_dir) == {"prompts": "reused", "teacher": "reused"}
+    bad = subprocess.run(cmd[:-1] + ["--gin_param=run_arm.stagez=['prompts']"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "stagez" in bad.stderr
