@@ -18,6 +18,7 @@ records each stage's state (done, reused, failed with the error) as the arm goes
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -152,18 +153,46 @@ def run_arm(
         raise ArmError(f"run_arm.stages must follow the pipeline's order {list(STAGES)} once each, got {list(stages)}")
     if sft_fraction is not None and not 0.0 <= sft_fraction <= 1.0:
         raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {sft_fraction}")
+    bad_dirs = set(stage_dirs or {}) - set(_OUT)
+    if bad_dirs:
+        raise ArmError(f"run_arm.stage_dirs: unknown stage(s) {sorted(bad_dirs)}; stages with outputs are {sorted(_OUT)}")
     fileio.makedirs(out_dir)
     arm = _Arm(out_dir=out_dir, data_dir=data_dir, stages=tuple(stages), base_model=base_model,
                prompt_source=prompt_source, source_teacher=source_teacher, teachers=dict(teachers or {}),
                teacher_imports=dict(teacher_imports or {}), sft_teacher=sft_teacher, sft_splits=tuple(sft_splits),
-               sft_fraction=sft_fraction, pair_teacher=pair_teacher, critic=critic, eval_set=eval_set, judge=judge,
-               truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft, stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed)
+               sft_fraction=sft_fraction, pair_teacher=pair_teacher, critic=critic, eval_set=eval_set,
+               judge=judge, truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft,
+               stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed)
     return arm.run()
 
 
+@dataclasses.dataclass
 class _Arm:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    """run_arm's arguments, checked; the stage methods below wire each stage's inputs to the
+    outputs of the stages before it."""
+
+    out_dir: str
+    data_dir: str
+    stages: tuple
+    base_model: Optional[str]
+    prompt_source: Optional[str]
+    source_teacher: str
+    teachers: dict
+    teacher_imports: dict
+    sft_teacher: str
+    sft_splits: tuple
+    sft_fraction: Optional[float]
+    pair_teacher: str
+    critic: Optional[Callable]
+    eval_set: Optional[str]
+    judge: Optional[Callable]
+    truncate_pairs: bool
+    evaluate_sft: bool
+    stage_dirs: dict
+    labels: dict
+    seed: int
+
+    def __post_init__(self):
         self.status = Status(fileio.join(self.out_dir, "status.json"))
         self.name = os.path.basename(os.path.normpath(self.out_dir))
         self.results: dict = {}

@@ -194,6 +194,7 @@ def test_rl_arm_reuses_another_arms_sft_and_preferences(world):
     (["run_arm.stages = ['prompts', 'teacher']", "run_arm.sft_teacher = 'gpt-5'"], "add 'gpt-5' to run_arm.teachers"),
     (["run_arm.stages = ['dpo']"], "preference records not found"),
     (["run_arm.sft_fraction = 1.5"], r"sft_fraction must be in \[0, 1\]"),
+    (["run_arm.stage_dirs = {'sfft': '/x'}"], r"stage_dirs: unknown stage\(s\) \['sfft'\]"),
 ])
 def test_recipe_errors_name_the_binding(world, bindings, match):
     configure(world, "bad", *bindings)
