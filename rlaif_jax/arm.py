@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -39,9 +40,10 @@ from rlaif_jax.fileio import write_json
 log = logging.getLogger(__name__)
 
 STAGES = ("prompts", "teacher", "sft", "samples", "critic", "preferences", "dpo", "reward_model", "ppo", "evaluate")
-# Stages that only call APIs or rewrite records; on a multi-host slice process 0 runs them
-# alone, so nothing is requested (and paid for) once per host.
-_HOST0_STAGES = ("prompts", "teacher", "critic", "preferences")
+# Stages that call APIs, rewrite records or sample on one host's devices: on a multi-host
+# slice process 0 runs them alone (nothing is requested, or paid for, once per host) while
+# the others wait; training stages run on every process over the whole mesh.
+_HOST0_STAGES = ("prompts", "teacher", "samples", "critic", "preferences", "evaluate")
 # Where each stage leaves its output, relative to out_dir (prompts / teacher: data_dir).
 _OUT = {"sft_data": "sft_data", "sft": "sft", "samples": "samples", "critic": "comparisons",
         "preferences": "preferences", "dpo": "dpo", "reward_model": "reward_model", "ppo": "ppo",
@@ -87,11 +89,21 @@ class Status:
             write_json(self.path, {"stages": self.stages})
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
+def barrier(name: str, timeout_s: float) -> None:
+    """All processes wait here. Uses the coordination service's barrier, with a timeout
+    long enough for process 0 to sample or query an API for hours, rather than a device
+    collective that would sit blocked in XLA meanwhile."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:  # pragma: no cover - multi-process without jax.distributed
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"rlaif_arm_{name}")
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 @gin.configurable
@@ -116,6 +128,9 @@ def run_arm(
     stage_dirs: Optional[Mapping[str, str]] = None,
     labels: Optional[Mapping[str, Any]] = None,
     seed: int = 0,
+    num_shards: int = 8,
+    host0_timeout_s: float = 48 * 3600.0,
+    cache_dir: Optional[str] = None,
 ) -> dict:
     """Runs (or resumes) one arm; returns its summary (also out_dir/summary.json).
 
@@ -138,12 +153,22 @@ def run_arm(
     sft_fraction:    instead of splits: the first fraction of all prompts, in order (the
                      paper's data-scaling curve); 0 trains nothing and evaluates the base.
     pair_teacher:    whose completions the policy's samples are compared to by the critic.
-    critic, judge:   client constructors for the critic stage and the evaluation judge.
+    critic, judge:   client constructors for the critic stage and the evaluation judge
+                     (gin: an unevaluated `@critic/FeedbackClient`; called with cache_path).
     truncate_pairs:  cut the teacher's completion to the policy sample's token budget
                      before judging (the paper), with the SFT policy's tokenizer.
     evaluate_sft:    also evaluate the SFT policy the RL stages started from (out_dir/eval_sft,
                      `eval_sft/*` in the summary): the paper's "SFT 10%" and "+ DPO" columns
                      from one arm, one SFT run.
+    num_shards:      shards of every record set the arm writes; each host of a multi-host
+                     slice trains on its own shards, so at least the number of hosts.
+    cache_dir:       the API answer caches (local disk: they are appended to as answers
+                     arrive); default data_dir/api_cache, or for a gs:// data_dir a directory
+                     under $RLAIF_STAGING_DIR (else ~/.cache/rlaif_jax). A cache on a
+                     preemptible VM's disk dies with it: ask the APIs from a lasting machine.
+    host0_timeout_s: how long the other hosts wait while process 0 runs an API or sampling
+                     stage. Multi-host arms need out_dir and data_dir on storage every host
+                     sees (gs://).
     """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -162,8 +187,18 @@ def run_arm(
                teacher_imports=dict(teacher_imports or {}), sft_teacher=sft_teacher, sft_splits=tuple(sft_splits),
                sft_fraction=sft_fraction, pair_teacher=pair_teacher, critic=critic, eval_set=eval_set,
                judge=judge, truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft,
-               stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed)
+               stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed, num_shards=num_shards,
+               host0_timeout_s=host0_timeout_s, cache_dir=cache_dir or default_cache_dir(data_dir))
     return arm.run()
+
+
+def default_cache_dir(data_dir: str) -> str:
+    if not fileio.is_url(data_dir):
+        return os.path.join(data_dir, "api_cache")
+    root = os.environ.get("RLAIF_STAGING_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rlaif_jax")
+    local = os.path.join(root, "api_cache", hashlib.sha256(data_dir.rstrip("/").encode()).hexdigest()[:16])
+    log.warning("data_dir %s is remote; API answers are cached on this machine's disk at %s", data_dir, local)
+    return local
 
 
 @dataclasses.dataclass
@@ -191,11 +226,15 @@ class _Arm:
     stage_dirs: dict
     labels: dict
     seed: int
+    num_shards: int
+    host0_timeout_s: float
+    cache_dir: str
 
     def __post_init__(self):
         self.status = Status(fileio.join(self.out_dir, "status.json"))
         self.name = os.path.basename(os.path.normpath(self.out_dir))
-        self.results: dict = {}
+        self.results: dict = {}  # filled on process 0 only
+        self._barriers = 0
 
     # -- paths ----------------------------------------------------------------------------
 
@@ -214,7 +253,7 @@ class _Arm:
     def cache(self, role: str) -> str:
         """One answer cache per role, shared by every arm on this data: requests are keyed
         by their whole content (model included), so a repeated request is never paid twice."""
-        return fileio.join(self.data_dir, "api_cache", f"{safe_name(role)}.jsonl")
+        return os.path.join(self.cache_dir, f"{safe_name(role)}.jsonl")
 
     def needed_teachers(self) -> list[tuple[str, str]]:
         need = []
@@ -245,6 +284,13 @@ class _Arm:
                            "or run_arm.base_model")
         return self.base_model
 
+    def local(self, hf_dir: str) -> str:
+        """An export this arm (or another) wrote, on local disk: under a gs:// out_dir the
+        trainers upload it whole and mark it complete; this host fetches a copy once."""
+        from rlaif_jax.train.rundir import fetch_hf
+
+        return hf_dir if hf_dir == self.base_model else fetch_hf(hf_dir)
+
     def require(self, path: str, what: str, hint: str) -> str:
         if not is_complete(path):
             raise ArmError(f"{what} not found at {path} ({hint})")
@@ -264,12 +310,14 @@ class _Arm:
         return summary
 
     def run_stage(self, stage: str) -> None:
-        fn = getattr(self, f"stage_{stage}")
+        if stage in _HOST0_STAGES and jax.process_index() != 0:
+            self.wait(stage)
+            return
         t0 = time.time()
         self.status.set(stage, state="running")
         try:
             with gin.config_scope(stage):
-                outcome = fn()
+                outcome = getattr(self, f"stage_{stage}")()
         except BaseException as e:
             # The error stays on record beside the outputs already written; relaunching the
             # arm resumes at this stage.
@@ -277,14 +325,11 @@ class _Arm:
                             traceback=traceback.format_exc(limit=8), seconds=round(time.time() - t0, 1))
             raise
         self.status.set(stage, state=outcome.pop("state", "done"), seconds=round(time.time() - t0, 1), **outcome)
-        _barrier(stage)
+        self.wait(stage)
 
-    def _skip_or_run(self, out: str, fn: Callable[[], Any], host0_only: bool = False) -> str:
-        if is_complete(out):
-            return "reused"
-        if not host0_only or jax.process_index() == 0:
-            fn()
-        return "done"
+    def wait(self, what: str) -> None:
+        self._barriers += 1
+        barrier(f"rlaif_arm/{self.name}/{what}/{self._barriers}", self.host0_timeout_s)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -296,9 +341,7 @@ class _Arm:
         if not fileio.exists(stats):  # prepare_prompts writes it last
             if not self.prompt_source:
                 raise ArmError("the prompts stage needs run_arm.prompt_source (a ShareGPT / Alpaca / JSONL file)")
-            if jax.process_index() == 0:
-                prepare_prompts(self.prompt_source, self.data_dir)
-            _barrier("prompts_written")
+            prepare_prompts(self.prompt_source, self.data_dir, num_shards=self.num_shards)
             state = "done"
         self.results.update({f"prompts/{k}": v for k, v in read_json(stats).items() if k in ("sft", "feedback")})
         return {"state": state, "output": self.data_dir}
@@ -316,17 +359,16 @@ class _Arm:
                 raise ArmError(f"{model} completions ({split}) should come with the prompts at {out}: the prompt "
                                f"source has no replies; set run_arm.source_teacher to the model that wrote them, "
                                f"or to '' and list {model} in run_arm.teachers")
-            if jax.process_index() != 0:
-                continue
             if model in self.teacher_imports:
                 import_paper_completions(self.teacher_imports[model], os.path.dirname(os.path.dirname(out)),
-                                         source_model=model, prompts_dir=self.data_dir)
+                                         source_model=model, prompts_dir=self.data_dir, num_shards=self.num_shards)
             elif model in self.teachers:
                 from rlaif_jax.feedback.client import FeedbackClient
 
                 with gin.config_scope(None), gin.config_scope(self.teachers[model]):
                     client = FeedbackClient(model=model, cache_path=self.cache(f"teacher-{model}"))
-                    teacher_stage(prompts=self.prompts(split), out_dir=out, client=client, split=split)
+                    teacher_stage(prompts=self.prompts(split), out_dir=out, client=client, split=split,
+                                  num_shards=self.num_shards)
                 report = read_json(fileio.join(out, "report.json"))
                 if report["request_errors"]:
                     log.warning("teacher %s (%s): %d request errors, listed in %s/errors.jsonl", model, split,
@@ -342,6 +384,8 @@ class _Arm:
     def train_results(self, stage: str, run_dir: str) -> dict:
         """The run's last logged metrics into the arm's summary (for reused runs too);
         returns {} so stage outcomes can splat it."""
+        if jax.process_index() != 0:  # the summary is process 0's
+            return {}
         summary = read_json(fileio.join(run_dir, "summary.json"))
         keys = _SUMMARY_KEYS[stage]
         self.results.update({f"{stage}/{k}": summary[k] for k in keys if k in summary})
@@ -357,8 +401,8 @@ class _Arm:
         out = self.out("sft_data")
         if not is_complete(out) and jax.process_index() == 0:
             write_fraction_subset(self.data_dir, [self.teacher_dir(self.sft_teacher, s) for s in ("sft", "feedback")],
-                                  self.sft_fraction, out)
-        _barrier("sft_data")
+                                  self.sft_fraction, out, self.num_shards)
+        self.wait("sft_data")
         return [out]
 
     def stage_sft(self) -> dict:
@@ -384,9 +428,9 @@ class _Arm:
         out = self.out("samples")
         if is_complete(out):
             return {"state": "reused", "output": out}
-        _single_host("samples")
-        policy_samples_stage(hf_dir=self.sft_policy(), prompts=self.prompts("feedback"), out_dir=out,
-                             split="feedback", seed=self.seed, source_model=f"{self.name}/sft")
+        policy_samples_stage(hf_dir=self.local(self.sft_policy()), prompts=self.prompts("feedback"), out_dir=out,
+                             split="feedback", seed=self.seed, source_model=f"{self.name}/sft",
+                             num_shards=self.num_shards)
         return {"output": out}
 
     def stage_critic(self) -> dict:
@@ -400,13 +444,11 @@ class _Arm:
             samples = self.require(self.out("samples"), "policy samples", "add 'samples' to run_arm.stages")
             teacher = self.require(self.teacher_dir(self.pair_teacher, "feedback"),
                                    f"{self.pair_teacher} completions (feedback)", "add 'teacher' to run_arm.stages")
-            if jax.process_index() == 0:
-                client = self.critic(cache_path=self.cache("critic"))
-                trunc = {"truncate_tokenizer": self.sft_policy()} if self.truncate_pairs else {}
-                critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client, seed=self.seed,
-                             **trunc)
+            client = self.critic(cache_path=self.cache("critic"))
+            trunc = {"truncate_tokenizer": self.local(self.sft_policy())} if self.truncate_pairs else {}
+            critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client, seed=self.seed,
+                         num_shards=self.num_shards, **trunc)
             state = "done"
-        _barrier("critic_written")
         self.results.update(critic_statistics(load_comparisons(out)))
         return {"state": state, "output": out}
 
@@ -415,8 +457,10 @@ class _Arm:
 
         out = self.out("preferences")
         comps = self.require(self.out("critic"), "critic comparisons", "add 'critic' to run_arm.stages")
-        state = self._skip_or_run(out, lambda: preferences_stage(comparisons=[comps], out_dir=out), host0_only=True)
-        _barrier("preferences_written")
+        state = "reused"
+        if not is_complete(out):
+            preferences_stage(comparisons=[comps], out_dir=out, num_shards=self.num_shards)
+            state = "done"
         self.results["preferences/pairs"] = read_json(fileio.join(out, "manifest.json"))["num_records"]
         return {"state": state, "output": out}
 
@@ -428,7 +472,7 @@ class _Arm:
         if is_complete(out):
             return {"state": "reused", "output": out, **self.train_results(stage, out)}
         prefs = self.require(self.out("preferences"), "preference records", "add 'preferences' to run_arm.stages")
-        train(run_dir=out, objective=objective, init_from=self.sft_policy(),
+        train(run_dir=out, objective=objective, init_from=self.local(self.sft_policy()),
               train_data=functools.partial(preference_pipeline, prefs), seed=self.seed)
         return {"output": out, **self.train_results(stage, out)}
 
@@ -449,7 +493,7 @@ class _Arm:
         if is_complete(out):
             return {"state": "reused", "output": out, **self.train_results("ppo", out)}
         rm = self.require(self.out("reward_model"), "reward model", "add 'reward_model' to run_arm.stages")
-        train_ppo(run_dir=out, policy=self.sft_policy(), reward_model=fileio.join(rm, "hf"),
+        train_ppo(run_dir=out, policy=self.local(self.sft_policy()), reward_model=self.local(fileio.join(rm, "hf")),
                   prompts=self.prompts("feedback"), seed=self.seed)
         return {"output": out, **self.train_results("ppo", out)}
 
@@ -468,10 +512,9 @@ class _Arm:
         if not is_complete(out):
             if not self.eval_set:
                 raise ArmError("the evaluate stage needs run_arm.eval_set (AlpacaEval's JSON, or records)")
-            _single_host("evaluate")
             # Without run_arm.judge the gin bindings of `evaluate` choose (e.g. the reward-model protocol).
             judge = {"client": self.judge(cache_path=self.cache("judge"))} if self.judge else {}
-            evaluate(out_dir=out, eval_set=self.eval_set, checkpoint=policy, generator=f"{self.name}/{_OUT[key]}",
+            evaluate(out_dir=out, eval_set=self.eval_set, checkpoint=self.local(policy), generator=f"{self.name}/{_OUT[key]}",
                      labels={"arm": self.name, "policy": policy, **self.labels}, **judge)
             state = "done"
         m = read_json(fileio.join(out, "metrics.json"))
@@ -480,12 +523,6 @@ class _Arm:
             if m.get(k) is not None:
                 self.results[f"{prefix}/{k}"] = m[k]
         return state
-
-
-def _single_host(stage: str) -> None:
-    if jax.process_count() > 1:
-        raise ArmError(f"the {stage} stage samples on one host; run it with its own command on a single-host "
-                       f"machine (run_arm.stages = ['{stage}', ...]) after the multi-host training stages")
 
 
 def critic_statistics(comparisons: Sequence[Mapping]) -> dict:
@@ -499,7 +536,8 @@ def critic_statistics(comparisons: Sequence[Mapping]) -> dict:
             "critic/judged": wr.n_scored, "critic/ties": wr.n_ties, "critic/invalid": wr.n_invalid}
 
 
-def write_fraction_subset(data_dir: str, teacher_dirs: Sequence[str], fraction: float, out: str) -> dict:
+def write_fraction_subset(data_dir: str, teacher_dirs: Sequence[str], fraction: float, out: str,
+                          num_shards: int = 1) -> dict:
     """Demonstrations for the first `fraction` of all prompts (SFT then feedback split, in
     the order prepare_prompts kept) -> one record set. The cut is on prompts, so a teacher
     that dropped some completions (finish_reason != stop) keeps its gaps."""
@@ -508,6 +546,6 @@ def write_fraction_subset(data_dir: str, teacher_dirs: Sequence[str], fraction: 
     demos = [r for d in teacher_dirs for r in read_records(d, DEMONSTRATIONS) if r["prompt_id"] in keep]
     if not demos:
         raise ArmError(f"sft_fraction {fraction} of {len(order)} prompts leaves no demonstrations in {list(teacher_dirs)}")
-    return write_records(out, DEMONSTRATIONS, demos, provenance={
+    return write_records(out, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
         "stage": "sft_fraction", "fraction": fraction, "prompts_total": len(order), "prompts_kept": len(keep),
         "sources": [fileio.abspath(d) for d in teacher_dirs]})

@@ -42,6 +42,14 @@ DEFAULT_RULES: tuple = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    # Mixture-of-experts weights [expert, embed, mlp]: the expert axis stays unsharded, so
+    # every expert is split like a dense MLP (embed over fsdp, mlp over tensor), each device
+    # holds 1/(fsdp*tensor) of all of them, and the dropless grouped matmul runs on each
+    # device's own tokens after the usual per-layer fsdp gather (decoder.MoE). Sharding
+    # experts instead (overrides [("expert", "fsdp"), ("embed", None)]) stores them that way
+    # but still gathers them per layer: true expert parallelism needs an all-to-all token
+    # exchange the model does not do.
+    ("expert", None),
 )
 
 
@@ -180,6 +188,16 @@ def mesh_rules(mesh: Optional[Mesh], rules: Optional[Sequence] = None):
         _ACTIVE.reset(token)
 
 
+def active_mesh_rules() -> Optional[tuple]:
+    """(mesh, rules) while inside `mesh_rules(mesh)`, else None."""
+    return _ACTIVE.get()
+
+
+def fitted_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules: Sequence) -> P:
+    """The mesh PartitionSpec of logical axes under `rules`, fitted to `shape`."""
+    return _fit_spec(nn.logical_to_mesh_axes(tuple(logical_axes), rules), shape, mesh)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     """with_sharding_constraint by logical names (fitted to the shape); a no-op outside
     `mesh_rules`, so model code runs unchanged on one device."""
@@ -187,7 +205,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    spec = _fit_spec(nn.logical_to_mesh_axes(tuple(logical_axes), rules), x.shape, mesh)
+    spec = fitted_spec(logical_axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

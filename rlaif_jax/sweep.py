@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import yaml
 
+from rlaif_jax import fileio
+
 SUMMARY = "summary.json"
 
 
@@ -46,7 +48,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return os.path.exists(os.path.join(self.run_dir, SUMMARY))
+        return fileio.exists(fileio.join(self.run_dir, SUMMARY))
 
 
 def _gin_value(v: Any) -> str:
@@ -105,7 +107,7 @@ def expand(spec: dict, python: str = sys.executable) -> list[Run]:
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values))
         name = _slug(point)
-        run_dir = os.path.join(spec["run_root"], name)
+        run_dir = fileio.join(spec["run_root"], name)
         cmd = [python, spec.get("script", "scripts/train.py")]
         cmd += [f"--gin_file={g}" for g in spec["gin_files"]]
         cmd += [f"--gin_file={g}" for k, v in point.items() if _is_file_axis(k) for g in _files(v)]
@@ -123,11 +125,14 @@ def run_locally(runs: list[Run], log=print) -> dict:
         if r.finished:
             status[r.name] = "skipped (finished)"
             continue
-        os.makedirs(r.run_dir, exist_ok=True)
+        # The run's console log beside it; for a gs:// run_root, in ./sweep_logs here.
+        log_dir = os.path.join("sweep_logs", r.name) if fileio.is_url(r.run_dir) else r.run_dir
+        os.makedirs(log_dir, exist_ok=True)
+        log_path = os.path.join(log_dir, "sweep.log")
         log(f"[{r.name}] {shlex.join(r.command)}")
-        with open(os.path.join(r.run_dir, "sweep.log"), "a") as f:
+        with open(log_path, "a") as f:
             rc = subprocess.call(list(r.command), stdout=f, stderr=subprocess.STDOUT)
-        status[r.name] = "ok" if rc == 0 and r.finished else f"failed (exit {rc}, see {r.run_dir}/sweep.log)"
+        status[r.name] = "ok" if rc == 0 and r.finished else f"failed (exit {rc}, see {log_path})"
         log(f"[{r.name}] {status[r.name]}")
     return status
 
@@ -150,11 +155,11 @@ def aggregate(spec: dict, runs: list[Run], metrics: Optional[list] = None) -> li
         row = {"run": r.name, **{k: "+".join(os.path.splitext(os.path.basename(f))[0] for f in _files(v))
                                  if _is_file_axis(k) else v for k, v in r.point.items()}}
         if r.finished:
-            with open(os.path.join(r.run_dir, SUMMARY)) as f:
+            with fileio.open_file(fileio.join(r.run_dir, SUMMARY)) as f:
                 summary = json.load(f)
-            ev = os.path.join(r.run_dir, "eval", "metrics.json")
-            if os.path.exists(ev):
-                with open(ev) as f:
+            ev = fileio.join(r.run_dir, "eval", "metrics.json")
+            if fileio.exists(ev):
+                with fileio.open_file(ev) as f:
                     summary.update({f"eval/{k}": v for k, v in json.load(f).items()})
             keys = metrics or spec.get("metrics") or sorted(k for k, v in summary.items() if isinstance(v, (int, float)))
             row.update({k: summary.get(k) for k in keys})
@@ -163,8 +168,8 @@ def aggregate(spec: dict, runs: list[Run], metrics: Optional[list] = None) -> li
             row["status"] = "not finished"
         rows.append(row)
     cols = list(dict.fromkeys(k for row in rows for k in row))
-    os.makedirs(spec["run_root"], exist_ok=True)
-    with open(os.path.join(spec["run_root"], "results.csv"), "w", newline="") as f:
+    fileio.makedirs(spec["run_root"])
+    with fileio.atomic_write(fileio.join(spec["run_root"], "results.csv"), "w") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
@@ -174,6 +179,6 @@ def aggregate(spec: dict, runs: list[Run], metrics: Optional[list] = None) -> li
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in rows]
-    with open(os.path.join(spec["run_root"], "results.md"), "w") as f:
+    with fileio.atomic_write(fileio.join(spec["run_root"], "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return rows

@@ -3,6 +3,7 @@
 the same config and weights, in the same run.
 
   python scripts/benchmark_model.py --preset small
+  python scripts/benchmark_model.py --preset tiny-moe --moe_impl dense
   python scripts/benchmark_model.py --hf_dir /path/to/Llama-2-7b-hf --dtype bfloat16 --batch 8
 
 Prints tokens/s for both, their ratio, MFU where the device's peak is known (or given with
@@ -33,6 +34,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU if not known")
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--moe_impl", choices=["ragged", "dense"], default=None,
+                    help="MoE experts implementation (MoE models; default: the config's)")
     args = ap.parse_args()
 
     import jax
@@ -60,13 +63,14 @@ def main():
             raise SystemExit("presets build their random weights with transformers+torch; drop --no_torch")
         hc = preset_config(args.preset).to_hf()
         torch.manual_seed(0)
-        hf_model = transformers.LlamaForCausalLM(hc).eval()
+        hf_model = transformers.AutoModelForCausalLM.from_config(hc).eval()
         tmp = tempfile.TemporaryDirectory()
         path = tmp.name
         hf_model.save_pretrained(path)
         hf_model = hf_model.to(getattr(torch, args.dtype))
 
-    cfg, params = load_hf(path, dtype=args.dtype, param_dtype=args.dtype)
+    moe = {} if args.moe_impl is None else {"moe_impl": args.moe_impl}
+    cfg, params = load_hf(path, dtype=args.dtype, param_dtype=args.dtype, **moe)
     model = build_model(cfg)
     dev = jax.devices()[0]
     rs = np.random.RandomState(0)
@@ -76,10 +80,13 @@ def main():
     ids_dev = jnp.asarray(ids)
     t_jax = median_seconds(lambda: fwd(params, ids_dev).block_until_ready(), args.repeats)
     n_params = cfg.num_params()
-    fwd_flops = B * T * (2 * n_params + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T)
+    n_active = cfg.num_params(active=True)  # MoE: the experts a token is routed to
+    fwd_flops = B * T * (2 * n_active + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T)
     peak = peak_tflops(dev, args.peak_tflops)
     print(f"device: {dev.device_kind} x{jax.device_count()}  backend: {jax.default_backend()}  "
-          f"params: {n_params / 1e6:.1f}M  dtype: {args.dtype}")
+          f"params: {n_params / 1e6:.1f}M" + (f" ({n_active / 1e6:.1f}M active, {cfg.num_experts} experts, "
+                                               f"top-{cfg.num_experts_per_tok}, moe_impl {cfg.moe_impl})"
+                                               if cfg.is_moe else "") + f"  dtype: {args.dtype}")
     rows = []
     fwd_tps = B * T / t_jax
     mfu = f"{100 * fwd_flops / t_jax / (peak * 1e12):.1f}%" if peak else "n/a (peak unknown)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a tiny random-weight Llama-family checkpoint in HF format (safetensors + config +
+"""Write a tiny random-weight Llama-family (or Mixtral MoE) checkpoint in HF format (safetensors + config +
 a locally trained byte-level BPE tokenizer), for smoke runs and tests with no hub access.
 
   python scripts/make_tiny_checkpoint.py runs/tiny-llama --family mistral
@@ -12,6 +12,7 @@ import argparse
 FAMILY_OVERRIDES = {
     "llama": dict(model_type="llama"),
     "mistral": dict(model_type="mistral", sliding_window=64),
+    "mixtral": dict(model_type="mixtral", num_experts=4, num_experts_per_tok=2),
 }
 
 

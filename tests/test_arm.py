@@ -13,12 +13,12 @@ import gin
 import pytest
 
 from rlaif_jax.arm import STAGES, ArmError, run_arm
-from rlaif_jax.cli import import_configurables
 from rlaif_jax.data.records import read_manifest, read_records
 from rlaif_jax.feedback.cache import read_cache_lines
 from rlaif_jax.feedback.server import ServerThread, make_app
 from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
 from rlaif_jax.synthetic.backend import synthetic_world
+from tests.processes import free_port, run_together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARM = os.path.join(ROOT, "configs", "experiments", "tiny_arm.gin")
@@ -33,12 +33,7 @@ def world(tmp_path_factory):
         yield {"root": root, "url": srv.url, **paths}
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    import_configurables()
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def configure(world, arm, *bindings):
@@ -238,3 +233,47 @@ def test_run_arm_script_runs_a_recipe(world, tmp_path):
     bad = subprocess.run(cmd[:-1] + ["--gin_param=run_arm.stagez=['prompts']"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "stagez" in bad.stderr
+
+
+def test_two_process_arm_runs_api_and_sampling_stages_once(world, tmp_path):
+    """Every worker of a slice runs the same arm: training spans both processes' devices,
+    while prompts, sampling, the critic and evaluation run once, on process 0."""
+    port = free_port()
+    spec = json.dumps({"url": world["url"], "arm_dir": str(tmp_path / "arm"), "data_dir": str(tmp_path / "data"),
+                       "base_model": world["base_model"], "prompts": world["prompts"], "eval_set": world["eval_set"]})
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
+    worker = os.path.join(ROOT, "tests", "multiprocess_arm_worker.py")
+    outs = run_together([[sys.executable, worker, spec, str(i), "2", port] for i in range(2)], env)
+    assert "process 0 of 2 devices 4 done" in outs[0] and "process 1 of 2 devices 4 done" in outs[1]
+    arm_dir = str(tmp_path / "arm")
+    assert set(states(arm_dir).values()) == {"done", "reused"}
+    summary = json.loads(outs[0].split(" done ", 1)[1].splitlines()[0])
+    assert "eval/win_rate" in summary and summary["dpo/step"] > 0
+    # Each request once: 54 critic judgments of the feedback prompts + 12 evaluation judgments.
+    caches = str(tmp_path / "data" / "api_cache")
+    assert {f: len(read_cache_lines(os.path.join(caches, f))) for f in os.listdir(caches) if f.endswith(".jsonl")} == {
+        "critic.jsonl": 54, "judge.jsonl": 12}
+    # Record sets carry a shard per host, so each process trained on its own.
+    for sub in ("data/prompts/sft", "arm/samples", "arm/preferences"):
+        assert len(read_manifest(str(tmp_path / sub))["shards"]) == 2, sub
+
+
+def test_arm_on_an_object_store(world, memfs, memory_checkpoints, tmp_path, monkeypatch):
+    """out_dir and data_dir on memory:// (the stand-in for gs://): records, reports, training
+    runs and their exports land there; each stage hands the next its export through a local
+    copy; the API caches stay on local disk."""
+    monkeypatch.setenv("RLAIF_STAGING_DIR", str(tmp_path / "staging"))
+    configure(world, "unused", "ARM_DIR = 'memory://bucket/arms/dpo'", "DATA_DIR = 'memory://bucket/data'",
+              "run_arm.stages = ['prompts', 'sft', 'samples', 'critic', 'preferences', 'dpo', 'evaluate']")
+    summary = run_arm()
+    store = {k.lstrip("/") for k in memfs.store}
+    for f in ("bucket/data/stats.json", "bucket/data/prompts/feedback/manifest.json",
+              "bucket/arms/dpo/sft/hf/EXPORT_COMPLETE.json", "bucket/arms/dpo/sft/metrics.jsonl",
+              "bucket/arms/dpo/samples/manifest.json", "bucket/arms/dpo/comparisons/manifest.json",
+              "bucket/arms/dpo/preferences/manifest.json", "bucket/arms/dpo/dpo/hf/EXPORT_COMPLETE.json",
+              "bucket/arms/dpo/eval/metrics.json", "bucket/arms/dpo/summary.json", "bucket/arms/dpo/status.json"):
+        assert f in store, f
+    assert summary["policy"] == "memory://bucket/arms/dpo/dpo/hf" and "eval/win_rate" in summary
+    caches = os.listdir(str(tmp_path / "staging" / "api_cache"))
+    assert len(caches) == 1  # one local cache directory for this data_dir
+    assert not any(k.endswith("api_cache") for k in store)

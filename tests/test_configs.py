@@ -9,26 +9,21 @@ import gin
 import jax
 import pytest
 
-from rlaif_jax.cli import import_configurables
 from rlaif_jax.models import build_model
 from rlaif_jax.models.params import abstract_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
-# Published sizes (billions of parameters) of the paper's base models.
+# Published sizes (billions of parameters) of the paper's base models, and of Mixtral 8x7B
+# (all experts; 12.9B active per token).
 PUBLISHED = {"llama1_7b": 6.74, "llama2_7b": 6.74, "llama2_13b": 13.02, "mistral_7b": 7.24, "yi_6b": 6.06,
-             "deepseek_llm_7b": 6.91}
+             "deepseek_llm_7b": 6.91, "mixtral_8x7b": 46.70}
 MESH_DEVICES = {"gpu_8": 8, "tpu_v4_8": 4, "tpu_v4_32": 16, "tpu_v5e_16": 16, "tpu_v5p_64": 32,
                 "tpu_v5p_64_tensor": 32}
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    import_configurables()
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _parse(path, bindings=()):

@@ -3,45 +3,28 @@ spans both, each reading its own data shards, and match one process fed the same
 batches."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from rlaif_jax.data.toy import write_toy_world
+from tests.processes import free_port, run_together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_training_matches_one_process(tmp_path):
     data = tmp_path / "toy"
     write_toy_world(str(data), n=32, num_shards=2)
-    port = str(_free_port())
+    port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                PYTHONPATH=ROOT)
     multi = tmp_path / "multi"
-    procs = [subprocess.Popen([sys.executable, WORKER, str(multi), str(data), str(i), "2", port], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=400)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("multi-process run timed out")
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    outs = run_together([[sys.executable, WORKER, str(multi), str(data), str(i), "2", port] for i in range(2)],
+                        env, timeout=400)
     assert "devices 4 done" in outs[0] and "devices 4 done" in outs[1]
     single = tmp_path / "single"
     env1 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")

@@ -79,3 +79,19 @@ def test_gin_file_axes_vary_whole_files(tmp_path):
         assert os.path.exists(os.path.join(ROOT, path)), path
     scaling = expand(load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_sft_scaling.yaml")))
     assert [r.point["SFT_FRACTION"] for r in scaling] == [0.0, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+
+def test_sweep_over_an_object_store_sees_finished_runs_and_aggregates_there(memfs):
+    from rlaif_jax import fileio
+    from rlaif_jax.sweep import aggregate
+
+    spec = {"name": "t", "gin_files": ["x.gin"], "run_dir_param": "ARM_DIR", "run_root": "memory://b/sweep",
+            "grid": {"SFT_FRACTION": [0.1, 0.5]}, "metrics": ["eval/win_rate"]}
+    runs = expand(spec)
+    assert [r.run_dir for r in runs] == ["memory://b/sweep/SFT_FRACTION=0.1", "memory://b/sweep/SFT_FRACTION=0.5"]
+    fileio.write_json(runs[0].run_dir + "/summary.json", {"eval/win_rate": 42.5})
+    assert runs[0].finished and not runs[1].finished
+    rows = aggregate(spec, runs)
+    assert rows[0]["eval/win_rate"] == 42.5 and rows[1]["status"] == "not finished"
+    with fileio.open_file("memory://b/sweep/results.csv") as f:
+        assert list(csv.DictReader(f))[0]["eval/win_rate"] == "42.5"

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 import gin
 import numpy as np
 
+from rlaif_jax import fileio
 from rlaif_jax.eval.length_control import length_controlled_win_rate
 from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
@@ -85,13 +86,16 @@ def _add_to_ledger(out_dir: str, api: Mapping[str, Any]) -> float:
     """Appends this invocation's API spend to out_dir/api_ledger.jsonl and returns the run's
     total: a resumed run's own summary counts cache hits as free, so without the ledger the
     money spent before the interruption would vanish from metrics.json."""
-    path = os.path.join(out_dir, "api_ledger.jsonl")
+    path = fileio.join(out_dir, "api_ledger.jsonl")
     entry = {k: api.get(k) for k in ("requests", "cached", "ok", "errors", "prompt_tokens", "completion_tokens",
                                      "cost_usd", "unpriced_requests")}
-    with open(path, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
-    with open(path) as f:
-        return round(sum(json.loads(line)["cost_usd"] or 0.0 for line in f if line.strip()), 6)
+    entries = []
+    if fileio.exists(path):  # rewritten whole, not appended: object stores cannot append
+        with fileio.open_file(path) as f:
+            entries = [json.loads(line) for line in f if line.strip()]
+    entries.append(entry)
+    write_jsonl(path, entries)
+    return round(sum(e["cost_usd"] or 0.0 for e in entries), 6)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -122,11 +126,11 @@ def _clean(obj):
 def _check_fingerprint(gen_dir: str, spec: dict) -> None:
     """The policy-samples stage resumes by batch index, so samples left in gen_dir by a run
     with other prompts or sampling settings would be reused as if they were this run's."""
-    os.makedirs(gen_dir, exist_ok=True)
-    path = os.path.join(gen_dir, "eval_spec.json")
+    fileio.makedirs(gen_dir)
+    path = fileio.join(gen_dir, "eval_spec.json")
     spec = json.loads(json.dumps(spec, default=list))
-    if os.path.exists(path):
-        with open(path) as f:
+    if fileio.exists(path):
+        with fileio.open_file(path) as f:
             old = json.load(f)
         if old != spec:
             diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
@@ -141,12 +145,10 @@ def generate_outputs(checkpoint: str, rows: Sequence[Mapping], out_dir: str, gen
     stage over the compiled sampler)."""
     from rlaif_jax.feedback.stages import load_demonstrations, policy_samples_stage
 
-    prompts_path = os.path.join(out_dir, "prompts.jsonl")
-    with open(prompts_path, "w") as f:
-        for r in rows:
-            f.write(json.dumps({"prompt_id": r["prompt_id"], "prompt": r["prompt"]}, ensure_ascii=False) + "\n")
-    gen_dir = os.path.join(out_dir, "generations")
-    _check_fingerprint(gen_dir, {"checkpoint": os.path.abspath(checkpoint), "generator": generator,
+    prompts_path = fileio.join(out_dir, "prompts.jsonl")
+    write_jsonl(prompts_path, ({"prompt_id": r["prompt_id"], "prompt": r["prompt"]} for r in rows))
+    gen_dir = fileio.join(out_dir, "generations")
+    _check_fingerprint(gen_dir, {"checkpoint": fileio.abspath(checkpoint), "generator": generator,
                                  "prompt_ids": [r["prompt_id"] for r in rows], **sampling})
     policy_samples_stage(hf_dir=checkpoint, prompts=prompts_path, out_dir=gen_dir, source_model=generator, **sampling)
     by_id = {d["prompt_id"]: d["completion"] for d in load_demonstrations(gen_dir)}
@@ -250,7 +252,7 @@ def evaluate(
         raise ValueError("protocol 'judge' needs a client (bind evaluate.client = @FeedbackClient())")
     if protocol == "reward_model" and not reward_model:
         raise ValueError("protocol 'reward_model' needs reward_model (an HF reward model directory)")
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     rows = load_eval_set(eval_set, references, reference_generator)[:limit]
     name = generator or os.path.basename(os.path.normpath(checkpoint or policy_outputs))
     if checkpoint is not None:
@@ -260,11 +262,11 @@ def evaluate(
                                    mesh_shape=mesh_shape)
     else:
         outputs = load_outputs(policy_outputs, rows)
-    _write_json(os.path.join(out_dir, "generations.json"),
+    _write_json(fileio.join(out_dir, "generations.json"),
                 [{"instruction": r["prompt"], "output": o, "generator": name} for r, o in zip(rows, outputs)])
     refs = [r["reference"] for r in rows]
-    metrics: dict = {"protocol": protocol, "generator": name, "eval_set": os.path.abspath(eval_set),
-                     "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+    metrics: dict = {"protocol": protocol, "generator": name, "eval_set": fileio.abspath(eval_set),
+                     "checkpoint": fileio.abspath(checkpoint) if checkpoint else None,
                      "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k, "template": template,
                                   "max_length": max_length, "max_prompt_length": max_prompt_length,
                                   "seed": sample_seed} if checkpoint else None,
@@ -278,7 +280,7 @@ def evaluate(
                             logprobs=logprobs, top_logprobs=top_logprobs, temperature=judge_temperature,
                             max_tokens=judge_max_tokens, on_disagreement=on_disagreement, judge_name=judge_name,
                             batch_api=batch_api, poll_interval_s=poll_interval_s)
-        _write_jsonl(os.path.join(out_dir, "judgments.jsonl"), comps)
+        _write_jsonl(fileio.join(out_dir, "judgments.jsonl"), comps)
         jm = judge_metrics(comps, outputs, refs, lc_bootstrap if length_control else 0, order_seed)
         if not length_control:
             jm.update(lc_win_rate=None, lc_standard_error=None, lc_coef=None)
@@ -293,14 +295,14 @@ def evaluate(
                               max_prompt_length=max_prompt_length, batch_size=reward_batch_size, dtype=dtype)
         prompts = [r["prompt"] for r in rows]
         r_pol, r_ref = scorer.score(prompts, outputs), scorer.score(prompts, refs)
-        _write_jsonl(os.path.join(out_dir, "judgments.jsonl"),
+        _write_jsonl(fileio.join(out_dir, "judgments.jsonl"),
                      [{"prompt_id": r["prompt_id"], "reward_policy": float(a), "reward_reference": float(b)}
                       for r, a, b in zip(rows, r_pol, r_ref)])
-        metrics.update(reward_protocol_metrics(r_pol, r_ref), judge=f"reward_model:{os.path.abspath(reward_model)}",
+        metrics.update(reward_protocol_metrics(r_pol, r_ref), judge=f"reward_model:{fileio.abspath(reward_model)}",
                        cost_usd=0.0)
     metrics["labels"] = dict(labels or {})
     metrics = _clean(metrics)
-    _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    _write_json(fileio.join(out_dir, "metrics.json"), metrics)
     save_operative_config(out_dir)
     log.info("%s: win rate %s +- %s (LC %s) -> %s", name, metrics.get("win_rate"), metrics.get("standard_error"),
              metrics.get("lc_win_rate"), out_dir)

@@ -1,4 +1,5 @@
-"""Llama-style decoders (LLaMA-1, Llama-2, Mistral, Yi, DeepSeek-LLM), HF import/export."""
+"""Llama-style decoders (LLaMA-1, Llama-2, Mistral, Yi, DeepSeek-LLM) and the Mixtral sparse
+mixture of experts, HF import/export."""
 
 from rlaif_jax.models.config import DecoderConfig, custom_model_config, model_config
 from rlaif_jax.models.decoder import Transformer, init_cache

@@ -1,5 +1,6 @@
 """Decoder configuration shared by the Llama-style families (LLaMA-1, Llama-2, Mistral, Yi,
-DeepSeek-LLM), built from a Hugging Face ``config.json`` or from gin."""
+DeepSeek-LLM) and the sparse mixture-of-experts Mixtral, built from a Hugging Face
+``config.json`` or from gin."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any, Optional
 import gin
 import jax.numpy as jnp
 
-# HF model types whose weights and maths are the same Llama-style decoder.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# HF model types whose weights and maths are the same Llama-style decoder (mixtral: with a
+# sparse mixture-of-experts block in place of the MLP).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
+MOE_IMPLS = ("ragged", "dense")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 _DTYPES = {
@@ -68,6 +71,22 @@ class DecoderConfig:
     # for 32-80 layer models is what makes this worth the stacked param layout.
     scan_layers: bool = True
     initializer_range: float = 0.02
+    # Sparse mixture of experts (Mixtral): 0 = a dense SwiGLU MLP (every other MoE field is
+    # then ignored). HF's num_local_experts.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    # Training only: the MoE input is multiplied by U(1 - j, 1 + j) noise when the model is
+    # applied with an rng stream named "router" (the objectives pass one while training).
+    router_jitter_noise: float = 0.0
+    router_aux_loss_coef: float = 0.001
+    # As in HF: when true the model also returns the router load-balancing loss
+    # ("moe_aux_loss") and the objectives add router_aux_loss_coef times it to their loss.
+    output_router_logits: bool = False
+    # "ragged": tokens sorted by expert, only the selected experts computed
+    # (jax.lax.ragged_dot: a grouped matmul on TPU/GPU); "dense": every expert on every
+    # token, weighted by a gate that is zero off the top-k (the reference; cheaper on CPU,
+    # where XLA emulates ragged_dot densely).
+    moe_impl: str = "ragged"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -91,6 +110,25 @@ class DecoderConfig:
             raise ValueError(f"remat_policy must be none|full|dots, got {self.remat_policy!r}")
         resolve_dtype(self.dtype)
         resolve_dtype(self.param_dtype)
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+        if (self.model_type == "mixtral") != (self.num_experts > 0):
+            raise ValueError(
+                f"model_type {self.model_type!r} with num_experts={self.num_experts}: a sparse MoE "
+                "model is model_type='mixtral' with num_experts > 0, and only it"
+            )
+        if self.is_moe:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                    f"got {self.num_experts_per_tok}"
+                )
+            if self.moe_impl not in MOE_IMPLS:
+                raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+            if self.mlp_bias:
+                raise ValueError("mlp_bias is not supported with experts (Mixtral has none)")
+            if not 0 <= self.router_jitter_noise < 1:
+                raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise}")
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -101,6 +139,10 @@ class DecoderConfig:
     def rope_type(self) -> str:
         d = self.rope_scaling_dict
         return d.get("rope_type", d.get("type", "default")) or "default"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def compute_dtype(self):
@@ -120,12 +162,15 @@ class DecoderConfig:
     def replace(self, **kw) -> "DecoderConfig":
         return dataclasses.replace(self, **kw)
 
-    def num_params(self, include_embeddings: bool = True) -> int:
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count; `active`: only the experts one token runs through (MoE)."""
         h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.attention_bias:
             attn += d * (self.num_heads + 2 * self.num_kv_heads) + h
         mlp = 3 * h * f + (2 * f + h if self.mlp_bias else 0)
+        if self.is_moe:
+            mlp = mlp * (self.num_experts_per_tok if active else self.num_experts) + h * self.num_experts
         per_layer = attn + mlp + 2 * h
         total = self.num_layers * per_layer + h
         if include_embeddings:
@@ -133,15 +178,17 @@ class DecoderConfig:
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward, 6N plus attention), as MaxText counts."""
-        n = self.num_params(include_embeddings=False) + self.vocab_size * self.hidden_size
+        """Training FLOPs per token (forward + backward, 6N plus attention), as MaxText counts;
+        N counts only the experts a token is routed to."""
+        n = self.num_params(include_embeddings=False, active=True) + self.vocab_size * self.hidden_size
         attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len / 2  # causal half
         return 6 * n + attn
 
     # -- Hugging Face interop --------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf_config, **overrides) -> "DecoderConfig":
-        """From a transformers config object (LlamaConfig / MistralConfig) or its dict."""
+        """From a transformers config object (LlamaConfig / MistralConfig / MixtralConfig) or
+        its dict."""
         d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -158,7 +205,7 @@ class DecoderConfig:
             rope = dict(d["rope_scaling"])
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_scaling = None if rope_type in (None, "default") else rope
-        window = d.get("sliding_window") if model_type == "mistral" else None
+        window = d.get("sliding_window") if model_type in ("mistral", "mixtral") else None
         if d.get("use_sliding_window") is False:
             window = None
         kw = dict(
@@ -183,6 +230,15 @@ class DecoderConfig:
             model_type=model_type,
             initializer_range=d.get("initializer_range", 0.02),
         )
+        if model_type == "mixtral":
+            # transformers 4.x and 5.x both write num_local_experts (5.x maps num_experts to it).
+            kw.update(
+                num_experts=int(d.get("num_local_experts") or d.get("num_experts") or 8),
+                num_experts_per_tok=int(d.get("num_experts_per_tok") or 2),
+                router_jitter_noise=float(d.get("router_jitter_noise") or 0.0),
+                router_aux_loss_coef=float(_get(d, "router_aux_loss_coef", 0.001)),
+                output_router_logits=bool(d.get("output_router_logits") or False),
+            )
         kw.update(overrides)
         return cls(**kw)
 
@@ -225,7 +281,20 @@ class DecoderConfig:
             initializer_range=self.initializer_range,
         )
         _set_hf_rope(kw, self.rope_theta, rope)
-        if self.model_type == "mistral":
+        if self.model_type == "mixtral":
+            if self.attention_bias:
+                raise ValueError("attention_bias cannot be exported as a Mixtral checkpoint")
+            cfg = transformers.MixtralConfig(
+                sliding_window=self.sliding_window,
+                num_local_experts=self.num_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                router_jitter_noise=self.router_jitter_noise,
+                router_aux_loss_coef=self.router_aux_loss_coef,
+                output_router_logits=self.output_router_logits,
+                **kw,
+            )
+            cfg.architectures = ["MixtralForCausalLM"]
+        elif self.model_type == "mistral":
             cfg = transformers.MistralConfig(sliding_window=self.sliding_window, **kw)
             cfg.architectures = ["MistralForCausalLM"]
         else:
@@ -236,6 +305,12 @@ class DecoderConfig:
             )
             cfg.architectures = ["LlamaForCausalLM"]
         return cfg
+
+
+def _get(d: dict, key: str, default):
+    """d[key], or default when it is absent or null."""
+    v = d.get(key)
+    return default if v is None else v
 
 
 def _set_hf_rope(kw: dict, theta: float, rope: dict) -> None:

@@ -1,5 +1,6 @@
-"""One Flax decoder for the Llama-style families: RMSNorm, RoPE, SwiGLU, grouped-query
-attention, optional sliding window, tied or untied embeddings, optional scalar heads.
+"""One Flax decoder for the Llama-style families: RMSNorm, RoPE, SwiGLU (or Mixtral's sparse
+mixture of SwiGLU experts), grouped-query attention, optional sliding window, tied or untied
+embeddings, optional scalar heads.
 
 Attention masks are built from explicit positions and segment ids, so one code path covers
 padded batches (segment 0 = padding), packed batches (segments 1..k) and KV-cache decoding
@@ -14,9 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
+
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.rope import apply_rope, rope_cos_sin
-from rlaif_jax.sharding import constrain
+from rlaif_jax.sharding import active_mesh_rules, constrain, fitted_spec
 
 Array = jax.Array
 # Scores of masked pairs. A finite value keeps rows with nothing to attend to (padding
@@ -127,6 +131,132 @@ class MLP(nn.Module):
         return Dense((cfg.hidden_size,), (-1,), ("mlp", "embed"), cfg, b, name="down_proj")(h)
 
 
+# -- sparse mixture of experts (Mixtral) -----------------------------------------------------
+
+MOE_MATMUL = "moe_expert_matmul"
+
+
+def _dense_experts(x, gate, w_gate, w_up, w_down):
+    """Every expert on every token, summed with gate [B, T, E] (zero off the top-k): the
+    reference implementation, E / k times the FLOPs of the selected experts."""
+    g = jnp.einsum("bth,ehf->btef", x, w_gate)
+    u = jnp.einsum("bth,ehf->btef", x, w_up)
+    h = constrain(nn.silu(g) * u, ("activation_batch", "activation_length", None, "activation_mlp"))
+    h = (h.astype(jnp.float32) * gate[..., None]).astype(x.dtype)
+    return jnp.einsum("btef,efh->bth", h, w_down)
+
+
+def _ragged_experts(x, top_w, top_i, w_gate, w_up, w_down):
+    """Dropless: the B*T*k (token, expert) pairs sorted by expert, then one grouped matmul per
+    projection (`lax.ragged_dot`: native on TPU and GPU; XLA:CPU emulates it densely), then
+    unsorted and summed with the top-k weights. Works on the tokens it is given (one device's
+    shard under a mesh)."""
+    B, T, H = x.shape
+    k, E = top_i.shape[-1], w_gate.shape[0]
+    flat_e = top_i.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    xs = x.reshape(B * T, H)[order // k]
+    group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    # Named so remat "dots" saves them as it saves the dense MLP's matmuls (no batch dims).
+    g = checkpoint_name(jax.lax.ragged_dot(xs, w_gate, group_sizes), MOE_MATMUL)
+    u = checkpoint_name(jax.lax.ragged_dot(xs, w_up, group_sizes), MOE_MATMUL)
+    ys = checkpoint_name(jax.lax.ragged_dot(nn.silu(g) * u, w_down, group_sizes), MOE_MATMUL)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y = ys[inverse].reshape(B * T, k, H).astype(jnp.float32)
+    out = jnp.einsum("nkh,nk->nh", y, top_w.reshape(B * T, k).astype(jnp.float32))
+    return out.reshape(B, T, H)
+
+
+def _ragged_experts_on_mesh(x, top_w, top_i, w_gate, w_up, w_down):
+    """`_ragged_experts` on each device's own tokens (shard_map): sorting a batch that is
+    split over (data, fsdp) would otherwise gather every token everywhere. Expert weights
+    come in whole along embed (the fsdp all-gather every layer does anyway) and split along
+    mlp over the axes `mlp` maps to (tensor), whose partial outputs are summed."""
+    active = active_mesh_rules()
+    if active is None:
+        return _ragged_experts(x, top_w, top_i, w_gate, w_up, w_down).astype(x.dtype)
+    mesh, rules = active
+    tok = fitted_spec(("activation_batch", "activation_length", None), x.shape, mesh, rules)
+    used = {a for axes in tok if axes for a in ((axes,) if isinstance(axes, str) else axes)}
+    mlp = fitted_spec(("mlp",), (w_gate.shape[2],), mesh, rules)[0]
+    mlp_axes = tuple(a for a in ((mlp,) if isinstance(mlp, str) else (mlp or ())) if a not in used)
+    mlp = None if not mlp_axes else (mlp_axes[0] if len(mlp_axes) == 1 else mlp_axes)
+    w_in, w_out = P(None, None, mlp), P(None, mlp, None)
+
+    def local(x, top_w, top_i, w_gate, w_up, w_down):
+        y = _ragged_experts(x, top_w, top_i, w_gate, w_up, w_down)
+        return jax.lax.psum(y, mlp_axes) if mlp_axes else y
+
+    y = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
+        x, top_w, top_i, w_gate, w_up, w_down
+    )
+    return y.astype(x.dtype)
+
+
+def route(probs: Array, k: int) -> tuple[Array, Array]:
+    """The k most probable experts per token and their probabilities renormalised to sum
+    to 1 (as HF Mixtral; ties go to the lower expert index)."""
+    top_w, top_i = jax.lax.top_k(probs, k)
+    return top_w / top_w.sum(-1, keepdims=True), top_i
+
+
+def router_stats(probs: Array, top_i: Array, segment_ids: Array) -> dict:
+    """One layer's sums over real (segment != 0) tokens for the load-balancing loss: top-k
+    assignments per expert, router probabilities per expert, and the token count."""
+    valid = (segment_ids != 0).astype(jnp.float32)
+    assigned = jax.nn.one_hot(top_i, probs.shape[-1], dtype=jnp.float32).sum(-2)
+    return {
+        "tokens": jnp.einsum("bte,bt->e", assigned, valid),
+        "probs": jnp.einsum("bte,bt->e", probs, valid),
+        "rows": valid.sum(),
+    }
+
+
+def load_balancing_loss(stats: dict) -> Array:
+    """HF's `load_balancing_loss_func` (Switch Transformer eq. 4-6) from `router_stats`
+    summed over layers: num_experts * sum_e f_e * P_e, with f_e the fraction of top-k
+    assignments and P_e the mean router probability of expert e, over every layer's real
+    tokens."""
+    rows = jnp.maximum(stats["rows"], 1.0)
+    num_experts = stats["tokens"].shape[-1]
+    return num_experts * jnp.sum((stats["tokens"] / rows) * (stats["probs"] / rows))
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse MoE block: router (linear, no bias) -> softmax in float32 -> top-k ->
+    top-k weights renormalised to sum to 1 -> their weighted sum of SwiGLU experts. Returns
+    (output, router_stats or None)."""
+
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids):
+        cfg = self.cfg
+        E, k, H, F = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
+        if cfg.router_jitter_noise and self.has_rng("router"):
+            j = cfg.router_jitter_noise
+            noise = jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32, 1.0 - j, 1.0 + j)
+            x = (x * noise).astype(x.dtype)
+        logits = Dense((E,), (-1,), ("embed", "expert"), cfg, name="router")(x)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top_w, top_i = route(probs, k)
+
+        def expert_param(name, axes, shape):
+            w = self.param(name, _init(cfg, axes), shape, cfg.params_dtype)
+            return w.astype(cfg.compute_dtype)
+
+        w_gate = expert_param("gate_proj", ("expert", "embed", "mlp"), (E, H, F))
+        w_up = expert_param("up_proj", ("expert", "embed", "mlp"), (E, H, F))
+        w_down = expert_param("down_proj", ("expert", "mlp", "embed"), (E, F, H))
+        if cfg.moe_impl == "dense":
+            gate = (jax.nn.one_hot(top_i, E, dtype=jnp.float32) * top_w[..., None]).sum(-2)
+            y = _dense_experts(x, gate, w_gate, w_up, w_down)
+        else:
+            y = _ragged_experts_on_mesh(x, top_w, top_i, w_gate, w_up, w_down)
+        stats = router_stats(probs, top_i, segment_ids) if cfg.output_router_logits else None
+        return y, stats
+
+
 class Block(nn.Module):
     cfg: DecoderConfig
 
@@ -138,18 +268,26 @@ class Block(nn.Module):
             norm("input_norm")(x), cos, sin, positions, segment_ids, cache, cache_index
         )
         x = x + h
-        x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
-        x = constrain(x, BATCH_LENGTH_EMBED)
-        return x, cache
+        h = norm("post_attn_norm")(x)
+        if cfg.is_moe:
+            h, stats = MoE(cfg, name="moe")(h, segment_ids)
+        else:
+            h, stats = MLP(cfg, name="mlp")(h), None
+        x = constrain(x + h, BATCH_LENGTH_EMBED)
+        return x, (cache, stats)
 
 
-def _remat(block_cls, policy: str, scanned: bool):
+def _remat(block_cls, policy: str, scanned: bool, moe: bool = False):
     if policy == "none":
         return block_cls
     jax_policy = {
         "full": None,
         "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     }[policy]
+    if moe and policy == "dots":  # ragged_dot is not a dot_general: save it by name
+        jax_policy = jax.checkpoint_policies.save_from_both_policies(
+            jax_policy, jax.checkpoint_policies.save_only_these_names(MOE_MATMUL)
+        )
     # Inside a scan, CSE across iterations cannot happen, so prevent_cse only costs speed.
     return nn.remat(block_cls, policy=jax_policy, prevent_cse=not scanned)
 
@@ -157,7 +295,10 @@ def _remat(block_cls, policy: str, scanned: bool):
 class Transformer(nn.Module):
     """Decoder-only LM. Returns a dict with `hidden` (after the final norm), `logits`
     (float32, when `lm_head`), one [batch, length] float32 array per name in `scalar_heads`
-    (a value or reward per position), and `cache` (when a cache was given)."""
+    (a value or reward per position), `cache` (when a cache was given) and, for an MoE
+    model with `output_router_logits`, `moe_aux_loss` (the router load-balancing loss over
+    the real tokens, as HF's). Router jitter noise applies only when an rng stream named
+    "router" is given (`rngs={"router": key}`: training)."""
 
     cfg: DecoderConfig
     lm_head: bool = True
@@ -190,27 +331,29 @@ class Transformer(nn.Module):
 
         if cfg.scan_layers:
             scan = nn.scan(
-                _remat(Block, cfg.remat_policy, scanned=True),
+                _remat(Block, cfg.remat_policy, scanned=True, moe=cfg.is_moe),
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "router": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 out_axes=0,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, new_cache = scan(cfg, name="layers")(
+            x, (new_cache, stats) = scan(cfg, name="layers")(
                 x, cache, cos, sin, positions, segment_ids, cache_index
             )
         else:
-            block_cls = _remat(Block, cfg.remat_policy, scanned=False)
-            caches = []
+            block_cls = _remat(Block, cfg.remat_policy, scanned=False, moe=cfg.is_moe)
+            caches, layer_stats = [], []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                x, c = block_cls(cfg, name=f"layers_{i}")(
+                x, (c, st) = block_cls(cfg, name=f"layers_{i}")(
                     x, layer_cache, cos, sin, positions, segment_ids, cache_index
                 )
                 caches.append(c)
+                layer_stats.append(st)
             new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+            stats = jax.tree.map(lambda *s: jnp.stack(s), *layer_stats)
 
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")(x)
         out = {"hidden": hidden}
@@ -234,6 +377,8 @@ class Transformer(nn.Module):
             )(hidden.astype(jnp.float32))[..., 0]
         if cache is not None:
             out["cache"] = new_cache
+        if stats is not None:
+            out["moe_aux_loss"] = load_balancing_loss(jax.tree.map(lambda s: s.sum(0), stats))
         return out
 
 

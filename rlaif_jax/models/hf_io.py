@@ -4,6 +4,12 @@ without torch.
 Import reads each device shard straight out of the memory-mapped safetensors files with
 `jax.make_array_from_callback`, so a host only ever materialises the slices its own devices
 hold: a 70B checkpoint never exists whole in one host's memory.
+
+Mixtral experts are read from the hub layout (`block_sparse_moe.gate` and one
+`block_sparse_moe.experts.E.{w1,w2,w3}` tensor per expert, which is also what transformers
+5.x `save_pretrained` writes) or from transformers 5.x's in-memory fused layout
+(`mlp.gate`, `mlp.experts.gate_up_proj` [E, 2F, H], `mlp.experts.down_proj` [E, H, F]);
+export writes the hub layout.
 """
 
 from __future__ import annotations
@@ -35,23 +41,57 @@ SCORE_HEAD = "score"
 class _Entry:
     """How one of our params is stored in HF: key and layout kind."""
 
-    hf_key: str
-    kind: str  # kernel | qkv_kernel | o_kernel | qkv_bias | vector
+    hf_key: str  # with "{e}" for one tensor per expert (kind expert_kernel)
+    kind: str  # kernel | qkv_kernel | o_kernel | qkv_bias | vector | expert_kernel |
+    # expert_stack_kernel | fused_gate | fused_up
+    num_experts: int = 0
+
+    def hf_keys(self) -> list:
+        if self.kind == "expert_kernel":
+            return [self.hf_key.format(e=e) for e in range(self.num_experts)]
+        return [self.hf_key]
 
 
-def _layer_entries(cfg: DecoderConfig, i: int) -> dict:
+# Where the MoE tensors of a layer live, by checkpoint layout (see the module docstring).
+MOE_LAYOUTS = ("hub", "fused")
+
+
+def _moe_entries(cfg: DecoderConfig, pre: str, layout: str) -> dict:
+    E = cfg.num_experts
+    if layout == "hub":
+        moe = pre + "block_sparse_moe."
+        return {
+            ("moe", "router", "kernel"): _Entry(moe + "gate.weight", "kernel"),
+            ("moe", "gate_proj"): _Entry(moe + "experts.{e}.w1.weight", "expert_kernel", E),
+            ("moe", "up_proj"): _Entry(moe + "experts.{e}.w3.weight", "expert_kernel", E),
+            ("moe", "down_proj"): _Entry(moe + "experts.{e}.w2.weight", "expert_kernel", E),
+        }
+    if layout == "fused":
+        return {
+            ("moe", "router", "kernel"): _Entry(pre + "mlp.gate.weight", "kernel"),
+            ("moe", "gate_proj"): _Entry(pre + "mlp.experts.gate_up_proj", "fused_gate"),
+            ("moe", "up_proj"): _Entry(pre + "mlp.experts.gate_up_proj", "fused_up"),
+            ("moe", "down_proj"): _Entry(pre + "mlp.experts.down_proj", "expert_stack_kernel"),
+        }
+    raise ValueError(f"unknown MoE layout {layout!r}; one of {MOE_LAYOUTS}")
+
+
+def _layer_entries(cfg: DecoderConfig, i: int, moe_layout: str = "hub") -> dict:
     pre = f"model.layers.{i}."
     e = {
         ("attn", "q_proj", "kernel"): _Entry(pre + "self_attn.q_proj.weight", "qkv_kernel"),
         ("attn", "k_proj", "kernel"): _Entry(pre + "self_attn.k_proj.weight", "qkv_kernel"),
         ("attn", "v_proj", "kernel"): _Entry(pre + "self_attn.v_proj.weight", "qkv_kernel"),
         ("attn", "o_proj", "kernel"): _Entry(pre + "self_attn.o_proj.weight", "o_kernel"),
-        ("mlp", "gate_proj", "kernel"): _Entry(pre + "mlp.gate_proj.weight", "kernel"),
-        ("mlp", "up_proj", "kernel"): _Entry(pre + "mlp.up_proj.weight", "kernel"),
-        ("mlp", "down_proj", "kernel"): _Entry(pre + "mlp.down_proj.weight", "kernel"),
         ("input_norm", "scale"): _Entry(pre + "input_layernorm.weight", "vector"),
         ("post_attn_norm", "scale"): _Entry(pre + "post_attention_layernorm.weight", "vector"),
     }
+    if cfg.is_moe:
+        e.update(_moe_entries(cfg, pre, moe_layout))
+    else:
+        e[("mlp", "gate_proj", "kernel")] = _Entry(pre + "mlp.gate_proj.weight", "kernel")
+        e[("mlp", "up_proj", "kernel")] = _Entry(pre + "mlp.up_proj.weight", "kernel")
+        e[("mlp", "down_proj", "kernel")] = _Entry(pre + "mlp.down_proj.weight", "kernel")
     if cfg.attention_bias:
         for n in ("q", "k", "v"):
             e[("attn", f"{n}_proj", "bias")] = _Entry(pre + f"self_attn.{n}_proj.bias", "qkv_bias")
@@ -83,8 +123,19 @@ def _heads_dim(kind: str, shape: Sequence[int]) -> int:
 
 def _read_slice(get: Callable, kind: str, shape: tuple, index: tuple) -> np.ndarray:
     """Our-layout slice `index` of a param of our-layout `shape`, read from HF storage via
-    `get(hf_index)` (which slices the memory-mapped tensor)."""
+    `get(hf_index)` (which slices the memory-mapped tensor; `get(expert, hf_index)` for
+    expert_kernel, one tensor per expert)."""
     index = tuple(slice(*s.indices(d)) for s, d in zip(index, shape))
+    if kind == "expert_kernel":  # ours [E, in, out]; expert e's HF tensor [out, in]
+        ex, i, o = index
+        return np.stack([get(e, (o, i)).T for e in range(ex.start, ex.stop)])
+    if kind == "expert_stack_kernel":  # ours [E, in, out] = HF [E, out, in] transposed
+        ex, i, o = index
+        return get((ex, o, i)).transpose(0, 2, 1)
+    if kind in ("fused_gate", "fused_up"):  # ours [E, H, F] from HF gate_up [E, 2F, H]
+        ex, h, f = index
+        off = 0 if kind == "fused_gate" else shape[2]
+        return get((ex, slice(f.start + off, f.stop + off), h)).transpose(0, 2, 1)
     if kind == "vector":
         return get(index)
     if kind == "kernel":  # ours [in, out] = HF [out, in].T
@@ -122,7 +173,23 @@ def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
     raise ValueError(kind)
 
 
+def _to_hf_tensors(entry: _Entry, x: np.ndarray) -> list:
+    """[(HF key, tensor)] of one of our (per-layer) params, in the hub layout."""
+    if entry.kind == "expert_kernel":
+        return [(key, np.ascontiguousarray(x[e].T)) for e, key in enumerate(entry.hf_keys())]
+    if entry.kind in ("expert_stack_kernel", "fused_gate", "fused_up"):
+        raise ValueError(f"{entry.hf_key}: the fused MoE layout is read, never written")
+    return [(entry.hf_key, _to_hf(entry.kind, x))]
+
+
 def _hf_shape(kind: str, shape: tuple) -> tuple:
+    """The HF shape of one stored tensor of an entry, given our (per-layer) param shape."""
+    if kind == "expert_kernel":
+        return (shape[2], shape[1])
+    if kind == "expert_stack_kernel":
+        return (shape[0], shape[2], shape[1])
+    if kind in ("fused_gate", "fused_up"):
+        return (shape[0], 2 * shape[2], shape[1])
     return _to_hf(kind, np.empty(shape, np.int8)).shape
 
 
@@ -188,16 +255,33 @@ class _SafetensorsDir:
         return get
 
 
-def _plan(cfg: DecoderConfig, lm_head: bool, score_head: bool) -> dict:
+def _plan(cfg: DecoderConfig, lm_head: bool, score_head: bool, moe_layout: str = "hub") -> dict:
     """Our flat param path -> list of HF entries (one per layer when layers are stacked)."""
     plan = {k: [v] for k, v in _global_entries(cfg, lm_head, score_head).items()}
     for i in range(cfg.num_layers):
-        for k, v in _layer_entries(cfg, i).items():
+        for k, v in _layer_entries(cfg, i, moe_layout).items():
             if cfg.scan_layers:
                 plan.setdefault(("layers",) + k, []).append(v)
             else:
                 plan[(f"layers_{i}",) + k] = [v]
     return plan
+
+
+def _entry_getter(store: _SafetensorsDir, entry: _Entry) -> Callable:
+    if entry.kind == "expert_kernel":
+        per_expert = [store.getter(k) for k in entry.hf_keys()]
+        return lambda e, index: per_expert[e](index)
+    return store.getter(entry.hf_key)
+
+
+def _moe_layout(cfg: DecoderConfig, store: _SafetensorsDir) -> str:
+    """hub unless the checkpoint holds the fused expert tensors instead."""
+    if cfg.is_moe:
+        fused = _moe_entries(cfg, "model.layers.0.", "fused")[("moe", "gate_proj")].hf_key
+        hub = _moe_entries(cfg, "model.layers.0.", "hub")[("moe", "router", "kernel")].hf_key
+        if fused in store.weight_map and hub not in store.weight_map:
+            return "fused"
+    return "hub"
 
 
 def load_hf(
@@ -224,14 +308,14 @@ def load_hf(
         shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
     else:
         shardings = flatten_dict(shd.param_shardings(boxed, mesh, rules or shd.logical_rules()))
-    plan = _plan(cfg, lm_head, score_head)
-    missing = [e.hf_key for entries in plan.values() for e in entries if e.hf_key not in store.weight_map]
+    plan = _plan(cfg, lm_head, score_head, _moe_layout(cfg, store))
+    missing = [k for entries in plan.values() for e in entries for k in e.hf_keys() if k not in store.weight_map]
     if missing:
         raise KeyError(
             f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]} "
             f"(model_type={cfg.model_type}, tie_word_embeddings={cfg.tie_word_embeddings})"
         )
-    used = {e.hf_key for entries in plan.values() for e in entries}
+    used = {k for entries in plan.values() for e in entries for k in e.hf_keys()}
     # A reward model initialised from a policy drops its LM head on purpose.
     skip = _IGNORED_SUFFIXES + (() if lm_head else ("lm_head.weight",))
     extra = [k for k in store.keys() if k not in used and not k.endswith(skip)]
@@ -245,12 +329,11 @@ def load_hf(
         per_shape = spec.shape[1:] if stacked else spec.shape
         for e in entries:
             want = _hf_shape(e.kind, per_shape)
-            got = store.shape(e.hf_key)
-            if got != want:
-                raise ValueError(
-                    f"{path}: tensor {e.hf_key!r} has shape {got}, the config implies {want}"
-                )
-        getters = [store.getter(e.hf_key) for e in entries]
+            for key in e.hf_keys():
+                got = store.shape(key)
+                if got != want:
+                    raise ValueError(f"{path}: tensor {key!r} has shape {got}, the config implies {want}")
+        getters = [_entry_getter(store, e) for e in entries]
         kinds = [e.kind for e in entries]
         dtype = spec.dtype
 
@@ -300,16 +383,16 @@ def save_hf(
         for i, e in enumerate(entries):
             stacked = cfg.scan_layers and our_path[0] == "layers"
             x = shd.to_host(arr[i] if stacked else arr)
-            x = _to_hf(e.kind, x)
-            if dtype is not None:
-                x = x.astype(dtype)
             if not writer:
                 continue
-            if current and current_bytes + x.nbytes > max_shard_bytes:
-                shards.append(current)
-                current, current_bytes = {}, 0
-            current[e.hf_key] = x
-            current_bytes += x.nbytes
+            for key, t in _to_hf_tensors(e, x):
+                if dtype is not None:
+                    t = t.astype(dtype)
+                if current and current_bytes + t.nbytes > max_shard_bytes:
+                    shards.append(current)
+                    current, current_bytes = {}, 0
+                current[key] = t
+                current_bytes += t.nbytes
     if not writer:
         return
     shards.append(current)

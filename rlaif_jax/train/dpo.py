@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from rlaif_jax.models.params import apply
 from rlaif_jax.train.logprobs import token_logps
-from rlaif_jax.train.objectives import concat_pairs, mean_metric
+from rlaif_jax.train.objectives import add_moe_aux_loss, concat_pairs, mean_metric, train_rngs
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 REFERENCES = ("model", "precomputed", "none")
@@ -84,7 +84,8 @@ class DPO:
         B = batch["chosen_tokens"].shape[0]
         mask = both["loss_mask"].astype(jnp.float32)
         n_tok = jnp.maximum(mask.sum(-1), 1.0)
-        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], mesh=mesh)
+        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], mesh=mesh,
+                    **train_rngs(model, rng))
         tok_lp = token_logps(out["logits"], both["tokens"]) * mask
         sums = tok_lp.sum(-1)
         average = self.average_log_prob or self.loss_type == "simpo"
@@ -121,5 +122,5 @@ class DPO:
             "logps/rejected": mean_metric(sums[B:]),
             "nll/chosen_per_token": mean_metric(chosen_nll),
         }
-        del rng
-        return loss_sum, jnp.asarray(B, jnp.float32), metrics
+        weight = jnp.asarray(B, jnp.float32)
+        return add_moe_aux_loss(model, out, loss_sum, weight, metrics), weight, metrics

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import DecoderConfig, build_model, init_params
 from rlaif_jax.models.decoder import init_scalar_head
@@ -28,6 +28,7 @@ from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
 from rlaif_jax.train.metrics import MetricsWriter, mfu, peak_tflops
 from rlaif_jax.train.optim import make_optimizer
+from rlaif_jax.train.rundir import RunDir, require_local_dir
 from rlaif_jax.train.step import TrainState, compile_step, create_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def _batch_tokens(batch: dict) -> int:
 def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str], mesh, rules, seed: int):
     """(cfg, model, params): from an HF directory when given (a reward model gets a fresh
     score head on the pretrained trunk), else random."""
+    require_local_dir(init_from, "init_from")
     if cfg is None:
         if not init_from:
             raise ValueError("train needs model_config or init_from (an HF directory)")
@@ -57,7 +59,7 @@ def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str
     return cfg, model, params
 
 
-def _check_finite(state: TrainState, recent: collections.deque, run_dir: str) -> None:
+def _check_finite(state: TrainState, recent: collections.deque, run_dir: RunDir) -> None:
     bad = int(jax.device_get(state.nonfinite_step))
     if bad < 0:
         return
@@ -65,8 +67,9 @@ def _check_finite(state: TrainState, recent: collections.deque, run_dir: str) ->
     batch = next((b for s, _, b in recent if s == bad), None)
     dump = None
     if batch is not None and jax.process_index() == 0:
-        dump = os.path.join(run_dir, f"nonfinite_batch_step{bad}.npz")
-        np.savez(dump, **batch)
+        name = f"nonfinite_batch_step{bad}.npz"
+        np.savez(run_dir.local_path(name), **batch)
+        dump = run_dir.url(name)  # a URL run_dir gets it when the run closes
     raise NonFiniteLossError(
         f"loss or gradient became non-finite at step {bad} (data iterator position before that "
         f"batch: {where}; batch saved to {dump}). That update was not applied and no checkpoint "
@@ -103,14 +106,31 @@ def train(
     """Train `objective` for num_steps, or until the data runs out when num_steps is None
 (epoch-based recipes bind the pipeline's num_epochs); resumes from run_dir/checkpoints.
 
+    run_dir may be a URL (gs://...): checkpoints go there through orbax, everything else is
+    staged locally and mirrored there at each checkpoint and at the end (see
+    rlaif_jax.train.rundir); the HF export is marked complete by hf/EXPORT_COMPLETE.json.
+
     train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
     tokenizer=..., state=... (the iterator position to resume from). `stop_after` ends the
     process-side loop early without a final checkpoint: preemption in tests.
     Returns the last logged metrics.
     """
+    args = dict(locals())  # every argument, passed on to _train by name
+    require_local_dir(init_from, "init_from")
+    require_local_dir(tokenizer, "tokenizer")
+    rd = RunDir(args.pop("run_dir"))
+    try:
+        return _train(rd, **args)
+    finally:
+        rd.close()  # a URL run_dir: the last upload, also after an error
+
+
+def _train(rd: RunDir, objective, train_data, num_steps, model_config, init_from, tokenizer, eval_data, grad_accum,
+           optimizer, mesh, seed, log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints,
+           async_checkpoint, export_hf, sample_prompts, sample_max_new_tokens, peak_device_tflops, stop_after) -> dict:
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = rd.path
     the_mesh = mesh() if callable(mesh) else mesh
     rules = shd.logical_rules()
     tok_dir = tokenizer or init_from
@@ -121,7 +141,7 @@ def train(
     state = jax.jit(lambda p: create_state(p, tx, seed))(params)
     del params
 
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep_checkpoints, async_checkpoint)
+    ckpt = Checkpointer(fileio.join(run_dir, "checkpoints"), keep_checkpoints, async_checkpoint)
     data_state = None
     start = 0
     latest = ckpt.latest_step()
@@ -132,10 +152,17 @@ def train(
     it = train_data(tokenizer=tok, state=data_state or None)
     step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh, ref_params)
     eval_fn = jax.jit(make_eval_step(objective, model, the_mesh)) if eval_data else None
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(rd.local)
     if jax.process_index() == 0:
-        with open(os.path.join(run_dir, "config.gin"), "w") as f:
+        with open(rd.local_path("config.gin"), "w") as f:
             f.write(gin.config_str())
+
+    def mirror() -> None:  # a URL run_dir: upload the staged logs (no-op for a local one)
+        if rd.remote:
+            writer.flush()
+            rd.sync()
+
+    mirror()
 
     peak = peak_tflops(jax.devices()[0], peak_device_tflops)
     recent: collections.deque = collections.deque(maxlen=max(log_every, 1))
@@ -148,7 +175,7 @@ def train(
     def log_metrics(metrics, batch) -> dict:
         nonlocal t_last, tokens_since, steps_since
         metrics = jax.device_get(metrics)
-        _check_finite(state, recent, run_dir)
+        _check_finite(state, recent, rd)
         dt = time.perf_counter() - t_last
         seq_len = batch[next(k for k in batch if k.endswith("tokens"))].shape[1]
         # 6N per token for the policy's forward and backward; a reference forward adds 2N.
@@ -192,26 +219,28 @@ def train(
                         writer.write(step, {"prompt": p, "completion": text}, prefix="sample/")
 
             if checkpoint_every and step % checkpoint_every == 0 and step != num_steps:
-                _check_finite(state, recent, run_dir)
+                _check_finite(state, recent, rd)
                 ckpt.save(step, state, it.get_state())
+                mirror()
             if stop_after is not None and step >= stop_after:
                 ckpt.wait()
                 return last
         if steps_since:  # the data ran out between two logging steps
             last = {**last, **log_metrics(metrics, batch)}
-        _check_finite(state, recent, run_dir)
+        _check_finite(state, recent, rd)
         if ckpt.latest_step() != step:
             ckpt.save(step, state, it.get_state())
         ckpt.wait()
         if jax.process_index() == 0:
-            with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
+            with open(rd.local_path("operative_config.gin"), "w") as f:
                 f.write(gin.operative_config_str())
+        mirror()
         if export_hf:
-            save_hf(os.path.join(run_dir, "hf"), cfg, state.params, tokenizer=tok,
-                    score_head=not objective.lm_head)
+            rd.export_hf(lambda d: save_hf(d, cfg, state.params, tokenizer=tok, score_head=not objective.lm_head),
+                         info={"step": step})
         summary = {"step": step, **last}
-        if jax.process_index() == 0:
-            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        if jax.process_index() == 0:  # last: a URL run_dir gets it (on close) after hf/ is complete
+            with open(rd.local_path("summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
     finally:

@@ -11,6 +11,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from rlaif_jax import fileio
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak TFLOP/s per device (vendor figures), for MFU.
@@ -46,13 +48,23 @@ def _scalar(v: Any) -> Any:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to
-    TensorBoard (tensorboardX) when installed. Only process 0 writes."""
+    TensorBoard (tensorboardX) when installed. Only process 0 writes.
+
+    A URL run_dir (gs://...) is staged locally and uploaded by `sync()` and `close()`
+    (object stores cannot append; see rlaif_jax.train.rundir). The trainers stage the whole
+    run directory themselves and pass the local staging path here."""
 
     def __init__(self, run_dir: str, filename: str = "metrics.jsonl"):
         self.enabled = jax.process_index() == 0
         self._tb = None
+        self._mirror = None
         if not self.enabled:
             return
+        if fileio.is_url(run_dir):
+            from rlaif_jax.train.rundir import RunDir
+
+            self._mirror = RunDir(run_dir, pull=(filename,))
+            run_dir = self._mirror.local
         os.makedirs(run_dir, exist_ok=True)
         self._f = open(os.path.join(run_dir, filename), "a")
         try:
@@ -79,14 +91,30 @@ class MetricsWriter:
         if self.enabled and self._tb is not None:
             self._tb.add_text(tag, text, step)
 
+    def flush(self) -> None:
+        """Everything written so far on disk (the JSONL is flushed on every write already)."""
+        if not self.enabled:
+            return
+        self._f.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def sync(self) -> None:
+        """flush(), then upload to a URL run_dir given to this writer (no-op otherwise)."""
+        self.flush()
+        if self._mirror is not None:
+            self._mirror.sync()
+
     def close(self) -> None:
         if not self.enabled:
             return
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._mirror is not None:
+            self._mirror.close()
 
 
 def read_jsonl(path: str) -> list:
-    with open(path) as f:
+    with fileio.open_file(path) as f:
         return [json.loads(line) for line in f if line.strip()]

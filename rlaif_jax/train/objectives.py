@@ -22,9 +22,30 @@ class Objective(Protocol):
     scalar_heads: tuple
     needs_reference: bool  # whether a frozen reference param tree must be passed in
 
-    def loss(self, model, params, batch: dict, ref_params: Optional[Any], rng: jax.Array, mesh) -> tuple:
-        """-> (loss_sum, weight, metrics)"""
+    def loss(self, model, params, batch: dict, ref_params: Optional[Any], rng: Optional[jax.Array], mesh) -> tuple:
+        """-> (loss_sum, weight, metrics). rng is None in evaluation."""
         ...
+
+
+def train_rngs(model, rng: Optional[jax.Array]) -> dict:
+    """apply() keyword arguments for a training forward pass: the MoE router's jitter-noise
+    stream when the model has router_jitter_noise (HF applies it only in training). Empty
+    for dense models and in evaluation (rng None)."""
+    cfg = model.cfg
+    if rng is None or not (cfg.is_moe and cfg.router_jitter_noise):
+        return {}
+    return {"rngs": {"router": rng}}
+
+
+def add_moe_aux_loss(model, out: dict, loss_sum, weight, metrics: Metrics):
+    """With an MoE model's output_router_logits, adds router_aux_loss_coef * aux to the loss
+    (as weight * that to the loss sum, so the normalised loss gains exactly coef * aux) and
+    logs aux as `moe/aux_loss`; otherwise returns loss_sum unchanged."""
+    if "moe_aux_loss" not in out:
+        return loss_sum
+    aux = out["moe_aux_loss"]
+    metrics["moe/aux_loss"] = (aux, jnp.ones((), jnp.float32))
+    return loss_sum + model.cfg.router_aux_loss_coef * aux * weight
 
 
 def mean_metric(values: jax.Array, mask: Optional[jax.Array] = None) -> tuple:

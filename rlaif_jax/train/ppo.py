@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import DecoderConfig, apply, build_model, gather_last
 from rlaif_jax.models.decoder import init_scalar_head
@@ -39,6 +39,7 @@ from rlaif_jax.train.advantages import KLController, gae, group_advantages, kl_e
 from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
 from rlaif_jax.train.metrics import MetricsWriter
 from rlaif_jax.train.optim import make_optimizer
+from rlaif_jax.train.rundir import RunDir, require_local_dir
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class PPOTrainer:
         pg2 = -adv * jnp.clip(ratio, 1 - c.clip_range, 1 + c.clip_range)
         pg_loss = masked_mean(jnp.maximum(pg1, pg2), mask)
         ent = masked_mean(entropy, mask)
-        loss = pg_loss - c.entropy_coef * ent
+        loss = pg_loss - c.entropy_coef * ent + self._moe_aux(self.policy, out)
         metrics = {
             "loss/policy_avg": pg_loss,
             "policy/entropy_avg": ent,
@@ -256,6 +257,7 @@ class PPOTrainer:
             if self.value is not None:
                 v_out = apply(self.value, params["value"], mb["tokens"], mb["positions"], mb["segment_ids"], mesh=self.mesh)
                 v = v_out[VALUE_HEAD][:, P - 1:-1]
+                loss = loss + self._moe_aux(self.value, v_out)
             else:
                 v = out[VALUE_HEAD][:, P - 1:-1]
             v_clipped = mb["old_values"] + jnp.clip(v - mb["old_values"], -c.clip_range_value, c.clip_range_value)
@@ -264,7 +266,17 @@ class PPOTrainer:
             loss = loss + c.vf_coef * vf_loss
             metrics["loss/value_avg"] = vf_loss
             metrics["val/clipfrac_avg"] = masked_mean((vf2 > vf1).astype(jnp.float32), mask)
+        if "moe_aux_loss" in out:
+            metrics["moe/aux_loss"] = out["moe_aux_loss"]
         return loss, metrics
+
+    @staticmethod
+    def _moe_aux(model, out):
+        """router_aux_loss_coef * the load-balancing loss of an MoE model with
+        output_router_logits (over the mini-batch's real tokens), else 0."""
+        if "moe_aux_loss" not in out:
+            return 0.0
+        return model.cfg.router_aux_loss_coef * out["moe_aux_loss"]
 
     def _update(self, state: PPOState, batch: dict):
         c = self.c
@@ -388,10 +400,25 @@ def train_ppo(
 ) -> dict:
     """PPO from an SFT policy (HF dir; also the reference) against a reward model (HF dir
     exported by the reward trainer) or a programmatic reward_fn, on prompts from records
-    (PROMPTS, DEMONSTRATIONS or PREFERENCES: anything with a `prompt` field)."""
+    (PROMPTS, DEMONSTRATIONS or PREFERENCES: anything with a `prompt` field).
+
+    run_dir may be a URL (gs://...), as for `train` (see rlaif_jax.train.rundir); policy and
+    reward_model are local HF directories."""
+    args = dict(locals())  # every argument, passed on to _train_ppo by name
+    require_local_dir(policy, "policy")
+    require_local_dir(reward_model, "reward_model")
+    rd = RunDir(args.pop("run_dir"))
+    try:
+        return _train_ppo(rd, **args)
+    finally:
+        rd.close()  # a URL run_dir: the last upload, also after an error
+
+
+def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward_fn, config, kl, optimizer, mesh,
+               template, seed, log_every, checkpoint_every, keep_checkpoints, export_hf, stop_after) -> dict:
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = rd.path
     the_mesh = mesh() if callable(mesh) else mesh
     rules = shd.logical_rules()
     tok = load_tokenizer(policy)
@@ -423,14 +450,20 @@ def train_ppo(
     eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
     trainer = PPOTrainer(cfg, config, tx, the_mesh, ref_params, rm_model, rm_params, reward_fn, eos,
                          tok.pad_token_id or 0, kl, value_cfg=value_cfg)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep_checkpoints)
+    ckpt = Checkpointer(fileio.join(run_dir, "checkpoints"), keep_checkpoints)
     data_state = None
     if ckpt.latest_step() is not None:
         state, data_state, _ = ckpt.restore(ckpt.latest_step(), abstract_like(state))
     stream = PromptStream(_load_prompts(prompts, tok, config.max_prompt_length, template), config.rollout_batch_size,
                           config.samples_per_prompt, config.max_prompt_length, tok.pad_token_id or 0, seed,
                           data_state or None)
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(rd.local)
+
+    def mirror() -> None:  # a URL run_dir: upload the staged logs (no-op for a local one)
+        if rd.remote:
+            writer.flush()
+            rd.sync()
+
     start = int(jax.device_get(state.step))
     last: dict = {}
     bar = tqdm(total=num_iterations, initial=start, desc="ppo", disable=jax.process_index() != 0)
@@ -449,16 +482,18 @@ def train_ppo(
                 bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
             if checkpoint_every and (it + 1) % checkpoint_every == 0 and it + 1 < num_iterations:
                 ckpt.save(it + 1, state, stream.get_state())
+                mirror()
             if stop_after is not None and it + 1 >= stop_after:
                 ckpt.wait()
                 return last
         ckpt.save(num_iterations, state, stream.get_state())
         ckpt.wait()
+        mirror()
         if export_hf:
             policy_params = {k: v for k, v in state.params["policy"].items() if k != f"{VALUE_HEAD}_head"}
-            save_hf(os.path.join(run_dir, "hf"), cfg, policy_params, tokenizer=tok)
-        if jax.process_index() == 0:
-            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            rd.export_hf(lambda d: save_hf(d, cfg, policy_params, tokenizer=tok), info={"iteration": num_iterations})
+        if jax.process_index() == 0:  # last: a URL run_dir gets it (on close) after hf/ is complete
+            with open(rd.local_path("summary.json"), "w") as f:
                 json.dump({"iteration": num_iterations, **last}, f, indent=2)
         return last
     finally:

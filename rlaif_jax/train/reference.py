@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
 from rlaif_jax.data.pipeline.batches import pad_preference_batch
 from rlaif_jax.data.pipeline.builders import _tokenizer_hash
@@ -28,6 +29,7 @@ from rlaif_jax.models import apply, build_model
 from rlaif_jax.models.hf_io import load_hf
 from rlaif_jax.train.logprobs import sequence_logps
 from rlaif_jax.train.objectives import concat_pairs
+from rlaif_jax.train.rundir import require_local_dir
 
 
 def reference_identity(ref_dir: str, tok) -> str:
@@ -40,7 +42,7 @@ def reference_identity(ref_dir: str, tok) -> str:
                     h.update(chunk)
             if name == "model.safetensors.index.json":
                 break  # the index names every shard; hashing 100 GB of weights is not worth it
-    return f"{os.path.abspath(ref_dir)}#weights={h.hexdigest()[:16]}#tokenizer={_tokenizer_hash(tok)}"
+    return f"{fileio.abspath(ref_dir)}#weights={h.hexdigest()[:16]}#tokenizer={_tokenizer_hash(tok)}"
 
 
 @gin.configurable
@@ -58,7 +60,10 @@ def precompute_reference_logps(
     num_shards: Optional[int] = None,
     dtype: str = "float32",
 ) -> dict:
-    """Writes out_dir (a PREFERENCES record set) and returns its manifest."""
+    """Writes out_dir (a PREFERENCES record set) and returns its manifest. preferences_dir
+    and out_dir may be URLs (gs://...); reference (and tokenizer) are local HF directories."""
+    require_local_dir(reference, "reference")
+    require_local_dir(tokenizer, "tokenizer")
     tok = load_tokenizer(tokenizer or reference)
     mesh = shd.make_mesh(-1, 1, 1)
     cfg, params = load_hf(reference, mesh=mesh, dtype=dtype, param_dtype=dtype)
@@ -91,6 +96,6 @@ def precompute_reference_logps(
            for r, (c, j) in zip(records, logps)]
     src = read_manifest(preferences_dir, PREFERENCES)
     return write_records(out_dir, PREFERENCES, out, num_shards=num_shards or len(src["shards"]),
-                         provenance={"source": os.path.abspath(preferences_dir), "ref_model": ident,
+                         provenance={"source": fileio.abspath(preferences_dir), "ref_model": ident,
                                      "template": template, "max_length": max_length,
                                      "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode})

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax.models.params import apply, gather_last
-from rlaif_jax.train.objectives import concat_pairs, mean_metric
+from rlaif_jax.train.objectives import add_moe_aux_loss, concat_pairs, mean_metric, train_rngs
 
 SCORE_HEAD = "score"
 
@@ -41,7 +41,9 @@ class RewardModel:
     def loss(self, model, params, batch, ref_params, rng, mesh):
         both = concat_pairs(batch)
         B = batch["chosen_tokens"].shape[0]
-        r = sequence_rewards(model, params, both["tokens"], both["positions"], both["segment_ids"], mesh)
+        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], mesh=mesh,
+                    **train_rngs(model, rng))
+        r = gather_last(out[SCORE_HEAD], both["segment_ids"])
         rc, rr = r[:B], r[B:]
         losses = bradley_terry_losses(rc, rr, self.margin)
         if self.center_coef:
@@ -52,5 +54,6 @@ class RewardModel:
             "rewards/rejected": mean_metric(rr),
             "rewards/margins": mean_metric(rc - rr),
         }
-        del rng, ref_params
-        return losses.sum(), jnp.asarray(B, jnp.float32), metrics
+        del ref_params
+        weight = jnp.asarray(B, jnp.float32)
+        return add_moe_aux_loss(model, out, losses.sum(), weight, metrics), weight, metrics

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from rlaif_jax.models.params import apply
 from rlaif_jax.train.logprobs import entropy_and_accuracy, token_logps
+from rlaif_jax.train.objectives import add_moe_aux_loss, train_rngs
 
 
 def num_sequences(positions, segment_ids):
@@ -34,7 +35,8 @@ class SFT:
 
     def loss(self, model, params, batch, ref_params, rng, mesh):
         tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
-        out = apply(model, params, tokens, batch["positions"], batch["segment_ids"], mesh=mesh)
+        out = apply(model, params, tokens, batch["positions"], batch["segment_ids"], mesh=mesh,
+                    **train_rngs(model, rng))
         nll = -(token_logps(out["logits"], tokens) * mask).sum()
         n_tok = mask.sum()
         n_seq = num_sequences(batch["positions"], batch["segment_ids"])
@@ -46,5 +48,5 @@ class SFT:
             "entropy": (ent, n_tok),
             "response_tokens_per_sequence": (n_tok, n_seq),
         }
-        del rng, ref_params
-        return nll, weight, metrics
+        del ref_params
+        return add_moe_aux_loss(model, out, nll, weight, metrics), weight, metrics

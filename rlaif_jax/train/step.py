@@ -104,10 +104,11 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
 
 
 def make_eval_step(objective, model, mesh: Optional[Mesh] = None):
-    """eval(params, batch, ref_params) -> metric sums/counts (for averaging over batches)."""
+    """eval(params, batch, ref_params) -> metric sums/counts (for averaging over batches).
+    The objective gets rng None: no training-only noise (MoE router jitter)."""
 
     def evaluate(params, batch, ref_params):
-        loss_sum, weight, metrics = objective.loss(model, params, batch, ref_params, jax.random.key(0), mesh)
+        loss_sum, weight, metrics = objective.loss(model, params, batch, ref_params, None, mesh)
         metrics = dict(metrics, loss=(loss_sum, weight))
         return metrics
 

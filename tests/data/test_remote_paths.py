@@ -41,17 +41,8 @@ MEM = "memory://bucket/run"
 
 
 @pytest.fixture(autouse=True)
-def mem():
-    """The memory filesystem is process-global: every test starts and ends with it empty."""
-    fs = fsspec.filesystem("memory")
-
-    def clear():
-        fs.store.clear()
-        fs.pseudo_dirs[:] = [""]
-
-    clear()
-    yield fs
-    clear()
+def mem(memfs):
+    return memfs
 
 
 def put(url, data):

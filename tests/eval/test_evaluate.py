@@ -36,13 +36,6 @@ def tiny_ckpt(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 EVAL_SET = [
     {"instruction": "Name a color.", "output": "GOOD answer: blue is a color, and so is red.", "generator": "ref"},
     {"instruction": "Say hi.", "output": "x", "generator": "ref"},

@@ -29,6 +29,8 @@ FAMILIES = {
         "rope_theta": 1e4, "rope_type": "dynamic", "factor": 2.0})),
     "tied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "biases": ("Llama", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    # Mixtral: sparse MoE, 4 experts, top-2, GQA, rope theta 1e6.
+    "mixtral": ("Mixtral", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
 }
 
 

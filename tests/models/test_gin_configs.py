@@ -12,11 +12,7 @@ from rlaif_jax.models import DecoderConfig, build_model, init_params
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def test_tiny_model_and_mesh_files_build():
@@ -30,6 +26,17 @@ def test_tiny_model_and_mesh_files_build():
     assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
     params = init_params(build_model(cfg), jax.random.key(0), mesh=mesh)
     assert params["layers"]["mlp"]["up_proj"]["kernel"].shape == (3, 64, 176)
+
+
+def test_tiny_mixtral_builds_on_a_mesh():
+    gin.parse_config_files_and_bindings([os.path.join(CONFIGS, "models", "tiny_mixtral.gin")], [])
+    cfg = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+    assert cfg.is_moe and (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_impl) == (4, 2, "ragged")
+    mesh = shd.make_mesh(1, 4, 2)
+    params = init_params(build_model(cfg), jax.random.key(0), mesh=mesh)
+    w = params["layers"]["moe"]["gate_proj"]
+    assert w.shape == (2, 4, 64, 128) and tuple(w.sharding.spec) == (None, None, "fsdp", "tensor")
+    assert "mlp" not in params["layers"]
 
 
 def test_typos_fail_at_start_up():

@@ -53,6 +53,8 @@ class LocalModel:
     def __init__(self, hf_dir: str, template: str = "paper", max_prompt_length: int = 256, max_length: int = 512,
                  dtype: str = "float32", mesh_shape: Optional[Sequence[int]] = None):
 
+        import jax
+
         from rlaif_jax import sharding as shd
         from rlaif_jax.data.tokenize import load_tokenizer
         from rlaif_jax.models import build_model
@@ -61,7 +63,9 @@ class LocalModel:
         if not 0 < max_prompt_length < max_length:
             raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
         self.tokenizer = load_tokenizer(hf_dir)
-        self.mesh = shd.make_mesh(*mesh_shape) if mesh_shape else None
+        # This host's devices: a sampler serves (or samples for) one host, also on a
+        # multi-host slice where process 0 samples while the others wait.
+        self.mesh = shd.make_mesh(*mesh_shape, devices=jax.local_devices()) if mesh_shape else None
         self.cfg, self.params = load_hf(hf_dir, mesh=self.mesh, dtype=dtype, param_dtype=dtype)
         self.model = build_model(self.cfg)
         self.template = template

@@ -1,0 +1,211 @@
+"""A training run directory that may live on an object store (gs://, any fsspec URL).
+
+A local run_dir is written in place, exactly as always. A URL run_dir is staged: every
+file the run writes (metrics.jsonl, TensorBoard events, config.gin, operative_config.gin,
+summary.json, a non-finite batch dump) goes to a local staging directory, which is mirrored
+to the URL at every checkpoint save and when the run ends (normally or by an error).
+Object stores cannot append, and metrics.jsonl and the event files grow for the whole run,
+so writing them through the store directly would mean one upload per logged step; a
+mirror at checkpoint saves costs one upload of each changed file per checkpoint, and what
+survives a preemption is exactly the metrics up to the checkpoint the run resumes from.
+
+Each upload is one whole object (atomic on GCS); the mirror never deletes remote files. At
+start the remote metrics.jsonl (if any) is downloaded into staging, so a resumed run appends
+to it instead of overwriting it. TensorBoard event files are never downloaded: each writer
+starts a new events file and the old ones stay where they are.
+
+The HF export is written to staging, uploaded file by file, and then marked complete by
+`hf/EXPORT_COMPLETE.json` (file names and sizes), written last; the marker is removed
+before a re-export starts. A remote hf/ without the marker is an interrupted export.
+
+Staging is `tempfile.mkdtemp()` (under $RLAIF_STAGING_DIR when set) and is deleted once
+its last upload succeeded; if that upload fails the directory is kept and its path logged.
+Only process 0 writes and uploads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Iterable, Optional
+
+import jax
+
+from rlaif_jax import fileio
+
+log = logging.getLogger(__name__)
+
+HF_DIR = "hf"
+HF_EXPORT_MARKER = "EXPORT_COMPLETE.json"
+STAGING_ENV = "RLAIF_STAGING_DIR"
+
+
+def require_local_dir(path, what: str) -> None:
+    """A clear error for a URL where a local directory (HF model / tokenizer) is needed."""
+    if isinstance(path, (str, os.PathLike)) and fileio.is_url(os.fspath(path)):
+        path = os.fspath(path)
+        raise ValueError(
+            f"{what}={path!r} is a URL, but HF model and tokenizer directories are read from local "
+            f"disk. Copy it first, e.g. `gsutil -m cp -r {path.rstrip('/')} /tmp/` (or "
+            f"`fsspec.filesystem('gs').get('{path}', '/tmp/model', recursive=True)`), and pass the "
+            "local directory. An export under a gs:// run_dir is complete once "
+            f"{HF_DIR}/{HF_EXPORT_MARKER} exists."
+        )
+
+
+class RunDir:
+    """`local_path(...)` is where to write; `sync()` mirrors it to the URL (no-op locally)."""
+
+    def __init__(self, path: str, pull: Iterable[str] = ("metrics.jsonl",)):
+        self.path = os.fspath(path)
+        self.remote = fileio.is_url(self.path)
+        self.writer = jax.process_index() == 0
+        self._uploaded: dict[str, tuple] = {}
+        self._closed = False
+        if not self.remote:
+            os.makedirs(self.path, exist_ok=True)
+            self.local = self.path
+            return
+        base = os.environ.get(STAGING_ENV) or None
+        if base:
+            os.makedirs(base, exist_ok=True)
+        self.local = tempfile.mkdtemp(prefix="rlaif_run_", dir=base)
+        if not self.writer:
+            return
+        fs, root = fileio.url_fs(self.path)
+        for name in pull:
+            remote = _rjoin(root, name)
+            if fs.exists(remote):
+                dst = os.path.join(self.local, name)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                fs.get_file(remote, dst)
+                self._uploaded[name] = _stat_key(dst)
+                log.info("resuming %s: downloaded %s", self.path, name)
+        log.info("run_dir %s is staged in %s and mirrored at checkpoints and at the end", self.path, self.local)
+
+    def local_path(self, *parts: str) -> str:
+        return os.path.join(self.local, *parts)
+
+    def url(self, *parts: str) -> str:
+        """The final location of a file (for messages): the URL, or the local path."""
+        return fileio.join(self.path, *parts)
+
+    def sync(self) -> None:
+        """Upload every staged file that changed since its last upload (not hf/: export_hf)."""
+        if not (self.remote and self.writer):
+            return
+        t0 = time.perf_counter()
+        changed = {rel: key for rel, key in _walk(self.local, skip_top=(HF_DIR,)).items()
+                   if self._uploaded.get(rel) != key}
+        if not changed:
+            return
+        _put(self.local, self.path, list(changed))
+        self._uploaded.update(changed)
+        log.info("mirrored %d file(s) to %s in %.1fs", len(changed), self.path, time.perf_counter() - t0)
+
+    def export_hf(self, save: Callable[[str], None], info: Optional[dict] = None) -> str:
+        """Run `save(directory)` (save_hf; every process calls it) and return where the
+        export lives. Remote: staged, uploaded, then the completion marker written last."""
+        if not self.remote:
+            out = os.path.join(self.path, HF_DIR)
+            save(out)
+            return out
+        url = self.url(HF_DIR)
+        local = self.local_path(HF_DIR)
+        if self.writer:
+            fileio.remove(fileio.join(url, HF_EXPORT_MARKER), missing_ok=True)
+            shutil.rmtree(local, ignore_errors=True)
+        save(local)
+        if not self.writer:
+            return url
+        files = {rel: key[0] for rel, key in _walk(local).items()}
+        _put(local, url, list(files))
+        fileio.write_json(fileio.join(url, HF_EXPORT_MARKER), {"files": files, "time": time.time(), **(info or {})})
+        shutil.rmtree(local, ignore_errors=True)  # the weights can be large; staging keeps only logs
+        log.info("exported %d file(s) to %s", len(files), url)
+        return url
+
+    def close(self) -> None:
+        """Final mirror, then delete staging (kept, and named in the log, if the upload fails)."""
+        if not self.remote or self._closed:
+            return
+        self._closed = True
+        try:
+            self.sync()
+        except BaseException:
+            log.error("could not mirror %s to %s; the staged files are kept in %s", self.local, self.path, self.local)
+            raise
+        shutil.rmtree(self.local, ignore_errors=True)
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _rjoin(root: str, rel: str) -> str:
+    return root.rstrip("/") + "/" + rel
+
+
+def _walk(local: str, skip_top: tuple = ()) -> dict[str, tuple]:
+    """{relative "/"-path: (size, mtime_ns)} of every file under `local`."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(local):
+        if dirpath == local:
+            dirnames[:] = [d for d in dirnames if d not in skip_top]
+        for name in sorted(filenames):
+            lp = os.path.join(dirpath, name)
+            out[os.path.relpath(lp, local).replace(os.sep, "/")] = _stat_key(lp)
+    return out
+
+
+def _put(local: str, url: str, rels: list[str]) -> None:
+    """Upload local/rel to url/rel for each rel: one whole object per file, in one call
+    (concurrent on async filesystems such as gcsfs)."""
+    fs, root = fileio.url_fs(url)
+    for parent in sorted({r.rsplit("/", 1)[0] for r in rels if "/" in r} | {""}):
+        fileio.makedirs(fileio.join(url, parent) if parent else url)  # no-op on object stores
+    fs.put([os.path.join(local, *r.split("/")) for r in rels], [_rjoin(root, r) for r in rels])
+
+
+def _stat_key(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def fetch_hf(path: str, cache_root: Optional[str] = None) -> str:
+    """A local directory holding the HF export at `path`: `path` itself when local; for a
+    URL, a copy under the staging root ($RLAIF_STAGING_DIR, else the temp dir), downloaded
+    once per host and checked file by file against the sizes the completion marker lists.
+    Lets a chained arm on gs:// hand one stage's export to the next."""
+    if not fileio.is_url(path):
+        return path
+    marker = fileio.join(path, HF_EXPORT_MARKER)
+    if not fileio.exists(marker):
+        raise FileNotFoundError(f"{path}: no {HF_EXPORT_MARKER}, so the export is missing or was interrupted; "
+                                "rerun the stage that writes it")
+    with fileio.open_file(marker) as f:
+        files = json.load(f)["files"]  # relative path -> size
+    root = cache_root or os.environ.get(STAGING_ENV) or tempfile.gettempdir()
+    local = os.path.join(root, "rlaif_hf", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
+
+    def complete() -> bool:
+        return all(os.path.isfile(os.path.join(local, *r.split("/")))
+                   and os.path.getsize(os.path.join(local, *r.split("/"))) == n for r, n in files.items())
+
+    if not complete():
+        fs, remote = fileio.url_fs(path)
+        rels = sorted(files)
+        for r in rels:
+            os.makedirs(os.path.dirname(os.path.join(local, *r.split("/"))), exist_ok=True)
+        fs.get([_rjoin(remote, r) for r in rels], [os.path.join(local, *r.split("/")) for r in rels])
+        if not complete():
+            raise OSError(f"{path}: the copy in {local} does not match the sizes in {HF_EXPORT_MARKER}")
+        log.info("fetched %s -> %s (%d files)", path, local, len(rels))
+    return local
