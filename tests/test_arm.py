@@ -277,3 +277,51 @@ def test_arm_on_an_object_store(world, memfs, memory_checkpoints, tmp_path, monk
     caches = os.listdir(str(tmp_path / "staging" / "api_cache"))
     assert len(caches) == 1  # one local cache directory for this data_dir
     assert not any(k.endswith("api_cache") for k in store)
+
+
+def test_the_papers_rlaif_arm_runs_as_written(world, tmp_path):
+    """configs/experiments/paper/arms/dpo_gpt4_on_sft_gpt35_10pct.gin, the paper's headline
+    arm, end to end with only paths, sizes and the API address overridden: ShareGPT prompts
+    (its replies the GPT-3.5 teacher), SFT on the first 10%, samples judged by "gpt-4-0314"
+    (here the synthetic critic under that name), DPO, AlpacaEval-format evaluation."""
+    from rlaif_jax.synthetic.backend import SyntheticBackend
+    from rlaif_jax.synthetic.models import Critic
+
+    with open(world["prompts"]) as f:
+        rows = json.load(f)
+    convs = [{"id": str(i), "conversations": [{"from": "human", "value": r["instruction"]},
+                                              {"from": "gpt", "value": r["output"]}]} for i, r in enumerate(rows)]
+    convs.append({"id": "x", "conversations": [{"from": "human", "value": "hi </s>"}, {"from": "gpt", "value": "y"}]})
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps(convs))
+    arm_dir = str(tmp_path / "arm")
+    with ServerThread(make_app(SyntheticBackend({"gpt-4-0314": Critic()}))) as srv:
+        old = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            gin.parse_config_files_and_bindings(["configs/experiments/paper/arms/dpo_gpt4_on_sft_gpt35_10pct.gin"], [
+                "MODEL_CONFIG = None", f"HF_DIR = '{world['base_model']}'", f"ARM_DIR = '{arm_dir}'",
+                f"DATA_DIR = '{tmp_path / 'data'}'", f"SHAREGPT_JSON = '{sharegpt}'",
+                f"ALPACA_EVAL_JSON = '{world['eval_set']}'", f"CRITIC_URL = '{srv.url}'", f"JUDGE_URL = '{srv.url}'",
+                "SFT_EPOCHS = 2", "dpo/preference_pipeline.num_epochs = 1", "make_mesh.data = -1",
+                "sft_pipeline.seq_len = 64", "sft_pipeline.max_length = 64", "sft_pipeline.max_prompt_length = 32",
+                "preference_pipeline.seq_len = 64", "preference_pipeline.max_length = 64",
+                "preference_pipeline.max_prompt_length = 32", "policy_samples_stage.max_length = 64",
+                "policy_samples_stage.max_prompt_length = 32", "critic/critic_stage.truncate_max_length = 64",
+                "evaluate.max_length = 64", "evaluate.max_prompt_length = 32", "evaluate.lc_bootstrap = 0",
+            ], skip_unknown=False)
+        finally:
+            os.chdir(old)
+        summary = run_arm()
+    assert set(states(arm_dir).values()) <= {"done", "reused"}
+    with open(tmp_path / "data" / "stats.json") as f:
+        assert json.load(f)["dropped"] == {"special_token": 1}
+    assert summary["prompts/sft"] == 6 and summary["sft_teacher"] == "sharegpt-chatgpt"
+    assert {c["model_2"] for c in read_records(os.path.join(arm_dir, "comparisons"))} == {"sharegpt-chatgpt"}
+    assert {c["judge"] for c in read_records(os.path.join(arm_dir, "comparisons"))} == {"gpt-4-0314"}
+    # The paper's hyperparameters reached their stages.
+    dpo_config = open(os.path.join(arm_dir, "dpo", "config.gin")).read()
+    assert "DPO.beta = 0.05" in dpo_config and "dpo/make_optimizer.learning_rate = 1e-07" in dpo_config
+    assert "make_optimizer.name = 'rmsprop'" in dpo_config
+    for key in ("eval/win_rate", "eval_sft/win_rate", "critic/policy_preferred", "dpo/rewards/accuracies"):
+        assert key in summary, key

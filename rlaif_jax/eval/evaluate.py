@@ -150,7 +150,10 @@ def generate_outputs(checkpoint: str, rows: Sequence[Mapping], out_dir: str, gen
     gen_dir = fileio.join(out_dir, "generations")
     _check_fingerprint(gen_dir, {"checkpoint": fileio.abspath(checkpoint), "generator": generator,
                                  "prompt_ids": [r["prompt_id"] for r in rows], **sampling})
-    policy_samples_stage(hf_dir=checkpoint, prompts=prompts_path, out_dir=gen_dir, source_model=generator, **sampling)
+    # split=None explicitly: the eval prompts belong to no split, whatever a config binds
+    # for the feedback stage's own use of policy_samples_stage.
+    policy_samples_stage(hf_dir=checkpoint, prompts=prompts_path, out_dir=gen_dir, source_model=generator,
+                         split=None, limit=None, **sampling)
     by_id = {d["prompt_id"]: d["completion"] for d in load_demonstrations(gen_dir)}
     missing = [r["prompt_id"] for r in rows if r["prompt_id"] not in by_id]
     if missing:
