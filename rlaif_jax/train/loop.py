@@ -153,9 +153,7 @@ def _train(rd: RunDir, objective, train_data, num_steps, model_config, init_from
     step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh, ref_params)
     eval_fn = jax.jit(make_eval_step(objective, model, the_mesh)) if eval_data else None
     writer = MetricsWriter(rd.local)
-    if jax.process_index() == 0:
-        with open(rd.local_path("config.gin"), "w") as f:
-            f.write(gin.config_str())
+    rd.write_text("config.gin", gin.config_str())
 
     def mirror() -> None:  # a URL run_dir: upload the staged logs (no-op for a local one)
         if rd.remote:
@@ -231,9 +229,7 @@ def _train(rd: RunDir, objective, train_data, num_steps, model_config, init_from
         if ckpt.latest_step() != step:
             ckpt.save(step, state, it.get_state())
         ckpt.wait()
-        if jax.process_index() == 0:
-            with open(rd.local_path("operative_config.gin"), "w") as f:
-                f.write(gin.operative_config_str())
+        rd.write_text("operative_config.gin", gin.operative_config_str())
         mirror()
         if export_hf:
             rd.export_hf(lambda d: save_hf(d, cfg, state.params, tokenizer=tok, score_head=not objective.lm_head),

@@ -458,6 +458,7 @@ def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward
                           config.samples_per_prompt, config.max_prompt_length, tok.pad_token_id or 0, seed,
                           data_state or None)
     writer = MetricsWriter(rd.local)
+    rd.write_text("config.gin", gin.config_str())
 
     def mirror() -> None:  # a URL run_dir: upload the staged logs (no-op for a local one)
         if rd.remote:
@@ -488,6 +489,7 @@ def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward
                 return last
         ckpt.save(num_iterations, state, stream.get_state())
         ckpt.wait()
+        rd.write_text("operative_config.gin", gin.operative_config_str())
         mirror()
         if export_hf:
             policy_params = {k: v for k, v in state.params["policy"].items() if k != f"{VALUE_HEAD}_head"}

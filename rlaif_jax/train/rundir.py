@@ -91,6 +91,13 @@ class RunDir:
     def local_path(self, *parts: str) -> str:
         return os.path.join(self.local, *parts)
 
+    def write_text(self, name: str, text: str) -> None:
+        """A small file of the run (config.gin, summary.json ...), written by process 0 and
+        staged like the logs."""
+        if self.writer:
+            with open(self.local_path(name), "w") as f:
+                f.write(text)
+
     def url(self, *parts: str) -> str:
         """The final location of a file (for messages): the URL, or the local path."""
         return fileio.join(self.path, *parts)

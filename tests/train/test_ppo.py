@@ -138,6 +138,8 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(policy_dir, tmp_path, 
     if estimator == "gae":
         assert "loss/value_avg" in out
     assert os.path.exists(tmp_path / "hf" / "model.safetensors")
+    for f in ("config.gin", "operative_config.gin", "summary.json"):  # as every run directory
+        assert os.path.exists(tmp_path / f), f
 
 
 def test_ppo_resume_is_exact(policy_dir, tmp_path):
