@@ -34,7 +34,7 @@ import gin
 import jax
 
 from rlaif_jax import fileio
-from rlaif_jax.data.records import DEMONSTRATIONS, PROMPTS, read_records, write_records
+from rlaif_jax.data.records import DEMONSTRATIONS, PROMPTS, read_manifest, read_records, write_records
 from rlaif_jax.fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 STAGES = ("prompts", "teacher", "sft", "samples", "critic", "preferences", "dpo", "reward_model", "ppo", "evaluate")
 # Stages that call APIs, rewrite records or sample on one host's devices: on a multi-host
 # slice process 0 runs them alone (nothing is requested, or paid for, once per host) while
-# the others wait; training stages run on every process over the whole mesh.
-_HOST0_STAGES = ("prompts", "teacher", "samples", "critic", "preferences", "evaluate")
+# the others wait. Training stages run on every process over the whole mesh; `samples`
+# splits its prompts over the hosts, each sampling on its own chips.
+_HOST0_STAGES = ("prompts", "teacher", "critic", "preferences", "evaluate")
 # Where each stage leaves its output, relative to out_dir (prompts / teacher: data_dir).
 _OUT = {"sft_data": "sft_data", "sft": "sft", "samples": "samples", "critic": "comparisons",
         "preferences": "preferences", "dpo": "dpo", "reward_model": "reward_model", "ppo": "ppo",
@@ -423,15 +424,33 @@ class _Arm:
         return {"output": out, "data": data, **self.train_results("sft", out)}
 
     def stage_samples(self) -> dict:
+        """One sample of the SFT policy per feedback prompt. On n hosts, host i samples every
+        n-th prompt on its own chips into samples/parts/, then process 0 joins the parts in
+        the prompts' order into the record set the critic reads."""
         from rlaif_jax.feedback.stages import policy_samples_stage
 
         out = self.out("samples")
         if is_complete(out):
             return {"state": "reused", "output": out}
-        policy_samples_stage(hf_dir=self.local(self.sft_policy()), prompts=self.prompts("feedback"), out_dir=out,
-                             split="feedback", seed=self.seed, source_model=f"{self.name}/sft",
-                             num_shards=self.num_shards)
-        return {"output": out}
+        sample = functools.partial(policy_samples_stage, hf_dir=self.local(self.sft_policy()),
+                                   prompts=self.prompts("feedback"), split="feedback", seed=self.seed,
+                                   source_model=f"{self.name}/sft")
+        i, n = jax.process_index(), jax.process_count()
+        if n == 1:
+            sample(out_dir=out, num_shards=self.num_shards)
+            return {"output": out}
+        part = fileio.join(out, "parts", f"host-{i:03d}-of-{n:03d}")
+        if not is_complete(part):
+            sample(out_dir=part, part=(i, n))
+        self.wait("samples_parts")
+        if i == 0:
+            parts = [fileio.join(out, "parts", f"host-{j:03d}-of-{n:03d}") for j in range(n)]
+            by_id = {r["prompt_id"]: r for p in parts for r in read_records(p, DEMONSTRATIONS)}
+            order = [r["prompt_id"] for r in read_records(self.prompts("feedback"), PROMPTS)]
+            provenance = {**read_manifest(parts[0])["provenance"], "part": None, "parts": parts}
+            write_records(out, DEMONSTRATIONS, [by_id[p] for p in order if p in by_id], num_shards=self.num_shards,
+                          provenance=provenance)
+        return {"output": out, "hosts": n}
 
     def stage_critic(self) -> dict:
         from rlaif_jax.feedback.stages import critic_stage, load_comparisons

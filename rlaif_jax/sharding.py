@@ -86,7 +86,8 @@ def make_mesh(
 
 
 def single_device_mesh() -> Mesh:
-    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    # This process's first device: jax.devices()[0] belongs to process 0 on a multi-host slice.
+    return make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
 
 
 @gin.configurable

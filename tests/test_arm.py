@@ -237,7 +237,8 @@ def test_run_arm_script_runs_a_recipe(world, tmp_path):
 
 def test_two_process_arm_runs_api_and_sampling_stages_once(world, tmp_path):
     """Every worker of a slice runs the same arm: training spans both processes' devices,
-    while prompts, sampling, the critic and evaluation run once, on process 0."""
+    sampling splits the prompts over the hosts, and prompts, the critic and evaluation run
+    once, on process 0."""
     port = free_port()
     spec = json.dumps({"url": world["url"], "arm_dir": str(tmp_path / "arm"), "data_dir": str(tmp_path / "data"),
                        "base_model": world["base_model"], "prompts": world["prompts"], "eval_set": world["eval_set"]})
@@ -256,6 +257,13 @@ def test_two_process_arm_runs_api_and_sampling_stages_once(world, tmp_path):
     # Record sets carry a shard per host, so each process trained on its own.
     for sub in ("data/prompts/sft", "arm/samples", "arm/preferences"):
         assert len(read_manifest(str(tmp_path / sub))["shards"]) == 2, sub
+    # Each host sampled every other feedback prompt on its own devices; process 0 joined the
+    # parts back into the prompts' order.
+    order = [r["prompt_id"] for r in read_records(str(tmp_path / "data" / "prompts" / "feedback"))]
+    parts = [[r["prompt_id"] for r in read_records(str(tmp_path / "arm" / "samples" / "parts" / f"host-00{i}-of-002"))]
+             for i in range(2)]
+    assert parts == [order[0::2], order[1::2]]
+    assert [r["prompt_id"] for r in read_records(str(tmp_path / "arm" / "samples"))] == order
 
 
 def test_arm_on_an_object_store(world, memfs, memory_checkpoints, tmp_path, monkeypatch):

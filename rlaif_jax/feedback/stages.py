@@ -401,15 +401,22 @@ def policy_samples_stage(
     mesh_shape: Optional[Sequence[int]] = None,
     length_bucket: int = 32,
     num_shards: int = 1,
+    part: Optional[Sequence[int]] = None,
 ) -> dict:
     """Samples a local checkpoint on the prompts (the paper: T=1.0, top_p 0.9, 512 tokens
     including the prompt) -> DEMONSTRATIONS records with finish_reason "stop" (EOS) or
     "length". Finished batches go to samples.jsonl as they complete, so a killed run
-    resumes at the next batch with the same per-batch RNG and so the same samples."""
+    resumes at the next batch with the same per-batch RNG and so the same samples.
+    `part=(i, n)` samples only every n-th prompt from the i-th: host i of n's share."""
     from rlaif_jax.feedback.server.model_backend import LocalModel
 
     fio.makedirs(out_dir)
     rows = load_prompts(prompts, split)[:limit]
+    if part is not None:
+        i, n = part
+        if not 0 <= i < n:
+            raise ValueError(f"policy_samples_stage.part must be (i, n) with 0 <= i < n, got {tuple(part)}")
+        rows = rows[i::n]
     lm = LocalModel(hf_dir, template=template, max_prompt_length=max_prompt_length, max_length=max_length,
                     dtype=dtype, mesh_shape=mesh_shape)
     name = source_model or os.path.basename(os.path.normpath(hf_dir))
@@ -434,6 +441,7 @@ def policy_samples_stage(
         "source_model": name, "template": template, "max_length": max_length,
         "max_prompt_length": max_prompt_length, "temperature": temperature, "top_p": top_p, "top_k": top_k,
         "seed": seed, "batch_size": batch_size, "finish_reasons": counts,
+        "part": list(part) if part is not None else None,
     })
     save_operative_config(out_dir)
     return manifest
