@@ -136,8 +136,9 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
         load_hf(str(tmp_path / "nowhere"), config=cfg)
 
 
-def test_padding_and_packing_match_separate_sequences(tmp_path):
-    hf = make_hf_model("mistral_window")
+@pytest.mark.parametrize("family", ["mistral_window", "mixtral"])  # the window; per-token expert routing
+def test_padding_and_packing_match_separate_sequences(tmp_path, family):
+    hf = make_hf_model(family)
     save_hf_model(hf, tmp_path)
     cfg, params = load_hf(str(tmp_path))
     model = build_model(cfg)

@@ -211,31 +211,6 @@ def test_fused_layout_loads(tiny, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fused, hub)
 
 
-def test_packing_and_padding_match_separate_sequences(tiny):
-    hf, path = tiny
-    cfg, params = load_hf(path)
-    a, b, c = random_ids(1, 7, 1)[0], random_ids(1, 9, 2)[0], random_ids(1, 4, 3)[0]
-    alone = [_logits(cfg, params, s[None])[0] for s in (a, b, c)]
-    T = 24
-    tokens, segs, pos = (np.zeros((1, T), np.int32) for _ in range(3))
-    off = 0
-    for i, s in enumerate((a, b, c)):
-        tokens[0, off:off + len(s)], segs[0, off:off + len(s)] = s, i + 1
-        pos[0, off:off + len(s)] = np.arange(len(s))
-        off += len(s)
-    packed = _logits(cfg, params, tokens, pos, segs)[0]
-    off = 0
-    for s, ref in zip((a, b, c), alone):
-        np.testing.assert_allclose(packed[off:off + len(s)], ref, atol=1e-5)
-        off += len(s)
-    ids = np.zeros((2, 9), np.int32)
-    ids[0, :7], ids[1] = a, b
-    mask = (np.arange(9)[None] < np.array([[7], [9]])).astype(np.int32)
-    ours = _logits(cfg, params, ids, None, mask)
-    np.testing.assert_allclose(ours[0, :7], alone[0], atol=1e-5)
-    np.testing.assert_allclose(ours[:, :7], _hf_out(hf, ids, attention_mask=mask).logits.numpy()[:, :7], atol=2e-4)
-
-
 # -- sharding ----------------------------------------------------------------------------------
 
 CFG = DecoderConfig(
