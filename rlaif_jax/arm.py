@@ -11,9 +11,14 @@ binds e.g. `sft/make_optimizer.learning_rate = 1e-6` beside `dpo/make_optimizer.
 Shared data (prompts and teacher completions) lives under `data_dir` and is reused by every
 arm that points there; everything the arm trains or judges lives under `out_dir`. A stage
 whose output is complete (a manifest, a summary or a metrics file) is not run again, and
-API answers are cached per model under data_dir/api_cache, so a killed or failed arm is
-relaunched with the same command and nothing already paid for is paid again. `status.json`
-records each stage's state (done, reused, failed with the error) as the arm goes.
+API answers are cached per role (teacher-<model>, critic, judge) under cache_dir (default
+data_dir/api_cache), so a killed or failed arm is relaunched with the same command and
+nothing already paid for is paid again. `status.json` records each stage's state (done,
+reused, skipped, failed with the error) as the arm goes; `summary.json` its numbers.
+
+On a multi-host slice every process runs the arm: training stages span all hosts, the
+samples stage splits its prompts over them, and the API / record stages run on process 0
+while the others wait at a coordination-service barrier.
 """
 
 from __future__ import annotations
