@@ -137,6 +137,7 @@ def run_arm(
     num_shards: int = 8,
     host0_timeout_s: float = 48 * 3600.0,
     cache_dir: Optional[str] = None,
+    max_request_errors: float = 0.02,
 ) -> dict:
     """Runs (or resumes) one arm; returns its summary (also out_dir/summary.json).
 
@@ -172,6 +173,11 @@ def run_arm(
                      arrive); default data_dir/api_cache, or for a gs:// data_dir a directory
                      under $RLAIF_STAGING_DIR (else ~/.cache/rlaif_jax). A cache on a
                      preemptible VM's disk dies with it: ask the APIs from a lasting machine.
+    max_request_errors: the fraction of a teacher / critic / judge stage's API requests that
+                     may fail (after the client's retries) and still count as done. Above
+                     it the stage's output is marked unfinished and the arm stops, naming
+                     the errors file; answers received stay cached, so the relaunch asks
+                     only the failed requests again.
     host0_timeout_s: how long the other hosts wait while process 0 runs an API or sampling
                      stage. Multi-host arms need out_dir and data_dir on storage every host
                      sees (gs://).
@@ -194,7 +200,8 @@ def run_arm(
                sft_fraction=sft_fraction, pair_teacher=pair_teacher, critic=critic, eval_set=eval_set,
                judge=judge, truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft,
                stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed, num_shards=num_shards,
-               host0_timeout_s=host0_timeout_s, cache_dir=cache_dir or default_cache_dir(data_dir))
+               host0_timeout_s=host0_timeout_s, cache_dir=cache_dir or default_cache_dir(data_dir),
+               max_request_errors=max_request_errors)
     return arm.run()
 
 
@@ -235,6 +242,7 @@ class _Arm:
     num_shards: int
     host0_timeout_s: float
     cache_dir: str
+    max_request_errors: float
 
     def __post_init__(self):
         self.status = Status(fileio.join(self.out_dir, "status.json"))
@@ -296,6 +304,17 @@ class _Arm:
         from rlaif_jax.train.rundir import fetch_hf
 
         return hf_dir if hf_dir == self.base_model else fetch_hf(hf_dir)
+
+    def check_requests(self, stage: str, out: str, done_file: str, errors: int, total: int) -> None:
+        """Failed API requests above max_request_errors (a bad key, a quota, a wrong model
+        name) must not pass for a finished stage that a relaunch would reuse: the output's
+        done file goes, the answers received stay cached, and the arm stops naming them."""
+        if total and errors / total > self.max_request_errors:
+            fileio.remove(fileio.join(out, done_file), missing_ok=True)
+            raise ArmError(f"{stage}: {errors} of {total} API requests failed (see {out}: errors.jsonl / the "
+                           f"records' error fields). The answers received are cached; fix the cause and relaunch, "
+                           f"and only the failed requests are asked again (or raise run_arm.max_request_errors, "
+                           f"now {self.max_request_errors}).")
 
     def require(self, path: str, what: str, hint: str) -> str:
         if not is_complete(path):
@@ -376,6 +395,8 @@ class _Arm:
                     teacher_stage(prompts=self.prompts(split), out_dir=out, client=client, split=split,
                                   num_shards=self.num_shards)
                 report = read_json(fileio.join(out, "report.json"))
+                self.check_requests(f"teacher {model} ({split})", out, "manifest.json", report["request_errors"],
+                                    report["requested"])
                 if report["request_errors"]:
                     log.warning("teacher %s (%s): %d request errors, listed in %s/errors.jsonl", model, split,
                                 report["request_errors"], out)
@@ -472,6 +493,7 @@ class _Arm:
             trunc = {"truncate_tokenizer": self.local(self.sft_policy())} if self.truncate_pairs else {}
             critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client, seed=self.seed,
                          num_shards=self.num_shards, **trunc)
+            self.check_requests("critic", out, "manifest.json", *_count_errors(fileio.join(out, "comparisons.jsonl")))
             state = "done"
         self.results.update(critic_statistics(load_comparisons(out)))
         return {"state": state, "output": out}
@@ -538,8 +560,12 @@ class _Arm:
                 raise ArmError("the evaluate stage needs run_arm.eval_set (AlpacaEval's JSON, or records)")
             # Without run_arm.judge the gin bindings of `evaluate` choose (e.g. the reward-model protocol).
             judge = {"client": self.judge(cache_path=self.cache("judge"))} if self.judge else {}
-            evaluate(out_dir=out, eval_set=self.eval_set, checkpoint=self.local(policy), generator=f"{self.name}/{_OUT[key]}",
-                     labels={"arm": self.name, "policy": policy, **self.labels}, **judge)
+            evaluate(out_dir=out, eval_set=self.eval_set, checkpoint=self.local(policy),
+                     generator=f"{self.name}/{_OUT[key]}", labels={"arm": self.name, "policy": policy, **self.labels},
+                     **judge)
+            judgments = fileio.join(out, "judgments.jsonl")
+            if self.judge:
+                self.check_requests(f"{key} judge", out, "metrics.json", *_count_errors(judgments))
             state = "done"
         m = read_json(fileio.join(out, "metrics.json"))
         prefix = "eval" if key == "evaluate" else "eval_sft"
@@ -547,6 +573,13 @@ class _Arm:
             if m.get(k) is not None:
                 self.results[f"{prefix}/{k}"] = m[k]
         return state
+
+
+def _count_errors(jsonl: str) -> tuple[int, int]:
+    """(rows with an API error, rows) of a judgments / comparisons JSONL file."""
+    with fileio.open_file(jsonl) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return sum(bool(r.get("error")) for r in rows), len(rows)
 
 
 def critic_statistics(comparisons: Sequence[Mapping]) -> dict:

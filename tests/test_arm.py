@@ -183,6 +183,25 @@ def test_rl_arm_reuses_another_arms_sft_and_preferences(world):
     assert not os.path.exists(os.path.join(arm_dir, "sft"))  # reused, not retrained
 
 
+def test_failed_api_requests_stop_the_arm_until_a_relaunch_gets_answers(world):
+    """A wrong model name (or key, or quota) fails every critic request: the stage must not
+    pass for done, or the relaunch would reuse an empty result."""
+    dpo = os.path.join(world["root"], "dpo")
+    if not os.path.exists(os.path.join(dpo, "summary.json")):
+        configure(world, "dpo")
+        run_arm()
+    reuse = f"run_arm.stage_dirs = {{'sft': '{dpo}/sft', 'samples': '{dpo}/samples'}}"
+    arm_dir = configure(world, "bad_critic", "run_arm.stages = ['critic']", reuse,
+                        "critic/FeedbackClient.model = 'no-such-critic'")
+    with pytest.raises(ArmError, match="critic: 54 of 54 API requests failed"):
+        run_arm()
+    assert not os.path.exists(os.path.join(arm_dir, "comparisons", "manifest.json"))
+    assert states(arm_dir) == {"critic": "failed"}
+    configure(world, "bad_critic", "run_arm.stages = ['critic']", reuse)
+    summary = run_arm()
+    assert states(arm_dir) == {"critic": "done"} and summary["critic/judged"] + summary["critic/invalid"] == 54
+
+
 @pytest.mark.parametrize("bindings,match", [
     (["run_arm.stages = ['sft', 'sampels']"], "unknown stage.*sampels"),
     (["run_arm.stages = ['dpo', 'sft']"], "must follow the pipeline's order"),
