@@ -299,11 +299,12 @@ class _Arm:
         return self.base_model
 
     def local(self, hf_dir: str) -> str:
-        """An export this arm (or another) wrote, on local disk: under a gs:// out_dir the
-        trainers upload it whole and mark it complete; this host fetches a copy once."""
-        from rlaif_jax.train.rundir import fetch_hf
+        """An HF directory on local disk: under a gs:// out_dir the trainers upload each
+        export whole and mark it complete, and the base model may live on GCS too; this host
+        fetches a copy once."""
+        from rlaif_jax.train.rundir import local_hf_dir
 
-        return hf_dir if hf_dir == self.base_model else fetch_hf(hf_dir)
+        return local_hf_dir(hf_dir, "HF directory")
 
     def check_requests(self, stage: str, out: str, done_file: str, errors: int, total: int) -> None:
         """Failed API requests above max_request_errors (a bad key, a quota, a wrong model

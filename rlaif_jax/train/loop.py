@@ -28,7 +28,7 @@ from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
 from rlaif_jax.train.metrics import MetricsWriter, mfu, peak_tflops
 from rlaif_jax.train.optim import make_optimizer
-from rlaif_jax.train.rundir import RunDir, require_local_dir
+from rlaif_jax.train.rundir import RunDir, local_hf_dir
 from rlaif_jax.train.step import TrainState, compile_step, create_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ def _batch_tokens(batch: dict) -> int:
 def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str], mesh, rules, seed: int):
     """(cfg, model, params): from an HF directory when given (a reward model gets a fresh
     score head on the pretrained trunk), else random."""
-    require_local_dir(init_from, "init_from")
     if cfg is None:
         if not init_from:
             raise ValueError("train needs model_config or init_from (an HF directory)")
@@ -116,8 +115,9 @@ def train(
     Returns the last logged metrics.
     """
     args = dict(locals())  # every argument, passed on to _train by name
-    require_local_dir(init_from, "init_from")
-    require_local_dir(tokenizer, "tokenizer")
+    # HF directories on GCS: a local copy per host (the weights are memory-mapped).
+    args["init_from"] = local_hf_dir(init_from, "init_from")
+    args["tokenizer"] = local_hf_dir(tokenizer, "tokenizer", weights=False)
     rd = RunDir(args.pop("run_dir"))
     try:
         return _train(rd, **args)

@@ -39,7 +39,7 @@ from rlaif_jax.train.advantages import KLController, gae, group_advantages, kl_e
 from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
 from rlaif_jax.train.metrics import MetricsWriter
 from rlaif_jax.train.optim import make_optimizer
-from rlaif_jax.train.rundir import RunDir, require_local_dir
+from rlaif_jax.train.rundir import RunDir, local_hf_dir
 
 log = logging.getLogger(__name__)
 
@@ -402,11 +402,11 @@ def train_ppo(
     exported by the reward trainer) or a programmatic reward_fn, on prompts from records
     (PROMPTS, DEMONSTRATIONS or PREFERENCES: anything with a `prompt` field).
 
-    run_dir may be a URL (gs://...), as for `train` (see rlaif_jax.train.rundir); policy and
-    reward_model are local HF directories."""
+    run_dir may be a URL (gs://...), as for `train` (see rlaif_jax.train.rundir); so may
+    policy and reward_model (fetched to local disk once per host)."""
     args = dict(locals())  # every argument, passed on to _train_ppo by name
-    require_local_dir(policy, "policy")
-    require_local_dir(reward_model, "reward_model")
+    args["policy"] = local_hf_dir(policy, "policy")
+    args["reward_model"] = local_hf_dir(reward_model, "reward_model")
     rd = RunDir(args.pop("run_dir"))
     try:
         return _train_ppo(rd, **args)

@@ -29,7 +29,7 @@ from rlaif_jax.models import apply, build_model
 from rlaif_jax.models.hf_io import load_hf
 from rlaif_jax.train.logprobs import sequence_logps
 from rlaif_jax.train.objectives import concat_pairs
-from rlaif_jax.train.rundir import require_local_dir
+from rlaif_jax.train.rundir import local_hf_dir
 
 
 def reference_identity(ref_dir: str, tok) -> str:
@@ -61,9 +61,9 @@ def precompute_reference_logps(
     dtype: str = "float32",
 ) -> dict:
     """Writes out_dir (a PREFERENCES record set) and returns its manifest. preferences_dir
-    and out_dir may be URLs (gs://...); reference (and tokenizer) are local HF directories."""
-    require_local_dir(reference, "reference")
-    require_local_dir(tokenizer, "tokenizer")
+    and out_dir may be URLs (gs://...); so may reference and tokenizer (fetched to local disk)."""
+    reference = local_hf_dir(reference, "reference")
+    tokenizer = local_hf_dir(tokenizer, "tokenizer", weights=False)
     tok = load_tokenizer(tokenizer or reference)
     mesh = shd.make_mesh(-1, 1, 1)
     cfg, params = load_hf(reference, mesh=mesh, dtype=dtype, param_dtype=dtype)

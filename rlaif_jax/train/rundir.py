@@ -45,17 +45,16 @@ HF_EXPORT_MARKER = "EXPORT_COMPLETE.json"
 STAGING_ENV = "RLAIF_STAGING_DIR"
 
 
-def require_local_dir(path, what: str) -> None:
-    """A clear error for a URL where a local directory (HF model / tokenizer) is needed."""
-    if isinstance(path, (str, os.PathLike)) and fileio.is_url(os.fspath(path)):
-        path = os.fspath(path)
-        raise ValueError(
-            f"{what}={path!r} is a URL, but HF model and tokenizer directories are read from local "
-            f"disk. Copy it first, e.g. `gsutil -m cp -r {path.rstrip('/')} /tmp/` (or "
-            f"`fsspec.filesystem('gs').get('{path}', '/tmp/model', recursive=True)`), and pass the "
-            "local directory. An export under a gs:// run_dir is complete once "
-            f"{HF_DIR}/{HF_EXPORT_MARKER} exists."
-        )
+def local_hf_dir(path, what: str, weights: bool = True):
+    """`path` when it is local (or None); for a URL (gs://...), a local copy fetched once per
+    host (fetch_hf), so HF models and tokenizers on GCS can be given wherever a directory is
+    taken. Errors name the argument."""
+    if path is None or not fileio.is_url(os.fspath(path)):
+        return path
+    try:
+        return fetch_hf(os.fspath(path), weights=weights)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what}: {e}") from None
 
 
 class RunDir:
@@ -186,33 +185,68 @@ def _stat_key(path: str) -> tuple:
     return st.st_size, st.st_mtime_ns
 
 
-def fetch_hf(path: str, cache_root: Optional[str] = None) -> str:
-    """A local directory holding the HF export at `path`: `path` itself when local; for a
+def fetch_hf(path: str, cache_root: Optional[str] = None, weights: bool = True) -> str:
+    """A local directory holding the HF directory at `path`: `path` itself when local; for a
     URL, a copy under the staging root ($RLAIF_STAGING_DIR, else the temp dir), downloaded
-    once per host and checked file by file against the sizes the completion marker lists.
-    Lets a chained arm on gs:// hand one stage's export to the next."""
+    once per host and checked file by file against the expected sizes. An export of ours
+    lists its files in its completion marker (and without the marker it is unfinished);
+    any other HF directory (a base model uploaded to GCS) is taken as its top-level files,
+    which must include config.json and every weight shard its index names."""
     if not fileio.is_url(path):
         return path
+    fs, remote = fileio.url_fs(path)
     marker = fileio.join(path, HF_EXPORT_MARKER)
-    if not fileio.exists(marker):
-        raise FileNotFoundError(f"{path}: no {HF_EXPORT_MARKER}, so the export is missing or was interrupted; "
-                                "rerun the stage that writes it")
-    with fileio.open_file(marker) as f:
-        files = json.load(f)["files"]  # relative path -> size
+    if fileio.exists(marker):
+        with fileio.open_file(marker) as f:
+            files = json.load(f)["files"]  # relative path -> size
+    else:
+        files = _plain_hf_files(fs, remote, path, weights)
     root = cache_root or os.environ.get(STAGING_ENV) or tempfile.gettempdir()
-    local = os.path.join(root, "rlaif_hf", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
+    key = hashlib.sha256((path.rstrip("/") + json.dumps(files, sort_keys=True)).encode()).hexdigest()[:16]
+    local = os.path.join(root, "rlaif_hf", key)
 
-    def complete() -> bool:
-        return all(os.path.isfile(os.path.join(local, *r.split("/")))
-                   and os.path.getsize(os.path.join(local, *r.split("/"))) == n for r, n in files.items())
+    def complete(d: str) -> bool:
+        return all(os.path.isfile(os.path.join(d, *r.split("/")))
+                   and os.path.getsize(os.path.join(d, *r.split("/"))) == n for r, n in files.items())
 
-    if not complete():
-        fs, remote = fileio.url_fs(path)
+    if not complete(local):
+        # Into a directory of this process's own, renamed into place when whole: processes
+        # sharing a disk (or a killed earlier fetch) never see a half-written copy.
+        tmp = f"{local}.part-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
         rels = sorted(files)
         for r in rels:
-            os.makedirs(os.path.dirname(os.path.join(local, *r.split("/"))), exist_ok=True)
-        fs.get([_rjoin(remote, r) for r in rels], [os.path.join(local, *r.split("/")) for r in rels])
-        if not complete():
-            raise OSError(f"{path}: the copy in {local} does not match the sizes in {HF_EXPORT_MARKER}")
+            os.makedirs(os.path.dirname(os.path.join(tmp, *r.split("/"))), exist_ok=True)
+        fs.get([_rjoin(remote, r) for r in rels], [os.path.join(tmp, *r.split("/")) for r in rels])
+        if not complete(tmp):
+            raise OSError(f"{path}: the copy in {tmp} does not match the expected file sizes")
+        if not complete(local):
+            shutil.rmtree(local, ignore_errors=True)
+            try:
+                os.replace(tmp, local)
+            except OSError:
+                if not complete(local):
+                    raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
         log.info("fetched %s -> %s (%d files)", path, local, len(rels))
     return local
+
+
+def _plain_hf_files(fs, remote: str, path: str, weights: bool) -> dict:
+    entries = fs.ls(remote, detail=True) if fs.exists(remote) else []
+    files = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in entries if e["type"] == "file"}
+    if weights:
+        if "config.json" not in files:
+            raise FileNotFoundError(f"{path}: no config.json (not an HF model directory, or an export of ours "
+                                    f"without {HF_EXPORT_MARKER}: interrupted)")
+        index = "model.safetensors.index.json"
+        if index in files:
+            with fileio.open_file(fileio.join(path, index)) as f:
+                missing = sorted(set(json.load(f)["weight_map"].values()) - set(files))
+            if missing:
+                raise FileNotFoundError(f"{path}: weight shards named by {index} are missing: {missing[:3]}")
+        elif not any(n.endswith(".safetensors") for n in files):
+            raise FileNotFoundError(f"{path}: no .safetensors weights")
+    elif not any(n.startswith("tokenizer") for n in files):
+        raise FileNotFoundError(f"{path}: no tokenizer files")
+    return files

@@ -148,18 +148,33 @@ def test_ppo_on_a_remote_run_dir_resumes_and_exports(world, mem, monkeypatch):
     assert {"summary.json", f"hf/{HF_EXPORT_MARKER}", "hf/model.safetensors", "hf/config.json"} <= files
 
 
-def test_hf_dirs_given_as_urls_fail_with_the_fix(world):
+def test_hf_dirs_on_an_object_store_are_fetched_once_and_errors_name_the_argument(world, mem, tmp_path, staging):
+    """A base model uploaded to GCS (no marker of ours) is fetched to local disk once per
+    host and trained from; a missing or partial directory fails naming the argument."""
     from rlaif_jax.train.ppo import train_ppo
     from rlaif_jax.train.reference import precompute_reference_logps
 
-    with pytest.raises(ValueError, match=r"init_from='gs://b/sft/hf' is a URL.*gsutil -m cp -r gs://b/sft/hf"):
-        train(**_args(world, MEM, model_config=None, tokenizer=None, init_from="gs://b/sft/hf"))
-    with pytest.raises(ValueError, match=r"tokenizer='gs://b/tok' is a URL"):
-        train(**_args(world, MEM, tokenizer="gs://b/tok"))
-    with pytest.raises(ValueError, match=r"policy='gs://b/sft/hf' is a URL"):
-        train_ppo(run_dir=MEM, policy="gs://b/sft/hf", prompts="gs://b/prompts", num_iterations=1)
-    with pytest.raises(ValueError, match=r"reference='gs://b/sft/hf' is a URL"):
-        precompute_reference_logps(preferences_dir="gs://b/p", out_dir="gs://b/q", reference="gs://b/sft/hf")
+    local = tmp_path / "local_run"
+    train(**_args(world, str(local), num_steps=2, checkpoint_every=0))
+    mem.put(str(local / "hf"), "/bucket/models/base", recursive=True)
+    base = "memory://bucket/models/base"
+    for run in ("a", "b"):  # the second run reuses the first run's copy
+        out = train(**_args(world, f"memory://bucket/runs/{run}", model_config=None, tokenizer=None,
+                            init_from=base, num_steps=2, checkpoint_every=0))
+        assert np.isfinite(out["loss"])
+    copies = os.listdir(staging / "rlaif_hf")
+    assert len(copies) == 1 and os.path.exists(staging / "rlaif_hf" / copies[0] / "config.json")
+
+    with pytest.raises(FileNotFoundError, match=r"init_from: memory://bucket/nothing: no config.json"):
+        train(**_args(world, MEM, model_config=None, tokenizer=None, init_from="memory://bucket/nothing"))
+    with pytest.raises(FileNotFoundError, match=r"tokenizer: memory://bucket/nothing: no tokenizer files"):
+        train(**_args(world, MEM, tokenizer="memory://bucket/nothing"))
+    mem.rm("/bucket/models/base/model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"policy: memory://bucket/models/base: no .safetensors weights"):
+        train_ppo(run_dir=MEM, policy=base, prompts="memory://b/prompts", num_iterations=1)
+    with pytest.raises(FileNotFoundError, match=r"reference: memory://bucket/nothing"):
+        precompute_reference_logps(preferences_dir="memory://b/p", out_dir="memory://b/q",
+                                   reference="memory://bucket/nothing")
 
 
 def test_re_export_removes_the_old_marker_first(mem):

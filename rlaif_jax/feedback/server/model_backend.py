@@ -60,8 +60,11 @@ class LocalModel:
         from rlaif_jax.models import build_model
         from rlaif_jax.models.hf_io import load_hf
 
+        from rlaif_jax.train.rundir import local_hf_dir
+
         if not 0 < max_prompt_length < max_length:
             raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+        hf_dir = local_hf_dir(hf_dir, "hf_dir")  # gs://: a local copy, fetched once per host
         self.tokenizer = load_tokenizer(hf_dir)
         # This host's devices: a sampler serves (or samples for) one host, also on a
         # multi-host slice where process 0 samples while the others wait.
