@@ -49,7 +49,8 @@ def local_hf_dir(path, what: str, weights: bool = True):
     """`path` when it is local (or None); for a URL (gs://...), a local copy fetched once per
     host (fetch_hf), so HF models and tokenizers on GCS can be given wherever a directory is
     taken. Errors name the argument."""
-    if path is None or not fileio.is_url(os.fspath(path)):
+    # Anything but a URL string passes as is: a local path, None, or a tokenizer object.
+    if not isinstance(path, (str, os.PathLike)) or not fileio.is_url(os.fspath(path)):
         return path
     try:
         return fetch_hf(os.fspath(path), weights=weights)
