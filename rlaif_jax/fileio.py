@@ -57,37 +57,24 @@ def open_file(path: str | os.PathLike, mode: str = "r", encoding: Optional[str] 
     return fs.open(p, mode, encoding=encoding or "utf-8")
 
 
-def exists(path: str | os.PathLike) -> bool:
-    path = os.fspath(path)
-    if not is_url(path):
-        return os.path.exists(path)
-    fs, p = url_fs(path)
-    return fs.exists(p)
+def _either(local: Callable, remote: str) -> Callable:
+    """A path query: `local(path)` for a local path, the fsspec method `remote` for a URL."""
+
+    def query(path: str | os.PathLike):
+        path = os.fspath(path)
+        if not is_url(path):
+            return local(path)
+        fs, p = url_fs(path)
+        return getattr(fs, remote)(p)
+
+    query.__name__ = local.__name__
+    return query
 
 
-def isdir(path: str | os.PathLike) -> bool:
-    """On an object store: whether any object lives under the prefix."""
-    path = os.fspath(path)
-    if not is_url(path):
-        return os.path.isdir(path)
-    fs, p = url_fs(path)
-    return fs.isdir(p)
-
-
-def isfile(path: str | os.PathLike) -> bool:
-    path = os.fspath(path)
-    if not is_url(path):
-        return os.path.isfile(path)
-    fs, p = url_fs(path)
-    return fs.isfile(p)
-
-
-def getsize(path: str | os.PathLike) -> int:
-    path = os.fspath(path)
-    if not is_url(path):
-        return os.path.getsize(path)
-    fs, p = url_fs(path)
-    return fs.size(p)
+exists = _either(os.path.exists, "exists")
+isdir = _either(os.path.isdir, "isdir")  # on an object store: any object under the prefix
+isfile = _either(os.path.isfile, "isfile")
+getsize = _either(os.path.getsize, "size")
 
 
 def remove(path: str | os.PathLike, missing_ok: bool = False) -> None:

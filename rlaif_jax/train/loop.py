@@ -155,12 +155,7 @@ def _train(rd: RunDir, objective, train_data, num_steps, model_config, init_from
     writer = MetricsWriter(rd.local)
     rd.write_text("config.gin", gin.config_str())
 
-    def mirror() -> None:  # a URL run_dir: upload the staged logs (no-op for a local one)
-        if rd.remote:
-            writer.flush()
-            rd.sync()
-
-    mirror()
+    rd.sync(writer)
 
     peak = peak_tflops(jax.devices()[0], peak_device_tflops)
     recent: collections.deque = collections.deque(maxlen=max(log_every, 1))
@@ -219,7 +214,7 @@ def _train(rd: RunDir, objective, train_data, num_steps, model_config, init_from
             if checkpoint_every and step % checkpoint_every == 0 and step != num_steps:
                 _check_finite(state, recent, rd)
                 ckpt.save(step, state, it.get_state())
-                mirror()
+                rd.sync(writer)
             if stop_after is not None and step >= stop_after:
                 ckpt.wait()
                 return last
@@ -230,7 +225,7 @@ def _train(rd: RunDir, objective, train_data, num_steps, model_config, init_from
             ckpt.save(step, state, it.get_state())
         ckpt.wait()
         rd.write_text("operative_config.gin", gin.operative_config_str())
-        mirror()
+        rd.sync(writer)
         if export_hf:
             rd.export_hf(lambda d: save_hf(d, cfg, state.params, tokenizer=tok, score_head=not objective.lm_head),
                          info={"step": step})

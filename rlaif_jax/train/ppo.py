@@ -460,11 +460,6 @@ def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward
     writer = MetricsWriter(rd.local)
     rd.write_text("config.gin", gin.config_str())
 
-    def mirror() -> None:  # a URL run_dir: upload the staged logs (no-op for a local one)
-        if rd.remote:
-            writer.flush()
-            rd.sync()
-
     start = int(jax.device_get(state.step))
     last: dict = {}
     bar = tqdm(total=num_iterations, initial=start, desc="ppo", disable=jax.process_index() != 0)
@@ -483,14 +478,14 @@ def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward
                 bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
             if checkpoint_every and (it + 1) % checkpoint_every == 0 and it + 1 < num_iterations:
                 ckpt.save(it + 1, state, stream.get_state())
-                mirror()
+                rd.sync(writer)
             if stop_after is not None and it + 1 >= stop_after:
                 ckpt.wait()
                 return last
         ckpt.save(num_iterations, state, stream.get_state())
         ckpt.wait()
         rd.write_text("operative_config.gin", gin.operative_config_str())
-        mirror()
+        rd.sync(writer)
         if export_hf:
             policy_params = {k: v for k, v in state.params["policy"].items() if k != f"{VALUE_HEAD}_head"}
             rd.export_hf(lambda d: save_hf(d, cfg, policy_params, tokenizer=tok), info={"iteration": num_iterations})

@@ -102,10 +102,13 @@ class RunDir:
         """The final location of a file (for messages): the URL, or the local path."""
         return fileio.join(self.path, *parts)
 
-    def sync(self) -> None:
-        """Upload every staged file that changed since its last upload (not hf/: export_hf)."""
+    def sync(self, writer=None) -> None:
+        """Upload every staged file that changed since its last upload (not hf/: export_hf),
+        after flushing `writer` (a MetricsWriter writing into the staging directory)."""
         if not (self.remote and self.writer):
             return
+        if writer is not None:
+            writer.flush()
         t0 = time.perf_counter()
         changed = {rel: key for rel, key in _walk(self.local, skip_top=(HF_DIR,)).items()
                    if self._uploaded.get(rel) != key}
