@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -40,7 +39,7 @@ import jax
 
 from rlaif_jax import fileio
 from rlaif_jax.data.records import DEMONSTRATIONS, PROMPTS, read_manifest, read_records, write_records
-from rlaif_jax.fileio import write_json
+from rlaif_jax.fileio import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +68,6 @@ class ArmError(ValueError):
 
 def is_complete(path: str) -> bool:
     return any(fileio.exists(fileio.join(path, f)) for f in _DONE_FILES)
-
-
-def read_json(path: str) -> Any:
-    with fileio.open_file(path) as f:
-        return json.load(f)
 
 
 def safe_name(model: str) -> str:
@@ -578,8 +572,7 @@ class _Arm:
 
 def _count_errors(jsonl: str) -> tuple[int, int]:
     """(rows with an API error, rows) of a judgments / comparisons JSONL file."""
-    with fileio.open_file(jsonl) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = fileio.read_jsonl(jsonl)
     return sum(bool(r.get("error")) for r in rows), len(rows)
 
 

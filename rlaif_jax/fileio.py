@@ -187,6 +187,24 @@ def _abort_write(fs, p: str, raw, f) -> None:
             fs.rm_file(p)
 
 
+def read_json(path: str) -> Any:
+    with open_file(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str) -> list:
+    """Every non-blank line of a JSONL file; a bad line is named by its number."""
+    out = []
+    with open_file(path) as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    return out
+
+
 def write_json(path: str, obj: Any, default: Optional[Callable] = str) -> None:
     """Write-then-rename (or one object upload), so a killed run never leaves half a report."""
     with atomic_write(path, "w") as f:

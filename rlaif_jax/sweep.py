@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
-import json
 import os
 import re
 import shlex
@@ -155,12 +154,10 @@ def aggregate(spec: dict, runs: list[Run], metrics: Optional[list] = None) -> li
         row = {"run": r.name, **{k: "+".join(os.path.splitext(os.path.basename(f))[0] for f in _files(v))
                                  if _is_file_axis(k) else v for k, v in r.point.items()}}
         if r.finished:
-            with fileio.open_file(fileio.join(r.run_dir, SUMMARY)) as f:
-                summary = json.load(f)
+            summary = fileio.read_json(fileio.join(r.run_dir, SUMMARY))
             ev = fileio.join(r.run_dir, "eval", "metrics.json")
             if fileio.exists(ev):
-                with fileio.open_file(ev) as f:
-                    summary.update({f"eval/{k}": v for k, v in json.load(f).items()})
+                summary.update({f"eval/{k}": v for k, v in fileio.read_json(ev).items()})
             keys = metrics or spec.get("metrics") or sorted(k for k, v in summary.items() if isinstance(v, (int, float)))
             row.update({k: summary.get(k) for k in keys})
             row["status"] = "finished"

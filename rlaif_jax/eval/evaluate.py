@@ -89,10 +89,8 @@ def _add_to_ledger(out_dir: str, api: Mapping[str, Any]) -> float:
     path = fileio.join(out_dir, "api_ledger.jsonl")
     entry = {k: api.get(k) for k in ("requests", "cached", "ok", "errors", "prompt_tokens", "completion_tokens",
                                      "cost_usd", "unpriced_requests")}
-    entries = []
-    if fileio.exists(path):  # rewritten whole, not appended: object stores cannot append
-        with fileio.open_file(path) as f:
-            entries = [json.loads(line) for line in f if line.strip()]
+    # Rewritten whole, not appended: object stores cannot append.
+    entries = fileio.read_jsonl(path) if fileio.exists(path) else []
     entries.append(entry)
     write_jsonl(path, entries)
     return round(sum(e["cost_usd"] or 0.0 for e in entries), 6)
@@ -130,8 +128,7 @@ def _check_fingerprint(gen_dir: str, spec: dict) -> None:
     path = fileio.join(gen_dir, "eval_spec.json")
     spec = json.loads(json.dumps(spec, default=list))
     if fileio.exists(path):
-        with fileio.open_file(path) as f:
-            old = json.load(f)
+        old = fileio.read_json(path)
         if old != spec:
             diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
             raise ValueError(f"{gen_dir} holds generations made with different {diff}; use a new out_dir "

@@ -44,25 +44,13 @@ def _is_records_dir(path: str) -> bool:
     return fio.isdir(path) and fio.exists(fio.join(path, "manifest.json"))
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    out = []
-    with fio.open_file(path) as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
-    return out
-
-
 def load_prompts(path: str, split: Optional[str] = None) -> list[dict]:
     """Prompt records from a PROMPTS record set or a JSONL file of {"prompt": ...} lines
     (prompt_id computed when absent), optionally only one split."""
     if _is_records_dir(path):
         rows = list(read_records(path, PROMPTS))
     elif fio.isfile(path):
-        rows = _read_jsonl(path)
+        rows = fio.read_jsonl(path)
         for i, r in enumerate(rows):
             if not isinstance(r.get("prompt"), str):
                 raise ValueError(f"{path}: line {i + 1} has no string 'prompt'")
@@ -77,7 +65,7 @@ def load_prompts(path: str, split: Optional[str] = None) -> list[dict]:
 def load_demonstrations(path: str) -> list[dict]:
     if _is_records_dir(path):
         return list(read_records(path, DEMONSTRATIONS))
-    return _read_jsonl(path)
+    return fio.read_jsonl(path)
 
 
 def load_comparisons(path: str) -> list[dict]:
@@ -85,7 +73,7 @@ def load_comparisons(path: str) -> list[dict]:
     p_1, errors), else the records themselves."""
     side = fio.join(path, "comparisons.jsonl") if fio.isdir(path) else path
     if fio.isfile(side):
-        return _read_jsonl(side)
+        return fio.read_jsonl(side)
     return list(read_records(path, COMPARISONS))
 
 
@@ -482,8 +470,7 @@ def _sample_progress(out_dir: str):
     if fio.is_url(out_dir):
         directory = fio.join(out_dir, "samples")
         for path in fio.glob(fio.join(directory, "batch-*.json")):
-            with fio.open_file(path) as f:
-                r = json.load(f)
+            r = fio.read_json(path)
             done[r["batch"]] = r["samples"]
         return done, _ObjectProgress(directory)
     progress_path = os.path.join(out_dir, "samples.jsonl")

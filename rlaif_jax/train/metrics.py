@@ -115,6 +115,4 @@ class MetricsWriter:
             self._mirror.close()
 
 
-def read_jsonl(path: str) -> list:
-    with fileio.open_file(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+read_jsonl = fileio.read_jsonl  # metrics.jsonl back as a list of dicts

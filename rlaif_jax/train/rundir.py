@@ -201,8 +201,7 @@ def fetch_hf(path: str, cache_root: Optional[str] = None, weights: bool = True) 
     fs, remote = fileio.url_fs(path)
     marker = fileio.join(path, HF_EXPORT_MARKER)
     if fileio.exists(marker):
-        with fileio.open_file(marker) as f:
-            files = json.load(f)["files"]  # relative path -> size
+        files = fileio.read_json(marker)["files"]  # relative path -> size
     else:
         files = _plain_hf_files(fs, remote, path, weights)
     root = cache_root or os.environ.get(STAGING_ENV) or tempfile.gettempdir()
