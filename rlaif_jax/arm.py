@@ -564,7 +564,8 @@ class _Arm:
             state = "done"
         m = read_json(fileio.join(out, "metrics.json"))
         prefix = "eval" if key == "evaluate" else "eval_sft"
-        for k in ("win_rate", "standard_error", "lc_win_rate", "lc_standard_error", "avg_length", "cost_usd_total"):
+        for k in ("win_rate", "standard_error", "lc_win_rate", "lc_bootstrap_standard_error",
+                  "lc_prediction_standard_error", "avg_length", "cost_usd_total"):
             if m.get(k) is not None:
                 self.results[f"{prefix}/{k}"] = m[k]
         return state

@@ -1,6 +1,7 @@
 """A reduced miniature (a few dozen steps per stage) runs every stage end to end over the
-real API path and leaves each stage's records, metrics, the table and the plot; a rerun
-resumes without asking the API again."""
+real API path and leaves each stage's records, metrics, the findings, the table and the
+plot; a rerun resumes without asking the API again. The full default miniature, with the
+thresholds the README states, is the slow test at the end."""
 
 import json
 import os
@@ -9,10 +10,11 @@ import pytest
 
 from rlaif_jax.data.records import read_manifest
 from rlaif_jax.feedback.cache import read_cache_lines
-from rlaif_jax.miniature import run_miniature, win_rate
+from rlaif_jax.miniature import ARMS, run_miniature, win_rate
 
-SMALL = dict(num_prompts=100, num_eval=20, sft_epochs=2, sft_small_epochs=4, dpo_epochs=1, rm_epochs=1,
-             ppo_iterations=2, batch_size=16, hidden_size=64, progress=False)
+SMALL = dict(num_prompts=100, num_eval=20, num_pretrain=60, pretrain_epochs=1, sft_epochs=1, sft_small_epochs=2,
+             dpo_epochs=1, rm_epochs=1, ppo_iterations=2, batch_size=16, hidden_size=64, feedback_samples=2,
+             progress=False)
 
 
 def test_win_rate_counts_ties_half_and_never_scores_invalid():
@@ -29,15 +31,17 @@ def test_win_rate_counts_ties_half_and_never_scores_invalid():
 def test_reduced_miniature_runs_every_stage(tmp_path):
     out = str(tmp_path / "mini")
     rows = run_miniature(out_dir=out, **SMALL)
-    assert [r["arm"] for r in rows] == ["sft_weak_10", "sft_weak_100", "sft_strong_100", "dpo_weak_10", "ppo_weak_10"]
+    assert [r["arm"] for r in rows] == list(ARMS)
+    fb = "data/feedback/sft_weak_10"
     for sub in ("data/prompts/sft", "data/prompts/feedback", "data/weak-teacher/sft", "data/strong-teacher/feedback",
-                "data/reference/eval", "data/policy_samples", "data/comparisons", "data/preferences"):
+                "data/reference/eval", "data/web/pretrain", f"{fb}/samples/0", f"{fb}/samples/1",
+                f"{fb}/comparisons/1", f"{fb}/preferences", "data/feedback/sft_strong_10/preferences"):
         m = read_manifest(os.path.join(out, sub))
         assert sum(s["num_records"] for s in m["shards"]) > 0, sub
     prompts = {s: sum(x["num_records"] for x in read_manifest(os.path.join(out, "data/prompts", s))["shards"])
                for s in ("sft", "feedback")}
     assert prompts == {"sft": 10, "feedback": 90}
-    for arm in ("sft_weak_10", "sft_weak_100", "sft_strong_100", "dpo_weak_10", "rm_weak_10", "ppo_weak_10"):
+    for arm in ("base",) + ARMS + ("rm_weak_10",):
         assert os.path.exists(os.path.join(out, "runs", arm, "hf", "config.json")), arm
         assert os.path.getsize(os.path.join(out, "runs", arm, "metrics.jsonl")) > 0, arm
     for r in rows:
@@ -45,11 +49,40 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
         assert json.load(open(os.path.join(out, "eval", r["arm"], "metrics.json")))["win_rate"] == r["win_rate"]
     for f in ("results.md", "results.csv", "results.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    for key in ("1", "1b", "2", "3"):
+        assert isinstance(summary[f"finding/{key}/holds"], bool) and summary[f"finding/{key}/n"] == 20
+    assert 0 <= summary["critic/sft_weak_10/policy_preferred"] <= 100
+    env = summary["environment"]
+    assert env["backend"] == "cpu" and env["packages"]["jax"]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "paired differences" in md and f"jax {env['packages']['jax']}" in md
+    # Evaluation is the judge's, feedback the critic's: separate models, separate caches.
+    assert os.path.getsize(os.path.join(out, "cache", "judge.jsonl")) > 0
+    assert all(json.loads(line)["judge"] == "judge" for line in open(os.path.join(out, "eval/dpo_weak_10/judgments/comparisons.jsonl")))
     # The critic's order randomisation was exercised: some judgments saw the pair swapped.
-    swaps = [c["swapped"] for c in map(json.loads, open(os.path.join(out, "data/comparisons/comparisons.jsonl")))]
+    swaps = [c["swapped"] for c in map(json.loads, open(os.path.join(out, fb, "comparisons/0/comparisons.jsonl")))]
     assert 0 < sum(swaps) < len(swaps)
     # Rerun: every stage is found done and no request goes to the API again.
     before = {f: len(read_cache_lines(os.path.join(out, "cache", f))) for f in os.listdir(os.path.join(out, "cache"))}
     again = run_miniature(out_dir=out, **SMALL)
     after = {f: len(read_cache_lines(os.path.join(out, "cache", f))) for f in os.listdir(os.path.join(out, "cache"))}
     assert before == after and [r["win_rate"] for r in again] == [r["win_rate"] for r in rows]
+
+
+def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
+    from rlaif_jax.miniature import _claim_shared
+
+    _claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 64})
+    _claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 64})  # the same settings: reused
+    with pytest.raises(ValueError, match=r"run_miniature.shared_dir=.*hidden_size"):
+        _claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 128})
+
+
+@pytest.mark.slow
+def test_default_miniature_shows_the_papers_findings(tmp_path):
+    """The README's main job, at its defaults (seed 0): ~10 minutes on 2 CPU cores."""
+    run_miniature(out_dir=str(tmp_path / "mini"), progress=False)
+    summary = json.load(open(tmp_path / "mini" / "summary.json"))
+    failed = [k for k in ("1", "1b", "2", "3") if not summary[f"finding/{k}/holds"]]
+    assert not failed, open(tmp_path / "mini" / "results.md").read()

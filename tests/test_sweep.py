@@ -95,3 +95,34 @@ def test_sweep_over_an_object_store_sees_finished_runs_and_aggregates_there(memf
     assert rows[0]["eval/win_rate"] == 42.5 and rows[1]["status"] == "not finished"
     with fileio.open_file("memory://b/sweep/results.csv") as f:
         assert list(csv.DictReader(f))[0]["eval/win_rate"] == "42.5"
+
+
+def test_miniature_gap_sweep_is_3x3_over_one_shared_base_and_plots(tmp_path, clean_gin):
+    """Every point's bindings parse against the miniature's configurables, all share one base
+    model, and the plot script turns the aggregated table into gap.png / gap.md."""
+    import gin
+
+    import rlaif_jax.miniature  # noqa: F401  (registers run_miniature, as scripts/miniature.py does)
+
+    spec = load_sweep(os.path.join(ROOT, "configs", "sweeps", "miniature_gap.yaml"))
+    runs = expand(spec)
+    assert len(runs) == 9 and len({r.point["synthetic_world.weak_teacher"] for r in runs}) == 3
+    for r in runs:
+        params = [c.split("=", 1)[1] for c in r.command if c.startswith("--gin_param=")]
+        gin.clear_config()
+        gin.parse_config(params)  # no unknown binding, no bad value
+        assert gin.query_parameter("run_miniature.shared_dir") == "runs/sweeps/miniature_gap/shared"
+    root = tmp_path / "gap"
+    root.mkdir()
+    cols = ["run", "synthetic_world.weak_teacher", "synthetic_world.critic_strength", "finding/1/win_diff",
+            "finding/1/win_se", "finding/1/task_diff", "finding/1/task_se", "status"]
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for i, r in enumerate(runs):
+            w.writerow([r.name, r.point["synthetic_world.weak_teacher"], r.point["synthetic_world.critic_strength"],
+                        10 - i, 1.5, 8 - i, 1.0, "finished"])
+    out = subprocess.run([sys.executable, "scripts/plot_miniature_gap.py", str(root)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (root / "gap.png").stat().st_size > 0 and (root / "gap.md").read_text().count("\n") == 11

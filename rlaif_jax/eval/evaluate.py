@@ -13,7 +13,9 @@ out_dir/
   generations/           the policy's samples (DEMONSTRATIONS records + samples.jsonl)
   generations.json       AlpacaEval-format outputs (instruction, output, generator)
   judgments.jsonl        per instruction: verdict, raw judge text, swapped, p_1, views, error
-  metrics.json           win rate +- SE, W/L/T/invalid counts, LC win rate, labels, cost_usd
+  metrics.json           win rate +- SE, W/L/T/invalid counts, LC win rate (lc_method says
+                         whose: "glm", ours, with lc_bootstrap_standard_error; "alpaca_eval",
+                         alpaca_eval's, with its lc_prediction_standard_error), labels, cost_usd
                          (this invocation) and cost_usd_total (every invocation in out_dir)
   api_ledger.jsonl       one line of API accounting per invocation
   operative_config.gin
@@ -31,12 +33,14 @@ import gin
 import numpy as np
 
 from rlaif_jax import fileio
+from rlaif_jax.eval.alpaca_eval_lc import alpaca_eval_lc_win_rate
 from rlaif_jax.eval.length_control import length_controlled_win_rate
 from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("judge", "reward_model")
+LC_METHODS = ("glm", "alpaca_eval")
 
 
 class EvalInputError(ValueError):
@@ -176,15 +180,28 @@ def load_outputs(path: str, rows: Sequence[Mapping]) -> list[str]:
 
 
 def judge_metrics(comparisons: Sequence[Mapping], outputs: Sequence[str], references: Sequence[str],
-                  lc_bootstrap: int = 200, seed: int = 0) -> dict:
+                  lc_bootstrap: int = 200, seed: int = 0, lc_method: str = "glm",
+                  alpaca_eval_lc: Optional[Mapping[str, Any]] = None) -> dict:
     """Win rate +- SE, counts, length-controlled win rate, and the logprob-weighted
-    (continuous) win rate where every valid judgment carries one."""
+    (continuous) win rate where every valid judgment carries one. lc_method "glm" is ours
+    (rlaif_jax.eval.length_control, bootstrap SE), "alpaca_eval" alpaca_eval's computation
+    (rlaif_jax.eval.alpaca_eval_lc; `alpaca_eval_lc` holds its glm / df_gamed /
+    difficulty_file / solver arguments)."""
+    if lc_method not in LC_METHODS:
+        raise ValueError(f"lc_method must be one of {LC_METHODS}, got {lc_method!r}")
     prefs = preferences_from_verdicts([c["verdict"] for c in comparisons], policy_is="first")
     wr = win_rate(prefs)
     m = wr.as_dict()
-    lc = length_controlled_win_rate(prefs, [len(o) for o in outputs], [len(r) for r in references],
-                                    n_bootstrap=lc_bootstrap, seed=seed)
-    m.update(lc_win_rate=lc["lc_win_rate"], lc_standard_error=lc["lc_standard_error"], lc_coef=lc["coef"])
+    lens = [len(o) for o in outputs], [len(r) for r in references]
+    if lc_method == "glm":
+        lc = length_controlled_win_rate(prefs, *lens, n_bootstrap=lc_bootstrap, seed=seed)
+        m.update(lc_method="glm", lc_win_rate=lc["lc_win_rate"],
+                 lc_bootstrap_standard_error=lc["lc_bootstrap_standard_error"], lc_coef=lc["coef"])
+    else:
+        lc = alpaca_eval_lc_win_rate(prefs, *lens, **dict(alpaca_eval_lc or {}))
+        m.update(lc_method="alpaca_eval", lc_win_rate=lc["lc_win_rate"],
+                 lc_prediction_standard_error=lc["lc_prediction_standard_error"], lc_coef=lc["coef"],
+                 lc_alpaca_eval={"glm": lc["glm"], "C": lc["C"], "solver": lc["solver"]})
     cont = continuous_preferences(comparisons, policy_is="first")
     if cont is not None:
         cw = win_rate(cont)
@@ -235,6 +252,12 @@ def evaluate(
     # metrics
     length_control: bool = True,
     lc_bootstrap: int = 200,
+    # "glm" (ours) or "alpaca_eval" (its exact computation; see rlaif_jax.eval.alpaca_eval_lc)
+    lc_method: str = "glm",
+    lc_glm: str = "length_controlled_v1",
+    lc_df_gamed: Optional[str] = None,
+    lc_difficulty_file: Optional[str] = None,
+    lc_solver: str = "newton",
     labels: Optional[Mapping[str, Any]] = None,
 ) -> dict:
     """Runs one evaluation and returns its metrics (also written to out_dir/metrics.json).
@@ -246,6 +269,8 @@ def evaluate(
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if lc_method not in LC_METHODS:
+        raise ValueError(f"evaluate.lc_method must be one of {LC_METHODS}, got {lc_method!r}")
     if (checkpoint is None) == (policy_outputs is None):
         raise ValueError("give exactly one of checkpoint (to generate) and policy_outputs (to judge existing outputs)")
     if protocol == "judge" and client is None:
@@ -281,9 +306,12 @@ def evaluate(
                             max_tokens=judge_max_tokens, on_disagreement=on_disagreement, judge_name=judge_name,
                             batch_api=batch_api, poll_interval_s=poll_interval_s)
         _write_jsonl(fileio.join(out_dir, "judgments.jsonl"), comps)
-        jm = judge_metrics(comps, outputs, refs, lc_bootstrap if length_control else 0, order_seed)
+        jm = judge_metrics(comps, outputs, refs, lc_bootstrap if length_control else 0, order_seed,
+                           lc_method=lc_method if length_control else "glm",
+                           alpaca_eval_lc={"glm": lc_glm, "df_gamed": lc_df_gamed,
+                                           "difficulty_file": lc_difficulty_file, "solver": lc_solver})
         if not length_control:
-            jm.update(lc_win_rate=None, lc_standard_error=None, lc_coef=None)
+            jm.update(lc_method=None, lc_win_rate=None, lc_bootstrap_standard_error=None, lc_coef=None)
         api = client.summary.as_dict()
         metrics.update(jm, judge=judge_name or client.model, judge_template=tmpl.id, order_seed=order_seed,
                        both_orders=both_orders, logprobs=logprobs, api=api, cost_usd=api["cost_usd"],

@@ -26,6 +26,15 @@ of its leaderboard, and then treats it as a fixed covariate. We have one or a fe
     805 instructions) this costs about 0.4 points of mean absolute error (1.8 vs 1.45).
 Soft preferences (ties 0.5, logprob-weighted judges) are used as they are, like AlpacaEval's
 `is_ytrue_proba=True`. Invalid judgments (NaN) are left out.
+
+This is not alpaca_eval's computation, and the numbers differ (by several points on 805
+instructions): alpaca_eval fits with an L1 penalty chosen by 5-fold cross-validation (which
+can zero every coefficient and report exactly 50.0), scales the length difference over all
+rows including invalid ones and averages over all instructions, where this module fits a
+light L2 by Newton's method on the valid rows only. rlaif_jax.eval.alpaca_eval_lc
+reproduces alpaca_eval's (evaluate's lc_method="alpaca_eval"). The standard error here is a
+bootstrap over instructions (`lc_bootstrap_standard_error`); alpaca_eval's
+`lc_standard_error` is the spread of its per-instruction predictions, another quantity.
 """
 
 from __future__ import annotations
@@ -109,8 +118,9 @@ def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence
                                difficulty: Optional[Sequence[float]] = None, l2: float = 1e-2,
                                n_bootstrap: int = 0, seed: int = 0) -> dict:
     """The LC win rate (percent) of one run; with n_bootstrap > 0 also its bootstrap standard
-    error over instructions. Returns lc_win_rate, lc_standard_error, the coefficients
-    (model, length, difficulty), and n (instructions used)."""
+    error over instructions. Returns lc_win_rate, lc_bootstrap_standard_error (NaN without
+    bootstrap; `lc_standard_error` is the same number under its old, ambiguous name), the
+    coefficients (model, length, difficulty), and n (instructions used)."""
     p = np.asarray(preferences, np.float64)
     lm, lr = np.asarray(len_model, np.float64), np.asarray(len_ref, np.float64)
     if not (p.shape == lm.shape == lr.shape):
@@ -122,7 +132,8 @@ def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence
     p, lm, lr = p[ok], lm[ok], lr[ok]
     gamma = None if gamma is None else gamma[ok]
     if p.size == 0:
-        return {"lc_win_rate": math.nan, "lc_standard_error": math.nan, "coef": {}, "n": 0}
+        return {"lc_win_rate": math.nan, "lc_bootstrap_standard_error": math.nan, "lc_standard_error": math.nan,
+                "coef": {}, "n": 0}
 
     def fit(idx):
         cols = [np.ones(idx.size), length_feature(lm[idx], lr[idx])]
@@ -140,4 +151,5 @@ def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence
     coef = {"model": float(b[0]), "length": float(b[1])}
     if gamma is not None:
         coef["difficulty"] = float(b[2])
-    return {"lc_win_rate": lc, "lc_standard_error": se, "coef": coef, "n": int(p.size)}
+    return {"lc_win_rate": lc, "lc_bootstrap_standard_error": se, "lc_standard_error": se, "coef": coef,
+            "n": int(p.size)}

@@ -14,7 +14,7 @@ import os
 from typing import Iterable, Optional, Sequence
 
 COLUMNS = ("run", "base_model", "arm", "sft_fraction", "protocol", "judge", "win_rate", "standard_error",
-           "lc_win_rate", "lc_standard_error", "lc_joint_win_rate", "n_wins", "n_losses", "n_ties", "n_invalid", "n_total",
+           "lc_win_rate", "lc_method", "lc_bootstrap_standard_error", "lc_prediction_standard_error", "lc_joint_win_rate", "n_wins", "n_losses", "n_ties", "n_invalid", "n_total",
            "continuous_win_rate", "mean_reward", "avg_length", "cost_usd_total")
 
 
@@ -24,6 +24,8 @@ def load_run(run_dir: str) -> dict:
         raise FileNotFoundError(f"{run_dir}: no metrics.json (not an evaluation run directory?)")
     with open(path) as f:
         m = json.load(f)
+    if "lc_standard_error" in m:  # metrics.json from before the SE fields were named for what they are
+        m.setdefault("lc_bootstrap_standard_error", m["lc_standard_error"])
     row = {"run": m.get("labels", {}).get("run") or os.path.basename(os.path.normpath(run_dir))}
     row.update({k: v for k, v in m.get("labels", {}).items() if k in COLUMNS})
     row.update({k: m[k] for k in COLUMNS if k in m and k not in row})
@@ -191,7 +193,9 @@ def make_report(run_dirs: Sequence[str], out_dir: str) -> dict:
     plot_grouped_bars(rows, out["bars"])
     if any(r.get("lc_win_rate") is not None for r in rows):
         out["lc_bars"] = os.path.join(out_dir, "lc_win_rate_bars.png")
-        plot_grouped_bars(rows, out["lc_bars"], value="lc_win_rate", error="lc_standard_error")
+        # only the bootstrap SE is an uncertainty of the LC win rate; alpaca_eval's
+        # prediction spread is not, so alpaca_eval-mode runs get no error bar
+        plot_grouped_bars(rows, out["lc_bars"], value="lc_win_rate", error="lc_bootstrap_standard_error")
     if any(r.get("sft_fraction") not in (None, "") for r in rows):
         out["scaling"] = os.path.join(out_dir, "win_rate_vs_sft_fraction.png")
         plot_vs_sft_fraction(rows, out["scaling"])

@@ -71,13 +71,38 @@ def synthetic_world(
     critic_noise: float = 0.1,
     position_bias: float = 0.2,
     invalid_rate: float = 0.0,
+    web_quality: float = 0.5,
+    judge_strength: float = 1.0,
+    judge_noise: float = 0.15,
+    judge_position_bias: float = 0.1,
     seed: int = 0,
 ) -> SyntheticBackend:
-    """The miniature's models and their knobs: teacher strengths, the critic's strength,
-    noise and position bias, and the evaluation reference's strength."""
+    """The miniature's models and what each stands for in the paper:
+
+    strong-teacher  right with probability `strong_teacher`: GPT-4 as a teacher
+    weak-teacher    right with probability `weak_teacher`: GPT-3.5 (ShareGPT's replies)
+    reference       right with probability `reference`: text-davinci-003, AlpacaEval's
+                    reference outputs
+    web             right with probability `web_quality`: the pretraining corpus, whose
+                    transcripts give the base model its abilities before any SFT
+    critic          the pairwise feedback critic (GPT-4 as a critic): scores by the true
+                    answer with probability `critic_strength`, else by length; `critic_noise`
+                    random verdicts, `position_bias` "Output (a)" whatever is shown
+    judge           the evaluation judge (AlpacaEval's annotator): the same kind of model with
+                    its own knobs and name, so evaluation draws its own random stream
+    """
+    for name, v in (("strong_teacher", strong_teacher), ("weak_teacher", weak_teacher), ("reference", reference),
+                    ("web_quality", web_quality), ("critic_strength", critic_strength),
+                    ("critic_noise", critic_noise), ("position_bias", position_bias),
+                    ("invalid_rate", invalid_rate), ("judge_strength", judge_strength),
+                    ("judge_noise", judge_noise), ("judge_position_bias", judge_position_bias)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"synthetic_world.{name} is a probability; got {v} (bind a value in [0, 1])")
     return SyntheticBackend({
         "strong-teacher": Teacher(strong_teacher),
         "weak-teacher": Teacher(weak_teacher),
         "reference": Teacher(reference),
+        "web": Teacher(web_quality),
         "critic": Critic(critic_strength, critic_noise, position_bias, invalid_rate),
+        "judge": Critic(judge_strength, judge_noise, judge_position_bias, invalid_rate),
     }, seed=seed)

@@ -85,15 +85,28 @@ class KLController:
         return coef * (1.0 + error * n_steps / self.horizon)
 
 
-def group_advantages(scores, group_size: int, method: str):
+GROUP_STDS = ("population", "sample")
+
+
+def group_advantages(scores, group_size: int, method: str, std: str = "population"):
     """Per-sequence advantages for K samples per prompt (rows grouped consecutively).
-    rloo: score minus the mean of the other K-1 samples; grpo: (score - mean) / std."""
+    rloo: score minus the mean of the other K-1 samples; grpo: (score - mean) / std, with
+    std "population" (ddof 0, + 1e-6; ours) or "sample" (ddof 1, + 1e-4: TRL's GRPOTrainer)."""
+    if std not in GROUP_STDS:
+        raise ValueError(f"group std must be one of {GROUP_STDS}, got {std!r}")
     s = scores.reshape(-1, group_size)
     if method == "rloo":
         baseline = (s.sum(1, keepdims=True) - s) / (group_size - 1)
         adv = s - baseline
     elif method == "grpo":
-        adv = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-6)
+        sd, eps = (s.std(1, keepdims=True), 1e-6) if std == "population" else (s.std(1, ddof=1, keepdims=True), 1e-4)
+        adv = (s - s.mean(1, keepdims=True)) / (sd + eps)
     else:
         raise ValueError(f"group advantage method must be rloo or grpo, got {method!r}")
     return adv.reshape(-1)
+
+
+def normalize_sequences(adv):
+    """(a - mean) / (sample std + 1e-4) over per-sequence advantages: TRL's RLOOTrainer with
+    normalize_advantages=True (sequence-weighted, where `whiten` weights by tokens)."""
+    return (adv - adv.mean()) / (adv.std(ddof=1) + 1e-4)

@@ -8,6 +8,14 @@ Losses, with h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)):
   simpo    -(1-e) log s(beta d - gamma) - e log s(-(beta d - gamma)),
            d = mean log pi(y_w) - mean log pi(y_l), no reference
 plus rpo_alpha * (per-token NLL of y_w) for the RPO / SFT-regularised variant.
+
+convention="trl" gives TRL's numbers where its same-named objective or metric differs
+(DPOTrainer of trl 1.16; SimPO is its CPOTrainer): IPO on the per-token average of each
+response's log-ratio (TRL's normalisation, confirmed with the IPO authors; ours uses sums
+unless average_log_prob); the RPO term as TRL's "sft" loss, the NLL averaged over every
+chosen token of the batch (ours: per sequence, then over sequences); `rewards/*` always
+beta * summed log-ratios (ours follow average_log_prob); SimPO's `logps/*` the per-token
+averages its loss uses (ours: sums). See the README's conventions table.
 """
 
 from __future__ import annotations
@@ -24,11 +32,14 @@ from rlaif_jax.train.objectives import add_moe_aux_loss, concat_pairs, mean_metr
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 REFERENCES = ("model", "precomputed", "none")
+CONVENTIONS = ("ours", "trl")
 
 
-def preference_losses(pc, pr, rc, rr, *, loss_type, beta, label_smoothing=0.0, simpo_gamma=0.0):
+def preference_losses(pc, pr, rc, rr, *, loss_type, beta, label_smoothing=0.0, simpo_gamma=0.0, ipo_lengths=None):
     """Per-pair losses and implicit rewards from sequence log-probs (policy chosen/rejected,
-    reference chosen/rejected; the reference is ignored by simpo)."""
+    reference chosen/rejected; the reference is ignored by simpo). ipo_lengths=(n_chosen,
+    n_rejected) token counts: IPO on each response's log-ratio divided by its length
+    (TRL's IPO), from summed log-probs."""
     e = label_smoothing
     if loss_type == "simpo":
         z = beta * (pc - pr) - simpo_gamma
@@ -40,6 +51,8 @@ def preference_losses(pc, pr, rc, rr, *, loss_type, beta, label_smoothing=0.0, s
     elif loss_type == "robust":
         losses = (-(1 - e) * jax.nn.log_sigmoid(beta * h) + e * jax.nn.log_sigmoid(-beta * h)) / (1 - 2 * e)
     elif loss_type == "ipo":
+        if ipo_lengths is not None:
+            h = (pc - rc) / ipo_lengths[0] - (pr - rr) / ipo_lengths[1]
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = jax.nn.relu(1 - beta * h)
@@ -64,8 +77,12 @@ class DPO:
     data_kind: str = "preference"
     lm_head: bool = True
     scalar_heads: tuple = ()
+    # "ours" or "trl" (TRL's normalisations of IPO and RPO and its metric scales; see above)
+    convention: str = "ours"
 
     def __post_init__(self):
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"DPO.convention {self.convention!r} is not one of {CONVENTIONS}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"DPO.loss_type {self.loss_type!r} is not one of {LOSS_TYPES}")
         if self.reference not in REFERENCES:
@@ -104,22 +121,33 @@ class DPO:
             ref_lp = jax.lax.stop_gradient(ref_sums / n_tok if average else ref_sums)
             rc, rr = ref_lp[:B], ref_lp[B:]
 
+        trl = self.convention == "trl"
+        # TRL's IPO divides summed log-ratios by length; already-averaged log-probs need nothing more
+        ipo_lengths = (n_tok[:B], n_tok[B:]) if trl and self.loss_type == "ipo" and not average else None
         losses, chosen_r, rejected_r = preference_losses(
             pc, pr, rc, rr, loss_type=self.loss_type, beta=self.beta,
-            label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
+            label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma, ipo_lengths=ipo_lengths,
         )
+        if trl and self.loss_type != "simpo" and average:
+            # TRL logs rewards/* on summed log-ratios whatever the loss normalises
+            chosen_r, rejected_r = self.beta * (pc - rc) * n_tok[:B], self.beta * (pr - rr) * n_tok[B:]
         loss_sum = losses.sum()
         chosen_nll = -(sums[:B] / n_tok[:B])
         if self.rpo_alpha:
-            loss_sum = loss_sum + self.rpo_alpha * chosen_nll.sum()
+            if trl:  # TRL's "sft" loss: the mean NLL over all chosen tokens of the batch, per pair
+                rpo = -sums[:B].sum() / jnp.maximum(mask[:B].sum(), 1.0) * B
+            else:
+                rpo = chosen_nll.sum()
+            loss_sum = loss_sum + self.rpo_alpha * rpo
+        logged = logps if trl and self.loss_type == "simpo" else sums  # CPOTrainer logs SimPO's averages
         metrics = {
             "preference_loss": mean_metric(losses),
             "rewards/chosen": mean_metric(chosen_r),
             "rewards/rejected": mean_metric(rejected_r),
             "rewards/margins": mean_metric(chosen_r - rejected_r),
             "rewards/accuracies": mean_metric((chosen_r > rejected_r).astype(jnp.float32)),
-            "logps/chosen": mean_metric(sums[:B]),
-            "logps/rejected": mean_metric(sums[B:]),
+            "logps/chosen": mean_metric(logged[:B]),
+            "logps/rejected": mean_metric(logged[B:]),
             "nll/chosen_per_token": mean_metric(chosen_nll),
         }
         weight = jnp.asarray(B, jnp.float32)

@@ -1,13 +1,18 @@
-"""Metric sinks (JSONL and TensorBoard event files) and MFU accounting."""
+"""Metric sinks (JSONL, TensorBoard event files and, optionally, Weights & Biases) and MFU
+accounting."""
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
 import logging
 import os
 import time
+import uuid
 from typing import Any, Optional
 
+import gin
 import jax
 import numpy as np
 
@@ -46,17 +51,55 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class WandbLogging:
+    """Weights & Biases beside TensorBoard and the JSONL (off by default; needs the `wandb`
+    extra). Bind `WandbLogging.enabled = True` in gin. mode None leaves it to wandb
+    (WANDB_MODE, then online); "offline" writes run_dir/wandb/ without any network, for
+    `wandb sync` later. The W&B run id is kept in run_dir/wandb_run_id.txt, so a resumed
+    run continues the same W&B run."""
+
+    enabled: bool = False
+    project: str = "rlaif_jax"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: the run directory's name
+    group: Optional[str] = None
+    tags: tuple = ()
+    mode: Optional[str] = None  # "online" | "offline" | "disabled" | None
+
+    def start(self, run_dir: str):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("WandbLogging.enabled = True needs wandb: pip install -e \".[wandb]\" "
+                              "(or unbind WandbLogging.enabled)") from None
+        id_file = os.path.join(run_dir, "wandb_run_id.txt")
+        if os.path.exists(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
+            with open(id_file, "w") as f:
+                f.write(run_id + "\n")
+        return wandb.init(project=self.project, entity=self.entity, group=self.group, tags=list(self.tags) or None,
+                          name=self.name or os.path.basename(os.path.normpath(run_dir)), mode=self.mode,
+                          dir=run_dir, id=run_id, resume="allow", reinit="create_new")
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to
-    TensorBoard (tensorboardX) when installed. Only process 0 writes.
+    TensorBoard (tensorboardX) when installed, and to Weights & Biases when WandbLogging is
+    enabled, under the same names everywhere. Only process 0 writes.
 
     A URL run_dir (gs://...) is staged locally and uploaded by `sync()` and `close()`
     (object stores cannot append; see rlaif_jax.train.rundir). The trainers stage the whole
     run directory themselves and pass the local staging path here."""
 
-    def __init__(self, run_dir: str, filename: str = "metrics.jsonl"):
+    def __init__(self, run_dir: str, filename: str = "metrics.jsonl", wandb: Optional[WandbLogging] = None):
         self.enabled = jax.process_index() == 0
         self._tb = None
+        self._wandb = None
         self._mirror = None
         if not self.enabled:
             return
@@ -73,6 +116,9 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             log.warning("tensorboardX not installed: metrics go to %s only", filename)
+        wandb = wandb if wandb is not None else WandbLogging()  # gin's bindings
+        if wandb.enabled:
+            self._wandb = wandb.start(run_dir)
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
@@ -86,10 +132,17 @@ class MetricsWriter:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))},
+                            step=int(step))
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.enabled and self._tb is not None:
             self._tb.add_text(tag, text, step)
+        if self.enabled and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=int(step))
 
     def flush(self) -> None:
         """Everything written so far on disk (the JSONL is flushed on every write already)."""
@@ -111,6 +164,8 @@ class MetricsWriter:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._mirror is not None:
             self._mirror.close()
 

@@ -35,7 +35,8 @@ from rlaif_jax.models import DecoderConfig, apply, build_model, gather_last
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.sampling import SamplingParams, _generate, left_pad
-from rlaif_jax.train.advantages import KLController, gae, group_advantages, kl_estimate, masked_mean, whiten
+from rlaif_jax.train.advantages import (KLController, gae, group_advantages, kl_estimate, masked_mean,
+                                        normalize_sequences, whiten)
 from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
 from rlaif_jax.train.metrics import MetricsWriter
 from rlaif_jax.train.optim import make_optimizer
@@ -44,6 +45,7 @@ from rlaif_jax.train.rundir import RunDir, local_hf_dir
 log = logging.getLogger(__name__)
 
 VALUE_HEAD = "value"
+GROUP_NORMALIZATIONS = ("whiten", "none", "batch")
 
 
 @gin.configurable
@@ -69,6 +71,13 @@ class PPOConfig:
     advantage_estimator: str = "gae"
     whiten_advantages: bool = True
     whiten_rewards: bool = False
+    # Group baselines (rloo / grpo) only; the defaults are ours, the alternatives TRL's.
+    # grpo_std: "population" (ddof 0, + 1e-6) or "sample" (ddof 1, + 1e-4, TRL's GRPOTrainer).
+    grpo_std: str = "population"
+    # group_normalization: "whiten" (whiten_advantages applies: token-weighted whitening
+    # over the batch), "none" (TRL's GRPO, and its RLOO by default) or "batch" (TRL's RLOO
+    # normalize_advantages=True: (a - mean) / (sample std + 1e-4) over sequences).
+    group_normalization: str = "whiten"
     # Scores are clipped to +-score_clip when set.
     score_clip: Optional[float] = None
     # Subtracted from the score of responses that never emit EOS (TRL's missing_eos_penalty).
@@ -82,6 +91,11 @@ class PPOConfig:
             raise ValueError(f"advantage_estimator must be gae|rloo|grpo, got {self.advantage_estimator!r}")
         if self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
             raise ValueError(f"{self.advantage_estimator} needs samples_per_prompt >= 2")
+        if self.grpo_std not in ("population", "sample"):
+            raise ValueError(f"PPOConfig.grpo_std must be population|sample, got {self.grpo_std!r}")
+        if self.group_normalization not in GROUP_NORMALIZATIONS:
+            raise ValueError(f"PPOConfig.group_normalization must be one of {GROUP_NORMALIZATIONS}, "
+                             f"got {self.group_normalization!r}")
         if self.value_model not in ("shared", "separate"):
             raise ValueError(f"value_model must be shared|separate, got {self.value_model!r}")
         if self.temperature <= 0:
@@ -215,9 +229,12 @@ class PPOTrainer:
             adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
         else:
             seq_reward = scores - kl_coef * kl_sum
-            adv = group_advantages(seq_reward, c.samples_per_prompt, c.advantage_estimator)[:, None] * mask
+            seq_adv = group_advantages(seq_reward, c.samples_per_prompt, c.advantage_estimator, std=c.grpo_std)
+            if c.group_normalization == "batch":
+                seq_adv = normalize_sequences(seq_adv)
+            adv = seq_adv[:, None] * mask
             values = returns = jnp.zeros_like(mask)
-        if c.whiten_advantages:
+        if c.whiten_advantages and (c.uses_critic or c.group_normalization == "whiten"):
             adv = whiten(adv, mask)
         batch = dict(tokens=tokens, positions=positions, segment_ids=segs, mask=mask, old_logp=logp,
                      old_values=values, advantages=adv, returns=returns)

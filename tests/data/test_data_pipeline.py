@@ -309,3 +309,20 @@ def test_close_then_continue_is_exact_and_errors_are_sticky():
         with pytest.raises(RuntimeError, match="broken shard"):
             next(it)
     assert len(calls) == 1
+
+
+def test_document_stream_joins_a_packed_row_and_trains_eos_as_an_input():
+    from rlaif_jax.data.pipeline import as_document_stream
+
+    # Two examples packed in one row: BOS p p | r EOS, then BOS p | r r EOS; BOS=1, EOS=2.
+    a, b = Encoded(np.array([1, 5, 6], np.int32), np.array([7, 2], np.int32)), \
+        Encoded(np.array([1, 8], np.int32), np.array([9, 9, 2], np.int32))
+    batch, left = pack_batch([a, b], batch_size=1, seq_len=12)
+    assert not left
+    s = as_document_stream(batch)
+    np.testing.assert_array_equal(s["tokens"], batch["tokens"])
+    np.testing.assert_array_equal(s["segment_ids"], [[1] * 10 + [0, 0]])
+    np.testing.assert_array_equal(s["positions"][0, :10], np.arange(10))
+    # The responses' targets as before, plus the second document's BOS, which EOS predicts.
+    np.testing.assert_array_equal(s["loss_mask"], [[0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0]])  # untouched

@@ -227,3 +227,15 @@ def test_readable_by_tensorflow(tmp_path):
     with tf.io.TFRecordWriter(path) as w:
         w.write(encode_example(schema, records[0]))
     assert [decode_example(schema, x) for x in iter_records(path)] == records[:1]
+
+
+def test_float_beyond_float32_is_rejected_not_stored_as_inf(tmp_path):
+    # tf.train.Example stores floats as float32: 1e39 passes a finiteness check as a Python
+    # float but would be read back as inf
+    schema, recs = SAMPLES["preferences"]
+    big = dict(recs[0], ref_chosen_logp=-1e39)
+    with pytest.raises(SchemaError, match=r"record 1: preferences: field 'ref_chosen_logp'=-1e\+39 overflows float32"):
+        write_records(tmp_path, schema, [recs[0], big])
+    edge = float(np.finfo(np.float32).max)  # the largest float32 itself is fine
+    got = decode_example(schema, encode_example(schema, dict(recs[0], ref_chosen_logp=-edge)))
+    assert got["ref_chosen_logp"] == -edge

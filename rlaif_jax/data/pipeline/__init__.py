@@ -3,6 +3,7 @@
 from rlaif_jax.data.pipeline.batches import (
     SEQUENCE_KEYS,
     RowPacker,
+    as_document_stream,
     empty_batch,
     pack_batch,
     packing_efficiency,
@@ -20,7 +21,7 @@ from rlaif_jax.data.pipeline.iterator import (
 
 __all__ = [
     "SEQUENCE_KEYS", "DataIterator", "IndexStream", "PackedBatcher", "PaddedBatcher",
-    "PreferenceBatcher", "RowPacker", "empty_batch", "load_host_records", "pack_batch",
+    "PreferenceBatcher", "RowPacker", "as_document_stream", "empty_batch", "load_host_records", "pack_batch",
     "packing_efficiency", "pad_batch", "pad_preference_batch", "preference_pipeline",
     "sft_pipeline",
 ]

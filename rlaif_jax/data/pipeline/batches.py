@@ -119,3 +119,22 @@ def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
     """Fraction of token slots holding real tokens (over all *segment_ids arrays)."""
     seg = [v for k, v in batch.items() if k.endswith("segment_ids")]
     return float(sum((s > 0).sum() for s in seg) / sum(s.size for s in seg))
+
+
+def as_document_stream(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed SFT rows -> document-stream rows: the examples packed into a row become one
+    segment (positions counting on), as in pretraining on documents separated by EOS. The
+    loss stays on each response and is added on every following document's first token,
+    so each EOS becomes an input that is trained to predict what comes after it. (SFT
+    alone never trains EOS as an input, its target being masked, so a reward head reading
+    a sequence's score at EOS would start from an untrained, content-blind position.)
+    Real tokens must lead each row, as packing leaves them."""
+    seg = batch["segment_ids"]
+    real = seg > 0
+    out = dict(batch)
+    out["segment_ids"] = real.astype(seg.dtype)
+    out["positions"] = np.where(real, np.cumsum(real, axis=1) - 1, 0).astype(batch["positions"].dtype)
+    starts = np.zeros_like(real)
+    starts[:, 1:] = real[:, 1:] & (seg[:, 1:] != seg[:, :-1])  # a later document's first token
+    out["loss_mask"] = np.maximum(batch["loss_mask"], starts.astype(np.float32))
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from rlaif_jax.data.records.schemas import Schema
@@ -47,6 +48,13 @@ def encode_example(schema: Schema, record: Mapping[str, Any]) -> bytes:
             value = float(value)
             if not math.isfinite(value):
                 raise SchemaError(f"{schema.name}: field {f.name!r} is not finite: {value}")
+            # float_list holds float32: a finite value beyond its range would be read back as inf
+            with np.errstate(over="ignore"):
+                as_f32 = float(np.float32(value))
+            if not math.isfinite(as_f32):
+                raise SchemaError(f"{schema.name}: field {f.name!r}={value!r} overflows float32 (|x| <= "
+                                  f"{float(np.finfo(np.float32).max):.6g}), the precision tf.train.Example "
+                                  "stores floats in; check the value (a summed log-prob this large is a bug upstream)")
             feats[f.name].float_list.value.append(value)
         else:  # pragma: no cover - schemas are static
             raise SchemaError(f"{schema.name}: field {f.name!r} has unknown kind {f.kind}")
