@@ -55,7 +55,7 @@ def main(argv=None):
         ax.set_xlabel("weak (SFT) teacher strength")
         ax.set_ylabel(f"DPO gain over SFT, {what} (points)")
         ax.legend(fontsize=8)
-    fig.suptitle("RLAIF in miniature: the RL gain shrinks as the SFT teacher nears the critic")
+    fig.suptitle("RLAIF in miniature: DPO's gain over SFT against SFT-teacher and critic strength")
     fig.tight_layout()
     png = os.path.join(args.run_root, "gap.png")
     fig.savefig(png, dpi=120)
