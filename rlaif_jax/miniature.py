@@ -40,6 +40,7 @@ from rlaif_jax.data.prompts.prepare import prepare_prompts
 from rlaif_jax.data.records import read_records
 from rlaif_jax.data.tokenize.tokenizer import build_test_tokenizer, load_tokenizer
 from rlaif_jax.eval.winrate import preferences_from_verdicts, verdict_win_rate
+from rlaif_jax.eval.winrate import win_rate as score_win_rate  # this module's win_rate takes comparisons
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.server import ServerThread, make_app
 from rlaif_jax.feedback.stages import critic_stage, load_comparisons, policy_samples_stage, preferences_stage, teacher_stage
@@ -94,7 +95,10 @@ def _claim_shared(shared_dir: Optional[str], settings: dict) -> None:
 def win_rate(comparisons: Sequence[dict]) -> dict:
     """The policy (response_1) against the reference (response_2), as AlpacaEval scores it
     (rlaif_jax.eval.winrate): ties 0.5, invalid judgments counted apart, never scored."""
-    wr = verdict_win_rate([c["verdict"] for c in comparisons], policy_is="first")
+    return _win_row(verdict_win_rate([c["verdict"] for c in comparisons], policy_is="first"))
+
+
+def _win_row(wr) -> dict:
     return {"win_rate": wr.win_rate, "se": wr.standard_error, "n": wr.n_scored, "wins": wr.n_wins,
             "losses": wr.n_losses, "ties": wr.n_ties, "invalid": wr.n_invalid}
 
@@ -173,10 +177,11 @@ def run_miniature(
     os.makedirs(out_dir, exist_ok=True)
     p = functools.partial(os.path.join, out_dir)
     shared = functools.partial(os.path.join, shared_dir or out_dir)
+    world = synthetic_world()
     _claim_shared(shared_dir, {"seed": seed, "num_prompts": num_prompts, "num_eval": num_eval,
                                "num_pretrain": num_pretrain, "hidden_size": hidden_size, "num_layers": num_layers,
                                "pretrain_epochs": pretrain_epochs, "pretrain_lr": pretrain_lr,
-                               "batch_size": batch_size, "web_quality": synthetic_world().models["web"].strength})
+                               "batch_size": batch_size, "web_quality": world.models["web"].strength})
     one_device = functools.partial(shd.make_mesh, 1, 1, 1, devices=jax.devices()[:1])
 
     # -- prompts and tokenizer. The web corpus comes last so that the paper's prompts and the
@@ -192,8 +197,8 @@ def run_miniature(
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         build_test_tokenizer(tok_dir, texts=texts + [" ".join(vocabulary()), "Human: Assistant:"], vocab_size=1000)
 
-    world = synthetic_world()
     rl_arms = [a for a in arms if a in RL_START]
+    starts = dict(RL_START[a] for a in rl_arms)  # SFT arm an RL arm starts from -> its teacher
     with ServerThread(make_app(world)) as srv:
         def client(model):
             return FeedbackClient(model=model, cache_path=(shared if model == "web" else p)("cache", f"{model}.jsonl"),
@@ -246,14 +251,13 @@ def run_miniature(
             "sft_weak_100": (["weak-teacher"], ["sft", "feedback"], sft_epochs),
             "sft_strong_100": (["strong-teacher"], ["sft", "feedback"], sft_epochs),
         }
-        needed_sft = {a for a in arms if a in sft_data} | {RL_START[a][0] for a in rl_arms}
+        needed_sft = {a for a in arms if a in sft_data} | set(starts)
         for arm in sorted(needed_sft):
             (teacher,), splits, epochs = sft_data[arm]
             sft(arm, [p("data", teacher, s) for s in splits], epochs, sft_lr, base)
 
         # -- AI feedback on the 90%: policy samples vs the SFT teacher's completions
-        for start in sorted({RL_START[a][0] for a in rl_arms}):
-            teacher = RL_START[[a for a in rl_arms if RL_START[a][0] == start][0]][1]
+        for start, teacher in sorted(starts.items()):
             fb = functools.partial(p, "data", "feedback", start)
             comps = []
             for k in range(feedback_samples):
@@ -310,13 +314,13 @@ def run_miniature(
             prefs = preferences_from_verdicts([c["verdict"] for c in comps], policy_is="first")
             per_prompt[arm] = {"win": {c["prompt_id"]: float(x) for c, x in zip(comps, prefs)},
                                "task": task_scores(samples)}
-            row = {"arm": arm, "label": LABELS[arm], **win_rate(comps), **task_accuracy(samples)}
+            row = {"arm": arm, "label": LABELS[arm], **_win_row(score_win_rate(prefs)), **task_accuracy(samples)}
             rows.append(row)
             with open(p("eval", arm, "metrics.json"), "w") as f:
                 json.dump(row, f, indent=2)
         critic = {start: critic_policy_preferred([c for k in range(feedback_samples)
                                                   for c in load_comparisons(p("data", "feedback", start, "comparisons", str(k)))])
-                  for start in sorted({RL_START[a][0] for a in rl_arms})}
+                  for start in sorted(starts)}
     ref_samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": r["completion"]}
                    for r in read_records(ref_out)]
     found = F.findings(per_prompt)

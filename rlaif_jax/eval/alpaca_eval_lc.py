@@ -46,6 +46,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from rlaif_jax.eval.length_control import sigmoid
+
 GLMS = ("length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal")
 _GAMED_WEIGHT = 0.2 / 2  # regularize_to_baseline_lambda, shared by the two gamed baselines
 N_SPLITS = 5
@@ -54,10 +56,6 @@ CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV(Cs=10)
 
 class AlpacaEvalDataError(ValueError):
     """A difficulty / df_gamed file that cannot be used; the message names the file."""
-
-
-def _sigmoid(z):
-    return np.exp(-np.logaddexp(0.0, -z))
 
 
 def l1_logistic(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, tol: float = 1e-12,
@@ -75,7 +73,7 @@ def l1_logistic(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, tol: floa
     b = np.zeros(d)
     f = F(b)
     for _ in range(max_iter):
-        s = _sigmoid(X @ b)
+        s = sigmoid(X @ b)
         g = C * (X.T @ (w * (s - y)))
         H = C * (X * (w * s * (1 - s))[:, None]).T @ X + 1e-12 * np.eye(d)
         # min_t g.t + t'Ht/2 + |b + t|_1 by cyclic coordinate descent (d is 2 or 3)
@@ -151,7 +149,7 @@ def fit_cv(X: np.ndarray, y: np.ndarray, w: np.ndarray, Cs: Sequence[float] = CS
         tr, te = folds != k, folds == k
         for c, C in enumerate(Cs):
             b = fit(X[tr], y[tr], w[tr], C)
-            loss[c] += _soft_log_loss(y[te], _sigmoid(X[te] @ b), w[te])
+            loss[c] += _soft_log_loss(y[te], sigmoid(X[te] @ b), w[te])
     best = int(np.argmin(loss))  # sklearn: argmax of the (negated) summed scores
     return fit(X, y, w, Cs[best]), float(Cs[best])
 
@@ -274,7 +272,7 @@ def alpaca_eval_lc_win_rate(preferences: Sequence[float], len_model: Sequence[fl
                 "n": 0, "n_total": n, "glm": glm, "solver": solver}
     b, C = fit_cv(X[keep], y[keep], w[keep], solver=solver)
     test = np.stack([np.zeros(n)] + ([gamma] if gamma is not None else []) + [np.ones(n)], 1)
-    pred = _sigmoid(test @ b)
+    pred = sigmoid(test @ b)
     se = float(np.std(pred, ddof=1) / math.sqrt(n)) * 100.0 if n > 1 else math.nan
     coef = {"model": float(b[-1]), "length": float(b[0])}
     if gamma is not None:

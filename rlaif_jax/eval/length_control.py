@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def _sigmoid(z):
+def sigmoid(z):
     return np.exp(-np.logaddexp(0.0, -z))
 
 
@@ -65,7 +65,7 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: np.ndarray | float = 1e-2, we
     b = np.zeros(d)
     f = obj(b)
     for _ in range(max_iter):
-        s = _sigmoid(X @ b)
+        s = sigmoid(X @ b)
         g = X.T @ (w * (s - y)) + lam * b
         H = (X * (w * s * (1 - s))[:, None]).T @ X + np.diag(lam) + 1e-12 * np.eye(d)
         step = np.linalg.solve(H, g)
@@ -141,7 +141,7 @@ def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence
             cols.append(gamma[idx])
         b = fit_logistic(np.stack(cols, 1), p[idx], l2)
         z = b[0] + (b[2] * gamma[idx] if gamma is not None else 0.0)
-        return 100.0 * float(np.mean(_sigmoid(np.broadcast_to(z, idx.shape)))), b
+        return 100.0 * float(np.mean(sigmoid(np.broadcast_to(z, idx.shape)))), b
 
     lc, b = fit(np.arange(p.size))
     se = math.nan
