@@ -40,6 +40,7 @@ import jax
 from rlaif_jax import fileio
 from rlaif_jax.data.records import DEMONSTRATIONS, PROMPTS, read_manifest, read_records, write_records
 from rlaif_jax.fileio import read_json, write_json
+from rlaif_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ _SUMMARY_KEYS = {
 _DONE_FILES = ("manifest.json", "summary.json", "metrics.json")
 
 
-class ArmError(ValueError):
+class ArmError(UserError):
     """A recipe that cannot run as written (names the binding to change)."""
 
 

@@ -22,6 +22,8 @@ from typing import IO, Any, Callable, Iterable, Iterator, Optional
 
 import gin
 
+from rlaif_jax.errors import UserError
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # Filesystems without real directories: makedirs is a no-op on these.
 _OBJECT_STORES = {"gs", "gcs", "s3", "s3a", "az", "abfs", "abfss", "adl", "memory", "http", "https"}
@@ -192,16 +194,63 @@ def read_json(path: str) -> Any:
         return json.load(f)
 
 
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages ("a JSON array")."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "null" if value is None else "string"
+
+
+def decode_utf8(data: bytes, path: str, line: int, offset: int) -> str:
+    """`data` (one line, starting at byte `offset` of the file) as text; a UserError naming
+    the file, line and byte offset when it is not UTF-8 (a bare UnicodeDecodeError names
+    neither, and a prompt file saved as Latin-1 or UTF-16 is an everyday mistake)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: line {line} (byte {offset + e.start}) is not UTF-8 ({e.reason}, byte "
+                        f"{data[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSONL file; a line that is not
+    UTF-8 or not JSON is a UserError naming the file and line. A UTF-8 byte-order mark on
+    the first line is skipped (editors on Windows write one)."""
+    path = os.fspath(path)
+    offset = 0
+    with open_file(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            text = decode_utf8(raw, path, i, offset)
+            offset += len(raw)
+            if i == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            if text.strip():
+                try:
+                    yield i, json.loads(text)
+                except ValueError as e:
+                    raise UserError(f"{path}: line {i} is not JSON ({e})") from None
+
+
 def read_jsonl(path: str) -> list:
     """Every non-blank line of a JSONL file; a bad line is named by its number."""
+    return [value for _, value in iter_jsonl(path)]
+
+
+def read_jsonl_objects(path: str, expected: str = "an object") -> list[dict]:
+    """The lines of a JSONL file of objects; a line holding an array, string or number is a
+    UserError ("FILE: line N is a JSON array, expected <expected>") instead of an
+    AttributeError wherever the first field is read."""
     out = []
-    with open_file(path) as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    for i, value in iter_jsonl(path):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: line {i} is a JSON {json_kind(value)}, expected {expected}")
+        out.append(value)
     return out
 
 

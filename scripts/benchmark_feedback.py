@@ -18,6 +18,8 @@ import tempfile
 import time
 
 
+from rlaif_jax.cli import run
+
 def _serve(latency_s: float, port_q) -> None:
     import asyncio
 
@@ -93,4 +95,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -57,4 +57,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rlaif_jax.cli import run
+
+    sys.exit(run(main))

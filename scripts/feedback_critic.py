@@ -8,7 +8,7 @@
 
 import sys
 
-from rlaif_jax.cli import main_with_gin
+from rlaif_jax.cli import main_with_gin, run
 
 
 def main(argv=None):
@@ -20,4 +20,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -9,7 +9,7 @@ Rerunning the same command after a crash or kill sends only the requests not yet
 
 import sys
 
-from rlaif_jax.cli import main_with_gin
+from rlaif_jax.cli import main_with_gin, run
 
 
 def main(argv=None):
@@ -21,4 +21,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -10,7 +10,7 @@ pipeline run through it. Prints where the table and the plot are.
 import os
 import sys
 
-from rlaif_jax.cli import gin_arg_parser, parse_gin
+from rlaif_jax.cli import gin_arg_parser, parse_gin, run
 
 
 def main(argv=None):
@@ -34,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -15,6 +15,8 @@ import sys
 TEACHER, CRITIC = "synthetic_world.weak_teacher", "synthetic_world.critic_strength"
 
 
+from rlaif_jax.cli import run
+
 def load(run_root: str) -> list[dict]:
     path = os.path.join(run_root, "results.csv")
     if not os.path.exists(path):
@@ -67,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -13,7 +13,7 @@
 
 import sys
 
-from rlaif_jax.cli import gin_arg_parser, parse_gin
+from rlaif_jax.cli import gin_arg_parser, parse_gin, run
 
 STAGES = ("prepare_prompts", "import_paper_completions", "import_paper_annotations")
 
@@ -32,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlaif_jax.cli import run
+
 
 def main(argv=None):
     from rlaif_jax.eval.report import make_report
@@ -30,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -13,19 +13,19 @@ ARM_DIR/summary.json holds the arm's numbers (what scripts/sweep.py tabulates).
 
 import sys
 
-from rlaif_jax.cli import main_with_gin
+from rlaif_jax.cli import main_with_gin, run
 
 
-def run():
+def dispatch():
     from rlaif_jax.arm import run_arm
 
     return run_arm()
 
 
 def main(argv=None):
-    main_with_gin(__doc__, run, argv)
+    main_with_gin(__doc__, dispatch, argv)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

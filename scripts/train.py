@@ -12,10 +12,10 @@ and the operative gin configs are written to the run directory.
 
 import sys
 
-from rlaif_jax.cli import main_with_gin
+from rlaif_jax.cli import main_with_gin, run
 
 
-def run():
+def dispatch():
     import gin
 
     from rlaif_jax.train.loop import train
@@ -25,9 +25,9 @@ def run():
 
 
 def main(argv=None):
-    main_with_gin(__doc__, run, argv)
+    main_with_gin(__doc__, dispatch, argv)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

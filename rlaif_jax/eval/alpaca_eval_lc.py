@@ -47,6 +47,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from rlaif_jax.eval.length_control import sigmoid
+from rlaif_jax.errors import UserError
 
 GLMS = ("length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal")
 _GAMED_WEIGHT = 0.2 / 2  # regularize_to_baseline_lambda, shared by the two gamed baselines
@@ -54,7 +55,7 @@ N_SPLITS = 5
 CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV(Cs=10)
 
 
-class AlpacaEvalDataError(ValueError):
+class AlpacaEvalDataError(UserError):
     """A difficulty / df_gamed file that cannot be used; the message names the file."""
 
 

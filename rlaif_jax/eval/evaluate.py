@@ -37,13 +37,14 @@ from rlaif_jax.eval.alpaca_eval_lc import alpaca_eval_lc_win_rate
 from rlaif_jax.eval.length_control import length_controlled_win_rate
 from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
+from rlaif_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("judge", "reward_model")
 LC_METHODS = ("glm", "alpaca_eval")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError):
     """A malformed eval set or reference file; the message names the file and record."""
 
 

@@ -34,7 +34,8 @@ import gin
 import openai
 from tqdm.auto import tqdm
 
-from rlaif_jax.feedback.cache import ResultCache
+from rlaif_jax.errors import ConfigError, StorageError, binding, non_negative, one_of, positive, whole
+from rlaif_jax.feedback.cache import ResultCache, append_whole, rescue_paths
 from rlaif_jax.feedback.limits import RateLimiter
 from rlaif_jax.feedback.pricing import BATCH_DISCOUNT, cost_usd, price_for
 from rlaif_jax.feedback.request import ChatRequest
@@ -48,6 +49,10 @@ REDACTED = "[REDACTED]"
 
 class FeedbackError(RuntimeError):
     """A configuration or protocol problem that stops a run (not a per-request failure)."""
+
+
+class MissingKeyError(FeedbackError, ConfigError):
+    """The environment variable FeedbackClient.api_key_env names is not set."""
 
 
 @dataclasses.dataclass
@@ -207,10 +212,16 @@ class FeedbackClient:
         retry_failed: bool = True,
         http_transport: str = "aiohttp",
     ):
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        # Named as bound: a client is usually a scoped reference (@critic/FeedbackClient).
+        whole(binding("FeedbackClient.max_concurrency"), max_concurrency, 1)
+        whole(binding("FeedbackClient.max_attempts"), max_attempts, 1)
+        for name, value in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute)):
+            positive(binding(f"FeedbackClient.{name}"), value, "None for no limit")
+        positive(binding("FeedbackClient.timeout_s"), timeout_s)
+        for name, value in (("backoff_base_s", backoff_base_s), ("backoff_max_s", backoff_max_s),
+                            ("max_retry_after_s", max_retry_after_s), ("fsync_interval_s", fsync_interval_s)):
+            non_negative(binding(f"FeedbackClient.{name}"), value)
+        one_of(binding("FeedbackClient.http_transport"), http_transport, ("aiohttp", "httpx"))
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
@@ -223,13 +234,13 @@ class FeedbackClient:
         self.prices = {k: tuple(v) for k, v in prices.items()} if prices is not None else None
         self.progress = progress
         self.retry_failed = retry_failed
-        if http_transport not in ("aiohttp", "httpx"):
-            raise ValueError(f"http_transport must be 'aiohttp' or 'httpx', got {http_transport!r}")
         self.http_transport = http_transport
         self._key = os.environ.get(api_key_env) or ""
         if not self._key:
             if base_url is None:
-                raise FeedbackError(f"environment variable {api_key_env} is not set (needed for the default OpenAI endpoint)")
+                raise MissingKeyError(f"environment variable {api_key_env} ({binding('FeedbackClient.api_key_env')}) "
+                                      "is not set; export the API key there, or set "
+                                      f"{binding('FeedbackClient.base_url')} to a server that needs none")
             log.info("%s is not set; sending requests to %s without a key", api_key_env, base_url)
         self.cache = ResultCache(cache_path, fsync_interval_s=fsync_interval_s)
         # The HTTP library logs every request at INFO: 100k lines that bury the progress bar
@@ -416,6 +427,8 @@ class FeedbackClient:
 
         async def worker():
             while True:
+                if self.cache.failed:
+                    return  # an answer could not be saved: pay for no more of them
                 try:
                     r = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -438,6 +451,7 @@ class FeedbackClient:
             self.cache.sync()
             await self._aclose()
         log.info("%s: %s", desc, summary.line())
+        self.cache.raise_if_failed()
         return [results[r.key] for r in requests]
 
     def _fold(self, s: Summary) -> None:
@@ -460,10 +474,15 @@ class FeedbackClient:
     def _batch_state_path(self) -> str:
         return self.cache.path + ".batches.jsonl"
 
+    def _batch_state_paths(self) -> list[str]:
+        """The state file, then its fallback under the temp directory (for a full disk)."""
+        return [self._batch_state_path(), rescue_paths(self._batch_state_path())[1]]
+
     def _read_batch_state(self) -> dict[str, dict]:
         state: dict[str, dict] = {}
-        path = self._batch_state_path()
-        if os.path.exists(path):
+        for path in self._batch_state_paths():
+            if not os.path.exists(path):
+                continue
             with open(path) as f:
                 for line in f:
                     try:
@@ -474,10 +493,19 @@ class FeedbackClient:
         return state
 
     def _append_batch_state(self, rec: dict) -> None:
-        with open(self._batch_state_path(), "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """A submitted batch is paid for: its id must survive a full disk, or a rerun would
+        submit (and pay for) the same requests again."""
+        data = (json.dumps(rec, sort_keys=True) + "\n").encode()
+        errors = []
+        for path in self._batch_state_paths():
+            try:
+                append_whole(path, data)
+                return
+            except OSError as e:
+                errors.append(f"{path}: {e.strerror or e}")
+        raise StorageError(f"cannot record batch {rec['batch_id']} ({'; '.join(errors)}); it was submitted and "
+                           f"will be billed: free space, then append this line to {self._batch_state_path()} "
+                           f"before rerunning: {data.decode().strip()}")
 
     async def run_batch_async(
         self,
@@ -511,6 +539,8 @@ class FeedbackClient:
         oai = self._client()
         try:
             for chunk, data in _batch_files(todo, max_requests_per_batch, max_batch_bytes):
+                if self.cache.failed:
+                    break  # collected answers cannot be saved: submit (and pay for) no more
                 f = await oai.files.create(file=("requests.jsonl", data), purpose="batch")
                 b = await oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
                 rec = {"batch_id": b.id, "input_file_id": f.id, "keys": [r.key for r in chunk], "submitted_unix": time.time()}
@@ -561,6 +591,7 @@ class FeedbackClient:
             self.cache.sync()
             await self._aclose()
         log.info("%s: %s", desc, summary.line())
+        self.cache.raise_if_failed()
         return [results[r.key] for r in requests]
 
     async def _collect_batch(self, oai, b, by_key: Mapping[str, ChatRequest]) -> dict[str, dict]:

@@ -31,7 +31,11 @@ from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.preferences import build_preference_pairs
 from rlaif_jax import fileio as fio
+from rlaif_jax.errors import (
+    ConfigError, UserError, binding, existing_dir, existing_path, in_range, non_negative, one_of, positive, whole,
+)
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
+from rlaif_jax.outputs import check_replace, writer_lock
 
 log = logging.getLogger(__name__)
 STAGE_VERSION = 1
@@ -44,28 +48,51 @@ def _is_records_dir(path: str) -> bool:
     return fio.isdir(path) and fio.exists(fio.join(path, "manifest.json"))
 
 
-def load_prompts(path: str, split: Optional[str] = None) -> list[dict]:
+def _neither(path: str, setting: Optional[str], what: str) -> UserError:
+    where = f"{setting} = {path!r}" if setting else path
+    if fio.isdir(path):
+        return UserError(f"{where}: a directory without manifest.json (the stage writing it has not finished); "
+                         f"give a complete record set or a JSONL file of {what}")
+    return UserError(f"{where}: no such record directory or JSONL file of {what}")
+
+
+def load_prompts(path: str, split: Optional[str] = None, setting: Optional[str] = None) -> list[dict]:
     """Prompt records from a PROMPTS record set or a JSONL file of {"prompt": ...} lines
-    (prompt_id computed when absent), optionally only one split."""
+    (prompt_id computed when absent), optionally only one split. With `setting` (the gin
+    binding that gave `path`), no prompts, or none in `split`, is a UserError naming it."""
     if _is_records_dir(path):
         rows = list(read_records(path, PROMPTS))
     elif fio.isfile(path):
-        rows = fio.read_jsonl(path)
-        for i, r in enumerate(rows):
+        rows = []
+        for line, r in fio.iter_jsonl(path):
+            if not isinstance(r, dict):
+                raise UserError(f"{path}: line {line} is a JSON {fio.json_kind(r)}, expected an object with a "
+                                "'prompt' string")
             if not isinstance(r.get("prompt"), str):
-                raise ValueError(f"{path}: line {i + 1} has no string 'prompt'")
+                raise UserError(f"{path}: line {line} has no string 'prompt'")
             r.setdefault("prompt_id", make_prompt_id(r["prompt"]))
+            rows.append(r)
     else:
-        raise FileNotFoundError(f"{path}: neither a record directory with a manifest nor a JSONL file")
+        raise _neither(path, setting, "prompts")
+    if setting and not rows:
+        raise UserError(f"{setting} = {path!r}: holds no prompts; give a non-empty prompt file "
+                        "(nothing was sent or written)")
     if split is not None:
+        n = len(rows)
         rows = [r for r in rows if r.get("split") == split]
+        if setting and not rows:
+            stage = setting.split(".")[0]
+            raise UserError(f"{setting} = {path!r}: none of its {n} prompts is in split {split!r}; set "
+                            f"{stage}.split to the split they are in, or None for all (nothing was sent or written)")
     return rows
 
 
-def load_demonstrations(path: str) -> list[dict]:
+def load_demonstrations(path: str, setting: Optional[str] = None) -> list[dict]:
     if _is_records_dir(path):
         return list(read_records(path, DEMONSTRATIONS))
-    return fio.read_jsonl(path)
+    if not fio.isfile(path):
+        raise _neither(path, setting, "demonstrations")
+    return fio.read_jsonl_objects(path, "an object with 'prompt_id', 'prompt' and 'completion'")
 
 
 def load_comparisons(path: str) -> list[dict]:
@@ -73,7 +100,7 @@ def load_comparisons(path: str) -> list[dict]:
     p_1, errors), else the records themselves."""
     side = fio.join(path, "comparisons.jsonl") if fio.isdir(path) else path
     if fio.isfile(side):
-        return fio.read_jsonl(side)
+        return fio.read_jsonl_objects(side, "a comparison object")
     return list(read_records(path, COMPARISONS))
 
 
@@ -81,6 +108,13 @@ def _run(client: FeedbackClient, requests, desc: str, batch_api: bool, poll_inte
     if batch_api:
         return client.run_batch(requests, desc, poll_interval_s=poll_interval_s)
     return client.run(requests, desc)
+
+
+def _counts(stage: str, **values) -> None:
+    """Counts and sizes: whole numbers >= 1 (None: not set)."""
+    for name, value in values.items():
+        if value is not None:
+            whole(binding(f"{stage}.{name}"), value, 1)
 
 
 def _too_long(prompt: str, max_words: Optional[int], max_chars: Optional[int]) -> bool:
@@ -108,57 +142,77 @@ def teacher_stage(
     batch_api: bool = False,
     poll_interval_s: float = 30.0,
     num_shards: int = 1,
+    overwrite: bool = False,
 ) -> dict:
     """Teacher completions -> DEMONSTRATIONS records. temperature/top_p None leave the API's
     default (the paper's GPT-4 arm). The paper keeps finish_reason "stop" only; None keeps
     everything. Prompts of >= max_prompt_words words or >= max_prompt_chars characters are
-    skipped before any request, as in the paper's API scripts. Returns the manifest."""
-    fio.makedirs(out_dir)
-    rows = load_prompts(prompts, split)[:limit]
-    skipped_long = [r for r in rows if _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
-    rows = [r for r in rows if not _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
-    sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "n": n if n != 1 else None}
-    template = f"teacher_system@{hashlib.sha256((system_prompt or '').encode()).hexdigest()[:16]}"
-    reqs = []
-    for r in rows:
-        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": r["prompt"]}]
-        reqs.append(client.request(msgs, template=template, meta={"prompt_id": r["prompt_id"], "stage": "teacher"},
-                                   **sampling))
-    results = _run(client, reqs, f"teacher {client.model}", batch_api, poll_interval_s)
-    demos, errors = [], []
-    dropped = {}
-    for r, res in zip(rows, results):
-        if res["status"] != "ok":
-            errors.append({"prompt_id": r["prompt_id"], "key": res["key"], **res["error"]})
-            continue
-        for ch in res["response"]["choices"]:
-            try:
-                fr = normalize_finish_reason(ch.get("finish_reason"))
-            except ValueError:
-                fr = "unknown"
-            if keep_finish_reasons is not None and fr not in keep_finish_reasons:
-                dropped[f"finish_reason={fr}"] = dropped.get(f"finish_reason={fr}", 0) + 1
+    skipped before any request, as in the paper's API scripts. No prompts to send is an
+    error, and a complete set already in out_dir is replaced by a smaller one only with
+    `overwrite` (refused before anything is paid for where the count already tells).
+    Returns the manifest."""
+    existing_path(binding("teacher_stage.prompts"), prompts, "prompt file or record directory")
+    non_negative(binding("teacher_stage.temperature"), temperature)
+    in_range(binding("teacher_stage.top_p"), top_p, 0.0, 1.0, lo_open=True)
+    _counts("teacher_stage", n=n, max_tokens=max_tokens, limit=limit, num_shards=num_shards,
+            max_prompt_words=max_prompt_words, max_prompt_chars=max_prompt_chars)
+    positive(binding("teacher_stage.poll_interval_s"), poll_interval_s)
+    with writer_lock(out_dir, "teacher_stage.out_dir"):
+        fio.makedirs(out_dir)
+        rows = load_prompts(prompts, split, binding("teacher_stage.prompts"))[:limit]
+        skipped_long = [r for r in rows if _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
+        rows = [r for r in rows if not _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
+        if not rows:
+            raise UserError(f"teacher_stage.prompts = {prompts!r}: all {len(skipped_long)} prompts are at least "
+                            "teacher_stage.max_prompt_words words or max_prompt_chars characters long; raise those "
+                            "limits (nothing was sent or written)")
+        # At most n demonstrations per prompt: a set this run could only shrink is refused
+        # before a single request is paid for.
+        check_replace(out_dir, len(rows) * n, "teacher_stage.overwrite", overwrite)
+        sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "n": n if n != 1 else None}
+        template = f"teacher_system@{hashlib.sha256((system_prompt or '').encode()).hexdigest()[:16]}"
+        reqs = []
+        for r in rows:
+            msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+                {"role": "user", "content": r["prompt"]}]
+            reqs.append(client.request(msgs, template=template, meta={"prompt_id": r["prompt_id"], "stage": "teacher"},
+                                       **sampling))
+        results = _run(client, reqs, f"teacher {client.model}", batch_api, poll_interval_s)
+        demos, errors = [], []
+        dropped = {}
+        for r, res in zip(rows, results):
+            if res["status"] != "ok":
+                errors.append({"prompt_id": r["prompt_id"], "key": res["key"], **res["error"]})
                 continue
-            demos.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": ch["content"],
-                          "source_model": client.model, "finish_reason": fr})
-    write_jsonl(fio.join(out_dir, "errors.jsonl"), errors)
-    report = {
-        "prompts": len(rows) + len(skipped_long), "skipped_too_long": len(skipped_long), "requested": len(rows),
-        "request_errors": len(errors), "demonstrations": len(demos), "dropped": dropped,
-        "api": client.summary.as_dict(),
-    }
-    write_json(fio.join(out_dir, "report.json"), report)
-    manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
-        "stage": "teacher", "stage_version": STAGE_VERSION, "client": client.describe(),
-        "system_prompt": system_prompt, "template": template, "sampling": sampling,
-        "keep_finish_reasons": list(keep_finish_reasons) if keep_finish_reasons is not None else None,
-        "mode": "batch" if batch_api else "online", "prompts_source": fio.abspath(prompts), "split": split,
-        "report": report,
-    })
-    save_operative_config(out_dir)
-    log.info("teacher: %d demonstrations, %d request errors -> %s", len(demos), len(errors), out_dir)
-    return manifest
+            for ch in res["response"]["choices"]:
+                try:
+                    fr = normalize_finish_reason(ch.get("finish_reason"))
+                except ValueError:
+                    fr = "unknown"
+                if keep_finish_reasons is not None and fr not in keep_finish_reasons:
+                    dropped[f"finish_reason={fr}"] = dropped.get(f"finish_reason={fr}", 0) + 1
+                    continue
+                demos.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": ch["content"],
+                              "source_model": client.model, "finish_reason": fr})
+        # The answers are in the API cache: a refusal here costs a rerun with overwrite, not money.
+        check_replace(out_dir, len(demos), "teacher_stage.overwrite", overwrite)
+        write_jsonl(fio.join(out_dir, "errors.jsonl"), errors)
+        report = {
+            "prompts": len(rows) + len(skipped_long), "skipped_too_long": len(skipped_long), "requested": len(rows),
+            "request_errors": len(errors), "demonstrations": len(demos), "dropped": dropped,
+            "api": client.summary.as_dict(),
+        }
+        write_json(fio.join(out_dir, "report.json"), report)
+        manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
+            "stage": "teacher", "stage_version": STAGE_VERSION, "client": client.describe(),
+            "system_prompt": system_prompt, "template": template, "sampling": sampling,
+            "keep_finish_reasons": list(keep_finish_reasons) if keep_finish_reasons is not None else None,
+            "mode": "batch" if batch_api else "online", "prompts_source": fio.abspath(prompts), "split": split,
+            "report": report,
+        }, overwrite=overwrite, overwrite_binding="teacher_stage.overwrite")
+        save_operative_config(out_dir)
+        log.info("teacher: %d demonstrations, %d request errors -> %s", len(demos), len(errors), out_dir)
+        return manifest
 
 
 # -- critic --------------------------------------------------------------------------------
@@ -299,42 +353,63 @@ def critic_stage(
     truncate_tokenizer: Optional[str] = None,
     truncate_max_length: int = 512,
     truncate_template: str = "paper",
+    overwrite: bool = False,
 ) -> dict:
     """Critic judgments of (responses_1[p], responses_2[p]) for every prompt p in both ->
     COMPARISONS records + comparisons.jsonl (every view, p_1, errors) + report.json.
     With truncate_tokenizer (the policy's tokenizer directory), both responses are cut to
     the policy sample's budget (truncate_max_length tokens including the prompt) first,
-    as the paper does with the teacher's completion."""
-    fio.makedirs(out_dir)
-    tmpl = J.load_template(template)
-    tasks, join = pair_tasks(load_demonstrations(responses_1), load_demonstrations(responses_2))
-    tasks = tasks[:limit]
-    if truncate_tokenizer:
-        tasks, join["responses_truncated"] = truncate_to_budget(tasks, truncate_tokenizer, truncate_max_length,
-                                                                truncate_template)
-    comps = judge_pairs(client, tasks, tmpl, mode=mode, both_orders=both_orders, seed=seed, logprobs=logprobs,
-                        top_logprobs=top_logprobs, temperature=temperature, max_tokens=max_tokens,
-                        on_disagreement=on_disagreement, judge_name=judge_name, batch_api=batch_api,
-                        poll_interval_s=poll_interval_s)
-    write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
-    write_jsonl(fio.join(out_dir, "errors.jsonl"),
-                 [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")])
-    _, prefs_report = build_preference_pairs(comps)
-    report = {"join": join, "api": client.summary.as_dict(), **prefs_report}
-    write_json(fio.join(out_dir, "report.json"), report)
-    manifest = write_records(out_dir, COMPARISONS, [comparison_record(c) for c in comps], num_shards=num_shards,
-                             provenance={
-        "stage": "critic", "stage_version": STAGE_VERSION, "client": client.describe(),
-        "template": tmpl.id, "template_sha256": tmpl.sha256, "mode": mode, "both_orders": both_orders,
-        "seed": seed, "logprobs": logprobs, "temperature": temperature, "max_tokens": max_tokens,
-        "on_disagreement": on_disagreement, "responses_1": fio.abspath(responses_1),
-        "responses_2": fio.abspath(responses_2), "api_mode": "batch" if batch_api else "online",
-        "truncate": {"tokenizer": fio.abspath(truncate_tokenizer), "max_length": truncate_max_length,
-                     "template": truncate_template} if truncate_tokenizer else None,
-        "report": report,
-    })
-    save_operative_config(out_dir)
-    return manifest
+    as the paper does with the teacher's completion. Two sets with no prompt in common is
+    an error; a complete set in out_dir is replaced by a smaller one only with `overwrite`."""
+    existing_path(binding("critic_stage.responses_1"), responses_1, "demonstration set")
+    existing_path(binding("critic_stage.responses_2"), responses_2, "demonstration set")
+    existing_path(binding("critic_stage.truncate_tokenizer"), truncate_tokenizer, "tokenizer directory")
+    one_of(binding("critic_stage.mode"), mode, ("pairwise", "rating"))
+    one_of(binding("critic_stage.on_disagreement"), on_disagreement, ("tie", "invalid"))
+    non_negative(binding("critic_stage.temperature"), temperature)
+    in_range(binding("critic_stage.top_logprobs"), top_logprobs, 0, 20)
+    _counts("critic_stage", max_tokens=max_tokens, limit=limit, num_shards=num_shards,
+            truncate_max_length=truncate_max_length)
+    positive(binding("critic_stage.poll_interval_s"), poll_interval_s)
+    with writer_lock(out_dir, "critic_stage.out_dir"):
+        fio.makedirs(out_dir)
+        tmpl = J.load_template(template)
+        first = load_demonstrations(responses_1, binding("critic_stage.responses_1"))
+        second = load_demonstrations(responses_2, binding("critic_stage.responses_2"))
+        tasks, join = pair_tasks(first, second)
+        if not tasks:
+            raise UserError(f"critic_stage.responses_1 = {responses_1!r} ({len(first)} responses) and "
+                            f"critic_stage.responses_2 = {responses_2!r} ({len(second)}) share no prompt_id; give "
+                            "two sets answering the same prompts (nothing was sent or written)")
+        tasks = tasks[:limit]
+        # One comparison per pair: a set this run could only shrink is refused before paying.
+        check_replace(out_dir, len(tasks), "critic_stage.overwrite", overwrite)
+        if truncate_tokenizer:
+            tasks, join["responses_truncated"] = truncate_to_budget(tasks, truncate_tokenizer, truncate_max_length,
+                                                                    truncate_template)
+        comps = judge_pairs(client, tasks, tmpl, mode=mode, both_orders=both_orders, seed=seed, logprobs=logprobs,
+                            top_logprobs=top_logprobs, temperature=temperature, max_tokens=max_tokens,
+                            on_disagreement=on_disagreement, judge_name=judge_name, batch_api=batch_api,
+                            poll_interval_s=poll_interval_s)
+        write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
+        write_jsonl(fio.join(out_dir, "errors.jsonl"),
+                    [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")])
+        _, prefs_report = build_preference_pairs(comps)
+        report = {"join": join, "api": client.summary.as_dict(), **prefs_report}
+        write_json(fio.join(out_dir, "report.json"), report)
+        manifest = write_records(out_dir, COMPARISONS, [comparison_record(c) for c in comps], num_shards=num_shards,
+                                 provenance={
+            "stage": "critic", "stage_version": STAGE_VERSION, "client": client.describe(),
+            "template": tmpl.id, "template_sha256": tmpl.sha256, "mode": mode, "both_orders": both_orders,
+            "seed": seed, "logprobs": logprobs, "temperature": temperature, "max_tokens": max_tokens,
+            "on_disagreement": on_disagreement, "responses_1": fio.abspath(responses_1),
+            "responses_2": fio.abspath(responses_2), "api_mode": "batch" if batch_api else "online",
+            "truncate": {"tokenizer": fio.abspath(truncate_tokenizer), "max_length": truncate_max_length,
+                         "template": truncate_template} if truncate_tokenizer else None,
+            "report": report,
+        }, overwrite=overwrite, overwrite_binding="critic_stage.overwrite")
+        save_operative_config(out_dir)
+        return manifest
 
 
 # -- preferences ---------------------------------------------------------------------------
@@ -348,22 +423,36 @@ def preferences_stage(
     require_agreement: bool = False,
     min_confidence: float = 0.0,
     num_shards: int = 1,
+    overwrite: bool = False,
 ) -> dict:
-    """Comparison sets (one per critic) -> PREFERENCES records + report.json."""
+    """Comparison sets (one per critic) -> PREFERENCES records + report.json. No comparisons
+    to read is an error; a complete set in out_dir is replaced by a smaller one only with
+    `overwrite`."""
     if isinstance(comparisons, str):
         comparisons = [comparisons]
-    fio.makedirs(out_dir)
-    comps = [c for path in comparisons for c in load_comparisons(path)]
-    pairs, report = build_preference_pairs(comps, judge=judge, require_agreement=require_agreement,
-                                           min_confidence=min_confidence)
-    write_json(fio.join(out_dir, "report.json"), report)
-    manifest = write_records(out_dir, PREFERENCES, pairs, num_shards=num_shards, provenance={
-        "stage": "preferences", "stage_version": STAGE_VERSION,
-        "comparisons": [fio.abspath(p) for p in comparisons], "judge": judge,
-        "require_agreement": require_agreement, "min_confidence": min_confidence, "report": report,
-    })
-    save_operative_config(out_dir)
-    return manifest
+    if not comparisons:
+        raise ConfigError("preferences_stage.comparisons is empty; give one or more critic output directories")
+    for path in comparisons:
+        existing_path(binding("preferences_stage.comparisons"), path, "comparison set")
+    in_range(binding("preferences_stage.min_confidence"), min_confidence, 0.0, 1.0)
+    _counts("preferences_stage", num_shards=num_shards)
+    with writer_lock(out_dir, "preferences_stage.out_dir"):
+        fio.makedirs(out_dir)
+        comps = [c for path in comparisons for c in load_comparisons(path)]
+        if not comps:
+            raise UserError(f"preferences_stage.comparisons = {list(comparisons)!r}: hold no comparisons; give the "
+                            "output of a finished critic stage (nothing was written)")
+        pairs, report = build_preference_pairs(comps, judge=judge, require_agreement=require_agreement,
+                                               min_confidence=min_confidence)
+        check_replace(out_dir, len(pairs), "preferences_stage.overwrite", overwrite)
+        write_json(fio.join(out_dir, "report.json"), report)
+        manifest = write_records(out_dir, PREFERENCES, pairs, num_shards=num_shards, provenance={
+            "stage": "preferences", "stage_version": STAGE_VERSION,
+            "comparisons": [fio.abspath(p) for p in comparisons], "judge": judge,
+            "require_agreement": require_agreement, "min_confidence": min_confidence, "report": report,
+        }, overwrite=overwrite, overwrite_binding="preferences_stage.overwrite")
+        save_operative_config(out_dir)
+        return manifest
 
 
 # -- policy samples ------------------------------------------------------------------------
@@ -390,49 +479,66 @@ def policy_samples_stage(
     length_bucket: int = 32,
     num_shards: int = 1,
     part: Optional[Sequence[int]] = None,
+    overwrite: bool = False,
 ) -> dict:
     """Samples a local checkpoint on the prompts (the paper: T=1.0, top_p 0.9, 512 tokens
     including the prompt) -> DEMONSTRATIONS records with finish_reason "stop" (EOS) or
     "length". Finished batches go to samples.jsonl as they complete, so a killed run
     resumes at the next batch with the same per-batch RNG and so the same samples.
-    `part=(i, n)` samples only every n-th prompt from the i-th: host i of n's share."""
+    `part=(i, n)` samples only every n-th prompt from the i-th: host i of n's share. No
+    prompts is an error; a complete set in out_dir is replaced by a smaller one only with
+    `overwrite`."""
     from rlaif_jax.feedback.server.model_backend import LocalModel
 
-    fio.makedirs(out_dir)
-    rows = load_prompts(prompts, split)[:limit]
-    if part is not None:
-        i, n = part
-        if not 0 <= i < n:
-            raise ValueError(f"policy_samples_stage.part must be (i, n) with 0 <= i < n, got {tuple(part)}")
-        rows = rows[i::n]
-    lm = LocalModel(hf_dir, template=template, max_prompt_length=max_prompt_length, max_length=max_length,
-                    dtype=dtype, mesh_shape=mesh_shape)
-    name = source_model or os.path.basename(os.path.normpath(hf_dir))
-    done, save = _sample_progress(out_dir)
-    from tqdm.auto import tqdm
+    existing_dir(binding("policy_samples_stage.hf_dir"), hf_dir, "checkpoint directory (HF format)",
+                 must_contain="config.json")
+    existing_path(binding("policy_samples_stage.prompts"), prompts, "prompt file or record directory")
+    non_negative(binding("policy_samples_stage.temperature"), temperature)
+    in_range(binding("policy_samples_stage.top_p"), top_p, 0.0, 1.0, lo_open=True)
+    non_negative(binding("policy_samples_stage.top_k"), top_k, "0 for no top-k cut")
+    _counts("policy_samples_stage", max_length=max_length, max_prompt_length=max_prompt_length,
+            batch_size=batch_size, limit=limit, num_shards=num_shards, length_bucket=length_bucket)
+    if max_prompt_length >= max_length:
+        raise ConfigError(f"policy_samples_stage.max_prompt_length = {max_prompt_length} leaves no room to sample "
+                          f"within max_length = {max_length}; set it below max_length")
+    if part is not None and not (len(part) == 2 and 0 <= part[0] < part[1]):
+        raise ConfigError(f"policy_samples_stage.part = {tuple(part)}: must be (i, n) with 0 <= i < n")
+    with writer_lock(out_dir, "policy_samples_stage.out_dir"):
+        fio.makedirs(out_dir)
+        rows = load_prompts(prompts, split, binding("policy_samples_stage.prompts"))[:limit]
+        if part is not None:
+            i, n = part
+            rows = rows[i::n]
+        # One sample per prompt: refused before any compute when it could only shrink a set.
+        check_replace(out_dir, len(rows), "policy_samples_stage.overwrite", overwrite)
+        lm = LocalModel(hf_dir, template=template, max_prompt_length=max_prompt_length, max_length=max_length,
+                        dtype=dtype, mesh_shape=mesh_shape)
+        name = source_model or os.path.basename(os.path.normpath(hf_dir))
+        done, save = _sample_progress(out_dir)
+        from tqdm.auto import tqdm
 
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    with contextlib.closing(save):
-        for bi, batch in enumerate(tqdm(batches, desc=f"sampling {name}", unit="batch")):
-            if bi in done:
-                continue
-            outs = lm.sample([r["prompt"] for r in batch], temperature=temperature, top_p=top_p, top_k=top_k,
-                             seed=seed * 1_000_003 + bi, length_bucket=length_bucket)
-            samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": o.text,
-                        "source_model": name, "finish_reason": o.finish_reason} for r, o in zip(batch, outs)]
-            save(bi, samples)
-            done[bi] = samples
-    demos = [s for bi in range(len(batches)) for s in done[bi]]
-    counts = {fr: sum(d["finish_reason"] == fr for d in demos) for fr in ("stop", "length")}
-    manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
-        "stage": "policy_samples", "stage_version": STAGE_VERSION, "hf_dir": fio.abspath(hf_dir),
-        "source_model": name, "template": template, "max_length": max_length,
-        "max_prompt_length": max_prompt_length, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-        "seed": seed, "batch_size": batch_size, "finish_reasons": counts,
-        "part": list(part) if part is not None else None,
-    })
-    save_operative_config(out_dir)
-    return manifest
+        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        with contextlib.closing(save):
+            for bi, batch in enumerate(tqdm(batches, desc=f"sampling {name}", unit="batch")):
+                if bi in done:
+                    continue
+                outs = lm.sample([r["prompt"] for r in batch], temperature=temperature, top_p=top_p, top_k=top_k,
+                                 seed=seed * 1_000_003 + bi, length_bucket=length_bucket)
+                samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": o.text,
+                            "source_model": name, "finish_reason": o.finish_reason} for r, o in zip(batch, outs)]
+                save(bi, samples)
+                done[bi] = samples
+        demos = [s for bi in range(len(batches)) for s in done[bi]]
+        counts = {fr: sum(d["finish_reason"] == fr for d in demos) for fr in ("stop", "length")}
+        manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
+            "stage": "policy_samples", "stage_version": STAGE_VERSION, "hf_dir": fio.abspath(hf_dir),
+            "source_model": name, "template": template, "max_length": max_length,
+            "max_prompt_length": max_prompt_length, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "seed": seed, "batch_size": batch_size, "finish_reasons": counts,
+            "part": list(part) if part is not None else None,
+        }, overwrite=overwrite, overwrite_binding="policy_samples_stage.overwrite")
+        save_operative_config(out_dir)
+        return manifest
 
 
 class _LocalProgress:

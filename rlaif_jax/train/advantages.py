@@ -9,6 +9,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from rlaif_jax.errors import binding, non_negative, positive
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -77,6 +79,11 @@ class KLController:
     init_coef: float = 0.05
     target: float | None = None
     horizon: int = 10000
+
+    def __post_init__(self):
+        non_negative(binding("KLController.init_coef"), self.init_coef)
+        positive(binding("KLController.target"), self.target, hint="> 0, or None for a fixed coefficient")
+        positive(binding("KLController.horizon"), self.horizon)
 
     def update(self, coef, kl, n_steps):
         if self.target is None:

@@ -26,6 +26,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from rlaif_jax.errors import binding, in_range, non_negative, one_of, positive
 from rlaif_jax.models.params import apply
 from rlaif_jax.train.logprobs import token_logps
 from rlaif_jax.train.objectives import add_moe_aux_loss, concat_pairs, mean_metric, train_rngs
@@ -81,16 +82,14 @@ class DPO:
     convention: str = "ours"
 
     def __post_init__(self):
-        if self.convention not in CONVENTIONS:
-            raise ValueError(f"DPO.convention {self.convention!r} is not one of {CONVENTIONS}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"DPO.loss_type {self.loss_type!r} is not one of {LOSS_TYPES}")
-        if self.reference not in REFERENCES:
-            raise ValueError(f"DPO.reference {self.reference!r} is not one of {REFERENCES}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"DPO.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.beta <= 0:
-            raise ValueError(f"DPO.beta must be > 0, got {self.beta}")
+        b = lambda p: binding(f"DPO.{p}")  # noqa: E731
+        one_of(b("convention"), self.convention, CONVENTIONS)
+        one_of(b("loss_type"), self.loss_type, LOSS_TYPES)
+        one_of(b("reference"), self.reference, REFERENCES)
+        positive(b("beta"), self.beta)
+        in_range(b("label_smoothing"), self.label_smoothing, 0, 0.5, hi_open=True)
+        non_negative(b("rpo_alpha"), self.rpo_alpha)
+        non_negative(b("simpo_gamma"), self.simpo_gamma)
 
     @property
     def needs_reference(self) -> bool:

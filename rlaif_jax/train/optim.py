@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -9,14 +10,18 @@ import gin
 import jax
 import optax
 
+from rlaif_jax.errors import ConfigError, binding, in_range, non_negative, one_of, positive
+
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 
 
 def make_schedule(learning_rate: float, schedule: str, warmup_steps: int, total_steps: Optional[int],
                   end_lr_ratio: float = 0.0) -> Callable:
-    if schedule not in ("constant", "linear", "cosine"):
-        raise ValueError(f"schedule must be constant|linear|cosine, got {schedule!r}")
+    one_of(binding("make_optimizer.schedule"), schedule, SCHEDULES)
     if schedule != "constant" and not total_steps:
-        raise ValueError(f"a {schedule} schedule needs total_steps")
+        raise ConfigError(f"{binding('make_optimizer.schedule')} = {schedule!r} needs the run's length: set "
+                          f"{binding('make_optimizer.total_steps')} (the trainer's num_steps is None)")
     warm = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else None
     decay_steps = max((total_steps or 0) - warmup_steps, 1)
     if schedule == "constant":
@@ -39,6 +44,14 @@ def param_labels(params: Any, frozen: Sequence[str]) -> Any:
         lambda path, _: "frozen" if any(p.search(_path_str(tuple(k.key for k in path))) for p in pats) else "train",
         params,
     )
+
+
+def _frozen_labels(params: Any, frozen: tuple) -> Any:
+    labels = param_labels(params, frozen)
+    if "train" not in set(jax.tree.leaves(labels)):
+        raise ConfigError(f"{binding('make_optimizer.frozen')} = {list(frozen)!r} freezes every parameter; "
+                          "leave some trainable")
+    return labels
 
 
 def _decay_mask(params):
@@ -68,6 +81,8 @@ def make_optimizer(
     """(transformation, schedule). RMSprop defaults match torch.optim.RMSprop (the paper's
     optimizer): decay 0.99, eps 1e-8 added outside the square root. `frozen` regexes select
     params that never change (their updates are zero and they get no optimizer state)."""
+    _check_settings(name, learning_rate, warmup_steps, total_steps, end_lr_ratio, weight_decay, clip_norm, b1, b2,
+                    eps, rmsprop_decay, momentum)
     # The trainer passes its num_steps as default_total_steps; an explicit total_steps wins.
     sched = make_schedule(learning_rate, schedule, warmup_steps, total_steps or default_total_steps, end_lr_ratio)
     if name == "adamw":
@@ -81,15 +96,33 @@ def make_optimizer(
         opt = optax.sgd(sched, momentum=momentum or None)
         if weight_decay:
             opt = optax.chain(optax.add_decayed_weights(weight_decay, _decay_mask), opt)
-    else:
-        raise ValueError(f"optimizer name must be adamw|rmsprop|sgd, got {name!r}")
+    else:  # pragma: no cover - _check_settings refused it
+        raise AssertionError(name)
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     tx = optax.chain(*parts, opt)
     if frozen:
-        if params is None:
-            raise ValueError("frozen patterns need the params (to label them)")
-        labels = param_labels(params, frozen)
-        if "train" not in set(jax.tree.leaves(labels)):
-            raise ValueError(f"frozen patterns {list(frozen)} freeze every parameter")
+        # Labelled when the state is created, so the optimizer (and its settings' checks)
+        # can be built before any weights are loaded; given params, checked right away.
+        labels = functools.partial(_frozen_labels, frozen=tuple(frozen))
+        if params is not None:
+            labels(params)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, sched
+
+
+def _check_settings(name, learning_rate, warmup_steps, total_steps, end_lr_ratio, weight_decay, clip_norm, b1, b2,
+                    eps, rmsprop_decay, momentum) -> None:
+    """A learning rate of 0 trains nothing and a negative one trains uphill, both silently."""
+    b = lambda p: binding(f"make_optimizer.{p}")  # noqa: E731
+    one_of(b("name"), name, OPTIMIZERS)
+    positive(b("learning_rate"), learning_rate)
+    non_negative(b("warmup_steps"), warmup_steps)
+    positive(b("total_steps"), total_steps)
+    in_range(b("end_lr_ratio"), end_lr_ratio, 0, 1)
+    non_negative(b("weight_decay"), weight_decay)
+    positive(b("clip_norm"), clip_norm, hint="> 0, or None for no clipping")
+    in_range(b("b1"), b1, 0, 1, hi_open=True)
+    in_range(b("b2"), b2, 0, 1, hi_open=True)
+    positive(b("eps"), eps)
+    in_range(b("rmsprop_decay"), rmsprop_decay, 0, 1, hi_open=True)
+    in_range(b("momentum"), momentum, 0, 1, hi_open=True)

@@ -35,9 +35,14 @@ from rlaif_jax.models import DecoderConfig, apply, build_model, gather_last
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.sampling import SamplingParams, _generate, left_pad
-from rlaif_jax.train.advantages import (KLController, gae, group_advantages, kl_estimate, masked_mean,
-                                        normalize_sequences, whiten)
+from rlaif_jax.errors import (
+    ConfigError, StorageError, UserError, binding, existing_dir, existing_path, in_range, non_negative, one_of,
+    positive, whole,
+)
+from rlaif_jax.train.advantages import (GROUP_STDS, KL_ESTIMATORS, KLController, gae, group_advantages, kl_estimate,
+                                        masked_mean, normalize_sequences, whiten)
 from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
+from rlaif_jax.train.loop import Closing, check_run_settings, run_lock
 from rlaif_jax.train.metrics import MetricsWriter
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.rundir import RunDir, local_hf_dir
@@ -87,22 +92,34 @@ class PPOConfig:
     value_model: str = "separate"
 
     def __post_init__(self):
-        if self.advantage_estimator not in ("gae", "rloo", "grpo"):
-            raise ValueError(f"advantage_estimator must be gae|rloo|grpo, got {self.advantage_estimator!r}")
+        b = lambda p: binding(f"PPOConfig.{p}")  # noqa: E731
+        for name in ("rollout_batch_size", "samples_per_prompt", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                     "max_prompt_length"):
+            whole(b(name), getattr(self, name), 1)
+        positive(b("temperature"), self.temperature, hint="PPO samples from the policy: > 0")
+        in_range(b("top_p"), self.top_p, 0, 1, lo_open=True)
+        whole(b("top_k"), self.top_k, 0, hint=">= 0; 0 is off")
+        in_range(b("gamma"), self.gamma, 0, 1)
+        in_range(b("lam"), self.lam, 0, 1)
+        positive(b("clip_range"), self.clip_range)
+        positive(b("clip_range_value"), self.clip_range_value)
+        non_negative(b("vf_coef"), self.vf_coef)
+        non_negative(b("entropy_coef"), self.entropy_coef)
+        one_of(b("kl_estimator"), self.kl_estimator, KL_ESTIMATORS)
+        one_of(b("advantage_estimator"), self.advantage_estimator, ("gae", "rloo", "grpo"))
+        one_of(b("grpo_std"), self.grpo_std, GROUP_STDS)
+        one_of(b("group_normalization"), self.group_normalization, GROUP_NORMALIZATIONS)
+        one_of(b("value_model"), self.value_model, ("shared", "separate"))
+        positive(b("score_clip"), self.score_clip, hint="> 0, or None for no clipping")
+        non_negative(b("missing_eos_penalty"), self.missing_eos_penalty, hint=">= 0 (it is subtracted), or None")
         if self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
-            raise ValueError(f"{self.advantage_estimator} needs samples_per_prompt >= 2")
-        if self.grpo_std not in ("population", "sample"):
-            raise ValueError(f"PPOConfig.grpo_std must be population|sample, got {self.grpo_std!r}")
-        if self.group_normalization not in GROUP_NORMALIZATIONS:
-            raise ValueError(f"PPOConfig.group_normalization must be one of {GROUP_NORMALIZATIONS}, "
-                             f"got {self.group_normalization!r}")
-        if self.value_model not in ("shared", "separate"):
-            raise ValueError(f"value_model must be shared|separate, got {self.value_model!r}")
-        if self.temperature <= 0:
-            raise ValueError("PPO samples from the policy: temperature must be > 0")
+            raise ConfigError(f"{b('advantage_estimator')} = {self.advantage_estimator!r} needs "
+                              f"{b('samples_per_prompt')} >= 2 (got {self.samples_per_prompt})")
         n = self.rollout_batch_size * self.samples_per_prompt
         if n % self.mini_batch_size:
-            raise ValueError(f"rollout of {n} sequences does not split into mini-batches of {self.mini_batch_size}")
+            raise ConfigError(f"{b('mini_batch_size')} = {self.mini_batch_size}: a rollout of {n} sequences "
+                              f"({b('rollout_batch_size')} x samples_per_prompt) does not split into mini-batches "
+                              f"of that size; pick a divisor of {n}")
 
     @property
     def uses_critic(self) -> bool:
@@ -358,7 +375,8 @@ class PromptStream:
     def __init__(self, prompt_ids: Sequence[Sequence[int]], batch_size: int, repeat: int, max_prompt_length: int,
                  pad_id: int, seed: int = 0, state: Optional[dict] = None):
         if not prompt_ids:
-            raise ValueError("no prompts for PPO")
+            raise UserError(f"{binding('train_ppo.prompts')}: no prompts in it; give a record set with a "
+                            "`prompt` field")
         self.ids = [list(p)[-max_prompt_length:] for p in prompt_ids]
         self.batch_size, self.repeat, self.P, self.pad_id, self.seed = batch_size, repeat, max_prompt_length, pad_id, seed
         self.epoch, self.index = (int(state["epoch"]), int(state["index"])) if state else (0, 0)
@@ -420,15 +438,29 @@ def train_ppo(
     (PROMPTS, DEMONSTRATIONS or PREFERENCES: anything with a `prompt` field).
 
     run_dir may be a URL (gs://...), as for `train` (see rlaif_jax.train.rundir); so may
-    policy and reward_model (fetched to local disk once per host)."""
+    policy and reward_model (fetched to local disk once per host). The run holds run_dir's
+    writer lock from start to end."""
     args = dict(locals())  # every argument, passed on to _train_ppo by name
-    args["policy"] = local_hf_dir(policy, "policy")
-    args["reward_model"] = local_hf_dir(reward_model, "reward_model")
-    rd = RunDir(args.pop("run_dir"))
-    try:
-        return _train_ppo(rd, **args)
-    finally:
-        rd.close()  # a URL run_dir: the last upload, also after an error
+    _check_settings(args)
+    with run_lock(run_dir, binding("train_ppo.run_dir")):
+        args["policy"] = local_hf_dir(policy, "policy")
+        args["reward_model"] = local_hf_dir(reward_model, "reward_model")
+        rd = RunDir(args.pop("run_dir"))
+        with Closing(rd.close):  # a URL run_dir: the last upload, also after an error
+            return _train_ppo(rd, **args)
+
+
+def _check_settings(a: dict) -> None:
+    """train_ppo's own settings (PPOConfig and KLController check theirs when built)."""
+    b = lambda p: binding(f"train_ppo.{p}")  # noqa: E731
+    check_run_settings("train_ppo", "num_iterations", a["num_iterations"], log_every=a["log_every"],
+                       checkpoint_every=a["checkpoint_every"], keep_checkpoints=a["keep_checkpoints"],
+                       stop_after=a["stop_after"])
+    existing_dir(b("policy"), a["policy"], "HF model directory", must_contain="config.json")
+    existing_dir(b("reward_model"), a["reward_model"], "HF model directory", must_contain="config.json")
+    existing_path(b("prompts"), a["prompts"], "record directory")
+    if a["reward_model"] is None and a["reward_fn"] is None:
+        raise ConfigError(f"{b('reward_model')} is unset; give the reward model's HF directory")
 
 
 def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward_fn, config, kl, optimizer, mesh,
@@ -436,81 +468,90 @@ def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
     run_dir = rd.path
-    the_mesh = mesh() if callable(mesh) else mesh
-    rules = shd.logical_rules()
     tok = load_tokenizer(policy)
-    cfg, pol_params = load_hf(policy, mesh=the_mesh, rules=rules)
-    ref_params = jax.tree.map(jnp.copy, pol_params)
-    params = {"policy": pol_params}
-    rm_model = rm_params = None
-    value_cfg = cfg
-    if reward_model:
-        rm_cfg, rm_params = load_hf(reward_model, mesh=the_mesh, rules=rules, lm_head=False, score_head=True)
-        rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=("score",))
-    if config.uses_critic:
-        if config.value_model == "shared":
-            params["policy"][f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
-        else:
-            if rm_params is not None:  # TRL initialises the critic from the reward model
-                value = jax.tree.map(jnp.copy, {k: v for k, v in rm_params.items() if k != "score_head"})
-                value[f"{VALUE_HEAD}_head"] = {"kernel": jnp.copy(rm_params["score_head"]["kernel"])}
-                value_cfg = rm_cfg
-            else:
-                value = {k: jax.tree.map(jnp.copy, v) for k, v in pol_params.items() if k != "lm_head"}
-                value[f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
-                value_cfg = cfg
-            params["value"] = value
-    tx, _ = optimizer(params=params, default_total_steps=num_iterations * config.ppo_epochs
+    # The optimizer and the prompts before any weights: bad settings and an empty prompt set
+    # are found in seconds.
+    tx, _ = optimizer(params=None, default_total_steps=num_iterations * config.ppo_epochs
                       * (config.rollout_batch_size * config.samples_per_prompt // config.mini_batch_size))
-    state = PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(seed)), kl_coef=jnp.asarray(kl.init_coef, jnp.float32))
-    eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    trainer = PPOTrainer(cfg, config, tx, the_mesh, ref_params, rm_model, rm_params, reward_fn, eos,
-                         tok.pad_token_id or 0, kl, value_cfg=value_cfg)
     ckpt = Checkpointer(fileio.join(run_dir, "checkpoints"), keep_checkpoints)
-    data_state = None
-    if ckpt.latest_step() is not None:
-        state, data_state, _ = ckpt.restore(ckpt.latest_step(), abstract_like(state))
-    stream = PromptStream(_load_prompts(prompts, tok, config.max_prompt_length, template), config.rollout_batch_size,
-                          config.samples_per_prompt, config.max_prompt_length, tok.pad_token_id or 0, seed,
-                          data_state or None)
-    writer = MetricsWriter(rd.local)
-    rd.write_text("config.gin", gin.config_str())
+    with Closing(ckpt.close) as closing:
+        try:
+            latest = ckpt.latest_step()
+            data_state = ckpt.restore_data(latest) if latest is not None else None
+            stream = PromptStream(_load_prompts(prompts, tok, config.max_prompt_length, template),
+                                  config.rollout_batch_size, config.samples_per_prompt, config.max_prompt_length,
+                                  tok.pad_token_id or 0, seed, data_state or None)
+            the_mesh = mesh() if callable(mesh) else mesh
+            rules = shd.logical_rules()
+            cfg, pol_params = load_hf(policy, mesh=the_mesh, rules=rules)
+            ref_params = jax.tree.map(jnp.copy, pol_params)
+            params = {"policy": pol_params}
+            rm_model = rm_params = None
+            value_cfg = cfg
+            if reward_model:
+                rm_cfg, rm_params = load_hf(reward_model, mesh=the_mesh, rules=rules, lm_head=False, score_head=True)
+                rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=("score",))
+            if config.uses_critic:
+                if config.value_model == "shared":
+                    params["policy"][f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
+                else:
+                    if rm_params is not None:  # TRL initialises the critic from the reward model
+                        value = jax.tree.map(jnp.copy, {k: v for k, v in rm_params.items() if k != "score_head"})
+                        value[f"{VALUE_HEAD}_head"] = {"kernel": jnp.copy(rm_params["score_head"]["kernel"])}
+                        value_cfg = rm_cfg
+                    else:
+                        value = {k: jax.tree.map(jnp.copy, v) for k, v in pol_params.items() if k != "lm_head"}
+                        value[f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
+                        value_cfg = cfg
+                    params["value"] = value
+            state = PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                             rng=jax.random.key_data(jax.random.key(seed)),
+                             kl_coef=jnp.asarray(kl.init_coef, jnp.float32))
+            eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
+            trainer = PPOTrainer(cfg, config, tx, the_mesh, ref_params, rm_model, rm_params, reward_fn, eos,
+                                 tok.pad_token_id or 0, kl, value_cfg=value_cfg)
+            if latest is not None:
+                state, _, _ = ckpt.restore(latest, abstract_like(state))
+            start = int(jax.device_get(state.step))
+            writer = MetricsWriter(rd.local, resume_step=start)
+            closing.add(writer.close)
+            rd.write_text("config.gin", gin.config_str())
 
-    start = int(jax.device_get(state.step))
-    last: dict = {}
-    bar = tqdm(total=num_iterations, initial=start, desc="ppo", disable=jax.process_index() != 0)
-    try:
-        for it in range(start, num_iterations):
-            batch = shd.shard_batch(next(stream), the_mesh)
-            state, m = trainer.iteration(state, batch)
-            if not all(np.isfinite(v) for v in m.values()):
-                bad = [k for k, v in m.items() if not np.isfinite(v)]
-                raise FloatingPointError(f"non-finite PPO metrics {bad} at iteration {it} "
-                                         f"(prompt stream position {stream.get_state()}); no checkpoint written")
-            bar.update(1)
-            last = m
-            if (it + 1) % log_every == 0 or it + 1 == num_iterations:
-                writer.write(it + 1, m)
-                bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
-            if checkpoint_every and (it + 1) % checkpoint_every == 0 and it + 1 < num_iterations:
-                ckpt.save(it + 1, state, stream.get_state())
-                rd.sync(writer)
-            if stop_after is not None and it + 1 >= stop_after:
-                ckpt.wait()
-                return last
-        ckpt.save(num_iterations, state, stream.get_state())
-        ckpt.wait()
-        rd.write_text("operative_config.gin", gin.operative_config_str())
-        rd.sync(writer)
-        if export_hf:
-            policy_params = {k: v for k, v in state.params["policy"].items() if k != f"{VALUE_HEAD}_head"}
-            rd.export_hf(lambda d: save_hf(d, cfg, policy_params, tokenizer=tok), info={"iteration": num_iterations})
-        if jax.process_index() == 0:  # last: a URL run_dir gets it (on close) after hf/ is complete
-            with open(rd.local_path("summary.json"), "w") as f:
-                json.dump({"iteration": num_iterations, **last}, f, indent=2)
-        return last
-    finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
+            last: dict = {}
+            bar = tqdm(total=num_iterations, initial=start, desc="ppo", disable=jax.process_index() != 0)
+            closing.add(bar.close)
+            for it in range(start, num_iterations):
+                batch = shd.shard_batch(next(stream), the_mesh)
+                state, m = trainer.iteration(state, batch)
+                if not all(np.isfinite(v) for v in m.values()):
+                    bad = [k for k, v in m.items() if not np.isfinite(v)]
+                    raise FloatingPointError(f"non-finite PPO metrics {bad} at iteration {it} "
+                                             f"(prompt stream position {stream.get_state()}); no checkpoint written")
+                bar.update(1)
+                last = m
+                if (it + 1) % log_every == 0 or it + 1 == num_iterations:
+                    writer.write(it + 1, m)
+                    bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
+                if checkpoint_every and (it + 1) % checkpoint_every == 0 and it + 1 < num_iterations:
+                    ckpt.save(it + 1, state, stream.get_state())
+                    rd.sync(writer)
+                if stop_after is not None and it + 1 >= stop_after:
+                    ckpt.wait()
+                    return last
+            if ckpt.latest_step() != num_iterations:  # a rerun of a finished run (killed in its export) has it
+                ckpt.save(num_iterations, state, stream.get_state())
+            ckpt.wait()
+            rd.write_text("operative_config.gin", gin.operative_config_str())
+            rd.sync(writer)
+            if export_hf:
+                policy_params = {k: v for k, v in state.params["policy"].items() if k != f"{VALUE_HEAD}_head"}
+                rd.export_hf(lambda d: save_hf(d, cfg, policy_params, tokenizer=tok),
+                             info={"iteration": num_iterations})
+            # last: a URL run_dir gets it (on close) after hf/ is complete
+            rd.write_text("summary.json", json.dumps({"iteration": num_iterations, **last}, indent=2))
+            return last
+        except StorageError:
+            # A save failing in the background fills the disk, and the next write to fail may
+            # be a metrics row: report the checkpoint (the cause) if it failed.
+            ckpt.wait()
+            raise

@@ -9,6 +9,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from rlaif_jax.errors import binding, non_negative
 from rlaif_jax.models.params import apply, gather_last
 from rlaif_jax.train.objectives import add_moe_aux_loss, concat_pairs, mean_metric, train_rngs
 
@@ -37,6 +38,10 @@ class RewardModel:
     lm_head: bool = False
     scalar_heads: tuple = (SCORE_HEAD,)
     needs_reference: bool = False
+
+    def __post_init__(self):
+        non_negative(binding("RewardModel.margin"), self.margin)
+        non_negative(binding("RewardModel.center_coef"), self.center_coef)
 
     def loss(self, model, params, batch, ref_params, rng, mesh):
         both = concat_pairs(batch)

@@ -16,7 +16,9 @@ starts a new events file and the old ones stay where they are.
 
 The HF export is written to staging, uploaded file by file, and then marked complete by
 `hf/EXPORT_COMPLETE.json` (file names and sizes), written last; the marker is removed
-before a re-export starts. A remote hf/ without the marker is an interrupted export.
+before a re-export starts. A remote hf/ without the marker is an interrupted export. (A
+local run_dir's export is written to hf.partial/ and renamed to hf/ when whole, so a local
+hf/ is always complete.)
 
 Staging is `tempfile.mkdtemp()` (under $RLAIF_STAGING_DIR when set) and is deleted once
 its last upload succeeded; if that upload fails the directory is kept and its path logged.
@@ -25,6 +27,7 @@ Only process 0 writes and uploads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,11 +40,13 @@ from typing import Callable, Iterable, Optional
 import jax
 
 from rlaif_jax import fileio
+from rlaif_jax.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 HF_DIR = "hf"
 HF_EXPORT_MARKER = "EXPORT_COMPLETE.json"
+PARTIAL_SUFFIX = ".partial"
 STAGING_ENV = "RLAIF_STAGING_DIR"
 
 
@@ -94,9 +99,19 @@ class RunDir:
     def write_text(self, name: str, text: str) -> None:
         """A small file of the run (config.gin, summary.json ...), written by process 0 and
         staged like the logs."""
-        if self.writer:
-            with open(self.local_path(name), "w") as f:
+        if not self.writer:
+            return
+        path = self.local_path(name)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:  # whole or not at all: a full disk must not leave half of the previous file
+            with open(tmp, "w") as f:
                 f.write(text)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise StorageError(f"{path}: could not write it ({e.strerror or e}); the file as it was and the "
+                               "checkpoints are kept. Free space there and rerun the same command") from e
 
     def url(self, *parts: str) -> str:
         """The final location of a file (for messages): the URL, or the local path."""
@@ -120,17 +135,33 @@ class RunDir:
 
     def export_hf(self, save: Callable[[str], None], info: Optional[dict] = None) -> str:
         """Run `save(directory)` (save_hf; every process calls it) and return where the
-        export lives. Remote: staged, uploaded, then the completion marker written last."""
+        export lives. Local: written into hf.partial/ and renamed to hf/ when complete, so
+        hf/ is always a whole export (the previous one until the new one is). Remote:
+        staged, uploaded, then the completion marker written last. A failed write is a
+        StorageError; the partial copy is removed."""
         if not self.remote:
             out = os.path.join(self.path, HF_DIR)
-            save(out)
+            partial, old = out + PARTIAL_SUFFIX, out + ".old"
+            if self.writer:  # a killed export's leftovers (the writer lock keeps others out)
+                shutil.rmtree(partial, ignore_errors=True)
+                if os.path.isdir(old) and not os.path.isdir(out):
+                    os.replace(old, out)  # killed between the two renames below
+                shutil.rmtree(old, ignore_errors=True)
+            with self._export_errors(out, partial, info):
+                save(partial)
+                if self.writer:
+                    if os.path.isdir(out):
+                        os.replace(out, old)
+                    os.replace(partial, out)
+                    shutil.rmtree(old, ignore_errors=True)
             return out
         url = self.url(HF_DIR)
         local = self.local_path(HF_DIR)
         if self.writer:
             fileio.remove(fileio.join(url, HF_EXPORT_MARKER), missing_ok=True)
             shutil.rmtree(local, ignore_errors=True)
-        save(local)
+        with self._export_errors(url, local, info):
+            save(local)
         if not self.writer:
             return url
         files = {rel: key[0] for rel, key in _walk(local).items()}
@@ -139,6 +170,20 @@ class RunDir:
         shutil.rmtree(local, ignore_errors=True)  # the weights can be large; staging keeps only logs
         log.info("exported %d file(s) to %s", len(files), url)
         return url
+
+    @contextlib.contextmanager
+    def _export_errors(self, out: str, partial: str, info: Optional[dict]):
+        try:
+            yield
+        except OSError as e:
+            if isinstance(e, StorageError):
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
+            at = ", ".join(f"{k} {v}" for k, v in (info or {}).items())
+            raise StorageError(
+                f"{out}: could not write the HF export ({e.strerror or e}); the partial copy was removed, and the "
+                f"final checkpoint{f' ({at})' if at else ''} is complete. Free space there and rerun the same "
+                "command: it exports again without training") from e
 
     def close(self) -> None:
         """Final mirror, then delete staging (kept, and named in the log, if the upload fails)."""

@@ -7,6 +7,7 @@ import dataclasses
 import gin
 import jax.numpy as jnp
 
+from rlaif_jax.errors import binding, one_of
 from rlaif_jax.models.params import apply
 from rlaif_jax.train.logprobs import entropy_and_accuracy, token_logps
 from rlaif_jax.train.objectives import add_moe_aux_loss, train_rngs
@@ -30,8 +31,7 @@ class SFT:
     needs_reference: bool = False
 
     def __post_init__(self):
-        if self.reduction not in ("sum", "mean"):
-            raise ValueError(f"SFT.reduction must be 'sum' or 'mean', got {self.reduction!r}")
+        one_of(binding("SFT.reduction"), self.reduction, ("sum", "mean"))
 
     def loss(self, model, params, batch, ref_params, rng, mesh):
         tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)

@@ -271,3 +271,128 @@ def test_import_paper_files_into_record_sets(tmp_path):
     assert stats["verdicts"] == {"second": 1, "first": 1, "tie": 1, "invalid": 2}
     assert len(list(read_records(tmp_path / "ann/comparisons", COMPARISONS))) == 5
     assert [p["chosen"] for p in read_records(tmp_path / "ann/preferences", PREFERENCES)] == ["gpt says", "Paris"]
+
+
+# -- bad input never passes silently, good data is never replaced by less --------------------
+
+
+def _prepared(tmp_path, n=20):
+    src = tmp_path / "good.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(n)))
+    prepare_prompts(str(src), str(tmp_path / "data"))
+    return _snapshot(tmp_path / "data")
+
+
+def _snapshot(directory):
+    """Every file's bytes but the writer lock's (it names the last holder)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*")
+            if p.is_file() and p.name != ".writer.lock"}
+
+
+def test_an_empty_or_all_filtered_source_is_an_error_and_keeps_the_data(tmp_path):
+    from rlaif_jax.errors import UserError
+
+    before = _prepared(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match=r"prepare_prompts.source = '.*empty.jsonl': holds no records"):
+        prepare_prompts(str(empty), str(tmp_path / "data"))
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 50}) + "\n")
+    with pytest.raises(UserError, match=r"none of its 1 records was kept \(dropped: too_many_words=1\)"):
+        prepare_prompts(str(long), str(tmp_path / "data"), max_words=10)
+    assert _snapshot(tmp_path / "data") == before
+
+
+def test_a_smaller_source_replaces_prepared_prompts_only_with_overwrite(tmp_path):
+    from rlaif_jax.outputs import OutputWouldShrinkError
+
+    before = _prepared(tmp_path, n=20)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"prompt": f"new {i}"}) + "\n" for i in range(3)))
+    with pytest.raises(OutputWouldShrinkError, match=r"prompts/feedback holds a complete set of 18 records and "
+                                                     r"this run would replace it with 0; .*prepare_prompts.overwrite"):
+        prepare_prompts(str(small), str(tmp_path / "data"), sft_fraction=1.0)
+    # every set is checked before any is written: the sft set (2 -> 3, allowed) is untouched
+    assert _snapshot(tmp_path / "data") == before
+    stats = prepare_prompts(str(small), str(tmp_path / "data"), sft_fraction=1.0, overwrite=True)
+    assert (stats["sft"], stats["feedback"]) == (3, 0)
+
+
+def test_prepare_prompts_settings_and_a_held_output_are_refused(tmp_path):
+    from rlaif_jax.errors import ConfigError
+    from rlaif_jax.outputs import OutputInUseError, writer_lock
+
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(ConfigError, match=r"prepare_prompts.sft_fraction = 1.5: must be in \[0.0, 1.0\]"):
+        prepare_prompts(str(src), str(tmp_path / "out"), sft_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"prepare_prompts.format = 'csv': must be one of"):
+        prepare_prompts(str(src), str(tmp_path / "out"), format="csv")
+    with pytest.raises(ConfigError, match=r"prepare_prompts.source = 'nope.json': no such"):
+        prepare_prompts("nope.json", str(tmp_path / "out"))
+    with writer_lock(str(tmp_path / "out"), "prepare_prompts.output_dir"):
+        with pytest.raises(OutputInUseError, match="prepare_prompts.output_dir"):
+            prepare_prompts(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "prompts").exists()
+
+
+def test_sources_that_are_not_utf8_or_hold_arrays_name_file_and_line(tmp_path):
+    from rlaif_jax.eval.evaluate import EvalInputError, load_eval_set
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl: line 3 \(byte 44\) is not UTF-8 .*save the file as UTF-8"):
+        read_prompt_source(bad)
+    utf16 = tmp_path / "alpaca_eval.json"
+    utf16.write_bytes(json.dumps([{"instruction": "hi", "output": "yo"}]).encode("utf-16"))
+    with pytest.raises(EvalInputError, match=r"alpaca_eval.json: line 1 \(byte 0\) is not UTF-8"):
+        load_eval_set(str(utf16))
+    arrays = tmp_path / "arrays.jsonl"
+    arrays.write_text('["a", "b"]\n["c"]\n')
+    with pytest.raises(InputError, match=r"arrays.jsonl: line 1 is a JSON array, expected an object"):
+        read_prompt_source(arrays)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "a"}\n42\n')
+    with pytest.raises(InputError, match=r"mixed.jsonl: line 2 is a JSON number, expected an object"):
+        read_prompt_source(mixed)
+    strings = tmp_path / "strings.json"
+    strings.write_text('["a", "b"]')
+    with pytest.raises(InputError, match=r"strings.json: record 0: cannot detect the format of a string record"):
+        read_prompt_source(strings)
+
+
+def test_paper_imports_refuse_empty_files_and_shrinking(tmp_path):
+    from rlaif_jax.data.prompts import import_paper_annotations, import_paper_completions
+    from rlaif_jax.errors import UserError
+    from rlaif_jax.outputs import OutputWouldShrinkError
+
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(UserError, match=r"import_paper_completions.path = '.*none.json': holds no records"):
+        import_paper_completions(str(tmp_path / "none.json"), str(tmp_path / "c"))
+    with pytest.raises(UserError, match=r"import_paper_annotations.path = '.*none.json': holds no annotations"):
+        import_paper_annotations(str(tmp_path / "none.json"), str(tmp_path / "a"))
+    (tmp_path / "two.json").write_text(json.dumps([{"instruction": f"q{i}", "output": "x"} for i in range(2)]))
+    (tmp_path / "one.json").write_text(json.dumps([{"instruction": "q0", "output": "x"}]))
+    import_paper_completions(str(tmp_path / "two.json"), str(tmp_path / "c"))
+    with pytest.raises(OutputWouldShrinkError, match="import_paper_completions.overwrite"):
+        import_paper_completions(str(tmp_path / "one.json"), str(tmp_path / "c"))
+    assert len(list(read_records(tmp_path / "c/demonstrations/all", DEMONSTRATIONS))) == 2
+
+
+def test_prepare_data_script_exits_2_on_an_empty_file_and_keeps_the_data(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    before = _prepared(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    r = subprocess.run([sys.executable, os.path.join(repo, "scripts", "prepare_data.py"), "prepare_prompts",
+                        f"--gin_param=prepare_prompts.source='{tmp_path / 'empty.jsonl'}'",
+                        f"--gin_param=prepare_prompts.output_dir='{tmp_path / 'data'}'"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: prepare_prompts.source = ")
+    assert "Traceback" not in r.stderr
+    assert _snapshot(tmp_path / "data") == before

@@ -241,3 +241,116 @@ def test_one_cache_file_cannot_be_shared_by_two_live_processes(tmp_path):
     a.close()
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.jsonl")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+class _DiskFillsUp:
+    """The cache's file on a disk with `room` bytes left: a short write, then ENOSPC, as
+    the kernel reports a full disk."""
+
+    def __init__(self, f, room: int):
+        self._f, self.room = f, room
+
+    def write(self, data):
+        import errno
+        import os
+
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = self._f.write(bytes(data[: self.room]))
+        self.room -= n
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def test_a_full_disk_loses_no_paid_answer_and_the_rerun_sends_only_the_rest(serve, tmp_path, api_key, monkeypatch):
+    import collections
+    import errno
+    import os
+    import tempfile
+
+    from rlaif_jax.errors import StorageError
+    from rlaif_jax.feedback import cache as cache_mod
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    faults = FaultInjector()
+    srv = serve(EchoTeacher(latency_s=0.02), faults)
+    client = make_client(srv, tmp_path, cache="api/c.jsonl", max_concurrency=4)
+    reqs = _reqs(client, [f"question {i}" for i in range(40)])
+    client.cache._f = _DiskFillsUp(client.cache._f, room=3000)
+    real_append = cache_mod.append_whole
+
+    def full_beside_the_cache(path, data):  # the rescue beside the cache is on the full disk too
+        if path.startswith(str(tmp_path / "api")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_append(path, data)
+
+    monkeypatch.setattr(cache_mod, "append_whole", full_beside_the_cache)
+    with pytest.raises(StorageError) as err:
+        client.run(reqs)
+    msg = str(err.value)
+    rescue = cache_mod.rescue_paths(client.cache.path)[1]
+    assert msg.startswith(f"{client.cache.path}: cannot save API answers (No space left on device [Errno 28])")
+    assert f"in {rescue}" in msg and "free space on that disk and rerun" in msg and "\n" not in msg
+    paid_first = faults.paid()
+    assert 3 < len(paid_first) < 40  # it stopped sending once the cache failed
+    saved = [r for r in read_cache_lines(client.cache.path) if r["status"] == "ok"]
+    rescued = [r for r in read_cache_lines(rescue) if r["status"] == "ok"]
+    assert rescued and len(saved) + len(rescued) == len(paid_first) and f"kept {len(rescued)} paid answers" in msg
+    assert {r["key"] for r in saved}.isdisjoint(r["key"] for r in rescued)
+    client.close()
+    monkeypatch.setattr(cache_mod, "append_whole", real_append)
+
+    # space freed: the next client merges the rescued answers and pays only for the rest
+    again = make_client(srv, tmp_path, cache="api/c.jsonl", max_concurrency=4)
+    assert not os.path.exists(rescue) and len(again.cache) == len(paid_first)
+    res = again.run(reqs)
+    assert all(r["status"] == "ok" for r in res) and again.summary.cached == len(paid_first)
+    paid = faults.paid()
+    assert len(paid) == 40 and set(paid.values()) == {1}  # each answer paid for exactly once
+    assert collections.Counter(r["key"] for r in read_cache_lines(again.cache.path)) == \
+        collections.Counter(r.key for r in reqs)
+    again.close()
+
+
+def test_client_settings_are_checked_naming_the_binding(tmp_path):
+    import gin
+
+    from rlaif_jax.errors import ConfigError
+    from rlaif_jax.feedback.client import FeedbackClient
+
+    base = dict(model="m", cache_path=str(tmp_path / "c.jsonl"), base_url="http://127.0.0.1:9")
+    for kw, match in [(dict(max_concurrency=0), r"FeedbackClient.max_concurrency = 0: must be a whole number >= 1"),
+                      (dict(max_attempts=0), r"FeedbackClient.max_attempts = 0"),
+                      (dict(requests_per_minute=0), r"FeedbackClient.requests_per_minute = 0: .*None for no limit"),
+                      (dict(tokens_per_minute=-1.0), r"FeedbackClient.tokens_per_minute = -1.0"),
+                      (dict(timeout_s=0), r"FeedbackClient.timeout_s = 0"),
+                      (dict(http_transport="curl"), r"FeedbackClient.http_transport = 'curl': must be one of"),
+                      (dict(cache_path="gs://b/c.jsonl"), r"FeedbackClient.cache_path = 'gs://b/c.jsonl'")]:
+        with pytest.raises(ConfigError, match=match):
+            FeedbackClient(**{**base, **kw})
+    with gin.config_scope("critic"):  # a scoped reference (@critic/FeedbackClient) is named as bound
+        with pytest.raises(ConfigError, match=r"^critic/FeedbackClient.max_attempts = 0"):
+            FeedbackClient(**{**base, "max_attempts": 0})
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_a_full_disk_while_collecting_a_batch_keeps_its_results(serve, tmp_path, api_key, monkeypatch):
+    import tempfile
+
+    from rlaif_jax.errors import StorageError
+    from rlaif_jax.feedback.server.app import STATE_KEY
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    srv = serve(EchoTeacher())
+    c = make_client(srv, tmp_path, cache="batch.jsonl")
+    reqs = _reqs(c, [f"b{i}" for i in range(6)])
+    c.cache._f = _DiskFillsUp(c.cache._f, room=600)
+    with pytest.raises(StorageError, match=r"kept \d paid answers in .*batch.jsonl.unsaved.jsonl"):
+        c.run_batch(reqs, poll_interval_s=0.02)
+    c.close()
+    again = make_client(srv, tmp_path, cache="batch.jsonl")
+    out = again.run_batch(reqs, poll_interval_s=0.02)
+    assert [r["status"] for r in out] == ["ok"] * 6 and again.summary.cached == 6
+    assert len(srv.app[STATE_KEY]["batches"]) == 1  # the batch paid for once, never resubmitted

@@ -6,25 +6,16 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 
+import pytest
 
 from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_manifest, read_records, write_records
 from rlaif_jax.feedback.cache import read_cache_lines
 from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector, RuleJudge
 from rlaif_jax.feedback.stages import critic_stage, preferences_stage, teacher_stage
 
-from .conftest import KEY_ENV, SECRET, make_client
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _write_prompts_jsonl(path, texts):
-    with open(path, "w") as f:
-        for t in texts:
-            f.write(json.dumps({"prompt": t}) + "\n")
-    return str(path)
+from .conftest import KEY_ENV, SECRET, make_client, stage_cmd, write_prompts_jsonl
 
 
 def _all_output_text(root):
@@ -93,25 +84,14 @@ def test_teacher_critic_preferences_end_to_end_and_no_key_anywhere(serve, tmp_pa
     assert any("401" in r.getMessage() for r in caplog.records)  # the 401 was logged, scrubbed
 
 
-def _stage_cmd(prompts, out_dir, cache, url):
-    return [sys.executable, os.path.join(REPO, "scripts", "feedback_teacher.py"),
-            f"--gin_file={os.path.join(REPO, 'configs/feedback/teacher_gpt4.gin')}",
-            f"--gin_param=teacher_stage.prompts='{prompts}'", f"--gin_param=teacher_stage.out_dir='{out_dir}'",
-            "--gin_param=teacher_stage.split=None", "--gin_param=TEACHER='teacher'",
-            f"--gin_param=FeedbackClient.base_url='{url}'", f"--gin_param=FeedbackClient.cache_path='{cache}'",
-            f"--gin_param=FeedbackClient.api_key_env='{KEY_ENV}'", "--gin_param=FeedbackClient.max_concurrency=2",
-            "--gin_param=FeedbackClient.requests_per_minute=None", "--gin_param=FeedbackClient.tokens_per_minute=None",
-            "--gin_param=FeedbackClient.prices={'teacher': (2.0, 4.0)}"]
-
-
 def test_kill_9_mid_run_resumes_to_the_same_records(serve, tmp_path, api_key):
     texts = [f"question {i}" + (" [[long]]" if i % 7 == 0 else "") for i in range(80)]
-    prompts = _write_prompts_jsonl(tmp_path / "prompts.jsonl", texts)
+    prompts = write_prompts_jsonl(tmp_path / "prompts.jsonl", texts)
     faults = FaultInjector()
     srv = serve(EchoTeacher(["teacher"], latency_s=0.04), faults)
     cache = tmp_path / "api" / "teacher.jsonl"
     env = {**os.environ, KEY_ENV: SECRET, "JAX_PLATFORMS": "cpu"}
-    cmd = _stage_cmd(prompts, tmp_path / "out", cache, srv.url)
+    cmd = stage_cmd(prompts, tmp_path / "out", cache, srv.url)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -137,7 +117,7 @@ def test_kill_9_mid_run_resumes_to_the_same_records(serve, tmp_path, api_key):
 
     # the same stage uninterrupted, in another directory against a fresh server
     ref_srv = serve(EchoTeacher(["teacher"]))
-    ref = subprocess.run(_stage_cmd(prompts, tmp_path / "ref", tmp_path / "api" / "ref.jsonl", ref_srv.url),
+    ref = subprocess.run(stage_cmd(prompts, tmp_path / "ref", tmp_path / "api" / "ref.jsonl", ref_srv.url),
                          env=env, capture_output=True, timeout=120)
     assert ref.returncode == 0, ref.stderr.decode()[-3000:]
     assert resumed == list(read_records(tmp_path / "ref", DEMONSTRATIONS))
@@ -163,3 +143,147 @@ def test_truncate_to_the_policy_budget(tmp_path):
     (t,), n_cut = truncate_to_budget(tasks, tok, max_length=n_prompt + 12)
     assert n_cut == 1 and t.response_1 == tasks[0].response_1
     assert len(tok(t.response_2, add_special_tokens=False)["input_ids"]) == 12 and long.startswith(t.response_2)
+
+
+# -- bad input never passes silently, good data is never replaced by less --------------------
+
+
+def _records_and_sidecars(out):
+    return {p: d for p, d in _all_output_text(out) if not p.endswith(".writer.lock")}
+
+
+def _teacher_set(tmp_path, serve, n_prompts=4):
+    """A complete teacher set of n_prompts records in tmp_path/out, and the server that made it."""
+    faults = FaultInjector()
+    srv = serve(EchoTeacher(["teacher"]), faults)
+    prompts = write_prompts_jsonl(tmp_path / "good.jsonl", [f"q{i}" for i in range(n_prompts)])
+    with make_client(srv, tmp_path) as c:
+        teacher_stage(prompts=prompts, out_dir=str(tmp_path / "out"), client=c)
+    return srv, faults
+
+
+def test_an_empty_prompt_file_is_an_error_and_keeps_the_existing_set(serve, tmp_path, api_key):
+    from rlaif_jax.errors import UserError
+
+    srv, faults = _teacher_set(tmp_path, serve)
+    before = _records_and_sidecars(tmp_path / "out")
+    sent = len(faults.log)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with make_client(srv, tmp_path) as c:
+        with pytest.raises(UserError, match=r"teacher_stage.prompts = '.*empty.jsonl': holds no prompts"):
+            teacher_stage(prompts=str(empty), out_dir=str(tmp_path / "out"), client=c)
+        # a split nobody is in: the same, naming the split binding
+        with pytest.raises(UserError, match=r"none of its 4 prompts is in split 'feedback'; set teacher_stage.split"):
+            teacher_stage(prompts=str(tmp_path / "good.jsonl"), out_dir=str(tmp_path / "out"), client=c,
+                          split="feedback")
+    assert len(faults.log) == sent
+    assert _records_and_sidecars(tmp_path / "out") == before
+
+
+def test_a_run_that_can_only_shrink_a_complete_set_is_refused_before_paying(serve, tmp_path, api_key):
+    from rlaif_jax.outputs import OutputWouldShrinkError
+
+    srv, faults = _teacher_set(tmp_path, serve, n_prompts=4)
+    fewer = write_prompts_jsonl(tmp_path / "fewer.jsonl", ["q0", "a new one"])
+    sent = len(faults.log)
+    with make_client(srv, tmp_path) as c:
+        with pytest.raises(OutputWouldShrinkError, match=r"4 records .* with 2; .*teacher_stage.overwrite=True"):
+            teacher_stage(prompts=fewer, out_dir=str(tmp_path / "out"), client=c)
+        assert len(faults.log) == sent  # refused before a request
+        assert read_manifest(tmp_path / "out")["num_records"] == 4
+        m = teacher_stage(prompts=fewer, out_dir=str(tmp_path / "out"), client=c, overwrite=True)
+    assert m["num_records"] == 2 and len(faults.log) == sent + 1  # q0 came from the cache
+
+
+def test_a_second_writer_on_the_same_out_dir_pays_for_nothing(serve, tmp_path, api_key):
+    from rlaif_jax.outputs import OutputInUseError, writer_lock
+
+    faults = FaultInjector()
+    srv = serve(EchoTeacher(["teacher"]), faults)
+    prompts = write_prompts_jsonl(tmp_path / "p.jsonl", ["a", "b"])
+    # The lock is an flock on a file description of its own, so holding it here stands for
+    # another live process (tests/test_errors.py checks across processes).
+    with writer_lock(str(tmp_path / "out"), "teacher_stage.out_dir"):
+        with make_client(srv, tmp_path, cache="second.jsonl") as c:
+            with pytest.raises(OutputInUseError, match=r"being written by pid \d+ .*another teacher_stage.out_dir"):
+                teacher_stage(prompts=prompts, out_dir=str(tmp_path / "out"), client=c)
+    assert faults.log == []
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n=0), r"teacher_stage.n = 0: must be a whole number >= 1"),
+    (dict(max_tokens=2.5), r"teacher_stage.max_tokens = 2.5: must be a whole number"),
+    (dict(limit=0), r"teacher_stage.limit = 0: must be a whole number >= 1"),
+    (dict(num_shards=0), r"teacher_stage.num_shards = 0"),
+    (dict(temperature=-0.1), r"teacher_stage.temperature = -0.1: must be >= 0"),
+    (dict(top_p=0.0), r"teacher_stage.top_p = 0.0: must be in \(0.0, 1.0\]"),
+    (dict(top_p=1.5), r"teacher_stage.top_p = 1.5"),
+    (dict(prompts="missing.jsonl"), r"teacher_stage.prompts = 'missing.jsonl': no such"),
+])
+def test_teacher_settings_are_checked_before_any_work(serve, tmp_path, api_key, kw, match):
+    from rlaif_jax.errors import ConfigError
+
+    faults = FaultInjector()
+    srv = serve(EchoTeacher(["teacher"]), faults)
+    args = dict(prompts=write_prompts_jsonl(tmp_path / "p.jsonl", ["a"]), out_dir=str(tmp_path / "out"))
+    with make_client(srv, tmp_path) as c:
+        with pytest.raises(ConfigError, match=match):
+            teacher_stage(client=c, **{**args, **kw})
+    assert faults.log == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage, kw, match", [
+    ("critic", dict(mode="ranking"), r"critic_stage.mode = 'ranking': must be one of"),
+    ("critic", dict(max_tokens=0), r"critic_stage.max_tokens = 0"),
+    ("critic", dict(on_disagreement="coin"), r"critic_stage.on_disagreement"),
+    ("critic", dict(responses_1="nope"), r"critic_stage.responses_1 = 'nope': no such"),
+    ("preferences", dict(min_confidence=1.5), r"preferences_stage.min_confidence = 1.5: must be in \[0.0, 1.0\]"),
+    ("preferences", dict(comparisons=[]), r"preferences_stage.comparisons is empty"),
+    ("samples", dict(top_p=0.0), r"policy_samples_stage.top_p = 0.0"),
+    ("samples", dict(batch_size=0), r"policy_samples_stage.batch_size = 0"),
+    ("samples", dict(max_prompt_length=64, max_length=64), r"policy_samples_stage.max_prompt_length = 64 leaves"),
+    ("samples", dict(hf_dir="no/such/ckpt"), r"policy_samples_stage.hf_dir = 'no/such/ckpt': no such"),
+])
+def test_other_stage_settings_are_checked_before_any_work(tmp_path, stage, kw, match):
+    from rlaif_jax.errors import ConfigError
+    from rlaif_jax.feedback.stages import policy_samples_stage
+
+    demos = tmp_path / "d.jsonl"
+    demos.write_text(json.dumps({"prompt_id": "p", "prompt": "x", "completion": "y"}) + "\n")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    out = str(tmp_path / "out")
+    with pytest.raises(ConfigError, match=match):
+        if stage == "critic":
+            critic_stage(**{**dict(responses_1=str(demos), responses_2=str(demos), out_dir=out, client=None), **kw})
+        elif stage == "preferences":
+            preferences_stage(**{**dict(comparisons=[str(demos)], out_dir=out), **kw})
+        else:
+            policy_samples_stage(**{**dict(hf_dir=str(ckpt), prompts=str(demos), out_dir=out), **kw})
+    assert not os.path.exists(out)
+
+
+def test_prompt_files_that_are_not_utf8_or_not_objects_name_file_and_line(tmp_path):
+    from rlaif_jax.errors import UserError
+    from rlaif_jax.feedback.stages import load_prompts
+
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"latin1.jsonl: line 2 \(byte 32\) is not UTF-8 .*save the file as UTF-8"):
+        load_prompts(str(latin1))
+    arrays = tmp_path / "arrays.jsonl"
+    arrays.write_text('{"prompt": "ok"}\n\n["not", "an", "object"]\n')
+    with pytest.raises(UserError, match=r"arrays.jsonl: line 3 is a JSON array, expected an object with a 'prompt' "
+                                        r"string"):
+        load_prompts(str(arrays))
+    scalar = tmp_path / "scalar.jsonl"
+    scalar.write_text('"just a string"\n')
+    with pytest.raises(UserError, match=r"scalar.jsonl: line 1 is a JSON string, expected an object"):
+        load_prompts(str(scalar))
+    # a byte-order mark (Windows editors) is not an error
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "hi"}\n')
+    assert [r["prompt"] for r in load_prompts(str(bom))] == ["hi"]

@@ -155,6 +155,9 @@ def test_ppo_resume_is_exact(policy_dir, tmp_path):
     b = load_file(str(tmp_path / "b" / "hf" / "model.safetensors"))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # Iteration 3, logged before the stop and again after resuming from 2, appears once.
+    steps = [r["step"] for r in read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))]
+    assert steps == [r["step"] for r in read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
 def test_bad_ppo_configs_are_rejected():

@@ -68,8 +68,9 @@ def test_remote_run_dir_gets_every_file_and_local_layout_is_unchanged(world, mem
     out_local = train(**_args(world, str(local)))
     out_remote = train(**_args(world, MEM))
 
-    # The local layout is what it always was (no marker, no staging).
-    assert set(os.listdir(local)) == LOCAL_LAYOUT
+    # The local layout is what it always was (no marker, no staging), plus the writer lock,
+    # which for a URL run_dir is a machine-local file instead.
+    assert set(os.listdir(local)) == LOCAL_LAYOUT | {".writer.lock"}
     assert HF_EXPORT_MARKER not in os.listdir(local / "hf")
     assert not (tmp_path / "memory:").exists()
     assert not list(staging.iterdir())  # staging is removed after its last upload
@@ -171,7 +172,7 @@ def test_hf_dirs_on_an_object_store_are_fetched_once_and_errors_name_the_argumen
         train(**_args(world, MEM, tokenizer="memory://bucket/nothing"))
     mem.rm("/bucket/models/base/model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"policy: memory://bucket/models/base: no .safetensors weights"):
-        train_ppo(run_dir=MEM, policy=base, prompts="memory://b/prompts", num_iterations=1)
+        train_ppo(run_dir=MEM, policy=base, prompts="memory://b/prompts", num_iterations=1, reward_fn=lambda *a: 0.0)
     with pytest.raises(FileNotFoundError, match=r"reference: memory://bucket/nothing"):
         precompute_reference_logps(preferences_dir="memory://b/p", out_dir="memory://b/q",
                                    reference="memory://bucket/nothing")

@@ -87,10 +87,32 @@ def _sft_args(world, run, **kw):
     return args
 
 
+def _tb_steps(tb_dir, tag):
+    """The steps TensorBoard shows for `tag`: event files in name order, a session START at
+    step p dropping the earlier files' events from p on (its purge)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps: list = []
+    for name in sorted(os.listdir(tb_dir)):
+        data = open(os.path.join(tb_dir, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            e = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if e.session_log.status == event_pb2.SessionLog.START:
+                steps = [s for s in steps if s < e.step]
+            steps += [e.step for v in e.summary.value if v.tag == tag]
+    return sorted(steps)
+
+
 def test_resume_after_preemption_is_bit_identical(world, tmp_path):
     train(**_sft_args(world, str(tmp_path / "straight")))
-    # Killed right after the step-4 checkpoint, then relaunched with the same command.
-    train(**_sft_args(world, str(tmp_path / "resumed"), stop_after=5))
+    # Killed three steps after the step-4 checkpoint (metrics logged at 2, 4, 6), then
+    # relaunched with the same command.
+    train(**_sft_args(world, str(tmp_path / "resumed"), stop_after=7))
     assert not (tmp_path / "resumed" / "hf").exists()
     train(**_sft_args(world, str(tmp_path / "resumed")))
     a = load_file(str(tmp_path / "straight" / "hf" / "model.safetensors"))
@@ -101,6 +123,10 @@ def test_resume_after_preemption_is_bit_identical(world, tmp_path):
     ra = read_jsonl(str(tmp_path / "straight" / "metrics.jsonl"))
     rb = read_jsonl(str(tmp_path / "resumed" / "metrics.jsonl"))
     assert [r["loss"] for r in ra if r["step"] > 4] == [r["loss"] for r in rb if r["step"] > 4]
+    # Before: step 6 was in metrics.jsonl twice (logged before the kill and again after).
+    assert [r["step"] for r in rb] == [r["step"] for r in ra] == [2, 4, 6, 8]
+    # ... and in TensorBoard: the resumed writer purges the steps after the checkpoint.
+    assert _tb_steps(str(tmp_path / "resumed" / "tb"), "loss") == [2, 4, 6, 8]
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(world, tmp_path):

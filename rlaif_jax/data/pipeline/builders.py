@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import gin
 import numpy as np
 
+from rlaif_jax.errors import ConfigError, UserError, binding, whole
 from rlaif_jax.data.pipeline.iterator import (
     DataIterator,
     IndexStream,
@@ -81,15 +82,33 @@ def _chunks(n: int):
         yield slice(start, min(n, start + _ENCODE_CHUNK))
 
 
-def _host_inputs(data_dirs, schema, what: str, tokenizer, seq_len, max_length, process_index, process_count):
-    """What both pipelines start from: settings checked, this process's records loaded."""
+def check_settings(name: str, *, batch_size, seq_len, max_length, max_prompt_length, num_epochs, prefetch,
+                   max_carry=1) -> None:
+    """A batch_size of 0 yields no batches, so a run would "finish" untrained; every size is
+    checked before any record is read. `name` is the configurable ("sft_pipeline")."""
+    b = lambda p: binding(f"{name}.{p}")  # noqa: E731
+    for param, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_length", max_length),
+                         ("max_prompt_length", max_prompt_length), ("max_carry", max_carry)):
+        whole(b(param), value, 1)
+    if num_epochs is not None:
+        whole(b("num_epochs"), num_epochs, 1, hint="> 0, or None to repeat forever")
+    whole(b("prefetch"), prefetch, 0)
     if max_length > seq_len:
-        raise ValueError(f"max_length ({max_length}) must be <= seq_len ({seq_len})")
+        raise ConfigError(f"{b('max_length')} = {max_length} is longer than {b('seq_len')} = {seq_len}; "
+                          f"lower {b('max_length')} or raise {b('seq_len')}")
+    if max_prompt_length >= max_length:
+        raise ConfigError(f"{b('max_prompt_length')} = {max_prompt_length} leaves no room for the response in "
+                          f"{b('max_length')} = {max_length}; make it smaller")
+
+
+def _host_inputs(data_dirs, schema, what: str, tokenizer, process_index, process_count):
+    """What both pipelines start from: this process's records, loaded."""
     process_index, process_count = _process(process_index, process_count)
     tok = load_tokenizer(tokenizer)
     records, epoch_size, checksums = load_host_records(data_dirs, schema, process_index, process_count)
     if not records:
-        raise ValueError(f"{data_dirs}: no {what} for process {process_index}")
+        raise UserError(f"{data_dirs}: no {what} for process {process_index} of {process_count}; "
+                        "give a record set with at least one shard per process")
     return process_index, process_count, tok, records, epoch_size, checksums
 
 
@@ -129,8 +148,10 @@ def sft_pipeline(
     number of examples per batch then varies; use a step count rather than num_epochs to
     end multi-host runs). num_epochs=None repeats forever.
     """
+    check_settings("sft_pipeline", batch_size=batch_size, seq_len=seq_len, max_length=max_length,
+                   max_prompt_length=max_prompt_length, num_epochs=num_epochs, prefetch=prefetch, max_carry=max_carry)
     process_index, process_count, tok, records, epoch_size, checksums = _host_inputs(
-        data_dirs, DEMONSTRATIONS, "demonstrations", tokenizer, seq_len, max_length, process_index, process_count)
+        data_dirs, DEMONSTRATIONS, "demonstrations", tokenizer, process_index, process_count)
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
     examples = _encode_in_chunks(records, lambda c: enc.encode_sft([r["prompt"] for r in c], [r["completion"] for r in c]))
     batcher = (
@@ -174,8 +195,10 @@ def preference_pipeline(
     If every record carries ref_chosen_logp / ref_rejected_logp, the batches include
     ref_chosen_logps / ref_rejected_logps; if only some do, that is an error.
     """
+    check_settings("preference_pipeline", batch_size=batch_size, seq_len=seq_len, max_length=max_length,
+                   max_prompt_length=max_prompt_length, num_epochs=num_epochs, prefetch=prefetch)
     process_index, process_count, tok, records, epoch_size, checksums = _host_inputs(
-        data_dirs, PREFERENCES, "preference pairs", tokenizer, seq_len, max_length, process_index, process_count)
+        data_dirs, PREFERENCES, "preference pairs", tokenizer, process_index, process_count)
     has_ref = [r["ref_chosen_logp"] is not None and r["ref_rejected_logp"] is not None for r in records]
     if any(has_ref) and not all(has_ref):
         missing = has_ref.index(False)

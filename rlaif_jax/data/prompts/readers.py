@@ -11,7 +11,7 @@ import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from rlaif_jax.data.prompts.types import InputError, PromptExample, Stats
-from rlaif_jax.fileio import isdir, isfile, open_file
+from rlaif_jax.fileio import isdir, isfile, json_kind, open_file
 
 # Conversations containing these are dropped (as the paper's code does): they would collide
 # with special tokens of the tokenizers the paper trains.
@@ -26,12 +26,22 @@ _ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
 def load_json_records(path: str | os.PathLike) -> list[Any]:
     """A JSON array file, or JSON Lines (one object per line; chosen by content, not name)."""
     path = os.fspath(path)
-    with open_file(path, encoding="utf-8") as f:
-        text = f.read()
+    with open_file(path, "rb") as f:
+        data = f.read()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark (Windows editors) is not content
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise InputError(f"{path}: line {line} (byte {at}) is not UTF-8 ({e.reason}, byte "
+                         f"{data[at:at + 1]!r}); save the file as UTF-8") from None
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
+        # "Extra data" after a first line that parsed: JSON Lines whose lines are arrays,
+        # named line by line below.
+        if text.lstrip().startswith("[") and e.msg != "Extra data":
             raise InputError(f"{path}: invalid JSON at line {e.lineno} col {e.colno}: {e.msg}") from None
         whole = None  # not one JSON document: read it as JSON Lines
     if isinstance(whole, list):
@@ -43,9 +53,13 @@ def load_json_records(path: str | os.PathLike) -> list[Any]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            value = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: line {line_no} (record {len(records)}): invalid JSON: {e.msg}") from None
+        if not isinstance(value, dict):
+            raise InputError(f"{path}: line {line_no} is a JSON {json_kind(value)}, expected an object "
+                             "(one record per line, e.g. with a 'prompt' string)")
+        records.append(value)
     return records
 
 
@@ -291,9 +305,11 @@ def load_hf_rows(path: str | os.PathLike, split: Optional[str] = None) -> list[d
 FORMATS = ("sharegpt", "alpaca", "plain", "trl")
 
 
-def detect_format(row: Any) -> str:
+def detect_format(row: Any, source: str = "") -> str:
+    where = f"{source}: record 0: " if source else ""
     if not isinstance(row, Mapping):
-        raise InputError(f"cannot detect the format of a {type(row).__name__} record")
+        raise InputError(f"{where}cannot detect the format of a {json_kind(row)} record; expected an object "
+                         "(e.g. with a 'prompt' string)")
     keys = set(row)
     if "conversations" in keys:
         return "sharegpt"
@@ -305,7 +321,8 @@ def detect_format(row: Any) -> str:
         return "trl"
     if "prompt" in keys:
         return "plain"
-    raise InputError(f"cannot detect the format of a record with keys {sorted(keys)}")
+    raise InputError(f"{where}cannot detect the format of a record with keys {sorted(keys)}; expected "
+                     "'conversations', 'instruction', 'prompt', 'chosen'/'rejected' or 'messages' (or set the format)")
 
 
 def read_prompt_source(
@@ -328,7 +345,7 @@ def read_prompt_source(
     if format == "auto":
         if not rows:
             return [], [], Stats()
-        format = detect_format(rows[0])
+        format = detect_format(rows[0], path)
     if format == "sharegpt":
         prompts, stats = parse_sharegpt(rows, path, completion_model or "sharegpt-chatgpt")
         return prompts, [], stats

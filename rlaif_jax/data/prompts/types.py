@@ -8,9 +8,10 @@ from typing import Any, Optional
 
 from rlaif_jax.data.ids import prompt_id
 from rlaif_jax.data.records.schemas import normalize_finish_reason
+from rlaif_jax.errors import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A malformed input record; the message names the file, record index and field."""
 
 

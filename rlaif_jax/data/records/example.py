@@ -13,9 +13,10 @@ import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from rlaif_jax.data.records.schemas import Schema
+from rlaif_jax.errors import UserError
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError):
     """A record that does not fit its schema; the message names the field."""
 
 

@@ -21,13 +21,15 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 from rlaif_jax.data.records.example import SchemaError, decode_example, encode_example
 from rlaif_jax.data.records.schemas import Schema, get_schema
 from rlaif_jax.data.records.tfrecord import RecordError, encode_record, iter_records, read_framed
+from rlaif_jax.errors import UserError
 from rlaif_jax.fileio import atomic_write, exists, is_url, join, listdir_sizes, makedirs, open_file, remove
+from rlaif_jax.outputs import check_replace
 
 MANIFEST = "manifest.json"
 FORMAT = "rlaif_jax.records/1"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A missing, inconsistent or mismatched manifest, or a shard that disagrees with it."""
 
 
@@ -53,8 +55,14 @@ def write_records(
     *,
     num_shards: int = 1,
     provenance: Optional[Mapping[str, Any]] = None,
+    overwrite: bool = False,
+    overwrite_binding: Optional[str] = None,
 ) -> dict:
     """Writes records in order into `num_shards` contiguous shards; returns the manifest.
+
+    A complete set already in `directory` is replaced only by as many records or more,
+    unless `overwrite` (rlaif_jax.outputs.check_replace; `overwrite_binding` is the gin
+    binding the refusal names).
 
     Contiguous (not round-robin) so that reading shards in manifest order gives back the
     input order, which the order-based SFT/feedback split relies on. Records are
@@ -64,6 +72,8 @@ def write_records(
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     directory = os.fspath(directory)
+    records = list(records)
+    check_replace(directory, len(records), overwrite_binding, overwrite)
     makedirs(directory)
     remove(join(directory, MANIFEST), missing_ok=True)  # invalidate before rewriting shards
     encoded = []

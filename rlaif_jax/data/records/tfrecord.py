@@ -18,6 +18,7 @@ from typing import BinaryIO, Iterator
 import google_crc32c
 
 from rlaif_jax.fileio import open_file
+from rlaif_jax.errors import UserError
 
 _MASK_DELTA = 0xA282EAD8
 _U64 = struct.Struct("<Q")
@@ -26,7 +27,7 @@ HEADER_BYTES = 12
 FOOTER_BYTES = 4
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A corrupt, truncated or otherwise unreadable record; the message names file and index."""
 
 
