@@ -21,12 +21,14 @@ from tqdm.auto import tqdm
 from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
 from rlaif_jax.data.pipeline.batches import pad_preference_batch
-from rlaif_jax.data.pipeline.builders import _tokenizer_hash
+from rlaif_jax.data.pipeline.builders import _tokenizer_hash, check_settings
 from rlaif_jax.data.records import PREFERENCES, read_manifest, read_records, write_records
-from rlaif_jax.data.tokenize.encode import Encoder
+from rlaif_jax.data.tokenize.encode import TRUNCATION_MODES, Encoder
 from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 from rlaif_jax.models import apply, build_model
+from rlaif_jax.errors import UserError, binding, existing_dir, existing_path, one_of, whole
 from rlaif_jax.models.hf_io import load_hf
+from rlaif_jax.outputs import check_replace, writer_lock
 from rlaif_jax.train.logprobs import sequence_logps
 from rlaif_jax.train.objectives import concat_pairs
 from rlaif_jax.train.rundir import local_hf_dir
@@ -59,9 +61,32 @@ def precompute_reference_logps(
     truncation_mode: str = "keep_end",
     num_shards: Optional[int] = None,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> dict:
     """Writes out_dir (a PREFERENCES record set) and returns its manifest. preferences_dir
-    and out_dir may be URLs (gs://...); so may reference and tokenizer (fetched to local disk)."""
+    and out_dir may be URLs (gs://...); so may reference and tokenizer (fetched to local disk).
+    Settings and paths are checked before the reference loads; out_dir is held by its
+    writer lock, and a complete set there is replaced by fewer records only with overwrite."""
+    b = lambda p: binding(f"precompute_reference_logps.{p}")  # noqa: E731
+    check_settings("precompute_reference_logps", batch_size=batch_size, seq_len=seq_len, max_length=max_length,
+                   max_prompt_length=max_prompt_length, num_epochs=None, prefetch=0)
+    if num_shards is not None:
+        whole(b("num_shards"), num_shards, 1, hint="> 0, or None for as many as the input")
+    one_of(b("truncation_mode"), truncation_mode, TRUNCATION_MODES)
+    existing_path(b("preferences_dir"), preferences_dir, "preference record directory")
+    existing_dir(b("reference"), reference, "HF model directory", must_contain="config.json")
+    existing_dir(b("tokenizer"), tokenizer, "tokenizer directory")
+    with writer_lock(out_dir, b("out_dir")):
+        return _precompute(preferences_dir, out_dir, reference, tokenizer, batch_size, seq_len, template, max_length,
+                           max_prompt_length, truncation_mode, num_shards, dtype, overwrite, b("overwrite"))
+
+
+def _precompute(preferences_dir, out_dir, reference, tokenizer, batch_size, seq_len, template, max_length,
+                max_prompt_length, truncation_mode, num_shards, dtype, overwrite, overwrite_binding) -> dict:
+    src = read_manifest(preferences_dir, PREFERENCES)
+    if src["num_records"] == 0:
+        raise UserError(f"{preferences_dir}: no preference records; nothing was computed or written")
+    check_replace(out_dir, src["num_records"], overwrite_binding, overwrite)  # before the reference loads
     reference = local_hf_dir(reference, "reference")
     tokenizer = local_hf_dir(tokenizer, "tokenizer", weights=False)
     tok = load_tokenizer(tokenizer or reference)
@@ -69,8 +94,6 @@ def precompute_reference_logps(
     cfg, params = load_hf(reference, mesh=mesh, dtype=dtype, param_dtype=dtype)
     model = build_model(cfg)
     records = list(read_records(preferences_dir, PREFERENCES))
-    if not records:
-        raise ValueError(f"{preferences_dir}: no preference records")
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
     pairs = enc.encode_pairs([r["prompt"] for r in records], [r["chosen"] for r in records],
                              [r["rejected"] for r in records])
@@ -94,8 +117,8 @@ def precompute_reference_logps(
     ident = reference_identity(reference, tok)
     out = [dict(r, ref_chosen_logp=float(c), ref_rejected_logp=float(j), ref_model=ident)
            for r, (c, j) in zip(records, logps)]
-    src = read_manifest(preferences_dir, PREFERENCES)
     return write_records(out_dir, PREFERENCES, out, num_shards=num_shards or len(src["shards"]),
+                         overwrite=overwrite, overwrite_binding=overwrite_binding,
                          provenance={"source": fileio.abspath(preferences_dir), "ref_model": ident,
                                      "template": template, "max_length": max_length,
                                      "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode})

@@ -173,6 +173,10 @@ def test_hf_dirs_on_an_object_store_are_fetched_once_and_errors_name_the_argumen
     mem.rm("/bucket/models/base/model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"policy: memory://bucket/models/base: no .safetensors weights"):
         train_ppo(run_dir=MEM, policy=base, prompts="memory://b/prompts", num_iterations=1, reward_fn=lambda *a: 0.0)
+    from rlaif_jax.data.records import PREFERENCES, write_records
+
+    write_records("memory://b/p", PREFERENCES, [{"prompt_id": "p", "prompt": "q", "chosen": "a", "rejected": "b",
+                                                  "provenance": "t"}])  # the input is checked first
     with pytest.raises(FileNotFoundError, match=r"reference: memory://bucket/nothing"):
         precompute_reference_logps(preferences_dir="memory://b/p", out_dir="memory://b/q",
                                    reference="memory://bucket/nothing")

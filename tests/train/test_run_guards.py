@@ -224,3 +224,27 @@ def test_truncate_after_drops_later_rows_and_a_cut_last_line_only(tmp_path):
     assert truncate_after(str(p), 3) == 2
     assert p.read_text() == '{"step": 1}\n{"step": 2}\nnot json\n{"step": 3}\n'
     assert truncate_after(str(p), 3) == 0
+
+
+def test_reference_precompute_checks_settings_and_never_shrinks_its_output(tmp_path):
+    from rlaif_jax.data.records import PREFERENCES, write_records
+    from rlaif_jax.outputs import OutputWouldShrinkError
+    from rlaif_jax.train.reference import precompute_reference_logps
+
+    prefs = str(tmp_path / "prefs")
+    rows = [{"prompt_id": f"p{i}", "prompt": f"q{i}", "chosen": "a", "rejected": "b", "provenance": "t"}
+            for i in range(2)]
+    write_records(prefs, PREFERENCES, rows)
+    with pytest.raises(ConfigError, match=r"^precompute_reference_logps.batch_size = 0: must be a whole number"):
+        precompute_reference_logps(preferences_dir=prefs, out_dir=str(tmp_path / "o"), reference=str(tmp_path),
+                                   batch_size=0)
+    with pytest.raises(ConfigError, match=r"^precompute_reference_logps.reference = .*no such HF model directory"):
+        precompute_reference_logps(preferences_dir=prefs, out_dir=str(tmp_path / "o"),
+                                   reference=str(tmp_path / "missing"))
+    # A complete larger set in out_dir is refused before the reference is even looked at.
+    out = str(tmp_path / "out")
+    write_records(out, PREFERENCES, rows + [dict(rows[0], prompt_id="p9")])
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "config.json").write_text("{}")
+    with pytest.raises(OutputWouldShrinkError, match="precompute_reference_logps.overwrite=True"):
+        precompute_reference_logps(preferences_dir=prefs, out_dir=out, reference=str(tmp_path / "ref"))
