@@ -49,6 +49,9 @@ def main(argv=None):
 
     from transformers import AutoTokenizer
 
+    from rlaif_jax.errors import existing_dir
+
+    existing_dir("--hf_dir", args.hf_dir, "HF model directory", must_contain="config.json")
     tok = AutoTokenizer.from_pretrained(args.hf_dir, local_files_only=True)
     mesh = shd.make_mesh(*[int(x) for x in args.mesh.split(",")]) if args.mesh else None
     cfg, params = load_hf(args.hf_dir, mesh=mesh, dtype=args.dtype, param_dtype=args.dtype)

@@ -37,7 +37,7 @@ from rlaif_jax.eval.alpaca_eval_lc import alpaca_eval_lc_win_rate
 from rlaif_jax.eval.length_control import length_controlled_win_rate
 from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
-from rlaif_jax.errors import UserError
+from rlaif_jax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("judge", "reward_model")
@@ -273,7 +273,8 @@ def evaluate(
     if lc_method not in LC_METHODS:
         raise ValueError(f"evaluate.lc_method must be one of {LC_METHODS}, got {lc_method!r}")
     if (checkpoint is None) == (policy_outputs is None):
-        raise ValueError("give exactly one of checkpoint (to generate) and policy_outputs (to judge existing outputs)")
+        raise ConfigError("give exactly one of evaluate.checkpoint (to generate) and evaluate.policy_outputs (to "
+                          "judge existing outputs)")
     if protocol == "judge" and client is None:
         raise ValueError("protocol 'judge' needs a client (bind evaluate.client = @FeedbackClient())")
     if protocol == "reward_model" and not reward_model:

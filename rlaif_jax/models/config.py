@@ -12,10 +12,14 @@ from typing import Any, Optional
 import gin
 import jax.numpy as jnp
 
+from rlaif_jax import errors
+
 # HF model types whose weights and maths are the same Llama-style decoder (mixtral: with a
 # sparse mixture-of-experts block in place of the MLP).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 MOE_IMPLS = ("ragged", "dense")
+# Attention kernels (see DecoderConfig.attention_impl and README "### The model").
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 _DTYPES = {
@@ -87,6 +91,13 @@ class DecoderConfig:
     # token, weighted by a gate that is zero off the top-k (the reference; cheaper on CPU,
     # where XLA emulates ragged_dot densely).
     moe_impl: str = "ragged"
+    # Attention kernel for the full-sequence (no KV cache) forward: "einsum" (the reference:
+    # a materialised [B, H, T, T] float32 score tensor), "xla" (jax.nn.dot_product_attention
+    # with implementation="xla" and the exact boolean mask), "cudnn" (cuDNN flash attention,
+    # NVIDIA GPU, bf16/fp16 only), "splash" (the Pallas splash-attention kernel, TPU only) or
+    # "auto" (cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, else einsum). Decoding with
+    # a KV cache always uses einsum. A runtime choice: never written to an HF config.json.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -110,6 +121,19 @@ class DecoderConfig:
             raise ValueError(f"remat_policy must be none|full|dots, got {self.remat_policy!r}")
         resolve_dtype(self.dtype)
         resolve_dtype(self.param_dtype)
+        errors.one_of("DecoderConfig.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if self.attention_impl == "cudnn":
+            if resolve_dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+                raise errors.ConfigError(
+                    f"DecoderConfig.attention_impl = 'cudnn' needs dtype bfloat16 or float16 "
+                    f"(cuDNN flash attention has no float32 kernel), got dtype={self.dtype!r}; "
+                    "set the dtype or use attention_impl 'auto' / 'xla' / 'einsum'"
+                )
+            if self.head_dim % 8 or self.head_dim > 256:
+                raise errors.ConfigError(
+                    f"DecoderConfig.attention_impl = 'cudnn' needs head_dim a multiple of 8 and "
+                    f"<= 256, got {self.head_dim}; use attention_impl 'xla' or 'einsum'"
+                )
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
         if (self.model_type == "mixtral") != (self.num_experts > 0):
@@ -331,15 +355,18 @@ def model_config(
     param_dtype: str = "float32",
     remat_policy: str = "none",
     scan_layers: bool = True,
+    attention_impl: str = "auto",
     **overrides,
 ) -> DecoderConfig:
-    """The gin edge: a config from a local HF directory, with numerics overrides."""
+    """The gin edge: a config from a local HF directory, with numerics overrides
+    (`attention_impl`: see DecoderConfig.attention_impl)."""
     return DecoderConfig.from_pretrained(
         hf_dir,
         dtype=dtype,
         param_dtype=param_dtype,
         remat_policy=remat_policy,
         scan_layers=scan_layers,
+        attention_impl=attention_impl,
         **overrides,
     )
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from rlaif_jax import errors
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.rope import apply_rope, rope_cos_sin
 from rlaif_jax.sharding import active_mesh_rules, constrain, fitted_spec
@@ -80,6 +81,145 @@ def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) ->
     return m
 
 
+# -- attention kernels (DecoderConfig.attention_impl) -----------------------------------------
+
+_BINDING = "DecoderConfig.attention_impl"
+# Run the splash kernel in Pallas interpret mode (tests on CPU); off the TPU it is refused.
+SPLASH_INTERPRET = False
+
+
+def _is_cuda() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        return "cuda" in str(jax.devices()[0].client.platform_version).lower()
+    except Exception:  # noqa: BLE001 - no way to tell: assume CUDA, cuDNN will say otherwise
+        return True
+
+
+def resolve_attention_impl(cfg: DecoderConfig, length: int) -> str:
+    """The kernel `cfg.attention_impl` means on this backend for a sequence of `length`:
+    'auto' is cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, else einsum (so CPU runs
+    are unchanged). Splash tiles the sequence in blocks of 128: other lengths (the 4-token
+    init, short batches) run einsum."""
+    impl = cfg.attention_impl
+    if impl == "splash" and length % 128:
+        return "einsum"
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "splash" if length % 128 == 0 else "einsum"
+    if _is_cuda() and cfg.compute_dtype in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0 \
+            and cfg.head_dim <= 256:
+        return "cudnn"
+    return "einsum"
+
+
+def fused_attention(impl, q, k, v, positions, segment_ids, sliding_window):
+    """Self-attention over one full sequence (no cache) with one of the fused kernels.
+    q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D] in q's dtype.
+
+    'xla' masks with the exact mask of `attention_mask` (by positions). 'cudnn' and 'splash'
+    mask causality and the window by index within the row and packing by segment id, which is
+    the same mask when positions count up by one inside each segment (every batch this stack
+    builds); queries of padding (segment 0) differ but their outputs are never used."""
+    D = q.shape[-1]
+    if impl == "xla":
+        mask = attention_mask(positions, segment_ids, positions, segment_ids, sliding_window)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=D**-0.5, implementation="xla"
+        )
+    if impl == "cudnn":
+        if not _is_cuda():
+            raise errors.ConfigError(
+                f"{_BINDING} = 'cudnn' needs an NVIDIA GPU (cuDNN), but the backend is "
+                f"{jax.default_backend()!r}; use 'auto', 'xla' or 'einsum'"
+            )
+        return _index_masked_sdpa(q, k, v, segment_ids, sliding_window, "cudnn")
+    if impl == "splash":
+        return _splash(q, k, v, segment_ids, sliding_window)
+    raise errors.ConfigError(f"{_BINDING} = {impl!r}: not a fused kernel")  # checked in config
+
+
+def _index_masked_sdpa(q, k, v, segment_ids, sliding_window, implementation):
+    """jax.nn.dot_product_attention with the kernel's own causal / left-window masks (by
+    index: cuDNN skips the masked blocks) and the packing mask (same segment, key not padding)
+    as a boolean [B, 1, T, T] mask, which cuDNN adds as a bias."""
+    seg = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    window = (sliding_window - 1, 0) if sliding_window else None
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=seg[:, None], scale=q.shape[-1] ** -0.5, is_causal=True,
+        local_window_size=window, implementation=implementation,
+    )
+
+
+def _splash_block(T: int) -> int:
+    for b in (512, 256, 128):
+        if T % b == 0:
+            return b
+    raise ValueError(f"splash attention needs a sequence length that is a multiple of 128, got {T}")
+
+
+def _splash_kernel(T: int, groups: int, sliding_window: Optional[int], interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    if sliding_window:
+        one = sm.LocalMask((T, T), window_size=(sliding_window - 1, 0), offset=0)
+    else:
+        one = sm.CausalMask((T, T))
+    b = _splash_block(T)
+    blocks = sk.BlockSizes(
+        block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b,
+    )
+    # One kernel per KV head: its `groups` query heads share the single K/V head (MQA). Built
+    # per trace (not cached): it holds arrays that would leak from one trace into the next.
+    return sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([one] * groups), block_sizes=blocks, interpret=interpret
+    )
+
+
+def _splash(q, k, v, segment_ids, sliding_window):
+    if jax.default_backend() != "tpu" and not SPLASH_INTERPRET:
+        raise errors.ConfigError(
+            f"{_BINDING} = 'splash' needs a TPU (Pallas TPU kernel), but the backend is "
+            f"{jax.default_backend()!r}; use 'auto', 'xla' or 'einsum'"
+        )
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    kernel = _splash_kernel(T, H // KV, sliding_window, bool(SPLASH_INTERPRET))
+
+    def local(q, k, v, seg):
+        b = q.shape[0]
+        qg = (q * jnp.asarray(D**-0.5, q.dtype)).reshape(b, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4)
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, KV, T, D]
+        seg = seg.astype(jnp.int32)
+
+        def one_row(qr, kr, vr, sr):  # [KV, G, T, D], [KV, T, D], [KV, T, D], [T]
+            ids = SegmentIds(q=sr, kv=sr)
+            return jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=ids))(qr, kr, vr)
+
+        out = jax.vmap(one_row)(qg, kt, vt, seg)  # [b, KV, G, T, D]
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, T, H, D).astype(q.dtype)
+
+    active = active_mesh_rules()
+    if active is None:
+        return local(q, k, v, segment_ids)
+    # The kernel is a custom call the partitioner cannot split: run it on each device's own
+    # rows (batch over the axes it is split over; heads and length whole).
+    mesh, rules = active
+    rows = fitted_spec(("activation_batch", None, None, None), q.shape, mesh, rules)
+    seg_spec = P(rows[0], None)
+    # check_vma=False: the Pallas call does not declare how its output varies over the mesh.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(rows, rows, rows, seg_spec), out_specs=rows, check_vma=False
+    )(q, k, v, segment_ids)
+
+
 class Attention(nn.Module):
     cfg: DecoderConfig
 
@@ -107,6 +247,11 @@ class Attention(nn.Module):
             k_pos, k_seg = positions, segment_ids
 
         B, T = q.shape[:2]
+        impl = "einsum" if cache is not None else resolve_attention_impl(cfg, T)
+        if impl != "einsum":
+            out = fused_attention(impl, q, k, v, positions, segment_ids, cfg.sliding_window)
+            out = Dense((cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), cfg, bias, name="o_proj")(out)
+            return out, cache
         qg = q.reshape(B, T, KV, H // KV, D)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
         scores = scores * (D**-0.5)

@@ -62,8 +62,11 @@ class LocalModel:
 
         from rlaif_jax.train.rundir import local_hf_dir
 
+        from rlaif_jax.errors import ConfigError, existing_dir
+
         if not 0 < max_prompt_length < max_length:
-            raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+            raise ConfigError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+        existing_dir("hf_dir", hf_dir, "HF model directory", must_contain="config.json")  # not a hub name
         hf_dir = local_hf_dir(hf_dir, "hf_dir")  # gs://: a local copy, fetched once per host
         self.tokenizer = load_tokenizer(hf_dir)
         # This host's devices: a sampler serves (or samples for) one host, also on a
