@@ -207,14 +207,16 @@ def json_kind(value: Any) -> str:
     return "null" if value is None else "string"
 
 
-def decode_utf8(data: bytes, path: str, line: int, offset: int) -> str:
-    """`data` (one line, starting at byte `offset` of the file) as text; a UserError naming
-    the file, line and byte offset when it is not UTF-8 (a bare UnicodeDecodeError names
-    neither, and a prompt file saved as Latin-1 or UTF-16 is an everyday mistake)."""
+def decode_utf8(data: bytes, path: str, line: int = 1, offset: int = 0) -> str:
+    """`data` (one line or a whole file, starting at line `line` and byte `offset` of the
+    file) as text; a UserError naming the file, line and byte offset when it is not UTF-8 (a
+    bare UnicodeDecodeError names neither, and a prompt file saved as Latin-1 or UTF-16 is an
+    everyday mistake)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: line {line} (byte {offset + e.start}) is not UTF-8 ({e.reason}, byte "
+        at = line + data.count(b"\n", 0, e.start)
+        raise UserError(f"{path}: line {at} (byte {offset + e.start}) is not UTF-8 ({e.reason}, byte "
                         f"{data[e.start:e.start + 1]!r}); save the file as UTF-8") from None
 
 

@@ -11,7 +11,8 @@ import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from rlaif_jax.data.prompts.types import InputError, PromptExample, Stats
-from rlaif_jax.fileio import isdir, isfile, json_kind, open_file
+from rlaif_jax.errors import UserError
+from rlaif_jax.fileio import decode_utf8, isdir, isfile, json_kind, open_file
 
 # Conversations containing these are dropped (as the paper's code does): they would collide
 # with special tokens of the tokenizers the paper trains.
@@ -30,12 +31,9 @@ def load_json_records(path: str | os.PathLike) -> list[Any]:
         data = f.read()
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark (Windows editors) is not content
     try:
-        text = data[bom:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        at = bom + e.start
-        line = data.count(b"\n", 0, at) + 1
-        raise InputError(f"{path}: line {line} (byte {at}) is not UTF-8 ({e.reason}, byte "
-                         f"{data[at:at + 1]!r}); save the file as UTF-8") from None
+        text = decode_utf8(data[bom:], path, offset=bom)
+    except UserError as e:
+        raise InputError(str(e)) from None
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as e:
