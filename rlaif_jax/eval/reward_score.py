@@ -47,7 +47,7 @@ class RewardScorer:
         from rlaif_jax.data.tokenize import Encoder, load_tokenizer
         from rlaif_jax.models import build_model
         from rlaif_jax.models.hf_io import load_hf
-        from rlaif_jax.train.reward import SCORE_HEAD
+        from rlaif_jax.models.heads import SCORE_HEAD
 
         self.tokenizer = load_tokenizer(hf_dir)
         self.encoder = Encoder(self.tokenizer, template, max_length, max_prompt_length)

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import errors
 from rlaif_jax.models.config import DecoderConfig
+from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.rope import apply_rope, rope_cos_sin
 from rlaif_jax.sharding import active_mesh_rules, constrain, fitted_spec
 
@@ -518,7 +519,7 @@ class Transformer(nn.Module):
                 dtype=jnp.float32,
                 param_dtype=jnp.float32,
                 kernel_init=nn.with_logical_partitioning(_scalar_head_init(cfg), ("embed", None)),
-                name=f"{head}_head",
+                name=head_param(head),
             )(hidden.astype(jnp.float32))[..., 0]
         if cache is not None:
             out["cache"] = new_cache

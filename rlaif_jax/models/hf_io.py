@@ -28,13 +28,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.models.config import DecoderConfig
+from rlaif_jax.models.heads import SCORE_HEAD, head_param
 from rlaif_jax.models.params import abstract_params, build_model
 
 log = logging.getLogger(__name__)
 
 # Buffers some old checkpoints carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-SCORE_HEAD = "score"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _global_entries(cfg: DecoderConfig, lm_head: bool, score_head: bool) -> dict
     if lm_head and not cfg.tie_word_embeddings:
         e[("lm_head", "kernel")] = _Entry("lm_head.weight", "kernel")
     if score_head:
-        e[(f"{SCORE_HEAD}_head", "kernel")] = _Entry("score.weight", "kernel")
+        e[(head_param(SCORE_HEAD), "kernel")] = _Entry("score.weight", "kernel")
     return e
 
 

@@ -27,6 +27,7 @@ from rlaif_jax import sharding as shd
 from rlaif_jax.errors import ConfigError, StorageError, UserError, binding, existing_dir, positive, whole
 from rlaif_jax.models import DecoderConfig, build_model, init_params
 from rlaif_jax.models.decoder import init_scalar_head
+from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.outputs import writer_lock
 from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
@@ -56,7 +57,7 @@ def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str
         return cfg, model, init_params(model, jax.random.key(seed), mesh, rules)
     _, params = load_hf(init_from, mesh=mesh, rules=rules, config=cfg, lm_head=objective.lm_head)
     for head in objective.scalar_heads:
-        params[f"{head}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), mesh)
+        params[head_param(head)] = init_scalar_head(cfg, jax.random.key(seed + 1), mesh)
     return cfg, model, params
 
 

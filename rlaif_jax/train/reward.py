@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax.errors import binding, non_negative
+from rlaif_jax.models.heads import SCORE_HEAD
 from rlaif_jax.models.params import apply, gather_last
 from rlaif_jax.train.objectives import add_moe_aux_loss, concat_pairs, mean_metric, train_rngs
-
-SCORE_HEAD = "score"
 
 
 def bradley_terry_losses(r_chosen, r_rejected, margin=0.0):
