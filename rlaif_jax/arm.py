@@ -449,13 +449,15 @@ class _Arm:
         """One sample of the SFT policy per feedback prompt. On n hosts, host i samples every
         n-th prompt on its own chips into samples/parts/, then process 0 joins the parts in
         the prompts' order into the record set the critic reads."""
+        from rlaif_jax.feedback.settings import SamplingSettings
         from rlaif_jax.feedback.stages import policy_samples_stage
 
         out = self.out("samples")
         if is_complete(out):
             return {"state": "reused", "output": out}
         sample = functools.partial(policy_samples_stage, hf_dir=self.local(self.sft_policy()),
-                                   prompts=self.prompts("feedback"), split="feedback", seed=self.seed,
+                                   prompts=self.prompts("feedback"), split="feedback",
+                                   sampling=dataclasses.replace(SamplingSettings(), seed=self.seed),
                                    source_model=f"{self.name}/sft")
         i, n = jax.process_index(), jax.process_count()
         if n == 1:
@@ -475,6 +477,7 @@ class _Arm:
         return {"output": out, "hosts": n}
 
     def stage_critic(self) -> dict:
+        from rlaif_jax.feedback.settings import JudgeSettings
         from rlaif_jax.feedback.stages import critic_stage, load_comparisons
 
         out = self.out("critic")
@@ -487,8 +490,8 @@ class _Arm:
                                    f"{self.pair_teacher} completions (feedback)", "add 'teacher' to run_arm.stages")
             client = self.critic(cache_path=self.cache("critic"))
             trunc = {"truncate_tokenizer": self.local(self.sft_policy())} if self.truncate_pairs else {}
-            critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client, seed=self.seed,
-                         num_shards=self.num_shards, **trunc)
+            critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client,
+                         judge=dataclasses.replace(JudgeSettings(), seed=self.seed), num_shards=self.num_shards, **trunc)
             self.check_requests("critic", out, "manifest.json", *_count_errors(fileio.join(out, "comparisons.jsonl")))
             state = "done"
         self.results.update(critic_statistics(load_comparisons(out)))

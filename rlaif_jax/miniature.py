@@ -43,6 +43,7 @@ from rlaif_jax.eval.winrate import preferences_from_verdicts, verdict_win_rate
 from rlaif_jax.eval.winrate import win_rate as score_win_rate  # this module's win_rate takes comparisons
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.server import ServerThread, make_app
+from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.feedback.stages import critic_stage, load_comparisons, policy_samples_stage, preferences_stage, teacher_stage
 from rlaif_jax.fileio import write_jsonl
 from rlaif_jax.models import DecoderConfig
@@ -264,11 +265,12 @@ def run_miniature(
                 samples, judged = fb("samples", str(k)), fb("comparisons", str(k))
                 if not _done(samples):
                     policy_samples_stage(hf_dir=p("runs", start, "hf"), prompts=p("data", "prompts", "feedback"),
-                                         out_dir=samples, max_length=64, max_prompt_length=32, temperature=1.0,
-                                         top_p=0.9, seed=seed + 1000 * k, source_model=start)
+                                         out_dir=samples, source_model=start,
+                                         sampling=SamplingSettings(max_length=64, max_prompt_length=32, temperature=1.0,
+                                                                   top_p=0.9, seed=seed + 1000 * k))
                 if not _done(judged):
                     critic_stage(responses_1=samples, responses_2=p("data", teacher, "feedback"), out_dir=judged,
-                                 client=client("critic"), seed=seed + 1000 * k)
+                                 client=client("critic"), judge=JudgeSettings(seed=seed + 1000 * k))
                 comps.append(judged)
             if not _done(fb("preferences")):
                 preferences_stage(comparisons=comps, out_dir=fb("preferences"))
@@ -304,11 +306,12 @@ def run_miniature(
             gen, judged = p("eval", arm, "generations"), p("eval", arm, "judgments")
             if not _done(gen):
                 policy_samples_stage(hf_dir=p("runs", arm, "hf"), prompts=p("eval_prompts.jsonl"), out_dir=gen,
-                                     max_length=64, max_prompt_length=32, temperature=eval_temperature,
-                                     top_p=eval_top_p, seed=seed, source_model=arm)
+                                     source_model=arm,
+                                     sampling=SamplingSettings(max_length=64, max_prompt_length=32,
+                                                               temperature=eval_temperature, top_p=eval_top_p, seed=seed))
             if not _done(judged):
                 critic_stage(responses_1=gen, responses_2=ref_out, out_dir=judged, client=client("judge"),
-                             seed=seed + 1)
+                             judge=JudgeSettings(seed=seed + 1))
             comps = load_comparisons(judged)
             samples = list(read_records(gen))
             prefs = preferences_from_verdicts([c["verdict"] for c in comps], policy_is="first")

@@ -8,8 +8,11 @@ outputs (API judge or reward model), write generations, judgments, metrics and c
       --label base_model=llama1_7b --label arm=sft_gpt35_10pct+dpo --label sft_fraction=0.1
 
 The protocol (judge model, template, sampling, logprob weighting, reward model) is the gin
-file; --gin_param overrides any binding. --policy_outputs judges an AlpacaEval-format file
-of outputs made elsewhere instead of generating.
+file; --gin_param overrides any binding: the judge is EvalJudgeSettings (template,
+both_orders, seed, logprobs, temperature, max_tokens, batch_api, ...), the policy's sampling
+EvalSamplingSettings (template, max_length, max_prompt_length, temperature, top_p, top_k,
+seed, batch_size), e.g. --gin_param=EvalJudgeSettings.both_orders=True. --policy_outputs
+judges an AlpacaEval-format file of outputs made elsewhere instead of generating.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@
   OPENAI_API_KEY=... python scripts/feedback_critic.py --gin_file=configs/feedback/critic_gpt4.gin \\
       --gin_param="critic_stage.responses_1='runs/policy_samples'" --gin_param="critic_stage.responses_2='runs/teacher_gpt4'" \\
       --gin_param="critic_stage.out_dir='runs/critic_gpt4'"
+
+How the critic is asked is JudgeSettings (template, mode, both_orders, seed, logprobs,
+top_logprobs, temperature, max_tokens, on_disagreement, name, batch_api, poll_interval_s):
+e.g. --gin_param=JudgeSettings.both_orders=True.
 """
 
 import sys

@@ -5,6 +5,9 @@
   python scripts/policy_samples.py --gin_file=configs/feedback/policy_samples.gin \
       --gin_param="policy_samples_stage.hf_dir='runs/sft/hf'" --gin_param="policy_samples_stage.prompts='runs/prompts'" \
       --gin_param="policy_samples_stage.out_dir='runs/policy_samples'"
+
+How the policy is sampled is SamplingSettings (template, max_length, max_prompt_length,
+temperature, top_p, top_k, seed, batch_size): e.g. --gin_param=SamplingSettings.temperature=0.7.
 """
 
 import sys

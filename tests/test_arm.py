@@ -202,6 +202,25 @@ def test_failed_api_requests_stop_the_arm_until_a_relaunch_gets_answers(world):
     assert states(arm_dir) == {"critic": "done"} and summary["critic/judged"] + summary["critic/invalid"] == 54
 
 
+def test_judge_settings_bound_in_the_critic_scope_reach_the_critic_stage(world):
+    """run_arm calls the critic stage inside gin scope `critic`, where it builds its
+    JudgeSettings: a binding in that scope reaches it, one in another stage's does not."""
+    dpo = os.path.join(world["root"], "dpo")
+    if not os.path.exists(os.path.join(dpo, "summary.json")):
+        configure(world, "dpo")
+        run_arm()
+    reuse = f"run_arm.stage_dirs = {{'sft': '{dpo}/sft', 'samples': '{dpo}/samples'}}"
+    arm_dir = configure(world, "both_orders_critic", "run_arm.stages = ['critic']", reuse,
+                        "critic/JudgeSettings.both_orders = True", "evaluate/JudgeSettings.max_tokens = 1")
+    run_arm()
+    out = os.path.join(arm_dir, "comparisons")
+    prov = read_manifest(out)["provenance"]
+    assert prov["both_orders"] is True and prov["max_tokens"] == 16 and prov["seed"] == 0  # seed: run_arm.seed
+    with open(os.path.join(out, "comparisons.jsonl")) as f:
+        comps = [json.loads(line) for line in f]
+    assert len(comps) == 54 and all(len(c["views"]) == 2 for c in comps if not c.get("identical"))
+
+
 @pytest.mark.parametrize("bindings,match", [
     (["run_arm.stages = ['sft', 'sampels']"], "unknown stage.*sampels"),
     (["run_arm.stages = ['dpo', 'sft']"], "must follow the pipeline's order"),
@@ -333,9 +352,10 @@ def test_the_papers_rlaif_arm_runs_as_written(world, tmp_path):
                 "SFT_EPOCHS = 2", "dpo/preference_pipeline.num_epochs = 1", "make_mesh.data = -1",
                 "sft_pipeline.seq_len = 64", "sft_pipeline.max_length = 64", "sft_pipeline.max_prompt_length = 32",
                 "preference_pipeline.seq_len = 64", "preference_pipeline.max_length = 64",
-                "preference_pipeline.max_prompt_length = 32", "policy_samples_stage.max_length = 64",
-                "policy_samples_stage.max_prompt_length = 32", "critic/critic_stage.truncate_max_length = 64",
-                "evaluate.max_length = 64", "evaluate.max_prompt_length = 32", "evaluate.lc_bootstrap = 0",
+                "preference_pipeline.max_prompt_length = 32", "SamplingSettings.max_length = 64",
+                "SamplingSettings.max_prompt_length = 32", "critic/critic_stage.truncate_max_length = 64",
+                "EvalSamplingSettings.max_length = 64", "EvalSamplingSettings.max_prompt_length = 32",
+                "evaluate.lc_bootstrap = 0",
             ], skip_unknown=False)
         finally:
             os.chdir(old)

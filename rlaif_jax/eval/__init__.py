@@ -6,6 +6,7 @@ reward model), length control, and reports.
     alpaca_eval_lc  the same, computed exactly as alpaca_eval computes it
     reward_score    the reward-model protocol (mean reward, win rate vs the reference)
     evaluate        generate -> judge -> metrics for one checkpoint (gin: `evaluate`)
+    settings        EvalJudgeSettings, EvalSamplingSettings: the evaluation's judge and sampling
     report          tables (markdown, CSV) and plots across runs
 """
 

@@ -35,9 +35,11 @@ import numpy as np
 from rlaif_jax import fileio
 from rlaif_jax.eval.alpaca_eval_lc import alpaca_eval_lc_win_rate
 from rlaif_jax.eval.length_control import length_controlled_win_rate
+from rlaif_jax.eval.settings import EvalJudgeSettings, EvalSamplingSettings
 from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 from rlaif_jax.errors import ConfigError, UserError
+from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("judge", "reward_model")
@@ -142,20 +144,34 @@ def _check_fingerprint(gen_dir: str, spec: dict) -> None:
     _write_json(path, spec)
 
 
-def generate_outputs(checkpoint: str, rows: Sequence[Mapping], out_dir: str, generator: str, **sampling) -> list[str]:
+def generate_outputs(checkpoint: str, rows: Sequence[Mapping], out_dir: str, generator: str,
+                     sampling: SamplingSettings, dtype: str = "float32",
+                     mesh_shape: Optional[Sequence[int]] = None) -> list[str]:
     """The policy's output for each row (resumable: the feedback package's policy-samples
-    stage over the compiled sampler)."""
+    stage over the compiled sampler).
+
+    Args:
+      checkpoint: the policy's HF directory.
+      rows: the eval set (prompt_id, prompt).
+      out_dir: the run directory; prompts.jsonl and generations/ go there.
+      generator: the policy's name in the records.
+      sampling, dtype, mesh_shape: how the policy is loaded and sampled.
+
+    Returns:
+      The outputs, in the order of rows.
+    """
     from rlaif_jax.feedback.stages import load_demonstrations, policy_samples_stage
 
     prompts_path = fileio.join(out_dir, "prompts.jsonl")
     write_jsonl(prompts_path, ({"prompt_id": r["prompt_id"], "prompt": r["prompt"]} for r in rows))
     gen_dir = fileio.join(out_dir, "generations")
     _check_fingerprint(gen_dir, {"checkpoint": fileio.abspath(checkpoint), "generator": generator,
-                                 "prompt_ids": [r["prompt_id"] for r in rows], **sampling})
+                                 "prompt_ids": [r["prompt_id"] for r in rows], **sampling.provenance(),
+                                 "dtype": dtype, "mesh_shape": mesh_shape})
     # split=None explicitly: the eval prompts belong to no split, whatever a config binds
     # for the feedback stage's own use of policy_samples_stage.
-    policy_samples_stage(hf_dir=checkpoint, prompts=prompts_path, out_dir=gen_dir, source_model=generator,
-                         split=None, limit=None, **sampling)
+    policy_samples_stage(hf_dir=checkpoint, prompts=prompts_path, out_dir=gen_dir, sampling=sampling,
+                         source_model=generator, split=None, limit=None, dtype=dtype, mesh_shape=mesh_shape)
     by_id = {d["prompt_id"]: d["completion"] for d in load_demonstrations(gen_dir)}
     missing = [r["prompt_id"] for r in rows if r["prompt_id"] not in by_id]
     if missing:
@@ -223,30 +239,11 @@ def evaluate(
     generator: Optional[str] = None,
     reference_generator: Optional[str] = None,
     limit: Optional[int] = None,
-    # sampling (AlpacaEval 1.0 in the paper: T=0.7, top_p 0.9)
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    top_k: int = 0,
-    template: str = "paper",
-    max_length: int = 1024,
-    max_prompt_length: int = 512,
-    batch_size: int = 32,
-    sample_seed: int = 0,
+    sampling: Optional[SamplingSettings] = None,
     dtype: str = "float32",
     mesh_shape: Optional[Sequence[int]] = None,
-    # judge
     client: Any = None,
-    judge_template: str = "pairwise_v1",
-    judge_name: Optional[str] = None,
-    order_seed: int = 0,
-    both_orders: bool = False,
-    on_disagreement: str = "tie",
-    logprobs: bool = False,
-    top_logprobs: int = 5,
-    judge_temperature: float = 0.0,
-    judge_max_tokens: int = 16,
-    batch_api: bool = False,
-    poll_interval_s: float = 30.0,
+    judge: Optional[JudgeSettings] = None,
     # reward-model protocol
     reward_model: Optional[str] = None,
     reward_batch_size: int = 16,
@@ -264,7 +261,20 @@ def evaluate(
     """Runs one evaluation and returns its metrics (also written to out_dir/metrics.json).
     `labels` (run, base_model, arm, sft_fraction, ...) are copied into the metrics for
     reports. Give `checkpoint` (an HF directory) to generate, or `policy_outputs` to judge
-    outputs made elsewhere."""
+    outputs made elsewhere.
+
+    Args:
+      sampling: how the policy's outputs are sampled (its template and lengths also set
+        the reward model's input); None builds EvalSamplingSettings from gin in the
+        caller's scope (AlpacaEval 1.0 in the paper: T=0.7, top_p 0.9).
+      dtype, mesh_shape: how the policy (and reward model) is loaded.
+      client: the judge's API client (protocol "judge").
+      judge: how the judge is asked (always pairwise, the policy as response_1); None
+        builds EvalJudgeSettings from gin in the caller's scope.
+
+    Returns:
+      The metrics.
+    """
     from rlaif_jax.feedback import judge as J
     from rlaif_jax.feedback.stages import judge_pairs
 
@@ -279,14 +289,16 @@ def evaluate(
         raise ValueError("protocol 'judge' needs a client (bind evaluate.client = @FeedbackClient())")
     if protocol == "reward_model" and not reward_model:
         raise ValueError("protocol 'reward_model' needs reward_model (an HF reward model directory)")
+    sampling = sampling if sampling is not None else EvalSamplingSettings()
+    judge = judge if judge is not None else EvalJudgeSettings()
+    if protocol == "judge" and judge.mode != "pairwise":
+        raise ConfigError(f"{type(judge).__name__}.mode = {judge.mode!r}: the evaluation judges the policy's output "
+                          "against the reference pairwise; set it to 'pairwise'")
     fileio.makedirs(out_dir)
     rows = load_eval_set(eval_set, references, reference_generator)[:limit]
     name = generator or os.path.basename(os.path.normpath(checkpoint or policy_outputs))
     if checkpoint is not None:
-        outputs = generate_outputs(checkpoint, rows, out_dir, name, template=template, max_length=max_length,
-                                   max_prompt_length=max_prompt_length, temperature=temperature, top_p=top_p,
-                                   top_k=top_k, batch_size=batch_size, seed=sample_seed, dtype=dtype,
-                                   mesh_shape=mesh_shape)
+        outputs = generate_outputs(checkpoint, rows, out_dir, name, sampling, dtype, mesh_shape)
     else:
         outputs = load_outputs(policy_outputs, rows)
     _write_json(fileio.join(out_dir, "generations.json"),
@@ -294,35 +306,33 @@ def evaluate(
     refs = [r["reference"] for r in rows]
     metrics: dict = {"protocol": protocol, "generator": name, "eval_set": fileio.abspath(eval_set),
                      "checkpoint": fileio.abspath(checkpoint) if checkpoint else None,
-                     "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k, "template": template,
-                                  "max_length": max_length, "max_prompt_length": max_prompt_length,
-                                  "seed": sample_seed} if checkpoint else None,
+                     # the fields metrics.json has always carried (reports read them)
+                     "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "top_k", "template",
+                                                                   "max_length", "max_prompt_length", "seed")}
+                                 if checkpoint else None,
                      "avg_length": float(np.mean([len(o) for o in outputs])) if outputs else None,
                      "avg_reference_length": float(np.mean([len(r) for r in refs])) if refs else None}
     if protocol == "judge":
-        tmpl = J.load_template(judge_template)
+        tmpl = J.load_template(judge.template)
         tasks = [J.PairTask(r["prompt_id"], r["prompt"], o, r["reference"], name, r["reference_generator"])
                  for r, o in zip(rows, outputs)]
-        comps = judge_pairs(client, tasks, tmpl, mode="pairwise", both_orders=both_orders, seed=order_seed,
-                            logprobs=logprobs, top_logprobs=top_logprobs, temperature=judge_temperature,
-                            max_tokens=judge_max_tokens, on_disagreement=on_disagreement, judge_name=judge_name,
-                            batch_api=batch_api, poll_interval_s=poll_interval_s)
+        comps = judge_pairs(client, tasks, judge, tmpl)
         _write_jsonl(fileio.join(out_dir, "judgments.jsonl"), comps)
-        jm = judge_metrics(comps, outputs, refs, lc_bootstrap if length_control else 0, order_seed,
+        jm = judge_metrics(comps, outputs, refs, lc_bootstrap if length_control else 0, judge.seed,
                            lc_method=lc_method if length_control else "glm",
                            alpaca_eval_lc={"glm": lc_glm, "df_gamed": lc_df_gamed,
                                            "difficulty_file": lc_difficulty_file, "solver": lc_solver})
         if not length_control:
             jm.update(lc_method=None, lc_win_rate=None, lc_bootstrap_standard_error=None, lc_coef=None)
         api = client.summary.as_dict()
-        metrics.update(jm, judge=judge_name or client.model, judge_template=tmpl.id, order_seed=order_seed,
-                       both_orders=both_orders, logprobs=logprobs, api=api, cost_usd=api["cost_usd"],
+        metrics.update(jm, judge=judge.name or client.model, judge_template=tmpl.id, order_seed=judge.seed,
+                       both_orders=judge.both_orders, logprobs=judge.logprobs, api=api, cost_usd=api["cost_usd"],
                        cost_usd_total=_add_to_ledger(out_dir, api), client=client.describe())
     else:
         from rlaif_jax.eval.reward_score import RewardScorer, reward_protocol_metrics
 
-        scorer = RewardScorer(reward_model, template=template, max_length=max_length,
-                              max_prompt_length=max_prompt_length, batch_size=reward_batch_size, dtype=dtype)
+        scorer = RewardScorer(reward_model, template=sampling.template, max_length=sampling.max_length,
+                              max_prompt_length=sampling.max_prompt_length, batch_size=reward_batch_size, dtype=dtype)
         prompts = [r["prompt"] for r in rows]
         r_pol, r_ref = scorer.score(prompts, outputs), scorer.score(prompts, refs)
         _write_jsonl(fileio.join(out_dir, "judgments.jsonl"),

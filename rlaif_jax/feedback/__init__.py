@@ -7,6 +7,7 @@ APIs, with a resumable cache, limits, retries, the Batch API and cost accounting
     judge         versioned judge templates, verdict parsing, order randomization and
                   un-swapping, both-orders mode, logprob-weighted preferences, 1-5 ratings
     preferences   comparisons -> preference pairs, with a critic report
+    settings      JudgeSettings, SamplingSettings: what the stages take as values (gin)
     stages        teacher / policy-samples / critic / preferences stages (gin) -> TFRecords
     server        an OpenAI-compatible server over pluggable backends (a local checkpoint,
                   the synthetic world, test fault injection)
@@ -16,8 +17,10 @@ from rlaif_jax.feedback.client import FeedbackClient, FeedbackError, Summary
 from rlaif_jax.feedback.judge import VERDICTS, JudgeTemplate, PairTask, load_template
 from rlaif_jax.feedback.preferences import build_preference_pairs, critic_report
 from rlaif_jax.feedback.request import ChatRequest
+from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 
 __all__ = [
-    "ChatRequest", "FeedbackClient", "FeedbackError", "JudgeTemplate", "PairTask", "Summary", "VERDICTS",
+    "ChatRequest", "FeedbackClient", "FeedbackError", "JudgeSettings", "JudgeTemplate", "PairTask", "SamplingSettings",
+    "Summary", "VERDICTS",
     "build_preference_pairs", "critic_report", "load_template",
 ]

@@ -11,6 +11,8 @@ API stages go through FeedbackClient, so a rerun after a kill sends only what is
 in the cache and ends with the same records. Every prompt ends as a record or as a line
 in errors.jsonl naming the request's error. Inputs and out_dir may be URLs (gs://...,
 see rlaif_jax.fileio); the API cache (the client's cache_path) stays a local file.
+How the critic is asked and the policy sampled are values (rlaif_jax.feedback.settings:
+JudgeSettings, SamplingSettings), built from gin in the caller's scope when not given.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from rlaif_jax.data.records.schemas import normalize_finish_reason
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.preferences import build_preference_pairs
+from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax import fileio as fio
 from rlaif_jax.errors import (
-    ConfigError, UserError, binding, existing_dir, existing_path, in_range, non_negative, one_of, positive, whole,
+    ConfigError, UserError, binding, existing_dir, existing_path, in_range, non_negative, positive, whole,
 )
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 from rlaif_jax.outputs import check_replace, writer_lock
@@ -268,27 +271,24 @@ def truncate_to_budget(tasks: Sequence[J.PairTask], tokenizer: Any, max_length: 
 def judge_pairs(
     client: FeedbackClient,
     tasks: Sequence[J.PairTask],
-    template: J.JudgeTemplate,
-    *,
-    mode: str = "pairwise",
-    both_orders: bool = False,
-    seed: int = 0,
-    logprobs: bool = False,
-    top_logprobs: int = 5,
-    temperature: float = 0.0,
-    max_tokens: int = 16,
-    on_disagreement: str = "tie",
-    judge_name: Optional[str] = None,
-    batch_api: bool = False,
-    poll_interval_s: float = 30.0,
+    judge: JudgeSettings,
+    template: Optional[J.JudgeTemplate] = None,
 ) -> list[dict]:
-    """Comparison dicts (COMPARISONS fields + views, p_1, error...) in the order of tasks."""
-    if mode not in ("pairwise", "rating"):
-        raise ValueError(f"mode must be 'pairwise' or 'rating', got {mode!r}")
-    judge_name = judge_name or client.model
-    params = {"temperature": temperature, "max_tokens": max_tokens}
-    if logprobs:
-        params.update(logprobs=True, top_logprobs=top_logprobs)
+    """Asks the judge about every task.
+
+    Args:
+      client: the judge's API client (cache, retries, accounting).
+      tasks: the pairs, response_1 in canonical first place.
+      judge: how to ask and read the answers.
+      template: judge.template already loaded (None: loaded here).
+
+    Returns:
+      Comparison dicts (COMPARISONS fields + views, p_1, error...) in the order of tasks.
+    """
+    template = template or J.load_template(judge.template)
+    mode, both_orders, seed = judge.mode, judge.both_orders, judge.seed
+    judge_name = judge.name or client.model
+    params = judge.request_params()
     plan, reqs = [], []
     for t in tasks:
         meta = {"prompt_id": t.prompt_id, "stage": "critic"}
@@ -308,14 +308,14 @@ def judge_pairs(
                 idx.append((len(reqs), False))
                 reqs.append(client.request(J.rating_messages(template, t.prompt, resp), template=template.id, meta=meta, **params))
             plan.append(("rating", t, idx))
-    results = _run(client, reqs, f"critic {client.model}", batch_api, poll_interval_s) if reqs else []
+    results = _run(client, reqs, f"critic {client.model}", judge.batch_api, judge.poll_interval_s) if reqs else []
     out = []
     for kind, t, idx in plan:
         if kind == "identical":
             out.append(J.identical_comparison(t, judge_name, mode))
         elif kind == "pairwise":
             views = [J.read_presentation(results[i], sw) for i, sw in idx]
-            out.append(J.comparison_from_views(t, judge_name, views, on_disagreement,
+            out.append(J.comparison_from_views(t, judge_name, views, judge.on_disagreement,
                                                "both_orders" if both_orders else "pairwise"))
         else:
             r1, r2 = (J.read_rating(results[i]) for i, _ in idx)
@@ -336,19 +336,8 @@ def critic_stage(
     responses_2: str = gin.REQUIRED,
     out_dir: str = gin.REQUIRED,
     client: FeedbackClient = gin.REQUIRED,
-    template: str = "pairwise_v1",
-    mode: str = "pairwise",
-    both_orders: bool = False,
-    seed: int = 0,
-    logprobs: bool = False,
-    top_logprobs: int = 5,
-    temperature: float = 0.0,
-    max_tokens: int = 16,
-    on_disagreement: str = "tie",
-    judge_name: Optional[str] = None,
+    judge: Optional[JudgeSettings] = None,
     limit: Optional[int] = None,
-    batch_api: bool = False,
-    poll_interval_s: float = 30.0,
     num_shards: int = 1,
     truncate_tokenizer: Optional[str] = None,
     truncate_max_length: int = 512,
@@ -360,20 +349,23 @@ def critic_stage(
     With truncate_tokenizer (the policy's tokenizer directory), both responses are cut to
     the policy sample's budget (truncate_max_length tokens including the prompt) first,
     as the paper does with the teacher's completion. Two sets with no prompt in common is
-    an error; a complete set in out_dir is replaced by a smaller one only with `overwrite`."""
+    an error; a complete set in out_dir is replaced by a smaller one only with `overwrite`.
+
+    Args:
+      judge: how the critic is asked; None builds JudgeSettings from gin in the caller's
+        scope (run_arm's `critic/JudgeSettings.*`).
+
+    Returns:
+      The manifest of the comparison records.
+    """
+    judge = judge if judge is not None else JudgeSettings()
     existing_path(binding("critic_stage.responses_1"), responses_1, "demonstration set")
     existing_path(binding("critic_stage.responses_2"), responses_2, "demonstration set")
     existing_path(binding("critic_stage.truncate_tokenizer"), truncate_tokenizer, "tokenizer directory")
-    one_of(binding("critic_stage.mode"), mode, ("pairwise", "rating"))
-    one_of(binding("critic_stage.on_disagreement"), on_disagreement, ("tie", "invalid"))
-    non_negative(binding("critic_stage.temperature"), temperature)
-    in_range(binding("critic_stage.top_logprobs"), top_logprobs, 0, 20)
-    _counts("critic_stage", max_tokens=max_tokens, limit=limit, num_shards=num_shards,
-            truncate_max_length=truncate_max_length)
-    positive(binding("critic_stage.poll_interval_s"), poll_interval_s)
+    _counts("critic_stage", limit=limit, num_shards=num_shards, truncate_max_length=truncate_max_length)
     with writer_lock(out_dir, "critic_stage.out_dir"):
         fio.makedirs(out_dir)
-        tmpl = J.load_template(template)
+        tmpl = J.load_template(judge.template)
         first = load_demonstrations(responses_1, binding("critic_stage.responses_1"))
         second = load_demonstrations(responses_2, binding("critic_stage.responses_2"))
         tasks, join = pair_tasks(first, second)
@@ -387,10 +379,7 @@ def critic_stage(
         if truncate_tokenizer:
             tasks, join["responses_truncated"] = truncate_to_budget(tasks, truncate_tokenizer, truncate_max_length,
                                                                     truncate_template)
-        comps = judge_pairs(client, tasks, tmpl, mode=mode, both_orders=both_orders, seed=seed, logprobs=logprobs,
-                            top_logprobs=top_logprobs, temperature=temperature, max_tokens=max_tokens,
-                            on_disagreement=on_disagreement, judge_name=judge_name, batch_api=batch_api,
-                            poll_interval_s=poll_interval_s)
+        comps = judge_pairs(client, tasks, judge, tmpl)
         write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
         write_jsonl(fio.join(out_dir, "errors.jsonl"),
                     [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")])
@@ -400,10 +389,11 @@ def critic_stage(
         manifest = write_records(out_dir, COMPARISONS, [comparison_record(c) for c in comps], num_shards=num_shards,
                                  provenance={
             "stage": "critic", "stage_version": STAGE_VERSION, "client": client.describe(),
-            "template": tmpl.id, "template_sha256": tmpl.sha256, "mode": mode, "both_orders": both_orders,
-            "seed": seed, "logprobs": logprobs, "temperature": temperature, "max_tokens": max_tokens,
-            "on_disagreement": on_disagreement, "responses_1": fio.abspath(responses_1),
-            "responses_2": fio.abspath(responses_2), "api_mode": "batch" if batch_api else "online",
+            "template": tmpl.id, "template_sha256": tmpl.sha256, "mode": judge.mode, "both_orders": judge.both_orders,
+            "seed": judge.seed, "logprobs": judge.logprobs, "temperature": judge.temperature,
+            "max_tokens": judge.max_tokens, "on_disagreement": judge.on_disagreement,
+            "responses_1": fio.abspath(responses_1), "responses_2": fio.abspath(responses_2),
+            "api_mode": "batch" if judge.batch_api else "online",
             "truncate": {"tokenizer": fio.abspath(truncate_tokenizer), "max_length": truncate_max_length,
                          "template": truncate_template} if truncate_tokenizer else None,
             "report": report,
@@ -463,14 +453,7 @@ def policy_samples_stage(
     hf_dir: str = gin.REQUIRED,
     prompts: str = gin.REQUIRED,
     out_dir: str = gin.REQUIRED,
-    template: str = "paper",
-    max_length: int = 512,
-    max_prompt_length: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 0.9,
-    top_k: int = 0,
-    batch_size: int = 32,
-    seed: int = 0,
+    sampling: Optional[SamplingSettings] = None,
     split: Optional[str] = None,
     limit: Optional[int] = None,
     source_model: Optional[str] = None,
@@ -481,26 +464,28 @@ def policy_samples_stage(
     part: Optional[Sequence[int]] = None,
     overwrite: bool = False,
 ) -> dict:
-    """Samples a local checkpoint on the prompts (the paper: T=1.0, top_p 0.9, 512 tokens
-    including the prompt) -> DEMONSTRATIONS records with finish_reason "stop" (EOS) or
-    "length". Finished batches go to samples.jsonl as they complete, so a killed run
-    resumes at the next batch with the same per-batch RNG and so the same samples.
-    `part=(i, n)` samples only every n-th prompt from the i-th: host i of n's share. No
-    prompts is an error; a complete set in out_dir is replaced by a smaller one only with
-    `overwrite`."""
+    """Samples a local checkpoint on the prompts -> DEMONSTRATIONS records with
+    finish_reason "stop" (EOS) or "length". Finished batches go to samples.jsonl as they
+    complete, so a killed run resumes at the next batch with the same per-batch RNG and so
+    the same samples. `part=(i, n)` samples only every n-th prompt from the i-th: host i of
+    n's share. No prompts is an error; a complete set in out_dir is replaced by a smaller
+    one only with `overwrite`.
+
+    Args:
+      sampling: template, lengths, distribution, seed and batch size; None builds
+        SamplingSettings from gin in the caller's scope (the paper: T=1.0, top_p 0.9,
+        512 tokens including the prompt).
+
+    Returns:
+      The manifest of the demonstration records.
+    """
     from rlaif_jax.feedback.server.model_backend import LocalModel
 
+    sampling = sampling if sampling is not None else SamplingSettings()
     existing_dir(binding("policy_samples_stage.hf_dir"), hf_dir, "checkpoint directory (HF format)",
                  must_contain="config.json")
     existing_path(binding("policy_samples_stage.prompts"), prompts, "prompt file or record directory")
-    non_negative(binding("policy_samples_stage.temperature"), temperature)
-    in_range(binding("policy_samples_stage.top_p"), top_p, 0.0, 1.0, lo_open=True)
-    non_negative(binding("policy_samples_stage.top_k"), top_k, "0 for no top-k cut")
-    _counts("policy_samples_stage", max_length=max_length, max_prompt_length=max_prompt_length,
-            batch_size=batch_size, limit=limit, num_shards=num_shards, length_bucket=length_bucket)
-    if max_prompt_length >= max_length:
-        raise ConfigError(f"policy_samples_stage.max_prompt_length = {max_prompt_length} leaves no room to sample "
-                          f"within max_length = {max_length}; set it below max_length")
+    _counts("policy_samples_stage", limit=limit, num_shards=num_shards, length_bucket=length_bucket)
     if part is not None and not (len(part) == 2 and 0 <= part[0] < part[1]):
         raise ConfigError(f"policy_samples_stage.part = {tuple(part)}: must be (i, n) with 0 <= i < n")
     with writer_lock(out_dir, "policy_samples_stage.out_dir"):
@@ -511,19 +496,19 @@ def policy_samples_stage(
             rows = rows[i::n]
         # One sample per prompt: refused before any compute when it could only shrink a set.
         check_replace(out_dir, len(rows), "policy_samples_stage.overwrite", overwrite)
-        lm = LocalModel(hf_dir, template=template, max_prompt_length=max_prompt_length, max_length=max_length,
-                        dtype=dtype, mesh_shape=mesh_shape)
+        lm = LocalModel(hf_dir, template=sampling.template, max_prompt_length=sampling.max_prompt_length,
+                        max_length=sampling.max_length, dtype=dtype, mesh_shape=mesh_shape)
         name = source_model or os.path.basename(os.path.normpath(hf_dir))
         done, save = _sample_progress(out_dir)
         from tqdm.auto import tqdm
 
-        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        batches = [rows[i:i + sampling.batch_size] for i in range(0, len(rows), sampling.batch_size)]
         with contextlib.closing(save):
             for bi, batch in enumerate(tqdm(batches, desc=f"sampling {name}", unit="batch")):
                 if bi in done:
                     continue
-                outs = lm.sample([r["prompt"] for r in batch], temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=seed * 1_000_003 + bi, length_bucket=length_bucket)
+                outs = lm.sample([r["prompt"] for r in batch], temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k, seed=sampling.seed * 1_000_003 + bi, length_bucket=length_bucket)
                 samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": o.text,
                             "source_model": name, "finish_reason": o.finish_reason} for r, o in zip(batch, outs)]
                 save(bi, samples)
@@ -532,9 +517,7 @@ def policy_samples_stage(
         counts = {fr: sum(d["finish_reason"] == fr for d in demos) for fr in ("stop", "length")}
         manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
             "stage": "policy_samples", "stage_version": STAGE_VERSION, "hf_dir": fio.abspath(hf_dir),
-            "source_model": name, "template": template, "max_length": max_length,
-            "max_prompt_length": max_prompt_length, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-            "seed": seed, "batch_size": batch_size, "finish_reasons": counts,
+            "source_model": name, **sampling.provenance(), "finish_reasons": counts,
             "part": list(part) if part is not None else None,
         }, overwrite=overwrite, overwrite_binding="policy_samples_stage.overwrite")
         save_operative_config(out_dir)

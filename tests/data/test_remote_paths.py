@@ -318,6 +318,7 @@ def test_pipelines_read_url_data_dirs(tmp_path, tokenizer_dir):
 
 def test_feedback_stages_write_urls(monkeypatch):
     from rlaif_jax.feedback import stages
+    from rlaif_jax.feedback.settings import SamplingSettings
     from rlaif_jax.feedback.server import model_backend
 
     comps = [dict(c, prompt_id=prompt_id(f"p{i}"), prompt=f"p{i}") for i, c in enumerate(SAMPLES["comparisons"][1])]
@@ -341,7 +342,8 @@ def test_feedback_stages_write_urls(monkeypatch):
 
     monkeypatch.setattr(model_backend, "LocalModel", FakeModel)
     put(f"{MEM}/prompts.jsonl", "".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(5)))
-    kw = dict(hf_dir=f"{MEM}/ckpt/tiny", prompts=f"{MEM}/prompts.jsonl", batch_size=2, source_model="tiny")
+    kw = dict(hf_dir=f"{MEM}/ckpt/tiny", prompts=f"{MEM}/prompts.jsonl", sampling=SamplingSettings(batch_size=2),
+              source_model="tiny")
     m = stages.policy_samples_stage(out_dir=f"{MEM}/a", **kw)
     a = list(read_records(f"{MEM}/a", DEMONSTRATIONS))
     assert m["num_records"] == 5 and len(calls) == 3 and [d["prompt"] for d in a] == [f"q{i}" for i in range(5)]

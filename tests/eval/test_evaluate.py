@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from rlaif_jax.eval.evaluate import EvalInputError, load_eval_set
+from rlaif_jax.eval.settings import EvalJudgeSettings, EvalSamplingSettings
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.server.app import ServerThread, make_app
 from rlaif_jax.feedback.server.testing import FaultInjector, RuleJudge
@@ -69,9 +70,9 @@ def test_full_evaluate_against_local_judge(tmp_path, tiny_ckpt, clean_gin):
                 f"--gin_param=FeedbackClient.cache_path='{tmp_path / 'cache.jsonl'}'",
                 "--gin_param=FeedbackClient.progress=False",
                 "--gin_param=FeedbackClient.prices={'judge': (1e6, 0.0)}",  # $1 per prompt token
-                f"--gin_param=evaluate.order_seed={seed}",
-                "--gin_param=evaluate.max_length=64", "--gin_param=evaluate.max_prompt_length=40",
-                "--gin_param=evaluate.batch_size=8", "--gin_param=evaluate.lc_bootstrap=10",
+                f"--gin_param=EvalJudgeSettings.seed={seed}",
+                "--gin_param=EvalSamplingSettings.max_length=64", "--gin_param=EvalSamplingSettings.max_prompt_length=40",
+                "--gin_param=EvalSamplingSettings.batch_size=8", "--gin_param=evaluate.lc_bootstrap=10",
                 "--label", "base_model=tiny", "--label", "arm=sft", "--label", "sft_fraction=0.1"]
         assert _script("evaluate").main(argv) == 0
         sent = len(faults.log)
@@ -182,7 +183,7 @@ def test_logprob_weighted_judge_on_existing_outputs(tmp_path):
         client = FeedbackClient(model="judge", cache_path=str(tmp_path / "c.jsonl"), base_url=srv.url,
                                 api_key_env="NO_SUCH_KEY_VAR", progress=False)
         m = evaluate(out_dir=str(tmp_path / "run"), eval_set=str(eval_path), policy_outputs=str(outs),
-                     client=client, both_orders=True, logprobs=True, lc_bootstrap=0)
+                     client=client, judge=EvalJudgeSettings(both_orders=True, logprobs=True), lc_bootstrap=0)
     assert (m["n_wins"], m["n_losses"], m["n_ties"], m["n_invalid"], m["n_identical"]) == (2, 1, 1, 0, 1)
     assert m["win_rate"] == pytest.approx(100 * 2.5 / 4)
     assert m["continuous_win_rate"] == pytest.approx(100 * (0.9 + 0.1 + 0.9 + 0.5) / 4)
@@ -248,8 +249,8 @@ def test_reward_model_protocol(tmp_path, tiny_ckpt):
     outs = tmp_path / "outs.json"
     outs.write_text(json.dumps([{"instruction": p, "output": o} for p, o in zip(prompts, policy)]))
     m = evaluate(out_dir=str(tmp_path / "run"), eval_set=str(eval_path), policy_outputs=str(outs),
-                 protocol="reward_model", reward_model=rm_dir, max_length=64, max_prompt_length=32,
-                 reward_batch_size=2)
+                 protocol="reward_model", reward_model=rm_dir,
+                 sampling=EvalSamplingSettings(max_length=64, max_prompt_length=32), reward_batch_size=2)
     expect = reward_protocol_metrics(want, scorer.score(prompts, refs))
     assert m["win_rate"] == pytest.approx(expect["win_rate"])
     assert m["mean_reward"] == pytest.approx(expect["mean_reward"], abs=1e-4)
@@ -270,15 +271,15 @@ def test_eval_protocol_configs(clean_gin):
         gin.parse_config_file(os.path.join(ROOT, "configs", "eval", f"{name}.gin"))
         text = gin.config_str()
         assert "sk-" not in text and "api_key =" not in text.replace("api_key_env", "")
-        assert gin.query_parameter("evaluate.temperature") == 0.7
-        assert gin.query_parameter("evaluate.top_p") == 0.9
+        assert gin.query_parameter("EvalSamplingSettings.temperature") == 0.7
+        assert gin.query_parameter("EvalSamplingSettings.top_p") == 0.9
         seen[name] = text
     gin.clear_config()
     gin.parse_config_file(os.path.join(ROOT, "configs", "eval", "alpaca_eval_claude.gin"))
     assert gin.query_parameter("%JUDGE") == "claude-v1"
     gin.clear_config()
     gin.parse_config_file(os.path.join(ROOT, "configs", "eval", "alpaca_eval_gpt4o_weighted.gin"))
-    assert gin.query_parameter("evaluate.logprobs") is True
+    assert gin.query_parameter("EvalJudgeSettings.logprobs") is True
 
 
 def test_stale_generations_refused(tmp_path):

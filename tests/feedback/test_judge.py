@@ -8,6 +8,7 @@ import pytest
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.preferences import build_preference_pairs
 from rlaif_jax.feedback.server.testing import FaultInjector, RuleJudge
+from rlaif_jax.feedback.settings import JudgeSettings
 from rlaif_jax.feedback.stages import judge_pairs
 
 from .conftest import make_client
@@ -90,7 +91,7 @@ def test_unswap_maps_verdicts_back_to_the_canonical_order(serve, tmp_path, api_k
     srv = serve(RuleJudge(["judge"]))
     client = make_client(srv, tmp_path, model="judge")
     tasks = _tasks(40)
-    comps = judge_pairs(client, tasks, J.load_template("pairwise_v1"), seed=0)
+    comps = judge_pairs(client, tasks, JudgeSettings(seed=0))
     assert {c["swapped"] for c in comps} == {0, 1}  # both orders really were shown
     for c in comps:
         assert c["verdict"] == ("first" if "GOOD" in c["response_1"] else "second"), c
@@ -109,7 +110,7 @@ def test_unswap_maps_verdicts_back_to_the_canonical_order(serve, tmp_path, api_k
 def test_invalid_answers_keep_raw_text_and_never_become_preferences(serve, tmp_path, api_key):
     srv = serve(RuleJudge(["judge"]))
     client = make_client(srv, tmp_path, model="judge")
-    comps = judge_pairs(client, _tasks(12, garbage_every=3), J.load_template("pairwise_v1"))
+    comps = judge_pairs(client, _tasks(12, garbage_every=3), JudgeSettings())
     bad = [c for c in comps if "[[garbage]]" in c["response_1"] + c["response_2"]]
     assert len(bad) == 4
     assert all(c["verdict"] == "invalid" and c["raw_judge_text"] == "I cannot decide; both have merit."
@@ -124,7 +125,7 @@ def test_identical_outputs_tie_without_a_request(serve, tmp_path, api_key):
     srv = serve(RuleJudge(["judge"]), faults)
     client = make_client(srv, tmp_path, model="judge")
     t = J.PairTask("p", "q", "same text", "same text")
-    (c,) = judge_pairs(client, [t], J.load_template("pairwise_v1"))
+    (c,) = judge_pairs(client, [t], JudgeSettings())
     assert c["verdict"] == "tie" and not faults.log
     pairs, report = build_preference_pairs([c])
     assert pairs == [] and report["dropped"] == {"tie": 1}
@@ -133,7 +134,7 @@ def test_identical_outputs_tie_without_a_request(serve, tmp_path, api_key):
 def test_both_orders_measures_position_bias(serve, tmp_path, api_key):
     srv = serve(RuleJudge(["judge"], position_bias=0.5, seed=1))
     client = make_client(srv, tmp_path, model="judge")
-    comps = judge_pairs(client, _tasks(60), J.load_template("pairwise_v1"), both_orders=True)
+    comps = judge_pairs(client, _tasks(60), JudgeSettings(both_orders=True))
     assert all(len(c["views"]) == 2 and {v["swapped"] for v in c["views"]} == {0, 1} for c in comps)
     agree = [c for c in comps if c["orders_agree"]]
     disagree = [c for c in comps if c["orders_agree"] is False]
@@ -144,15 +145,14 @@ def test_both_orders_measures_position_bias(serve, tmp_path, api_key):
     j = report["judges"]["judge"]
     assert j["both_orders_agreement"] == pytest.approx(len(agree) / 60)
     assert j["position_bias_rate"] > 0.6  # says "Output (a)" half the time regardless
-    strict = judge_pairs(client, _tasks(60), J.load_template("pairwise_v1"), both_orders=True,
-                         on_disagreement="invalid")
+    strict = judge_pairs(client, _tasks(60), JudgeSettings(both_orders=True, on_disagreement="invalid"))
     assert sum(c["verdict"] == "invalid" for c in strict) == len(disagree)  # all cached: same answers
 
 
 def test_logprob_weighted_preference_is_unswapped(serve, tmp_path, api_key):
     srv = serve(RuleJudge(["judge"], confidence=0.8))
     client = make_client(srv, tmp_path, model="judge")
-    comps = judge_pairs(client, _tasks(20), J.load_template("pairwise_v1"), logprobs=True, top_logprobs=2)
+    comps = judge_pairs(client, _tasks(20), JudgeSettings(logprobs=True, top_logprobs=2))
     for c in comps:
         want = 0.8 if "GOOD" in c["response_1"] else 0.2
         assert c["p_1"] == pytest.approx(want), c
@@ -164,7 +164,7 @@ def test_rating_mode(serve, tmp_path, api_key):
     srv = serve(RuleJudge(["judge"], confidence=0.6))
     client = make_client(srv, tmp_path, model="judge")
     tasks = _tasks(6, garbage_every=4) + [J.PairTask("eq", "q", "GOOD one", "GOOD two")]
-    comps = judge_pairs(client, tasks, J.load_template("rating_v1"), mode="rating", logprobs=True)
+    comps = judge_pairs(client, tasks, JudgeSettings(template="rating_v1", mode="rating", logprobs=True))
     for c, t in zip(comps, tasks):
         if "[[garbage]]" in t.response_1 + t.response_2:
             assert c["verdict"] == "invalid" and None in c["ratings"]

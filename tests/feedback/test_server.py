@@ -1,6 +1,7 @@
 """The OpenAI-compatible server: HTTP layer, and a checkpoint of this project behind it
 (the compiled sampler), plus the policy-samples stage that uses the same model code."""
 
+import dataclasses
 import json
 import os
 import urllib.error
@@ -108,8 +109,10 @@ def test_policy_samples_stage_writes_records_and_resumes(tmp_path, tiny_ckpt):
     with open(prompts, "w") as f:
         for i in range(6):
             f.write(json.dumps({"prompt": f"Write a short poem about the sea, number {i}."}) + "\n")
-    kw = dict(hf_dir=tiny_ckpt, prompts=str(prompts), max_length=40, max_prompt_length=32, temperature=1.0,
-              top_p=0.9, batch_size=4, seed=3, length_bucket=8)
+    from rlaif_jax.feedback.settings import SamplingSettings
+
+    sampling = SamplingSettings(max_length=40, max_prompt_length=32, temperature=1.0, top_p=0.9, batch_size=4, seed=3)
+    kw = dict(hf_dir=tiny_ckpt, prompts=str(prompts), sampling=sampling, length_bucket=8)
     m = policy_samples_stage(out_dir=str(tmp_path / "a"), **kw)
     a = list(read_records(tmp_path / "a", DEMONSTRATIONS))
     assert m["num_records"] == 6 and all(d["finish_reason"] in ("stop", "length") for d in a)
@@ -121,6 +124,6 @@ def test_policy_samples_stage_writes_records_and_resumes(tmp_path, tiny_ckpt):
         f.write(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
     policy_samples_stage(out_dir=str(tmp_path / "b"), **kw)
     assert list(read_records(tmp_path / "b", DEMONSTRATIONS)) == a
-    other = policy_samples_stage(out_dir=str(tmp_path / "c"), **{**kw, "seed": 4})
+    other = policy_samples_stage(out_dir=str(tmp_path / "c"), **{**kw, "sampling": dataclasses.replace(sampling, seed=4)})
     assert [d["completion"] for d in read_records(tmp_path / "c", DEMONSTRATIONS)] != [d["completion"] for d in a]
     assert other["provenance"]["top_p"] == 0.9

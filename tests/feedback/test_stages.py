@@ -13,6 +13,7 @@ import pytest
 from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_manifest, read_records, write_records
 from rlaif_jax.feedback.cache import read_cache_lines
 from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector, RuleJudge
+from rlaif_jax.feedback.settings import JudgeSettings
 from rlaif_jax.feedback.stages import critic_stage, preferences_stage, teacher_stage
 
 from .conftest import KEY_ENV, SECRET, make_client, stage_cmd, write_prompts_jsonl
@@ -61,7 +62,7 @@ def test_teacher_critic_preferences_end_to_end_and_no_key_anywhere(serve, tmp_pa
     # the teacher's answers contain GOOD (copied from the prompt): the rule judge prefers them
     judge = make_client(judge_srv, tmp_path, model="judge", cache="api/judge.jsonl")
     critic_stage(responses_1=str(policy), responses_2=str(tmp_path / "teacher"), out_dir=str(tmp_path / "critic"),
-                 client=judge, seed=0)
+                 client=judge, judge=JudgeSettings(seed=0))
     comps = list(read_records(tmp_path / "critic", COMPARISONS))
     assert len(comps) == 11 and {c["swapped"] for c in comps} == {0, 1}
     good = [c for c in comps if "GOOD" in c["response_2"]]
@@ -235,21 +236,30 @@ def test_teacher_settings_are_checked_before_any_work(serve, tmp_path, api_key, 
 
 
 @pytest.mark.parametrize("stage, kw, match", [
-    ("critic", dict(mode="ranking"), r"critic_stage.mode = 'ranking': must be one of"),
-    ("critic", dict(max_tokens=0), r"critic_stage.max_tokens = 0"),
-    ("critic", dict(on_disagreement="coin"), r"critic_stage.on_disagreement"),
+    ("critic", dict(mode="ranking"), r"JudgeSettings.mode = 'ranking': must be one of"),
+    ("critic", dict(max_tokens=0), r"JudgeSettings.max_tokens = 0"),
+    ("critic", dict(on_disagreement="coin"), r"JudgeSettings.on_disagreement"),
     ("critic", dict(responses_1="nope"), r"critic_stage.responses_1 = 'nope': no such"),
     ("preferences", dict(min_confidence=1.5), r"preferences_stage.min_confidence = 1.5: must be in \[0.0, 1.0\]"),
     ("preferences", dict(comparisons=[]), r"preferences_stage.comparisons is empty"),
-    ("samples", dict(top_p=0.0), r"policy_samples_stage.top_p = 0.0"),
-    ("samples", dict(batch_size=0), r"policy_samples_stage.batch_size = 0"),
-    ("samples", dict(max_prompt_length=64, max_length=64), r"policy_samples_stage.max_prompt_length = 64 leaves"),
+    ("samples", dict(top_p=0.0), r"SamplingSettings.top_p = 0.0"),
+    ("samples", dict(batch_size=0), r"SamplingSettings.batch_size = 0"),
+    ("samples", dict(max_prompt_length=64, max_length=64), r"SamplingSettings.max_prompt_length = 64 leaves"),
     ("samples", dict(hf_dir="no/such/ckpt"), r"policy_samples_stage.hf_dir = 'no/such/ckpt': no such"),
 ])
-def test_other_stage_settings_are_checked_before_any_work(tmp_path, stage, kw, match):
+def test_other_stage_settings_are_checked_before_any_work(tmp_path, clean_gin, stage, kw, match):
+    import gin
+
     from rlaif_jax.errors import ConfigError
+    from rlaif_jax.feedback.settings import SamplingSettings
     from rlaif_jax.feedback.stages import policy_samples_stage
 
+    # The judge's and the sampler's settings are values, checked as they are made (from
+    # gin inside the stage); the stage's own arguments are checked by the stage.
+    kw = dict(kw)
+    settings = {"critic": JudgeSettings, "samples": SamplingSettings}.get(stage)
+    for name in [k for k in kw if settings and k in settings.__dataclass_fields__]:
+        gin.bind_parameter(f"{settings.__name__}.{name}", kw.pop(name))
     demos = tmp_path / "d.jsonl"
     demos.write_text(json.dumps({"prompt_id": "p", "prompt": "x", "completion": "y"}) + "\n")
     ckpt = tmp_path / "ckpt"
@@ -264,6 +274,37 @@ def test_other_stage_settings_are_checked_before_any_work(tmp_path, stage, kw, m
         else:
             policy_samples_stage(**{**dict(hf_dir=str(ckpt), prompts=str(demos), out_dir=out), **kw})
     assert not os.path.exists(out)
+
+
+def test_judge_settings_come_from_gin_in_the_callers_scope(serve, tmp_path, api_key, clean_gin):
+    """A stage given no JudgeSettings builds them from gin where it is called, so run_arm's
+    `critic/JudgeSettings.*` reach the critic stage (called in scope `critic`) only."""
+    import gin
+
+    from rlaif_jax.errors import ConfigError
+
+    srv = serve(RuleJudge(["judge"]))
+    sets = {}
+    for side, text in (("1", "a weak answer"), ("2", "a GOOD answer")):
+        sets[side] = tmp_path / f"r{side}.jsonl"
+        sets[side].write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"q{i}", "completion": text}) + "\n"
+                                      for i in range(3)))
+    gin.parse_config(["critic/JudgeSettings.both_orders = True", "JudgeSettings.max_tokens = 8",
+                      "evaluate/JudgeSettings.logprobs = True"])
+    with make_client(srv, tmp_path, model="judge") as c:
+        def run(scope, out):
+            with gin.config_scope(scope):
+                critic_stage(responses_1=str(sets["1"]), responses_2=str(sets["2"]), out_dir=str(tmp_path / out),
+                             client=c)
+            return read_manifest(tmp_path / out)["provenance"]
+
+        critic, other = run("critic", "critic"), run("samples", "other")
+        assert (critic["both_orders"], critic["max_tokens"], critic["logprobs"]) == (True, 8, False)
+        assert (other["both_orders"], other["max_tokens"], other["logprobs"]) == (False, 8, False)
+        gin.parse_config(["critic/JudgeSettings.max_tokens = 0"])
+        with pytest.raises(ConfigError, match=r"^critic/JudgeSettings.max_tokens = 0: must be a whole number"):
+            run("critic", "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_prompt_files_that_are_not_utf8_or_not_objects_name_file_and_line(tmp_path):
