@@ -17,6 +17,7 @@ from rlaif_jax.train.advantages import KLController, gae, group_advantages, kl_e
 from rlaif_jax.train.metrics import read_jsonl
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.ppo import PPOConfig, train_ppo
+from rlaif_jax.train.run_loop import LoopSettings
 from tests.train.fixtures import make_world, tiny_config
 
 ONE_DEVICE = functools.partial(shd.make_mesh, 1, 1, 1, devices=jax.devices()[:1])
@@ -147,7 +148,8 @@ def test_ppo_resume_is_exact(policy_dir, tmp_path):
     config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=16)
     kw = dict(policy=policy, prompts=demos, num_iterations=4, config=config, reward_fn=_target_reward(5),
               kl=KLController(init_coef=0.05, target=1.0, horizon=100),
-              optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE, checkpoint_every=2)
+              optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE,
+              loop=LoopSettings(checkpoint_every=2))
     train_ppo(run_dir=str(tmp_path / "a"), **kw)
     train_ppo(run_dir=str(tmp_path / "b"), stop_after=3, **kw)
     train_ppo(run_dir=str(tmp_path / "b"), **kw)
