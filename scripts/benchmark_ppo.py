@@ -38,37 +38,39 @@ def main():
     from rlaif_jax.models.decoder import init_scalar_head
     from rlaif_jax.train.advantages import KLController
     from rlaif_jax.train.optim import make_optimizer
-    from rlaif_jax.train.ppo import VALUE_HEAD, PPOConfig, PPOState, PPOTrainer, PromptStream
+    from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param
+    from rlaif_jax.train.ppo import PPOConfig, PPOTrainer, PromptStream, metrics_row
+    from rlaif_jax.train.step import create_state
 
     cfg = preset_config(args.preset, dtype=args.dtype, eos_token_id=None)
     mesh = shd.make_mesh(-1, 1, 1)
     policy = init_params(build_model(cfg), jax.random.key(0), mesh)
-    rm_model = build_model(cfg, lm_head=False, scalar_heads=("score",))
+    rm_model = build_model(cfg, lm_head=False, scalar_heads=(SCORE_HEAD,))
     rm_params = init_params(rm_model, jax.random.key(1), mesh)
     params = {"policy": policy}
     if args.value_model == "separate":
         params["value"] = {k: v for k, v in init_params(build_model(cfg, lm_head=False, scalar_heads=(VALUE_HEAD,)),
                                                         jax.random.key(2), mesh).items()}
     else:
-        params["policy"][f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(2), mesh)
+        params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(2), mesh)
     config = PPOConfig(rollout_batch_size=args.rollout_batch, mini_batch_size=args.mini_batch, ppo_epochs=args.ppo_epochs,
                        max_new_tokens=args.new_tokens, max_prompt_length=args.prompt_len, value_model=args.value_model)
     tx, _ = make_optimizer(learning_rate=1e-6)
-    state = PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(0)), kl_coef=jnp.asarray(0.05, jnp.float32))
     trainer = PPOTrainer(cfg, config, tx, mesh, jax.tree.map(jnp.copy, policy), rm_model, rm_params, None,
                          eos_ids=(), pad_id=0, kl=KLController(0.05))
+    state = jax.jit(lambda p, extra: create_state(p, tx, 0, extra))(params, trainer.initial_extra())
     rs = np.random.RandomState(0)
     prompts = [list(rs.randint(3, cfg.vocab_size, rs.randint(args.prompt_len // 2, args.prompt_len + 1)))
                for _ in range(4 * args.rollout_batch)]
     stream = PromptStream(prompts, args.rollout_batch, 1, args.prompt_len, 0)
     t = time.perf_counter()
-    state, _ = trainer.iteration(state, shd.shard_batch(next(stream), mesh))
+    state, m = trainer.iteration(state, shd.shard_batch(next(stream), mesh))
+    metrics_row(m)
     compile_s = time.perf_counter() - t
     rows = []
     for _ in range(args.iterations):
         state, m = trainer.iteration(state, shd.shard_batch(next(stream), mesh))
-        rows.append(m)
+        rows.append(metrics_row(m))
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     total = mean["time/rollout"] + mean["time/scoring"] + mean["time/update"]
     dev = jax.devices()[0]

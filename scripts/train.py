@@ -1,11 +1,10 @@
 #!/usr/bin/env python
-"""Train any objective (SFT, DPO family, reward model, PPO / RLOO / GRPO) from gin files.
+"""Train an SFT, DPO-family or reward-model objective from gin files (`train`).
 
   python scripts/train.py --gin_file=configs/experiments/tiny_sft.gin
   python scripts/train.py --gin_file=configs/experiments/tiny_dpo.gin --gin_param="DPO.beta=0.1"
-  python scripts/train.py --gin_file=configs/experiments/tiny_ppo.gin
 
-A config that binds train_ppo runs the PPO loop; any other runs `train`.
+PPO / RLOO / GRPO (`train_ppo`) has its own entry point, scripts/train_ppo.py.
 Relaunching the same command resumes from the run directory's last checkpoint. The full
 and the operative gin configs are written to the run directory.
 """
@@ -15,17 +14,28 @@ import sys
 from rlaif_jax.cli import main_with_gin, run
 
 
-def dispatch():
+def bound(name: str) -> bool:
+    """Whether the parsed gin config binds `name` (configurable.parameter)."""
     import gin
 
-    from rlaif_jax.train.loop import train
-    from rlaif_jax.train.ppo import train_ppo
+    try:
+        gin.query_parameter(name)
+    except ValueError:
+        return False
+    return True
 
-    return train_ppo() if "train_ppo." in gin.config_str() else train()
+
+def train_main():
+    from rlaif_jax.errors import UserError
+    from rlaif_jax.train.loop import train
+
+    if not bound("train.run_dir") and bound("train_ppo.run_dir"):
+        raise UserError("this config binds train_ppo, not train: run it with scripts/train_ppo.py")
+    return train()
 
 
 def main(argv=None):
-    main_with_gin(__doc__, dispatch, argv)
+    main_with_gin(__doc__, train_main, argv)
     return 0
 
 

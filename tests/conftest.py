@@ -52,7 +52,7 @@ def memory_checkpoints(tmp_path, monkeypatch):
     """Orbax writes through etils.epath, which has no memory://: checkpoints of a memory://
     run_dir go to a local directory instead (everything else the run writes stays remote)."""
     from rlaif_jax.train import checkpoint as checkpoint_lib
-    from rlaif_jax.train import loop, ppo
+    from rlaif_jax.train import run_loop
 
     root = tmp_path / "orbax"
 
@@ -61,6 +61,5 @@ def memory_checkpoints(tmp_path, monkeypatch):
             directory = str(root / directory[len("memory://"):])
         return checkpoint_lib.Checkpointer(directory, *a, **kw)
 
-    monkeypatch.setattr(loop, "Checkpointer", make)
-    monkeypatch.setattr(ppo, "Checkpointer", make)
+    monkeypatch.setattr(run_loop, "Checkpointer", make)  # train's and train_ppo's
     return root

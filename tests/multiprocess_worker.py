@@ -24,7 +24,7 @@ def main():
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
     from rlaif_jax.models import DecoderConfig
     from rlaif_jax.train import SFT, make_optimizer
-    from rlaif_jax.train.loop import train
+    from rlaif_jax.train.loop import LoopSettings, train
 
     tok = load_tokenizer(os.path.join(data, "tokenizer"))
     pipeline = functools.partial(sft_pipeline, os.path.join(data, "demonstrations"), batch_size=4, seq_len=32,
@@ -50,7 +50,7 @@ def main():
                         num_kv_heads=2, max_position_embeddings=64)
     train(run_dir=out, objective=SFT(), train_data=data_fn, num_steps=4, model_config=cfg, tokenizer=tok,
           optimizer=functools.partial(make_optimizer, learning_rate=1e-2), mesh=functools.partial(shd.make_mesh, -1, 2, 1),
-          log_every=2, async_checkpoint=False)
+          loop=LoopSettings(log_every=2, async_checkpoint=False))
     print(f"process {pid}: devices {jax.device_count()} done")
 
 

@@ -22,8 +22,8 @@ def _sweep_file(tmp_path, grid, fixed=None):
     spec = {
         "name": "t", "gin_files": [f"{ROOT}/configs/experiments/tiny_sft.gin"], "run_dir_param": "train.run_dir",
         "run_root": str(tmp_path / "sweep"),
-        "fixed": {"train.num_steps": 2, "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": 0,
-                  "train.export_hf": False, "train.tokenizer": str(data / "tokenizer"),
+        "fixed": {"train.num_steps": 2, "LoopSettings.log_every": 1, "train.eval_every": 0, "LoopSettings.checkpoint_every": 0,
+                  "LoopSettings.export_hf": False, "train.tokenizer": str(data / "tokenizer"),
                   "sft_pipeline.data_dirs": str(data / "demonstrations"), **(fixed or {})},
         "grid": grid, "metrics": ["loss", "learning_rate"],
     }

@@ -41,6 +41,8 @@ def test_dry_run_prints_the_exact_commands():
     run = _dry("run.sh", "python", "scripts/train.py", "--gin_param=train.run_dir='gs://b/r'")
     assert len(run) == 1 and run[0].startswith("gcloud compute tpus tpu-vm ssh t1 --worker=all --command=")
     assert "RLAIF_DISTRIBUTED=1" in run[0] and "scripts/train.py" in run[0] and run[0].endswith("--zone=us-central2-b")
+    ppo = _dry("run.sh", "python", "scripts/train_ppo.py", "--gin_param=train_ppo.run_dir='gs://b/p'")
+    assert len(ppo) == 1 and "scripts/train_ppo.py" in ppo[0] and "RLAIF_DISTRIBUTED=1" in ppo[0]
     setup = _dry("setup.sh")
     assert setup[0].startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in setup[0]
     assert "pip\\ install" in setup[1] and "\\'.\\[tpu\\]\\'" in setup[1]

@@ -3,6 +3,7 @@
 # RLAIF_DISTRIBUTED=1 makes the scripts call jax.distributed.initialize(), which discovers
 # the slice's coordinator and process ids on Cloud TPU by itself.
 #   tpu/run.sh python scripts/train.py --gin_file=configs/experiments/tiny_sft.gin
+#   tpu/run.sh python scripts/train_ppo.py --gin_file=configs/experiments/tiny_ppo.gin
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "$0")/common.sh"

@@ -1,46 +1,35 @@
-"""The one training loop: any objective, any mesh, exact resume, metrics, export.
+"""`train`: any objective (SFT, DPO family, reward model), any mesh, on the shared run loop
+(rlaif_jax.train.run_loop: exact resume, checkpoints, metrics, export).
 
-The hot loop calls one jitted, donated step per batch and touches the host only to feed
-batches and, every `log_every` steps, to fetch metrics (which is also when a non-finite
-loss is noticed: the run stops naming the step and the batch, before any checkpoint of the
-bad state is written).
+Each batch is one jitted, donated step (rlaif_jax.train.step) with explicit shardings.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import itertools
-import json
-import logging
-import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
-from tqdm.auto import tqdm
 
-from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
-from rlaif_jax.errors import ConfigError, StorageError, UserError, binding, existing_dir, positive, whole
+from rlaif_jax.errors import ConfigError, UserError, binding, existing_dir, positive, whole
 from rlaif_jax.models import DecoderConfig, build_model, init_params
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.hf_io import load_hf, save_hf
-from rlaif_jax.outputs import writer_lock
-from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
-from rlaif_jax.train.metrics import MetricsWriter, mfu, peak_tflops
+from rlaif_jax.train.metrics import mfu, peak_tflops
 from rlaif_jax.train.optim import make_optimizer
-from rlaif_jax.train.rundir import RunDir, local_hf_dir
-from rlaif_jax.train.step import TrainState, compile_step, create_state, make_eval_step, make_train_step
+from rlaif_jax.train.rundir import local_hf_dir
+from rlaif_jax.train.run_loop import (
+    Closing, LoopSettings, NonFiniteLossError, Plan, RunKind, check_length, run, run_lock,
+)
+from rlaif_jax.train.step import compile_step, create_state, make_eval_step, make_train_step
 
-log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+# The run loop's names that callers of `train` import from here too.
+__all__ = ["Closing", "LoopSettings", "NonFiniteLossError", "evaluate", "load_policy", "run_lock", "sample_texts",
+           "train"]
 
 
 def _batch_tokens(batch: dict) -> int:
@@ -61,95 +50,6 @@ def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str
     return cfg, model, params
 
 
-# -- what `train` and `train_ppo` share: settings checks, the writer lock, closing -----------
-
-
-def check_run_settings(fn: str, steps_param: str, num_steps, *, log_every, checkpoint_every, keep_checkpoints,
-                       stop_after=None, steps_optional: bool = False) -> None:
-    """The settings every trainer has: a length, logging and checkpoint intervals."""
-    b = lambda p: binding(f"{fn}.{p}")  # noqa: E731
-    if num_steps is not None or not steps_optional:
-        whole(b(steps_param), num_steps, 1, hint="> 0, or None to run until the data ends" if steps_optional else "")
-    whole(b("log_every"), log_every, 1)
-    whole(b("checkpoint_every"), checkpoint_every, 0, hint=">= 0; 0 saves at the end only")
-    whole(b("keep_checkpoints"), keep_checkpoints, 1)
-    if stop_after is not None:
-        whole("stop_after", stop_after, 1)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str, binding_name: str) -> Iterator[None]:
-    """The run directory's writer lock, held by process 0 for the whole run: a second trainer
-    on the same run_dir would interleave checkpoints and metrics with this one."""
-    if jax.process_index() != 0:
-        yield
-        return
-    with writer_lock(run_dir, binding_name):
-        yield
-
-
-class Closing:
-    """Closes what a run opened, last opened first, when the block ends. While an error is on
-    its way out, a closer's own failure (the same full disk, say) is logged in one line rather
-    than raised: it would hide that error. Otherwise the first failure is raised after every
-    closer ran."""
-
-    def __init__(self, *closers: Optional[Callable[[], Any]]):
-        self._closers: list = []
-        for c in closers:
-            self.add(c)
-
-    def add(self, closer: Optional[Callable[[], Any]]) -> None:
-        if closer is not None:
-            self._closers.append(closer)
-
-    def __enter__(self) -> "Closing":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        first = None
-        for close in reversed(self._closers):
-            try:
-                close()
-            except Exception as e:
-                if exc is not None:
-                    log.warning("while stopping after the error below: %s", " ".join(str(e).split()))
-                elif first is None:
-                    first = e
-        if first is not None:
-            raise first
-        return False
-
-
-def _batches(it) -> Iterator[tuple[dict, Any]]:
-    """(iterator position before the batch, batch) until the data ends."""
-    while True:
-        position = it.get_state()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        yield position, batch
-
-
-def _check_finite(state: TrainState, recent: collections.deque, run_dir: RunDir) -> None:
-    bad = int(jax.device_get(state.nonfinite_step))
-    if bad < 0:
-        return
-    where = next((pos for s, pos, _ in recent if s == bad), None)
-    batch = next((b for s, _, b in recent if s == bad), None)
-    dump = None
-    if batch is not None and jax.process_index() == 0:
-        name = f"nonfinite_batch_step{bad}.npz"
-        np.savez(run_dir.local_path(name), **batch)
-        dump = run_dir.url(name)  # a URL run_dir gets it when the run closes
-    raise NonFiniteLossError(
-        f"loss or gradient became non-finite at step {bad} (data iterator position before that "
-        f"batch: {where}; batch saved to {dump}). That update was not applied and no checkpoint "
-        "of it was written; the last good checkpoint is intact."
-    )
-
-
 @gin.configurable(denylist=["stop_after"])
 def train(
     run_dir: str = gin.REQUIRED,
@@ -164,16 +64,12 @@ def train(
     optimizer: Callable = make_optimizer,
     mesh: Callable = shd.make_mesh,
     seed: int = 0,
-    log_every: int = 10,
     eval_every: int = 0,
     eval_batches: Optional[int] = None,
-    checkpoint_every: int = 0,
-    keep_checkpoints: int = 3,
-    async_checkpoint: bool = True,
-    export_hf: bool = True,
     sample_prompts: Sequence[str] = (),
     sample_max_new_tokens: int = 64,
     peak_device_tflops: Optional[float] = None,
+    loop: Optional[LoopSettings] = None,
     stop_after: Optional[int] = None,
 ) -> dict:
     """Train `objective` for num_steps, or until the data runs out when num_steps is None
@@ -185,165 +81,126 @@ def train(
     The run holds run_dir's writer lock (rlaif_jax.outputs) from start to end.
 
     train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
-    tokenizer=..., state=... (the iterator position to resume from). `stop_after` ends the
-    process-side loop early without a final checkpoint: preemption in tests.
-    Returns the last logged metrics.
+    tokenizer=..., state=... (the iterator position to resume from). `loop` (logging,
+    checkpoints, export) defaults to a LoopSettings built here, so gin's `LoopSettings.*`
+    bindings hold. `stop_after` ends the process-side loop early without a final checkpoint:
+    preemption in tests.
+    Returns the summary: {"step": last step, **the last logged metrics}.
     """
-    args = dict(locals())  # every argument, passed on to _train by name
-    _check_settings(args)
-    with run_lock(run_dir, binding("train.run_dir")):
+    loop = loop if loop is not None else LoopSettings()
+    _check_settings(num_steps, model_config, init_from, tokenizer, grad_accum, eval_every, eval_batches,
+                    sample_max_new_tokens, peak_device_tflops, stop_after)
+    kind = RunKind("train", "step", "data iterator", default_log_every=10, desc=f"train[{type(objective).__name__}]")
+
+    def build(data_state: Optional[dict], closing: Closing) -> Plan:
         # HF directories on GCS: a local copy per host (the weights are memory-mapped).
-        args["init_from"] = local_hf_dir(init_from, "init_from")
-        args["tokenizer"] = local_hf_dir(tokenizer, "tokenizer", weights=False)
-        rd = RunDir(args.pop("run_dir"))
-        with Closing(rd.close):  # a URL run_dir: the last upload, also after an error
-            return _train(rd, **args)
+        init_dir = local_hf_dir(init_from, "init_from")
+        tok_dir = local_hf_dir(tokenizer, "tokenizer", weights=False) or init_dir
+        return _plan(data_state, closing, objective=objective, train_data=train_data, num_steps=num_steps,
+                     model_config=model_config, init_from=init_dir, tok_dir=tok_dir, eval_data=eval_data,
+                     grad_accum=grad_accum, optimizer=optimizer, mesh=mesh, seed=seed,
+                     log_every=loop.every(kind.default_log_every), eval_every=eval_every, eval_batches=eval_batches,
+                     sample_prompts=sample_prompts, sample_max_new_tokens=sample_max_new_tokens,
+                     peak_device_tflops=peak_device_tflops)
+
+    return run(run_dir, kind, loop, build, stop_after)
 
 
-def _check_settings(a: dict) -> None:
+def _check_settings(num_steps, model_config, init_from, tokenizer, grad_accum, eval_every, eval_batches,
+                    sample_max_new_tokens, peak_device_tflops, stop_after) -> None:
     """Every setting of `train` a user can get wrong, before anything is loaded or written
-    (the pipeline, optimizer and objective check their own)."""
+    (LoopSettings, the pipeline, optimizer and objective check their own)."""
     b = lambda p: binding(f"train.{p}")  # noqa: E731
-    check_run_settings("train", "num_steps", a["num_steps"], log_every=a["log_every"],
-                       checkpoint_every=a["checkpoint_every"], keep_checkpoints=a["keep_checkpoints"],
-                       stop_after=a["stop_after"], steps_optional=True)
-    whole(b("grad_accum"), a["grad_accum"], 1)
-    whole(b("eval_every"), a["eval_every"], 0, hint=">= 0; 0 is never")
-    if a["eval_batches"] is not None:
-        whole(b("eval_batches"), a["eval_batches"], 1, hint="> 0, or None for the whole eval set")
-    whole(b("sample_max_new_tokens"), a["sample_max_new_tokens"], 1)
-    positive(b("peak_device_tflops"), a["peak_device_tflops"], hint="> 0, or None to look it up")
-    if a["model_config"] is None and not a["init_from"]:
+    check_length(b("num_steps"), num_steps, stop_after, optional=True)
+    whole(b("grad_accum"), grad_accum, 1)
+    whole(b("eval_every"), eval_every, 0, hint=">= 0; 0 is never")
+    if eval_batches is not None:
+        whole(b("eval_batches"), eval_batches, 1, hint="> 0, or None for the whole eval set")
+    whole(b("sample_max_new_tokens"), sample_max_new_tokens, 1)
+    positive(b("peak_device_tflops"), peak_device_tflops, hint="> 0, or None to look it up")
+    if model_config is None and not init_from:
         raise ConfigError(f"{b('model_config')} and {b('init_from')} are both unset; give a model config or an "
                           "HF directory to start from")
-    existing_dir(b("init_from"), a["init_from"], "HF model directory", must_contain="config.json")
-    existing_dir(b("tokenizer"), a["tokenizer"], "tokenizer directory")
+    existing_dir(b("init_from"), init_from, "HF model directory", must_contain="config.json")
+    existing_dir(b("tokenizer"), tokenizer, "tokenizer directory")
 
 
-def _train(rd: RunDir, objective, train_data, num_steps, model_config, init_from, tokenizer, eval_data, grad_accum,
-           optimizer, mesh, seed, log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints,
-           async_checkpoint, export_hf, sample_prompts, sample_max_new_tokens, peak_device_tflops, stop_after) -> dict:
+def _batches(it) -> Iterator[tuple[Any, dict]]:
+    """(iterator position before the batch, batch) until the data ends."""
+    while True:
+        position = it.get_state()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield position, batch
+
+
+def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, model_config, init_from, tok_dir,
+          eval_data, grad_accum, optimizer, mesh, seed, log_every, eval_every, eval_batches, sample_prompts,
+          sample_max_new_tokens, peak_device_tflops) -> Plan:
+    """train's data, model, state and compiled step."""
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
-    run_dir = rd.path
-    tok_dir = tokenizer or init_from
     tok = load_tokenizer(tok_dir) if tok_dir else None
     # The optimizer and the data before any weights: their settings are checked, and an
     # empty dataset found, in seconds rather than after loading a 7B model.
     tx, schedule = optimizer(params=None, default_total_steps=num_steps)
-    ckpt = Checkpointer(fileio.join(run_dir, "checkpoints"), keep_checkpoints, async_checkpoint)
-    with Closing(ckpt.close) as closing:
-        try:
-            latest = ckpt.latest_step()
-            it = train_data(tokenizer=tok, state=(ckpt.restore_data(latest) if latest is not None else None) or None)
-            closing.add(getattr(it, "close", None))
-            batches = _batches(it)
-            first = next(batches, None)
-            if first is None and latest is None:
-                raise UserError(f"{binding('train.train_data')}: the training data yields no batch at all (fewer "
-                                "examples than one batch, with drop_remainder?); give more data or a smaller "
-                                "batch_size. Nothing was trained or exported")
-            batches = itertools.chain([first] if first else [], batches)
+    it = train_data(tokenizer=tok, state=data_state)
+    closing.add(getattr(it, "close", None))
+    batches = _batches(it)
+    first = next(batches, None)
+    if first is None and data_state is None:
+        raise UserError(f"{binding('train.train_data')}: the training data yields no batch at all (fewer "
+                        "examples than one batch, with drop_remainder?); give more data or a smaller "
+                        "batch_size. Nothing was trained or exported")
+    batches = itertools.chain([first] if first else [], batches)
 
-            the_mesh = mesh() if callable(mesh) else mesh
-            rules = shd.logical_rules()
-            cfg, model, params = load_policy(objective, model_config, init_from, the_mesh, rules, seed)
-            ref_params = jax.tree.map(jnp.copy, params) if objective.needs_reference else None
-            state = jax.jit(lambda p: create_state(p, tx, seed))(params)
-            del params
-            start = 0
-            if latest is not None:
-                state, _, _ = ckpt.restore(latest, abstract_like(state))
-                start = int(jax.device_get(state.step))
-                log.info("resumed from %s at step %d", ckpt.directory, start)
-            step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state,
-                                   the_mesh, ref_params)
-            eval_fn = jax.jit(make_eval_step(objective, model, the_mesh)) if eval_data else None
-            writer = MetricsWriter(rd.local, resume_step=start)
-            closing.add(writer.close)
-            rd.write_text("config.gin", gin.config_str())
-            rd.sync(writer)
+    the_mesh = mesh() if callable(mesh) else mesh
+    rules = shd.logical_rules()
+    cfg, model, params = load_policy(objective, model_config, init_from, the_mesh, rules, seed)
+    ref_params = jax.tree.map(jnp.copy, params) if objective.needs_reference else None
+    state = jax.jit(lambda p: create_state(p, tx, seed))(params)
+    del params
+    step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh,
+                           ref_params)
+    eval_fn = jax.jit(make_eval_step(objective, model, the_mesh)) if eval_data else None
+    peak = peak_tflops(jax.devices()[0], peak_device_tflops)
 
-            peak = peak_tflops(jax.devices()[0], peak_device_tflops)
-            recent: collections.deque = collections.deque(maxlen=max(log_every, 1))
-            last: dict = {}
-            t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
-            bar = tqdm(total=num_steps, initial=start, desc=f"train[{type(objective).__name__}]",
-                       disable=jax.process_index() != 0)
-            closing.add(bar.close)
-            step = start
-            metrics = batch = None
+    def step(state, batch):
+        return step_fn(state, shd.shard_batch(batch, the_mesh), ref_params)
 
-            def log_metrics(metrics, batch) -> dict:
-                nonlocal t_last, tokens_since, steps_since
-                metrics = jax.device_get(metrics)
-                _check_finite(state, recent, rd)
-                dt = time.perf_counter() - t_last
-                seq_len = batch[next(k for k in batch if k.endswith("tokens"))].shape[1]
-                # 6N per token for the policy's forward and backward; a reference forward adds 2N.
-                flops = cfg.flops_per_token(seq_len) * tokens_since * (4 / 3 if objective.needs_reference else 1)
-                m = {k: float(v) for k, v in metrics.items()}
-                m.update(tokens_per_second=tokens_since / dt, step_time=dt / steps_since, epoch=it.epoch)
-                u = mfu(flops, dt, jax.device_count(), peak)
-                if u is not None:
-                    m["mfu"] = u
-                writer.write(step, m)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
-                t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
-                return m
+    def summarize(metrics, batches: list, seconds: float) -> dict:
+        metrics = jax.device_get(metrics)
+        tokens = sum(_batch_tokens(b) for b in batches)
+        seq_len = batches[-1][next(k for k in batches[-1] if k.endswith("tokens"))].shape[1]
+        # 6N per token for the policy's forward and backward; a reference forward adds 2N.
+        flops = cfg.flops_per_token(seq_len) * tokens * (4 / 3 if objective.needs_reference else 1)
+        m = {k: float(v) for k, v in metrics.items()}
+        m.update(tokens_per_second=tokens / seconds, step_time=seconds / len(batches), epoch=it.epoch)
+        u = mfu(flops, seconds, jax.device_count(), peak)
+        if u is not None:
+            m["mfu"] = u
+        return m
 
-            while num_steps is None or step < num_steps:
-                nxt = next(batches, None)
-                if nxt is None:
-                    if num_steps is not None:
-                        log.warning("training data exhausted after %d steps (num_steps=%d)", step, num_steps)
-                    break
-                position, batch = nxt
-                recent.append((step, position, batch))
-                tokens_since += _batch_tokens(batch)
-                steps_since += 1
-                state, metrics = step_fn(state, shd.shard_batch(batch, the_mesh), ref_params)
-                step += 1
-                bar.update(1)
+    def after_step(state, step: int, writer) -> Optional[dict]:
+        if eval_fn is None or not eval_every or step % eval_every:
+            return None
+        ev = evaluate(eval_fn, state.params, eval_data, tok, the_mesh, ref_params, eval_batches)
+        writer.write(step, ev, prefix="eval/")
+        if sample_prompts and objective.lm_head and tok is not None:
+            for p, text in zip(sample_prompts, sample_texts(model, state.params, tok, sample_prompts,
+                                                            sample_max_new_tokens, the_mesh)):
+                writer.text(step, "samples", f"**{p}**\n\n{text}")
+                writer.write(step, {"prompt": p, "completion": text}, prefix="sample/")
+        return {f"eval/{k}": v for k, v in ev.items()}
 
-                if step % log_every == 0 or step == num_steps:
-                    last = log_metrics(metrics, batch)
-                if eval_fn is not None and eval_every and step % eval_every == 0:
-                    ev = evaluate(eval_fn, state.params, eval_data, tok, the_mesh, ref_params, eval_batches)
-                    writer.write(step, ev, prefix="eval/")
-                    last.update({f"eval/{k}": v for k, v in ev.items()})
-                    if sample_prompts and objective.lm_head and tok is not None:
-                        for p, text in zip(sample_prompts, sample_texts(model, state.params, tok, sample_prompts,
-                                                                        sample_max_new_tokens, the_mesh)):
-                            writer.text(step, "samples", f"**{p}**\n\n{text}")
-                            writer.write(step, {"prompt": p, "completion": text}, prefix="sample/")
-
-                if checkpoint_every and step % checkpoint_every == 0 and step != num_steps:
-                    _check_finite(state, recent, rd)
-                    ckpt.save(step, state, it.get_state())
-                    rd.sync(writer)
-                if stop_after is not None and step >= stop_after:
-                    ckpt.wait()
-                    return last
-            if steps_since:  # the data ran out between two logging steps
-                last = {**last, **log_metrics(metrics, batch)}
-            _check_finite(state, recent, rd)
-            if ckpt.latest_step() != step:
-                ckpt.save(step, state, it.get_state())
-            ckpt.wait()
-            rd.write_text("operative_config.gin", gin.operative_config_str())
-            rd.sync(writer)
-            if export_hf:
-                rd.export_hf(lambda d: save_hf(d, cfg, state.params, tokenizer=tok, score_head=not objective.lm_head),
-                             info={"step": step})
-            summary = {"step": step, **last}
-            rd.write_text("summary.json", json.dumps(summary, indent=2))  # last: on a URL, after hf/ is complete
-            return summary
-        except StorageError:
-            # A save failing in the background fills the disk, and the next write to fail may
-            # be a metrics row: report the checkpoint (the cause) if it failed.
-            ckpt.wait()
-            raise
+    return Plan(
+        state=state, data=it, batches=batches, step=step, summarize=summarize,
+        export=lambda d, state: save_hf(d, cfg, state.params, tokenizer=tok, score_head=not objective.lm_head),
+        postfix=lambda m: dict(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}"),
+        after_step=after_step, num_steps=num_steps,
+    )
 
 
 def evaluate(eval_fn, params, eval_data: Callable, tok, mesh, ref_params, max_batches: Optional[int]) -> dict:

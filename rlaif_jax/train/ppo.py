@@ -11,45 +11,43 @@ One iteration is two compiled programs and no per-token Python:
 Sequences keep the sampler's layout: the left-padded prompt (segment 0 on padding) then the
 response, with explicit positions, so no host round trip is needed between sampling and
 scoring. Response tokens after EOS carry segment 0 and mask 0.
+
+The state is the shared TrainState (the KL coefficient in its `extra`) and `train_ppo` runs
+on the shared run loop (rlaif_jax.train.run_loop), as `train` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-import flax.struct
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from tqdm.auto import tqdm
+from jax.sharding import NamedSharding, PartitionSpec
 
-from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import DecoderConfig, apply, build_model, gather_last
 from rlaif_jax.models.decoder import init_scalar_head
+from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param, without_head
 from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.sampling import SamplingParams, _generate, left_pad
 from rlaif_jax.errors import (
-    ConfigError, StorageError, UserError, binding, existing_dir, existing_path, in_range, non_negative, one_of,
-    positive, whole,
+    ConfigError, UserError, binding, existing_dir, existing_path, in_range, non_negative, one_of, positive, whole,
 )
 from rlaif_jax.train.advantages import (GROUP_STDS, KL_ESTIMATORS, KLController, gae, group_advantages, kl_estimate,
                                         masked_mean, normalize_sequences, whiten)
-from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
-from rlaif_jax.train.loop import Closing, check_run_settings, run_lock
-from rlaif_jax.train.metrics import MetricsWriter
 from rlaif_jax.train.optim import make_optimizer
-from rlaif_jax.train.rundir import RunDir, local_hf_dir
+from rlaif_jax.train.rundir import local_hf_dir
+from rlaif_jax.train.run_loop import Closing, LoopSettings, Plan, RunKind, check_length, run
+from rlaif_jax.train.step import (TrainState, batch_shardings, compile_step, create_state, placed_shardings,
+                                  record_nonfinite, update_if_finite)
 
 log = logging.getLogger(__name__)
 
-VALUE_HEAD = "value"
 GROUP_NORMALIZATIONS = ("whiten", "none", "batch")
 
 
@@ -131,15 +129,6 @@ class PPOConfig:
                               top_p=self.top_p, top_k=self.top_k)
 
 
-@flax.struct.dataclass
-class PPOState:
-    step: jax.Array
-    params: Any  # {"policy": ..., "value": ... (separate critic only)}
-    opt_state: Any
-    rng: jax.Array
-    kl_coef: jax.Array
-
-
 # -- scoring -----------------------------------------------------------------------------
 
 
@@ -170,7 +159,14 @@ def full_sequences(prompt_tokens, prompt_pos, prompt_seg, response, lengths):
 class PPOTrainer:
     """Holds the models and compiled programs; `iteration(state, prompts)` runs one
     rollout + update. `reward_fn(tokens, positions, segment_ids, response_mask, P) -> [B]`
-    replaces the reward model when given (programmatic rewards, tests)."""
+    replaces the reward model when given (programmatic rewards, tests).
+
+    The state is a TrainState whose params are {"policy": ..., "value": ... (separate
+    critic only)} and whose extra holds the KL coefficient ({"kl_coef": float32 scalar}; see
+    `initial_extra`). With a mesh, the three programs are compiled on the first iteration
+    with explicit shardings: every model's params as placed, prompts, responses and the
+    scored batch over the data axes, the state donated to the update.
+    """
 
     def __init__(self, cfg: DecoderConfig, config: PPOConfig, tx, mesh, ref_params, reward_model=None,
                  reward_params=None, reward_fn: Optional[Callable] = None, eos_ids=(), pad_id: int = 0,
@@ -187,13 +183,34 @@ class PPOTrainer:
         if reward_fn is None and reward_model is None:
             raise ValueError("PPO needs a reward model or a reward_fn")
         self.sampling = dataclasses.replace(config.sampling, eos_ids=tuple(eos_ids), pad_id=pad_id)
-        self.sample = jax.jit(self._sample)
-        self.score = jax.jit(self._score)
-        self.update = jax.jit(self._update, donate_argnums=(0,))
+        self._programs: Optional[tuple] = None
+
+    def initial_extra(self) -> dict:
+        """TrainState.extra of a fresh PPO state: the KL controller's initial coefficient."""
+        return {"kl_coef": jnp.asarray(self.kl.init_coef, jnp.float32)}
+
+    def compile(self, state: TrainState, prompt_batch: tuple) -> tuple:
+        """(sample, score, update): the jitted programs for states and prompt batches shaped
+        like these (called by the first `iteration`)."""
+        if self.mesh is None:
+            return jax.jit(self._sample), jax.jit(self._score), jax.jit(self._update, donate_argnums=(0,))
+        mesh = self.mesh
+        rep = NamedSharding(mesh, PartitionSpec())
+        params = placed_shardings(state.params, mesh)
+        ref, rm = placed_shardings(self.ref_params, mesh), placed_shardings(self.reward_params, mesh)
+        key = jax.random.key(0)
+        rollout = jax.eval_shape(self._sample, state.params, prompt_batch, key)
+        scored = jax.eval_shape(self._score, state.params, self.ref_params, self.reward_params,
+                                state.extra["kl_coef"], prompt_batch, *rollout)
+        prompts, responses = batch_shardings(prompt_batch, mesh), batch_shardings(rollout, mesh)
+        sample = jax.jit(self._sample, in_shardings=(params, prompts, rep), out_shardings=responses)
+        score = jax.jit(self._score, in_shardings=(params, ref, rm, rep, prompts, *responses),
+                        out_shardings=(batch_shardings(scored[0], mesh), rep))
+        return sample, score, compile_step(self._update, state, mesh)
 
     # policy params without the value head feed the sampler (same tree minus one leaf)
     def _policy_lm(self, params):
-        return {k: v for k, v in params["policy"].items() if k != f"{VALUE_HEAD}_head"}
+        return without_head(params["policy"], VALUE_HEAD)
 
     def _values(self, params, tokens, positions, segs, P):
         if self.value is not None:
@@ -203,30 +220,35 @@ class PPOTrainer:
         # The value of the state before emitting response token t sits at position t-1.
         return out[VALUE_HEAD][:, P - 1:-1]
 
-    def _scores(self, tokens, positions, segs, rmask, P):
+    def _scores(self, reward_params, tokens, positions, segs, rmask, P):
         if self.reward_fn is not None:
             return self.reward_fn(tokens, positions, segs, rmask, P)
-        out = apply(self.reward_model, self.reward_params, tokens, positions, segs, mesh=self.mesh)
-        return gather_last(out["score"], segs)
+        out = apply(self.reward_model, reward_params, tokens, positions, segs, mesh=self.mesh)
+        return gather_last(out[SCORE_HEAD], segs)
 
-    def _sample(self, params, prompt_tokens, prompt_pos, prompt_seg, rng):
+    def _sample(self, params, prompt_batch, rng):
+        """(response [B, R] token ids, lengths [B]) sampled from the policy for left-padded
+        prompts (tokens, positions, segment_ids, each [B, P])."""
         response, lengths, _ = _generate(self.sampler_model, self.sampling, self.mesh,
                                          shd.logical_rules() if self.mesh else None,
-                                         self._policy_lm(params), prompt_tokens, prompt_pos, prompt_seg, rng)
+                                         self._policy_lm(params), *prompt_batch, rng)
         return response, lengths
 
-    def _score(self, params, kl_coef, prompt_tokens, prompt_pos, prompt_seg, response, lengths):
+    def _score(self, params, ref_params, reward_params, kl_coef, prompt_batch, response, lengths):
+        """The update's batch (full [B, P+R] sequences; [B, R] log-probs, values, advantages,
+        returns and the response mask) and the rollout's metrics."""
         c = self.c
+        prompt_tokens, prompt_pos, prompt_seg = prompt_batch
         P = prompt_tokens.shape[1]
         tokens, positions, segs, rmask = full_sequences(prompt_tokens, prompt_pos, prompt_seg, response, lengths)
         mask = rmask.astype(jnp.float32)
         pol = apply(self.sampler_model, self._policy_lm(params), tokens, positions, segs, mesh=self.mesh)
         logp, entropy = response_logps_and_entropy(pol["logits"] / c.temperature, tokens, P)
-        ref = apply(self.sampler_model, self.ref_params, tokens, positions, segs, mesh=self.mesh)
+        ref = apply(self.sampler_model, ref_params, tokens, positions, segs, mesh=self.mesh)
         ref_logp, _ = response_logps_and_entropy(ref["logits"] / c.temperature, tokens, P)
         logp, ref_logp = logp * mask, ref_logp * mask
 
-        scores = self._scores(tokens, positions, segs, rmask, P).astype(jnp.float32)
+        scores = self._scores(reward_params, tokens, positions, segs, rmask, P).astype(jnp.float32)
         eos = jnp.asarray(self.sampling.eos_ids or (-1,))
         last_tok = jnp.take_along_axis(response, jnp.maximum(lengths - 1, 0)[:, None], 1)[:, 0]
         has_eos = jnp.isin(last_tok, eos)
@@ -312,56 +334,87 @@ class PPOTrainer:
             return 0.0
         return model.cfg.router_aux_loss_coef * out["moe_aux_loss"]
 
-    def _update(self, state: PPOState, batch: dict):
+    def _update(self, state: TrainState, batch: dict):
+        """`ppo_epochs` passes of shuffled mini-batches over the scored batch. A mini-batch
+        whose loss or gradient norm is not finite is skipped (update_if_finite) and the
+        iteration recorded in state.nonfinite_step, as the shared train step does."""
         c = self.c
         n = batch["tokens"].shape[0]
         n_mb = n // c.mini_batch_size
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
         def epoch(carry, key):
-            params, opt_state = carry
             perm = jax.random.permutation(key, n).reshape(n_mb, c.mini_batch_size)
 
             def minibatch(carry, idx):
-                params, opt_state = carry
+                params, opt_state, all_finite = carry
                 mb = jax.tree.map(lambda x: x[idx], batch)
                 (loss, m), grads = grad_fn(params, mb)
-                updates, opt_state = self.tx.update(grads, opt_state, params)
-                params = optax.apply_updates(params, updates)
-                m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
-                return (params, opt_state), m
+                params, opt_state, finite, grad_norm = update_if_finite(self.tx, grads, opt_state, params, loss)
+                m = dict(m, loss=loss, grad_norm=grad_norm)
+                return (params, opt_state, all_finite & finite), m
 
-            return jax.lax.scan(minibatch, (params, opt_state), perm)
+            return jax.lax.scan(minibatch, carry, perm)
 
         rng = jax.random.wrap_key_data(state.rng)
         rng, key = jax.random.split(rng)
-        (params, opt_state), m = jax.lax.scan(epoch, (state.params, state.opt_state), jax.random.split(key, c.ppo_epochs))
+        carry = (state.params, state.opt_state, jnp.asarray(True))
+        (params, opt_state, finite), m = jax.lax.scan(epoch, carry, jax.random.split(key, c.ppo_epochs))
         metrics = jax.tree.map(jnp.mean, m)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                             rng=jax.random.key_data(rng)), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng),
+                             nonfinite_step=record_nonfinite(state, finite)), metrics
 
-    def iteration(self, state: PPOState, prompt_batch: tuple) -> tuple[PPOState, dict]:
-        """One rollout + update. Times each phase (a device sync per phase, not per token)."""
+    def iteration(self, state: TrainState, prompt_batch: tuple) -> tuple[TrainState, dict]:
+        """One rollout + update.
+
+        Args:
+          state: the TrainState (donated: use the returned one).
+          prompt_batch: (tokens, positions, segment_ids), each [rollout_batch_size x
+            samples_per_prompt, max_prompt_length], placed on the mesh (shard_batch).
+        Returns:
+          (state, metrics): metrics are device scalars, except the host seconds of each
+          phase (a device sync per phase, not per token); `metrics_row` makes the floats of
+          a metrics.jsonl row of them. Only an adaptive KL controller reads the rollout's
+          KL on the host every iteration.
+        """
+        if self._programs is None:
+            self._programs = self.compile(state, prompt_batch)
+        sample, score, update = self._programs
         t0 = time.perf_counter()
         rng = jax.random.wrap_key_data(state.rng)
         rng, key = jax.random.split(rng)
-        response, lengths = self.sample(state.params, *prompt_batch, key)
+        response, lengths = sample(state.params, prompt_batch, key)
         jax.block_until_ready(lengths)
         t1 = time.perf_counter()
-        batch, metrics = self.score(state.params, state.kl_coef, *prompt_batch, response, lengths)
+        batch, metrics = score(state.params, self.ref_params, self.reward_params, state.extra["kl_coef"], prompt_batch,
+                               response, lengths)
         jax.block_until_ready(batch["advantages"])
         t2 = time.perf_counter()
         state = state.replace(rng=jax.random.key_data(rng))
-        state, up = self.update(state, batch)
-        metrics = jax.device_get({**metrics, **up})
+        state, up = update(state, batch)
+        metrics = {**metrics, **up}
+        jax.block_until_ready(metrics)
         t3 = time.perf_counter()
-        n_tokens = float(jax.device_get(lengths).sum())
-        kl_coef = self.kl.update(state.kl_coef, metrics["objective/kl"], prompt_batch[0].shape[0])
-        state = state.replace(kl_coef=jnp.asarray(kl_coef, jnp.float32))
-        metrics = {k: float(v) for k, v in metrics.items()}
+        if self.kl.target is not None:  # adaptive; a fixed coefficient stays as it is, on device
+            kl_coef = self.kl.update(state.extra["kl_coef"], jax.device_get(metrics["objective/kl"]),
+                                     prompt_batch[0].shape[0])
+            state = state.replace(extra={**state.extra, "kl_coef": jnp.asarray(kl_coef, jnp.float32)})
         metrics.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
-                        "rollout_tokens_per_second": n_tokens / (t1 - t0)})
+                        "rollout_tokens": lengths.sum()})
         return state, metrics
+
+
+_HOST_TIMES = ("time/rollout", "time/scoring", "time/update")
+
+
+def metrics_row(metrics: dict) -> dict:
+    """The floats of one PPOTrainer.iteration's metrics: its device metrics, the seconds of
+    each phase and the rollout's tokens per second."""
+    device = {k: v for k, v in metrics.items() if k not in _HOST_TIMES and k != "rollout_tokens"}
+    row = {k: float(v) for k, v in jax.device_get(device).items()}
+    row.update({k: metrics[k] for k in _HOST_TIMES})
+    row["rollout_tokens_per_second"] = float(jax.device_get(metrics["rollout_tokens"])) / metrics["time/rollout"]
+    return row
 
 
 # -- prompts -------------------------------------------------------------------------------
@@ -427,131 +480,98 @@ def train_ppo(
     mesh: Callable = shd.make_mesh,
     template: str = "paper",
     seed: int = 0,
-    log_every: int = 1,
-    checkpoint_every: int = 0,
-    keep_checkpoints: int = 3,
-    export_hf: bool = True,
+    loop: Optional[LoopSettings] = None,
     stop_after: Optional[int] = None,
 ) -> dict:
     """PPO from an SFT policy (HF dir; also the reference) against a reward model (HF dir
     exported by the reward trainer) or a programmatic reward_fn, on prompts from records
     (PROMPTS, DEMONSTRATIONS or PREFERENCES: anything with a `prompt` field).
 
-    run_dir may be a URL (gs://...), as for `train` (see rlaif_jax.train.rundir); so may
-    policy and reward_model (fetched to local disk once per host). The run holds run_dir's
-    writer lock from start to end."""
-    args = dict(locals())  # every argument, passed on to _train_ppo by name
-    _check_settings(args)
-    with run_lock(run_dir, binding("train_ppo.run_dir")):
-        args["policy"] = local_hf_dir(policy, "policy")
-        args["reward_model"] = local_hf_dir(reward_model, "reward_model")
-        rd = RunDir(args.pop("run_dir"))
-        with Closing(rd.close):  # a URL run_dir: the last upload, also after an error
-            return _train_ppo(rd, **args)
+    Runs on the shared run loop (rlaif_jax.train.run_loop), as `train` does: run_dir may be
+    a URL (gs://...), and so may policy and reward_model (fetched to local disk once per
+    host); the run holds run_dir's writer lock from start to end; `loop` (logging,
+    checkpoints, export) defaults to a LoopSettings built here (log_every defaults to every
+    iteration). Returns the summary: {"iteration": num_iterations, **the last logged metrics}.
+    """
+    loop = loop if loop is not None else LoopSettings()
+    _check_settings(policy, prompts, num_iterations, reward_model, reward_fn, stop_after)
+    kind = RunKind("train_ppo", "iteration", "prompt stream", default_log_every=1, desc="ppo")
+
+    def build(data_state: Optional[dict], closing: Closing) -> Plan:
+        return _plan(data_state, policy=local_hf_dir(policy, "policy"),
+                     reward_model=local_hf_dir(reward_model, "reward_model"), prompts=prompts,
+                     num_iterations=num_iterations, reward_fn=reward_fn, config=config, kl=kl, optimizer=optimizer,
+                     mesh=mesh, template=template, seed=seed)
+
+    return run(run_dir, kind, loop, build, stop_after)
 
 
-def _check_settings(a: dict) -> None:
-    """train_ppo's own settings (PPOConfig and KLController check theirs when built)."""
+def _check_settings(policy, prompts, num_iterations, reward_model, reward_fn, stop_after) -> None:
+    """train_ppo's own settings (PPOConfig, KLController and LoopSettings check theirs when built)."""
     b = lambda p: binding(f"train_ppo.{p}")  # noqa: E731
-    check_run_settings("train_ppo", "num_iterations", a["num_iterations"], log_every=a["log_every"],
-                       checkpoint_every=a["checkpoint_every"], keep_checkpoints=a["keep_checkpoints"],
-                       stop_after=a["stop_after"])
-    existing_dir(b("policy"), a["policy"], "HF model directory", must_contain="config.json")
-    existing_dir(b("reward_model"), a["reward_model"], "HF model directory", must_contain="config.json")
-    existing_path(b("prompts"), a["prompts"], "record directory")
-    if a["reward_model"] is None and a["reward_fn"] is None:
+    check_length(b("num_iterations"), num_iterations, stop_after)
+    existing_dir(b("policy"), policy, "HF model directory", must_contain="config.json")
+    existing_dir(b("reward_model"), reward_model, "HF model directory", must_contain="config.json")
+    existing_path(b("prompts"), prompts, "record directory")
+    if reward_model is None and reward_fn is None:
         raise ConfigError(f"{b('reward_model')} is unset; give the reward model's HF directory")
 
 
-def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward_fn, config, kl, optimizer, mesh,
-               template, seed, log_every, checkpoint_every, keep_checkpoints, export_hf, stop_after) -> dict:
+def _plan(data_state, *, policy, reward_model, prompts, num_iterations, reward_fn, config, kl, optimizer, mesh,
+          template, seed) -> Plan:
+    """train_ppo's prompts, models, state and trainer."""
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
-    run_dir = rd.path
     tok = load_tokenizer(policy)
     # The optimizer and the prompts before any weights: bad settings and an empty prompt set
     # are found in seconds.
     tx, _ = optimizer(params=None, default_total_steps=num_iterations * config.ppo_epochs
                       * (config.rollout_batch_size * config.samples_per_prompt // config.mini_batch_size))
-    ckpt = Checkpointer(fileio.join(run_dir, "checkpoints"), keep_checkpoints)
-    with Closing(ckpt.close) as closing:
-        try:
-            latest = ckpt.latest_step()
-            data_state = ckpt.restore_data(latest) if latest is not None else None
-            stream = PromptStream(_load_prompts(prompts, tok, config.max_prompt_length, template),
-                                  config.rollout_batch_size, config.samples_per_prompt, config.max_prompt_length,
-                                  tok.pad_token_id or 0, seed, data_state or None)
-            the_mesh = mesh() if callable(mesh) else mesh
-            rules = shd.logical_rules()
-            cfg, pol_params = load_hf(policy, mesh=the_mesh, rules=rules)
-            ref_params = jax.tree.map(jnp.copy, pol_params)
-            params = {"policy": pol_params}
-            rm_model = rm_params = None
-            value_cfg = cfg
-            if reward_model:
-                rm_cfg, rm_params = load_hf(reward_model, mesh=the_mesh, rules=rules, lm_head=False, score_head=True)
-                rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=("score",))
-            if config.uses_critic:
-                if config.value_model == "shared":
-                    params["policy"][f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
-                else:
-                    if rm_params is not None:  # TRL initialises the critic from the reward model
-                        value = jax.tree.map(jnp.copy, {k: v for k, v in rm_params.items() if k != "score_head"})
-                        value[f"{VALUE_HEAD}_head"] = {"kernel": jnp.copy(rm_params["score_head"]["kernel"])}
-                        value_cfg = rm_cfg
-                    else:
-                        value = {k: jax.tree.map(jnp.copy, v) for k, v in pol_params.items() if k != "lm_head"}
-                        value[f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
-                        value_cfg = cfg
-                    params["value"] = value
-            state = PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                             rng=jax.random.key_data(jax.random.key(seed)),
-                             kl_coef=jnp.asarray(kl.init_coef, jnp.float32))
-            eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-            trainer = PPOTrainer(cfg, config, tx, the_mesh, ref_params, rm_model, rm_params, reward_fn, eos,
-                                 tok.pad_token_id or 0, kl, value_cfg=value_cfg)
-            if latest is not None:
-                state, _, _ = ckpt.restore(latest, abstract_like(state))
-            start = int(jax.device_get(state.step))
-            writer = MetricsWriter(rd.local, resume_step=start)
-            closing.add(writer.close)
-            rd.write_text("config.gin", gin.config_str())
+    stream = PromptStream(_load_prompts(prompts, tok, config.max_prompt_length, template),
+                          config.rollout_batch_size, config.samples_per_prompt, config.max_prompt_length,
+                          tok.pad_token_id or 0, seed, data_state)
+    the_mesh = mesh() if callable(mesh) else mesh
+    rules = shd.logical_rules()
+    cfg, pol_params = load_hf(policy, mesh=the_mesh, rules=rules)
+    ref_params = jax.tree.map(jnp.copy, pol_params)
+    params = {"policy": pol_params}
+    rm_model = rm_params = None
+    value_cfg = cfg
+    if reward_model:
+        rm_cfg, rm_params = load_hf(reward_model, mesh=the_mesh, rules=rules, lm_head=False, score_head=True)
+        rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=(SCORE_HEAD,))
+    if config.uses_critic:
+        if config.value_model == "shared":
+            params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
+        else:
+            if rm_params is not None:  # TRL initialises the critic from the reward model
+                value = jax.tree.map(jnp.copy, without_head(rm_params, SCORE_HEAD))
+                value[head_param(VALUE_HEAD)] = {"kernel": jnp.copy(rm_params[head_param(SCORE_HEAD)]["kernel"])}
+                value_cfg = rm_cfg
+            else:
+                value = {k: jax.tree.map(jnp.copy, v) for k, v in pol_params.items() if k != "lm_head"}
+                value[head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
+                value_cfg = cfg
+            params["value"] = value
+    eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
+    trainer = PPOTrainer(cfg, config, tx, the_mesh, ref_params, rm_model, rm_params, reward_fn, eos,
+                         tok.pad_token_id or 0, kl, value_cfg=value_cfg)
+    state = jax.jit(lambda p, extra: create_state(p, tx, seed, extra))(params, trainer.initial_extra())
 
-            last: dict = {}
-            bar = tqdm(total=num_iterations, initial=start, desc="ppo", disable=jax.process_index() != 0)
-            closing.add(bar.close)
-            for it in range(start, num_iterations):
-                batch = shd.shard_batch(next(stream), the_mesh)
-                state, m = trainer.iteration(state, batch)
-                if not all(np.isfinite(v) for v in m.values()):
-                    bad = [k for k, v in m.items() if not np.isfinite(v)]
-                    raise FloatingPointError(f"non-finite PPO metrics {bad} at iteration {it} "
-                                             f"(prompt stream position {stream.get_state()}); no checkpoint written")
-                bar.update(1)
-                last = m
-                if (it + 1) % log_every == 0 or it + 1 == num_iterations:
-                    writer.write(it + 1, m)
-                    bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
-                if checkpoint_every and (it + 1) % checkpoint_every == 0 and it + 1 < num_iterations:
-                    ckpt.save(it + 1, state, stream.get_state())
-                    rd.sync(writer)
-                if stop_after is not None and it + 1 >= stop_after:
-                    ckpt.wait()
-                    return last
-            if ckpt.latest_step() != num_iterations:  # a rerun of a finished run (killed in its export) has it
-                ckpt.save(num_iterations, state, stream.get_state())
-            ckpt.wait()
-            rd.write_text("operative_config.gin", gin.operative_config_str())
-            rd.sync(writer)
-            if export_hf:
-                policy_params = {k: v for k, v in state.params["policy"].items() if k != f"{VALUE_HEAD}_head"}
-                rd.export_hf(lambda d: save_hf(d, cfg, policy_params, tokenizer=tok),
-                             info={"iteration": num_iterations})
-            # last: a URL run_dir gets it (on close) after hf/ is complete
-            rd.write_text("summary.json", json.dumps({"iteration": num_iterations, **last}, indent=2))
-            return last
-        except StorageError:
-            # A save failing in the background fills the disk, and the next write to fail may
-            # be a metrics row: report the checkpoint (the cause) if it failed.
-            ckpt.wait()
-            raise
+    def export(d: str, state: TrainState) -> None:
+        save_hf(d, cfg, without_head(state.params["policy"], VALUE_HEAD), tokenizer=tok)
+
+    return Plan(
+        state=state, data=stream, batches=_prompt_batches(stream),
+        step=lambda state, batch: trainer.iteration(state, shd.shard_batch(batch, the_mesh)),
+        summarize=lambda metrics, batches, seconds: metrics_row(metrics), export=export,
+        postfix=lambda m: dict(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}"),
+        num_steps=num_iterations,
+    )
+
+
+def _prompt_batches(stream: PromptStream):
+    """(stream position before the batch, batch), endlessly: the stream wraps around epochs."""
+    while True:
+        position = stream.get_state()
+        yield position, next(stream)

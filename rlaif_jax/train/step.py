@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -22,16 +22,40 @@ class TrainState:
     # First step whose loss or gradient was not finite (-1: none). Tracked on device so
     # the host checks it only when it logs or checkpoints, never per step.
     nonfinite_step: jax.Array
+    # An objective's own state, checkpointed with the rest (PPO: {"kl_coef": scalar}).
+    extra: dict = flax.struct.field(default_factory=dict)
 
 
-def create_state(params, tx, seed: int) -> TrainState:
+def create_state(params, tx, seed: int, extra: Optional[dict] = None) -> TrainState:
+    """A fresh state at step 0: `tx`'s initial optimizer state and the RNG of `seed`."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
+        extra=dict(extra or {}),
     )
+
+
+def update_if_finite(tx, grads, opt_state, params, loss):
+    """One optimizer update, applied only when the loss and the gradient norm are finite.
+
+    Returns (params, opt_state, finite, grad_norm): the updated params and optimizer state,
+    or the given ones unchanged when `finite` (a bool scalar) is False.
+    """
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    return keep(new_params, params), keep(new_opt, opt_state), finite, grad_norm
+
+
+def record_nonfinite(state: TrainState, finite) -> jax.Array:
+    """state.nonfinite_step after a step (state.step) that was `finite` or not: the first
+    bad step is kept."""
+    return jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step)
 
 
 def _tree_add(a, b):
@@ -83,20 +107,16 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
         weight = jnp.maximum(weight, 1e-9)
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss = loss_sum / weight
-        grad_norm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state, finite, grad_norm = update_if_finite(tx, grads, state.opt_state, state.params, loss)
         out = {name: s / jnp.maximum(c, 1e-9) for name, (s, c) in metrics.items()}
         out.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    param_norm=optax.global_norm(state.params))
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             rng=jax.random.key_data(rng),
-            nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
+            nonfinite_step=record_nonfinite(state, finite),
         )
         return new_state, out
 
@@ -115,38 +135,51 @@ def make_eval_step(objective, model, mesh: Optional[Mesh] = None):
     return evaluate
 
 
-def state_shardings(state: TrainState, mesh: Mesh) -> Any:
-    """Shardings of a state whose params are already placed: the optimizer state follows
-    the params (XLA propagates it through tx.init); scalars are replicated."""
+def placed_shardings(tree: Any, mesh: Mesh) -> Any:
+    """The NamedSharding of each placed array in `tree`; replicated for anything else
+    (host scalars, single-device arrays). None stays None (an absent argument)."""
     rep = NamedSharding(mesh, P())
 
     def one(x):
         s = getattr(x, "sharding", None)
         return s if isinstance(s, NamedSharding) else rep
 
-    return jax.tree.map(one, state)
+    return jax.tree.map(one, tree)
 
 
-def compile_step(step_fn, state: TrainState, mesh: Mesh, ref_params: Any = None):
-    """jit with explicit in/out shardings and the state donated."""
+def state_shardings(state: TrainState, mesh: Mesh) -> Any:
+    """Shardings of a state whose params are already placed: the optimizer state follows
+    the params (XLA propagates it through tx.init); scalars are replicated."""
+    return placed_shardings(state, mesh)
+
+
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+    """Each array's leading (example) axis over the data axes, where they divide it.
+    `batch` holds arrays or shape structs."""
+    return jax.tree.map(lambda x: shd.fit_sharding(shd.batch_sharding(mesh, len(x.shape)), x.shape), batch)
+
+
+def compile_step(step_fn: Callable, state: TrainState, mesh: Mesh, *consts: Any) -> Callable:
+    """step_fn(state, batch, *consts) -> (state, metrics), jitted with explicit shardings:
+    the state as placed (and donated), the batch over the data axes, each const (reference
+    params) as placed, the metrics replicated. Compiled once per batch shape.
+
+    Returns run(state, batch, *consts) -> (state, metrics).
+    """
     st_sh = state_shardings(state, mesh)
-    ref_sh = None if ref_params is None else jax.tree.map(lambda x: x.sharding, ref_params)
+    const_sh = tuple(placed_shardings(c, mesh) for c in consts)
     rep = NamedSharding(mesh, P())
-
-    def batch_sh(batch):
-        return jax.tree.map(lambda x: shd.fit_sharding(shd.batch_sharding(mesh, x.ndim), x.shape), batch)
-
     cache: dict = {}
 
-    def run(state, batch, ref=None):
+    def run(state, batch, *args):
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if key not in cache:
             cache[key] = jax.jit(
                 step_fn,
-                in_shardings=(st_sh, batch_sh(batch), ref_sh),
+                in_shardings=(st_sh, batch_shardings(batch, mesh), *const_sh),
                 out_shardings=(st_sh, rep),
                 donate_argnums=(0,),
             )
-        return cache[key](state, batch, ref)
+        return cache[key](state, batch, *args)
 
     return run

@@ -30,3 +30,18 @@ def sft_data(demo_dir, batch_size=8, seq_len=32, **kw):
 def pref_data(pref_dir, batch_size=8, seq_len=32, **kw):
     return functools.partial(preference_pipeline, pref_dir, batch_size=batch_size, seq_len=seq_len,
                              max_length=seq_len, max_prompt_length=seq_len // 2, prefetch=0, **kw)
+
+
+LOOP_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "export_hf")
+
+
+def loop_args(args: dict) -> dict:
+    """A trainer's keyword arguments with the run-loop settings among them (log_every=...)
+    gathered into loop=LoopSettings(...)."""
+    from rlaif_jax.train.run_loop import LoopSettings
+
+    args = dict(args)
+    settings = {k: args.pop(k) for k in LOOP_FIELDS if k in args}
+    if settings:
+        args["loop"] = LoopSettings(**settings)
+    return args

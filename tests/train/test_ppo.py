@@ -17,6 +17,7 @@ from rlaif_jax.train.advantages import KLController, gae, group_advantages, kl_e
 from rlaif_jax.train.metrics import read_jsonl
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.ppo import PPOConfig, train_ppo
+from rlaif_jax.train.run_loop import LoopSettings
 from tests.train.fixtures import make_world, tiny_config
 
 ONE_DEVICE = functools.partial(shd.make_mesh, 1, 1, 1, devices=jax.devices()[:1])
@@ -147,7 +148,8 @@ def test_ppo_resume_is_exact(policy_dir, tmp_path):
     config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=16)
     kw = dict(policy=policy, prompts=demos, num_iterations=4, config=config, reward_fn=_target_reward(5),
               kl=KLController(init_coef=0.05, target=1.0, horizon=100),
-              optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE, checkpoint_every=2)
+              optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE,
+              loop=LoopSettings(checkpoint_every=2))
     train_ppo(run_dir=str(tmp_path / "a"), **kw)
     train_ppo(run_dir=str(tmp_path / "b"), stop_after=3, **kw)
     train_ppo(run_dir=str(tmp_path / "b"), **kw)
@@ -167,3 +169,29 @@ def test_bad_ppo_configs_are_rejected():
         PPOConfig(rollout_batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="temperature"):
         PPOConfig(temperature=0.0)
+
+
+def test_a_non_finite_ppo_loss_stops_the_run_before_a_checkpoint_of_it(policy_dir, tmp_path):
+    from rlaif_jax.train.loop import NonFiniteLossError
+
+    policy, demos, tok = policy_dir
+    config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=16)
+    nan_reward = lambda tokens, positions, segs, rmask, P: rmask.sum(1) * jnp.nan  # noqa: E731
+    # Checked on the host when it logs (every 2nd iteration) and before each checkpoint (every one).
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at iteration 0 \(prompt stream position before that "
+                                                 r"batch: \{'epoch': 0, 'index': 0\}; batch saved to .*nonfinite"):
+        train_ppo(run_dir=str(tmp_path), policy=policy, prompts=demos, num_iterations=4, config=config,
+                  reward_fn=nan_reward, mesh=ONE_DEVICE, loop=LoopSettings(log_every=2, checkpoint_every=1))
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+    assert (tmp_path / "nonfinite_batch_iteration0.npz").exists() and not (tmp_path / "hf").exists()
+
+
+def test_each_trainer_has_its_own_script(tmp_path):
+    """scripts/train.py runs `train` only: a PPO config there is one line naming the script."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "scripts/train.py", "--gin_file=configs/experiments/tiny_ppo.gin"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "scripts/train_ppo.py" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]

@@ -19,10 +19,10 @@ from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
 from rlaif_jax.train import SFT, make_optimizer
 from rlaif_jax.train import ppo
-from rlaif_jax.train.loop import NonFiniteLossError, train
+from rlaif_jax.train.loop import LoopSettings, NonFiniteLossError, train
 from rlaif_jax.train.metrics import MetricsWriter, read_jsonl
 from rlaif_jax.train.rundir import HF_EXPORT_MARKER, RunDir
-from tests.train.fixtures import make_world, sft_data, tiny_config
+from tests.train.fixtures import loop_args, make_world, sft_data, tiny_config
 
 ONE_DEVICE = functools.partial(shd.make_mesh, 1, 1, 1, devices=jax.devices()[:1])
 MEM = "memory://bucket/runs/sft"
@@ -54,7 +54,7 @@ def _args(world, run, **kw):
                 optimizer=functools.partial(make_optimizer, name="rmsprop", learning_rate=1e-3),
                 checkpoint_every=4, export_hf=True)
     args.update(kw)
-    return args
+    return loop_args(args)
 
 
 def _remote_files(mem, url):
@@ -138,7 +138,7 @@ def test_ppo_on_a_remote_run_dir_resumes_and_exports(world, mem, monkeypatch):
                            max_prompt_length=16)
     kw = dict(run_dir=MEM, policy=policy, prompts=world["demos"], num_iterations=4, config=config,
               reward_fn=lambda tokens, positions, segs, rmask, P: rmask.sum(1) * 0.0,
-              kl=KLController(init_coef=0.05), mesh=ONE_DEVICE, checkpoint_every=2)
+              kl=KLController(init_coef=0.05), mesh=ONE_DEVICE, loop=LoopSettings(checkpoint_every=2))
     with monkeypatch.context() as m:  # preempted after the iteration-2 checkpoint
         m.setattr(RunDir, "close", lambda self: None)
         ppo.train_ppo(stop_after=3, **kw)

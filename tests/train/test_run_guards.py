@@ -20,7 +20,7 @@ from rlaif_jax.train.loop import train
 from rlaif_jax.train.metrics import MetricsWriter, read_jsonl, truncate_after
 from rlaif_jax.train.ppo import PPOConfig, train_ppo
 from rlaif_jax.train.rundir import RunDir
-from tests.train.fixtures import make_world, sft_data, tiny_config
+from tests.train.fixtures import loop_args, make_world, sft_data, tiny_config
 
 ONE_DEVICE = functools.partial(shd.make_mesh, 1, 1, 1, devices=jax.devices()[:1])
 
@@ -36,7 +36,7 @@ def _args(world, run, **kw):
                 model_config=world["cfg"], tokenizer=world["tok_dir"], mesh=ONE_DEVICE, log_every=1,
                 optimizer=functools.partial(make_optimizer, learning_rate=1e-3))
     args.update(kw)
-    return args
+    return loop_args(args)
 
 
 def _opt(**kw):
@@ -60,10 +60,10 @@ def _opt(**kw):
     (dict(optimizer=_opt(schedule="cosine"), num_steps=None), "make_optimizer.schedule = 'cosine' needs"),
     (dict(num_steps=0), "train.num_steps = 0"),
     (dict(grad_accum=0), "train.grad_accum = 0"),
-    (dict(log_every=0), "train.log_every = 0"),
-    (dict(checkpoint_every=-1), "train.checkpoint_every = -1"),
+    (dict(log_every=0), "LoopSettings.log_every = 0"),
+    (dict(checkpoint_every=-1), "LoopSettings.checkpoint_every = -1"),
     (dict(eval_every=-2), "train.eval_every = -2"),
-    (dict(keep_checkpoints=0), "train.keep_checkpoints = 0"),
+    (dict(keep_checkpoints=0), "LoopSettings.keep_checkpoints = 0"),
     (dict(model_config=None), "train.model_config and train.init_from are both unset"),
 ])
 def test_bad_settings_stop_the_run_before_it_trains_or_writes(world, tmp_path, override, binding):

@@ -15,9 +15,9 @@ from safetensors.numpy import load_file
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import build_model, init_params
 from rlaif_jax.train import DPO, SFT, RewardModel, create_state, make_optimizer, make_train_step
-from rlaif_jax.train.loop import NonFiniteLossError, train
+from rlaif_jax.train.loop import LoopSettings, NonFiniteLossError, train
 from rlaif_jax.train.metrics import read_jsonl
-from tests.train.fixtures import make_world, pref_data, sft_data, tiny_config
+from tests.train.fixtures import loop_args, make_world, pref_data, sft_data, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ONE_DEVICE = functools.partial(shd.make_mesh, 1, 1, 1, devices=jax.devices()[:1])
@@ -36,7 +36,8 @@ def sft_run(world, tmp_path_factory):
     out = train(run_dir=run, objective=SFT(), train_data=sft_data(world["demos"]), num_steps=60,
                 model_config=world["cfg"], tokenizer=world["tok_dir"],
                 optimizer=functools.partial(make_optimizer, learning_rate=3e-3), mesh=ONE_DEVICE,
-                log_every=10, eval_data=sft_data(world["demos"], num_epochs=1, shuffle=False), eval_every=30,
+                loop=LoopSettings(log_every=10), eval_data=sft_data(world["demos"], num_epochs=1, shuffle=False),
+                eval_every=30,
                 sample_prompts=["red green blue"], sample_max_new_tokens=8)
     return run, out
 
@@ -61,7 +62,8 @@ def test_sft_memorises_and_writes_everything(sft_run):
 def test_dpo_from_sft_raises_reward_accuracy(world, sft_run, tmp_path):
     out = train(run_dir=str(tmp_path), objective=DPO(beta=0.5), train_data=pref_data(world["prefs"]),
                 num_steps=30, init_from=os.path.join(sft_run[0], "hf"),
-                optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE, log_every=10)
+                optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE,
+                loop=LoopSettings(log_every=10))
     rows = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl"))]
     assert out["rewards/accuracies"] >= 0.9 and out["rewards/margins"] > rows[0]["rewards/margins"]
     assert out["loss"] < 0.5 * np.log(2)
@@ -70,7 +72,8 @@ def test_dpo_from_sft_raises_reward_accuracy(world, sft_run, tmp_path):
 def test_reward_model_learns_and_exports_a_score_model(world, sft_run, tmp_path):
     out = train(run_dir=str(tmp_path), objective=RewardModel(), train_data=pref_data(world["prefs"]),
                 num_steps=30, init_from=os.path.join(sft_run[0], "hf"),
-                optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE, log_every=10)
+                optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE,
+                loop=LoopSettings(log_every=10))
     assert out["accuracy"] >= 0.9
     cfg = json.load(open(tmp_path / "hf" / "config.json"))
     assert cfg["architectures"] == ["LlamaForSequenceClassification"]
@@ -84,7 +87,7 @@ def _sft_args(world, run, **kw):
                                             schedule="cosine", warmup_steps=2),
                 checkpoint_every=4, export_hf=True, async_checkpoint=True)
     args.update(kw)
-    return args
+    return loop_args(args)
 
 
 def _tb_steps(tb_dir, tag):
@@ -226,7 +229,7 @@ train.model_config = %MODEL_CONFIG
 train.tokenizer = '{world['tok_dir']}'
 train.train_data = @sft_pipeline
 train.num_steps = 4
-train.log_every = 2
+LoopSettings.log_every = 2
 sft_pipeline.data_dirs = '{world['demos']}'
 sft_pipeline.batch_size = 4
 sft_pipeline.seq_len = 32
@@ -264,7 +267,7 @@ def test_precomputed_reference_records_train_like_a_reference_model(world, sft_r
         run = tmp_path / mode
         train(run_dir=str(run), objective=DPO(beta=0.5, reference=mode), train_data=pref_data(data),
               num_steps=3, init_from=ref, optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
-              mesh=ONE_DEVICE, log_every=1)
+              mesh=ONE_DEVICE, loop=LoopSettings(log_every=1))
         outs[mode] = (read_jsonl(str(run / "metrics.jsonl")), load_file(str(run / "hf" / "model.safetensors")))
     (ma, pa), (mb, pb) = outs["model"], outs["precomputed"]
     for ra, rb in zip(ma, mb):
@@ -277,7 +280,7 @@ def test_precomputed_reference_records_train_like_a_reference_model(world, sft_r
 def test_data_running_out_between_log_steps_still_logs_and_exports(world, tmp_path):
     out = train(run_dir=str(tmp_path), objective=SFT(), train_data=sft_data(world["demos"], num_epochs=1),
                 num_steps=1000, model_config=world["cfg"], tokenizer=world["tok_dir"], mesh=ONE_DEVICE,
-                log_every=100, optimizer=functools.partial(make_optimizer, learning_rate=1e-3))
+                loop=LoopSettings(log_every=100), optimizer=functools.partial(make_optimizer, learning_rate=1e-3))
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert out["step"] == 4 and rows and rows[-1]["step"] == 4 and "loss" in rows[-1]
     assert (tmp_path / "hf" / "model.safetensors").exists()
