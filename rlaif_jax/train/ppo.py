@@ -172,16 +172,17 @@ class PPOTrainer:
     rollout + update. `reward_fn(tokens, positions, segment_ids, response_mask, P) -> [B]`
     replaces the reward model when given (programmatic rewards, tests)."""
 
-    def __init__(self, cfg: DecoderConfig, config: PPOConfig, tx, mesh, ref_params, reward_model=None,
+    def __init__(self, cfg: DecoderConfig, config: PPOConfig, tx, layout, ref_params, reward_model=None,
                  reward_params=None, reward_fn: Optional[Callable] = None, eos_ids=(), pad_id: int = 0,
                  kl: KLController = KLController(), value_cfg: Optional[DecoderConfig] = None):
-        self.cfg, self.c, self.tx, self.mesh = cfg, config, tx, mesh
+        self.cfg, self.c, self.tx = cfg, config, tx
         self.kl = kl
         shared = config.uses_critic and config.value_model == "shared"
-        self.policy = build_model(cfg, scalar_heads=(VALUE_HEAD,) if shared else ())
-        self.sampler_model = build_model(cfg)
+        self.policy = build_model(cfg, scalar_heads=(VALUE_HEAD,) if shared else (), layout=layout)
+        self.sampler_model = build_model(cfg, layout=layout)
         separate = config.uses_critic and not shared
-        self.value = build_model(value_cfg or cfg, lm_head=False, scalar_heads=(VALUE_HEAD,)) if separate else None
+        self.value = build_model(value_cfg or cfg, lm_head=False, scalar_heads=(VALUE_HEAD,), layout=layout) \
+            if separate else None
         self.ref_params = ref_params
         self.reward_model, self.reward_params, self.reward_fn = reward_model, reward_params, reward_fn
         if reward_fn is None and reward_model is None:
@@ -197,21 +198,20 @@ class PPOTrainer:
 
     def _values(self, params, tokens, positions, segs, P):
         if self.value is not None:
-            out = apply(self.value, params["value"], tokens, positions, segs, mesh=self.mesh)
+            out = apply(self.value, params["value"], tokens, positions, segs)
         else:
-            out = apply(self.policy, params["policy"], tokens, positions, segs, mesh=self.mesh)
+            out = apply(self.policy, params["policy"], tokens, positions, segs)
         # The value of the state before emitting response token t sits at position t-1.
         return out[VALUE_HEAD][:, P - 1:-1]
 
     def _scores(self, tokens, positions, segs, rmask, P):
         if self.reward_fn is not None:
             return self.reward_fn(tokens, positions, segs, rmask, P)
-        out = apply(self.reward_model, self.reward_params, tokens, positions, segs, mesh=self.mesh)
+        out = apply(self.reward_model, self.reward_params, tokens, positions, segs)
         return gather_last(out["score"], segs)
 
     def _sample(self, params, prompt_tokens, prompt_pos, prompt_seg, rng):
-        response, lengths, _ = _generate(self.sampler_model, self.sampling, self.mesh,
-                                         shd.logical_rules() if self.mesh else None,
+        response, lengths, _ = _generate(self.sampler_model, self.sampling,
                                          self._policy_lm(params), prompt_tokens, prompt_pos, prompt_seg, rng)
         return response, lengths
 
@@ -220,9 +220,9 @@ class PPOTrainer:
         P = prompt_tokens.shape[1]
         tokens, positions, segs, rmask = full_sequences(prompt_tokens, prompt_pos, prompt_seg, response, lengths)
         mask = rmask.astype(jnp.float32)
-        pol = apply(self.sampler_model, self._policy_lm(params), tokens, positions, segs, mesh=self.mesh)
+        pol = apply(self.sampler_model, self._policy_lm(params), tokens, positions, segs)
         logp, entropy = response_logps_and_entropy(pol["logits"] / c.temperature, tokens, P)
-        ref = apply(self.sampler_model, self.ref_params, tokens, positions, segs, mesh=self.mesh)
+        ref = apply(self.sampler_model, self.ref_params, tokens, positions, segs)
         ref_logp, _ = response_logps_and_entropy(ref["logits"] / c.temperature, tokens, P)
         logp, ref_logp = logp * mask, ref_logp * mask
 
@@ -270,7 +270,7 @@ class PPOTrainer:
         c = self.c
         P = mb["tokens"].shape[1] - mb["mask"].shape[1]
         mask = mb["mask"]
-        out = apply(self.policy, params["policy"], mb["tokens"], mb["positions"], mb["segment_ids"], mesh=self.mesh)
+        out = apply(self.policy, params["policy"], mb["tokens"], mb["positions"], mb["segment_ids"])
         logp, entropy = response_logps_and_entropy(out["logits"] / c.temperature, mb["tokens"], P)
         log_ratio = (logp - mb["old_logp"]) * mask
         ratio = jnp.exp(log_ratio)
@@ -289,7 +289,7 @@ class PPOTrainer:
         }
         if c.uses_critic:
             if self.value is not None:
-                v_out = apply(self.value, params["value"], mb["tokens"], mb["positions"], mb["segment_ids"], mesh=self.mesh)
+                v_out = apply(self.value, params["value"], mb["tokens"], mb["positions"], mb["segment_ids"])
                 v = v_out[VALUE_HEAD][:, P - 1:-1]
                 loss = loss + self._moe_aux(self.value, v_out)
             else:
@@ -482,18 +482,18 @@ def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward
                                   config.rollout_batch_size, config.samples_per_prompt, config.max_prompt_length,
                                   tok.pad_token_id or 0, seed, data_state or None)
             the_mesh = mesh() if callable(mesh) else mesh
-            rules = shd.logical_rules()
-            cfg, pol_params = load_hf(policy, mesh=the_mesh, rules=rules)
+            layout = shd.Layout(the_mesh, shd.logical_rules())
+            cfg, pol_params = load_hf(policy, layout=layout)
             ref_params = jax.tree.map(jnp.copy, pol_params)
             params = {"policy": pol_params}
             rm_model = rm_params = None
             value_cfg = cfg
             if reward_model:
-                rm_cfg, rm_params = load_hf(reward_model, mesh=the_mesh, rules=rules, lm_head=False, score_head=True)
-                rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=("score",))
+                rm_cfg, rm_params = load_hf(reward_model, layout=layout, lm_head=False, score_head=True)
+                rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=("score",), layout=layout)
             if config.uses_critic:
                 if config.value_model == "shared":
-                    params["policy"][f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
+                    params["policy"][f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), layout)
                 else:
                     if rm_params is not None:  # TRL initialises the critic from the reward model
                         value = jax.tree.map(jnp.copy, {k: v for k, v in rm_params.items() if k != "score_head"})
@@ -501,14 +501,14 @@ def _train_ppo(rd: RunDir, policy, prompts, num_iterations, reward_model, reward
                         value_cfg = rm_cfg
                     else:
                         value = {k: jax.tree.map(jnp.copy, v) for k, v in pol_params.items() if k != "lm_head"}
-                        value[f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
+                        value[f"{VALUE_HEAD}_head"] = init_scalar_head(cfg, jax.random.key(seed + 1), layout)
                         value_cfg = cfg
                     params["value"] = value
             state = PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                              rng=jax.random.key_data(jax.random.key(seed)),
                              kl_coef=jnp.asarray(kl.init_coef, jnp.float32))
             eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-            trainer = PPOTrainer(cfg, config, tx, the_mesh, ref_params, rm_model, rm_params, reward_fn, eos,
+            trainer = PPOTrainer(cfg, config, tx, layout, ref_params, rm_model, rm_params, reward_fn, eos,
                                  tok.pad_token_id or 0, kl, value_cfg=value_cfg)
             if latest is not None:
                 state, _, _ = ckpt.restore(latest, abstract_like(state))
