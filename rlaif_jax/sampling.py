@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.models.decoder import CACHE_LOGICAL_AXES, Transformer, init_cache
+from rlaif_jax.models.params import check_placement
 
 
 @gin.configurable
@@ -89,53 +89,55 @@ def sample_step(logits: jax.Array, rng: jax.Array, sp: SamplingParams) -> tuple[
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-def _generate(model: Transformer, sp: SamplingParams, mesh, rules, params, tokens, positions, segs, rng):
+def _generate(model: Transformer, sp: SamplingParams, params, tokens, positions, segs, rng):
+    """Pure (jit it): left-padded prompts tokens/positions/segs [B, P] -> out_tokens [B, T],
+    lengths [B], logprobs [B, T] (T = sp.max_new_tokens), on the model's layout."""
     cfg = model.cfg
     B, P = tokens.shape
     T = sp.max_new_tokens
-    with shd.mesh_rules(mesh, rules):
-        cache = init_cache(cfg, B, P + T)
-        cache = {k: shd.constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
-        out = model.apply({"params": params}, tokens, positions, segs, cache=cache, cache_index=jnp.int32(0))
+    check_placement(model, params)
+    cache = init_cache(cfg, B, P + T)
+    cache = {k: shd.constrain(model.layout, v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
+    out = model.apply({"params": params}, tokens, positions, segs, cache=cache, cache_index=jnp.int32(0))
+    rng, key = jax.random.split(rng)
+    tok, lp = sample_step(out["logits"][:, -1], key, sp)
+    eos = jnp.asarray(sp.eos_ids or (-1,), jnp.int32)
+    next_pos = positions[:, -1] + 1
+
+    out_tokens = jnp.full((B, T), sp.pad_id, jnp.int32).at[:, 0].set(tok)
+    out_logps = jnp.zeros((B, T), jnp.float32).at[:, 0].set(lp)
+    done = jnp.isin(tok, eos)
+    lengths = jnp.ones((B,), jnp.int32)
+
+    def cond(state):
+        i, _, _, done, *_ = state
+        return (i < T) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, prev, done, rng, out_tokens, out_logps, lengths = state
+        pos = (next_pos + i - 1)[:, None]
+        o = model.apply(
+            {"params": params}, prev[:, None], pos, jnp.ones_like(pos), cache=cache, cache_index=P + i - 1
+        )
         rng, key = jax.random.split(rng)
-        tok, lp = sample_step(out["logits"][:, -1], key, sp)
-        eos = jnp.asarray(sp.eos_ids or (-1,), jnp.int32)
-        next_pos = positions[:, -1] + 1
+        tok, lp = sample_step(o["logits"][:, -1], key, sp)
+        tok = jnp.where(done, sp.pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        out_tokens = jax.lax.dynamic_update_slice(out_tokens, tok[:, None], (0, i))
+        out_logps = jax.lax.dynamic_update_slice(out_logps, lp[:, None], (0, i))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, eos)
+        return i + 1, o["cache"], tok, done, rng, out_tokens, out_logps, lengths
 
-        out_tokens = jnp.full((B, T), sp.pad_id, jnp.int32).at[:, 0].set(tok)
-        out_logps = jnp.zeros((B, T), jnp.float32).at[:, 0].set(lp)
-        done = jnp.isin(tok, eos)
-        lengths = jnp.ones((B,), jnp.int32)
-
-        def cond(state):
-            i, _, _, done, *_ = state
-            return (i < T) & ~jnp.all(done)
-
-        def body(state):
-            i, cache, prev, done, rng, out_tokens, out_logps, lengths = state
-            pos = (next_pos + i - 1)[:, None]
-            o = model.apply(
-                {"params": params}, prev[:, None], pos, jnp.ones_like(pos), cache=cache, cache_index=P + i - 1
-            )
-            rng, key = jax.random.split(rng)
-            tok, lp = sample_step(o["logits"][:, -1], key, sp)
-            tok = jnp.where(done, sp.pad_id, tok)
-            lp = jnp.where(done, 0.0, lp)
-            out_tokens = jax.lax.dynamic_update_slice(out_tokens, tok[:, None], (0, i))
-            out_logps = jax.lax.dynamic_update_slice(out_logps, lp[:, None], (0, i))
-            lengths = lengths + (~done).astype(jnp.int32)
-            done = done | jnp.isin(tok, eos)
-            return i + 1, o["cache"], tok, done, rng, out_tokens, out_logps, lengths
-
-        state = (jnp.int32(1), out["cache"], tok, done, rng, out_tokens, out_logps, lengths)
-        state = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(1), out["cache"], tok, done, rng, out_tokens, out_logps, lengths)
+    state = jax.lax.while_loop(cond, body, state)
     _, _, _, _, _, out_tokens, out_logps, lengths = state
     return out_tokens, lengths, out_logps
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model: Transformer, sp: SamplingParams, mesh: Optional[Mesh], rules: Optional[tuple]):
-    return jax.jit(functools.partial(_generate, model, sp, mesh, rules))
+def _compiled(model: Transformer, sp: SamplingParams):
+    return jax.jit(functools.partial(_generate, model, sp))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int) -> tuple[np.ndarray, ...]:
@@ -163,15 +165,21 @@ def generate(
     prompts: Sequence[Sequence[int]],
     rng: jax.Array,
     sampling: SamplingParams,
-    mesh: Optional[Mesh] = None,
-    rules: Optional[Sequence] = None,
 ) -> SampleOutput:
-    """Sample completions for token-id prompts. Deterministic given `rng`. Under a mesh,
-    the batch is split over (data, fsdp) and the cache's kv heads over tensor."""
+    """Sample completions for token-id prompts. Deterministic given `rng`. On a model built
+    with a layout, the batch is split over (data, fsdp) and the cache's kv heads over tensor.
+
+    Args:
+      model: from `build_model`; its layout (if any) decides where the sampler runs.
+      params: the model's params, placed as its layout places them.
+      prompts: B lists of token ids, each non-empty (e.g. starting with BOS).
+    Returns:
+      SampleOutput with host arrays tokens [B, T], lengths [B], logprobs [B, T],
+      T = sampling.max_new_tokens.
+    """
     tokens, positions, segs = left_pad(prompts, sampling.pad_id, sampling.prompt_bucket)
-    rules_t = tuple(rules or shd.logical_rules()) if mesh is not None else None
-    fn = _compiled(model, sampling, mesh, rules_t)
-    if mesh is not None:
-        tokens, positions, segs = shd.shard_batch((tokens, positions, segs), mesh)
+    fn = _compiled(model, sampling)
+    if model.layout is not None:
+        tokens, positions, segs = shd.shard_batch((tokens, positions, segs), model.layout.mesh)
     out_tokens, lengths, logps = fn(params, tokens, positions, segs, rng)
     return SampleOutput(*(shd.to_host(x) for x in (out_tokens, lengths, logps)))

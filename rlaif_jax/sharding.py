@@ -2,14 +2,15 @@
 
 Params and activations carry logical axis names (embed, mlp, heads, vocab, ...). One rule
 table maps them onto the (data, fsdp, tensor) mesh, so changing parallelism is a config
-change. A mesh axis that does not divide a dimension is dropped for that dimension (with a
-log line) rather than failing: tiny test models and odd vocab sizes still place.
+change. A `Layout` (mesh + rules) is built where a run starts and given to the model, which
+carries it into traced code: nothing traced reads gin or a global. A mesh axis that does
+not divide a dimension is dropped for that dimension (with a log line) rather than failing:
+tiny test models and odd vocab sizes still place.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import logging
 import math
 from typing import Any, Optional, Sequence
@@ -92,7 +93,8 @@ def single_device_mesh() -> Mesh:
 
 @gin.configurable
 def logical_rules(overrides: Sequence = ()) -> tuple:
-    """The rule table, with (logical, mesh_axes) pairs in `overrides` taking precedence."""
+    """The rule table, with (logical, mesh_axes) pairs in `overrides` taking precedence.
+    Read at the edges only (run functions, stages, scripts) into a `Layout`."""
     over = {k: v for k, v in overrides}
     rules = [(k, over.pop(k, v)) for k, v in DEFAULT_RULES]
     return tuple(rules + list(over.items()))
@@ -114,23 +116,6 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
                 log.info("dimension %d is not divisible by mesh axis %r; replicating it", dim, a)
         out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
     return P(*out)
-
-
-def logical_to_sharding(logical: Any, shapes: Any, mesh: Mesh, rules: Sequence) -> Any:
-    """A tree of NamedShardings from a tree of logical PartitionSpecs and matching shapes."""
-
-    def one(spec, shape):
-        mesh_spec = nn.logical_to_mesh_axes(spec, rules)
-        return NamedSharding(mesh, _fit_spec(mesh_spec, shape.shape, mesh))
-
-    return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, P))
-
-
-def param_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence) -> Any:
-    """Shardings for an unboxed param tree, from the boxed (logically annotated) abstract
-    tree that `jax.eval_shape(model.init, ...)` returns."""
-    logical = nn.get_partition_spec(abstract_boxed)
-    return logical_to_sharding(logical, nn.unbox(abstract_boxed), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -176,38 +161,60 @@ def initialize_distributed(
     )
 
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("rlaif_jax_mesh_rules", default=None)
+def _hashable(axes: Any) -> Any:
+    return tuple(axes) if isinstance(axes, (list, tuple)) else axes
 
 
-@contextlib.contextmanager
-def mesh_rules(mesh: Optional[Mesh], rules: Optional[Sequence] = None):
-    """Activates activation-sharding constraints for code traced inside the block."""
-    token = _ACTIVE.set(None if mesh is None else (mesh, tuple(rules or logical_rules())))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a model's params and activations live: a mesh and the logical-axis rule table.
+
+    Built once at the edges (a run function, a stage, a script), where the rules are read
+    from gin (`logical_rules()`), and handed to `build_model`: a model built with a layout
+    always constrains its activations and places its params on `mesh`; traced code never
+    reads a rule from anywhere else. Hashable, so models and compiled functions can key on it.
+    """
+
+    mesh: Mesh
+    rules: tuple
+
+    def __post_init__(self):
+        if not isinstance(self.mesh, Mesh):
+            raise TypeError(f"Layout needs a jax.sharding.Mesh, got {self.mesh!r} (no layout: pass None)")
+        # Rules from gin arrive as lists; the layout is a static (hashed) jit argument.
+        object.__setattr__(self, "rules", tuple((str(k), _hashable(v)) for k, v in self.rules))
+
+    def spec(self, logical_axes: Sequence[Optional[str]], shape: Sequence[int]) -> P:
+        """The mesh PartitionSpec of `logical_axes` under the rules, without mesh axes that
+        do not divide their dimension of `shape`."""
+        return _fit_spec(nn.logical_to_mesh_axes(tuple(logical_axes), self.rules), shape, self.mesh)
+
+    def sharding(self, logical_axes: Sequence[Optional[str]], shape: Sequence[int]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical_axes, shape))
+
+    def constrain(self, x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
+        """with_sharding_constraint of x by logical axis names (one per dimension of x)."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
+
+    def tree_shardings(self, logical: Any, shapes: Any) -> Any:
+        """A tree of NamedShardings from a tree of logical PartitionSpecs and a matching tree
+        of arrays or ShapeDtypeStructs."""
+
+        def one(spec, shape):
+            mesh_spec = nn.logical_to_mesh_axes(spec, self.rules)
+            return NamedSharding(self.mesh, _fit_spec(mesh_spec, shape.shape, self.mesh))
+
+        return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, P))
+
+    def param_shardings(self, abstract_boxed: Any) -> Any:
+        """Shardings for an unboxed param tree, from the boxed (logically annotated) abstract
+        tree that `jax.eval_shape(model.init, ...)` returns."""
+        return self.tree_shardings(nn.get_partition_spec(abstract_boxed), nn.unbox(abstract_boxed))
 
 
-def active_mesh_rules() -> Optional[tuple]:
-    """(mesh, rules) while inside `mesh_rules(mesh)`, else None."""
-    return _ACTIVE.get()
-
-
-def fitted_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules: Sequence) -> P:
-    """The mesh PartitionSpec of logical axes under `rules`, fitted to `shape`."""
-    return _fit_spec(nn.logical_to_mesh_axes(tuple(logical_axes), rules), shape, mesh)
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
-    """with_sharding_constraint by logical names (fitted to the shape); a no-op outside
-    `mesh_rules`, so model code runs unchanged on one device."""
-    active = _ACTIVE.get()
-    if active is None:
-        return x
-    mesh, rules = active
-    spec = fitted_spec(logical_axes, x.shape, mesh, rules)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+def constrain(layout: Optional[Layout], x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
+    """`layout.constrain(x, logical_axes)`; x unchanged without a layout (one device)."""
+    return x if layout is None else layout.constrain(x, logical_axes)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -44,19 +44,20 @@ def main():
 
     cfg = preset_config(args.preset, dtype=args.dtype, eos_token_id=None)
     mesh = shd.make_mesh(-1, 1, 1)
-    policy = init_params(build_model(cfg), jax.random.key(0), mesh)
-    rm_model = build_model(cfg, lm_head=False, scalar_heads=(SCORE_HEAD,))
-    rm_params = init_params(rm_model, jax.random.key(1), mesh)
+    layout = shd.Layout(mesh, shd.logical_rules())
+    policy = init_params(build_model(cfg, layout=layout), jax.random.key(0))
+    rm_model = build_model(cfg, lm_head=False, scalar_heads=(SCORE_HEAD,), layout=layout)
+    rm_params = init_params(rm_model, jax.random.key(1))
     params = {"policy": policy}
     if args.value_model == "separate":
-        params["value"] = {k: v for k, v in init_params(build_model(cfg, lm_head=False, scalar_heads=(VALUE_HEAD,)),
-                                                        jax.random.key(2), mesh).items()}
+        value_model = build_model(cfg, lm_head=False, scalar_heads=(VALUE_HEAD,), layout=layout)
+        params["value"] = dict(init_params(value_model, jax.random.key(2)))
     else:
-        params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(2), mesh)
+        params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(2), layout)
     config = PPOConfig(rollout_batch_size=args.rollout_batch, mini_batch_size=args.mini_batch, ppo_epochs=args.ppo_epochs,
                        max_new_tokens=args.new_tokens, max_prompt_length=args.prompt_len, value_model=args.value_model)
     tx, _ = make_optimizer(learning_rate=1e-6)
-    trainer = PPOTrainer(cfg, config, tx, mesh, jax.tree.map(jnp.copy, policy), rm_model, rm_params, None,
+    trainer = PPOTrainer(cfg, config, tx, layout, jax.tree.map(jnp.copy, policy), rm_model, rm_params, None,
                          eos_ids=(), pad_id=0, kl=KLController(0.05))
     state = jax.jit(lambda p, extra: create_state(p, tx, 0, extra))(params, trainer.initial_extra())
     rs = np.random.RandomState(0)

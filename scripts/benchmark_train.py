@@ -61,8 +61,9 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     hf.save_pretrained(tmp.name)
     mesh = shd.make_mesh(-1, 1, 1)
-    cfg, params = load_hf(tmp.name, mesh=mesh, dtype=args.dtype, param_dtype="float32", remat_policy=args.remat)
-    model = build_model(cfg)
+    layout = shd.Layout(mesh, shd.logical_rules())
+    cfg, params = load_hf(tmp.name, layout=layout, dtype=args.dtype, param_dtype="float32", remat_policy=args.remat)
+    model = build_model(cfg, layout=layout)
     B, T = args.batch, args.seq_len
     rs = np.random.RandomState(0)
     peak = peak_tflops(jax.devices()[0], args.peak_tflops)

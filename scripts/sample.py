@@ -54,7 +54,8 @@ def main(argv=None):
     existing_dir("--hf_dir", args.hf_dir, "HF model directory", must_contain="config.json")
     tok = AutoTokenizer.from_pretrained(args.hf_dir, local_files_only=True)
     mesh = shd.make_mesh(*[int(x) for x in args.mesh.split(",")]) if args.mesh else None
-    cfg, params = load_hf(args.hf_dir, mesh=mesh, dtype=args.dtype, param_dtype=args.dtype)
+    layout = shd.Layout(mesh, shd.logical_rules()) if mesh else None
+    cfg, params = load_hf(args.hf_dir, layout=layout, dtype=args.dtype, param_dtype=args.dtype)
     from rlaif_jax.data.tokenize.encode import Encoder
 
     if args.template == "none":
@@ -68,7 +69,7 @@ def main(argv=None):
     eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
     sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, eos_ids=eos, pad_id=tok.pad_token_id or 0)
-    out = generate(build_model(cfg), params, ids, jax.random.key(args.seed), sp, mesh=mesh)
+    out = generate(build_model(cfg, layout=layout), params, ids, jax.random.key(args.seed), sp)
     for p, toks, n in zip(prompts, out.tokens, out.lengths):
         stopped = bool(n and toks[n - 1] in eos)
         text = tok.decode(toks[: n - 1 if stopped else n], skip_special_tokens=False)

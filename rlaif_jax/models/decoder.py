@@ -22,7 +22,7 @@ from rlaif_jax import errors
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.rope import apply_rope, rope_cos_sin
-from rlaif_jax.sharding import active_mesh_rules, constrain, fitted_spec
+from rlaif_jax.sharding import Layout, constrain
 
 Array = jax.Array
 # Scores of masked pairs. A finite value keeps rows with nothing to attend to (padding
@@ -117,9 +117,10 @@ def resolve_attention_impl(cfg: DecoderConfig, length: int) -> str:
     return "einsum"
 
 
-def fused_attention(impl, q, k, v, positions, segment_ids, sliding_window):
+def fused_attention(impl, q, k, v, positions, segment_ids, sliding_window, layout: Optional[Layout] = None):
     """Self-attention over one full sequence (no cache) with one of the fused kernels.
-    q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D] in q's dtype.
+    q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D] in q's dtype. `layout`: the model's
+    (splash runs per device under a mesh), None on one device.
 
     'xla' masks with the exact mask of `attention_mask` (by positions). 'cudnn' and 'splash'
     mask causality and the window by index within the row and packing by segment id, which is
@@ -139,7 +140,7 @@ def fused_attention(impl, q, k, v, positions, segment_ids, sliding_window):
             )
         return _index_masked_sdpa(q, k, v, segment_ids, sliding_window, "cudnn")
     if impl == "splash":
-        return _splash(q, k, v, segment_ids, sliding_window)
+        return _splash(q, k, v, segment_ids, sliding_window, layout)
     raise errors.ConfigError(f"{_BINDING} = {impl!r}: not a fused kernel")  # checked in config
 
 
@@ -182,7 +183,7 @@ def _splash_kernel(T: int, groups: int, sliding_window: Optional[int], interpret
     )
 
 
-def _splash(q, k, v, segment_ids, sliding_window):
+def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout]):
     if jax.default_backend() != "tpu" and not SPLASH_INTERPRET:
         raise errors.ConfigError(
             f"{_BINDING} = 'splash' needs a TPU (Pallas TPU kernel), but the backend is "
@@ -207,22 +208,21 @@ def _splash(q, k, v, segment_ids, sliding_window):
         out = jax.vmap(one_row)(qg, kt, vt, seg)  # [b, KV, G, T, D]
         return out.transpose(0, 3, 1, 2, 4).reshape(b, T, H, D).astype(q.dtype)
 
-    active = active_mesh_rules()
-    if active is None:
+    if layout is None:
         return local(q, k, v, segment_ids)
     # The kernel is a custom call the partitioner cannot split: run it on each device's own
     # rows (batch over the axes it is split over; heads and length whole).
-    mesh, rules = active
-    rows = fitted_spec(("activation_batch", None, None, None), q.shape, mesh, rules)
+    rows = layout.spec(("activation_batch", None, None, None), q.shape)
     seg_spec = P(rows[0], None)
     # check_vma=False: the Pallas call does not declare how its output varies over the mesh.
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(rows, rows, rows, seg_spec), out_specs=rows, check_vma=False
+        local, mesh=layout.mesh, in_specs=(rows, rows, rows, seg_spec), out_specs=rows, check_vma=False
     )(q, k, v, segment_ids)
 
 
 class Attention(nn.Module):
     cfg: DecoderConfig
+    layout: Optional[Layout] = None
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, segment_ids, cache=None, cache_index=None):
@@ -250,7 +250,7 @@ class Attention(nn.Module):
         B, T = q.shape[:2]
         impl = "einsum" if cache is not None else resolve_attention_impl(cfg, T)
         if impl != "einsum":
-            out = fused_attention(impl, q, k, v, positions, segment_ids, cfg.sliding_window)
+            out = fused_attention(impl, q, k, v, positions, segment_ids, cfg.sliding_window, self.layout)
             out = Dense((cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), cfg, bias, name="o_proj")(out)
             return out, cache
         qg = q.reshape(B, T, KV, H // KV, D)
@@ -266,6 +266,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     cfg: DecoderConfig
+    layout: Optional[Layout] = None
 
     @nn.compact
     def __call__(self, x):
@@ -273,7 +274,7 @@ class MLP(nn.Module):
         b = cfg.mlp_bias
         gate = Dense((cfg.intermediate_size,), (-1,), ("embed", "mlp"), cfg, b, name="gate_proj")(x)
         up = Dense((cfg.intermediate_size,), (-1,), ("embed", "mlp"), cfg, b, name="up_proj")(x)
-        h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        h = constrain(self.layout, nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
         return Dense((cfg.hidden_size,), (-1,), ("mlp", "embed"), cfg, b, name="down_proj")(h)
 
 
@@ -282,12 +283,12 @@ class MLP(nn.Module):
 MOE_MATMUL = "moe_expert_matmul"
 
 
-def _dense_experts(x, gate, w_gate, w_up, w_down):
+def _dense_experts(x, gate, w_gate, w_up, w_down, layout: Optional[Layout]):
     """Every expert on every token, summed with gate [B, T, E] (zero off the top-k): the
     reference implementation, E / k times the FLOPs of the selected experts."""
     g = jnp.einsum("bth,ehf->btef", x, w_gate)
     u = jnp.einsum("bth,ehf->btef", x, w_up)
-    h = constrain(nn.silu(g) * u, ("activation_batch", "activation_length", None, "activation_mlp"))
+    h = constrain(layout, nn.silu(g) * u, ("activation_batch", "activation_length", None, "activation_mlp"))
     h = (h.astype(jnp.float32) * gate[..., None]).astype(x.dtype)
     return jnp.einsum("btef,efh->bth", h, w_down)
 
@@ -313,18 +314,16 @@ def _ragged_experts(x, top_w, top_i, w_gate, w_up, w_down):
     return out.reshape(B, T, H)
 
 
-def _ragged_experts_on_mesh(x, top_w, top_i, w_gate, w_up, w_down):
+def _ragged_experts_on_mesh(x, top_w, top_i, w_gate, w_up, w_down, layout: Optional[Layout]):
     """`_ragged_experts` on each device's own tokens (shard_map): sorting a batch that is
     split over (data, fsdp) would otherwise gather every token everywhere. Expert weights
     come in whole along embed (the fsdp all-gather every layer does anyway) and split along
     mlp over the axes `mlp` maps to (tensor), whose partial outputs are summed."""
-    active = active_mesh_rules()
-    if active is None:
+    if layout is None:
         return _ragged_experts(x, top_w, top_i, w_gate, w_up, w_down).astype(x.dtype)
-    mesh, rules = active
-    tok = fitted_spec(("activation_batch", "activation_length", None), x.shape, mesh, rules)
+    tok = layout.spec(("activation_batch", "activation_length", None), x.shape)
     used = {a for axes in tok if axes for a in ((axes,) if isinstance(axes, str) else axes)}
-    mlp = fitted_spec(("mlp",), (w_gate.shape[2],), mesh, rules)[0]
+    mlp = layout.spec(("mlp",), (w_gate.shape[2],))[0]
     mlp_axes = tuple(a for a in ((mlp,) if isinstance(mlp, str) else (mlp or ())) if a not in used)
     mlp = None if not mlp_axes else (mlp_axes[0] if len(mlp_axes) == 1 else mlp_axes)
     w_in, w_out = P(None, None, mlp), P(None, mlp, None)
@@ -333,7 +332,7 @@ def _ragged_experts_on_mesh(x, top_w, top_i, w_gate, w_up, w_down):
         y = _ragged_experts(x, top_w, top_i, w_gate, w_up, w_down)
         return jax.lax.psum(y, mlp_axes) if mlp_axes else y
 
-    y = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
+    y = jax.shard_map(local, mesh=layout.mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
         x, top_w, top_i, w_gate, w_up, w_down
     )
     return y.astype(x.dtype)
@@ -374,6 +373,7 @@ class MoE(nn.Module):
     (output, router_stats or None)."""
 
     cfg: DecoderConfig
+    layout: Optional[Layout] = None
 
     @nn.compact
     def __call__(self, x, segment_ids):
@@ -396,30 +396,31 @@ class MoE(nn.Module):
         w_down = expert_param("down_proj", ("expert", "mlp", "embed"), (E, F, H))
         if cfg.moe_impl == "dense":
             gate = (jax.nn.one_hot(top_i, E, dtype=jnp.float32) * top_w[..., None]).sum(-2)
-            y = _dense_experts(x, gate, w_gate, w_up, w_down)
+            y = _dense_experts(x, gate, w_gate, w_up, w_down, self.layout)
         else:
-            y = _ragged_experts_on_mesh(x, top_w, top_i, w_gate, w_up, w_down)
+            y = _ragged_experts_on_mesh(x, top_w, top_i, w_gate, w_up, w_down, self.layout)
         stats = router_stats(probs, top_i, segment_ids) if cfg.output_router_logits else None
         return y, stats
 
 
 class Block(nn.Module):
     cfg: DecoderConfig
+    layout: Optional[Layout] = None
 
     @nn.compact
     def __call__(self, x, cache, cos, sin, positions, segment_ids, cache_index):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)
-        h, cache = Attention(cfg, name="attn")(
+        h, cache = Attention(cfg, self.layout, name="attn")(
             norm("input_norm")(x), cos, sin, positions, segment_ids, cache, cache_index
         )
         x = x + h
         h = norm("post_attn_norm")(x)
         if cfg.is_moe:
-            h, stats = MoE(cfg, name="moe")(h, segment_ids)
+            h, stats = MoE(cfg, self.layout, name="moe")(h, segment_ids)
         else:
-            h, stats = MLP(cfg, name="mlp")(h), None
-        x = constrain(x + h, BATCH_LENGTH_EMBED)
+            h, stats = MLP(cfg, self.layout, name="mlp")(h), None
+        x = constrain(self.layout, x + h, BATCH_LENGTH_EMBED)
         return x, (cache, stats)
 
 
@@ -444,11 +445,16 @@ class Transformer(nn.Module):
     (a value or reward per position), `cache` (when a cache was given) and, for an MoE
     model with `output_router_logits`, `moe_aux_loss` (the router load-balancing loss over
     the real tokens, as HF's). Router jitter noise applies only when an rng stream named
-    "router" is given (`rngs={"router": key}`: training)."""
+    "router" is given (`rngs={"router": key}`: training).
+
+    `layout` fixes where the model runs: with one, every activation is constrained to its
+    mesh and rules (in every trace: a model cannot forget its mesh); None is one device, no
+    constraints. Build it with `params.build_model`."""
 
     cfg: DecoderConfig
     lm_head: bool = True
     scalar_heads: tuple = ()
+    layout: Optional[Layout] = None
 
     @nn.compact
     def __call__(
@@ -469,7 +475,7 @@ class Transformer(nn.Module):
             name="embed",
         )
         x = embed(tokens.astype(jnp.int32))
-        x = constrain(x, BATCH_LENGTH_EMBED)
+        x = constrain(self.layout, x, BATCH_LENGTH_EMBED)
         cos, sin = rope_cos_sin(cfg, positions)
         cos, sin = cos.astype(cfg.compute_dtype), sin.astype(cfg.compute_dtype)
         if cache_index is None:
@@ -485,7 +491,7 @@ class Transformer(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, (new_cache, stats) = scan(cfg, name="layers")(
+            x, (new_cache, stats) = scan(cfg, self.layout, name="layers")(
                 x, cache, cos, sin, positions, segment_ids, cache_index
             )
         else:
@@ -493,7 +499,7 @@ class Transformer(nn.Module):
             caches, layer_stats = [], []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                x, (c, st) = block_cls(cfg, name=f"layers_{i}")(
+                x, (c, st) = block_cls(cfg, self.layout, name=f"layers_{i}")(
                     x, layer_cache, cos, sin, positions, segment_ids, cache_index
                 )
                 caches.append(c)
@@ -509,7 +515,7 @@ class Transformer(nn.Module):
             else:
                 logits = Dense((cfg.vocab_size,), (-1,), ("embed", "vocab"), cfg, name="lm_head")(hidden)
             out["logits"] = constrain(
-                logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
+                self.layout, logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
             )
         for head in self.scalar_heads:
             # Heads run in float32: they are tiny and their outputs feed losses directly.
@@ -532,15 +538,13 @@ def _scalar_head_init(cfg: DecoderConfig):
     return nn.initializers.normal(1.0 / (cfg.hidden_size + 1) ** 0.5)
 
 
-def init_scalar_head(cfg: DecoderConfig, rng: jax.Array, mesh=None) -> dict:
-    """A fresh scalar head's params (for a reward/value model on a pretrained trunk),
-    placed like the model would place it."""
+def init_scalar_head(cfg: DecoderConfig, rng: jax.Array, layout: Optional[Layout] = None) -> dict:
+    """A fresh scalar head's params (for a reward/value model on a pretrained trunk):
+    {"kernel": [hidden_size, 1] float32}, placed as a model built with `layout` places it
+    (None: the default device)."""
     kernel = _scalar_head_init(cfg)(rng, (cfg.hidden_size, 1), jnp.float32)
-    if mesh is not None:
-        from rlaif_jax import sharding as shd
-
-        kernel = jax.device_put(kernel, shd.logical_to_sharding(
-            jax.sharding.PartitionSpec("embed", None), kernel, mesh, shd.logical_rules()))
+    if layout is not None:
+        kernel = jax.device_put(kernel, layout.sharding(("embed", None), kernel.shape))
     return {"kernel": kernel}
 
 

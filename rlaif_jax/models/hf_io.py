@@ -24,7 +24,7 @@ import flax.linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.models.config import DecoderConfig
@@ -286,15 +286,15 @@ def _moe_layout(cfg: DecoderConfig, store: _SafetensorsDir) -> str:
 
 def load_hf(
     path: str,
-    mesh: Optional[Mesh] = None,
-    rules: Optional[Sequence] = None,
+    layout: Optional[shd.Layout] = None,
     config: Optional[DecoderConfig] = None,
     lm_head: bool = True,
     score_head: bool = False,
     **config_overrides,
 ) -> tuple[DecoderConfig, Any]:
-    """(config, params) from a local HF directory. With a mesh, params come back sharded by
-    the logical rules and each host reads only its shards; without, on the default device.
+    """(config, params) from a local HF directory. With a layout, params come back sharded
+    as `build_model(config, ..., layout=layout)` expects them and each host reads only its
+    shards; without, on the default device.
     `score_head` loads a LlamaForSequenceClassification's `score` (num_labels=1) as our
     scalar head named "score"."""
     cfg = config or DecoderConfig.from_pretrained(path, **config_overrides)
@@ -303,11 +303,11 @@ def load_hf(
     model = build_model(cfg, lm_head=lm_head, scalar_heads=heads)
     boxed = abstract_params(model)
     abstract = flatten_dict(nn.unbox(boxed))
-    if mesh is None:
+    if layout is None:
         mesh = shd.single_device_mesh()
         shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
     else:
-        shardings = flatten_dict(shd.param_shardings(boxed, mesh, rules or shd.logical_rules()))
+        shardings = flatten_dict(layout.param_shardings(boxed))
     plan = _plan(cfg, lm_head, score_head, _moe_layout(cfg, store))
     missing = [k for entries in plan.values() for e in entries for k in e.hf_keys() if k not in store.weight_map]
     if missing:

@@ -100,7 +100,7 @@ class DPO:
         B = batch["chosen_tokens"].shape[0]
         mask = both["loss_mask"].astype(jnp.float32)
         n_tok = jnp.maximum(mask.sum(-1), 1.0)
-        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], mesh=mesh,
+        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"],
                     **train_rngs(model, rng))
         tok_lp = token_logps(out["logits"], both["tokens"]) * mask
         sums = tok_lp.sum(-1)
@@ -115,7 +115,7 @@ class DPO:
             ref = ref / n_tok if average else ref
             rc, rr = ref[:B], ref[B:]
         else:
-            ref_out = apply(model, ref_params, both["tokens"], both["positions"], both["segment_ids"], mesh=mesh)
+            ref_out = apply(model, ref_params, both["tokens"], both["positions"], both["segment_ids"])
             ref_sums = (token_logps(ref_out["logits"], both["tokens"]) * mask).sum(-1)
             ref_lp = jax.lax.stop_gradient(ref_sums / n_tok if average else ref_sums)
             rc, rr = ref_lp[:B], ref_lp[B:]

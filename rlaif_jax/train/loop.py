@@ -36,17 +36,18 @@ def _batch_tokens(batch: dict) -> int:
     return int(sum((v > 0).sum() for k, v in batch.items() if k.endswith("segment_ids")))
 
 
-def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str], mesh, rules, seed: int):
+def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str], layout: Optional[shd.Layout],
+                seed: int):
     """(cfg, model, params): from an HF directory when given (a reward model gets a fresh
     score head on the pretrained trunk), else random."""
     if cfg is None:
         cfg = DecoderConfig.from_pretrained(init_from)
-    model = build_model(cfg, lm_head=objective.lm_head, scalar_heads=objective.scalar_heads)
+    model = build_model(cfg, lm_head=objective.lm_head, scalar_heads=objective.scalar_heads, layout=layout)
     if not init_from:
-        return cfg, model, init_params(model, jax.random.key(seed), mesh, rules)
-    _, params = load_hf(init_from, mesh=mesh, rules=rules, config=cfg, lm_head=objective.lm_head)
+        return cfg, model, init_params(model, jax.random.key(seed))
+    _, params = load_hf(init_from, layout=layout, config=cfg, lm_head=objective.lm_head)
     for head in objective.scalar_heads:
-        params[head_param(head)] = init_scalar_head(cfg, jax.random.key(seed + 1), mesh)
+        params[head_param(head)] = init_scalar_head(cfg, jax.random.key(seed + 1), layout)
     return cfg, model, params
 
 
@@ -157,8 +158,8 @@ def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, mod
     batches = itertools.chain([first] if first else [], batches)
 
     the_mesh = mesh() if callable(mesh) else mesh
-    rules = shd.logical_rules()
-    cfg, model, params = load_policy(objective, model_config, init_from, the_mesh, rules, seed)
+    layout = shd.Layout(the_mesh, shd.logical_rules())
+    cfg, model, params = load_policy(objective, model_config, init_from, layout, seed)
     ref_params = jax.tree.map(jnp.copy, params) if objective.needs_reference else None
     state = jax.jit(lambda p: create_state(p, tx, seed))(params)
     del params
@@ -229,5 +230,5 @@ def sample_texts(model, params, tok, prompts: Sequence[str], max_new_tokens: int
     eos = tuple(model.cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
     sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, eos_ids=eos,
                         pad_id=tok.pad_token_id or 0)
-    out = generate(model, params, ids, jax.random.key(0), sp, mesh=mesh)
+    out = generate(model, params, ids, jax.random.key(0), sp)
     return [tok.decode(t[:n], skip_special_tokens=True) for t, n in zip(out.tokens, out.lengths)]

@@ -168,16 +168,18 @@ class PPOTrainer:
     scored batch over the data axes, the state donated to the update.
     """
 
-    def __init__(self, cfg: DecoderConfig, config: PPOConfig, tx, mesh, ref_params, reward_model=None,
+    def __init__(self, cfg: DecoderConfig, config: PPOConfig, tx, layout: Optional[shd.Layout], ref_params, reward_model=None,
                  reward_params=None, reward_fn: Optional[Callable] = None, eos_ids=(), pad_id: int = 0,
                  kl: KLController = KLController(), value_cfg: Optional[DecoderConfig] = None):
-        self.cfg, self.c, self.tx, self.mesh = cfg, config, tx, mesh
+        self.cfg, self.c, self.tx = cfg, config, tx
+        self.mesh = layout.mesh if layout is not None else None
         self.kl = kl
         shared = config.uses_critic and config.value_model == "shared"
-        self.policy = build_model(cfg, scalar_heads=(VALUE_HEAD,) if shared else ())
-        self.sampler_model = build_model(cfg)
+        self.policy = build_model(cfg, scalar_heads=(VALUE_HEAD,) if shared else (), layout=layout)
+        self.sampler_model = build_model(cfg, layout=layout)
         separate = config.uses_critic and not shared
-        self.value = build_model(value_cfg or cfg, lm_head=False, scalar_heads=(VALUE_HEAD,)) if separate else None
+        self.value = (build_model(value_cfg or cfg, lm_head=False, scalar_heads=(VALUE_HEAD,), layout=layout)
+                      if separate else None)
         self.ref_params = ref_params
         self.reward_model, self.reward_params, self.reward_fn = reward_model, reward_params, reward_fn
         if reward_fn is None and reward_model is None:
@@ -214,24 +216,22 @@ class PPOTrainer:
 
     def _values(self, params, tokens, positions, segs, P):
         if self.value is not None:
-            out = apply(self.value, params["value"], tokens, positions, segs, mesh=self.mesh)
+            out = apply(self.value, params["value"], tokens, positions, segs)
         else:
-            out = apply(self.policy, params["policy"], tokens, positions, segs, mesh=self.mesh)
+            out = apply(self.policy, params["policy"], tokens, positions, segs)
         # The value of the state before emitting response token t sits at position t-1.
         return out[VALUE_HEAD][:, P - 1:-1]
 
     def _scores(self, reward_params, tokens, positions, segs, rmask, P):
         if self.reward_fn is not None:
             return self.reward_fn(tokens, positions, segs, rmask, P)
-        out = apply(self.reward_model, reward_params, tokens, positions, segs, mesh=self.mesh)
+        out = apply(self.reward_model, reward_params, tokens, positions, segs)
         return gather_last(out[SCORE_HEAD], segs)
 
     def _sample(self, params, prompt_batch, rng):
         """(response [B, R] token ids, lengths [B]) sampled from the policy for left-padded
         prompts (tokens, positions, segment_ids, each [B, P])."""
-        response, lengths, _ = _generate(self.sampler_model, self.sampling, self.mesh,
-                                         shd.logical_rules() if self.mesh else None,
-                                         self._policy_lm(params), *prompt_batch, rng)
+        response, lengths, _ = _generate(self.sampler_model, self.sampling, self._policy_lm(params), *prompt_batch, rng)
         return response, lengths
 
     def _score(self, params, ref_params, reward_params, kl_coef, prompt_batch, response, lengths):
@@ -242,9 +242,9 @@ class PPOTrainer:
         P = prompt_tokens.shape[1]
         tokens, positions, segs, rmask = full_sequences(prompt_tokens, prompt_pos, prompt_seg, response, lengths)
         mask = rmask.astype(jnp.float32)
-        pol = apply(self.sampler_model, self._policy_lm(params), tokens, positions, segs, mesh=self.mesh)
+        pol = apply(self.sampler_model, self._policy_lm(params), tokens, positions, segs)
         logp, entropy = response_logps_and_entropy(pol["logits"] / c.temperature, tokens, P)
-        ref = apply(self.sampler_model, ref_params, tokens, positions, segs, mesh=self.mesh)
+        ref = apply(self.sampler_model, ref_params, tokens, positions, segs)
         ref_logp, _ = response_logps_and_entropy(ref["logits"] / c.temperature, tokens, P)
         logp, ref_logp = logp * mask, ref_logp * mask
 
@@ -292,7 +292,7 @@ class PPOTrainer:
         c = self.c
         P = mb["tokens"].shape[1] - mb["mask"].shape[1]
         mask = mb["mask"]
-        out = apply(self.policy, params["policy"], mb["tokens"], mb["positions"], mb["segment_ids"], mesh=self.mesh)
+        out = apply(self.policy, params["policy"], mb["tokens"], mb["positions"], mb["segment_ids"])
         logp, entropy = response_logps_and_entropy(out["logits"] / c.temperature, mb["tokens"], P)
         log_ratio = (logp - mb["old_logp"]) * mask
         ratio = jnp.exp(log_ratio)
@@ -311,7 +311,7 @@ class PPOTrainer:
         }
         if c.uses_critic:
             if self.value is not None:
-                v_out = apply(self.value, params["value"], mb["tokens"], mb["positions"], mb["segment_ids"], mesh=self.mesh)
+                v_out = apply(self.value, params["value"], mb["tokens"], mb["positions"], mb["segment_ids"])
                 v = v_out[VALUE_HEAD][:, P - 1:-1]
                 loss = loss + self._moe_aux(self.value, v_out)
             else:
@@ -531,18 +531,18 @@ def _plan(data_state, *, policy, reward_model, prompts, num_iterations, reward_f
                           config.rollout_batch_size, config.samples_per_prompt, config.max_prompt_length,
                           tok.pad_token_id or 0, seed, data_state)
     the_mesh = mesh() if callable(mesh) else mesh
-    rules = shd.logical_rules()
-    cfg, pol_params = load_hf(policy, mesh=the_mesh, rules=rules)
+    layout = shd.Layout(the_mesh, shd.logical_rules())
+    cfg, pol_params = load_hf(policy, layout=layout)
     ref_params = jax.tree.map(jnp.copy, pol_params)
     params = {"policy": pol_params}
     rm_model = rm_params = None
     value_cfg = cfg
     if reward_model:
-        rm_cfg, rm_params = load_hf(reward_model, mesh=the_mesh, rules=rules, lm_head=False, score_head=True)
-        rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=(SCORE_HEAD,))
+        rm_cfg, rm_params = load_hf(reward_model, layout=layout, lm_head=False, score_head=True)
+        rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=(SCORE_HEAD,), layout=layout)
     if config.uses_critic:
         if config.value_model == "shared":
-            params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
+            params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(seed + 1), layout)
         else:
             if rm_params is not None:  # TRL initialises the critic from the reward model
                 value = jax.tree.map(jnp.copy, without_head(rm_params, SCORE_HEAD))
@@ -550,11 +550,11 @@ def _plan(data_state, *, policy, reward_model, prompts, num_iterations, reward_f
                 value_cfg = rm_cfg
             else:
                 value = {k: jax.tree.map(jnp.copy, v) for k, v in pol_params.items() if k != "lm_head"}
-                value[head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(seed + 1), the_mesh)
+                value[head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(seed + 1), layout)
                 value_cfg = cfg
             params["value"] = value
     eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    trainer = PPOTrainer(cfg, config, tx, the_mesh, ref_params, rm_model, rm_params, reward_fn, eos,
+    trainer = PPOTrainer(cfg, config, tx, layout, ref_params, rm_model, rm_params, reward_fn, eos,
                          tok.pad_token_id or 0, kl, value_cfg=value_cfg)
     state = jax.jit(lambda p, extra: create_state(p, tx, seed, extra))(params, trainer.initial_extra())
 

@@ -91,8 +91,9 @@ def _precompute(preferences_dir, out_dir, reference, tokenizer, batch_size, seq_
     tokenizer = local_hf_dir(tokenizer, "tokenizer", weights=False)
     tok = load_tokenizer(tokenizer or reference)
     mesh = shd.make_mesh(-1, 1, 1)
-    cfg, params = load_hf(reference, mesh=mesh, dtype=dtype, param_dtype=dtype)
-    model = build_model(cfg)
+    layout = shd.Layout(mesh, shd.logical_rules())
+    cfg, params = load_hf(reference, layout=layout, dtype=dtype, param_dtype=dtype)
+    model = build_model(cfg, layout=layout)
     records = list(read_records(preferences_dir, PREFERENCES))
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
     pairs = enc.encode_pairs([r["prompt"] for r in records], [r["chosen"] for r in records],
@@ -101,7 +102,7 @@ def _precompute(preferences_dir, out_dir, reference, tokenizer, batch_size, seq_
     @jax.jit
     def score(params, batch):
         both = concat_pairs(batch)
-        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], mesh=mesh)
+        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"])
         return sequence_logps(out["logits"], both["tokens"], both["loss_mask"])
 
     logps = np.zeros((len(records), 2), np.float64)

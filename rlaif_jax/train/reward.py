@@ -19,9 +19,9 @@ def bradley_terry_losses(r_chosen, r_rejected, margin=0.0):
     return -jax.nn.log_sigmoid(r_chosen - r_rejected - margin)
 
 
-def sequence_rewards(model, params, tokens, positions, segment_ids, mesh=None):
+def sequence_rewards(model, params, tokens, positions, segment_ids):
     """[B] reward of each (right-padded, unpacked) row under a reward model."""
-    out = apply(model, params, tokens, positions, segment_ids, mesh=mesh)
+    out = apply(model, params, tokens, positions, segment_ids)
     return gather_last(out[SCORE_HEAD], segment_ids)
 
 
@@ -45,7 +45,7 @@ class RewardModel:
     def loss(self, model, params, batch, ref_params, rng, mesh):
         both = concat_pairs(batch)
         B = batch["chosen_tokens"].shape[0]
-        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], mesh=mesh,
+        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"],
                     **train_rngs(model, rng))
         r = gather_last(out[SCORE_HEAD], both["segment_ids"])
         rc, rr = r[:B], r[B:]

@@ -92,8 +92,7 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
 
             def body(carry, xs):
                 mb, k = xs
-                with shd.mesh_rules(mesh):
-                    mb = jax.tree.map(lambda x: shd.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1)), mb)
+                mb = jax.tree.map(lambda x: shd.constrain(model.layout, x, ("activation_batch",) + (None,) * (x.ndim - 1)), mb)
                 (ls, (w, m)), g = grad_fn(state.params, mb, ref_params, k)
                 return _tree_add(carry, (ls, w, m, g)), None
 

@@ -83,7 +83,7 @@ def test_cudnn_masking_matches_einsum(window, monkeypatch):
     the segment mask), run with the XLA implementation: cuDNN itself needs a GPU."""
     monkeypatch.setattr(
         decoder, "fused_attention",
-        lambda impl, q, k, v, pos, seg, w: decoder._index_masked_sdpa(q, k, v, seg, w, "xla"),
+        lambda impl, q, k, v, pos, seg, w, layout=None: decoder._index_masked_sdpa(q, k, v, seg, w, "xla"),
     )
     _compare(_cfg(sliding_window=window, attention_impl="xla"), 16)
 
@@ -174,6 +174,7 @@ def test_splash_under_a_mesh(monkeypatch):
     tokens, pos, seg = _packed(128)
     params, ref, _ = _reference(40, 128)
     cfg = _cfg(sliding_window=40, attention_impl="splash")
-    out = jax.jit(lambda p: apply(build_model(cfg), p, tokens, pos, seg, mesh=mesh)["logits"])(params)
+    model = build_model(cfg, layout=shd.Layout(mesh, shd.logical_rules()))
+    out = jax.jit(lambda p: apply(model, p, tokens, pos, seg)["logits"])(params)
     real = np.asarray(seg != 0)
     np.testing.assert_allclose(np.asarray(out)[real], ref[real], atol=1e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ def test_tiny_model_and_mesh_files_build():
     assert isinstance(cfg, DecoderConfig) and cfg.num_layers == 3 and cfg.num_kv_heads == 2
     mesh = shd.make_mesh()
     assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
-    params = init_params(build_model(cfg), jax.random.key(0), mesh=mesh)
+    params = init_params(build_model(cfg, layout=shd.Layout(mesh, shd.logical_rules())), jax.random.key(0))
     assert params["layers"]["mlp"]["up_proj"]["kernel"].shape == (3, 64, 176)
 
 
@@ -33,7 +33,7 @@ def test_tiny_mixtral_builds_on_a_mesh():
     cfg = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
     assert cfg.is_moe and (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_impl) == (4, 2, "ragged")
     mesh = shd.make_mesh(1, 4, 2)
-    params = init_params(build_model(cfg), jax.random.key(0), mesh=mesh)
+    params = init_params(build_model(cfg, layout=shd.Layout(mesh, shd.logical_rules())), jax.random.key(0))
     w = params["layers"]["moe"]["gate_proj"]
     assert w.shape == (2, 4, 64, 128) and tuple(w.sharding.spec) == (None, None, "fsdp", "tensor")
     assert "mlp" not in params["layers"]

@@ -206,7 +206,7 @@ def test_fused_layout_loads(tiny, tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(os.path.join(path, "config.json"), tmp_path / "config.json")
     mesh = shd.make_mesh(1, 2, 4)  # reads slices of the fused tensors
-    _, fused = load_hf(str(tmp_path), mesh=mesh)
+    _, fused = load_hf(str(tmp_path), layout=shd.Layout(mesh, shd.logical_rules()))
     _, hub = load_hf(path)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fused, hub)
 
@@ -229,9 +229,9 @@ def _batch():
     return tokens, pos, segs
 
 
-def _loss(model, mesh):
+def _loss(model):
     def loss(params, tokens, pos, segs):
-        out = apply(model, params, tokens, pos, segs, mesh=mesh)
+        out = apply(model, params, tokens, pos, segs)
         logp = jax.nn.log_softmax(out["logits"][:, :-1], -1)
         tgt = jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
         nll = -(tgt * (segs[:, 1:] > 0)).sum() / (segs[:, 1:] > 0).sum()
@@ -245,7 +245,7 @@ def reference():
     assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
     model = build_model(CFG)
     params = init_params(model, jax.random.key(0))
-    (l, (logits, aux)), g = jax.jit(jax.value_and_grad(_loss(model, None), has_aux=True))(params, *_batch())
+    (l, (logits, aux)), g = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))(params, *_batch())
     return jax.device_get(params), float(l), np.asarray(logits), float(aux), jax.device_get(g)
 
 
@@ -253,15 +253,15 @@ def reference():
                                         ((1, 2, 4), "ragged"), ((2, 2, 2), "dense")])
 def test_sharded_forward_and_grad_match_single_device(reference, sizes, impl):
     params0, l0, logits0, aux0, g0 = reference
-    model = build_model(CFG.replace(moe_impl=impl))
     mesh = shd.make_mesh(*sizes)
-    params = init_params(model, jax.random.key(0), mesh=mesh)
+    model = build_model(CFG.replace(moe_impl=impl), layout=shd.Layout(mesh, shd.logical_rules()))
+    params = init_params(model, jax.random.key(0))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, params0)
     data, fsdp, tensor = sizes
     w = params["layers"]["moe"]["gate_proj"]  # [layers, expert, embed, mlp]
     assert tuple(w.sharding.spec) == (None, None, "fsdp", "tensor")
     assert w.addressable_shards[0].data.shape == (2, 4, 64 // fsdp, 128 // tensor)
-    fn = jax.jit(jax.value_and_grad(_loss(model, mesh), has_aux=True))
+    fn = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))
     (l, (logits, aux)), g = fn(params, *shd.shard_batch(_batch(), mesh))
     assert abs(float(l) - l0) < 1e-5 and abs(float(aux) - aux0) < 1e-6
     np.testing.assert_allclose(np.asarray(logits), logits0, atol=1e-5)
@@ -276,7 +276,8 @@ def test_sampler_under_mesh_matches_single_device():
     sp = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9)
     ref = generate(model, params, prompts, jax.random.key(2), sp)
     mesh = shd.make_mesh(2, 2, 2)
-    out = generate(model, init_params(model, jax.random.key(1), mesh=mesh), prompts, jax.random.key(2), sp, mesh=mesh)
+    on_mesh = build_model(CFG, layout=shd.Layout(mesh, shd.logical_rules()))
+    out = generate(on_mesh, init_params(on_mesh, jax.random.key(1)), prompts, jax.random.key(2), sp)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 

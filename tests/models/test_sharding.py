@@ -1,6 +1,8 @@
 """Forward, gradients, HF import and sampling under (data, fsdp, tensor) meshes of 8 fake CPU
 devices match the single-device results, and params really are sharded."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,9 +31,13 @@ def _batch():
     return tokens, pos, segs
 
 
-def _loss(model, mesh):
+def _layout(mesh):
+    return shd.Layout(mesh, shd.logical_rules())
+
+
+def _loss(model):
     def loss(params, tokens, pos, segs):
-        out = apply(model, params, tokens, pos, segs, mesh=mesh)
+        out = apply(model, params, tokens, pos, segs)
         logp = jax.nn.log_softmax(out["logits"][:, :-1], -1)
         tgt = jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
         return -(tgt * (segs[:, 1:] > 0)).sum() / (segs[:, 1:] > 0).sum(), out["logits"]
@@ -44,19 +50,20 @@ def reference():
     assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
     model = build_model(CFG)
     params = init_params(model, jax.random.key(0))
-    (l, logits), g = jax.jit(jax.value_and_grad(_loss(model, None), has_aux=True))(params, *_batch())
+    (l, logits), g = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))(params, *_batch())
     return model, jax.device_get(params), float(l), np.asarray(logits), jax.device_get(g)
 
 
 @pytest.mark.parametrize("sizes", MESHES)
 def test_sharded_forward_and_grad_match_single_device(reference, sizes):
-    model, params0, l0, logits0, g0 = reference
+    _, params0, l0, logits0, g0 = reference
     mesh = shd.make_mesh(*sizes)
-    params = init_params(model, jax.random.key(0), mesh=mesh)
+    model = build_model(CFG, layout=_layout(mesh))
+    params = init_params(model, jax.random.key(0))
     # Initialisation is sharding-independent: same key, same values.
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, params0)
     batch = shd.shard_batch(_batch(), mesh)
-    fn = jax.jit(jax.value_and_grad(_loss(model, mesh), has_aux=True))
+    fn = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))
     (l, logits), g = fn(params, *batch)
     assert abs(float(l) - l0) < 1e-5
     np.testing.assert_allclose(np.asarray(logits), logits0, atol=1e-5)
@@ -67,7 +74,7 @@ def test_sharded_forward_and_grad_match_single_device(reference, sizes):
 def test_params_are_really_sharded(sizes):
     data, fsdp, tensor = sizes
     mesh = shd.make_mesh(*sizes)
-    params = init_params(build_model(CFG), jax.random.key(0), mesh=mesh)
+    params = init_params(build_model(CFG, layout=_layout(mesh)), jax.random.key(0))
     q = params["layers"]["attn"]["q_proj"]["kernel"]  # [layers, embed, heads, head_dim]
     assert isinstance(q.sharding, NamedSharding)
     assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None)
@@ -88,7 +95,7 @@ def test_mesh_sizes_and_indivisible_dims():
     # 6 kv heads cannot split over tensor=4: that dim is replicated, the rest still sharded.
     mesh = shd.make_mesh(1, 2, 4)
     cfg = CFG.replace(num_heads=6, num_kv_heads=6, head_dim=8)
-    params = init_params(build_model(cfg), jax.random.key(0), mesh=mesh)
+    params = init_params(build_model(cfg, layout=_layout(mesh)), jax.random.key(0))
     k = params["layers"]["attn"]["k_proj"]["kernel"]
     assert tuple(k.sharding.spec) == (None, "fsdp", None, None)
     rules = shd.logical_rules(overrides=[("embed", None), ("heads", None)])
@@ -104,9 +111,9 @@ def test_hf_import_straight_into_shards(tmp_path):
     save_hf_model(hf, tmp_path, max_shard_size="40KB")
     cfg, ref = load_hf(str(tmp_path))
     mesh = shd.make_mesh(2, 2, 2)
-    _, params = load_hf(str(tmp_path), mesh=mesh)
+    _, params = load_hf(str(tmp_path), layout=_layout(mesh))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ref)
-    expected = init_params(build_model(cfg), jax.random.key(0), mesh=mesh)
+    expected = init_params(build_model(cfg, layout=_layout(mesh)), jax.random.key(0))
     jax.tree.map(lambda a, b: a.sharding.is_equivalent_to(b.sharding, a.ndim) or pytest.fail("sharding"), params, expected)
     assert params["layers"]["attn"]["k_proj"]["kernel"].addressable_shards[0].data.shape == (3, 32, 1, 16)
     del torch
@@ -119,7 +126,28 @@ def test_sampler_under_mesh_matches_single_device():
     sp = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9)
     ref = generate(model, params, prompts, jax.random.key(2), sp)
     mesh = shd.make_mesh(2, 2, 2)
-    sharded = init_params(model, jax.random.key(1), mesh=mesh)
-    out = generate(model, sharded, prompts, jax.random.key(2), sp, mesh=mesh)
+    on_mesh = build_model(CFG, layout=_layout(mesh))
+    sharded = init_params(on_mesh, jax.random.key(1))
+    out = generate(on_mesh, sharded, prompts, jax.random.key(2), sp)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_a_model_built_for_a_mesh_always_constrains():
+    """The layout travels with the model: a plain jitted apply (no mesh argument anywhere)
+    lowers with the activation sharding constraints (embeddings and block outputs over the
+    batch axes, the MLP and the logits also over tensor); a model built without a layout
+    refuses params placed on a mesh instead of silently running them unconstrained."""
+    mesh = shd.make_mesh(1, 2, 4)
+    model = build_model(CFG, layout=_layout(mesh))
+    params = init_params(model, jax.random.key(0))
+    tokens, pos, segs = shd.shard_batch(_batch(), mesh)
+    text = jax.jit(lambda p, t, po, s: apply(model, p, t, po, s)["logits"]).lower(params, tokens, pos, segs).as_text()
+    constraints = re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, \[(.*?)\]>", text)
+    assert '{"data", "fsdp"}, {}, {}' in constraints  # [batch, length, embed]
+    assert '{"data", "fsdp"}, {}, {"tensor"}' in constraints  # [batch, length, mlp / vocab]
+    unplaced = build_model(CFG)
+    with pytest.raises(ValueError, match="without a layout"):
+        jax.jit(lambda p, t: apply(unplaced, p, t)["logits"])(params, tokens)
+    with pytest.raises(ValueError, match="without a layout"):
+        generate(unplaced, params, [[1, 2, 3]], jax.random.key(0), SamplingParams(max_new_tokens=2))

@@ -144,8 +144,8 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(world, 
 
 def _one_step(world, batch, grad_accum, mesh=None, objective=None, steps=1):
     objective = objective or SFT(reduction="mean")
-    model = build_model(world["cfg"])
-    params = init_params(model, jax.random.key(0), mesh)
+    model = build_model(world["cfg"], layout=None if mesh is None else shd.Layout(mesh, shd.logical_rules()))
+    params = init_params(model, jax.random.key(0))
     tx, sched = make_optimizer(name="sgd", learning_rate=0.5, clip_norm=None)
     state = create_state(params, tx, 0)
     step = jax.jit(make_train_step(objective, model, tx, sched, grad_accum, mesh))

@@ -71,9 +71,11 @@ class LocalModel:
         self.tokenizer = load_tokenizer(hf_dir)
         # This host's devices: a sampler serves (or samples for) one host, also on a
         # multi-host slice where process 0 samples while the others wait.
-        self.mesh = shd.make_mesh(*mesh_shape, devices=jax.local_devices()) if mesh_shape else None
-        self.cfg, self.params = load_hf(hf_dir, mesh=self.mesh, dtype=dtype, param_dtype=dtype)
-        self.model = build_model(self.cfg)
+        # Mesh and rules are read together here, where the sampler's mesh is made.
+        layout = shd.Layout(shd.make_mesh(*mesh_shape, devices=jax.local_devices()), shd.logical_rules()) \
+            if mesh_shape else None
+        self.cfg, self.params = load_hf(hf_dir, layout=layout, dtype=dtype, param_dtype=dtype)
+        self.model = build_model(self.cfg, layout=layout)
         self.template = template
         self.max_prompt_length, self.max_length = max_prompt_length, max_length
         tok = self.tokenizer
@@ -111,7 +113,7 @@ class LocalModel:
         sp = SamplingParams(max_new_tokens=steps, temperature=temperature, top_p=top_p, top_k=top_k,
                             eos_ids=self.eos_ids, pad_id=self.pad_id)
         with self._lock:
-            out = generate(self.model, self.params, [list(p) for p in prompts], jax.random.key(seed), sp, mesh=self.mesh)
+            out = generate(self.model, self.params, [list(p) for p in prompts], jax.random.key(seed), sp)
         samples = []
         for p, toks, n, lps, budget in zip(prompts, out.tokens, out.lengths, out.logprobs, budgets):
             n = int(min(n, budget))
@@ -133,7 +135,7 @@ class LocalModel:
             scale = temperature if temperature > 0 else 1.0  # the sampler's convention for greedy
 
             def fn(params, tokens, segs):
-                logits = apply(self.model, params, tokens, None, segs, mesh=self.mesh)["logits"]
+                logits = apply(self.model, params, tokens, None, segs)["logits"]
                 logp = jax.nn.log_softmax(logits.astype(jnp.float32) / scale, axis=-1)
                 return jax.lax.top_k(logp, k)
 
