@@ -2,11 +2,14 @@
 
   prompts -> teacher -> sft -> samples -> critic -> preferences -> dpo | reward_model -> ppo -> evaluate
 
-Each stage is the library's own run function (prepare_prompts, teacher_stage,
-import_paper_completions, train, policy_samples_stage, critic_stage, preferences_stage,
-train_ppo, evaluate), called inside a gin scope of the stage's name, so an arm's recipe
-binds e.g. `sft/make_optimizer.learning_rate = 1e-6` beside `dpo/make_optimizer.learning_rate
-= 1e-7`, while unscoped bindings (batch size, max length) hold for every stage.
+Each stage is declared once in ARM_STAGES, a record of the stage registry
+(rlaif_jax.registry: inputs, outputs, done marker, host 0 or all hosts, summary keys, and
+the function), whose runner walks them. A stage calls the library's own run function
+(prepare_prompts, teacher_stage, import_paper_completions, train, policy_samples_stage,
+critic_stage, preferences_stage, train_ppo, evaluate) inside a gin scope of its name, so an
+arm's recipe binds e.g. `sft/make_optimizer.learning_rate = 1e-6` beside
+`dpo/make_optimizer.learning_rate = 1e-7`, while unscoped bindings (batch size, max length)
+hold for every stage.
 
 Shared data (prompts and teacher completions) lives under `data_dir` and is reused by every
 arm that points there; everything the arm trains or judges lives under `out_dir`. A stage
@@ -24,14 +27,12 @@ while the others wait at a coordination-service barrier.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import hashlib
 import logging
 import os
 import re
 import time
-import traceback
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
@@ -39,36 +40,15 @@ import jax
 
 from rlaif_jax import fileio
 from rlaif_jax.data.records import DEMONSTRATIONS, PROMPTS, read_manifest, read_records, write_records
-from rlaif_jax.fileio import read_json, write_json
 from rlaif_jax.errors import UserError
+from rlaif_jax.fileio import read_json, write_json
+from rlaif_jax.registry import Runner, Stage, Status, by_name, is_complete, output_paths
 
 log = logging.getLogger(__name__)
-
-STAGES = ("prompts", "teacher", "sft", "samples", "critic", "preferences", "dpo", "reward_model", "ppo", "evaluate")
-# Stages that call APIs, rewrite records or sample on one host's devices: on a multi-host
-# slice process 0 runs them alone (nothing is requested, or paid for, once per host) while
-# the others wait. Training stages run on every process over the whole mesh; `samples`
-# splits its prompts over the hosts, each sampling on its own chips.
-_HOST0_STAGES = ("prompts", "teacher", "critic", "preferences", "evaluate")
-# Where each stage leaves its output, relative to out_dir (prompts / teacher: data_dir).
-_OUT = {"sft_data": "sft_data", "sft": "sft", "samples": "samples", "critic": "comparisons",
-        "preferences": "preferences", "dpo": "dpo", "reward_model": "reward_model", "ppo": "ppo",
-        "evaluate": "eval", "evaluate_sft": "eval_sft"}
-_SUMMARY_KEYS = {
-    "sft": ("step", "loss"),
-    "dpo": ("step", "loss", "rewards/accuracies", "rewards/margins"),
-    "reward_model": ("step", "loss", "accuracy", "eval/accuracy"),
-    "ppo": ("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward"),
-}
-_DONE_FILES = ("manifest.json", "summary.json", "metrics.json")
 
 
 class ArmError(UserError):
     """A recipe that cannot run as written (names the binding to change)."""
-
-
-def is_complete(path: str) -> bool:
-    return any(fileio.exists(fileio.join(path, f)) for f in _DONE_FILES)
 
 
 def safe_name(model: str) -> str:
@@ -76,35 +56,50 @@ def safe_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
 
 
-class Status:
-    """status.json: one entry per stage, rewritten atomically at every change."""
+@dataclasses.dataclass(frozen=True)
+class ArmSettings:
+    """One arm, as run_arm's gin bindings give it (see run_arm for each field); checked on
+    construction, passed whole to the stages."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.stages: dict = read_json(path).get("stages", {}) if fileio.exists(path) else {}
+    out_dir: str
+    data_dir: str
+    stages: tuple[str, ...]
+    base_model: Optional[str] = None
+    prompt_source: Optional[str] = None
+    source_teacher: str = "sharegpt-chatgpt"
+    teachers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    teacher_imports: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    sft_teacher: str = "sharegpt-chatgpt"
+    sft_splits: tuple[str, ...] = ("sft",)
+    sft_fraction: Optional[float] = None
+    pair_teacher: str = "sharegpt-chatgpt"
+    critic: Optional[Callable] = None
+    eval_set: Optional[str] = None
+    judge: Optional[Callable] = None
+    truncate_pairs: bool = True
+    evaluate_sft: bool = False
+    stage_dirs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    labels: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    num_shards: int = 8
+    host0_timeout_s: float = 48 * 3600.0
+    cache_dir: Optional[str] = None  # None: default_cache_dir(data_dir)
+    max_request_errors: float = 0.02
 
-    def set(self, stage: str, **fields) -> None:
-        fields["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self.stages[stage] = fields
-        if jax.process_index() == 0:
-            write_json(self.path, {"stages": self.stages})
-
-
-def barrier(name: str, timeout_s: float) -> None:
-    """All processes wait here. Uses the coordination service's barrier, with a timeout
-    long enough for process 0 to sample or query an API for hours, rather than a device
-    collective that would sit blocked in XLA meanwhile."""
-    if jax.process_count() == 1:
-        return
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    if client is None:  # pragma: no cover - multi-process without jax.distributed
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-        return
-    client.wait_at_barrier(name, int(timeout_s * 1000))
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ArmError(f"run_arm.stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise ArmError(f"run_arm.stages must follow the pipeline's order {list(STAGES)} once each, "
+                           f"got {list(self.stages)}")
+        if self.sft_fraction is not None and not 0.0 <= self.sft_fraction <= 1.0:
+            raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {self.sft_fraction}")
+        bad_dirs = set(self.stage_dirs) - set(_OUT)
+        if bad_dirs:
+            raise ArmError(f"run_arm.stage_dirs: unknown stage(s) {sorted(bad_dirs)}; stages with outputs are "
+                           f"{sorted(_OUT)}")
 
 
 @gin.configurable
@@ -177,27 +172,23 @@ def run_arm(
                      stage. Multi-host arms need out_dir and data_dir on storage every host
                      sees (gs://).
     """
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ArmError(f"run_arm.stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
-    order = [STAGES.index(s) for s in stages]
-    if order != sorted(order) or len(set(order)) != len(order):
-        raise ArmError(f"run_arm.stages must follow the pipeline's order {list(STAGES)} once each, got {list(stages)}")
-    if sft_fraction is not None and not 0.0 <= sft_fraction <= 1.0:
-        raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {sft_fraction}")
-    bad_dirs = set(stage_dirs or {}) - set(_OUT)
-    if bad_dirs:
-        raise ArmError(f"run_arm.stage_dirs: unknown stage(s) {sorted(bad_dirs)}; stages with outputs are {sorted(_OUT)}")
-    fileio.makedirs(out_dir)
-    arm = _Arm(out_dir=out_dir, data_dir=data_dir, stages=tuple(stages), base_model=base_model,
-               prompt_source=prompt_source, source_teacher=source_teacher, teachers=dict(teachers or {}),
-               teacher_imports=dict(teacher_imports or {}), sft_teacher=sft_teacher, sft_splits=tuple(sft_splits),
-               sft_fraction=sft_fraction, pair_teacher=pair_teacher, critic=critic, eval_set=eval_set,
-               judge=judge, truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft,
-               stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed, num_shards=num_shards,
-               host0_timeout_s=host0_timeout_s, cache_dir=cache_dir or default_cache_dir(data_dir),
-               max_request_errors=max_request_errors)
-    return arm.run()
+    settings = ArmSettings(
+        out_dir=out_dir, data_dir=data_dir, stages=tuple(stages), base_model=base_model, prompt_source=prompt_source,
+        source_teacher=source_teacher, teachers=dict(teachers or {}), teacher_imports=dict(teacher_imports or {}),
+        sft_teacher=sft_teacher, sft_splits=tuple(sft_splits), sft_fraction=sft_fraction, pair_teacher=pair_teacher,
+        critic=critic, eval_set=eval_set, judge=judge, truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft,
+        stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed, num_shards=num_shards,
+        host0_timeout_s=host0_timeout_s, cache_dir=cache_dir, max_request_errors=max_request_errors)
+    return run_arm_settings(settings)
+
+
+def run_arm_settings(settings: ArmSettings) -> dict:
+    """Runs (or resumes) the arm `settings` describe; returns its summary (also
+    out_dir/summary.json). run_arm is this with gin's bindings."""
+    if not settings.cache_dir:
+        settings = dataclasses.replace(settings, cache_dir=default_cache_dir(settings.data_dir))
+    fileio.makedirs(settings.out_dir)
+    return _Arm(settings).run()
 
 
 def default_cache_dir(data_dir: str) -> str:
@@ -209,89 +200,66 @@ def default_cache_dir(data_dir: str) -> str:
     return local
 
 
-@dataclasses.dataclass
 class _Arm:
-    """run_arm's arguments, checked; the stage methods below wire each stage's inputs to the
-    outputs of the stages before it."""
+    """One arm being run: resolves each stage's inputs to the outputs of the stages before
+    it, and collects the summary; the stage functions below do the work."""
 
-    out_dir: str
-    data_dir: str
-    stages: tuple
-    base_model: Optional[str]
-    prompt_source: Optional[str]
-    source_teacher: str
-    teachers: dict
-    teacher_imports: dict
-    sft_teacher: str
-    sft_splits: tuple
-    sft_fraction: Optional[float]
-    pair_teacher: str
-    critic: Optional[Callable]
-    eval_set: Optional[str]
-    judge: Optional[Callable]
-    truncate_pairs: bool
-    evaluate_sft: bool
-    stage_dirs: dict
-    labels: dict
-    seed: int
-    num_shards: int
-    host0_timeout_s: float
-    cache_dir: str
-    max_request_errors: float
-
-    def __post_init__(self):
-        self.status = Status(fileio.join(self.out_dir, "status.json"))
-        self.name = os.path.basename(os.path.normpath(self.out_dir))
+    def __init__(self, settings: ArmSettings):
+        self.settings = settings
+        self.name = os.path.basename(os.path.normpath(settings.out_dir))
         self.results: dict = {}  # filled on process 0 only
-        self._barriers = 0
+        self.runner = Runner(self.name, Status(fileio.join(settings.out_dir, "status.json")), settings.host0_timeout_s)
 
     # -- paths ----------------------------------------------------------------------------
 
-    def out(self, stage: str) -> str:
+    def out(self, key: str) -> str:
         """A stage's output: stage_dirs overrides, else under out_dir."""
-        return self.stage_dirs.get(stage) or fileio.join(self.out_dir, _OUT[stage])
+        return self.settings.stage_dirs.get(key) or fileio.join(self.settings.out_dir, _OUT[key])
 
     def prompts(self, split: str) -> str:
-        return fileio.join(self.data_dir, "prompts", split)
+        return fileio.join(self.settings.data_dir, "prompts", split)
 
     def teacher_dir(self, model: str, split: str) -> str:
-        if model == self.source_teacher:
-            return fileio.join(self.data_dir, "demonstrations", split)
-        return fileio.join(self.data_dir, "teachers", safe_name(model), "demonstrations", split)
+        if model == self.settings.source_teacher:
+            return fileio.join(self.settings.data_dir, "demonstrations", split)
+        return fileio.join(self.settings.data_dir, "teachers", safe_name(model), "demonstrations", split)
 
     def cache(self, role: str) -> str:
         """One answer cache per role, shared by every arm on this data: requests are keyed
         by their whole content (model included), so a repeated request is never paid twice."""
-        return os.path.join(self.cache_dir, f"{safe_name(role)}.jsonl")
+        return os.path.join(self.settings.cache_dir, f"{safe_name(role)}.jsonl")
 
     def needed_teachers(self) -> list[tuple[str, str]]:
+        s = self.settings
         need = []
         # The SFT teacher's data even when the arm stops before SFT (an arm that only
         # prepares data for others).
-        if self.sft_fraction != 0.0 and "sft" not in self.stage_dirs:
-            splits = ("sft", "feedback") if self.sft_fraction is not None else self.sft_splits
-            need += [(self.sft_teacher, s) for s in splits]
-        if "critic" in self.stages:
-            need.append((self.pair_teacher, "feedback"))
+        if s.sft_fraction != 0.0 and "sft" not in s.stage_dirs:
+            splits = ("sft", "feedback") if s.sft_fraction is not None else s.sft_splits
+            need += [(s.sft_teacher, split) for split in splits]
+        if "critic" in s.stages:
+            need.append((s.pair_teacher, "feedback"))
         return list(dict.fromkeys(need))
 
     def policy(self) -> str:
         """What the arm ends with: the last policy trained (or given), else the base model."""
+        s = self.settings
         for stage in ("ppo", "dpo", "sft"):
-            trains = stage in self.stages and not (stage == "sft" and self.sft_fraction == 0.0)
-            if trains or stage in self.stage_dirs:
+            trains = stage in s.stages and not (stage == "sft" and s.sft_fraction == 0.0)
+            if trains or stage in s.stage_dirs:
                 return fileio.join(self.out(stage), "hf")
-        if self.base_model is None:
+        if s.base_model is None:
             raise ArmError("the arm trains no policy: give run_arm.base_model (evaluated as is)")
-        return self.base_model
+        return s.base_model
 
     def sft_policy(self) -> str:
-        if ("sft" in self.stages and self.sft_fraction != 0.0) or "sft" in self.stage_dirs:
+        s = self.settings
+        if ("sft" in s.stages and s.sft_fraction != 0.0) or "sft" in s.stage_dirs:
             return fileio.join(self.out("sft"), "hf")
-        if self.base_model is None:
+        if s.base_model is None:
             raise ArmError("no SFT policy: add 'sft' to run_arm.stages, give run_arm.stage_dirs['sft'], "
                            "or run_arm.base_model")
-        return self.base_model
+        return s.base_model
 
     def local(self, hf_dir: str) -> str:
         """An HF directory on local disk: under a gs:// out_dir the trainers upload each
@@ -305,104 +273,21 @@ class _Arm:
         """Failed API requests above max_request_errors (a bad key, a quota, a wrong model
         name) must not pass for a finished stage that a relaunch would reuse: the output's
         done file goes, the answers received stay cached, and the arm stops naming them."""
-        if total and errors / total > self.max_request_errors:
+        limit = self.settings.max_request_errors
+        if total and errors / total > limit:
             fileio.remove(fileio.join(out, done_file), missing_ok=True)
             raise ArmError(f"{stage}: {errors} of {total} API requests failed (see {out}: errors.jsonl / the "
                            f"records' error fields). The answers received are cached; fix the cause and relaunch, "
                            f"and only the failed requests are asked again (or raise run_arm.max_request_errors, "
-                           f"now {self.max_request_errors}).")
+                           f"now {limit}).")
 
     def require(self, path: str, what: str, hint: str) -> str:
         if not is_complete(path):
             raise ArmError(f"{what} not found at {path} ({hint})")
         return path
 
-    # -- driver ---------------------------------------------------------------------------
-
-    def run(self) -> dict:
-        t0 = time.time()
-        for stage in self.stages:
-            self.run_stage(stage)
-        summary = {"arm": self.name, "policy": self.policy(), "stages": list(self.stages),
-                   "sft_teacher": self.sft_teacher, "sft_data": self.sft_data_label(), "pair_teacher": self.pair_teacher,
-                   **self.labels, **self.results, "seconds": round(time.time() - t0, 1)}
-        if jax.process_index() == 0:
-            write_json(fileio.join(self.out_dir, "summary.json"), summary)
-        return summary
-
-    def run_stage(self, stage: str) -> None:
-        if stage in _HOST0_STAGES and jax.process_index() != 0:
-            self.wait(stage)
-            return
-        t0 = time.time()
-        self.status.set(stage, state="running")
-        try:
-            with gin.config_scope(stage):
-                outcome = getattr(self, f"stage_{stage}")()
-        except BaseException as e:
-            # The error stays on record beside the outputs already written; relaunching the
-            # arm resumes at this stage.
-            self.status.set(stage, state="failed", error=f"{type(e).__name__}: {e}",
-                            traceback=traceback.format_exc(limit=8), seconds=round(time.time() - t0, 1))
-            raise
-        self.status.set(stage, state=outcome.pop("state", "done"), seconds=round(time.time() - t0, 1), **outcome)
-        self.wait(stage)
-
     def wait(self, what: str) -> None:
-        self._barriers += 1
-        barrier(f"rlaif_arm/{self.name}/{what}/{self._barriers}", self.host0_timeout_s)
-
-    # -- stages ---------------------------------------------------------------------------
-
-    def stage_prompts(self) -> dict:
-        from rlaif_jax.data.prompts.prepare import prepare_prompts
-
-        stats = fileio.join(self.data_dir, "stats.json")
-        state = "reused"
-        if not fileio.exists(stats):  # prepare_prompts writes it last
-            if not self.prompt_source:
-                raise ArmError("the prompts stage needs run_arm.prompt_source (a ShareGPT / Alpaca / JSONL file)")
-            prepare_prompts(self.prompt_source, self.data_dir, num_shards=self.num_shards)
-            state = "done"
-        self.results.update({f"prompts/{k}": v for k, v in read_json(stats).items() if k in ("sft", "feedback")})
-        return {"state": state, "output": self.data_dir}
-
-    def stage_teacher(self) -> dict:
-        from rlaif_jax.data.prompts.imports import import_paper_completions
-        from rlaif_jax.feedback.stages import teacher_stage
-
-        done = []
-        for model, split in self.needed_teachers():
-            out = self.teacher_dir(model, split)
-            if is_complete(out):
-                continue
-            if model == self.source_teacher:
-                raise ArmError(f"{model} completions ({split}) should come with the prompts at {out}: the prompt "
-                               f"source has no replies; set run_arm.source_teacher to the model that wrote them, "
-                               f"or to '' and list {model} in run_arm.teachers")
-            if model in self.teacher_imports:
-                import_paper_completions(self.teacher_imports[model], os.path.dirname(os.path.dirname(out)),
-                                         source_model=model, prompts_dir=self.data_dir, num_shards=self.num_shards)
-            elif model in self.teachers:
-                from rlaif_jax.feedback.client import FeedbackClient
-
-                with gin.config_scope(None), gin.config_scope(self.teachers[model]):
-                    client = FeedbackClient(model=model, cache_path=self.cache(f"teacher-{model}"))
-                    teacher_stage(prompts=self.prompts(split), out_dir=out, client=client, split=split,
-                                  num_shards=self.num_shards)
-                report = read_json(fileio.join(out, "report.json"))
-                self.check_requests(f"teacher {model} ({split})", out, "manifest.json", report["request_errors"],
-                                    report["requested"])
-                if report["request_errors"]:
-                    log.warning("teacher %s (%s): %d request errors, listed in %s/errors.jsonl", model, split,
-                                report["request_errors"], out)
-                self.results[f"teacher/{safe_name(model)}/{split}/request_errors"] = report["request_errors"]
-            else:
-                raise ArmError(f"the arm needs {model} completions for the {split} prompts and has no way to get "
-                               f"them: add {model!r} to run_arm.teachers (a client) or run_arm.teacher_imports "
-                               f"(a released completions file)")
-            done.append(f"{model}/{split}")
-        return {"state": "done" if done else "reused", "made": done}
+        self.runner.wait(what)
 
     def train_results(self, stage: str, run_dir: str) -> dict:
         """The run's last logged metrics into the arm's summary (for reused runs too);
@@ -410,169 +295,289 @@ class _Arm:
         if jax.process_index() != 0:  # the summary is process 0's
             return {}
         summary = read_json(fileio.join(run_dir, "summary.json"))
-        keys = _SUMMARY_KEYS[stage]
+        keys = ARM_REGISTRY[stage].summary_keys
         self.results.update({f"{stage}/{k}": summary[k] for k in keys if k in summary})
         return {}
 
     def sft_data_label(self) -> str:
-        return f"fraction {self.sft_fraction}" if self.sft_fraction is not None else "+".join(self.sft_splits)
+        s = self.settings
+        return f"fraction {s.sft_fraction}" if s.sft_fraction is not None else "+".join(s.sft_splits)
 
     def sft_data(self) -> list[str]:
-        if self.sft_fraction is None:
-            return [self.require(self.teacher_dir(self.sft_teacher, s), f"{self.sft_teacher} completions ({s})",
-                                 "add 'teacher' to run_arm.stages") for s in self.sft_splits]
+        s = self.settings
+        if s.sft_fraction is None:
+            return [self.require(self.teacher_dir(s.sft_teacher, split), f"{s.sft_teacher} completions ({split})",
+                                 "add 'teacher' to run_arm.stages") for split in s.sft_splits]
         out = self.out("sft_data")
         if not is_complete(out) and jax.process_index() == 0:
-            write_fraction_subset(self.data_dir, [self.teacher_dir(self.sft_teacher, s) for s in ("sft", "feedback")],
-                                  self.sft_fraction, out, self.num_shards)
+            write_fraction_subset(s.data_dir, [self.teacher_dir(s.sft_teacher, split) for split in ("sft", "feedback")],
+                                  s.sft_fraction, out, s.num_shards)
         self.wait("sft_data")
         return [out]
 
-    def stage_sft(self) -> dict:
-        from rlaif_jax.data.pipeline.builders import sft_pipeline
-        from rlaif_jax.train import SFT
-        from rlaif_jax.train.loop import train
+    # -- driver ---------------------------------------------------------------------------
 
-        if self.sft_fraction == 0.0:
-            return {"state": "skipped", "reason": "sft_fraction 0: the policy is the base model"}
-        out = self.out("sft")
+    def run(self) -> dict:
+        s = self.settings
+        t0 = time.time()
+        self.runner.run([ARM_REGISTRY[name] for name in s.stages], self)
+        summary = {"arm": self.name, "policy": self.policy(), "stages": list(s.stages),
+                   "sft_teacher": s.sft_teacher, "sft_data": self.sft_data_label(), "pair_teacher": s.pair_teacher,
+                   **s.labels, **self.results, "seconds": round(time.time() - t0, 1)}
+        if jax.process_index() == 0:
+            write_json(fileio.join(s.out_dir, "summary.json"), summary)
+        return summary
+
+
+# -- stages -----------------------------------------------------------------------------
+# Each takes the arm and returns its status.json outcome; a stage whose output is complete
+# reuses it (and still reads its numbers into the summary).
+
+def stage_prompts(arm: "_Arm") -> dict:
+    from rlaif_jax.data.prompts.prepare import prepare_prompts
+
+    s = arm.settings
+    stats = fileio.join(s.data_dir, ARM_REGISTRY["prompts"].done)
+    state = "reused"
+    if not fileio.exists(stats):  # prepare_prompts writes it last
+        if not s.prompt_source:
+            raise ArmError("the prompts stage needs run_arm.prompt_source (a ShareGPT / Alpaca / JSONL file)")
+        prepare_prompts(s.prompt_source, s.data_dir, num_shards=s.num_shards)
+        state = "done"
+    arm.results.update({f"prompts/{k}": v for k, v in read_json(stats).items() if k in ("sft", "feedback")})
+    return {"state": state, "output": s.data_dir}
+
+
+def stage_teacher(arm: "_Arm") -> dict:
+    from rlaif_jax.data.prompts.imports import import_paper_completions
+    from rlaif_jax.feedback.stages import teacher_stage
+
+    s = arm.settings
+    done = []
+    for model, split in arm.needed_teachers():
+        out = arm.teacher_dir(model, split)
         if is_complete(out):
-            return {"state": "reused", "output": out, **self.train_results("sft", out)}
-        if self.base_model is None:
-            raise ArmError("the sft stage needs run_arm.base_model (an HF directory)")
-        data = self.sft_data()
-        train(run_dir=out, objective=SFT(), init_from=self.base_model,
-              train_data=functools.partial(sft_pipeline, data), seed=self.seed)
-        return {"output": out, "data": data, **self.train_results("sft", out)}
+            continue
+        if model == s.source_teacher:
+            raise ArmError(f"{model} completions ({split}) should come with the prompts at {out}: the prompt "
+                           f"source has no replies; set run_arm.source_teacher to the model that wrote them, "
+                           f"or to '' and list {model} in run_arm.teachers")
+        if model in s.teacher_imports:
+            import_paper_completions(s.teacher_imports[model], os.path.dirname(os.path.dirname(out)),
+                                     source_model=model, prompts_dir=s.data_dir, num_shards=s.num_shards)
+        elif model in s.teachers:
+            from rlaif_jax.feedback.client import FeedbackClient
 
-    def stage_samples(self) -> dict:
-        """One sample of the SFT policy per feedback prompt. On n hosts, host i samples every
-        n-th prompt on its own chips into samples/parts/, then process 0 joins the parts in
-        the prompts' order into the record set the critic reads."""
-        from rlaif_jax.feedback.settings import SamplingSettings
-        from rlaif_jax.feedback.stages import policy_samples_stage
+            with gin.config_scope(None), gin.config_scope(s.teachers[model]):
+                client = FeedbackClient(model=model, cache_path=arm.cache(f"teacher-{model}"))
+                teacher_stage(prompts=arm.prompts(split), out_dir=out, client=client, split=split,
+                              num_shards=s.num_shards)
+            report = read_json(fileio.join(out, "report.json"))
+            arm.check_requests(f"teacher {model} ({split})", out, ARM_REGISTRY["teacher"].done,
+                               report["request_errors"], report["requested"])
+            if report["request_errors"]:
+                log.warning("teacher %s (%s): %d request errors, listed in %s/errors.jsonl", model, split,
+                            report["request_errors"], out)
+            arm.results[f"teacher/{safe_name(model)}/{split}/request_errors"] = report["request_errors"]
+        else:
+            raise ArmError(f"the arm needs {model} completions for the {split} prompts and has no way to get "
+                           f"them: add {model!r} to run_arm.teachers (a client) or run_arm.teacher_imports "
+                           f"(a released completions file)")
+        done.append(f"{model}/{split}")
+    return {"state": "done" if done else "reused", "made": done}
 
-        out = self.out("samples")
-        if is_complete(out):
-            return {"state": "reused", "output": out}
-        sample = functools.partial(policy_samples_stage, hf_dir=self.local(self.sft_policy()),
-                                   prompts=self.prompts("feedback"), split="feedback",
-                                   sampling=dataclasses.replace(SamplingSettings(), seed=self.seed),
-                                   source_model=f"{self.name}/sft")
-        i, n = jax.process_index(), jax.process_count()
-        if n == 1:
-            sample(out_dir=out, num_shards=self.num_shards)
-            return {"output": out}
-        part = fileio.join(out, "parts", f"host-{i:03d}-of-{n:03d}")
-        if not is_complete(part):
-            sample(out_dir=part, part=(i, n))
-        self.wait("samples_parts")
-        if i == 0:
-            parts = [fileio.join(out, "parts", f"host-{j:03d}-of-{n:03d}") for j in range(n)]
-            by_id = {r["prompt_id"]: r for p in parts for r in read_records(p, DEMONSTRATIONS)}
-            order = [r["prompt_id"] for r in read_records(self.prompts("feedback"), PROMPTS)]
-            provenance = {**read_manifest(parts[0])["provenance"], "part": None, "parts": parts}
-            write_records(out, DEMONSTRATIONS, [by_id[p] for p in order if p in by_id], num_shards=self.num_shards,
-                          provenance=provenance)
-        return {"output": out, "hosts": n}
 
-    def stage_critic(self) -> dict:
-        from rlaif_jax.feedback.settings import JudgeSettings
-        from rlaif_jax.feedback.stages import critic_stage, load_comparisons
+def stage_sft(arm: "_Arm") -> dict:
+    from rlaif_jax.data.pipeline.builders import sft_pipeline
+    from rlaif_jax.train import SFT
+    from rlaif_jax.train.loop import train
 
-        out = self.out("critic")
-        state = "reused"
-        if not is_complete(out):
-            if self.critic is None:
-                raise ArmError("the critic stage needs run_arm.critic (e.g. @critic/FeedbackClient)")
-            samples = self.require(self.out("samples"), "policy samples", "add 'samples' to run_arm.stages")
-            teacher = self.require(self.teacher_dir(self.pair_teacher, "feedback"),
-                                   f"{self.pair_teacher} completions (feedback)", "add 'teacher' to run_arm.stages")
-            client = self.critic(cache_path=self.cache("critic"))
-            trunc = {"truncate_tokenizer": self.local(self.sft_policy())} if self.truncate_pairs else {}
-            critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client,
-                         judge=dataclasses.replace(JudgeSettings(), seed=self.seed), num_shards=self.num_shards, **trunc)
-            self.check_requests("critic", out, "manifest.json", *_count_errors(fileio.join(out, "comparisons.jsonl")))
-            state = "done"
-        self.results.update(critic_statistics(load_comparisons(out)))
-        return {"state": state, "output": out}
+    s = arm.settings
+    if s.sft_fraction == 0.0:
+        return {"state": "skipped", "reason": "sft_fraction 0: the policy is the base model"}
+    out = arm.out("sft")
+    if is_complete(out):
+        return {"state": "reused", "output": out, **arm.train_results("sft", out)}
+    if s.base_model is None:
+        raise ArmError("the sft stage needs run_arm.base_model (an HF directory)")
+    data = arm.sft_data()
+    train(run_dir=out, objective=SFT(), init_from=s.base_model,
+          train_data=functools.partial(sft_pipeline, data), seed=s.seed)
+    return {"output": out, "data": data, **arm.train_results("sft", out)}
 
-    def stage_preferences(self) -> dict:
-        from rlaif_jax.feedback.stages import preferences_stage
 
-        out = self.out("preferences")
-        comps = self.require(self.out("critic"), "critic comparisons", "add 'critic' to run_arm.stages")
-        state = "reused"
-        if not is_complete(out):
-            preferences_stage(comparisons=[comps], out_dir=out, num_shards=self.num_shards)
-            state = "done"
-        self.results["preferences/pairs"] = read_json(fileio.join(out, "manifest.json"))["num_records"]
-        return {"state": state, "output": out}
+def stage_samples(arm: "_Arm") -> dict:
+    """One sample of the SFT policy per feedback prompt. On n hosts, host i samples every
+    n-th prompt on its own chips into samples/parts/, then process 0 joins the parts in
+    the prompts' order into the record set the critic reads."""
+    from rlaif_jax.feedback.settings import SamplingSettings
+    from rlaif_jax.feedback.stages import policy_samples_stage
 
-    def _train_on_preferences(self, stage: str, objective) -> dict:
-        from rlaif_jax.data.pipeline.builders import preference_pipeline
-        from rlaif_jax.train.loop import train
+    s = arm.settings
+    out = arm.out("samples")
+    if is_complete(out):
+        return {"state": "reused", "output": out}
+    sample = functools.partial(policy_samples_stage, hf_dir=arm.local(arm.sft_policy()),
+                               prompts=arm.prompts("feedback"), split="feedback",
+                               sampling=dataclasses.replace(SamplingSettings(), seed=s.seed),
+                               source_model=f"{arm.name}/sft")
+    i, n = jax.process_index(), jax.process_count()
+    if n == 1:
+        sample(out_dir=out, num_shards=s.num_shards)
+        return {"output": out}
+    part = fileio.join(out, "parts", f"host-{i:03d}-of-{n:03d}")
+    if not is_complete(part):
+        sample(out_dir=part, part=(i, n))
+    arm.wait("samples_parts")
+    if i == 0:
+        parts = [fileio.join(out, "parts", f"host-{j:03d}-of-{n:03d}") for j in range(n)]
+        by_id = {r["prompt_id"]: r for p in parts for r in read_records(p, DEMONSTRATIONS)}
+        order = [r["prompt_id"] for r in read_records(arm.prompts("feedback"), PROMPTS)]
+        provenance = {**read_manifest(parts[0])["provenance"], "part": None, "parts": parts}
+        write_records(out, DEMONSTRATIONS, [by_id[p] for p in order if p in by_id], num_shards=s.num_shards,
+                      provenance=provenance)
+    return {"output": out, "hosts": n}
 
-        out = self.out(stage)
-        if is_complete(out):
-            return {"state": "reused", "output": out, **self.train_results(stage, out)}
-        prefs = self.require(self.out("preferences"), "preference records", "add 'preferences' to run_arm.stages")
-        train(run_dir=out, objective=objective, init_from=self.local(self.sft_policy()),
-              train_data=functools.partial(preference_pipeline, prefs), seed=self.seed)
-        return {"output": out, **self.train_results(stage, out)}
 
-    def stage_dpo(self) -> dict:
-        from rlaif_jax.train import DPO
+def stage_critic(arm: "_Arm") -> dict:
+    from rlaif_jax.feedback.settings import JudgeSettings
+    from rlaif_jax.feedback.stages import critic_stage, load_comparisons
 
-        return self._train_on_preferences("dpo", DPO())
+    s = arm.settings
+    out = arm.out("critic")
+    state = "reused"
+    if not is_complete(out):
+        if s.critic is None:
+            raise ArmError("the critic stage needs run_arm.critic (e.g. @critic/FeedbackClient)")
+        samples = arm.require(arm.out("samples"), "policy samples", "add 'samples' to run_arm.stages")
+        teacher = arm.require(arm.teacher_dir(s.pair_teacher, "feedback"),
+                               f"{s.pair_teacher} completions (feedback)", "add 'teacher' to run_arm.stages")
+        client = s.critic(cache_path=arm.cache("critic"))
+        trunc = {"truncate_tokenizer": arm.local(arm.sft_policy())} if s.truncate_pairs else {}
+        critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client,
+                     judge=dataclasses.replace(JudgeSettings(), seed=s.seed),
+                     num_shards=s.num_shards, **trunc)
+        errors = _count_errors(fileio.join(out, "comparisons.jsonl"))
+        arm.check_requests("critic", out, ARM_REGISTRY["critic"].done, *errors)
+        state = "done"
+    arm.results.update(critic_statistics(load_comparisons(out)))
+    return {"state": state, "output": out}
 
-    def stage_reward_model(self) -> dict:
-        from rlaif_jax.train import RewardModel
 
-        return self._train_on_preferences("reward_model", RewardModel())
+def stage_preferences(arm: "_Arm") -> dict:
+    from rlaif_jax.feedback.stages import preferences_stage
 
-    def stage_ppo(self) -> dict:
-        from rlaif_jax.train.ppo import train_ppo
+    out = arm.out("preferences")
+    comps = arm.require(arm.out("critic"), "critic comparisons", "add 'critic' to run_arm.stages")
+    state = "reused"
+    if not is_complete(out):
+        preferences_stage(comparisons=[comps], out_dir=out, num_shards=arm.settings.num_shards)
+        state = "done"
+    arm.results["preferences/pairs"] = read_json(fileio.join(out, "manifest.json"))["num_records"]
+    return {"state": state, "output": out}
 
-        out = self.out("ppo")
-        if is_complete(out):
-            return {"state": "reused", "output": out, **self.train_results("ppo", out)}
-        rm = self.require(self.out("reward_model"), "reward model", "add 'reward_model' to run_arm.stages")
-        train_ppo(run_dir=out, policy=self.local(self.sft_policy()), reward_model=self.local(fileio.join(rm, "hf")),
-                  prompts=self.prompts("feedback"), seed=self.seed)
-        return {"output": out, **self.train_results("ppo", out)}
 
-    def stage_evaluate(self) -> dict:
-        policies = [("evaluate", self.policy())]
-        if self.evaluate_sft and self.sft_policy() != policies[0][1]:
-            policies.append(("evaluate_sft", self.sft_policy()))
-        states = [self._evaluate(key, policy) for key, policy in policies]
-        return {"state": "done" if "done" in states else "reused", "output": self.out("evaluate")}
+def _train_on_preferences(arm: "_Arm", stage: str, objective) -> dict:
+    from rlaif_jax.data.pipeline.builders import preference_pipeline
+    from rlaif_jax.train.loop import train
 
-    def _evaluate(self, key: str, policy: str) -> str:
-        from rlaif_jax.eval.evaluate import evaluate
+    out = arm.out(stage)
+    if is_complete(out):
+        return {"state": "reused", "output": out, **arm.train_results(stage, out)}
+    prefs = arm.require(arm.out("preferences"), "preference records", "add 'preferences' to run_arm.stages")
+    train(run_dir=out, objective=objective, init_from=arm.local(arm.sft_policy()),
+          train_data=functools.partial(preference_pipeline, prefs), seed=arm.settings.seed)
+    return {"output": out, **arm.train_results(stage, out)}
 
-        out = self.out(key)
-        state = "reused"
-        if not is_complete(out):
-            if not self.eval_set:
-                raise ArmError("the evaluate stage needs run_arm.eval_set (AlpacaEval's JSON, or records)")
-            # Without run_arm.judge the gin bindings of `evaluate` choose (e.g. the reward-model protocol).
-            judge = {"client": self.judge(cache_path=self.cache("judge"))} if self.judge else {}
-            evaluate(out_dir=out, eval_set=self.eval_set, checkpoint=self.local(policy),
-                     generator=f"{self.name}/{_OUT[key]}", labels={"arm": self.name, "policy": policy, **self.labels},
-                     **judge)
-            judgments = fileio.join(out, "judgments.jsonl")
-            if self.judge:
-                self.check_requests(f"{key} judge", out, "metrics.json", *_count_errors(judgments))
-            state = "done"
-        m = read_json(fileio.join(out, "metrics.json"))
-        prefix = "eval" if key == "evaluate" else "eval_sft"
-        for k in ("win_rate", "standard_error", "lc_win_rate", "lc_bootstrap_standard_error",
-                  "lc_prediction_standard_error", "avg_length", "cost_usd_total"):
-            if m.get(k) is not None:
-                self.results[f"{prefix}/{k}"] = m[k]
-        return state
+
+def stage_dpo(arm: "_Arm") -> dict:
+    from rlaif_jax.train import DPO
+
+    return _train_on_preferences(arm, "dpo", DPO())
+
+
+def stage_reward_model(arm: "_Arm") -> dict:
+    from rlaif_jax.train import RewardModel
+
+    return _train_on_preferences(arm, "reward_model", RewardModel())
+
+
+def stage_ppo(arm: "_Arm") -> dict:
+    from rlaif_jax.train.ppo import train_ppo
+
+    out = arm.out("ppo")
+    if is_complete(out):
+        return {"state": "reused", "output": out, **arm.train_results("ppo", out)}
+    rm = arm.require(arm.out("reward_model"), "reward model", "add 'reward_model' to run_arm.stages")
+    train_ppo(run_dir=out, policy=arm.local(arm.sft_policy()), reward_model=arm.local(fileio.join(rm, "hf")),
+              prompts=arm.prompts("feedback"), seed=arm.settings.seed)
+    return {"output": out, **arm.train_results("ppo", out)}
+
+
+def stage_evaluate(arm: "_Arm") -> dict:
+    policies = [("evaluate", arm.policy())]
+    if arm.settings.evaluate_sft and arm.sft_policy() != policies[0][1]:
+        policies.append(("evaluate_sft", arm.sft_policy()))
+    states = [_evaluate(arm, key, policy) for key, policy in policies]
+    return {"state": "done" if "done" in states else "reused", "output": arm.out("evaluate")}
+
+
+def _evaluate(arm: "_Arm", key: str, policy: str) -> str:
+    from rlaif_jax.eval.evaluate import evaluate
+
+    s = arm.settings
+    out = arm.out(key)
+    state = "reused"
+    if not is_complete(out):
+        if not s.eval_set:
+            raise ArmError("the evaluate stage needs run_arm.eval_set (AlpacaEval's JSON, or records)")
+        # Without run_arm.judge the gin bindings of `evaluate` choose (e.g. the reward-model protocol).
+        judge = {"client": s.judge(cache_path=arm.cache("judge"))} if s.judge else {}
+        evaluate(out_dir=out, eval_set=s.eval_set, checkpoint=arm.local(policy),
+                 generator=f"{arm.name}/{_OUT[key]}", labels={"arm": arm.name, "policy": policy, **s.labels},
+                 **judge)
+        judgments = fileio.join(out, "judgments.jsonl")
+        if s.judge:
+            arm.check_requests(f"{key} judge", out, ARM_REGISTRY["evaluate"].done, *_count_errors(judgments))
+        state = "done"
+    m = read_json(fileio.join(out, "metrics.json"))
+    prefix = "eval" if key == "evaluate" else "eval_sft"
+    for k in ("win_rate", "standard_error", "lc_win_rate", "lc_bootstrap_standard_error",
+              "lc_prediction_standard_error", "avg_length", "cost_usd_total"):
+        if m.get(k) is not None:
+            arm.results[f"{prefix}/{k}"] = m[k]
+    return state
+
+
+# The arm's stages in the pipeline's order. prompts and teacher write under data_dir (shared
+# by every arm on that data), the rest under out_dir. Host-0 stages call APIs, rewrite
+# records or sample on one host's devices: on a multi-host slice process 0 runs them alone
+# (nothing is requested, or paid for, once per host) while the others wait. Training stages
+# run on every process over the whole mesh; `samples` splits its prompts over the hosts,
+# each sampling on its own chips.
+ARM_STAGES = (
+    Stage("prompts", stage_prompts, done="stats.json", host0=True),
+    Stage("teacher", stage_teacher, inputs=("prompts",), host0=True),
+    Stage("sft", stage_sft, inputs=("teacher",), outputs=(("sft", "sft"), ("sft_data", "sft_data")),
+          done="summary.json", summary_keys=("step", "loss")),
+    Stage("samples", stage_samples, inputs=("sft", "prompts"), outputs=(("samples", "samples"),)),
+    Stage("critic", stage_critic, inputs=("samples", "teacher", "sft"), outputs=(("critic", "comparisons"),),
+          host0=True),
+    Stage("preferences", stage_preferences, inputs=("critic",), outputs=(("preferences", "preferences"),), host0=True),
+    Stage("dpo", stage_dpo, inputs=("preferences", "sft"), outputs=(("dpo", "dpo"),), done="summary.json",
+          summary_keys=("step", "loss", "rewards/accuracies", "rewards/margins")),
+    Stage("reward_model", stage_reward_model, inputs=("preferences", "sft"),
+          outputs=(("reward_model", "reward_model"),), done="summary.json",
+          summary_keys=("step", "loss", "accuracy", "eval/accuracy")),
+    Stage("ppo", stage_ppo, inputs=("reward_model", "sft", "prompts"), outputs=(("ppo", "ppo"),), done="summary.json",
+          summary_keys=("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward")),
+    Stage("evaluate", stage_evaluate, inputs=("ppo", "dpo", "sft"),
+          outputs=(("evaluate", "eval"), ("evaluate_sft", "eval_sft")), done="metrics.json", host0=True),
+)
+ARM_REGISTRY = by_name(ARM_STAGES)
+STAGES = tuple(s.name for s in ARM_STAGES)
+# Output key -> its directory under out_dir (run_arm.stage_dirs may place any elsewhere).
+_OUT = output_paths(ARM_STAGES)
 
 
 def _count_errors(jsonl: str) -> tuple[int, int]:

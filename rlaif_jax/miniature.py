@@ -1,8 +1,12 @@
 """The paper in miniature on one CPU: every stage of the RLAIF pipeline, through the real
 code paths, against a synthetic world served over the OpenAI-compatible API on 127.0.0.1.
 
-Stages (each writes records under out_dir and is skipped when its output exists, so a
-killed run resumes; API answers are cached, so nothing is asked twice):
+Stages (each writes records under out_dir and is skipped when its output is complete, so
+a killed run resumes; API answers are cached, so nothing is asked twice). The world's setup
+(prompts, teachers, pretrain) is made here; then each arm walks its records of
+MINIATURE_STAGES through the stage registry's runner (rlaif_jax.registry), with the done
+markers a paper arm uses, an RL arm's SFT and feedback stages pointing at its SFT arm's
+directories (found done, so shared):
   prompts       checkable instructions: a pretraining corpus, the paper's prompts split by
                 order into 10% SFT / 90% feedback, and a held-out evaluation set
   teachers      web-corpus, weak- and strong-teacher completions (teacher stage, real client)
@@ -25,20 +29,24 @@ killed run resumes; API answers are cached, so nothing is asked twice):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import gin
 import jax
 
 from rlaif_jax import environment
 from rlaif_jax import sharding as shd
+from rlaif_jax.data.pipeline.batches import as_document_stream
+from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
 from rlaif_jax.data.prompts.prepare import prepare_prompts
 from rlaif_jax.data.records import read_records
 from rlaif_jax.data.tokenize.tokenizer import build_test_tokenizer, load_tokenizer
+from rlaif_jax.errors import ConfigError
 from rlaif_jax.eval.winrate import preferences_from_verdicts, verdict_win_rate
 from rlaif_jax.eval.winrate import win_rate as score_win_rate  # this module's win_rate takes comparisons
 from rlaif_jax.feedback.client import FeedbackClient
@@ -47,6 +55,7 @@ from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.feedback.stages import critic_stage, load_comparisons, policy_samples_stage, preferences_stage, teacher_stage
 from rlaif_jax.fileio import write_jsonl
 from rlaif_jax.models import DecoderConfig
+from rlaif_jax.registry import Runner, Stage, Status, by_name, is_complete, output_paths
 from rlaif_jax.synthetic import findings as F
 from rlaif_jax.synthetic.backend import synthetic_world
 from rlaif_jax.synthetic.tasks import make_instructions, parse_instruction, score, vocabulary
@@ -54,6 +63,7 @@ from rlaif_jax.train import DPO, SFT, RewardModel, make_optimizer
 from rlaif_jax.train.advantages import KLController
 from rlaif_jax.train.loop import train
 from rlaif_jax.train.ppo import PPOConfig, train_ppo
+from rlaif_jax.train.run_loop import LoopSettings
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +80,6 @@ RL_START = {"dpo_weak_10": ("sft_weak_10", "weak-teacher"), "ppo_weak_10": ("sft
             "dpo_strong_10": ("sft_strong_10", "strong-teacher")}
 
 
-def _done(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "manifest.json")) or os.path.exists(os.path.join(path, "summary.json"))
-
-
 def _claim_shared(shared_dir: Optional[str], settings: dict) -> None:
     """Records what a shared directory's base model was made with; refuses other settings
     (a base pretrained with other knobs would silently change every arm)."""
@@ -86,7 +92,7 @@ def _claim_shared(shared_dir: Optional[str], settings: dict) -> None:
             made = json.load(f)
         diff = {k: (made.get(k), v) for k, v in settings.items() if made.get(k) != v}
         if diff:
-            raise ValueError(f"run_miniature.shared_dir={shared_dir!r} holds a base made with other settings "
+            raise ConfigError(f"run_miniature.shared_dir={shared_dir!r} holds a base made with other settings "
                              f"(was, now): {diff}; use another shared_dir or the same settings")
         return
     with open(path, "w") as f:
@@ -120,6 +126,52 @@ def critic_policy_preferred(comparisons: Sequence[dict]) -> dict:
     decided = [c["verdict"] for c in comparisons if c["verdict"] in ("first", "second")]
     return {"policy_preferred": 100 * sum(v == "first" for v in decided) / max(len(decided), 1),
             "decided": len(decided), "judged": len(comparisons)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniatureSettings:
+    """The miniature's knobs (run_miniature's gin bindings, documented there), checked on
+    construction and passed whole to its stages."""
+
+    out_dir: str = "runs/miniature"
+    num_prompts: int = 1000
+    num_eval: int = 1000
+    num_pretrain: int = 4000
+    sft_fraction: float = 0.1
+    arms: tuple[str, ...] = ARMS
+    hidden_size: int = 128
+    num_layers: int = 2
+    pretrain_epochs: int = 8
+    pretrain_lr: float = 3e-3
+    sft_epochs: int = 3
+    sft_small_epochs: int = 10
+    sft_lr: float = 1e-3
+    batch_size: int = 32
+    feedback_samples: int = 2
+    dpo_epochs: int = 4
+    dpo_beta: float = 0.1
+    dpo_lr: float = 3e-4
+    dpo_rpo_alpha: float = 1.0
+    rm_epochs: int = 2
+    rm_lr: float = 3e-4
+    ppo_iterations: int = 60
+    ppo_lr: float = 3e-5
+    ppo_kl_coef: float = 0.1
+    eval_temperature: float = 0.7
+    eval_top_p: float = 0.9
+    seed: int = 0
+    shared_dir: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        unknown = set(self.arms) - set(ARMS)
+        if unknown:
+            raise ConfigError(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
+        for name in ("num_prompts", "num_eval", "batch_size", "feedback_samples", "hidden_size", "num_layers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"run_miniature.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_pretrain < 0:
+            raise ConfigError(f"run_miniature.num_pretrain must be >= 0 (0: no pretraining), got {self.num_pretrain}")
 
 
 @gin.configurable
@@ -166,177 +218,340 @@ def run_miniature(
     shared_dir: where the tokenizer, the web corpus and the base model live (default
     out_dir), so that runs differing only in later knobs (a sweep over teacher and critic
     strengths) pretrain once; it refuses settings other than those it was made with."""
-    unknown = set(arms) - set(ARMS)
-    if unknown:
-        raise ValueError(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
-    for name, v in (("num_prompts", num_prompts), ("num_eval", num_eval), ("batch_size", batch_size),
-                    ("feedback_samples", feedback_samples), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-        if v <= 0:
-            raise ValueError(f"run_miniature.{name} must be > 0, got {v}")
-    if num_pretrain < 0:
-        raise ValueError(f"run_miniature.num_pretrain must be >= 0 (0: no pretraining), got {num_pretrain}")
-    os.makedirs(out_dir, exist_ok=True)
-    p = functools.partial(os.path.join, out_dir)
-    shared = functools.partial(os.path.join, shared_dir or out_dir)
-    world = synthetic_world()
-    _claim_shared(shared_dir, {"seed": seed, "num_prompts": num_prompts, "num_eval": num_eval,
-                               "num_pretrain": num_pretrain, "hidden_size": hidden_size, "num_layers": num_layers,
-                               "pretrain_epochs": pretrain_epochs, "pretrain_lr": pretrain_lr,
-                               "batch_size": batch_size, "web_quality": world.models["web"].strength})
-    one_device = functools.partial(shd.make_mesh, 1, 1, 1, devices=jax.devices()[:1])
+    knobs = dict(locals())
+    return run_miniature_settings(MiniatureSettings(**{**knobs, "arms": tuple(arms)}))
 
-    # -- prompts and tokenizer. The web corpus comes last so that the paper's prompts and the
-    # eval set are the same for any num_pretrain; all are distinct instructions.
-    texts = make_instructions(num_prompts + num_eval + num_pretrain, seed=seed)
-    if not _done(p("data", "prompts", "feedback")):
-        write_jsonl(p("prompts.jsonl"), ({"prompt": t} for t in texts[:num_prompts]))
-        write_jsonl(p("eval_prompts.jsonl"), ({"prompt": t} for t in texts[num_prompts:num_prompts + num_eval]))
-        prepare_prompts(p("prompts.jsonl"), p("data"), format="plain", sft_fraction=sft_fraction)
-    if not os.path.exists(shared("pretrain_prompts.jsonl")):
-        write_jsonl(shared("pretrain_prompts.jsonl"), ({"prompt": t} for t in texts[num_prompts + num_eval:]))
-    tok_dir = shared("tokenizer")
-    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        build_test_tokenizer(tok_dir, texts=texts + [" ".join(vocabulary()), "Human: Assistant:"], vocab_size=1000)
 
-    rl_arms = [a for a in arms if a in RL_START]
-    starts = dict(RL_START[a] for a in rl_arms)  # SFT arm an RL arm starts from -> its teacher
-    with ServerThread(make_app(world)) as srv:
-        def client(model):
-            return FeedbackClient(model=model, cache_path=(shared if model == "web" else p)("cache", f"{model}.jsonl"),
-                                  base_url=srv.url,
-                                  api_key_env="RLAIF_MINIATURE_NO_KEY", max_concurrency=32, progress=progress)
+@dataclasses.dataclass(frozen=True)
+class _World:
+    """What every arm of the miniature shares: its settings, directories, the tokenizer, the
+    model's shape, the base model and the synthetic world's API address."""
 
-        def ask_teacher(model, prompts, out):
-            if not _done(out):
-                teacher_stage(prompts=prompts, out_dir=out, client=client(model), temperature=0.0)
+    settings: MiniatureSettings
+    tokenizer: str
+    model_config: DecoderConfig
+    base: Optional[str]
+    url: str
 
-        # -- teachers
-        for teacher in ("weak-teacher", "strong-teacher"):
-            for split in ("sft", "feedback"):
-                ask_teacher(teacher, p("data", "prompts", split), p("data", teacher, split))
-        ref_out = p("data", "reference", "eval")
-        ask_teacher("reference", p("eval_prompts.jsonl"), ref_out)
-        if num_pretrain:
-            ask_teacher("web", shared("pretrain_prompts.jsonl"), shared("data", "web", "pretrain"))
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.settings.out_dir, *parts)
 
-        # -- the base model, then the SFT arms from it
-        from rlaif_jax.data.pipeline.batches import as_document_stream
-        from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
+    def shared(self, *parts: str) -> str:
+        return os.path.join(self.settings.shared_dir or self.settings.out_dir, *parts)
 
-        vocab = len(load_tokenizer(tok_dir))
-        cfg = DecoderConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=int(hidden_size * 8 / 3) // 8 * 8,
-                            num_layers=num_layers, num_heads=4, num_kv_heads=2, max_position_embeddings=256,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        seq = dict(seq_len=64, max_length=64, max_prompt_length=32, batch_size=batch_size, prefetch=0)
+    def client(self, model: str) -> FeedbackClient:
+        # The web corpus lives beside the base model it pretrains, so its answers are cached there.
+        cache = (self.shared if model == "web" else self.path)("cache", f"{model}.jsonl")
+        return FeedbackClient(model=model, cache_path=cache, base_url=self.url, api_key_env="RLAIF_MINIATURE_NO_KEY",
+                              max_concurrency=32, progress=self.settings.progress)
 
-        def sft(run, dirs, epochs, lr, init_from, pretrain=False):
-            run_dir = (shared if pretrain else p)("runs", run)
-            if _done(run_dir):
-                return
-            # Pretraining reads transcripts as one stream separated by EOS (packed rows; see
-            # as_document_stream), so EOS is a trained input where the reward model reads.
-            data = (dict(packing=True, transform=as_document_stream) if pretrain else {})
-            train(run_dir=run_dir, objective=SFT(), num_steps=None,
-                  model_config=None if init_from else cfg, init_from=init_from, tokenizer=tok_dir,
-                  train_data=functools.partial(sft_pipeline, dirs, num_epochs=epochs, seed=seed, **seq, **data),
-                  optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
-                  mesh=one_device, log_every=20, seed=seed, async_checkpoint=False)
+    @property
+    def seq(self) -> dict:
+        return dict(seq_len=64, max_length=64, max_prompt_length=32, batch_size=self.settings.batch_size, prefetch=0)
 
-        base = None
-        if num_pretrain:
-            sft("base", [shared("data", "web", "pretrain")], pretrain_epochs, pretrain_lr, None, pretrain=True)
-            base = shared("runs", "base", "hf")
-        sft_data = {
-            "sft_weak_10": (["weak-teacher"], ["sft"], sft_small_epochs),
-            "sft_strong_10": (["strong-teacher"], ["sft"], sft_small_epochs),
-            "sft_weak_100": (["weak-teacher"], ["sft", "feedback"], sft_epochs),
-            "sft_strong_100": (["strong-teacher"], ["sft", "feedback"], sft_epochs),
-        }
-        needed_sft = {a for a in arms if a in sft_data} | set(starts)
-        for arm in sorted(needed_sft):
-            (teacher,), splits, epochs = sft_data[arm]
-            sft(arm, [p("data", teacher, s) for s in splits], epochs, sft_lr, base)
+    @property
+    def mesh(self) -> Callable:
+        """One device: the miniature's models are tiny, and one device is what every reader has."""
+        return functools.partial(shd.make_mesh, 1, 1, 1, devices=jax.devices()[:1])
 
-        # -- AI feedback on the 90%: policy samples vs the SFT teacher's completions
-        for start, teacher in sorted(starts.items()):
-            fb = functools.partial(p, "data", "feedback", start)
-            comps = []
-            for k in range(feedback_samples):
-                samples, judged = fb("samples", str(k)), fb("comparisons", str(k))
-                if not _done(samples):
-                    policy_samples_stage(hf_dir=p("runs", start, "hf"), prompts=p("data", "prompts", "feedback"),
-                                         out_dir=samples, source_model=start,
-                                         sampling=SamplingSettings(max_length=64, max_prompt_length=32, temperature=1.0,
-                                                                   top_p=0.9, seed=seed + 1000 * k))
-                if not _done(judged):
-                    critic_stage(responses_1=samples, responses_2=p("data", teacher, "feedback"), out_dir=judged,
-                                 client=client("critic"), judge=JudgeSettings(seed=seed + 1000 * k))
-                comps.append(judged)
-            if not _done(fb("preferences")):
-                preferences_stage(comparisons=comps, out_dir=fb("preferences"))
 
-        # -- RL
-        def rl_train(run, objective, prefs, epochs, lr, init_from):
-            if not _done(p("runs", run)):
-                train(run_dir=p("runs", run), objective=objective, num_steps=None, init_from=init_from,
-                      train_data=functools.partial(preference_pipeline, prefs, seed=seed, num_epochs=epochs, **seq),
-                      optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
-                      mesh=one_device, log_every=10, seed=seed, async_checkpoint=False)
+@dataclasses.dataclass(frozen=True)
+class _Arm:
+    """One arm of the miniature as the registry's stages see it: its name, the SFT arm it
+    starts from (itself for an SFT arm) and the teacher that SFT arm learned from."""
 
-        for arm in rl_arms:
-            start = RL_START[arm][0]
-            prefs, start_hf = p("data", "feedback", start, "preferences"), p("runs", start, "hf")
-            if arm.startswith("dpo_"):
-                rl_train(arm, DPO(beta=dpo_beta, rpo_alpha=dpo_rpo_alpha), prefs, dpo_epochs, dpo_lr, start_hf)
-                continue
-            rm = "rm_" + arm.split("_", 1)[1]
-            rl_train(rm, RewardModel(), prefs, rm_epochs, rm_lr, start_hf)
-            if not _done(p("runs", arm)):
-                train_ppo(run_dir=p("runs", arm), policy=start_hf, reward_model=p("runs", rm, "hf"),
-                          prompts=p("data", "prompts", "feedback"), num_iterations=ppo_iterations,
-                          config=PPOConfig(rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2,
-                                           max_new_tokens=16, max_prompt_length=32, missing_eos_penalty=1.0),
-                          kl=KLController(init_coef=ppo_kl_coef),
-                          optimizer=functools.partial(make_optimizer, learning_rate=ppo_lr),
-                          mesh=one_device, seed=seed, log_every=5)
+    world: _World
+    name: str
+    start: str
+    teacher: str
 
-        # -- evaluation against the reference, judged by the evaluation judge
+    def out(self, key: str) -> str:
+        """Output `key` of this arm's stages (MINIATURE_STAGES' paths, filled in)."""
+        rm = "rm_" + self.name.split("_", 1)[1]
+        return self.world.path(_OUT[key].format(arm=self.name, start=self.start, rm=rm))
+
+    def samples(self, k: int) -> str:
+        return os.path.join(self.out("samples"), str(k))
+
+    def comparisons(self, k: int) -> str:
+        return os.path.join(self.out("critic"), str(k))
+
+
+def run_miniature_settings(settings: MiniatureSettings) -> list:
+    """Runs (or resumes) the miniature `settings` describe; returns the result rows
+    (run_miniature is this with gin's bindings)."""
+    s = settings
+    os.makedirs(s.out_dir, exist_ok=True)
+    world_models = synthetic_world()
+    _claim_shared(s.shared_dir, {"seed": s.seed, "num_prompts": s.num_prompts, "num_eval": s.num_eval,
+                                 "num_pretrain": s.num_pretrain, "hidden_size": s.hidden_size,
+                                 "num_layers": s.num_layers, "pretrain_epochs": s.pretrain_epochs,
+                                 "pretrain_lr": s.pretrain_lr, "batch_size": s.batch_size,
+                                 "web_quality": world_models.models["web"].strength})
+    with ServerThread(make_app(world_models)) as srv:
+        world = _make_world(s, srv.url)
+        for name in s.arms:
+            # One process: no barriers to wait at, and no status file beside the table.
+            Runner(name, Status(None), timeout_s=0.0).run(_arm_stages(name), _arm(world, name))
         rows, per_prompt = [], {}
-        for arm in arms:
-            gen, judged = p("eval", arm, "generations"), p("eval", arm, "judgments")
-            if not _done(gen):
-                policy_samples_stage(hf_dir=p("runs", arm, "hf"), prompts=p("eval_prompts.jsonl"), out_dir=gen,
-                                     source_model=arm,
-                                     sampling=SamplingSettings(max_length=64, max_prompt_length=32,
-                                                               temperature=eval_temperature, top_p=eval_top_p, seed=seed))
-            if not _done(judged):
-                critic_stage(responses_1=gen, responses_2=ref_out, out_dir=judged, client=client("judge"),
-                             judge=JudgeSettings(seed=seed + 1))
-            comps = load_comparisons(judged)
-            samples = list(read_records(gen))
-            prefs = preferences_from_verdicts([c["verdict"] for c in comps], policy_is="first")
-            per_prompt[arm] = {"win": {c["prompt_id"]: float(x) for c, x in zip(comps, prefs)},
-                               "task": task_scores(samples)}
-            row = {"arm": arm, "label": LABELS[arm], **_win_row(score_win_rate(prefs)), **task_accuracy(samples)}
+        for name in s.arms:
+            row, per_prompt[name] = _arm_results(_arm(world, name))
             rows.append(row)
-            with open(p("eval", arm, "metrics.json"), "w") as f:
-                json.dump(row, f, indent=2)
-        critic = {start: critic_policy_preferred([c for k in range(feedback_samples)
-                                                  for c in load_comparisons(p("data", "feedback", start, "comparisons", str(k)))])
-                  for start in sorted(starts)}
+        starts = sorted({RL_START[a][0] for a in s.arms if a in RL_START})
+        critic = {start: critic_policy_preferred([c for k in range(s.feedback_samples)
+                                                  for c in load_comparisons(_arm(world, start).comparisons(k))])
+                  for start in starts}
     ref_samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": r["completion"]}
-                   for r in read_records(ref_out)]
+                   for r in read_records(world.path(*_REFERENCE))]
     found = F.findings(per_prompt)
     env = environment.describe()
-    write_report(out_dir, rows, task_accuracy(ref_samples), found, critic, env)
+    write_report(s.out_dir, rows, task_accuracy(ref_samples), found, critic, env)
     # One flat summary per miniature, so sweeps (rlaif_jax.sweep) can tabulate runs.
     summary = {f"{r['arm']}/{k}": r[k] for r in rows for k in ("win_rate", "se", "task_score", "task_exact")}
     summary.update(F.flatten(found))
     summary.update({f"critic/{start}/policy_preferred": c["policy_preferred"] for start, c in critic.items()})
     summary["environment"] = env
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    with open(os.path.join(s.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return rows
+
+
+_REFERENCE = ("data", "reference", "eval")
+
+
+def _make_world(s: MiniatureSettings, url: str) -> _World:
+    """The world the arms share: the prompts, the teachers' completions, the tokenizer and
+    the pretrained base model (each made once, then found on disk)."""
+    p = functools.partial(os.path.join, s.out_dir)
+    shared = functools.partial(os.path.join, s.shared_dir or s.out_dir)
+    # The web corpus comes last so that the paper's prompts and the eval set are the same for
+    # any num_pretrain; all are distinct instructions.
+    texts = make_instructions(s.num_prompts + s.num_eval + s.num_pretrain, seed=s.seed)
+    if not is_complete(p("data", "prompts", "feedback")):
+        write_jsonl(p("prompts.jsonl"), ({"prompt": t} for t in texts[:s.num_prompts]))
+        write_jsonl(p("eval_prompts.jsonl"), ({"prompt": t} for t in texts[s.num_prompts:s.num_prompts + s.num_eval]))
+        prepare_prompts(p("prompts.jsonl"), p("data"), format="plain", sft_fraction=s.sft_fraction)
+    if not os.path.exists(shared("pretrain_prompts.jsonl")):
+        write_jsonl(shared("pretrain_prompts.jsonl"), ({"prompt": t} for t in texts[s.num_prompts + s.num_eval:]))
+    tok_dir = shared("tokenizer")
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        build_test_tokenizer(tok_dir, texts=texts + [" ".join(vocabulary()), "Human: Assistant:"], vocab_size=1000)
+    hidden = s.hidden_size
+    cfg = DecoderConfig(vocab_size=len(load_tokenizer(tok_dir)), hidden_size=hidden,
+                        intermediate_size=int(hidden * 8 / 3) // 8 * 8, num_layers=s.num_layers, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    world = _World(settings=s, tokenizer=tok_dir, model_config=cfg,
+                   base=shared("runs", "base", "hf") if s.num_pretrain else None, url=url)
+
+    def ask_teacher(model, prompts, out):
+        if not is_complete(out):
+            teacher_stage(prompts=prompts, out_dir=out, client=world.client(model), temperature=0.0)
+
+    for teacher in ("weak-teacher", "strong-teacher"):
+        for split in ("sft", "feedback"):
+            ask_teacher(teacher, p("data", "prompts", split), p("data", teacher, split))
+    ask_teacher("reference", p("eval_prompts.jsonl"), p(*_REFERENCE))
+    if s.num_pretrain:
+        ask_teacher("web", shared("pretrain_prompts.jsonl"), shared("data", "web", "pretrain"))
+        # The base model: a tiny Llama pretrained on the web corpus. It reads transcripts as
+        # one stream separated by EOS (packed rows; see as_document_stream), so EOS is a
+        # trained input where the reward model reads.
+        if not is_complete(shared("runs", "base")):
+            _train_sft(world, shared("runs", "base"), [shared("data", "web", "pretrain")], s.pretrain_epochs,
+                       s.pretrain_lr, None, pretrain=True)
+    return world
+
+
+# SFT arm -> (its teacher, the prompt splits it learns from, the epochs it trains for: the
+# 10% arms train longer on their 100 examples).
+SFT_DATA = {
+    "sft_weak_10": ("weak-teacher", ("sft",), "sft_small_epochs"),
+    "sft_strong_10": ("strong-teacher", ("sft",), "sft_small_epochs"),
+    "sft_weak_100": ("weak-teacher", ("sft", "feedback"), "sft_epochs"),
+    "sft_strong_100": ("strong-teacher", ("sft", "feedback"), "sft_epochs"),
+}
+
+
+def _arm(world: _World, name: str) -> _Arm:
+    start, teacher = RL_START.get(name, (name, SFT_DATA.get(name, ("",))[0]))
+    return _Arm(world=world, name=name, start=start, teacher=teacher)
+
+
+def _arm_stages(name: str) -> list[Stage]:
+    """The registry stages an arm walks: its SFT policy, then for an RL arm the AI feedback
+    on the 90% and the RL stage, then the evaluation."""
+    if name.startswith("sft_"):
+        names = ("sft", "evaluate")
+    elif name.startswith("dpo_"):
+        names = ("sft", "samples", "critic", "preferences", "dpo", "evaluate")
+    else:
+        names = ("sft", "samples", "critic", "preferences", "reward_model", "ppo", "evaluate")
+    return [MINIATURE_REGISTRY[n] for n in names]
+
+
+# -- training and sampling: each library call in one place ----------------------------------
+
+
+def _train_sft(world: _World, run_dir: str, dirs: Sequence[str], epochs: int, lr: float, init_from: Optional[str],
+               pretrain: bool = False) -> None:
+    s = world.settings
+    data = (dict(packing=True, transform=as_document_stream) if pretrain else {})
+    train(run_dir=run_dir, objective=SFT(), num_steps=None,
+          model_config=None if init_from else world.model_config, init_from=init_from, tokenizer=world.tokenizer,
+          train_data=functools.partial(sft_pipeline, dirs, num_epochs=epochs, seed=s.seed, **world.seq, **data),
+          optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
+          mesh=world.mesh, seed=s.seed, loop=LoopSettings(log_every=20, async_checkpoint=False))
+
+
+def _train_on_preferences(arm: _Arm, key: str, objective, epochs: int, lr: float) -> dict:
+    out = arm.out(key)
+    if is_complete(out):
+        return {"state": "reused", "output": out}
+    s = arm.world.settings
+    train(run_dir=out, objective=objective, num_steps=None, init_from=os.path.join(arm.out("sft"), "hf"),
+          train_data=functools.partial(preference_pipeline, arm.out("preferences"), seed=s.seed, num_epochs=epochs,
+                                       **arm.world.seq),
+          optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
+          mesh=arm.world.mesh, seed=s.seed, loop=LoopSettings(log_every=10, async_checkpoint=False))
+    return {"output": out}
+
+
+def _sample(hf_dir: str, prompts: str, out: str, temperature: float, top_p: float, seed: int,
+            source_model: str) -> None:
+    policy_samples_stage(hf_dir=hf_dir, prompts=prompts, out_dir=out, source_model=source_model,
+                         sampling=SamplingSettings(max_length=64, max_prompt_length=32, temperature=temperature,
+                                                   top_p=top_p, seed=seed))
+
+
+def _judge(world: _World, role: str, responses_1: str, responses_2: str, out: str, seed: int) -> None:
+    critic_stage(responses_1=responses_1, responses_2=responses_2, out_dir=out, client=world.client(role),
+                 judge=JudgeSettings(seed=seed))
+
+
+# -- the stages -----------------------------------------------------------------------------
+
+
+def stage_sft(arm: _Arm) -> dict:
+    """SFT from the base on the arm's teacher's completions (for an RL arm: the SFT arm it
+    starts from, found done when that arm ran first)."""
+    out = arm.out("sft")
+    if is_complete(out):
+        return {"state": "reused", "output": out}
+    s = arm.world.settings
+    teacher, splits, epochs = SFT_DATA[arm.start]
+    _train_sft(arm.world, out, [arm.world.path("data", teacher, split) for split in splits], getattr(s, epochs),
+               s.sft_lr, arm.world.base)
+    return {"output": out}
+
+
+def stage_samples(arm: _Arm) -> dict:
+    """feedback_samples samples of the SFT policy per feedback prompt, each with its own seed."""
+    s = arm.world.settings
+    made = []
+    for k in range(s.feedback_samples):
+        if not is_complete(arm.samples(k)):
+            _sample(os.path.join(arm.out("sft"), "hf"), arm.world.path("data", "prompts", "feedback"),
+                    arm.samples(k), temperature=1.0, top_p=0.9, seed=s.seed + 1000 * k, source_model=arm.start)
+            made.append(k)
+    return {"state": "done" if made else "reused", "output": arm.out("samples")}
+
+
+def stage_critic(arm: _Arm) -> dict:
+    """The critic judges each sample against the SFT teacher's completion of the prompt
+    (order randomised, invalid answers kept apart)."""
+    s = arm.world.settings
+    made = []
+    for k in range(s.feedback_samples):
+        if not is_complete(arm.comparisons(k)):
+            _judge(arm.world, "critic", arm.samples(k), arm.world.path("data", arm.teacher, "feedback"),
+                   arm.comparisons(k), seed=s.seed + 1000 * k)
+            made.append(k)
+    return {"state": "done" if made else "reused", "output": arm.out("critic")}
+
+
+def stage_preferences(arm: _Arm) -> dict:
+    out = arm.out("preferences")
+    if is_complete(out):
+        return {"state": "reused", "output": out}
+    preferences_stage(comparisons=[arm.comparisons(k) for k in range(arm.world.settings.feedback_samples)],
+                      out_dir=out)
+    return {"output": out}
+
+
+def stage_dpo(arm: _Arm) -> dict:
+    s = arm.world.settings
+    return _train_on_preferences(arm, "dpo", DPO(beta=s.dpo_beta, rpo_alpha=s.dpo_rpo_alpha), s.dpo_epochs, s.dpo_lr)
+
+
+def stage_reward_model(arm: _Arm) -> dict:
+    s = arm.world.settings
+    return _train_on_preferences(arm, "reward_model", RewardModel(), s.rm_epochs, s.rm_lr)
+
+
+def stage_ppo(arm: _Arm) -> dict:
+    out = arm.out("ppo")
+    if is_complete(out):
+        return {"state": "reused", "output": out}
+    s = arm.world.settings
+    train_ppo(run_dir=out, policy=os.path.join(arm.out("sft"), "hf"),
+              reward_model=os.path.join(arm.out("reward_model"), "hf"),
+              prompts=arm.world.path("data", "prompts", "feedback"), num_iterations=s.ppo_iterations,
+              config=PPOConfig(rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2,
+                               max_new_tokens=16, max_prompt_length=32, missing_eos_penalty=1.0),
+              kl=KLController(init_coef=s.ppo_kl_coef),
+              optimizer=functools.partial(make_optimizer, learning_rate=s.ppo_lr),
+              mesh=arm.world.mesh, seed=s.seed, loop=LoopSettings(log_every=5))
+    return {"output": out}
+
+
+def stage_evaluate(arm: _Arm) -> dict:
+    """The arm's policy sampled on the held-out prompts (the paper's T=0.7, top_p 0.9),
+    judged pairwise against the reference model's answers by the evaluation judge."""
+    s = arm.world.settings
+    gen, judged = arm.out("evaluate"), arm.out("judge")
+    state = "reused"
+    if not is_complete(gen):
+        _sample(os.path.join(arm.out("policy"), "hf"), arm.world.path("eval_prompts.jsonl"), gen,
+                temperature=s.eval_temperature, top_p=s.eval_top_p, seed=s.seed, source_model=arm.name)
+        state = "done"
+    if not is_complete(judged):
+        _judge(arm.world, "judge", gen, arm.world.path(*_REFERENCE), judged, seed=s.seed + 1)
+        state = "done"
+    return {"state": state, "output": os.path.dirname(gen)}
+
+
+# The miniature's stages; output paths are under out_dir, filled in per arm ({arm}, the SFT
+# arm it starts from {start}, its reward model {rm}), so arms that start from the same SFT
+# policy share its training run and its AI feedback.
+MINIATURE_STAGES = (
+    Stage("sft", stage_sft, outputs=(("sft", "runs/{start}"),), done="summary.json"),
+    Stage("samples", stage_samples, inputs=("sft",), outputs=(("samples", "data/feedback/{start}/samples"),)),
+    Stage("critic", stage_critic, inputs=("samples",), outputs=(("critic", "data/feedback/{start}/comparisons"),)),
+    Stage("preferences", stage_preferences, inputs=("critic",),
+          outputs=(("preferences", "data/feedback/{start}/preferences"),)),
+    Stage("dpo", stage_dpo, inputs=("preferences", "sft"), outputs=(("dpo", "runs/{arm}"),), done="summary.json"),
+    Stage("reward_model", stage_reward_model, inputs=("preferences", "sft"), outputs=(("reward_model", "runs/{rm}"),),
+          done="summary.json"),
+    Stage("ppo", stage_ppo, inputs=("reward_model", "sft"), outputs=(("ppo", "runs/{arm}"),), done="summary.json"),
+    Stage("evaluate", stage_evaluate, inputs=("policy",),
+          outputs=(("evaluate", "eval/{arm}/generations"), ("judge", "eval/{arm}/judgments"))),
+)
+MINIATURE_REGISTRY = by_name(MINIATURE_STAGES)
+# Output key -> path template; "policy" is what an arm ends with (its SFT, DPO or PPO run).
+_OUT = {**output_paths(MINIATURE_STAGES), "policy": "runs/{arm}"}
+
+
+def _arm_results(arm: _Arm) -> tuple[dict, dict]:
+    """The arm's row of the table (also eval/<arm>/metrics.json) and its per-prompt win and
+    task scores (the findings pair them across arms)."""
+    comps = load_comparisons(arm.out("judge"))
+    samples = list(read_records(arm.out("evaluate")))
+    prefs = preferences_from_verdicts([c["verdict"] for c in comps], policy_is="first")
+    per_prompt = {"win": {c["prompt_id"]: float(x) for c, x in zip(comps, prefs)}, "task": task_scores(samples)}
+    row = {"arm": arm.name, "label": LABELS[arm.name], **_win_row(score_win_rate(prefs)), **task_accuracy(samples)}
+    with open(arm.world.path("eval", arm.name, "metrics.json"), "w") as f:
+        json.dump(row, f, indent=2)
+    return row, per_prompt
 
 
 def write_report(out_dir: str, rows: list, reference: dict, found: list, critic: dict, env: dict) -> None:

@@ -372,3 +372,22 @@ def test_the_papers_rlaif_arm_runs_as_written(world, tmp_path):
     assert "make_optimizer.name = 'rmsprop'" in dpo_config
     for key in ("eval/win_rate", "eval_sft/win_rate", "critic/policy_preferred", "dpo/rewards/accuracies"):
         assert key in summary, key
+
+
+def test_the_registry_declares_each_stage_once():
+    """ARM_STAGES is the one declaration: the order, the host-0 stages, the output
+    directories and the summary keys run_arm has always used follow from it."""
+    from rlaif_jax.arm import _OUT, ARM_STAGES
+
+    assert STAGES == ("prompts", "teacher", "sft", "samples", "critic", "preferences", "dpo", "reward_model", "ppo",
+                      "evaluate")
+    assert [s.name for s in ARM_STAGES if s.host0] == ["prompts", "teacher", "critic", "preferences", "evaluate"]
+    assert _OUT == {"sft_data": "sft_data", "sft": "sft", "samples": "samples", "critic": "comparisons",
+                    "preferences": "preferences", "dpo": "dpo", "reward_model": "reward_model", "ppo": "ppo",
+                    "evaluate": "eval", "evaluate_sft": "eval_sft"}
+    assert {s.name: s.summary_keys for s in ARM_STAGES if s.summary_keys} == {
+        "sft": ("step", "loss"),
+        "dpo": ("step", "loss", "rewards/accuracies", "rewards/margins"),
+        "reward_model": ("step", "loss", "accuracy", "eval/accuracy"),
+        "ppo": ("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward"),
+    }
