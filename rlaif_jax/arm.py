@@ -74,6 +74,7 @@ class ArmSettings:
     sft_fraction: Optional[float] = None
     pair_teacher: str = "sharegpt-chatgpt"
     critic: Optional[Callable] = None
+    audit_against: Optional[str] = None
     eval_set: Optional[str] = None
     judge: Optional[Callable] = None
     truncate_pairs: bool = True
@@ -87,12 +88,12 @@ class ArmSettings:
     max_request_errors: float = 0.02
 
     def __post_init__(self):
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in self.stages if s not in PIPELINE]
         if unknown:
-            raise ArmError(f"run_arm.stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
-        order = [STAGES.index(s) for s in self.stages]
+            raise ArmError(f"run_arm.stages: unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
+        order = [PIPELINE.index(s) for s in self.stages]
         if order != sorted(order) or len(set(order)) != len(order):
-            raise ArmError(f"run_arm.stages must follow the pipeline's order {list(STAGES)} once each, "
+            raise ArmError(f"run_arm.stages must follow the pipeline's order {list(PIPELINE)} once each, "
                            f"got {list(self.stages)}")
         if self.sft_fraction is not None and not 0.0 <= self.sft_fraction <= 1.0:
             raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {self.sft_fraction}")
@@ -117,6 +118,7 @@ def run_arm(
     sft_fraction: Optional[float] = None,
     pair_teacher: str = "sharegpt-chatgpt",
     critic: Optional[Callable] = None,
+    audit_against: Optional[str] = None,
     eval_set: Optional[str] = None,
     judge: Optional[Callable] = None,
     truncate_pairs: bool = True,
@@ -131,7 +133,8 @@ def run_arm(
 ) -> dict:
     """Runs (or resumes) one arm; returns its summary (also out_dir/summary.json).
 
-    stages:          an ordered subset of STAGES; what is left out must exist already (in
+    stages:          an ordered subset of PIPELINE (STAGES, and the optional 'audit' before
+                     'sft'); what is left out must exist already (in
                      data_dir, or at stage_dirs[stage], e.g. {'sft': 'runs/x/sft'} to reuse
                      another arm's SFT run).
     base_model:      HF directory of the base model (SFT starts there; evaluated as is
@@ -152,6 +155,10 @@ def run_arm(
     pair_teacher:    whose completions the policy's samples are compared to by the critic.
     critic, judge:   client constructors for the critic stage and the evaluation judge
                      (gin: an unevaluated `@critic/FeedbackClient`; called with cache_path).
+    audit_against:   the strongest model available (or the critic itself, as a teacher): the
+                     optional 'audit' stage has the critic compare sft_teacher's completions
+                     with this model's before any training (rlaif_jax.feedback.audit; its
+                     sample and split are `audit/AuditSettings.*`), into out_dir/audit.
     truncate_pairs:  cut the teacher's completion to the policy sample's token budget
                      before judging (the paper), with the SFT policy's tokenizer.
     evaluate_sft:    also evaluate the SFT policy the RL stages started from (out_dir/eval_sft,
@@ -176,7 +183,8 @@ def run_arm(
         out_dir=out_dir, data_dir=data_dir, stages=tuple(stages), base_model=base_model, prompt_source=prompt_source,
         source_teacher=source_teacher, teachers=dict(teachers or {}), teacher_imports=dict(teacher_imports or {}),
         sft_teacher=sft_teacher, sft_splits=tuple(sft_splits), sft_fraction=sft_fraction, pair_teacher=pair_teacher,
-        critic=critic, eval_set=eval_set, judge=judge, truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft,
+        critic=critic, audit_against=audit_against, eval_set=eval_set, judge=judge, truncate_pairs=truncate_pairs,
+        evaluate_sft=evaluate_sft,
         stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed, num_shards=num_shards,
         host0_timeout_s=host0_timeout_s, cache_dir=cache_dir, max_request_errors=max_request_errors)
     return run_arm_settings(settings)
@@ -239,6 +247,9 @@ class _Arm:
             need += [(s.sft_teacher, split) for split in splits]
         if "critic" in s.stages:
             need.append((s.pair_teacher, "feedback"))
+        if "audit" in s.stages and s.audit_against:
+            split = _audit_settings().split
+            need += [(s.sft_teacher, split), (s.audit_against, split)]
         return list(dict.fromkeys(need))
 
     def policy(self) -> str:
@@ -578,6 +589,58 @@ ARM_REGISTRY = by_name(ARM_STAGES)
 STAGES = tuple(s.name for s in ARM_STAGES)
 # Output key -> its directory under out_dir (run_arm.stage_dirs may place any elsewhere).
 _OUT = output_paths(ARM_STAGES)
+
+
+# -- the optional teacher-critic gap audit (issue 18) -------------------------------------
+
+def _audit_settings():
+    """AuditSettings as the audit stage builds them (in its own gin scope), wherever asked:
+    the teacher stage needs its split to fetch both models' completions."""
+    from rlaif_jax.feedback.audit import AuditSettings
+
+    with gin.config_scope(None), gin.config_scope("audit"):
+        return AuditSettings()
+
+
+def stage_audit(arm: "_Arm") -> dict:
+    """The critic compares sft_teacher's completions with audit_against's on a seeded sample
+    of one split's prompts, both orders, before anything is trained: a large gap means an
+    RLAIF gain over this SFT teacher would mostly be the paper's weak-teacher artefact."""
+    from rlaif_jax.feedback.audit import SUMMARY_KEYS, audit_gap
+    from rlaif_jax.feedback.settings import JudgeSettings
+
+    s = arm.settings
+    out = fileio.join(s.out_dir, AUDIT_STAGE.output())
+    state = "reused"
+    if not is_complete(out):
+        if not s.audit_against:
+            raise ArmError("the audit stage needs run_arm.audit_against (the strongest model available, whose "
+                           "completions the SFT teacher's are compared with)")
+        if s.critic is None:
+            raise ArmError("the audit stage needs run_arm.critic (e.g. @critic/FeedbackClient)")
+        settings = _audit_settings()
+        hint = "add 'teacher' to run_arm.stages"
+        teacher = arm.require(arm.teacher_dir(s.sft_teacher, settings.split),
+                              f"{s.sft_teacher} completions ({settings.split})", hint)
+        strong = arm.require(arm.teacher_dir(s.audit_against, settings.split),
+                             f"{s.audit_against} completions ({settings.split})", hint)
+        report = audit_gap(teacher=teacher, strong=strong, out_dir=out, client=s.critic(cache_path=arm.cache("audit")),
+                           judge=dataclasses.replace(JudgeSettings(), seed=s.seed), settings=settings)
+        arm.check_requests("audit", out, AUDIT_STAGE.done, report["api_errors"], report["join"]["sampled"])
+        state = "done"
+    report = read_json(fileio.join(out, AUDIT_STAGE.done))
+    arm.results.update({f"audit/{k}": report[k] for k in SUMMARY_KEYS if k in report})
+    return {"state": state, "output": out, "reading": report["reading"]}
+
+
+# Optional stages, each run only when run_arm.stages names it, in its place in PIPELINE (before
+# the stage named beside it). They stay out of ARM_STAGES, so an arm without them is declared,
+# laid out and summarised exactly as before.
+AUDIT_STAGE = Stage("audit", stage_audit, inputs=("teacher",), outputs=(("audit", "audit"),), done="metrics.json",
+                    host0=True)
+OPTIONAL_STAGES = ((AUDIT_STAGE, "sft"),)
+PIPELINE = tuple(n for name in STAGES for n in [o.name for o, before in OPTIONAL_STAGES if before == name] + [name])
+ARM_REGISTRY.update(by_name([opt for opt, _ in OPTIONAL_STAGES]))
 
 
 def _count_errors(jsonl: str) -> tuple[int, int]:

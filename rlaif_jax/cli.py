@@ -34,6 +34,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.data.prompts.imports",
     "rlaif_jax.feedback.client",
     "rlaif_jax.feedback.stages",
+    "rlaif_jax.feedback.audit",
     "rlaif_jax.eval.evaluate",
     "rlaif_jax.synthetic.backend",
     "rlaif_jax.synthetic.models",

@@ -9,6 +9,8 @@ APIs, with a resumable cache, limits, retries, the Batch API and cost accounting
     preferences   comparisons -> preference pairs, with a critic report
     settings      JudgeSettings, SamplingSettings: what the stages take as values (gin)
     stages        teacher / policy-samples / critic / preferences stages (gin) -> TFRecords
+    audit         the teacher-critic gap audit: the critic's preference for the strongest
+                  model over the SFT teacher, with an interval and the paper's reading
     server        an OpenAI-compatible server over pluggable backends (a local checkpoint,
                   the synthetic world, test fault injection)
 """

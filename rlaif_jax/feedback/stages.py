@@ -286,8 +286,42 @@ def judge_pairs(
       Comparison dicts (COMPARISONS fields + views, p_1, error...) in the order of tasks.
     """
     template = template or J.load_template(judge.template)
-    mode, both_orders, seed = judge.mode, judge.both_orders, judge.seed
+    plan, reqs = judge_requests(client, tasks, judge, template)
+    results = _run(client, reqs, f"critic {client.model}", judge.batch_api, judge.poll_interval_s) if reqs else []
     judge_name = judge.name or client.model
+    out = []
+    for kind, t, idx in plan:
+        if kind == "identical":
+            out.append(J.identical_comparison(t, judge_name, judge.mode))
+        elif kind == "pairwise":
+            views = [J.read_presentation(results[i], sw) for i, sw in idx]
+            out.append(J.comparison_from_views(t, judge_name, views, judge.on_disagreement,
+                                               "both_orders" if judge.both_orders else "pairwise"))
+        else:
+            r1, r2 = (J.read_rating(results[i]) for i, _ in idx)
+            out.append(J.comparison_from_ratings(t, judge_name, r1, r2))
+    return out
+
+
+def judge_requests(
+    client: FeedbackClient,
+    tasks: Sequence[J.PairTask],
+    judge: JudgeSettings,
+    template: J.JudgeTemplate,
+) -> tuple[list, list]:
+    """The requests judge_pairs sends, without sending them (so a caller can price them).
+
+    Args:
+      client: the judge's API client (builds the requests: model and cache keys).
+      tasks: the pairs, response_1 in canonical first place.
+      judge: how to ask.
+      template: judge.template, loaded.
+
+    Returns:
+      (plan, requests): plan holds (kind, task, [(request index, swapped)]) per task, kind
+      "identical" (a tie, nothing sent), "pairwise" or "rating".
+    """
+    mode, both_orders, seed = judge.mode, judge.both_orders, judge.seed
     params = judge.request_params()
     plan, reqs = [], []
     for t in tasks:
@@ -308,19 +342,7 @@ def judge_pairs(
                 idx.append((len(reqs), False))
                 reqs.append(client.request(J.rating_messages(template, t.prompt, resp), template=template.id, meta=meta, **params))
             plan.append(("rating", t, idx))
-    results = _run(client, reqs, f"critic {client.model}", judge.batch_api, judge.poll_interval_s) if reqs else []
-    out = []
-    for kind, t, idx in plan:
-        if kind == "identical":
-            out.append(J.identical_comparison(t, judge_name, mode))
-        elif kind == "pairwise":
-            views = [J.read_presentation(results[i], sw) for i, sw in idx]
-            out.append(J.comparison_from_views(t, judge_name, views, judge.on_disagreement,
-                                               "both_orders" if both_orders else "pairwise"))
-        else:
-            r1, r2 = (J.read_rating(results[i]) for i, _ in idx)
-            out.append(J.comparison_from_ratings(t, judge_name, r1, r2))
-    return out
+    return plan, reqs
 
 
 def comparison_record(c: Mapping[str, Any]) -> dict:

@@ -13,7 +13,7 @@ FILES = sorted(glob.glob(os.path.join(REPO, "configs", "feedback", "*.gin")))
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
 def test_feedback_config_parses(path):
-    import rlaif_jax.feedback.stages  # noqa: F401 - registers the configurables
+    import rlaif_jax.feedback.audit  # noqa: F401 - registers the configurables (the stages' too: it imports them)
 
     gin.clear_config()
     gin.add_config_file_search_path(REPO)
