@@ -36,14 +36,15 @@ from rlaif_jax.models.params import abstract_params
 GiB = 1024**3
 
 # name -> (topology for get_topology_desc, chip_config_name, HBM GiB per chip). Names count
-# chips for v5e and TensorCores for v4 / v5p (two per chip), as Cloud TPU names slices.
+# chips for v5e and TensorCores for v4 / v5p (two per chip), as Cloud TPU names slices. Hosts
+# come from libtpu's description; v5e-8 is left out: libtpu describes 2x4 as two hosts,
+# Cloud's v5litepod-8 is one 8-chip host (the per-process batch would be doubled).
 TPU_TOPOLOGIES = {
     "v4-8": ("v4:2x2x1", "megacore", 32),
     "v4-16": ("v4:2x2x2", "megacore", 32),
     "v4-32": ("v4:2x2x4", "megacore", 32),
     "v4-64": ("v4:2x4x4", "megacore", 32),
     "v5e-4": ("v5e:2x2", None, 16),
-    "v5e-8": ("v5e:2x4", None, 16),
     "v5e-16": ("v5e:4x4", None, 16),
     "v5e-32": ("v5e:4x8", None, 16),
     "v5p-8": ("v5p:2x2x1", None, 95),

@@ -182,7 +182,7 @@ def plan(aot, target, opt_state: str = "as_run", ppo_numerics: str = "as_run") -
 def main(argv=None) -> int:
     ap = gin_arg_parser(__doc__)
     ap.add_argument("--topology", required=True,
-                    help="the slice: v4-8|v4-16|v4-32|v4-64|v5e-4|v5e-8|v5e-16|v5e-32|v5p-8|v5p-32|v5p-64|cpu-N")
+                    help="the slice: v4-8|v4-16|v4-32|v4-64|v5e-4|v5e-16|v5e-32|v5p-8|v5p-32|v5p-64|cpu-N")
     ap.add_argument("--programs", action="append", default=[],
                     help="compile only programs whose name matches this glob, e.g. 'dpo/*' (repeatable)")
     ap.add_argument("--min_headroom", type=float, default=0.0,
