@@ -3,26 +3,28 @@
 JAX compiles for a TPU topology on a machine without one (libtpu describes the slice's
 chips), and `compiled.memory_analysis()` then gives each program's per-chip argument,
 output and temporary bytes: out-of-memory and sharding mistakes show before a pod is
-rented. Every program is built here from the stack's own pieces (build_model,
-param_shardings, make_train_step, the PPO trainer, the sampler) on ShapeDtypeStructs that
-carry their shardings, so no weight is ever created.
+rented. Every program is the run's own jitted function (train.step.jit_step,
+PPOTrainer.compile, sampling's compiled generate) lowered on ShapeDtypeStructs that carry
+the run's placement (param_shardings, step.initial_state_shardings), so no weight is ever
+created and the executable is the one the run would compile. The model resolves its
+attention kernel from its layout's devices (decoder.platform): splash for a TPU topology
+even on a CPU host.
 
-All construction of models, steps and programs for AOT lives in this module, one function
-per program kind, so a change of those APIs is a local edit here.
+What the runs would do that is not a library call (which models, which params, the
+abstract batches) lives in this module, one function per program kind.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import importlib.util
 import math
 import os
 import re
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +33,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rlaif_jax import sharding as shd
 from rlaif_jax.errors import ConfigError
 from rlaif_jax.models import DecoderConfig, build_model
-from rlaif_jax.models.params import abstract_params
+from rlaif_jax.models.params import abstract_params, param_shardings
+from rlaif_jax.train.step import (TrainState, batch_shardings, create_state, initial_state_shardings, jit_step,
+                                  make_train_step)
 
 GiB = 1024**3
 
@@ -121,19 +125,17 @@ def target(name: str) -> Target:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """One jitted function as the run compiles it, on abstract arguments.
+    """One jitted function as the run jits it (its shardings and donation), with the
+    abstract arguments to lower it on.
 
     flops: analytic FLOPs per call (all chips), from DecoderConfig.flops_per_token: XLA's
     cost_analysis counts a scanned layer body once. batch_rows: (what, rows) for every batch
     that the program splits over the mesh's batch axes (data x fsdp)."""
 
     name: str
-    fn: Callable
+    jitted: Any  # a jax.jit-wrapped function
     args: tuple
     mesh: Mesh
-    in_shardings: Any = None  # None: the shardings the abstract args carry
-    out_shardings: Any = None
-    donate_argnums: tuple = ()
     flops: float = 0.0
     batch_rows: tuple = ()
     arg_names: tuple = ()
@@ -151,13 +153,10 @@ def abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def model_params(cfg: DecoderConfig, mesh: Mesh, lm_head: bool = True, scalar_heads: Sequence[str] = ()):
-    """(model, abstract params placed as load_hf / init_params place them)."""
-    model = build_model(cfg, lm_head=lm_head, scalar_heads=scalar_heads)
-    boxed = abstract_params(model)
-    import flax.linen as nn
-
-    return model, abstract(nn.unbox(boxed), shd.param_shardings(boxed, mesh, shd.logical_rules()))
+def model_params(cfg: DecoderConfig, layout: shd.Layout, lm_head: bool = True, scalar_heads: Sequence[str] = ()):
+    """(model, abstract params placed as load_hf / init_params place them on `layout`)."""
+    model = build_model(cfg, lm_head=lm_head, scalar_heads=scalar_heads, layout=layout)
+    return model, abstract(nn.unbox(abstract_params(model)), param_shardings(model))
 
 
 def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool = False) -> dict:
@@ -188,36 +187,20 @@ def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool 
     return out
 
 
-def _batch_sharded(batch: dict, mesh: Mesh) -> dict:
-    # As train.step.compile_step places a batch: rows over data x fsdp where they divide.
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.fit_sharding(shd.batch_sharding(mesh, v.ndim),
-                                                                                  v.shape))
-            for k, v in batch.items()}
+def _placed_batch(batch: Any, mesh: Mesh) -> Any:
+    # As shard_batch places a host batch: rows over data x fsdp where they divide.
+    return abstract(batch, batch_shardings(batch, mesh))
 
 
-OPT_STATE_PLACEMENTS = ("as_run", "like_params")
+def initial_state(params: Any, tx, seed: int, extra: Optional[dict] = None) -> TrainState:
+    """The abstract TrainState that step.init_state creates for `params` (abstract, placed),
+    with its placement."""
+    shapes = jax.eval_shape(lambda p, e: create_state(p, tx, seed, e), params, extra)
+    return abstract(shapes, initial_state_shardings(params, tx, seed, extra))
 
 
-def opt_state_like_params(tx, params: Any, mesh: Mesh) -> Any:
-    """Shardings of tx.init(params) with every param-shaped leaf (moments) placed like its
-    param, the rest (step counts) replicated: what an eager tx.init of placed params gives.
-
-    Args:
-      tx: the optax transformation.
-      params: abstract params carrying their shardings.
-      mesh: the mesh.
-    Returns:
-      A tree of NamedShardings matching tx.init(params).
-    """
-    import optax
-
-    rep = NamedSharding(mesh, P())
-    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
-                                 jax.tree.map(lambda x: x.sharding, params), transform_non_params=lambda _: rep)
-
-
-def train_step_programs(name: str, objective, cfg: DecoderConfig, tx, schedule, mesh: Mesh, batch: dict,
-                        grad_accum: int = 1, seed: int = 0, opt_state: str = "as_run") -> list[Program]:
+def train_step_programs(name: str, objective, cfg: DecoderConfig, tx, schedule, layout: shd.Layout, batch: dict,
+                        grad_accum: int = 1, seed: int = 0) -> list[Program]:
     """The `train` loop's one compiled step (SFT / DPO / reward model), with the frozen
     reference when the objective needs one, as train.step.compile_step jits it.
 
@@ -226,37 +209,20 @@ def train_step_programs(name: str, objective, cfg: DecoderConfig, tx, schedule, 
       objective: SFT(), DPO(), RewardModel() (as gin builds them).
       cfg: the model's config.
       tx, schedule: make_optimizer's result.
-      mesh: the training mesh over the target's devices.
+      layout: the training mesh over the target's devices, and the rules.
       batch: batch_layout(...) of the global batch.
       grad_accum: train.grad_accum.
       seed: train.seed.
-      opt_state: "as_run": the optimizer state placed as the loop's jax.jit(create_state)
-        places it (XLA's choice for tx.init's constants: replicated); "like_params": each
-        moment placed like its param (ZeRO-3, what the loop should do).
     Returns:
       [the train step Program].
     """
-    from rlaif_jax.errors import one_of
-    from rlaif_jax.train.step import create_state, make_train_step, state_shardings
-
-    one_of("opt_state", opt_state, OPT_STATE_PLACEMENTS)
-    model, params = model_params(cfg, mesh, objective.lm_head, objective.scalar_heads)
-    shapes = jax.eval_shape(lambda p: create_state(p, tx, seed), params)
-    if opt_state == "as_run":
-        # Read from the compiled output of the loop's own jax.jit(create_state).
-        placed = jax.jit(lambda p: create_state(p, tx, seed)).lower(params).compile().output_shardings
-    else:
-        placed = shapes.replace(params=jax.tree.map(lambda x: x.sharding, params),
-                                opt_state=opt_state_like_params(tx, params, mesh))
-    rep = NamedSharding(mesh, P())
-    state = abstract(shapes, jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else rep, placed))
-    ref = params if objective.needs_reference else None
-    st_sh = state_shardings(state, mesh)
-    batch = _batch_sharded(batch, mesh)
-    ref_sh = None if ref is None else jax.tree.map(lambda x: x.sharding, ref)
-    step = make_train_step(objective, model, tx, schedule, grad_accum, mesh)
-    rows = next(iter(batch.values())).shape[0]
-    length = next(iter(batch.values())).shape[1]
+    mesh = layout.mesh
+    model, params = model_params(cfg, layout, objective.lm_head, objective.scalar_heads)
+    state = initial_state(params, tx, seed)
+    ref = params if objective.needs_reference else None  # the loop's copy, placed alike
+    batch = _placed_batch(batch, mesh)
+    jitted = jit_step(make_train_step(objective, model, tx, schedule, grad_accum, mesh), state, batch, mesh, ref)
+    rows, length = next(iter(batch.values())).shape[:2]
     seqs = rows * (2 if any(k.startswith("chosen_") for k in batch) else 1)
     # 6N per token forward + backward; a reference forward adds 2N.
     flops = cfg.flops_per_token(length) * seqs * length * (4 / 3 if ref is not None else 1)
@@ -264,17 +230,14 @@ def train_step_programs(name: str, objective, cfg: DecoderConfig, tx, schedule, 
     # rejected) and constrained over the batch axes as twice as many rows.
     what = "batch" if seqs == rows else "chosen + rejected batch"
     checks = [(what, seqs)] + ([("micro-batch", seqs // grad_accum)] if grad_accum > 1 else [])
-    return [Program(f"{name}/train_step", step, (state, batch, ref), mesh,
-                    in_shardings=(st_sh, jax.tree.map(lambda x: x.sharding, batch), ref_sh),
-                    out_shardings=(st_sh, NamedSharding(mesh, P())), donate_argnums=(0,), flops=flops,
-                    batch_rows=tuple(checks), arg_names=("state", "batch", "ref_params"))]
+    return [Program(f"{name}/train_step", jitted, (state, batch, ref), mesh, flops=flops, batch_rows=tuple(checks),
+                    arg_names=("state", "batch", "ref_params"))]
 
 
 def _prompts(rows: int, length: int, mesh: Mesh) -> tuple:
     """Left-padded prompt tokens / positions / segment ids, placed as shard_batch places them."""
     one = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-    sh = shd.fit_sharding(shd.batch_sharding(mesh, 2), one.shape)
-    return tuple(jax.ShapeDtypeStruct(one.shape, one.dtype, sharding=sh) for _ in range(3))
+    return _placed_batch((one, one, one), mesh)
 
 
 def _rng(mesh: Mesh):
@@ -289,15 +252,16 @@ def generate_flops(cfg: DecoderConfig, rows: int, prompt: int, new_tokens: int) 
     return rows * (prompt * fwd(prompt) + new_tokens * fwd(2 * (prompt + new_tokens)))
 
 
-def sampler_programs(name: str, cfg: DecoderConfig, mesh: Mesh, rows: int, prompt_length: int, new_tokens: int,
-                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> list[Program]:
-    """The sampler's one program (KV-cache prefill + while-loop decode, sampling._generate)
-    at its largest shapes: prompts padded to prompt_length, new_tokens decode steps.
+def sampler_programs(name: str, cfg: DecoderConfig, layout: shd.Layout, rows: int, prompt_length: int,
+                     new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> list[Program]:
+    """The sampler's one program (KV-cache prefill + while-loop decode, as
+    sampling.generate jits it) at its largest shapes: prompts padded to prompt_length,
+    new_tokens decode steps.
 
     Args:
       name: program name prefix ("samples", "evaluate").
       cfg: the sampler's model config (its dtype and param_dtype as it loads the weights).
-      mesh: the sampler's mesh (one host's chips).
+      layout: the sampler's mesh (one host's chips) and rules.
       rows: prompts per batch.
       prompt_length: the padded prompt length.
       new_tokens: decode steps.
@@ -305,120 +269,75 @@ def sampler_programs(name: str, cfg: DecoderConfig, mesh: Mesh, rows: int, promp
     Returns:
       [the generate Program].
     """
-    import functools
+    from rlaif_jax.sampling import SamplingParams, _compiled
 
-    from rlaif_jax.sampling import SamplingParams, _generate
-
-    model, params = model_params(cfg, mesh)
+    mesh = layout.mesh
+    model, params = model_params(cfg, layout)
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         eos_ids=tuple(cfg.eos_token_ids))
-    fn = functools.partial(_generate, model, sp, mesh, shd.logical_rules())
-    return [Program(f"{name}/generate", fn, (params, *_prompts(rows, prompt_length, mesh), _rng(mesh)), mesh,
-                    flops=generate_flops(cfg, rows, prompt_length, new_tokens), batch_rows=(("prompts", rows),),
+    return [Program(f"{name}/generate", _compiled(model, sp), (params, *_prompts(rows, prompt_length, mesh), _rng(mesh)),
+                    mesh, flops=generate_flops(cfg, rows, prompt_length, new_tokens), batch_rows=(("prompts", rows),),
                     arg_names=("params", "tokens", "positions", "segment_ids", "rng"))]
 
 
-def ppo_programs(cfg: DecoderConfig, config, tx, mesh: Mesh, rows: int, reward_cfg: Optional[DecoderConfig] = None,
-                 seed: int = 0) -> list[Program]:
-    """PPO's three programs as PPOTrainer jits them: rollout (the sampler), scoring (policy,
-    reference, value and reward forwards, advantages) and the update (ppo_epochs x
-    mini-batches of the clipped losses).
+def ppo_programs(cfg: DecoderConfig, config, tx, layout: shd.Layout, rows: int,
+                 reward_cfg: Optional[DecoderConfig] = None, seed: int = 0) -> list[Program]:
+    """PPO's three programs as PPOTrainer.compile jits them: rollout (the sampler), scoring
+    (policy, reference, value and reward forwards, advantages) and the update (ppo_epochs x
+    mini-batches of the clipped losses), with models and params as train_ppo builds them.
 
     Args:
-      cfg: the policy's config as train_ppo loads it (from the SFT export's config.json).
+      cfg: the policy's config as train_ppo loads it (the SFT export's config.json with
+        train_ppo.numerics).
       config: the PPOConfig.
       tx: the PPO optimizer.
-      mesh: the training mesh.
+      layout: the training mesh and rules.
       rows: the global rollout (rollout_batch_size x samples_per_prompt x processes).
       reward_cfg: the reward model's config (default: cfg).
       seed: train_ppo.seed.
     Returns:
       [rollout, score, update] Programs.
     """
-    from rlaif_jax.train.ppo import VALUE_HEAD, PPOState, PPOTrainer
+    from rlaif_jax.models.heads import SCORE_HEAD
+    from rlaif_jax.train.ppo import VALUE_HEAD, PPOTrainer
 
+    mesh = layout.mesh
     reward_cfg = reward_cfg or cfg
-    rm_model, rm_params = model_params(reward_cfg, mesh, lm_head=False, scalar_heads=("score",))
-    _, policy = model_params(cfg, mesh)
-    _, ref = model_params(cfg, mesh)
+    rm_model, rm_params = model_params(reward_cfg, layout, lm_head=False, scalar_heads=(SCORE_HEAD,))
+    _, policy = model_params(cfg, layout)
+    ref = policy  # train_ppo's copy of the policy, placed alike
     params = {"policy": policy}
     if config.uses_critic:
+        # The shared critic is a head on the policy; a separate one the reward model's trunk.
         shared = config.value_model == "shared"
-        _, head_host = model_params(cfg if shared else reward_cfg, mesh, lm_head=not shared,
-                                    scalar_heads=(VALUE_HEAD,))
-        if shared:
-            params["policy"] = head_host
-        else:
-            params["value"] = head_host
-    trainer = PPOTrainer(cfg, config, tx, mesh, ref_params=None, reward_model=rm_model, reward_params=None,
-                         value_cfg=reward_cfg)
-    rep = NamedSharding(mesh, P())
-    # train_ppo calls tx.init eagerly on the placed params: moments keep their params' shardings.
-    opt_sh = opt_state_like_params(tx, params, mesh)
-    scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
-    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed)))
-    state = PPOState(step=scalar(jnp.int32), params=params,
-                     opt_state=abstract(jax.eval_shape(tx.init, params), opt_sh),
-                     rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=rep),
-                     kl_coef=scalar(jnp.float32))
-    Pn, R = config.max_prompt_length, config.max_new_tokens
-    prompts = _prompts(rows, Pn, mesh)
+        _, head_host = model_params(cfg if shared else reward_cfg, layout, lm_head=shared, scalar_heads=(VALUE_HEAD,))
+        params["policy" if shared else "value"] = head_host
+    trainer = PPOTrainer(cfg, config, tx, layout, ref, rm_model, rm_params, value_cfg=reward_cfg)
+    state = initial_state(params, tx, seed, trainer.initial_extra())
+    prompts = _prompts(rows, config.max_prompt_length, mesh)
+    sample, score, update = trainer.compile(state, prompts)
+    rng = _rng(mesh)
+    response, lengths = _placed_batch(jax.eval_shape(trainer._sample, state.params, prompts, rng), mesh)
+    kl_coef = state.extra["kl_coef"]
+    scored, _ = jax.eval_shape(trainer._score, state.params, ref, rm_params, kl_coef, prompts, response, lengths)
+    scored = _placed_batch(scored, mesh)
 
-    # The trainer closes over the frozen reference and reward params; here they are explicit
-    # arguments (abstract values cannot be closed over), counted as the run's arguments.
-    def with_frozen(method):
-        def fn(ref_params, reward_params, *args):
-            t = copy.copy(trainer)
-            t.ref_params, t.reward_params = ref_params, reward_params
-            return getattr(t, method)(*args)
-        return fn
-
-    batch_sh = shd.fit_sharding(shd.batch_sharding(mesh, 2), (rows, R))
-    response = jax.ShapeDtypeStruct((rows, R), jnp.int32, sharding=batch_sh)
-    lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=shd.fit_sharding(shd.batch_sharding(mesh, 1),
-                                                                                 (rows,)))
     n_pol = 1 + (config.uses_critic and config.value_model == "separate")
-    T = Pn + R
+    P_, R = config.max_prompt_length, config.max_new_tokens
+    T = P_ + R
     fwd = cfg.flops_per_token(T) / 3 * rows * T
-    rollout = Program("ppo/rollout", trainer._sample, (params, *prompts, _rng(mesh)), mesh,
-                      flops=generate_flops(cfg, rows, Pn, R), batch_rows=(("rollout", rows),),
-                      arg_names=("params", "tokens", "positions", "segment_ids", "rng"))
-    score = Program("ppo/score", with_frozen("_score"),
-                    (ref, rm_params, params, scalar(jnp.float32), *prompts, response, lengths), mesh,
-                    flops=fwd * (2 + n_pol), batch_rows=(("rollout", rows),),
-                    arg_names=("ref_params", "reward_params", "params", "kl_coef", "tokens", "positions",
-                               "segment_ids", "response", "lengths"))
-    seq_sh = shd.fit_sharding(shd.batch_sharding(mesh, 2), (rows, T))
-    seq = lambda dt: jax.ShapeDtypeStruct((rows, T), dt, sharding=seq_sh)  # noqa: E731
-    resp = lambda: jax.ShapeDtypeStruct((rows, R), jnp.float32, sharding=batch_sh)  # noqa: E731
-    batch = dict(tokens=seq(jnp.int32), positions=seq(jnp.int32), segment_ids=seq(jnp.int32), mask=resp(),
-                 old_logp=resp(), old_values=resp(), advantages=resp(), returns=resp())
-    update = Program("ppo/update", trainer._update, (state, batch), mesh, donate_argnums=(0,),
-                     flops=fwd * 3 * n_pol * config.ppo_epochs,
-                     batch_rows=(("rollout", rows), ("mini-batch", config.mini_batch_size)),
-                     arg_names=("state", "batch"))
-    return [rollout, score, update]
+    return [
+        Program("ppo/rollout", sample, (state.params, prompts, rng), mesh, flops=generate_flops(cfg, rows, P_, R),
+                batch_rows=(("rollout", rows),), arg_names=("params", "prompts", "rng")),
+        Program("ppo/score", score, (state.params, ref, rm_params, kl_coef, prompts, response, lengths), mesh,
+                flops=fwd * (2 + n_pol), batch_rows=(("rollout", rows),),
+                arg_names=("params", "ref_params", "reward_params", "kl_coef", "prompts", "response", "lengths")),
+        Program("ppo/update", update, (state, scored), mesh, flops=fwd * 3 * n_pol * config.ppo_epochs,
+                batch_rows=(("rollout", rows), ("mini-batch", config.mini_batch_size)), arg_names=("state", "batch")),
+    ]
 
 
 # -- compiling and reporting -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _backend_reports(platform: str):
-    """While tracing for another platform's devices, jax.default_backend() says that platform.
-
-    The model picks its attention kernel (attention_impl 'auto': splash on TPU) from
-    jax.default_backend(), which is the host's CPU when compiling for a TPU topology, so
-    without this the TPU executable would carry the CPU's einsum attention."""
-    if jax.default_backend() == platform:
-        yield
-        return
-    original = jax.default_backend
-    jax.default_backend = lambda: platform
-    try:
-        yield
-    finally:
-        jax.default_backend = original
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,19 +436,13 @@ def compile_program(program: Program, target: Target) -> tuple[Report, Any]:
 
     Args:
       program: what to compile.
-      target: the slice (its platform decides the attention kernel, see _backend_reports).
+      target: the slice (the programs' meshes are over its devices).
     Returns:
       (Report, jax.stages.Compiled), or (Report with .error, None) when the compiler finds
       the program does not fit the chip.
     """
-    kw = {}
-    if program.in_shardings is not None:
-        kw["in_shardings"] = program.in_shardings
-    if program.out_shardings is not None:
-        kw["out_shardings"] = program.out_shardings
     t0 = time.perf_counter()
-    with _backend_reports(target.platform):
-        lowered = jax.jit(program.fn, donate_argnums=program.donate_argnums, **kw).lower(*program.args)
+    lowered = program.jitted.lower(*program.args)
     common = dict(name=program.name, hbm_bytes=target.hbm_bytes, flops=program.flops, chips=program.mesh.size,
                   warnings=tuple(replication_warnings(program, target.hbm_bytes)), largest=_largest_args(program))
     try:

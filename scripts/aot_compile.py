@@ -69,12 +69,20 @@ def model_config(scope: str = ""):
 
 
 def exported(cfg, **overrides):
-    """The config of a model loaded from an HF export of `cfg` (dtype, remat: defaults)."""
+    """The config of a model loaded from an HF export of `cfg` with these numerics
+    overrides (the rest of dtype, remat, ...: DecoderConfig's defaults)."""
     return cfg.replace(**{**_RUNTIME_DEFAULTS, **overrides})
 
 
-def train_programs(aot, target, stage: str, objective=None, opt_state: str = "as_run"):
+def layout(devices):
+    """The Layout a run builds where it starts: make_mesh (in the caller's gin scope) over
+    the target's devices, with logical_rules()."""
     from rlaif_jax import sharding as shd
+
+    return shd.Layout(shd.make_mesh(devices=devices), shd.logical_rules())
+
+
+def train_programs(aot, target, stage: str, objective=None):
     from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
     from rlaif_jax.train.loop import train
     from rlaif_jax.train.optim import make_optimizer
@@ -87,67 +95,72 @@ def train_programs(aot, target, stage: str, objective=None, opt_state: str = "as
         per_process = setting(pipe, pipe_name, "batch_size", stage)
         seq_len = setting(pipe, pipe_name, "seq_len", stage)
         grad_accum = setting(train, "train", "grad_accum", stage)
+        seed = setting(train, "train", "seed", stage)
         tx, schedule = make_optimizer(params=None, default_total_steps=1000)
-        mesh = shd.make_mesh(devices=target.devices)
+        lay = layout(target.devices)
     rows = per_process * target.hosts
     precomputed = getattr(objective, "reference", None) == "precomputed"
     batch = aot.batch_layout(objective.data_kind, rows, seq_len, precomputed)
     note = (f"{stage or 'train'}: global batch {rows} = {pipe_name}.batch_size {per_process} x {target.hosts} "
-            f"host(s); mesh {_shape(mesh)}")
-    return note, aot.train_step_programs(stage or "train", objective, cfg, tx, schedule, mesh, batch, grad_accum,
-                                         opt_state=opt_state)
+            f"host(s); mesh {_shape(lay.mesh)}")
+    return note, aot.train_step_programs(stage or "train", objective, cfg, tx, schedule, lay, batch, grad_accum, seed)
 
 
-def ppo_programs(aot, target, stage: str, numerics: str = "as_run"):
-    from rlaif_jax import sharding as shd
+def ppo_programs(aot, target, stage: str):
+    from rlaif_jax.models.config import numerics_overrides
     from rlaif_jax.train.optim import make_optimizer
-    from rlaif_jax.train.ppo import PPOConfig
+    from rlaif_jax.train.ppo import PPOConfig, train_ppo
 
     with gin.config_scope(stage or None):
-        config = PPOConfig()
+        config = setting(train_ppo, "train_ppo", "config", stage)
         tx, _ = make_optimizer(params=None, default_total_steps=1000)
-        mesh = shd.make_mesh(devices=target.devices)
-        cfg = model_config(stage)
-    if numerics == "as_run":
-        cfg = exported(cfg)
+        lay = layout(target.devices)
+        # The policy and reward model as train_ppo loads them: the SFT / reward exports'
+        # config.json (this model file's architecture) with train_ppo.numerics.
+        numerics = numerics_overrides("train_ppo.numerics", setting(train_ppo, "train_ppo", "numerics", stage))
+        cfg = exported(model_config(stage), **numerics)
+        seed = setting(train_ppo, "train_ppo", "seed", stage)
+    if not isinstance(config, PPOConfig):
+        raise ConfigError(f"train_ppo.config = {config!r}: expected a PPOConfig (e.g. @PPOConfig())")
     rows = config.rollout_batch_size * config.samples_per_prompt * target.hosts
     note = (f"{stage or 'ppo'}: rollout of {rows} sequences = PPOConfig.rollout_batch_size {config.rollout_batch_size} "
-            f"x samples_per_prompt {config.samples_per_prompt} x {target.hosts} host(s); mesh {_shape(mesh)}; "
-            "mini-batches of "
-            f"{config.mini_batch_size}; policy, reference, value and reward models in "
-            + ("float32 without remat (as train_ppo loads them from HF exports)" if numerics == "as_run" else
-               f"the model file's numerics ({cfg.dtype} compute, {cfg.param_dtype} params, remat {cfg.remat_policy})"))
-    return note, aot.ppo_programs(cfg, config, tx, mesh, rows)
+            f"x samples_per_prompt {config.samples_per_prompt} x {target.hosts} host(s); mesh {_shape(lay.mesh)}; "
+            f"mini-batches of {config.mini_batch_size}; policy, reference, value and reward models in {cfg.dtype} "
+            f"compute, {cfg.param_dtype} params, remat {cfg.remat_policy} (train_ppo.numerics = {numerics or None})")
+    return note, aot.ppo_programs(cfg, config, tx, lay, rows, seed=seed)
 
 
 def sampler_programs(aot, target, stage: str):
     from rlaif_jax import sharding as shd
 
     if stage == "samples":
+        from rlaif_jax.feedback.settings import SamplingSettings as Settings
         from rlaif_jax.feedback.stages import policy_samples_stage as fn
         name = "policy_samples_stage"
     else:
         from rlaif_jax.eval.evaluate import evaluate as fn
+        from rlaif_jax.eval.settings import EvalSamplingSettings as Settings
         name = "evaluate"
     get = lambda p: setting(fn, name, p, stage)  # noqa: E731
-    max_length, max_prompt = get("max_length"), get("max_prompt_length")
     bucket = get("length_bucket") if "length_bucket" in inspect.signature(fn).parameters else 32
     dtype, mesh_shape = get("dtype"), get("mesh_shape")
     with gin.config_scope(stage):
+        sampling = get("sampling") or Settings()  # None: the stage builds it from gin in its scope
+        # LocalModel loads the checkpoint in `dtype` (params too), on one host's chips.
         cfg = exported(model_config(stage), dtype=dtype, param_dtype=dtype)
-    local = target.host0_devices
-    mesh = shd.make_mesh(*mesh_shape, devices=local) if mesh_shape else shd.make_mesh(1, 1, 1, devices=local[:1])
-    prompt = -(-max_prompt // 16) * 16  # SamplingParams.prompt_bucket
-    new = -(-(max_length - 1) // bucket) * bucket  # the longest budget: a one-token prompt
-    note = (f"{stage}: {get('batch_size')} prompts per batch on one host's {mesh.size} chip(s), {dtype}; the largest "
-            f"shapes: prompts padded to {prompt}, {new} decode steps")
-    return note, aot.sampler_programs(stage, cfg, mesh, get("batch_size"), prompt, new, get("temperature"),
-                                      get("top_p"), get("top_k"))
+        local = target.host0_devices
+        mesh = shd.make_mesh(*mesh_shape, devices=local) if mesh_shape else shd.make_mesh(1, 1, 1, devices=local[:1])
+        lay = shd.Layout(mesh, shd.logical_rules())
+    prompt = -(-sampling.max_prompt_length // 16) * 16  # SamplingParams.prompt_bucket
+    new = -(-(sampling.max_length - 1) // bucket) * bucket  # the longest budget: a one-token prompt
+    note = (f"{stage}: {sampling.batch_size} prompts per batch on one host's {mesh.size} chip(s), {dtype}; the "
+            f"largest shapes: prompts padded to {prompt}, {new} decode steps")
+    return note, aot.sampler_programs(stage, cfg, lay, sampling.batch_size, prompt, new, sampling.temperature,
+                                      sampling.top_p, sampling.top_k)
 
 
-def plan(aot, target, opt_state: str = "as_run", ppo_numerics: str = "as_run") -> list:
-    """[(note, [Program])] for what the parsed config runs (opt_state: see
-    aot.train_step_programs; ppo_numerics: --ppo_numerics)."""
+def plan(aot, target) -> list:
+    """[(note, [Program])] for what the parsed config runs."""
     from rlaif_jax.arm import run_arm
 
     config = gin.config_str()
@@ -165,16 +178,16 @@ def plan(aot, target, opt_state: str = "as_run", ppo_numerics: str = "as_run") -
 
                 with gin.config_scope(stage):
                     objective = {"sft": SFT, "dpo": DPO, "reward_model": RewardModel}[stage]()
-                out.append(train_programs(aot, target, stage, objective, opt_state))
+                out.append(train_programs(aot, target, stage, objective))
             elif stage == "ppo":
-                out.append(ppo_programs(aot, target, stage, ppo_numerics))
+                out.append(ppo_programs(aot, target, stage))
             elif stage in ("samples", "evaluate"):
                 out.append(sampler_programs(aot, target, stage))
         return out
     if "train_ppo." in config:
-        return [ppo_programs(aot, target, "", ppo_numerics)]
+        return [ppo_programs(aot, target, "")]
     if "train.objective" in config:
-        return [train_programs(aot, target, "", opt_state=opt_state)]
+        return [train_programs(aot, target, "")]
     raise ConfigError("the config runs nothing to compile: give an experiment (train.objective / train_ppo) or an "
                       "arm (run_arm.stages) with --gin_file")
 
@@ -187,12 +200,6 @@ def main(argv=None) -> int:
                     help="compile only programs whose name matches this glob, e.g. 'dpo/*' (repeatable)")
     ap.add_argument("--min_headroom", type=float, default=0.0,
                     help="fail a program that leaves less than this fraction of HBM free (e.g. 0.2)")
-    ap.add_argument("--opt_state", choices=["as_run", "like_params"], default="as_run",
-                    help="train steps' optimizer state: as the train loop places it today (as_run: replicated, "
-                         "see README) or like its params (like_params: ZeRO-3, the loop's fix)")
-    ap.add_argument("--ppo_numerics", choices=["as_run", "model"], default="as_run",
-                    help="PPO's models: as train_ppo loads them from HF exports (as_run: float32, no remat) or with "
-                         "the model file's dtype / param_dtype / remat_policy (model: what train_ppo should do)")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout instead of the table")
     args = ap.parse_args(argv)
     # The compile targets the topology's devices, not this machine's: jax starts on the CPU
@@ -207,7 +214,7 @@ def main(argv=None) -> int:
 
     target = aot.target(args.topology)
     reports, notes, warnings = [], [], []
-    for note, programs in plan(aot, target, args.opt_state, args.ppo_numerics):
+    for note, programs in plan(aot, target):
         chosen = [p for p in programs if not args.programs or any(fnmatch.fnmatch(p.name, g) for g in args.programs)]
         if not chosen:
             continue
@@ -221,8 +228,7 @@ def main(argv=None) -> int:
         raise ConfigError(f"--programs {args.programs}: no program of this config matches")
     bad = [r for r in reports if not r.fits or r.headroom < args.min_headroom]
     if args.json:
-        print(json.dumps({"topology": target.name, "opt_state": args.opt_state, "ppo_numerics": args.ppo_numerics,
-                          "platform": target.platform,
+        print(json.dumps({"topology": target.name, "platform": target.platform,
                           "devices": len(target.devices),
                           "hosts": target.hosts, "hbm_bytes": target.hbm_bytes, "note": target.note, "settings": notes,
                           "warnings": warnings, "programs": [r.as_dict() for r in reports]}, indent=1))

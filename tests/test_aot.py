@@ -1,7 +1,9 @@
 """Ahead-of-time compilation for a slice (rlaif_jax.aot, scripts/aot_compile.py): a small
-model's SFT and DPO steps compiled for a real TPU topology (v5e 2x2, through libtpu) and for
-fake CPU devices, with the compiled executables' input shardings checked, so a sharding
-regression (params replicated, the batch not split over data x fsdp) fails here."""
+model's SFT and DPO steps compiled for a real TPU topology (v5e 2x2, through libtpu: splash
+attention from this CPU host) and for fake CPU devices, with the compiled executables' input
+shardings checked, so a sharding regression (params or optimizer state replicated, the batch
+not split over data x fsdp) fails here; PPO's programs are the trainer's own; the state the
+runs create (step.init_state) is placed as the programs are compiled."""
 
 import importlib.util
 import json
@@ -9,6 +11,7 @@ import math
 import os
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
@@ -31,12 +34,15 @@ def _libtpu_target(name):
     return aot.target(name)
 
 
-def _programs(objective, target, opt_state="like_params"):
-    mesh = shd.make_mesh(1, -1, 1, devices=target.devices)
+def _layout(target, *shape):
+    return shd.Layout(shd.make_mesh(*(shape or (1, -1, 1)), devices=target.devices), shd.logical_rules())
+
+
+def _programs(objective, target):
     tx, schedule = make_optimizer(name="rmsprop", learning_rate=1e-6, clip_norm=10.0)
     batch = aot.batch_layout(objective.data_kind, ROWS, LENGTH)
-    return aot.train_step_programs(type(objective).__name__.lower(), objective, CFG, tx, schedule, mesh, batch,
-                                   opt_state=opt_state)
+    return aot.train_step_programs(type(objective).__name__.lower(), objective, CFG, tx, schedule, _layout(target),
+                                   batch)
 
 
 def _mesh_axes(sharding: NamedSharding) -> set:
@@ -46,9 +52,11 @@ def _mesh_axes(sharding: NamedSharding) -> set:
     return axes
 
 
-def _check_compiled(objective, target, opt_state="like_params"):
-    (program,) = _programs(objective, target, opt_state)
+def _check_compiled(objective, target):
+    (program,) = _programs(objective, target)
     report, compiled = aot.compile_program(program, target)
+    # The model picks its kernel from its layout's devices, not this CPU host's backend.
+    assert ("tpu_custom_call" in compiled.as_text()) == (target.platform == "tpu")
     (state_sh, batch_sh, ref_sh), _ = compiled.input_shardings
     # The state (params and the optimizer state that follows them) and the reference are
     # split over fsdp (ZeRO-3): a chip holds a quarter of them, bar the few unsplit norms.
@@ -82,20 +90,70 @@ def test_tpu_v5e_steps_compile_sharded(objective):
     assert report.total_bytes < 1 * aot.GiB
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rlaif_jax/train/loop.py creates the state with jax.jit(create_state) and no out_shardings: XLA replicates "
-    "tx.init's constants (RMSprop nu, AdamW mu/nu) on every chip. Fix there: out_shardings with the params' "
-    "shardings and opt_state=aot.opt_state_like_params(tx, params, mesh) (optax.tree_map_params); then drop "
-    "this xfail"))
-def test_tpu_v5e_step_as_the_loop_places_its_state():
-    _check_compiled(SFT(), _libtpu_target("v5e-4"), opt_state="as_run")
+def test_the_runs_state_is_placed_as_compiled():
+    """step.init_state (what `train` and `train_ppo` create their state with) on real params:
+    the optimizer's moments sharded like their params, not replicated (tx.init's zeros
+    depend on no input: left to XLA, jit put them on every chip), the values create_state's,
+    and the placement the one the AOT programs are compiled for."""
+    from rlaif_jax.models import build_model, init_params
+    from rlaif_jax.train.step import create_state, init_state
+
+    target = aot.target("cpu-4")
+    layout = _layout(target)
+    params = init_params(build_model(CFG, layout=layout), jax.random.key(0))
+    tx, _ = make_optimizer(name="adamw", learning_rate=1e-6, clip_norm=1.0)
+    extra = {"kl_coef": jax.numpy.float32(0.05)}
+    state = init_state(params, tx, 3, extra)
+    # stacked matrices and embeddings: the unsplit norms stay replicated, as their params
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim >= 3 or x.size >= CFG.vocab_size * CFG.hidden_size]
+    assert len(moments) >= 2 * 8
+    for x in moments:
+        assert not x.sharding.is_fully_replicated, x.sharding
+    import optax
+
+    expected = aot.abstract(jax.eval_shape(lambda p: create_state(p, tx, 3, extra), params),
+                            jax.tree.map(lambda x: x.sharding, state))
+    sh = lambda t: [x.sharding for x in jax.tree.leaves(t)]  # noqa: E731
+    assert sh(aot.initial_state(params, tx, 3, extra)) == sh(expected)
+    same = optax.tree_map_params(tx, lambda x, p: x.sharding == p.sharding, state.opt_state, params,
+                                 transform_non_params=lambda _: True)
+    assert all(jax.tree.leaves(same))
+    reference = create_state(jax.device_get(params), tx, 3, extra)  # eager, unplaced
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("value_model", ["shared", "separate"])
+def test_ppo_programs_are_the_trainers_own(value_model):
+    """PPO's rollout, scoring and update are PPOTrainer.compile's jitted programs, lowered
+    on abstract policy / reference / reward params placed as train_ppo places them."""
+    from rlaif_jax.train.ppo import PPOConfig
+
+    target = aot.target("cpu-4")
+    config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8, max_prompt_length=8,
+                       value_model=value_model)
+    tx, _ = make_optimizer(name="adamw", learning_rate=1e-6, clip_norm=1.0)
+    programs = aot.ppo_programs(CFG, config, tx, _layout(target), rows=8)
+    assert [p.name for p in programs] == ["ppo/rollout", "ppo/score", "ppo/update"]
+    for p in programs:
+        report, compiled = aot.compile_program(p, target)
+        assert report.fits and report.warnings == () and compiled is not None, report
+    update = programs[2]
+    state = update.args[0]
+    assert set(state.params) == ({"policy"} if value_model == "shared" else {"policy", "value"})
+    assert state.extra["kl_coef"].shape == () and state.extra["kl_coef"].sharding.is_fully_replicated
+    (state_sh, batch_sh), _ = compiled.input_shardings
+    for x, s in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(state_sh.opt_state)):
+        if x.ndim >= 3:  # stacked layer moments: split over fsdp like their params
+            assert "fsdp" in _mesh_axes(s), (x.shape, s)
 
 
 def test_tpu_compiler_out_of_memory_is_a_verdict():
     target = _libtpu_target("v5e-4")
     mesh = shd.make_mesh(1, -1, 1, devices=target.devices)
     x = jax.ShapeDtypeStruct((16, 2**30), jax.numpy.float32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    program = aot.Program("oom/sort", lambda x: jax.numpy.sort(x * 2, axis=1)[:, :4], (x,), mesh, arg_names=("x",))
+    program = aot.Program("oom/sort", jax.jit(lambda x: jax.numpy.sort(x * 2, axis=1)[:, :4]), (x,), mesh,
+                          arg_names=("x",))
     report, compiled = aot.compile_program(program, target)
     assert compiled is None and not report.fits
     assert report.verdict().startswith("does not compile: out of memory, temporaries ")
