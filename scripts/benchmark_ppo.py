@@ -40,7 +40,7 @@ def main():
     from rlaif_jax.train.optim import make_optimizer
     from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param
     from rlaif_jax.train.ppo import PPOConfig, PPOTrainer, PromptStream, metrics_row
-    from rlaif_jax.train.step import create_state
+    from rlaif_jax.train.step import init_state
 
     cfg = preset_config(args.preset, dtype=args.dtype, eos_token_id=None)
     mesh = shd.make_mesh(-1, 1, 1)
@@ -59,7 +59,7 @@ def main():
     tx, _ = make_optimizer(learning_rate=1e-6)
     trainer = PPOTrainer(cfg, config, tx, layout, jax.tree.map(jnp.copy, policy), rm_model, rm_params, None,
                          eos_ids=(), pad_id=0, kl=KLController(0.05))
-    state = jax.jit(lambda p, extra: create_state(p, tx, 0, extra))(params, trainer.initial_extra())
+    state = init_state(params, tx, 0, trainer.initial_extra())
     rs = np.random.RandomState(0)
     prompts = [list(rs.randint(3, cfg.vocab_size, rs.randint(args.prompt_len // 2, args.prompt_len + 1)))
                for _ in range(4 * args.rollout_batch)]

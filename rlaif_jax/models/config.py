@@ -348,6 +348,34 @@ def _set_hf_rope(kw: dict, theta: float, rope: dict) -> None:
         kw["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
 
 
+# DecoderConfig fields that say how a model computes, not what it is: an HF export's
+# config.json carries none of them, so a model loaded from one (train_ppo's policy and
+# reward model) runs with DecoderConfig's defaults (float32, no remat) unless given them.
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")
+
+
+def numerics_overrides(name: str, numerics: Optional[Any]) -> dict:
+    """`numerics` ({field: value} of NUMERICS_FIELDS, or None) as DecoderConfig overrides,
+    checked: an architecture field there would silently reshape a pretrained model.
+
+    Args:
+      name: the binding it came from (for the error).
+      numerics: the mapping, or None for none.
+    Returns:
+      A plain dict (DecoderConfig checks the values when built).
+    """
+    if numerics is None:
+        return {}
+    if not hasattr(numerics, "items"):
+        raise errors.ConfigError(f"{name} = {numerics!r}: must be a dict of {', '.join(NUMERICS_FIELDS)}")
+    unknown = sorted(set(numerics) - set(NUMERICS_FIELDS))
+    if unknown:
+        raise errors.ConfigError(f"{name} has {', '.join(map(repr, unknown))}: only the numerics "
+                                 f"{', '.join(NUMERICS_FIELDS)} may be set there (the architecture comes from "
+                                 "the checkpoint's config.json)")
+    return dict(numerics)
+
+
 @gin.configurable
 def model_config(
     hf_dir: Optional[str] = gin.REQUIRED,

@@ -98,20 +98,29 @@ def _is_cuda() -> bool:
         return True
 
 
-def resolve_attention_impl(cfg: DecoderConfig, length: int) -> str:
-    """The kernel `cfg.attention_impl` means on this backend for a sequence of `length`:
-    'auto' is cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, else einsum (so CPU runs
-    are unchanged). Splash tiles the sequence in blocks of 128: other lengths (the 4-token
-    init, short batches) run einsum."""
+def platform(layout: Optional[Layout] = None) -> str:
+    """The platform the model runs on: its layout mesh's devices' ("tpu", "gpu", "cpu"),
+    which need not be the default backend's (a program compiled ahead of time for a TPU
+    topology from a CPU host); the default backend without a layout."""
+    if layout is None:
+        return jax.default_backend()
+    return layout.mesh.devices.flat[0].platform
+
+
+def resolve_attention_impl(cfg: DecoderConfig, length: int, layout: Optional[Layout] = None) -> str:
+    """The kernel `cfg.attention_impl` means on the model's platform (see `platform`) for a
+    sequence of `length`: 'auto' is cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, else
+    einsum (so CPU runs are unchanged). Splash tiles the sequence in blocks of 128: other
+    lengths (the 4-token init, short batches) run einsum."""
     impl = cfg.attention_impl
     if impl == "splash" and length % 128:
         return "einsum"
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = platform(layout)
     if backend == "tpu":
         return "splash" if length % 128 == 0 else "einsum"
-    if _is_cuda() and cfg.compute_dtype in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0 \
+    if backend == "gpu" and _is_cuda() and cfg.compute_dtype in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0 \
             and cfg.head_dim <= 256:
         return "cudnn"
     return "einsum"
@@ -184,10 +193,10 @@ def _splash_kernel(T: int, groups: int, sliding_window: Optional[int], interpret
 
 
 def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout]):
-    if jax.default_backend() != "tpu" and not SPLASH_INTERPRET:
+    if platform(layout) != "tpu" and not SPLASH_INTERPRET:
         raise errors.ConfigError(
-            f"{_BINDING} = 'splash' needs a TPU (Pallas TPU kernel), but the backend is "
-            f"{jax.default_backend()!r}; use 'auto', 'xla' or 'einsum'"
+            f"{_BINDING} = 'splash' needs a TPU (Pallas TPU kernel), but the model runs on "
+            f"{platform(layout)!r}; use 'auto', 'xla' or 'einsum'"
         )
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
@@ -248,7 +257,7 @@ class Attention(nn.Module):
             k_pos, k_seg = positions, segment_ids
 
         B, T = q.shape[:2]
-        impl = "einsum" if cache is not None else resolve_attention_impl(cfg, T)
+        impl = "einsum" if cache is not None else resolve_attention_impl(cfg, T, self.layout)
         if impl != "einsum":
             out = fused_attention(impl, q, k, v, positions, segment_ids, cfg.sliding_window, self.layout)
             out = Dense((cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), cfg, bias, name="o_proj")(out)

@@ -25,7 +25,7 @@ from rlaif_jax.train.rundir import local_hf_dir
 from rlaif_jax.train.run_loop import (
     Closing, LoopSettings, NonFiniteLossError, Plan, RunKind, check_length, run, run_lock,
 )
-from rlaif_jax.train.step import compile_step, create_state, make_eval_step, make_train_step
+from rlaif_jax.train.step import compile_step, init_state, make_eval_step, make_train_step
 
 # The run loop's names that callers of `train` import from here too.
 __all__ = ["Closing", "LoopSettings", "NonFiniteLossError", "evaluate", "load_policy", "run_lock", "sample_texts",
@@ -161,7 +161,7 @@ def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, mod
     layout = shd.Layout(the_mesh, shd.logical_rules())
     cfg, model, params = load_policy(objective, model_config, init_from, layout, seed)
     ref_params = jax.tree.map(jnp.copy, params) if objective.needs_reference else None
-    state = jax.jit(lambda p: create_state(p, tx, seed))(params)
+    state = init_state(params, tx, seed)
     del params
     step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh,
                            ref_params)

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import DecoderConfig, apply, build_model, gather_last
+from rlaif_jax.models.config import numerics_overrides
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param, without_head
 from rlaif_jax.models.hf_io import load_hf, save_hf
@@ -43,7 +44,7 @@ from rlaif_jax.train.advantages import (GROUP_STDS, KL_ESTIMATORS, KLController,
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.rundir import local_hf_dir
 from rlaif_jax.train.run_loop import Closing, LoopSettings, Plan, RunKind, check_length, run
-from rlaif_jax.train.step import (TrainState, batch_shardings, compile_step, create_state, placed_shardings,
+from rlaif_jax.train.step import (TrainState, batch_shardings, init_state, jit_step, placed_shardings,
                                   record_nonfinite, update_if_finite)
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ class PPOTrainer:
         sample = jax.jit(self._sample, in_shardings=(params, prompts, rep), out_shardings=responses)
         score = jax.jit(self._score, in_shardings=(params, ref, rm, rep, prompts, *responses),
                         out_shardings=(batch_shardings(scored[0], mesh), rep))
-        return sample, score, compile_step(self._update, state, mesh)
+        return sample, score, jit_step(self._update, state, scored[0], mesh)
 
     # policy params without the value head feed the sampler (same tree minus one leaf)
     def _policy_lm(self, params):
@@ -480,6 +481,7 @@ def train_ppo(
     mesh: Callable = shd.make_mesh,
     template: str = "paper",
     seed: int = 0,
+    numerics: Optional[dict] = None,
     loop: Optional[LoopSettings] = None,
     stop_after: Optional[int] = None,
 ) -> dict:
@@ -491,17 +493,21 @@ def train_ppo(
     a URL (gs://...), and so may policy and reward_model (fetched to local disk once per
     host); the run holds run_dir's writer lock from start to end; `loop` (logging,
     checkpoints, export) defaults to a LoopSettings built here (log_every defaults to every
-    iteration). Returns the summary: {"iteration": num_iterations, **the last logged metrics}.
+    iteration). `numerics` ({dtype, param_dtype, remat_policy, ...}, models.config.
+    NUMERICS_FIELDS) applies to the policy, reference, critic and reward model: their HF
+    exports' config.json carry none, so without it all four run float32 without remat.
+    Returns the summary: {"iteration": num_iterations, **the last logged metrics}.
     """
     loop = loop if loop is not None else LoopSettings()
     _check_settings(policy, prompts, num_iterations, reward_model, reward_fn, stop_after)
+    overrides = numerics_overrides(binding("train_ppo.numerics"), numerics)
     kind = RunKind("train_ppo", "iteration", "prompt stream", default_log_every=1, desc="ppo")
 
     def build(data_state: Optional[dict], closing: Closing) -> Plan:
         return _plan(data_state, policy=local_hf_dir(policy, "policy"),
                      reward_model=local_hf_dir(reward_model, "reward_model"), prompts=prompts,
                      num_iterations=num_iterations, reward_fn=reward_fn, config=config, kl=kl, optimizer=optimizer,
-                     mesh=mesh, template=template, seed=seed)
+                     mesh=mesh, template=template, seed=seed, numerics=overrides)
 
     return run(run_dir, kind, loop, build, stop_after)
 
@@ -518,7 +524,7 @@ def _check_settings(policy, prompts, num_iterations, reward_model, reward_fn, st
 
 
 def _plan(data_state, *, policy, reward_model, prompts, num_iterations, reward_fn, config, kl, optimizer, mesh,
-          template, seed) -> Plan:
+          template, seed, numerics) -> Plan:
     """train_ppo's prompts, models, state and trainer."""
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
@@ -532,13 +538,13 @@ def _plan(data_state, *, policy, reward_model, prompts, num_iterations, reward_f
                           tok.pad_token_id or 0, seed, data_state)
     the_mesh = mesh() if callable(mesh) else mesh
     layout = shd.Layout(the_mesh, shd.logical_rules())
-    cfg, pol_params = load_hf(policy, layout=layout)
+    cfg, pol_params = load_hf(policy, layout=layout, **numerics)
     ref_params = jax.tree.map(jnp.copy, pol_params)
     params = {"policy": pol_params}
     rm_model = rm_params = None
     value_cfg = cfg
     if reward_model:
-        rm_cfg, rm_params = load_hf(reward_model, layout=layout, lm_head=False, score_head=True)
+        rm_cfg, rm_params = load_hf(reward_model, layout=layout, lm_head=False, score_head=True, **numerics)
         rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=(SCORE_HEAD,), layout=layout)
     if config.uses_critic:
         if config.value_model == "shared":
@@ -556,7 +562,7 @@ def _plan(data_state, *, policy, reward_model, prompts, num_iterations, reward_f
     eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
     trainer = PPOTrainer(cfg, config, tx, layout, ref_params, rm_model, rm_params, reward_fn, eos,
                          tok.pad_token_id or 0, kl, value_cfg=value_cfg)
-    state = jax.jit(lambda p, extra: create_state(p, tx, seed, extra))(params, trainer.initial_extra())
+    state = init_state(params, tx, seed, trainer.initial_extra())
 
     def export(d: str, state: TrainState) -> None:
         save_hf(d, cfg, without_head(state.params["policy"], VALUE_HEAD), tokenizer=tok)

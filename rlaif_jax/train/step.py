@@ -38,6 +38,42 @@ def create_state(params, tx, seed: int, extra: Optional[dict] = None) -> TrainSt
     )
 
 
+def _mesh_of(params: Any) -> Optional[Mesh]:
+    for x in jax.tree.leaves(params):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    return None
+
+
+def initial_state_shardings(params, tx, seed: int, extra: Optional[dict] = None) -> Optional[TrainState]:
+    """Where `init_state` puts each leaf of a fresh state for `params` (arrays or
+    ShapeDtypeStructs) placed on a mesh: params as placed, every param-shaped optimizer
+    leaf (moments) like its param, the rest (counts, step, RNG, extra) replicated. None
+    when the params are on no mesh (one device): there is nothing to place."""
+    mesh = _mesh_of(params)
+    if mesh is None:
+        return None
+    rep = NamedSharding(mesh, P())
+    param_sh = placed_shardings(params, mesh)
+    shapes = jax.eval_shape(lambda p, e: create_state(p, tx, seed, e), params, extra)
+    # tx.init's zeros depend on no input: left to XLA, jit replicates them on every chip
+    # (a 7B model's AdamW moments, 50 GiB, on each of them).
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_sh,
+                                   transform_non_params=lambda _: rep)
+    return jax.tree.map(lambda _: rep, shapes).replace(params=param_sh, opt_state=opt_sh)
+
+
+def init_state(params, tx, seed: int, extra: Optional[dict] = None) -> TrainState:
+    """create_state(params, tx, seed, extra) on device, placed by initial_state_shardings:
+    the optimizer state sharded like the params (ZeRO-3), not replicated. The values are
+    create_state's; only their placement is chosen here."""
+    out = initial_state_shardings(params, tx, seed, extra)
+    create = lambda p, e: create_state(p, tx, seed, e)  # noqa: E731
+    fn = jax.jit(create) if out is None else jax.jit(create, out_shardings=out)
+    return fn(params, extra)
+
+
 def update_if_finite(tx, grads, opt_state, params, loss):
     """One optimizer update, applied only when the loss and the gradient norm are finite.
 
@@ -147,8 +183,8 @@ def placed_shardings(tree: Any, mesh: Mesh) -> Any:
 
 
 def state_shardings(state: TrainState, mesh: Mesh) -> Any:
-    """Shardings of a state whose params are already placed: the optimizer state follows
-    the params (XLA propagates it through tx.init); scalars are replicated."""
+    """Shardings of a placed state (init_state's): each leaf as it is placed; scalars
+    that are not on the mesh replicated."""
     return placed_shardings(state, mesh)
 
 
@@ -158,27 +194,34 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: shd.fit_sharding(shd.batch_sharding(mesh, len(x.shape)), x.shape), batch)
 
 
+def _jit_step(step_fn: Callable, state_sh: Any, batch_sh: Any, const_sh: tuple, mesh: Mesh):
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, *const_sh),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
+def jit_step(step_fn: Callable, state: TrainState, batch: Any, mesh: Mesh, *consts: Any):
+    """The jax.jit of step_fn(state, batch, *consts) -> (state, metrics) for a state and a
+    batch shaped like these (arrays or sharded ShapeDtypeStructs): the state as placed (and
+    donated), the batch over the data axes, each const (reference params) as placed, the
+    metrics replicated. compile_step's program, and what scripts/aot_compile.py lowers."""
+    return _jit_step(step_fn, state_shardings(state, mesh), batch_shardings(batch, mesh),
+                     tuple(placed_shardings(c, mesh) for c in consts), mesh)
+
+
 def compile_step(step_fn: Callable, state: TrainState, mesh: Mesh, *consts: Any) -> Callable:
-    """step_fn(state, batch, *consts) -> (state, metrics), jitted with explicit shardings:
-    the state as placed (and donated), the batch over the data axes, each const (reference
-    params) as placed, the metrics replicated. Compiled once per batch shape.
+    """step_fn(state, batch, *consts) -> (state, metrics), jitted as jit_step jits it (with
+    `state`'s and the consts' placement), once per batch shape.
 
     Returns run(state, batch, *consts) -> (state, metrics).
     """
     st_sh = state_shardings(state, mesh)
     const_sh = tuple(placed_shardings(c, mesh) for c in consts)
-    rep = NamedSharding(mesh, P())
     cache: dict = {}
 
     def run(state, batch, *args):
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if key not in cache:
-            cache[key] = jax.jit(
-                step_fn,
-                in_shardings=(st_sh, batch_shardings(batch, mesh), *const_sh),
-                out_shardings=(st_sh, rep),
-                donate_argnums=(0,),
-            )
+            cache[key] = _jit_step(step_fn, st_sh, batch_shardings(batch, mesh), const_sh, mesh)
         return cache[key](state, batch, *args)
 
     return run

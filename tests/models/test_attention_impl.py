@@ -178,3 +178,28 @@ def test_splash_under_a_mesh(monkeypatch):
     out = jax.jit(lambda p: apply(model, p, tokens, pos, seg)["logits"])(params)
     real = np.asarray(seg != 0)
     np.testing.assert_allclose(np.asarray(out)[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_follows_the_layouts_devices_not_the_default_backend():
+    """A model laid out on a TPU topology's devices (compiled ahead of time from a CPU host)
+    picks splash for 'auto'; on CPU devices, or without a layout, the default backend's
+    choice (einsum here) stands."""
+    from rlaif_jax import sharding as shd
+
+    auto = _cfg(attention_impl="auto")
+    cpu = shd.Layout(shd.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1]), shd.logical_rules())
+    assert decoder.platform(cpu) == "cpu" and decoder.resolve_attention_impl(auto, 128, cpu) == "einsum"
+    if jax.default_backend() == "cpu":
+        assert decoder.resolve_attention_impl(auto, 128) == "einsum"
+    pytest.importorskip("libtpu", reason="libtpu is not installed: a TPU topology's devices need it (.[tpu-aot])")
+    import os
+
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+    tpu = shd.Layout(shd.make_mesh(1, -1, 1, devices=devices), shd.logical_rules())
+    assert decoder.platform(tpu) == "tpu"
+    assert decoder.resolve_attention_impl(auto, 128, tpu) == "splash"
+    assert decoder.resolve_attention_impl(auto, 16, tpu) == "einsum"  # not a multiple of 128

@@ -162,6 +162,32 @@ def test_ppo_resume_is_exact(policy_dir, tmp_path):
     assert steps == [r["step"] for r in read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
+def test_numerics_reach_the_models_loaded_from_hf_exports(policy_dir, tmp_path, monkeypatch):
+    """train_ppo.numerics sets what an HF export's config.json cannot (dtype, remat) on every
+    model it loads; an architecture field there is refused before anything loads."""
+    from rlaif_jax.errors import ConfigError
+    from rlaif_jax.train import ppo
+
+    policy, demos, tok = policy_dir
+    loaded = []
+
+    def spy(*a, **kw):
+        cfg, params = load_hf(*a, **kw)
+        loaded.append(cfg)
+        return cfg, params
+
+    load_hf = ppo.load_hf
+    monkeypatch.setattr(ppo, "load_hf", spy)
+    config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=16)
+    kw = dict(policy=policy, prompts=demos, num_iterations=1, config=config, reward_fn=_target_reward(5),
+              mesh=ONE_DEVICE)
+    out = train_ppo(run_dir=str(tmp_path / "a"), numerics={"dtype": "bfloat16", "remat_policy": "dots"}, **kw)
+    assert np.isfinite(out["loss"])
+    assert [(c.dtype, c.param_dtype, c.remat_policy) for c in loaded] == [("bfloat16", "float32", "dots")]
+    with pytest.raises(ConfigError, match=r"train_ppo.numerics has 'num_layers': only the numerics dtype, "):
+        train_ppo(run_dir=str(tmp_path / "b"), numerics={"num_layers": 1}, **kw)
+
+
 def test_bad_ppo_configs_are_rejected():
     with pytest.raises(ValueError, match="samples_per_prompt"):
         PPOConfig(advantage_estimator="grpo", samples_per_prompt=1)
