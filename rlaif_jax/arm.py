@@ -2,6 +2,9 @@
 
   prompts -> teacher -> sft -> samples -> critic -> preferences -> dpo | reward_model -> ppo -> evaluate
 
+or, iterative RLAIF, `sft -> rounds -> evaluate`: k rounds of samples -> critic -> preferences
+-> DPO, each from the previous round's policy (rlaif_jax.iterative_arm).
+
 Each stage is declared once in ARM_STAGES, a record of the stage registry
 (rlaif_jax.registry: inputs, outputs, done marker, host 0 or all hosts, summary keys, and
 the function), whose runner walks them. A stage calls the library's own run function
@@ -85,6 +88,7 @@ class ArmSettings:
     host0_timeout_s: float = 48 * 3600.0
     cache_dir: Optional[str] = None  # None: default_cache_dir(data_dir)
     max_request_errors: float = 0.02
+    iterative: Optional[Any] = None  # IterativeSettings when stages has 'rounds'
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -96,6 +100,7 @@ class ArmSettings:
                            f"got {list(self.stages)}")
         if self.sft_fraction is not None and not 0.0 <= self.sft_fraction <= 1.0:
             raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {self.sft_fraction}")
+        _check_rounds(self.stages)
         bad_dirs = set(self.stage_dirs) - set(_OUT)
         if bad_dirs:
             raise ArmError(f"run_arm.stage_dirs: unknown stage(s) {sorted(bad_dirs)}; stages with outputs are "
@@ -128,6 +133,7 @@ def run_arm(
     host0_timeout_s: float = 48 * 3600.0,
     cache_dir: Optional[str] = None,
     max_request_errors: float = 0.02,
+    iterative: Optional[Any] = None,
 ) -> dict:
     """Runs (or resumes) one arm; returns its summary (also out_dir/summary.json).
 
@@ -168,6 +174,9 @@ def run_arm(
                      it the stage's output is marked unfinished and the arm stops, naming
                      the errors file; answers received stay cached, so the relaunch asks
                      only the failed requests again.
+    iterative:       with 'rounds' in stages (iterative RLAIF, rlaif_jax.iterative_arm): the
+                     rounds, pairing and DPO reference (default: IterativeSettings() with
+                     gin's `IterativeSettings.*` bindings).
     host0_timeout_s: how long the other hosts wait while process 0 runs an API or sampling
                      stage. Multi-host arms need out_dir and data_dir on storage every host
                      sees (gs://).
@@ -178,7 +187,8 @@ def run_arm(
         sft_teacher=sft_teacher, sft_splits=tuple(sft_splits), sft_fraction=sft_fraction, pair_teacher=pair_teacher,
         critic=critic, eval_set=eval_set, judge=judge, truncate_pairs=truncate_pairs, evaluate_sft=evaluate_sft,
         stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed, num_shards=num_shards,
-        host0_timeout_s=host0_timeout_s, cache_dir=cache_dir, max_request_errors=max_request_errors)
+        host0_timeout_s=host0_timeout_s, cache_dir=cache_dir, max_request_errors=max_request_errors,
+        iterative=iterative)
     return run_arm_settings(settings)
 
 
@@ -187,6 +197,8 @@ def run_arm_settings(settings: ArmSettings) -> dict:
     out_dir/summary.json). run_arm is this with gin's bindings."""
     if not settings.cache_dir:
         settings = dataclasses.replace(settings, cache_dir=default_cache_dir(settings.data_dir))
+    if settings.iterative is None and "rounds" in settings.stages:
+        settings = dataclasses.replace(settings, iterative=_iterative_settings(settings.stages, None))
     fileio.makedirs(settings.out_dir)
     return _Arm(settings).run()
 
@@ -237,13 +249,17 @@ class _Arm:
         if s.sft_fraction != 0.0 and "sft" not in s.stage_dirs:
             splits = ("sft", "feedback") if s.sft_fraction is not None else s.sft_splits
             need += [(s.sft_teacher, split) for split in splits]
-        if "critic" in s.stages:
+        if "critic" in s.stages or ("rounds" in s.stages and s.iterative.judges_teacher):
             need.append((s.pair_teacher, "feedback"))
         return list(dict.fromkeys(need))
 
     def policy(self) -> str:
         """What the arm ends with: the last policy trained (or given), else the base model."""
         s = self.settings
+        if "rounds" in s.stages:
+            from rlaif_jax.iterative_arm import policy_of
+
+            return policy_of(self, s.iterative.rounds)
         for stage in ("ppo", "dpo", "sft"):
             trains = stage in s.stages and not (stage == "sft" and s.sft_fraction == 0.0)
             if trains or stage in s.stage_dirs:
@@ -496,6 +512,30 @@ def stage_dpo(arm: "_Arm") -> dict:
     return _train_on_preferences(arm, "dpo", DPO())
 
 
+def stage_rounds(arm: "_Arm") -> dict:
+    from rlaif_jax.iterative_arm import stage_rounds as rounds
+
+    return rounds(arm)
+
+
+def _iterative_settings(stages: Sequence[str], iterative: Optional[Any]) -> Optional[Any]:
+    """The rounds' settings: given, else gin's IterativeSettings() when the arm has rounds."""
+    if iterative is None and "rounds" in stages:
+        from rlaif_jax.iterative import IterativeSettings
+
+        return IterativeSettings()
+    return iterative
+
+
+def _check_rounds(stages: Sequence[str]) -> None:
+    # The rounds sample, judge and train on their own; a one-round stage beside them would
+    # train a second policy from the SFT model that nothing evaluates.
+    clash = [st for st in ("samples", "critic", "preferences", "dpo", "reward_model", "ppo") if st in stages]
+    if "rounds" in stages and clash:
+        raise ArmError(f"run_arm.stages: 'rounds' (iterative RLAIF) runs its own samples, critic, preferences and "
+                       f"DPO every round; leave out {clash}")
+
+
 def stage_reward_model(arm: "_Arm") -> dict:
     from rlaif_jax.train import RewardModel
 
@@ -566,12 +606,16 @@ ARM_STAGES = (
     Stage("preferences", stage_preferences, inputs=("critic",), outputs=(("preferences", "preferences"),), host0=True),
     Stage("dpo", stage_dpo, inputs=("preferences", "sft"), outputs=(("dpo", "dpo"),), done="summary.json",
           summary_keys=("step", "loss", "rewards/accuracies", "rewards/margins")),
+    # Iterative RLAIF (rlaif_jax.iterative_arm): samples -> critic -> preferences -> DPO, k
+    # rounds, each from the previous round's policy, under out_dir/rounds/<r>.
+    Stage("rounds", stage_rounds, inputs=("sft", "teacher", "prompts"), outputs=(("rounds", "rounds"),),
+          done="summary.json", summary_keys=()),
     Stage("reward_model", stage_reward_model, inputs=("preferences", "sft"),
           outputs=(("reward_model", "reward_model"),), done="summary.json",
           summary_keys=("step", "loss", "accuracy", "eval/accuracy")),
     Stage("ppo", stage_ppo, inputs=("reward_model", "sft", "prompts"), outputs=(("ppo", "ppo"),), done="summary.json",
           summary_keys=("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward")),
-    Stage("evaluate", stage_evaluate, inputs=("ppo", "dpo", "sft"),
+    Stage("evaluate", stage_evaluate, inputs=("ppo", "dpo", "rounds", "sft"),
           outputs=(("evaluate", "eval"), ("evaluate_sft", "eval_sft")), done="metrics.json", host0=True),
 )
 ARM_REGISTRY = by_name(ARM_STAGES)
