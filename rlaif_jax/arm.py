@@ -2,6 +2,9 @@
 
   prompts -> teacher -> sft -> samples -> critic -> preferences -> dpo | reward_model -> ppo -> evaluate
 
+or, iterative RLAIF, `sft -> rounds -> evaluate`: k rounds of samples -> critic -> preferences
+-> DPO, each from the previous round's policy (rlaif_jax.iterative_arm).
+
 Each stage is declared once in ARM_STAGES, a record of the stage registry
 (rlaif_jax.registry: inputs, outputs, done marker, host 0 or all hosts, summary keys, and
 the function), whose runner walks them. A stage calls the library's own run function
@@ -86,17 +89,19 @@ class ArmSettings:
     host0_timeout_s: float = 48 * 3600.0
     cache_dir: Optional[str] = None  # None: default_cache_dir(data_dir)
     max_request_errors: float = 0.02
+    iterative: Optional[Any] = None  # IterativeSettings when stages has 'rounds'
 
     def __post_init__(self):
-        unknown = [s for s in self.stages if s not in PIPELINE]
+        unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
-            raise ArmError(f"run_arm.stages: unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
-        order = [PIPELINE.index(s) for s in self.stages]
+            raise ArmError(f"run_arm.stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        order = [STAGES.index(s) for s in self.stages]
         if order != sorted(order) or len(set(order)) != len(order):
-            raise ArmError(f"run_arm.stages must follow the pipeline's order {list(PIPELINE)} once each, "
+            raise ArmError(f"run_arm.stages must follow the pipeline's order {list(STAGES)} once each, "
                            f"got {list(self.stages)}")
         if self.sft_fraction is not None and not 0.0 <= self.sft_fraction <= 1.0:
             raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {self.sft_fraction}")
+        _check_rounds(self.stages)
         bad_dirs = set(self.stage_dirs) - set(_OUT)
         if bad_dirs:
             raise ArmError(f"run_arm.stage_dirs: unknown stage(s) {sorted(bad_dirs)}; stages with outputs are "
@@ -130,13 +135,14 @@ def run_arm(
     host0_timeout_s: float = 48 * 3600.0,
     cache_dir: Optional[str] = None,
     max_request_errors: float = 0.02,
+    iterative: Optional[Any] = None,
 ) -> dict:
     """Runs (or resumes) one arm; returns its summary (also out_dir/summary.json).
 
-    stages:          an ordered subset of PIPELINE (STAGES, and the optional 'audit' before
-                     'sft'); what is left out must exist already (in
-                     data_dir, or at stage_dirs[stage], e.g. {'sft': 'runs/x/sft'} to reuse
-                     another arm's SFT run).
+    stages:          an ordered subset of STAGES ('audit' and 'rounds' run only when named);
+                     what is left out must exist already (in data_dir, or at
+                     stage_dirs[stage], e.g. {'sft': 'runs/x/sft'} to reuse another arm's
+                     SFT run).
     base_model:      HF directory of the base model (SFT starts there; evaluated as is
                      when the arm trains nothing).
     prompt_source:   what `prompts` prepares (ShareGPT / Alpaca / JSONL ...; the
@@ -175,6 +181,9 @@ def run_arm(
                      it the stage's output is marked unfinished and the arm stops, naming
                      the errors file; answers received stay cached, so the relaunch asks
                      only the failed requests again.
+    iterative:       with 'rounds' in stages (iterative RLAIF, rlaif_jax.iterative_arm): the
+                     rounds, pairing and DPO reference (default: IterativeSettings() with
+                     gin's `IterativeSettings.*` bindings).
     host0_timeout_s: how long the other hosts wait while process 0 runs an API or sampling
                      stage. Multi-host arms need out_dir and data_dir on storage every host
                      sees (gs://).
@@ -186,7 +195,8 @@ def run_arm(
         critic=critic, audit_against=audit_against, eval_set=eval_set, judge=judge, truncate_pairs=truncate_pairs,
         evaluate_sft=evaluate_sft,
         stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed, num_shards=num_shards,
-        host0_timeout_s=host0_timeout_s, cache_dir=cache_dir, max_request_errors=max_request_errors)
+        host0_timeout_s=host0_timeout_s, cache_dir=cache_dir, max_request_errors=max_request_errors,
+        iterative=iterative)
     return run_arm_settings(settings)
 
 
@@ -195,6 +205,8 @@ def run_arm_settings(settings: ArmSettings) -> dict:
     out_dir/summary.json). run_arm is this with gin's bindings."""
     if not settings.cache_dir:
         settings = dataclasses.replace(settings, cache_dir=default_cache_dir(settings.data_dir))
+    if settings.iterative is None and "rounds" in settings.stages:
+        settings = dataclasses.replace(settings, iterative=_iterative_settings(settings.stages, None))
     fileio.makedirs(settings.out_dir)
     return _Arm(settings).run()
 
@@ -245,7 +257,7 @@ class _Arm:
         if s.sft_fraction != 0.0 and "sft" not in s.stage_dirs:
             splits = ("sft", "feedback") if s.sft_fraction is not None else s.sft_splits
             need += [(s.sft_teacher, split) for split in splits]
-        if "critic" in s.stages:
+        if "critic" in s.stages or ("rounds" in s.stages and s.iterative.judges_teacher):
             need.append((s.pair_teacher, "feedback"))
         if "audit" in s.stages and s.audit_against:
             split = _audit_settings().split
@@ -255,6 +267,10 @@ class _Arm:
     def policy(self) -> str:
         """What the arm ends with: the last policy trained (or given), else the base model."""
         s = self.settings
+        if "rounds" in s.stages:
+            from rlaif_jax.iterative_arm import policy_of
+
+            return policy_of(self, s.iterative.rounds)
         for stage in ("ppo", "dpo", "sft"):
             trains = stage in s.stages and not (stage == "sft" and s.sft_fraction == 0.0)
             if trains or stage in s.stage_dirs:
@@ -507,6 +523,30 @@ def stage_dpo(arm: "_Arm") -> dict:
     return _train_on_preferences(arm, "dpo", DPO())
 
 
+def stage_rounds(arm: "_Arm") -> dict:
+    from rlaif_jax.iterative_arm import stage_rounds as rounds
+
+    return rounds(arm)
+
+
+def _iterative_settings(stages: Sequence[str], iterative: Optional[Any]) -> Optional[Any]:
+    """The rounds' settings: given, else gin's IterativeSettings() when the arm has rounds."""
+    if iterative is None and "rounds" in stages:
+        from rlaif_jax.iterative import IterativeSettings
+
+        return IterativeSettings()
+    return iterative
+
+
+def _check_rounds(stages: Sequence[str]) -> None:
+    # The rounds sample, judge and train on their own; a one-round stage beside them would
+    # train a second policy from the SFT model that nothing evaluates.
+    clash = [st for st in ("samples", "critic", "preferences", "dpo", "reward_model", "ppo") if st in stages]
+    if "rounds" in stages and clash:
+        raise ArmError(f"run_arm.stages: 'rounds' (iterative RLAIF) runs its own samples, critic, preferences and "
+                       f"DPO every round; leave out {clash}")
+
+
 def stage_reward_model(arm: "_Arm") -> dict:
     from rlaif_jax.train import RewardModel
 
@@ -566,29 +606,6 @@ def _evaluate(arm: "_Arm", key: str, policy: str) -> str:
 # (nothing is requested, or paid for, once per host) while the others wait. Training stages
 # run on every process over the whole mesh; `samples` splits its prompts over the hosts,
 # each sampling on its own chips.
-ARM_STAGES = (
-    Stage("prompts", stage_prompts, done="stats.json", host0=True),
-    Stage("teacher", stage_teacher, inputs=("prompts",), host0=True),
-    Stage("sft", stage_sft, inputs=("teacher",), outputs=(("sft", "sft"), ("sft_data", "sft_data")),
-          done="summary.json", summary_keys=("step", "loss")),
-    Stage("samples", stage_samples, inputs=("sft", "prompts"), outputs=(("samples", "samples"),)),
-    Stage("critic", stage_critic, inputs=("samples", "teacher", "sft"), outputs=(("critic", "comparisons"),),
-          host0=True),
-    Stage("preferences", stage_preferences, inputs=("critic",), outputs=(("preferences", "preferences"),), host0=True),
-    Stage("dpo", stage_dpo, inputs=("preferences", "sft"), outputs=(("dpo", "dpo"),), done="summary.json",
-          summary_keys=("step", "loss", "rewards/accuracies", "rewards/margins")),
-    Stage("reward_model", stage_reward_model, inputs=("preferences", "sft"),
-          outputs=(("reward_model", "reward_model"),), done="summary.json",
-          summary_keys=("step", "loss", "accuracy", "eval/accuracy")),
-    Stage("ppo", stage_ppo, inputs=("reward_model", "sft", "prompts"), outputs=(("ppo", "ppo"),), done="summary.json",
-          summary_keys=("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward")),
-    Stage("evaluate", stage_evaluate, inputs=("ppo", "dpo", "sft"),
-          outputs=(("evaluate", "eval"), ("evaluate_sft", "eval_sft")), done="metrics.json", host0=True),
-)
-ARM_REGISTRY = by_name(ARM_STAGES)
-STAGES = tuple(s.name for s in ARM_STAGES)
-# Output key -> its directory under out_dir (run_arm.stage_dirs may place any elsewhere).
-_OUT = output_paths(ARM_STAGES)
 
 
 # -- the optional teacher-critic gap audit (issue 18) -------------------------------------
@@ -610,7 +627,7 @@ def stage_audit(arm: "_Arm") -> dict:
     from rlaif_jax.feedback.settings import JudgeSettings
 
     s = arm.settings
-    out = fileio.join(s.out_dir, AUDIT_STAGE.output())
+    out = fileio.join(s.out_dir, ARM_REGISTRY["audit"].output())
     state = "reused"
     if not is_complete(out):
         if not s.audit_against:
@@ -626,21 +643,43 @@ def stage_audit(arm: "_Arm") -> dict:
                              f"{s.audit_against} completions ({settings.split})", hint)
         report = audit_gap(teacher=teacher, strong=strong, out_dir=out, client=s.critic(cache_path=arm.cache("audit")),
                            judge=dataclasses.replace(JudgeSettings(), seed=s.seed), settings=settings)
-        arm.check_requests("audit", out, AUDIT_STAGE.done, report["api_errors"], report["join"]["sampled"])
+        arm.check_requests("audit", out, ARM_REGISTRY["audit"].done, report["api_errors"], report["join"]["sampled"])
         state = "done"
-    report = read_json(fileio.join(out, AUDIT_STAGE.done))
+    report = read_json(fileio.join(out, ARM_REGISTRY["audit"].done))
     arm.results.update({f"audit/{k}": report[k] for k in SUMMARY_KEYS if k in report})
     return {"state": state, "output": out, "reading": report["reading"]}
 
 
-# Optional stages, each run only when run_arm.stages names it, in its place in PIPELINE (before
-# the stage named beside it). They stay out of ARM_STAGES, so an arm without them is declared,
-# laid out and summarised exactly as before.
-AUDIT_STAGE = Stage("audit", stage_audit, inputs=("teacher",), outputs=(("audit", "audit"),), done="metrics.json",
-                    host0=True)
-OPTIONAL_STAGES = ((AUDIT_STAGE, "sft"),)
-PIPELINE = tuple(n for name in STAGES for n in [o.name for o, before in OPTIONAL_STAGES if before == name] + [name])
-ARM_REGISTRY.update(by_name([opt for opt, _ in OPTIONAL_STAGES]))
+ARM_STAGES = (
+    Stage("prompts", stage_prompts, done="stats.json", host0=True),
+    Stage("teacher", stage_teacher, inputs=("prompts",), host0=True),
+    # The optional teacher-critic gap audit (rlaif_jax.feedback.audit): before anything is
+    # trained, the critic compares sft_teacher's completions with audit_against's.
+    Stage("audit", stage_audit, inputs=("teacher",), outputs=(("audit", "audit"),), done="metrics.json", host0=True),
+    Stage("sft", stage_sft, inputs=("teacher",), outputs=(("sft", "sft"), ("sft_data", "sft_data")),
+          done="summary.json", summary_keys=("step", "loss")),
+    Stage("samples", stage_samples, inputs=("sft", "prompts"), outputs=(("samples", "samples"),)),
+    Stage("critic", stage_critic, inputs=("samples", "teacher", "sft"), outputs=(("critic", "comparisons"),),
+          host0=True),
+    Stage("preferences", stage_preferences, inputs=("critic",), outputs=(("preferences", "preferences"),), host0=True),
+    Stage("dpo", stage_dpo, inputs=("preferences", "sft"), outputs=(("dpo", "dpo"),), done="summary.json",
+          summary_keys=("step", "loss", "rewards/accuracies", "rewards/margins")),
+    # Iterative RLAIF (rlaif_jax.iterative_arm): samples -> critic -> preferences -> DPO, k
+    # rounds, each from the previous round's policy, under out_dir/rounds/<r>.
+    Stage("rounds", stage_rounds, inputs=("sft", "teacher", "prompts"), outputs=(("rounds", "rounds"),),
+          done="summary.json", summary_keys=()),
+    Stage("reward_model", stage_reward_model, inputs=("preferences", "sft"),
+          outputs=(("reward_model", "reward_model"),), done="summary.json",
+          summary_keys=("step", "loss", "accuracy", "eval/accuracy")),
+    Stage("ppo", stage_ppo, inputs=("reward_model", "sft", "prompts"), outputs=(("ppo", "ppo"),), done="summary.json",
+          summary_keys=("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward")),
+    Stage("evaluate", stage_evaluate, inputs=("ppo", "dpo", "rounds", "sft"),
+          outputs=(("evaluate", "eval"), ("evaluate_sft", "eval_sft")), done="metrics.json", host0=True),
+)
+ARM_REGISTRY = by_name(ARM_STAGES)
+STAGES = tuple(s.name for s in ARM_STAGES)
+# Output key -> its directory under out_dir (run_arm.stage_dirs may place any elsewhere).
+_OUT = output_paths(ARM_STAGES)
 
 
 def _count_errors(jsonl: str) -> tuple[int, int]:

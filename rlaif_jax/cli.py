@@ -39,6 +39,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.synthetic.backend",
     "rlaif_jax.synthetic.models",
     "rlaif_jax.arm",
+    "rlaif_jax.iterative",
 )
 
 

@@ -54,6 +54,7 @@ from rlaif_jax.feedback.server import ServerThread, make_app
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.feedback.stages import critic_stage, load_comparisons, policy_samples_stage, preferences_stage, teacher_stage
 from rlaif_jax.fileio import write_jsonl
+from rlaif_jax.iterative import IterativeSettings
 from rlaif_jax.models import DecoderConfig
 from rlaif_jax.registry import Runner, Stage, Status, by_name, is_complete, output_paths
 from rlaif_jax.synthetic import findings as F
@@ -72,8 +73,12 @@ ARMS = ("sft_weak_10", "sft_weak_100", "sft_strong_100", "sft_strong_10", "dpo_w
 LABELS = {
     "sft_weak_10": "SFT weak 10%", "sft_weak_100": "SFT weak 100%", "sft_strong_100": "SFT strong 100%",
     "sft_strong_10": "SFT strong 10%", "dpo_weak_10": "SFT weak 10% + DPO", "ppo_weak_10": "SFT weak 10% + PPO",
-    "dpo_strong_10": "SFT strong 10% + DPO",
+    "dpo_strong_10": "SFT strong 10% + DPO", "dpo_weak_10_iter": "SFT weak 10% + iterative DPO",
 }
+# Arms run only when asked for (run_miniature.arms): the default table stays the paper's.
+# dpo_weak_10_iter: iterative RLAIF (rlaif_jax.iterative) from SFT weak 10%, one row per round.
+OPTIONAL_ARMS = ("dpo_weak_10_iter",)
+ITERATIVE_START = {"dpo_weak_10_iter": ("sft_weak_10", "weak-teacher")}
 # RL arm -> (the SFT arm it starts from, the teacher whose completions its samples are judged
 # against): the paper pairs the SFT policy's sample with its own teacher's completion.
 RL_START = {"dpo_weak_10": ("sft_weak_10", "weak-teacher"), "ppo_weak_10": ("sft_weak_10", "weak-teacher"),
@@ -162,11 +167,12 @@ class MiniatureSettings:
     seed: int = 0
     shared_dir: Optional[str] = None
     progress: bool = True
+    iterative: Optional[IterativeSettings] = None  # the iterative arm's rounds; None: IterativeSettings()
 
     def __post_init__(self):
-        unknown = set(self.arms) - set(ARMS)
+        unknown = set(self.arms) - set(ARMS) - set(OPTIONAL_ARMS)
         if unknown:
-            raise ConfigError(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
+            raise ConfigError(f"unknown arms {sorted(unknown)}; choose from {ARMS + OPTIONAL_ARMS}")
         for name in ("num_prompts", "num_eval", "batch_size", "feedback_samples", "hidden_size", "num_layers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"run_miniature.{name} must be > 0, got {getattr(self, name)}")
@@ -205,6 +211,7 @@ def run_miniature(
     seed: int = 0,
     shared_dir: Optional[str] = None,
     progress: bool = True,
+    iterative: Optional[IterativeSettings] = None,
 ) -> list:
     """Runs (or resumes) the miniature; returns the result rows. The world's knobs
     (teacher strengths, the web corpus's quality, the critic's and the judge's strength /
@@ -215,10 +222,15 @@ def run_miniature(
     sft_small_epochs SFT on 100% / 10% of the prompts; feedback_samples policy samples per
     feedback prompt, each judged against the teacher's completion (the paper: 1);
     dpo_* / rm_* / ppo_* the RL stages; eval_* the paper's evaluation sampling.
+    iterative: the rounds of the optional arm dpo_weak_10_iter (add it to `arms`): rounds,
+    pairing, DPO reference, samples per prompt (None: gin's IterativeSettings()); its DPO
+    steps use dpo_*.
     shared_dir: where the tokenizer, the web corpus and the base model live (default
     out_dir), so that runs differing only in later knobs (a sweep over teacher and critic
     strengths) pretrain once; it refuses settings other than those it was made with."""
     knobs = dict(locals())
+    if iterative is None and set(arms) & set(OPTIONAL_ARMS):
+        knobs["iterative"] = IterativeSettings()  # built once, here, from gin's bindings
     return run_miniature_settings(MiniatureSettings(**{**knobs, "arms": tuple(arms)}))
 
 
@@ -265,6 +277,10 @@ class _Arm:
     start: str
     teacher: str
 
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]
+
     def out(self, key: str) -> str:
         """Output `key` of this arm's stages (MINIATURE_STAGES' paths, filled in)."""
         rm = "rm_" + self.name.split("_", 1)[1]
@@ -295,8 +311,9 @@ def run_miniature_settings(settings: MiniatureSettings) -> list:
             Runner(name, Status(None), timeout_s=0.0).run(_arm_stages(name), _arm(world, name))
         rows, per_prompt = [], {}
         for name in s.arms:
-            row, per_prompt[name] = _arm_results(_arm(world, name))
-            rows.append(row)
+            for arm in _result_arms(world, name):
+                row, per_prompt[arm.name] = _arm_results(arm)
+                rows.append(row)
         starts = sorted({RL_START[a][0] for a in s.arms if a in RL_START})
         critic = {start: critic_policy_preferred([c for k in range(s.feedback_samples)
                                                   for c in load_comparisons(_arm(world, start).comparisons(k))])
@@ -373,14 +390,16 @@ SFT_DATA = {
 
 
 def _arm(world: _World, name: str) -> _Arm:
-    start, teacher = RL_START.get(name, (name, SFT_DATA.get(name, ("",))[0]))
+    start, teacher = {**RL_START, **ITERATIVE_START}.get(name, (name, SFT_DATA.get(name, ("",))[0]))
     return _Arm(world=world, name=name, start=start, teacher=teacher)
 
 
 def _arm_stages(name: str) -> list[Stage]:
     """The registry stages an arm walks: its SFT policy, then for an RL arm the AI feedback
     on the 90% and the RL stage, then the evaluation."""
-    if name.startswith("sft_"):
+    if name in ITERATIVE_START:
+        names = ("sft", "rounds")  # each round is evaluated inside
+    elif name.startswith("sft_"):
         names = ("sft", "evaluate")
     elif name.startswith("dpo_"):
         names = ("sft", "samples", "critic", "preferences", "dpo", "evaluate")
@@ -403,12 +422,14 @@ def _train_sft(world: _World, run_dir: str, dirs: Sequence[str], epochs: int, lr
           mesh=world.mesh, seed=s.seed, loop=LoopSettings(log_every=20, async_checkpoint=False))
 
 
-def _train_on_preferences(arm: _Arm, key: str, objective, epochs: int, lr: float) -> dict:
+def _train_on_preferences(arm: _Arm, key: str, objective, epochs: int, lr: float,
+                          reference_from: Optional[str] = None) -> dict:
     out = arm.out(key)
     if is_complete(out):
         return {"state": "reused", "output": out}
     s = arm.world.settings
     train(run_dir=out, objective=objective, num_steps=None, init_from=os.path.join(arm.out("sft"), "hf"),
+          reference_from=reference_from,
           train_data=functools.partial(preference_pipeline, arm.out("preferences"), seed=s.seed, num_epochs=epochs,
                                        **arm.world.seq),
           optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
@@ -504,6 +525,13 @@ def stage_ppo(arm: _Arm) -> dict:
     return {"output": out}
 
 
+def stage_rounds(arm: _Arm) -> dict:
+    """Iterative RLAIF: every round of the arm, each evaluated (rlaif_jax.miniature_rounds)."""
+    from rlaif_jax.miniature_rounds import stage_rounds as rounds
+
+    return rounds(arm)
+
+
 def stage_evaluate(arm: _Arm) -> dict:
     """The arm's policy sampled on the held-out prompts (the paper's T=0.7, top_p 0.9),
     judged pairwise against the reference model's answers by the evaluation judge."""
@@ -525,6 +553,8 @@ def stage_evaluate(arm: _Arm) -> dict:
 # policy share its training run and its AI feedback.
 MINIATURE_STAGES = (
     Stage("sft", stage_sft, outputs=(("sft", "runs/{start}"),), done="summary.json"),
+    Stage("rounds", stage_rounds, inputs=("sft",), outputs=(("rounds", "runs/{arm}/rounds"),),
+          done="summary.json"),
     Stage("samples", stage_samples, inputs=("sft",), outputs=(("samples", "data/feedback/{start}/samples"),)),
     Stage("critic", stage_critic, inputs=("samples",), outputs=(("critic", "data/feedback/{start}/comparisons"),)),
     Stage("preferences", stage_preferences, inputs=("critic",),
@@ -548,10 +578,19 @@ def _arm_results(arm: _Arm) -> tuple[dict, dict]:
     samples = list(read_records(arm.out("evaluate")))
     prefs = preferences_from_verdicts([c["verdict"] for c in comps], policy_is="first")
     per_prompt = {"win": {c["prompt_id"]: float(x) for c, x in zip(comps, prefs)}, "task": task_scores(samples)}
-    row = {"arm": arm.name, "label": LABELS[arm.name], **_win_row(score_win_rate(prefs)), **task_accuracy(samples)}
+    row = {"arm": arm.name, "label": arm.label, **_win_row(score_win_rate(prefs)), **task_accuracy(samples)}
     with open(arm.world.path("eval", arm.name, "metrics.json"), "w") as f:
         json.dump(row, f, indent=2)
     return row, per_prompt
+
+
+def _result_arms(world: _World, name: str) -> list:
+    """What an arm adds to the table: itself, or each round of an iterative arm."""
+    if name not in ITERATIVE_START:
+        return [_arm(world, name)]
+    from rlaif_jax.miniature_rounds import rounds_of
+
+    return rounds_of(_arm(world, name))
 
 
 def write_report(out_dir: str, rows: list, reference: dict, found: list, critic: dict, env: dict) -> None:
@@ -600,3 +639,7 @@ def write_report(out_dir: str, rows: list, reference: dict, found: list, critic:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "results.png"), dpi=120)
     plt.close(fig)
+    if any("/round" in r["arm"] for r in rows):
+        from rlaif_jax.miniature_rounds import plot_rounds
+
+        plot_rounds(out_dir, rows, reference)

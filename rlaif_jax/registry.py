@@ -17,6 +17,7 @@ beside `sft/make_optimizer.learning_rate`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import time
@@ -55,6 +56,9 @@ class Stage:
     host0:        process 0 runs it alone on a multi-host slice (API requests, record
                   rewrites, one-host sampling) while the others wait.
     summary_keys: numbers of its output that go into the run's summary.json.
+    scope:        the gin scope it runs in alone, replacing the scopes around it (a round of
+                  iterative RLAIF runs `round2/dpo` in scope `dpo`, so the recipe's
+                  `dpo/...` bindings hold in every round); None: its name, inside them.
     """
 
     name: str
@@ -64,6 +68,7 @@ class Stage:
     done: str = "manifest.json"
     host0: bool = False
     summary_keys: tuple[str, ...] = ()
+    scope: Optional[str] = None
 
     def output(self, key: Optional[str] = None) -> str:
         """The relative path of output `key` (default: the stage's first output)."""
@@ -138,7 +143,7 @@ class Runner:
         t0 = time.time()
         self.status.set(stage.name, state="running")
         try:
-            with gin.config_scope(stage.name):
+            with _scope(stage):
                 outcome = dict(stage.run(ctx))
         except BaseException as e:
             # The error stays on record beside the outputs already written; relaunching the
@@ -152,6 +157,18 @@ class Runner:
     def wait(self, what: str) -> None:
         self._barriers += 1
         barrier(f"rlaif_arm/{self.name}/{what}/{self._barriers}", self.timeout_s)
+
+
+@contextlib.contextmanager
+def _scope(stage: Stage):
+    if stage.scope is None:
+        with gin.config_scope(stage.name):
+            yield
+    else:
+        # gin matches a binding's scope against the prefixes of the active scopes, so a
+        # stage nested in another's scope would miss `dpo/...`: it runs in its own alone.
+        with gin.config_scope(None), gin.config_scope(stage.scope):
+            yield
 
 
 def summary_values(summary: Mapping[str, Any], prefix: str, keys: Sequence[str]) -> dict:

@@ -379,11 +379,13 @@ def test_the_registry_declares_each_stage_once():
     directories and the summary keys run_arm has always used follow from it."""
     from rlaif_jax.arm import _OUT, ARM_STAGES
 
-    assert STAGES == ("prompts", "teacher", "sft", "samples", "critic", "preferences", "dpo", "reward_model", "ppo",
-                      "evaluate")
-    assert [s.name for s in ARM_STAGES if s.host0] == ["prompts", "teacher", "critic", "preferences", "evaluate"]
-    assert _OUT == {"sft_data": "sft_data", "sft": "sft", "samples": "samples", "critic": "comparisons",
-                    "preferences": "preferences", "dpo": "dpo", "reward_model": "reward_model", "ppo": "ppo",
+    assert STAGES == ("prompts", "teacher", "audit", "sft", "samples", "critic", "preferences", "dpo", "rounds",
+                      "reward_model", "ppo", "evaluate")
+    assert [s.name for s in ARM_STAGES if s.host0] == ["prompts", "teacher", "audit", "critic", "preferences",
+                                                                 "evaluate"]
+    assert _OUT == {"audit": "audit", "sft_data": "sft_data", "sft": "sft", "samples": "samples", "critic": "comparisons",
+                    "preferences": "preferences", "dpo": "dpo", "rounds": "rounds", "reward_model": "reward_model",
+                    "ppo": "ppo",
                     "evaluate": "eval", "evaluate_sft": "eval_sft"}
     assert {s.name: s.summary_keys for s in ARM_STAGES if s.summary_keys} == {
         "sft": ("step", "loss"),

@@ -59,6 +59,7 @@ def train(
     num_steps: Optional[int] = gin.REQUIRED,
     model_config: Optional[DecoderConfig] = None,
     init_from: Optional[str] = None,
+    reference_from: Optional[str] = None,
     tokenizer: Optional[str] = None,
     eval_data: Optional[Callable] = None,
     grad_accum: int = 1,
@@ -81,6 +82,10 @@ def train(
     rlaif_jax.train.rundir); the HF export is marked complete by hf/EXPORT_COMPLETE.json.
     The run holds run_dir's writer lock (rlaif_jax.outputs) from start to end.
 
+    reference_from: an HF directory holding the frozen reference of an objective that needs
+    one (DPO), when it is not the policy's start: iterative RLAIF starts round r from round
+    r-1's policy and keeps the SFT model as the reference. None: the initial params.
+
     train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
     tokenizer=..., state=... (the iterator position to resume from). `loop` (logging,
     checkpoints, export) defaults to a LoopSettings built here, so gin's `LoopSettings.*`
@@ -91,14 +96,16 @@ def train(
     loop = loop if loop is not None else LoopSettings()
     _check_settings(num_steps, model_config, init_from, tokenizer, grad_accum, eval_every, eval_batches,
                     sample_max_new_tokens, peak_device_tflops, stop_after)
+    _check_reference(objective, reference_from)
     kind = RunKind("train", "step", "data iterator", default_log_every=10, desc=f"train[{type(objective).__name__}]")
 
     def build(data_state: Optional[dict], closing: Closing) -> Plan:
         # HF directories on GCS: a local copy per host (the weights are memory-mapped).
         init_dir = local_hf_dir(init_from, "init_from")
         tok_dir = local_hf_dir(tokenizer, "tokenizer", weights=False) or init_dir
+        ref_dir = local_hf_dir(reference_from, "reference_from")
         return _plan(data_state, closing, objective=objective, train_data=train_data, num_steps=num_steps,
-                     model_config=model_config, init_from=init_dir, tok_dir=tok_dir, eval_data=eval_data,
+                     model_config=model_config, init_from=init_dir, reference_from=ref_dir, tok_dir=tok_dir, eval_data=eval_data,
                      grad_accum=grad_accum, optimizer=optimizer, mesh=mesh, seed=seed,
                      log_every=loop.every(kind.default_log_every), eval_every=eval_every, eval_batches=eval_batches,
                      sample_prompts=sample_prompts, sample_max_new_tokens=sample_max_new_tokens,
@@ -126,6 +133,16 @@ def _check_settings(num_steps, model_config, init_from, tokenizer, grad_accum, e
     existing_dir(b("tokenizer"), tokenizer, "tokenizer directory")
 
 
+def _check_reference(objective, reference_from: Optional[str]) -> None:
+    if reference_from is None:
+        return
+    if not objective.needs_reference:
+        raise ConfigError(f"{binding('train.reference_from')} = {reference_from!r}, but {type(objective).__name__} "
+                          "keeps no reference model (reference 'precomputed' / 'none', simpo, SFT, reward model); "
+                          "unset it")
+    existing_dir(binding("train.reference_from"), reference_from, "HF model directory", must_contain="config.json")
+
+
 def _batches(it) -> Iterator[tuple[Any, dict]]:
     """(iterator position before the batch, batch) until the data ends."""
     while True:
@@ -137,7 +154,8 @@ def _batches(it) -> Iterator[tuple[Any, dict]]:
         yield position, batch
 
 
-def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, model_config, init_from, tok_dir,
+def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, model_config, init_from, reference_from,
+          tok_dir,
           eval_data, grad_accum, optimizer, mesh, seed, log_every, eval_every, eval_batches, sample_prompts,
           sample_max_new_tokens, peak_device_tflops) -> Plan:
     """train's data, model, state and compiled step."""
@@ -160,7 +178,12 @@ def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, mod
     the_mesh = mesh() if callable(mesh) else mesh
     layout = shd.Layout(the_mesh, shd.logical_rules())
     cfg, model, params = load_policy(objective, model_config, init_from, layout, seed)
-    ref_params = jax.tree.map(jnp.copy, params) if objective.needs_reference else None
+    ref_params = None
+    if objective.needs_reference and reference_from:
+        # The policy's shape: a reference of another architecture fails here, not mid-step.
+        _, ref_params = load_hf(reference_from, layout=layout, config=cfg, lm_head=objective.lm_head)
+    elif objective.needs_reference:
+        ref_params = jax.tree.map(jnp.copy, params)
     state = init_state(params, tx, seed)
     del params
     step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh,

@@ -284,3 +284,37 @@ def test_data_running_out_between_log_steps_still_logs_and_exports(world, tmp_pa
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert out["step"] == 4 and rows and rows[-1]["step"] == 4 and "loss" in rows[-1]
     assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_reference_from_keeps_another_model_as_the_dpo_reference(world, sft_run, tmp_path):
+    """Iterative RLAIF starts round 2 from round 1's policy with the SFT model as the
+    reference: reference_from must train exactly like reference log-probs precomputed under
+    that model, and differently from the default (the start is the reference)."""
+    from rlaif_jax.errors import ConfigError
+    from rlaif_jax.train.reference import precompute_reference_logps
+
+    sft = os.path.join(sft_run[0], "hf")
+    args = dict(train_data=pref_data(world["prefs"]), optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+                mesh=ONE_DEVICE, loop=LoopSettings(log_every=1))
+    train(run_dir=str(tmp_path / "round1"), objective=DPO(beta=0.5), num_steps=3, init_from=sft, **args)
+    start = str(tmp_path / "round1" / "hf")
+    precompute_reference_logps(preferences_dir=world["prefs"], out_dir=str(tmp_path / "prefs_ref"), reference=sft,
+                               seq_len=32, max_length=32, max_prompt_length=16, batch_size=8)
+    runs = {
+        "reference_from": dict(objective=DPO(beta=0.5), reference_from=sft),
+        "precomputed": dict(objective=DPO(beta=0.5, reference="precomputed"),
+                            train_data=pref_data(str(tmp_path / "prefs_ref"))),
+        "default": dict(objective=DPO(beta=0.5)),
+    }
+    rows = {}
+    for name, kw in runs.items():
+        train(run_dir=str(tmp_path / name), num_steps=2, init_from=start, **{**args, **kw})
+        rows[name] = read_jsonl(str(tmp_path / name / "metrics.jsonl"))
+    for a, b in zip(rows["reference_from"], rows["precomputed"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["rewards/chosen"] == pytest.approx(b["rewards/chosen"], rel=1e-3, abs=1e-5)
+    assert abs(rows["reference_from"][0]["rewards/chosen"]) > 1e-3  # round 1 moved away from the SFT model
+    assert abs(rows["default"][0]["rewards/chosen"]) < 1e-5  # the start itself is the reference
+    with pytest.raises(ConfigError, match="train.reference_from.*keeps no reference"):
+        train(run_dir=str(tmp_path / "bad"), num_steps=1, init_from=start, objective=DPO(reference="none"),
+              reference_from=sft, **args)
