@@ -28,14 +28,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.errors import ConfigError
 from rlaif_jax.models import DecoderConfig, build_model
 from rlaif_jax.models.params import abstract_params, param_shardings
-from rlaif_jax.train.step import (TrainState, batch_shardings, create_state, initial_state_shardings, jit_step,
-                                  make_train_step)
+from rlaif_jax.train.step import (
+    TrainState,
+    batch_shardings,
+    create_state,
+    initial_state_shardings,
+    jit_step,
+    make_train_step,
+)
 
 GiB = 1024**3
 
@@ -99,9 +106,11 @@ def target(name: str) -> Target:
             raise ConfigError(f"--topology={name}: cpu-N needs a whole number N >= 1, e.g. cpu-8")
         cpus = jax.devices("cpu")
         if len(cpus) < int(n):
-            raise ConfigError(f"--topology={name}: this process has {len(cpus)} CPU device(s); start it with "
-                              f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (scripts/aot_compile.py sets "
-                              "it when jax has not started yet)")
+            raise ConfigError(
+                f"--topology={name}: this process has {len(cpus)} CPU device(s); start it with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (scripts/aot_compile.py sets "
+                "it when jax has not started yet)"
+            )
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return Target(name, "cpu", tuple(cpus[: int(n)]), ram // int(n), CPU_NOTE)
     if name not in TPU_TOPOLOGIES:
@@ -111,8 +120,10 @@ def target(name: str) -> Target:
     # Compiling opens no chip: several compiling processes (a sweep, the tests) may share libtpu.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if importlib.util.find_spec("libtpu") is None:  # the TPU compiler
-        raise ConfigError(f"--topology={name}: compiling for a TPU needs libtpu; pip install -c constraints.txt "
-                          "-e '.[tpu-aot]' (or use --topology=cpu-N)")
+        raise ConfigError(
+            f"--topology={name}: compiling for a TPU needs libtpu; pip install -c constraints.txt "
+            "-e '.[tpu-aot]' (or use --topology=cpu-N)"
+        )
     from jax.experimental import topologies
 
     kw = {"chip_config_name": chip_config} if chip_config else {}
@@ -173,9 +184,12 @@ def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool 
     Returns:
       {key: ShapeDtypeStruct} without shardings.
     """
+
     def seq(prefix=""):
-        out = {f"{prefix}{k}": jax.ShapeDtypeStruct((rows, length), jnp.int32)
-               for k in ("tokens", "positions", "segment_ids")}
+        out = {
+            f"{prefix}{k}": jax.ShapeDtypeStruct((rows, length), jnp.int32)
+            for k in ("tokens", "positions", "segment_ids")
+        }
         out[f"{prefix}loss_mask"] = jax.ShapeDtypeStruct((rows, length), jnp.float32)
         return out
 
@@ -199,8 +213,17 @@ def initial_state(params: Any, tx, seed: int, extra: Optional[dict] = None) -> T
     return abstract(shapes, initial_state_shardings(params, tx, seed, extra))
 
 
-def train_step_programs(name: str, objective, cfg: DecoderConfig, tx, schedule, layout: shd.Layout, batch: dict,
-                        grad_accum: int = 1, seed: int = 0) -> list[Program]:
+def train_step_programs(
+    name: str,
+    objective,
+    cfg: DecoderConfig,
+    tx,
+    schedule,
+    layout: shd.Layout,
+    batch: dict,
+    grad_accum: int = 1,
+    seed: int = 0,
+) -> list[Program]:
     """The `train` loop's one compiled step (SFT / DPO / reward model), with the frozen
     reference when the objective needs one, as train.step.compile_step jits it.
 
@@ -230,8 +253,17 @@ def train_step_programs(name: str, objective, cfg: DecoderConfig, tx, schedule, 
     # rejected) and constrained over the batch axes as twice as many rows.
     what = "batch" if seqs == rows else "chosen + rejected batch"
     checks = [(what, seqs)] + ([("micro-batch", seqs // grad_accum)] if grad_accum > 1 else [])
-    return [Program(f"{name}/train_step", jitted, (state, batch, ref), mesh, flops=flops, batch_rows=tuple(checks),
-                    arg_names=("state", "batch", "ref_params"))]
+    return [
+        Program(
+            f"{name}/train_step",
+            jitted,
+            (state, batch, ref),
+            mesh,
+            flops=flops,
+            batch_rows=tuple(checks),
+            arg_names=("state", "batch", "ref_params"),
+        )
+    ]
 
 
 def _prompts(rows: int, length: int, mesh: Mesh) -> tuple:
@@ -252,8 +284,17 @@ def generate_flops(cfg: DecoderConfig, rows: int, prompt: int, new_tokens: int) 
     return rows * (prompt * fwd(prompt) + new_tokens * fwd(2 * (prompt + new_tokens)))
 
 
-def sampler_programs(name: str, cfg: DecoderConfig, layout: shd.Layout, rows: int, prompt_length: int,
-                     new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> list[Program]:
+def sampler_programs(
+    name: str,
+    cfg: DecoderConfig,
+    layout: shd.Layout,
+    rows: int,
+    prompt_length: int,
+    new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> list[Program]:
     """The sampler's one program (KV-cache prefill + while-loop decode, as
     sampling.generate jits it) at its largest shapes: prompts padded to prompt_length,
     new_tokens decode steps.
@@ -273,15 +314,31 @@ def sampler_programs(name: str, cfg: DecoderConfig, layout: shd.Layout, rows: in
 
     mesh = layout.mesh
     model, params = model_params(cfg, layout)
-    sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        eos_ids=tuple(cfg.eos_token_ids))
-    return [Program(f"{name}/generate", _compiled(model, sp), (params, *_prompts(rows, prompt_length, mesh), _rng(mesh)),
-                    mesh, flops=generate_flops(cfg, rows, prompt_length, new_tokens), batch_rows=(("prompts", rows),),
-                    arg_names=("params", "tokens", "positions", "segment_ids", "rng"))]
+    sp = SamplingParams(
+        max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=tuple(cfg.eos_token_ids)
+    )
+    return [
+        Program(
+            f"{name}/generate",
+            _compiled(model, sp),
+            (params, *_prompts(rows, prompt_length, mesh), _rng(mesh)),
+            mesh,
+            flops=generate_flops(cfg, rows, prompt_length, new_tokens),
+            batch_rows=(("prompts", rows),),
+            arg_names=("params", "tokens", "positions", "segment_ids", "rng"),
+        )
+    ]
 
 
-def ppo_programs(cfg: DecoderConfig, config, tx, layout: shd.Layout, rows: int,
-                 reward_cfg: Optional[DecoderConfig] = None, seed: int = 0) -> list[Program]:
+def ppo_programs(
+    cfg: DecoderConfig,
+    config,
+    tx,
+    layout: shd.Layout,
+    rows: int,
+    reward_cfg: Optional[DecoderConfig] = None,
+    seed: int = 0,
+) -> list[Program]:
     """PPO's three programs as PPOTrainer.compile jits them: rollout (the sampler), scoring
     (policy, reference, value and reward forwards, advantages) and the update (ppo_epochs x
     mini-batches of the clipped losses), with models and params as train_ppo builds them.
@@ -327,13 +384,33 @@ def ppo_programs(cfg: DecoderConfig, config, tx, layout: shd.Layout, rows: int,
     T = P_ + R
     fwd = cfg.flops_per_token(T) / 3 * rows * T
     return [
-        Program("ppo/rollout", sample, (state.params, prompts, rng), mesh, flops=generate_flops(cfg, rows, P_, R),
-                batch_rows=(("rollout", rows),), arg_names=("params", "prompts", "rng")),
-        Program("ppo/score", score, (state.params, ref, rm_params, kl_coef, prompts, response, lengths), mesh,
-                flops=fwd * (2 + n_pol), batch_rows=(("rollout", rows),),
-                arg_names=("params", "ref_params", "reward_params", "kl_coef", "prompts", "response", "lengths")),
-        Program("ppo/update", update, (state, scored), mesh, flops=fwd * 3 * n_pol * config.ppo_epochs,
-                batch_rows=(("rollout", rows), ("mini-batch", config.mini_batch_size)), arg_names=("state", "batch")),
+        Program(
+            "ppo/rollout",
+            sample,
+            (state.params, prompts, rng),
+            mesh,
+            flops=generate_flops(cfg, rows, P_, R),
+            batch_rows=(("rollout", rows),),
+            arg_names=("params", "prompts", "rng"),
+        ),
+        Program(
+            "ppo/score",
+            score,
+            (state.params, ref, rm_params, kl_coef, prompts, response, lengths),
+            mesh,
+            flops=fwd * (2 + n_pol),
+            batch_rows=(("rollout", rows),),
+            arg_names=("params", "ref_params", "reward_params", "kl_coef", "prompts", "response", "lengths"),
+        ),
+        Program(
+            "ppo/update",
+            update,
+            (state, scored),
+            mesh,
+            flops=fwd * 3 * n_pol * config.ppo_epochs,
+            batch_rows=(("rollout", rows), ("mini-batch", config.mini_batch_size)),
+            arg_names=("state", "batch"),
+        ),
     ]
 
 
@@ -382,8 +459,14 @@ class Report:
         return f"fits ({self.headroom:.0%} free)"
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes, "fits": self.fits,
-                "headroom": self.headroom, "verdict": self.verdict(), "largest": [list(x) for x in self.largest]}
+        return {
+            **dataclasses.asdict(self),
+            "total_bytes": self.total_bytes,
+            "fits": self.fits,
+            "headroom": self.headroom,
+            "verdict": self.verdict(),
+            "largest": [list(x) for x in self.largest],
+        }
 
 
 def _per_chip_bytes(x) -> int:
@@ -412,22 +495,29 @@ def replication_warnings(program: Program, hbm_bytes: Optional[int] = None) -> l
     out = []
     names = program.arg_names or tuple(f"arg{i}" for i in range(len(program.args)))
     for name, arg in zip(names, program.args):
-        leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(arg)[0]
-                  if getattr(x, "sharding", None) is not None and x.sharding.is_fully_replicated]
+        leaves = [
+            (jax.tree_util.keystr(path), x)
+            for path, x in jax.tree_util.tree_flatten_with_path(arg)[0]
+            if getattr(x, "sharding", None) is not None and x.sharding.is_fully_replicated
+        ]
         replicated = sorted(((_per_chip_bytes(x), path) for path, x in leaves), reverse=True)
         total = sum(b for b, _ in replicated)
         if hbm_bytes and program.mesh.size > 1 and total > 0.01 * hbm_bytes:
-            out.append(f"{program.name}: {total / GiB:.2f} GiB of {name} is replicated on every chip "
-                       f"(e.g. {name}{replicated[0][1]})")
+            out.append(
+                f"{program.name}: {total / GiB:.2f} GiB of {name} is replicated on every chip "
+                f"(e.g. {name}{replicated[0][1]})"
+            )
     for what, rows in program.batch_rows:
         if shards > 1 and rows % shards:
             # fit_sharding keeps only the leading batch axes that divide the rows.
             spec = shd.fit_sharding(shd.batch_sharding(program.mesh, 1), (rows,)).spec[0]
             axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
             split = math.prod(program.mesh.shape[a] for a in axes)
-            out.append(f"{program.name}: the {what} of {rows} rows does not split over data x fsdp = {shards} "
-                       f"devices: it is replicated {shards // split}-fold (each chip repeats work); use a batch "
-                       f"that {shards} divides, or a mesh with fewer batch shards (tensor parallelism)")
+            out.append(
+                f"{program.name}: the {what} of {rows} rows does not split over data x fsdp = {shards} "
+                f"devices: it is replicated {shards // split}-fold (each chip repeats work); use a batch "
+                f"that {shards} divides, or a mesh with fewer batch shards (tensor parallelism)"
+            )
     return out
 
 
@@ -443,8 +533,14 @@ def compile_program(program: Program, target: Target) -> tuple[Report, Any]:
     """
     t0 = time.perf_counter()
     lowered = program.jitted.lower(*program.args)
-    common = dict(name=program.name, hbm_bytes=target.hbm_bytes, flops=program.flops, chips=program.mesh.size,
-                  warnings=tuple(replication_warnings(program, target.hbm_bytes)), largest=_largest_args(program))
+    common = dict(
+        name=program.name,
+        hbm_bytes=target.hbm_bytes,
+        flops=program.flops,
+        chips=program.mesh.size,
+        warnings=tuple(replication_warnings(program, target.hbm_bytes)),
+        largest=_largest_args(program),
+    )
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -455,29 +551,50 @@ def compile_program(program: Program, target: Target) -> tuple[Report, Any]:
         temp = int(float(need.group(1)) * 1024 ** "KMGT".index(need.group(2)) * 1024) if need else 0
         args = sum(_per_chip_bytes(x) for x in jax.tree.leaves(program.args) if hasattr(x, "shape"))
         avail = re.search(r"available HBM \(([\d.]+[KMGT])\)", str(e))
-        line = (f"out of memory, temporaries {need.group(1)}{need.group(2)} > {avail.group(1)} available"
-                if need and avail else str(e).strip().splitlines()[0].split("RESOURCE_EXHAUSTED: ")[-1])
-        return Report(argument_bytes=args, output_bytes=0, alias_bytes=0, temp_bytes=temp, code_bytes=0,
-                      compile_s=time.perf_counter() - t0, error=line, **common), None
+        line = (
+            f"out of memory, temporaries {need.group(1)}{need.group(2)} > {avail.group(1)} available"
+            if need and avail
+            else str(e).strip().splitlines()[0].split("RESOURCE_EXHAUSTED: ")[-1]
+        )
+        return Report(
+            argument_bytes=args,
+            output_bytes=0,
+            alias_bytes=0,
+            temp_bytes=temp,
+            code_bytes=0,
+            compile_s=time.perf_counter() - t0,
+            error=line,
+            **common,
+        ), None
     m = compiled.memory_analysis()
     get = lambda k: int(getattr(m, k, 0) or 0) if m is not None else 0  # noqa: E731
-    report = Report(argument_bytes=get("argument_size_in_bytes"), output_bytes=get("output_size_in_bytes"),
-                    alias_bytes=get("alias_size_in_bytes"), temp_bytes=get("temp_size_in_bytes"),
-                    code_bytes=get("generated_code_size_in_bytes"), compile_s=time.perf_counter() - t0, **common)
+    report = Report(
+        argument_bytes=get("argument_size_in_bytes"),
+        output_bytes=get("output_size_in_bytes"),
+        alias_bytes=get("alias_size_in_bytes"),
+        temp_bytes=get("temp_size_in_bytes"),
+        code_bytes=get("generated_code_size_in_bytes"),
+        compile_s=time.perf_counter() - t0,
+        **common,
+    )
     return report, compiled
 
 
 def format_table(reports: Sequence[Report], target: Target) -> str:
     """A markdown table, one row per program (GiB per chip)."""
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
-    lines = [f"target {target.name}: {len(target.devices)} {target.platform} devices over {target.hosts} host(s), "
-             f"{target.hbm_bytes / GiB:.1f} GiB per chip" + (f" ({target.note})" if target.note else ""),
-             "",
-             "| program | chips | args GiB | out GiB | temp GiB | total GiB | of HBM | TFLOP/step | TFLOP/chip "
-             "| compile s | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"target {target.name}: {len(target.devices)} {target.platform} devices over {target.hosts} host(s), "
+        f"{target.hbm_bytes / GiB:.1f} GiB per chip" + (f" ({target.note})" if target.note else ""),
+        "",
+        "| program | chips | args GiB | out GiB | temp GiB | total GiB | of HBM | TFLOP/step | TFLOP/chip "
+        "| compile s | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
-        lines.append(f"| {r.name} | {r.chips} | {g(r.argument_bytes)} | {g(r.output_bytes - r.alias_bytes)} | "
-                     f"{g(r.temp_bytes)} | {g(r.total_bytes)} | {g(r.hbm_bytes)} | {r.flops / 1e12:.1f} | "
-                     f"{r.flops / 1e12 / r.chips:.2f} | {r.compile_s:.0f} | {r.verdict()} |")
+        lines.append(
+            f"| {r.name} | {r.chips} | {g(r.argument_bytes)} | {g(r.output_bytes - r.alias_bytes)} | "
+            f"{g(r.temp_bytes)} | {g(r.total_bytes)} | {g(r.hbm_bytes)} | {r.flops / 1e12:.1f} | "
+            f"{r.flops / 1e12 / r.chips:.2f} | {r.compile_s:.0f} | {r.verdict()} |"
+        )
     return "\n".join(lines)

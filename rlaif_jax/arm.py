@@ -97,15 +97,17 @@ class ArmSettings:
             raise ArmError(f"run_arm.stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
         order = [STAGES.index(s) for s in self.stages]
         if order != sorted(order) or len(set(order)) != len(order):
-            raise ArmError(f"run_arm.stages must follow the pipeline's order {list(STAGES)} once each, "
-                           f"got {list(self.stages)}")
+            raise ArmError(
+                f"run_arm.stages must follow the pipeline's order {list(STAGES)} once each, got {list(self.stages)}"
+            )
         if self.sft_fraction is not None and not 0.0 <= self.sft_fraction <= 1.0:
             raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {self.sft_fraction}")
         _check_rounds(self.stages)
         bad_dirs = set(self.stage_dirs) - set(_OUT)
         if bad_dirs:
-            raise ArmError(f"run_arm.stage_dirs: unknown stage(s) {sorted(bad_dirs)}; stages with outputs are "
-                           f"{sorted(_OUT)}")
+            raise ArmError(
+                f"run_arm.stage_dirs: unknown stage(s) {sorted(bad_dirs)}; stages with outputs are {sorted(_OUT)}"
+            )
 
 
 @gin.configurable
@@ -189,14 +191,33 @@ def run_arm(
                      sees (gs://).
     """
     settings = ArmSettings(
-        out_dir=out_dir, data_dir=data_dir, stages=tuple(stages), base_model=base_model, prompt_source=prompt_source,
-        source_teacher=source_teacher, teachers=dict(teachers or {}), teacher_imports=dict(teacher_imports or {}),
-        sft_teacher=sft_teacher, sft_splits=tuple(sft_splits), sft_fraction=sft_fraction, pair_teacher=pair_teacher,
-        critic=critic, audit_against=audit_against, eval_set=eval_set, judge=judge, truncate_pairs=truncate_pairs,
+        out_dir=out_dir,
+        data_dir=data_dir,
+        stages=tuple(stages),
+        base_model=base_model,
+        prompt_source=prompt_source,
+        source_teacher=source_teacher,
+        teachers=dict(teachers or {}),
+        teacher_imports=dict(teacher_imports or {}),
+        sft_teacher=sft_teacher,
+        sft_splits=tuple(sft_splits),
+        sft_fraction=sft_fraction,
+        pair_teacher=pair_teacher,
+        critic=critic,
+        audit_against=audit_against,
+        eval_set=eval_set,
+        judge=judge,
+        truncate_pairs=truncate_pairs,
         evaluate_sft=evaluate_sft,
-        stage_dirs=dict(stage_dirs or {}), labels=dict(labels or {}), seed=seed, num_shards=num_shards,
-        host0_timeout_s=host0_timeout_s, cache_dir=cache_dir, max_request_errors=max_request_errors,
-        iterative=iterative)
+        stage_dirs=dict(stage_dirs or {}),
+        labels=dict(labels or {}),
+        seed=seed,
+        num_shards=num_shards,
+        host0_timeout_s=host0_timeout_s,
+        cache_dir=cache_dir,
+        max_request_errors=max_request_errors,
+        iterative=iterative,
+    )
     return run_arm_settings(settings)
 
 
@@ -284,8 +305,9 @@ class _Arm:
         if ("sft" in s.stages and s.sft_fraction != 0.0) or "sft" in s.stage_dirs:
             return fileio.join(self.out("sft"), "hf")
         if s.base_model is None:
-            raise ArmError("no SFT policy: add 'sft' to run_arm.stages, give run_arm.stage_dirs['sft'], "
-                           "or run_arm.base_model")
+            raise ArmError(
+                "no SFT policy: add 'sft' to run_arm.stages, give run_arm.stage_dirs['sft'], or run_arm.base_model"
+            )
         return s.base_model
 
     def local(self, hf_dir: str) -> str:
@@ -303,10 +325,12 @@ class _Arm:
         limit = self.settings.max_request_errors
         if total and errors / total > limit:
             fileio.remove(fileio.join(out, done_file), missing_ok=True)
-            raise ArmError(f"{stage}: {errors} of {total} API requests failed (see {out}: errors.jsonl / the "
-                           f"records' error fields). The answers received are cached; fix the cause and relaunch, "
-                           f"and only the failed requests are asked again (or raise run_arm.max_request_errors, "
-                           f"now {limit}).")
+            raise ArmError(
+                f"{stage}: {errors} of {total} API requests failed (see {out}: errors.jsonl / the "
+                f"records' error fields). The answers received are cached; fix the cause and relaunch, "
+                f"and only the failed requests are asked again (or raise run_arm.max_request_errors, "
+                f"now {limit})."
+            )
 
     def require(self, path: str, what: str, hint: str) -> str:
         if not is_complete(path):
@@ -333,12 +357,23 @@ class _Arm:
     def sft_data(self) -> list[str]:
         s = self.settings
         if s.sft_fraction is None:
-            return [self.require(self.teacher_dir(s.sft_teacher, split), f"{s.sft_teacher} completions ({split})",
-                                 "add 'teacher' to run_arm.stages") for split in s.sft_splits]
+            return [
+                self.require(
+                    self.teacher_dir(s.sft_teacher, split),
+                    f"{s.sft_teacher} completions ({split})",
+                    "add 'teacher' to run_arm.stages",
+                )
+                for split in s.sft_splits
+            ]
         out = self.out("sft_data")
         if not is_complete(out) and jax.process_index() == 0:
-            write_fraction_subset(s.data_dir, [self.teacher_dir(s.sft_teacher, split) for split in ("sft", "feedback")],
-                                  s.sft_fraction, out, s.num_shards)
+            write_fraction_subset(
+                s.data_dir,
+                [self.teacher_dir(s.sft_teacher, split) for split in ("sft", "feedback")],
+                s.sft_fraction,
+                out,
+                s.num_shards,
+            )
         self.wait("sft_data")
         return [out]
 
@@ -348,9 +383,17 @@ class _Arm:
         s = self.settings
         t0 = time.time()
         self.runner.run([ARM_REGISTRY[name] for name in s.stages], self)
-        summary = {"arm": self.name, "policy": self.policy(), "stages": list(s.stages),
-                   "sft_teacher": s.sft_teacher, "sft_data": self.sft_data_label(), "pair_teacher": s.pair_teacher,
-                   **s.labels, **self.results, "seconds": round(time.time() - t0, 1)}
+        summary = {
+            "arm": self.name,
+            "policy": self.policy(),
+            "stages": list(s.stages),
+            "sft_teacher": s.sft_teacher,
+            "sft_data": self.sft_data_label(),
+            "pair_teacher": s.pair_teacher,
+            **s.labels,
+            **self.results,
+            "seconds": round(time.time() - t0, 1),
+        }
         if jax.process_index() == 0:
             write_json(fileio.join(s.out_dir, "summary.json"), summary)
         return summary
@@ -359,6 +402,7 @@ class _Arm:
 # -- stages -----------------------------------------------------------------------------
 # Each takes the arm and returns its status.json outcome; a stage whose output is complete
 # reuses it (and still reads its numbers into the summary).
+
 
 def stage_prompts(arm: "_Arm") -> dict:
     from rlaif_jax.data.prompts.prepare import prepare_prompts
@@ -386,30 +430,50 @@ def stage_teacher(arm: "_Arm") -> dict:
         if is_complete(out):
             continue
         if model == s.source_teacher:
-            raise ArmError(f"{model} completions ({split}) should come with the prompts at {out}: the prompt "
-                           f"source has no replies; set run_arm.source_teacher to the model that wrote them, "
-                           f"or to '' and list {model} in run_arm.teachers")
+            raise ArmError(
+                f"{model} completions ({split}) should come with the prompts at {out}: the prompt "
+                f"source has no replies; set run_arm.source_teacher to the model that wrote them, "
+                f"or to '' and list {model} in run_arm.teachers"
+            )
         if model in s.teacher_imports:
-            import_paper_completions(s.teacher_imports[model], os.path.dirname(os.path.dirname(out)),
-                                     source_model=model, prompts_dir=s.data_dir, num_shards=s.num_shards)
+            import_paper_completions(
+                s.teacher_imports[model],
+                os.path.dirname(os.path.dirname(out)),
+                source_model=model,
+                prompts_dir=s.data_dir,
+                num_shards=s.num_shards,
+            )
         elif model in s.teachers:
             from rlaif_jax.feedback.client import FeedbackClient
 
             with gin.config_scope(None), gin.config_scope(s.teachers[model]):
                 client = FeedbackClient(model=model, cache_path=arm.cache(f"teacher-{model}"))
-                teacher_stage(prompts=arm.prompts(split), out_dir=out, client=client, split=split,
-                              num_shards=s.num_shards)
+                teacher_stage(
+                    prompts=arm.prompts(split), out_dir=out, client=client, split=split, num_shards=s.num_shards
+                )
             report = read_json(fileio.join(out, "report.json"))
-            arm.check_requests(f"teacher {model} ({split})", out, ARM_REGISTRY["teacher"].done,
-                               report["request_errors"], report["requested"])
+            arm.check_requests(
+                f"teacher {model} ({split})",
+                out,
+                ARM_REGISTRY["teacher"].done,
+                report["request_errors"],
+                report["requested"],
+            )
             if report["request_errors"]:
-                log.warning("teacher %s (%s): %d request errors, listed in %s/errors.jsonl", model, split,
-                            report["request_errors"], out)
+                log.warning(
+                    "teacher %s (%s): %d request errors, listed in %s/errors.jsonl",
+                    model,
+                    split,
+                    report["request_errors"],
+                    out,
+                )
             arm.results[f"teacher/{safe_name(model)}/{split}/request_errors"] = report["request_errors"]
         else:
-            raise ArmError(f"the arm needs {model} completions for the {split} prompts and has no way to get "
-                           f"them: add {model!r} to run_arm.teachers (a client) or run_arm.teacher_imports "
-                           f"(a released completions file)")
+            raise ArmError(
+                f"the arm needs {model} completions for the {split} prompts and has no way to get "
+                f"them: add {model!r} to run_arm.teachers (a client) or run_arm.teacher_imports "
+                f"(a released completions file)"
+            )
         done.append(f"{model}/{split}")
     return {"state": "done" if done else "reused", "made": done}
 
@@ -428,8 +492,13 @@ def stage_sft(arm: "_Arm") -> dict:
     if s.base_model is None:
         raise ArmError("the sft stage needs run_arm.base_model (an HF directory)")
     data = arm.sft_data()
-    train(run_dir=out, objective=SFT(), init_from=s.base_model,
-          train_data=functools.partial(sft_pipeline, data), seed=s.seed)
+    train(
+        run_dir=out,
+        objective=SFT(),
+        init_from=s.base_model,
+        train_data=functools.partial(sft_pipeline, data),
+        seed=s.seed,
+    )
     return {"output": out, "data": data, **arm.train_results("sft", out)}
 
 
@@ -444,10 +513,14 @@ def stage_samples(arm: "_Arm") -> dict:
     out = arm.out("samples")
     if is_complete(out):
         return {"state": "reused", "output": out}
-    sample = functools.partial(policy_samples_stage, hf_dir=arm.local(arm.sft_policy()),
-                               prompts=arm.prompts("feedback"), split="feedback",
-                               sampling=dataclasses.replace(SamplingSettings(), seed=s.seed),
-                               source_model=f"{arm.name}/sft")
+    sample = functools.partial(
+        policy_samples_stage,
+        hf_dir=arm.local(arm.sft_policy()),
+        prompts=arm.prompts("feedback"),
+        split="feedback",
+        sampling=dataclasses.replace(SamplingSettings(), seed=s.seed),
+        source_model=f"{arm.name}/sft",
+    )
     i, n = jax.process_index(), jax.process_count()
     if n == 1:
         sample(out_dir=out, num_shards=s.num_shards)
@@ -461,8 +534,9 @@ def stage_samples(arm: "_Arm") -> dict:
         by_id = {r["prompt_id"]: r for p in parts for r in read_records(p, DEMONSTRATIONS)}
         order = [r["prompt_id"] for r in read_records(arm.prompts("feedback"), PROMPTS)]
         provenance = {**read_manifest(parts[0])["provenance"], "part": None, "parts": parts}
-        write_records(out, DEMONSTRATIONS, [by_id[p] for p in order if p in by_id], num_shards=s.num_shards,
-                      provenance=provenance)
+        write_records(
+            out, DEMONSTRATIONS, [by_id[p] for p in order if p in by_id], num_shards=s.num_shards, provenance=provenance
+        )
     return {"output": out, "hosts": n}
 
 
@@ -477,13 +551,22 @@ def stage_critic(arm: "_Arm") -> dict:
         if s.critic is None:
             raise ArmError("the critic stage needs run_arm.critic (e.g. @critic/FeedbackClient)")
         samples = arm.require(arm.out("samples"), "policy samples", "add 'samples' to run_arm.stages")
-        teacher = arm.require(arm.teacher_dir(s.pair_teacher, "feedback"),
-                               f"{s.pair_teacher} completions (feedback)", "add 'teacher' to run_arm.stages")
+        teacher = arm.require(
+            arm.teacher_dir(s.pair_teacher, "feedback"),
+            f"{s.pair_teacher} completions (feedback)",
+            "add 'teacher' to run_arm.stages",
+        )
         client = s.critic(cache_path=arm.cache("critic"))
         trunc = {"truncate_tokenizer": arm.local(arm.sft_policy())} if s.truncate_pairs else {}
-        critic_stage(responses_1=samples, responses_2=teacher, out_dir=out, client=client,
-                     judge=dataclasses.replace(JudgeSettings(), seed=s.seed),
-                     num_shards=s.num_shards, **trunc)
+        critic_stage(
+            responses_1=samples,
+            responses_2=teacher,
+            out_dir=out,
+            client=client,
+            judge=dataclasses.replace(JudgeSettings(), seed=s.seed),
+            num_shards=s.num_shards,
+            **trunc,
+        )
         errors = _count_errors(fileio.join(out, "comparisons.jsonl"))
         arm.check_requests("critic", out, ARM_REGISTRY["critic"].done, *errors)
         state = "done"
@@ -512,8 +595,13 @@ def _train_on_preferences(arm: "_Arm", stage: str, objective) -> dict:
     if is_complete(out):
         return {"state": "reused", "output": out, **arm.train_results(stage, out)}
     prefs = arm.require(arm.out("preferences"), "preference records", "add 'preferences' to run_arm.stages")
-    train(run_dir=out, objective=objective, init_from=arm.local(arm.sft_policy()),
-          train_data=functools.partial(preference_pipeline, prefs), seed=arm.settings.seed)
+    train(
+        run_dir=out,
+        objective=objective,
+        init_from=arm.local(arm.sft_policy()),
+        train_data=functools.partial(preference_pipeline, prefs),
+        seed=arm.settings.seed,
+    )
     return {"output": out, **arm.train_results(stage, out)}
 
 
@@ -543,8 +631,10 @@ def _check_rounds(stages: Sequence[str]) -> None:
     # train a second policy from the SFT model that nothing evaluates.
     clash = [st for st in ("samples", "critic", "preferences", "dpo", "reward_model", "ppo") if st in stages]
     if "rounds" in stages and clash:
-        raise ArmError(f"run_arm.stages: 'rounds' (iterative RLAIF) runs its own samples, critic, preferences and "
-                       f"DPO every round; leave out {clash}")
+        raise ArmError(
+            f"run_arm.stages: 'rounds' (iterative RLAIF) runs its own samples, critic, preferences and "
+            f"DPO every round; leave out {clash}"
+        )
 
 
 def stage_reward_model(arm: "_Arm") -> dict:
@@ -560,8 +650,13 @@ def stage_ppo(arm: "_Arm") -> dict:
     if is_complete(out):
         return {"state": "reused", "output": out, **arm.train_results("ppo", out)}
     rm = arm.require(arm.out("reward_model"), "reward model", "add 'reward_model' to run_arm.stages")
-    train_ppo(run_dir=out, policy=arm.local(arm.sft_policy()), reward_model=arm.local(fileio.join(rm, "hf")),
-              prompts=arm.prompts("feedback"), seed=arm.settings.seed)
+    train_ppo(
+        run_dir=out,
+        policy=arm.local(arm.sft_policy()),
+        reward_model=arm.local(fileio.join(rm, "hf")),
+        prompts=arm.prompts("feedback"),
+        seed=arm.settings.seed,
+    )
     return {"output": out, **arm.train_results("ppo", out)}
 
 
@@ -584,17 +679,29 @@ def _evaluate(arm: "_Arm", key: str, policy: str) -> str:
             raise ArmError("the evaluate stage needs run_arm.eval_set (AlpacaEval's JSON, or records)")
         # Without run_arm.judge the gin bindings of `evaluate` choose (e.g. the reward-model protocol).
         judge = {"client": s.judge(cache_path=arm.cache("judge"))} if s.judge else {}
-        evaluate(out_dir=out, eval_set=s.eval_set, checkpoint=arm.local(policy),
-                 generator=f"{arm.name}/{_OUT[key]}", labels={"arm": arm.name, "policy": policy, **s.labels},
-                 **judge)
+        evaluate(
+            out_dir=out,
+            eval_set=s.eval_set,
+            checkpoint=arm.local(policy),
+            generator=f"{arm.name}/{_OUT[key]}",
+            labels={"arm": arm.name, "policy": policy, **s.labels},
+            **judge,
+        )
         judgments = fileio.join(out, "judgments.jsonl")
         if s.judge:
             arm.check_requests(f"{key} judge", out, ARM_REGISTRY["evaluate"].done, *_count_errors(judgments))
         state = "done"
     m = read_json(fileio.join(out, "metrics.json"))
     prefix = "eval" if key == "evaluate" else "eval_sft"
-    for k in ("win_rate", "standard_error", "lc_win_rate", "lc_bootstrap_standard_error",
-              "lc_prediction_standard_error", "avg_length", "cost_usd_total"):
+    for k in (
+        "win_rate",
+        "standard_error",
+        "lc_win_rate",
+        "lc_bootstrap_standard_error",
+        "lc_prediction_standard_error",
+        "avg_length",
+        "cost_usd_total",
+    ):
         if m.get(k) is not None:
             arm.results[f"{prefix}/{k}"] = m[k]
     return state
@@ -609,6 +716,7 @@ def _evaluate(arm: "_Arm", key: str, policy: str) -> str:
 
 
 # -- the optional teacher-critic gap audit (issue 18) -------------------------------------
+
 
 def _audit_settings():
     """AuditSettings as the audit stage builds them (in its own gin scope), wherever asked:
@@ -631,18 +739,28 @@ def stage_audit(arm: "_Arm") -> dict:
     state = "reused"
     if not is_complete(out):
         if not s.audit_against:
-            raise ArmError("the audit stage needs run_arm.audit_against (the strongest model available, whose "
-                           "completions the SFT teacher's are compared with)")
+            raise ArmError(
+                "the audit stage needs run_arm.audit_against (the strongest model available, whose "
+                "completions the SFT teacher's are compared with)"
+            )
         if s.critic is None:
             raise ArmError("the audit stage needs run_arm.critic (e.g. @critic/FeedbackClient)")
         settings = _audit_settings()
         hint = "add 'teacher' to run_arm.stages"
-        teacher = arm.require(arm.teacher_dir(s.sft_teacher, settings.split),
-                              f"{s.sft_teacher} completions ({settings.split})", hint)
-        strong = arm.require(arm.teacher_dir(s.audit_against, settings.split),
-                             f"{s.audit_against} completions ({settings.split})", hint)
-        report = audit_gap(teacher=teacher, strong=strong, out_dir=out, client=s.critic(cache_path=arm.cache("audit")),
-                           judge=dataclasses.replace(JudgeSettings(), seed=s.seed), settings=settings)
+        teacher = arm.require(
+            arm.teacher_dir(s.sft_teacher, settings.split), f"{s.sft_teacher} completions ({settings.split})", hint
+        )
+        strong = arm.require(
+            arm.teacher_dir(s.audit_against, settings.split), f"{s.audit_against} completions ({settings.split})", hint
+        )
+        report = audit_gap(
+            teacher=teacher,
+            strong=strong,
+            out_dir=out,
+            client=s.critic(cache_path=arm.cache("audit")),
+            judge=dataclasses.replace(JudgeSettings(), seed=s.seed),
+            settings=settings,
+        )
         arm.check_requests("audit", out, ARM_REGISTRY["audit"].done, report["api_errors"], report["join"]["sampled"])
         state = "done"
     report = read_json(fileio.join(out, ARM_REGISTRY["audit"].done))
@@ -656,25 +774,61 @@ ARM_STAGES = (
     # The optional teacher-critic gap audit (rlaif_jax.feedback.audit): before anything is
     # trained, the critic compares sft_teacher's completions with audit_against's.
     Stage("audit", stage_audit, inputs=("teacher",), outputs=(("audit", "audit"),), done="metrics.json", host0=True),
-    Stage("sft", stage_sft, inputs=("teacher",), outputs=(("sft", "sft"), ("sft_data", "sft_data")),
-          done="summary.json", summary_keys=("step", "loss")),
+    Stage(
+        "sft",
+        stage_sft,
+        inputs=("teacher",),
+        outputs=(("sft", "sft"), ("sft_data", "sft_data")),
+        done="summary.json",
+        summary_keys=("step", "loss"),
+    ),
     Stage("samples", stage_samples, inputs=("sft", "prompts"), outputs=(("samples", "samples"),)),
-    Stage("critic", stage_critic, inputs=("samples", "teacher", "sft"), outputs=(("critic", "comparisons"),),
-          host0=True),
+    Stage(
+        "critic", stage_critic, inputs=("samples", "teacher", "sft"), outputs=(("critic", "comparisons"),), host0=True
+    ),
     Stage("preferences", stage_preferences, inputs=("critic",), outputs=(("preferences", "preferences"),), host0=True),
-    Stage("dpo", stage_dpo, inputs=("preferences", "sft"), outputs=(("dpo", "dpo"),), done="summary.json",
-          summary_keys=("step", "loss", "rewards/accuracies", "rewards/margins")),
+    Stage(
+        "dpo",
+        stage_dpo,
+        inputs=("preferences", "sft"),
+        outputs=(("dpo", "dpo"),),
+        done="summary.json",
+        summary_keys=("step", "loss", "rewards/accuracies", "rewards/margins"),
+    ),
     # Iterative RLAIF (rlaif_jax.iterative_arm): samples -> critic -> preferences -> DPO, k
     # rounds, each from the previous round's policy, under out_dir/rounds/<r>.
-    Stage("rounds", stage_rounds, inputs=("sft", "teacher", "prompts"), outputs=(("rounds", "rounds"),),
-          done="summary.json", summary_keys=()),
-    Stage("reward_model", stage_reward_model, inputs=("preferences", "sft"),
-          outputs=(("reward_model", "reward_model"),), done="summary.json",
-          summary_keys=("step", "loss", "accuracy", "eval/accuracy")),
-    Stage("ppo", stage_ppo, inputs=("reward_model", "sft", "prompts"), outputs=(("ppo", "ppo"),), done="summary.json",
-          summary_keys=("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward")),
-    Stage("evaluate", stage_evaluate, inputs=("ppo", "dpo", "rounds", "sft"),
-          outputs=(("evaluate", "eval"), ("evaluate_sft", "eval_sft")), done="metrics.json", host0=True),
+    Stage(
+        "rounds",
+        stage_rounds,
+        inputs=("sft", "teacher", "prompts"),
+        outputs=(("rounds", "rounds"),),
+        done="summary.json",
+        summary_keys=(),
+    ),
+    Stage(
+        "reward_model",
+        stage_reward_model,
+        inputs=("preferences", "sft"),
+        outputs=(("reward_model", "reward_model"),),
+        done="summary.json",
+        summary_keys=("step", "loss", "accuracy", "eval/accuracy"),
+    ),
+    Stage(
+        "ppo",
+        stage_ppo,
+        inputs=("reward_model", "sft", "prompts"),
+        outputs=(("ppo", "ppo"),),
+        done="summary.json",
+        summary_keys=("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward"),
+    ),
+    Stage(
+        "evaluate",
+        stage_evaluate,
+        inputs=("ppo", "dpo", "rounds", "sft"),
+        outputs=(("evaluate", "eval"), ("evaluate_sft", "eval_sft")),
+        done="metrics.json",
+        host0=True,
+    ),
 )
 ARM_REGISTRY = by_name(ARM_STAGES)
 STAGES = tuple(s.name for s in ARM_STAGES)
@@ -695,20 +849,40 @@ def critic_statistics(comparisons: Sequence[Mapping]) -> dict:
     from rlaif_jax.eval.winrate import verdict_win_rate
 
     wr = verdict_win_rate([c["verdict"] for c in comparisons], policy_is="first")
-    return {"critic/policy_preferred": wr.win_rate, "critic/policy_preferred_se": wr.standard_error,
-            "critic/judged": wr.n_scored, "critic/ties": wr.n_ties, "critic/invalid": wr.n_invalid}
+    return {
+        "critic/policy_preferred": wr.win_rate,
+        "critic/policy_preferred_se": wr.standard_error,
+        "critic/judged": wr.n_scored,
+        "critic/ties": wr.n_ties,
+        "critic/invalid": wr.n_invalid,
+    }
 
 
-def write_fraction_subset(data_dir: str, teacher_dirs: Sequence[str], fraction: float, out: str,
-                          num_shards: int = 1) -> dict:
+def write_fraction_subset(
+    data_dir: str, teacher_dirs: Sequence[str], fraction: float, out: str, num_shards: int = 1
+) -> dict:
     """Demonstrations for the first `fraction` of all prompts (SFT then feedback split, in
     the order prepare_prompts kept) -> one record set. The cut is on prompts, so a teacher
     that dropped some completions (finish_reason != stop) keeps its gaps."""
-    order = [r["prompt_id"] for s in ("sft", "feedback") for r in read_records(fileio.join(data_dir, "prompts", s), PROMPTS)]
+    order = [
+        r["prompt_id"] for s in ("sft", "feedback") for r in read_records(fileio.join(data_dir, "prompts", s), PROMPTS)
+    ]
     keep = set(order[: int(len(order) * fraction)])
     demos = [r for d in teacher_dirs for r in read_records(d, DEMONSTRATIONS) if r["prompt_id"] in keep]
     if not demos:
-        raise ArmError(f"sft_fraction {fraction} of {len(order)} prompts leaves no demonstrations in {list(teacher_dirs)}")
-    return write_records(out, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
-        "stage": "sft_fraction", "fraction": fraction, "prompts_total": len(order), "prompts_kept": len(keep),
-        "sources": [fileio.abspath(d) for d in teacher_dirs]})
+        raise ArmError(
+            f"sft_fraction {fraction} of {len(order)} prompts leaves no demonstrations in {list(teacher_dirs)}"
+        )
+    return write_records(
+        out,
+        DEMONSTRATIONS,
+        demos,
+        num_shards=num_shards,
+        provenance={
+            "stage": "sft_fraction",
+            "fraction": fraction,
+            "prompts_total": len(order),
+            "prompts_kept": len(keep),
+            "sources": [fileio.abspath(d) for d in teacher_dirs],
+        },
+    )

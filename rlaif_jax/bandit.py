@@ -156,8 +156,9 @@ def run(cfg: BanditConfig) -> dict:
     student = gaussian_policy(k, cfg.student_mean, cfg.student_width)
     k_pairs, k_teacher, k_bt, k_sft = jax.random.split(jax.random.key(cfg.seed), 4)
     a, b, y = sample_pairs(k_pairs, student, cfg.num_pairs, r)
-    r_hat = fit_bradley_terry(a, b, y, k_bt, num_actions=k, lr=cfg.reward_lr, steps=cfg.reward_steps,
-                              batch_size=cfg.batch_size)
+    r_hat = fit_bradley_terry(
+        a, b, y, k_bt, num_actions=k, lr=cfg.reward_lr, steps=cfg.reward_steps, batch_size=cfg.batch_size
+    )
     rlaif = kl_optimal_policy(student, r_hat, cfg.beta)
     x = jax.random.categorical(k_teacher, jnp.log(teacher), shape=(cfg.num_teacher_samples,))
     sft = fit_sft(x, k_sft, num_actions=k, lr=cfg.sft_lr, steps=cfg.sft_steps, batch_size=cfg.batch_size)
@@ -185,8 +186,12 @@ def plot(result: dict, path: str, title: Optional[str] = None) -> None:
     k = len(pols["student"])
     acts = np.arange(k)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"student": ("tab:gray", "--"), "teacher": ("tab:green", "--"), "rlaif": ("tab:red", "-"),
-              "sft": ("tab:blue", "-")}
+    styles = {
+        "student": ("tab:gray", "--"),
+        "teacher": ("tab:green", "--"),
+        "rlaif": ("tab:red", "-"),
+        "sft": ("tab:blue", "-"),
+    }
     labels = {"student": "student", "teacher": "teacher", "rlaif": "RLAIF (BT + KL-opt.)", "sft": "SFT on teacher"}
     for name in ("student", "teacher", "rlaif", "sft"):
         c, ls = styles[name]

@@ -51,17 +51,27 @@ def import_configurables(extra: Sequence[str] = ()) -> None:
 def gin_arg_parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
-    ap.add_argument("--gin_param", action="append", default=[],
-                    help="a gin binding overriding the files, e.g. --gin_param=train.num_steps=100 (repeatable)")
-    ap.add_argument("--gin_search_path", action="append", default=[],
-                    help="directory to resolve relative gin includes against (repeatable)")
+    ap.add_argument(
+        "--gin_param",
+        action="append",
+        default=[],
+        help="a gin binding overriding the files, e.g. --gin_param=train.num_steps=100 (repeatable)",
+    )
+    ap.add_argument(
+        "--gin_search_path",
+        action="append",
+        default=[],
+        help="directory to resolve relative gin includes against (repeatable)",
+    )
     ap.add_argument("--log_level", default="INFO")
     return ap
 
 
 def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> None:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # orbax logs every checkpoint step at INFO through absl; keep the console readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     import_configurables(extra_modules)

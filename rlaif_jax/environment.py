@@ -7,8 +7,19 @@ import importlib.metadata
 import platform
 
 # The packages whose versions decide the numbers of a training run.
-PACKAGES = ("rlaif_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes",
-            "transformers", "tokenizers", "safetensors")
+PACKAGES = (
+    "rlaif_jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "ml_dtypes",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+)
 
 
 def package_versions(packages=PACKAGES) -> dict:

@@ -67,13 +67,18 @@ def non_negative(binding: str, value: Any, hint: str = "") -> None:
         raise ConfigError(f"{binding} = {value!r}: must be >= 0{_fix(binding, hint)}")
 
 
-def in_range(binding: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
-             hi_open: bool = False, hint: str = "") -> None:
+def in_range(
+    binding: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False, hint: str = ""
+) -> None:
     """lo <= value <= hi (strict where *_open); None passes."""
     if value is None:
         return
-    ok = _number(value) and math.isfinite(value) and (value > lo if lo_open else value >= lo) and (
-        value < hi if hi_open else value <= hi)
+    ok = (
+        _number(value)
+        and math.isfinite(value)
+        and (value > lo if lo_open else value >= lo)
+        and (value < hi if hi_open else value <= hi)
+    )
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
         raise ConfigError(f"{binding} = {value!r}: must be in {interval}{_fix(binding, hint)}")
@@ -84,7 +89,9 @@ def one_of(binding: str, value: Any, choices) -> None:
         raise ConfigError(f"{binding} = {value!r}: must be one of {', '.join(map(repr, choices))}")
 
 
-def existing_dir(binding: str, path: Optional[str], what: str = "directory", must_contain: Optional[str] = None) -> None:
+def existing_dir(
+    binding: str, path: Optional[str], what: str = "directory", must_contain: Optional[str] = None
+) -> None:
     """A local directory that exists (and holds `must_contain`); URLs and None pass (they
     are checked where they are fetched)."""
     if path is None or not isinstance(path, (str, os.PathLike)):

@@ -216,8 +216,10 @@ def decode_utf8(data: bytes, path: str, line: int = 1, offset: int = 0) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         at = line + data.count(b"\n", 0, e.start)
-        raise UserError(f"{path}: line {at} (byte {offset + e.start}) is not UTF-8 ({e.reason}, byte "
-                        f"{data[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+        raise UserError(
+            f"{path}: line {at} (byte {offset + e.start}) is not UTF-8 ({e.reason}, byte "
+            f"{data[e.start : e.start + 1]!r}); save the file as UTF-8"
+        ) from None
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:

@@ -62,8 +62,10 @@ class IterativeSettings:
         if not isinstance(self.samples, int) or self.samples <= 0:
             raise ConfigError(f"IterativeSettings.samples must be a whole number > 0, got {self.samples!r}")
         if self.pairing != "teacher" and self.samples < 2:
-            raise ConfigError(f"IterativeSettings.pairing {self.pairing!r} compares policy samples with each other: "
-                              f"IterativeSettings.samples must be >= 2, got {self.samples}")
+            raise ConfigError(
+                f"IterativeSettings.pairing {self.pairing!r} compares policy samples with each other: "
+                f"IterativeSettings.samples must be >= 2, got {self.samples}"
+            )
 
     @property
     def judges_teacher(self) -> bool:
@@ -87,8 +89,9 @@ def round_dir(root: str, r: int) -> str:
     return os.path.join(root, "rounds", str(r))
 
 
-def comparison_sets(it: IterativeSettings, samples: Sequence[str], teacher: str,
-                    comparisons_dir: str) -> list[tuple[str, str, str]]:
+def comparison_sets(
+    it: IterativeSettings, samples: Sequence[str], teacher: str, comparisons_dir: str
+) -> list[tuple[str, str, str]]:
     """Every critic judgment a round's pairing needs.
 
     Args:
@@ -153,10 +156,22 @@ def best_vs_worst(comparisons: Iterable[Mapping], judge: Optional[str] = None) -
             report["all_tied"] += 1
             continue
         m = meta[pid]
-        out.append({"prompt_id": pid, "prompt": m["prompt"], "response_1": best[0], "response_2": worst[0],
-                    "judge": m["judge"], "verdict": "first", "raw_judge_text": "", "swapped": False,
-                    "model_1": m["models"][best[0]], "model_2": m["models"][worst[0]],
-                    "wins_1": best[1], "wins_2": worst[1]})
+        out.append(
+            {
+                "prompt_id": pid,
+                "prompt": m["prompt"],
+                "response_1": best[0],
+                "response_2": worst[0],
+                "judge": m["judge"],
+                "verdict": "first",
+                "raw_judge_text": "",
+                "swapped": False,
+                "model_1": m["models"][best[0]],
+                "model_2": m["models"][worst[0]],
+                "wins_1": best[1],
+                "wins_2": worst[1],
+            }
+        )
     report.update(prompts=len(wins), pairs=len(out))
     return out, dict(report)
 
@@ -179,14 +194,24 @@ def write_best_vs_worst(comparison_dirs: Sequence[str], out_dir: str, num_shards
 
     comps, report = best_vs_worst(c for d in comparison_dirs for c in load_comparisons(d))
     if not comps:
-        raise ConfigError(f"best-vs-worst: the critic found no better sample for any prompt in {list(comparison_dirs)} "
-                          f"({report}); use pairing 'teacher' or 'mix', or more samples")
+        raise ConfigError(
+            f"best-vs-worst: the critic found no better sample for any prompt in {list(comparison_dirs)} "
+            f"({report}); use pairing 'teacher' or 'mix', or more samples"
+        )
     fileio.makedirs(out_dir)
     fileio.write_jsonl(fileio.join(out_dir, "comparisons.jsonl"), comps)
     fileio.write_json(fileio.join(out_dir, "report.json"), report)
-    write_records(out_dir, COMPARISONS, [comparison_record(c) for c in comps], num_shards=num_shards,
-                  provenance={"stage": "best_vs_worst", "sources": [fileio.abspath(d) for d in comparison_dirs],
-                              "report": report})
+    write_records(
+        out_dir,
+        COMPARISONS,
+        [comparison_record(c) for c in comps],
+        num_shards=num_shards,
+        provenance={
+            "stage": "best_vs_worst",
+            "sources": [fileio.abspath(d) for d in comparison_dirs],
+            "report": report,
+        },
+    )
     return report
 
 

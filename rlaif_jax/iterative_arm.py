@@ -22,13 +22,16 @@ import jax
 
 from rlaif_jax import fileio
 from rlaif_jax.iterative import (
-    IterativeSettings, api_cost, comparison_sets, preference_sources, write_best_vs_worst,
+    IterativeSettings,
+    api_cost,
+    comparison_sets,
+    preference_sources,
+    write_best_vs_worst,
 )
 from rlaif_jax.registry import Stage, is_complete
 
 # Round step -> its directory under rounds/<r> (samples and comparisons hold one set each).
-_PATHS = {"samples": "samples", "critic": "comparisons", "preferences": "preferences", "dpo": "dpo",
-          "evaluate": "eval"}
+_PATHS = {"samples": "samples", "critic": "comparisons", "preferences": "preferences", "dpo": "dpo", "evaluate": "eval"}
 
 
 class _Prefixed(collections.abc.MutableMapping):
@@ -47,7 +50,7 @@ class _Prefixed(collections.abc.MutableMapping):
         del self.target[self.prefix + k]
 
     def __iter__(self):
-        return (k[len(self.prefix):] for k in self.target if k.startswith(self.prefix))
+        return (k[len(self.prefix) :] for k in self.target if k.startswith(self.prefix))
 
     def __len__(self):
         return sum(1 for _ in self)
@@ -123,10 +126,18 @@ def step_critic(view: _Round) -> dict:
             raise ArmError("the rounds stage needs run_arm.critic (e.g. @critic/FeedbackClient)")
         view.require(second, "the round's responses to compare with", "add 'teacher' to run_arm.stages")
         trunc = {"truncate_tokenizer": view.local(view.sft_policy())} if s.truncate_pairs else {}
-        critic_stage(responses_1=first, responses_2=second, out_dir=out, client=s.critic(cache_path=view.cache("critic")),
-                     judge=dataclasses.replace(JudgeSettings(), seed=s.seed), num_shards=s.num_shards, **trunc)
-        view.check_requests(f"round {view.r} critic", out, "manifest.json",
-                            *_count_errors(fileio.join(out, "comparisons.jsonl")))
+        critic_stage(
+            responses_1=first,
+            responses_2=second,
+            out_dir=out,
+            client=s.critic(cache_path=view.cache("critic")),
+            judge=dataclasses.replace(JudgeSettings(), seed=s.seed),
+            num_shards=s.num_shards,
+            **trunc,
+        )
+        view.check_requests(
+            f"round {view.r} critic", out, "manifest.json", *_count_errors(fileio.join(out, "comparisons.jsonl"))
+        )
         made.append(out)
     sets = [out for _, _, out in _comparison_sets(view)]
     if view.it.judges_samples:
@@ -148,7 +159,11 @@ def step_preferences(view: _Round) -> dict:
     out = view.out("preferences")
     state = "reused"
     if not is_complete(out):
-        preferences_stage(comparisons=preference_sources(view.it, view.dir("comparisons")), out_dir=out, num_shards=view.settings.num_shards)
+        preferences_stage(
+            comparisons=preference_sources(view.it, view.dir("comparisons")),
+            out_dir=out,
+            num_shards=view.settings.num_shards,
+        )
         state = "done"
     view.results["preferences/pairs"] = fileio.read_json(fileio.join(out, "manifest.json"))["num_records"]
     return {"state": state, "output": out}
@@ -158,8 +173,7 @@ def step_dpo(view: _Round) -> dict:
     """DPO from the previous round's policy; the reference is the SFT model or that policy."""
     from rlaif_jax.arm import ARM_REGISTRY
     from rlaif_jax.data.pipeline.builders import preference_pipeline
-    from rlaif_jax.train import DPO
-    from rlaif_jax.train import loop
+    from rlaif_jax.train import DPO, loop
 
     out = view.out("dpo")
     start, ref = view.sft_policy(), policy_of(view.arm, view.it.reference_round(view.r))
@@ -167,10 +181,14 @@ def step_dpo(view: _Round) -> dict:
     if is_complete(out):
         outcome["state"] = "reused"
     else:
-        loop.train(run_dir=out, objective=DPO(), init_from=view.local(start),
-                   reference_from=None if ref == start else view.local(ref),
-                   train_data=functools.partial(preference_pipeline, view.out("preferences")),
-                   seed=view.settings.seed)
+        loop.train(
+            run_dir=out,
+            objective=DPO(),
+            init_from=view.local(start),
+            reference_from=None if ref == start else view.local(ref),
+            train_data=functools.partial(preference_pipeline, view.out("preferences")),
+            seed=view.settings.seed,
+        )
     if jax.process_index() != 0:  # the summary is process 0's
         return outcome
     summary = fileio.read_json(fileio.join(out, "summary.json"))
@@ -191,10 +209,12 @@ def step_evaluate(view: _Round) -> dict:
 def round_stages(r: int, it: IterativeSettings) -> list[Stage]:
     """Round r's steps as registry stages, each in its one-round stage's gin scope; the
     last round is evaluated by the arm's own evaluate stage."""
-    steps = [Stage(f"round{r}/samples", step_samples, scope="samples"),
-             Stage(f"round{r}/critic", step_critic, host0=True, scope="critic"),
-             Stage(f"round{r}/preferences", step_preferences, host0=True, scope="preferences"),
-             Stage(f"round{r}/dpo", step_dpo, done="summary.json", scope="dpo")]
+    steps = [
+        Stage(f"round{r}/samples", step_samples, scope="samples"),
+        Stage(f"round{r}/critic", step_critic, host0=True, scope="critic"),
+        Stage(f"round{r}/preferences", step_preferences, host0=True, scope="preferences"),
+        Stage(f"round{r}/dpo", step_dpo, done="summary.json", scope="dpo"),
+    ]
     if it.evaluate_rounds and r < it.rounds:
         steps.append(Stage(f"round{r}/evaluate", step_evaluate, host0=True, done="metrics.json", scope="evaluate"))
     return steps
@@ -211,6 +231,8 @@ def stage_rounds(arm: Any) -> dict:
         if "cost_usd" not in view.results:
             view.results["cost_usd"] = view.results.get("critic/cost_usd", 0.0)
     if jax.process_index() == 0:
-        fileio.write_json(fileio.join(arm.out("rounds"), "summary.json"),
-                          {k: v for k, v in arm.results.items() if k.startswith("round")})
+        fileio.write_json(
+            fileio.join(arm.out("rounds"), "summary.json"),
+            {k: v for k, v in arm.results.items() if k.startswith("round")},
+        )
     return {"output": arm.out("rounds"), "rounds": it.rounds, "policy": policy_of(arm, it.rounds)}

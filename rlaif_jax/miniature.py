@@ -52,7 +52,13 @@ from rlaif_jax.eval.winrate import win_rate as score_win_rate  # this module's w
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.server import ServerThread, make_app
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
-from rlaif_jax.feedback.stages import critic_stage, load_comparisons, policy_samples_stage, preferences_stage, teacher_stage
+from rlaif_jax.feedback.stages import (
+    critic_stage,
+    load_comparisons,
+    policy_samples_stage,
+    preferences_stage,
+    teacher_stage,
+)
 from rlaif_jax.fileio import write_jsonl
 from rlaif_jax.iterative import IterativeSettings
 from rlaif_jax.models import DecoderConfig
@@ -68,12 +74,16 @@ from rlaif_jax.train.run_loop import LoopSettings
 
 log = logging.getLogger(__name__)
 
-ARMS = ("sft_weak_10", "sft_weak_100", "sft_strong_100", "sft_strong_10", "dpo_weak_10", "ppo_weak_10",
-        "dpo_strong_10")
+ARMS = ("sft_weak_10", "sft_weak_100", "sft_strong_100", "sft_strong_10", "dpo_weak_10", "ppo_weak_10", "dpo_strong_10")
 LABELS = {
-    "sft_weak_10": "SFT weak 10%", "sft_weak_100": "SFT weak 100%", "sft_strong_100": "SFT strong 100%",
-    "sft_strong_10": "SFT strong 10%", "dpo_weak_10": "SFT weak 10% + DPO", "ppo_weak_10": "SFT weak 10% + PPO",
-    "dpo_strong_10": "SFT strong 10% + DPO", "dpo_weak_10_iter": "SFT weak 10% + iterative DPO",
+    "sft_weak_10": "SFT weak 10%",
+    "sft_weak_100": "SFT weak 100%",
+    "sft_strong_100": "SFT strong 100%",
+    "sft_strong_10": "SFT strong 10%",
+    "dpo_weak_10": "SFT weak 10% + DPO",
+    "ppo_weak_10": "SFT weak 10% + PPO",
+    "dpo_strong_10": "SFT strong 10% + DPO",
+    "dpo_weak_10_iter": "SFT weak 10% + iterative DPO",
 }
 # Arms run only when asked for (run_miniature.arms): the default table stays the paper's.
 # dpo_weak_10_iter: iterative RLAIF (rlaif_jax.iterative) from SFT weak 10%, one row per round.
@@ -81,8 +91,11 @@ OPTIONAL_ARMS = ("dpo_weak_10_iter",)
 ITERATIVE_START = {"dpo_weak_10_iter": ("sft_weak_10", "weak-teacher")}
 # RL arm -> (the SFT arm it starts from, the teacher whose completions its samples are judged
 # against): the paper pairs the SFT policy's sample with its own teacher's completion.
-RL_START = {"dpo_weak_10": ("sft_weak_10", "weak-teacher"), "ppo_weak_10": ("sft_weak_10", "weak-teacher"),
-            "dpo_strong_10": ("sft_strong_10", "strong-teacher")}
+RL_START = {
+    "dpo_weak_10": ("sft_weak_10", "weak-teacher"),
+    "ppo_weak_10": ("sft_weak_10", "weak-teacher"),
+    "dpo_strong_10": ("sft_strong_10", "strong-teacher"),
+}
 
 
 def _claim_shared(shared_dir: Optional[str], settings: dict) -> None:
@@ -97,8 +110,10 @@ def _claim_shared(shared_dir: Optional[str], settings: dict) -> None:
             made = json.load(f)
         diff = {k: (made.get(k), v) for k, v in settings.items() if made.get(k) != v}
         if diff:
-            raise ConfigError(f"run_miniature.shared_dir={shared_dir!r} holds a base made with other settings "
-                             f"(was, now): {diff}; use another shared_dir or the same settings")
+            raise ConfigError(
+                f"run_miniature.shared_dir={shared_dir!r} holds a base made with other settings "
+                f"(was, now): {diff}; use another shared_dir or the same settings"
+            )
         return
     with open(path, "w") as f:
         json.dump(settings, f, indent=2)
@@ -111,8 +126,15 @@ def win_rate(comparisons: Sequence[dict]) -> dict:
 
 
 def _win_row(wr) -> dict:
-    return {"win_rate": wr.win_rate, "se": wr.standard_error, "n": wr.n_scored, "wins": wr.n_wins,
-            "losses": wr.n_losses, "ties": wr.n_ties, "invalid": wr.n_invalid}
+    return {
+        "win_rate": wr.win_rate,
+        "se": wr.standard_error,
+        "n": wr.n_scored,
+        "wins": wr.n_wins,
+        "losses": wr.n_losses,
+        "ties": wr.n_ties,
+        "invalid": wr.n_invalid,
+    }
 
 
 def task_scores(samples: Sequence[dict]) -> dict:
@@ -122,15 +144,21 @@ def task_scores(samples: Sequence[dict]) -> dict:
 
 def task_accuracy(samples: Sequence[dict]) -> dict:
     scores = list(task_scores(samples).values())
-    return {"task_score": 100 * sum(scores) / len(scores), "task_exact": 100 * sum(s == 1.0 for s in scores) / len(scores)}
+    return {
+        "task_score": 100 * sum(scores) / len(scores),
+        "task_exact": 100 * sum(s == 1.0 for s in scores) / len(scores),
+    }
 
 
 def critic_policy_preferred(comparisons: Sequence[dict]) -> dict:
     """How often the critic preferred the policy sample (response_1) over the teacher's
     completion, over decided verdicts: the paper's "GPT-4 preferred the SFT sample 14.3%"."""
     decided = [c["verdict"] for c in comparisons if c["verdict"] in ("first", "second")]
-    return {"policy_preferred": 100 * sum(v == "first" for v in decided) / max(len(decided), 1),
-            "decided": len(decided), "judged": len(comparisons)}
+    return {
+        "policy_preferred": 100 * sum(v == "first" for v in decided) / max(len(decided), 1),
+        "decided": len(decided),
+        "judged": len(comparisons),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +282,14 @@ class _World:
     def client(self, model: str) -> FeedbackClient:
         # The web corpus lives beside the base model it pretrains, so its answers are cached there.
         cache = (self.shared if model == "web" else self.path)("cache", f"{model}.jsonl")
-        return FeedbackClient(model=model, cache_path=cache, base_url=self.url, api_key_env="RLAIF_MINIATURE_NO_KEY",
-                              max_concurrency=32, progress=self.settings.progress)
+        return FeedbackClient(
+            model=model,
+            cache_path=cache,
+            base_url=self.url,
+            api_key_env="RLAIF_MINIATURE_NO_KEY",
+            max_concurrency=32,
+            progress=self.settings.progress,
+        )
 
     @property
     def seq(self) -> dict:
@@ -299,11 +333,21 @@ def run_miniature_settings(settings: MiniatureSettings) -> list:
     s = settings
     os.makedirs(s.out_dir, exist_ok=True)
     world_models = synthetic_world()
-    _claim_shared(s.shared_dir, {"seed": s.seed, "num_prompts": s.num_prompts, "num_eval": s.num_eval,
-                                 "num_pretrain": s.num_pretrain, "hidden_size": s.hidden_size,
-                                 "num_layers": s.num_layers, "pretrain_epochs": s.pretrain_epochs,
-                                 "pretrain_lr": s.pretrain_lr, "batch_size": s.batch_size,
-                                 "web_quality": world_models.models["web"].strength})
+    _claim_shared(
+        s.shared_dir,
+        {
+            "seed": s.seed,
+            "num_prompts": s.num_prompts,
+            "num_eval": s.num_eval,
+            "num_pretrain": s.num_pretrain,
+            "hidden_size": s.hidden_size,
+            "num_layers": s.num_layers,
+            "pretrain_epochs": s.pretrain_epochs,
+            "pretrain_lr": s.pretrain_lr,
+            "batch_size": s.batch_size,
+            "web_quality": world_models.models["web"].strength,
+        },
+    )
     with ServerThread(make_app(world_models)) as srv:
         world = _make_world(s, srv.url)
         for name in s.arms:
@@ -315,11 +359,16 @@ def run_miniature_settings(settings: MiniatureSettings) -> list:
                 row, per_prompt[arm.name] = _arm_results(arm)
                 rows.append(row)
         starts = sorted({RL_START[a][0] for a in s.arms if a in RL_START})
-        critic = {start: critic_policy_preferred([c for k in range(s.feedback_samples)
-                                                  for c in load_comparisons(_arm(world, start).comparisons(k))])
-                  for start in starts}
-    ref_samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": r["completion"]}
-                   for r in read_records(world.path(*_REFERENCE))]
+        critic = {
+            start: critic_policy_preferred(
+                [c for k in range(s.feedback_samples) for c in load_comparisons(_arm(world, start).comparisons(k))]
+            )
+            for start in starts
+        }
+    ref_samples = [
+        {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": r["completion"]}
+        for r in read_records(world.path(*_REFERENCE))
+    ]
     found = F.findings(per_prompt)
     env = environment.describe()
     write_report(s.out_dir, rows, task_accuracy(ref_samples), found, critic, env)
@@ -345,20 +394,34 @@ def _make_world(s: MiniatureSettings, url: str) -> _World:
     # any num_pretrain; all are distinct instructions.
     texts = make_instructions(s.num_prompts + s.num_eval + s.num_pretrain, seed=s.seed)
     if not is_complete(p("data", "prompts", "feedback")):
-        write_jsonl(p("prompts.jsonl"), ({"prompt": t} for t in texts[:s.num_prompts]))
-        write_jsonl(p("eval_prompts.jsonl"), ({"prompt": t} for t in texts[s.num_prompts:s.num_prompts + s.num_eval]))
+        write_jsonl(p("prompts.jsonl"), ({"prompt": t} for t in texts[: s.num_prompts]))
+        write_jsonl(p("eval_prompts.jsonl"), ({"prompt": t} for t in texts[s.num_prompts : s.num_prompts + s.num_eval]))
         prepare_prompts(p("prompts.jsonl"), p("data"), format="plain", sft_fraction=s.sft_fraction)
     if not os.path.exists(shared("pretrain_prompts.jsonl")):
-        write_jsonl(shared("pretrain_prompts.jsonl"), ({"prompt": t} for t in texts[s.num_prompts + s.num_eval:]))
+        write_jsonl(shared("pretrain_prompts.jsonl"), ({"prompt": t} for t in texts[s.num_prompts + s.num_eval :]))
     tok_dir = shared("tokenizer")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         build_test_tokenizer(tok_dir, texts=texts + [" ".join(vocabulary()), "Human: Assistant:"], vocab_size=1000)
     hidden = s.hidden_size
-    cfg = DecoderConfig(vocab_size=len(load_tokenizer(tok_dir)), hidden_size=hidden,
-                        intermediate_size=int(hidden * 8 / 3) // 8 * 8, num_layers=s.num_layers, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    world = _World(settings=s, tokenizer=tok_dir, model_config=cfg,
-                   base=shared("runs", "base", "hf") if s.num_pretrain else None, url=url)
+    cfg = DecoderConfig(
+        vocab_size=len(load_tokenizer(tok_dir)),
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 8 * 8,
+        num_layers=s.num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    world = _World(
+        settings=s,
+        tokenizer=tok_dir,
+        model_config=cfg,
+        base=shared("runs", "base", "hf") if s.num_pretrain else None,
+        url=url,
+    )
 
     def ask_teacher(model, prompts, out):
         if not is_complete(out):
@@ -374,8 +437,15 @@ def _make_world(s: MiniatureSettings, url: str) -> _World:
         # one stream separated by EOS (packed rows; see as_document_stream), so EOS is a
         # trained input where the reward model reads.
         if not is_complete(shared("runs", "base")):
-            _train_sft(world, shared("runs", "base"), [shared("data", "web", "pretrain")], s.pretrain_epochs,
-                       s.pretrain_lr, None, pretrain=True)
+            _train_sft(
+                world,
+                shared("runs", "base"),
+                [shared("data", "web", "pretrain")],
+                s.pretrain_epochs,
+                s.pretrain_lr,
+                None,
+                pretrain=True,
+            )
     return world
 
 
@@ -411,42 +481,76 @@ def _arm_stages(name: str) -> list[Stage]:
 # -- training and sampling: each library call in one place ----------------------------------
 
 
-def _train_sft(world: _World, run_dir: str, dirs: Sequence[str], epochs: int, lr: float, init_from: Optional[str],
-               pretrain: bool = False) -> None:
+def _train_sft(
+    world: _World,
+    run_dir: str,
+    dirs: Sequence[str],
+    epochs: int,
+    lr: float,
+    init_from: Optional[str],
+    pretrain: bool = False,
+) -> None:
     s = world.settings
-    data = (dict(packing=True, transform=as_document_stream) if pretrain else {})
-    train(run_dir=run_dir, objective=SFT(), num_steps=None,
-          model_config=None if init_from else world.model_config, init_from=init_from, tokenizer=world.tokenizer,
-          train_data=functools.partial(sft_pipeline, dirs, num_epochs=epochs, seed=s.seed, **world.seq, **data),
-          optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
-          mesh=world.mesh, seed=s.seed, loop=LoopSettings(log_every=20, async_checkpoint=False))
+    data = dict(packing=True, transform=as_document_stream) if pretrain else {}
+    train(
+        run_dir=run_dir,
+        objective=SFT(),
+        num_steps=None,
+        model_config=None if init_from else world.model_config,
+        init_from=init_from,
+        tokenizer=world.tokenizer,
+        train_data=functools.partial(sft_pipeline, dirs, num_epochs=epochs, seed=s.seed, **world.seq, **data),
+        optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
+        mesh=world.mesh,
+        seed=s.seed,
+        loop=LoopSettings(log_every=20, async_checkpoint=False),
+    )
 
 
-def _train_on_preferences(arm: _Arm, key: str, objective, epochs: int, lr: float,
-                          reference_from: Optional[str] = None) -> dict:
+def _train_on_preferences(
+    arm: _Arm, key: str, objective, epochs: int, lr: float, reference_from: Optional[str] = None
+) -> dict:
     out = arm.out(key)
     if is_complete(out):
         return {"state": "reused", "output": out}
     s = arm.world.settings
-    train(run_dir=out, objective=objective, num_steps=None, init_from=os.path.join(arm.out("sft"), "hf"),
-          reference_from=reference_from,
-          train_data=functools.partial(preference_pipeline, arm.out("preferences"), seed=s.seed, num_epochs=epochs,
-                                       **arm.world.seq),
-          optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
-          mesh=arm.world.mesh, seed=s.seed, loop=LoopSettings(log_every=10, async_checkpoint=False))
+    train(
+        run_dir=out,
+        objective=objective,
+        num_steps=None,
+        init_from=os.path.join(arm.out("sft"), "hf"),
+        reference_from=reference_from,
+        train_data=functools.partial(
+            preference_pipeline, arm.out("preferences"), seed=s.seed, num_epochs=epochs, **arm.world.seq
+        ),
+        optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
+        mesh=arm.world.mesh,
+        seed=s.seed,
+        loop=LoopSettings(log_every=10, async_checkpoint=False),
+    )
     return {"output": out}
 
 
-def _sample(hf_dir: str, prompts: str, out: str, temperature: float, top_p: float, seed: int,
-            source_model: str) -> None:
-    policy_samples_stage(hf_dir=hf_dir, prompts=prompts, out_dir=out, source_model=source_model,
-                         sampling=SamplingSettings(max_length=64, max_prompt_length=32, temperature=temperature,
-                                                   top_p=top_p, seed=seed))
+def _sample(
+    hf_dir: str, prompts: str, out: str, temperature: float, top_p: float, seed: int, source_model: str
+) -> None:
+    policy_samples_stage(
+        hf_dir=hf_dir,
+        prompts=prompts,
+        out_dir=out,
+        source_model=source_model,
+        sampling=SamplingSettings(max_length=64, max_prompt_length=32, temperature=temperature, top_p=top_p, seed=seed),
+    )
 
 
 def _judge(world: _World, role: str, responses_1: str, responses_2: str, out: str, seed: int) -> None:
-    critic_stage(responses_1=responses_1, responses_2=responses_2, out_dir=out, client=world.client(role),
-                 judge=JudgeSettings(seed=seed))
+    critic_stage(
+        responses_1=responses_1,
+        responses_2=responses_2,
+        out_dir=out,
+        client=world.client(role),
+        judge=JudgeSettings(seed=seed),
+    )
 
 
 # -- the stages -----------------------------------------------------------------------------
@@ -460,8 +564,14 @@ def stage_sft(arm: _Arm) -> dict:
         return {"state": "reused", "output": out}
     s = arm.world.settings
     teacher, splits, epochs = SFT_DATA[arm.start]
-    _train_sft(arm.world, out, [arm.world.path("data", teacher, split) for split in splits], getattr(s, epochs),
-               s.sft_lr, arm.world.base)
+    _train_sft(
+        arm.world,
+        out,
+        [arm.world.path("data", teacher, split) for split in splits],
+        getattr(s, epochs),
+        s.sft_lr,
+        arm.world.base,
+    )
     return {"output": out}
 
 
@@ -471,8 +581,15 @@ def stage_samples(arm: _Arm) -> dict:
     made = []
     for k in range(s.feedback_samples):
         if not is_complete(arm.samples(k)):
-            _sample(os.path.join(arm.out("sft"), "hf"), arm.world.path("data", "prompts", "feedback"),
-                    arm.samples(k), temperature=1.0, top_p=0.9, seed=s.seed + 1000 * k, source_model=arm.start)
+            _sample(
+                os.path.join(arm.out("sft"), "hf"),
+                arm.world.path("data", "prompts", "feedback"),
+                arm.samples(k),
+                temperature=1.0,
+                top_p=0.9,
+                seed=s.seed + 1000 * k,
+                source_model=arm.start,
+            )
             made.append(k)
     return {"state": "done" if made else "reused", "output": arm.out("samples")}
 
@@ -484,8 +601,14 @@ def stage_critic(arm: _Arm) -> dict:
     made = []
     for k in range(s.feedback_samples):
         if not is_complete(arm.comparisons(k)):
-            _judge(arm.world, "critic", arm.samples(k), arm.world.path("data", arm.teacher, "feedback"),
-                   arm.comparisons(k), seed=s.seed + 1000 * k)
+            _judge(
+                arm.world,
+                "critic",
+                arm.samples(k),
+                arm.world.path("data", arm.teacher, "feedback"),
+                arm.comparisons(k),
+                seed=s.seed + 1000 * k,
+            )
             made.append(k)
     return {"state": "done" if made else "reused", "output": arm.out("critic")}
 
@@ -494,8 +617,7 @@ def stage_preferences(arm: _Arm) -> dict:
     out = arm.out("preferences")
     if is_complete(out):
         return {"state": "reused", "output": out}
-    preferences_stage(comparisons=[arm.comparisons(k) for k in range(arm.world.settings.feedback_samples)],
-                      out_dir=out)
+    preferences_stage(comparisons=[arm.comparisons(k) for k in range(arm.world.settings.feedback_samples)], out_dir=out)
     return {"output": out}
 
 
@@ -514,14 +636,26 @@ def stage_ppo(arm: _Arm) -> dict:
     if is_complete(out):
         return {"state": "reused", "output": out}
     s = arm.world.settings
-    train_ppo(run_dir=out, policy=os.path.join(arm.out("sft"), "hf"),
-              reward_model=os.path.join(arm.out("reward_model"), "hf"),
-              prompts=arm.world.path("data", "prompts", "feedback"), num_iterations=s.ppo_iterations,
-              config=PPOConfig(rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2,
-                               max_new_tokens=16, max_prompt_length=32, missing_eos_penalty=1.0),
-              kl=KLController(init_coef=s.ppo_kl_coef),
-              optimizer=functools.partial(make_optimizer, learning_rate=s.ppo_lr),
-              mesh=arm.world.mesh, seed=s.seed, loop=LoopSettings(log_every=5))
+    train_ppo(
+        run_dir=out,
+        policy=os.path.join(arm.out("sft"), "hf"),
+        reward_model=os.path.join(arm.out("reward_model"), "hf"),
+        prompts=arm.world.path("data", "prompts", "feedback"),
+        num_iterations=s.ppo_iterations,
+        config=PPOConfig(
+            rollout_batch_size=32,
+            mini_batch_size=16,
+            ppo_epochs=2,
+            max_new_tokens=16,
+            max_prompt_length=32,
+            missing_eos_penalty=1.0,
+        ),
+        kl=KLController(init_coef=s.ppo_kl_coef),
+        optimizer=functools.partial(make_optimizer, learning_rate=s.ppo_lr),
+        mesh=arm.world.mesh,
+        seed=s.seed,
+        loop=LoopSettings(log_every=5),
+    )
     return {"output": out}
 
 
@@ -539,8 +673,15 @@ def stage_evaluate(arm: _Arm) -> dict:
     gen, judged = arm.out("evaluate"), arm.out("judge")
     state = "reused"
     if not is_complete(gen):
-        _sample(os.path.join(arm.out("policy"), "hf"), arm.world.path("eval_prompts.jsonl"), gen,
-                temperature=s.eval_temperature, top_p=s.eval_top_p, seed=s.seed, source_model=arm.name)
+        _sample(
+            os.path.join(arm.out("policy"), "hf"),
+            arm.world.path("eval_prompts.jsonl"),
+            gen,
+            temperature=s.eval_temperature,
+            top_p=s.eval_top_p,
+            seed=s.seed,
+            source_model=arm.name,
+        )
         state = "done"
     if not is_complete(judged):
         _judge(arm.world, "judge", gen, arm.world.path(*_REFERENCE), judged, seed=s.seed + 1)
@@ -553,18 +694,30 @@ def stage_evaluate(arm: _Arm) -> dict:
 # policy share its training run and its AI feedback.
 MINIATURE_STAGES = (
     Stage("sft", stage_sft, outputs=(("sft", "runs/{start}"),), done="summary.json"),
-    Stage("rounds", stage_rounds, inputs=("sft",), outputs=(("rounds", "runs/{arm}/rounds"),),
-          done="summary.json"),
+    Stage("rounds", stage_rounds, inputs=("sft",), outputs=(("rounds", "runs/{arm}/rounds"),), done="summary.json"),
     Stage("samples", stage_samples, inputs=("sft",), outputs=(("samples", "data/feedback/{start}/samples"),)),
     Stage("critic", stage_critic, inputs=("samples",), outputs=(("critic", "data/feedback/{start}/comparisons"),)),
-    Stage("preferences", stage_preferences, inputs=("critic",),
-          outputs=(("preferences", "data/feedback/{start}/preferences"),)),
+    Stage(
+        "preferences",
+        stage_preferences,
+        inputs=("critic",),
+        outputs=(("preferences", "data/feedback/{start}/preferences"),),
+    ),
     Stage("dpo", stage_dpo, inputs=("preferences", "sft"), outputs=(("dpo", "runs/{arm}"),), done="summary.json"),
-    Stage("reward_model", stage_reward_model, inputs=("preferences", "sft"), outputs=(("reward_model", "runs/{rm}"),),
-          done="summary.json"),
+    Stage(
+        "reward_model",
+        stage_reward_model,
+        inputs=("preferences", "sft"),
+        outputs=(("reward_model", "runs/{rm}"),),
+        done="summary.json",
+    ),
     Stage("ppo", stage_ppo, inputs=("reward_model", "sft"), outputs=(("ppo", "runs/{arm}"),), done="summary.json"),
-    Stage("evaluate", stage_evaluate, inputs=("policy",),
-          outputs=(("evaluate", "eval/{arm}/generations"), ("judge", "eval/{arm}/judgments"))),
+    Stage(
+        "evaluate",
+        stage_evaluate,
+        inputs=("policy",),
+        outputs=(("evaluate", "eval/{arm}/generations"), ("judge", "eval/{arm}/judgments")),
+    ),
 )
 MINIATURE_REGISTRY = by_name(MINIATURE_STAGES)
 # Output key -> path template; "policy" is what an arm ends with (its SFT, DPO or PPO run).
@@ -604,13 +757,17 @@ def write_report(out_dir: str, rows: list, reference: dict, found: list, critic:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['win_rate']:.1f} +- {r['se']:.1f} | {r['task_score']:.1f} | "
-                     f"{r['task_exact']:.1f} | {r['wins']} / {r['losses']} / {r['ties']} / {r['invalid']} |")
+        lines.append(
+            f"| {r['label']} | {r['win_rate']:.1f} +- {r['se']:.1f} | {r['task_score']:.1f} | "
+            f"{r['task_exact']:.1f} | {r['wins']} / {r['losses']} / {r['ties']} / {r['invalid']} |"
+        )
     lines.append(f"\nReference model: task score {reference['task_score']:.1f}%, exact {reference['task_exact']:.1f}%.")
     for start, c in critic.items():
-        lines.append(f"Critic preferred the {LABELS[start]} policy's sample over its teacher's completion "
-                     f"{c['policy_preferred']:.1f}% of {c['decided']} decided pairs (paper, GPT-4 critic on "
-                     "Llama-7B SFT vs ChatGPT: 14.3%).")
+        lines.append(
+            f"Critic preferred the {LABELS[start]} policy's sample over its teacher's completion "
+            f"{c['policy_preferred']:.1f}% of {c['decided']} decided pairs (paper, GPT-4 critic on "
+            "Llama-7B SFT vs ChatGPT: 14.3%)."
+        )
     if found:
         lines += ["", F.markdown(found)]
     lines += ["", f"Computed with {environment.one_line(env)}."]
@@ -624,8 +781,9 @@ def write_report(out_dir: str, rows: list, reference: dict, found: list, critic:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     labels = [r["label"] for r in rows]
-    axes[0].bar(range(len(rows)), [r["win_rate"] for r in rows], yerr=[r["se"] for r in rows], capsize=4,
-                color="tab:blue")
+    axes[0].bar(
+        range(len(rows)), [r["win_rate"] for r in rows], yerr=[r["se"] for r in rows], capsize=4, color="tab:blue"
+    )
     axes[0].axhline(50, color="grey", lw=0.8, ls="--")
     axes[0].set_ylabel("win rate vs reference (%)")
     axes[1].bar(range(len(rows)), [r["task_score"] for r in rows], color="tab:green")

@@ -17,7 +17,11 @@ import os
 
 from rlaif_jax.feedback.stages import load_comparisons, preferences_stage
 from rlaif_jax.iterative import (
-    IterativeSettings, comparison_sets, preference_sources, round_dir, write_best_vs_worst,
+    IterativeSettings,
+    comparison_sets,
+    preference_sources,
+    round_dir,
+    write_best_vs_worst,
 )
 from rlaif_jax.registry import Runner, Stage, Status, is_complete
 
@@ -49,8 +53,9 @@ class RoundArm:
         if key == "sft":  # the run this round starts from: the previous round's DPO, or SFT
             return self.parent.out("sft") if self.r == 1 else dataclasses.replace(self, r=self.r - 1).out("dpo")
         if key in ("evaluate", "judge"):
-            return self.world.path("eval", self.parent.name, f"round{self.r}",
-                                   "generations" if key == "evaluate" else "judgments")
+            return self.world.path(
+                "eval", self.parent.name, f"round{self.r}", "generations" if key == "evaluate" else "judgments"
+            )
         return self.dir({"policy": "dpo", "dpo": "dpo", "preferences": "preferences"}[key])
 
     def samples(self, k: int) -> str:
@@ -68,8 +73,9 @@ class RoundArm:
 
     def sets(self) -> list[tuple[str, str, str]]:
         teacher = self.world.path("data", self.parent.teacher, "feedback")
-        return comparison_sets(self.it, [self.samples(k) for k in range(self.it.samples)], teacher,
-                               self.dir("comparisons"))
+        return comparison_sets(
+            self.it, [self.samples(k) for k in range(self.it.samples)], teacher, self.dir("comparisons")
+        )
 
 
 def settings_of(arm) -> IterativeSettings:
@@ -92,8 +98,15 @@ def step_samples(view: RoundArm) -> dict:
     for k in range(view.it.samples):
         if not is_complete(view.samples(k)):
             source = view.parent.start if view.r == 1 else f"{view.parent.name}/round{view.r - 1}"
-            _sample(os.path.join(view.out("sft"), "hf"), view.world.path("data", "prompts", "feedback"),
-                    view.samples(k), temperature=1.0, top_p=0.9, seed=view.seed(k), source_model=source)
+            _sample(
+                os.path.join(view.out("sft"), "hf"),
+                view.world.path("data", "prompts", "feedback"),
+                view.samples(k),
+                temperature=1.0,
+                top_p=0.9,
+                seed=view.seed(k),
+                source_model=source,
+            )
             made.append(k)
     return {"state": "done" if made else "reused", "output": view.dir("samples")}
 
@@ -131,8 +144,14 @@ def step_dpo(view: RoundArm) -> dict:
 
     s = view.world.settings
     ref = view.reference_run()
-    outcome = _train_on_preferences(view, "dpo", DPO(beta=s.dpo_beta, rpo_alpha=s.dpo_rpo_alpha), s.dpo_epochs,
-                                    s.dpo_lr, reference_from=None if ref == view.out("sft") else os.path.join(ref, "hf"))
+    outcome = _train_on_preferences(
+        view,
+        "dpo",
+        DPO(beta=s.dpo_beta, rpo_alpha=s.dpo_rpo_alpha),
+        s.dpo_epochs,
+        s.dpo_lr,
+        reference_from=None if ref == view.out("sft") else os.path.join(ref, "hf"),
+    )
     return {**outcome, "init_from": view.out("sft"), "reference": ref}
 
 
@@ -144,11 +163,13 @@ def step_evaluate(view: RoundArm) -> dict:
 
 def round_stages(r: int) -> list[Stage]:
     """Round r's steps as registry stages, each in its one-round stage's gin scope."""
-    return [Stage(f"round{r}/samples", step_samples, scope="samples"),
-            Stage(f"round{r}/critic", step_critic, scope="critic"),
-            Stage(f"round{r}/preferences", step_preferences, scope="preferences"),
-            Stage(f"round{r}/dpo", step_dpo, done="summary.json", scope="dpo"),
-            Stage(f"round{r}/evaluate", step_evaluate, scope="evaluate")]
+    return [
+        Stage(f"round{r}/samples", step_samples, scope="samples"),
+        Stage(f"round{r}/critic", step_critic, scope="critic"),
+        Stage(f"round{r}/preferences", step_preferences, scope="preferences"),
+        Stage(f"round{r}/dpo", step_dpo, done="summary.json", scope="dpo"),
+        Stage(f"round{r}/evaluate", step_evaluate, scope="evaluate"),
+    ]
 
 
 def stage_rounds(arm) -> dict:
@@ -193,8 +214,14 @@ def plot_rounds(out_dir: str, rows: list, reference: dict) -> None:
             continue
         pts = ([(0, by_arm[start])] if start in by_arm else []) + rounds
         xs = [x for x, _ in pts]
-        axes[0].errorbar(xs, [r["win_rate"] for _, r in pts], yerr=[r["se"] for _, r in pts], marker="o", capsize=4,
-                         label=pts[-1][1]["label"].rsplit(",", 1)[0])
+        axes[0].errorbar(
+            xs,
+            [r["win_rate"] for _, r in pts],
+            yerr=[r["se"] for _, r in pts],
+            marker="o",
+            capsize=4,
+            label=pts[-1][1]["label"].rsplit(",", 1)[0],
+        )
         axes[1].plot(xs, [r["task_score"] for _, r in pts], marker="o")
         one_round = [a for a, (st, _) in RL_START.items() if st == start and a.startswith("dpo_") and a in by_arm]
         for a in one_round:

@@ -62,8 +62,8 @@ def writer_lock(directory: str, binding: str) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise OutputInUseError(
-                f"{directory} is being written by {holder}; wait for it to finish or give this run "
-                f"another {binding}") from None
+                f"{directory} is being written by {holder}; wait for it to finish or give this run another {binding}"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -93,4 +93,5 @@ def check_replace(directory: str, new_count: int, binding: Optional[str], overwr
         fix = f"set {binding}=True to replace it" if binding else "pass overwrite=True to replace it"
         raise OutputWouldShrinkError(
             f"{directory} holds a complete set of {old} records and this run would replace it with "
-            f"{new_count}; check the input, {fix}, or write to another directory")
+            f"{new_count}; check the input, {fix}, or write to another directory"
+        )

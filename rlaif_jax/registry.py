@@ -148,8 +148,13 @@ class Runner:
         except BaseException as e:
             # The error stays on record beside the outputs already written; relaunching the
             # run resumes at this stage.
-            self.status.set(stage.name, state="failed", error=f"{type(e).__name__}: {e}",
-                            traceback=traceback.format_exc(limit=8), seconds=round(time.time() - t0, 1))
+            self.status.set(
+                stage.name,
+                state="failed",
+                error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc(limit=8),
+                seconds=round(time.time() - t0, 1),
+            )
             raise
         self.status.set(stage.name, state=outcome.pop("state", "done"), seconds=round(time.time() - t0, 1), **outcome)
         self.wait(stage.name)

@@ -116,9 +116,7 @@ def _generate(model: Transformer, sp: SamplingParams, params, tokens, positions,
     def body(state):
         i, cache, prev, done, rng, out_tokens, out_logps, lengths = state
         pos = (next_pos + i - 1)[:, None]
-        o = model.apply(
-            {"params": params}, prev[:, None], pos, jnp.ones_like(pos), cache=cache, cache_index=P + i - 1
-        )
+        o = model.apply({"params": params}, prev[:, None], pos, jnp.ones_like(pos), cache=cache, cache_index=P + i - 1)
         rng, key = jax.random.split(rng)
         tok, lp = sample_step(o["logits"][:, -1], key, sp)
         tok = jnp.where(done, sp.pad_id, tok)
@@ -153,9 +151,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int) -> tupl
     positions = np.zeros((len(prompts), P), np.int32)
     for i, p in enumerate(prompts):
         n = len(p)
-        tokens[i, P - n:] = p
-        segs[i, P - n:] = 1
-        positions[i, P - n:] = np.arange(n)
+        tokens[i, P - n :] = p
+        segs[i, P - n :] = 1
+        positions[i, P - n :] = np.arange(n)
     return tokens, positions, segs
 
 

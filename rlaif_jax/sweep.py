@@ -151,14 +151,21 @@ def aggregate(spec: dict, runs: list[Run], metrics: Optional[list] = None) -> li
     evaluation metrics in eval/metrics.json); written as results.csv and results.md."""
     rows = []
     for r in runs:
-        row = {"run": r.name, **{k: "+".join(os.path.splitext(os.path.basename(f))[0] for f in _files(v))
-                                 if _is_file_axis(k) else v for k, v in r.point.items()}}
+        row = {
+            "run": r.name,
+            **{
+                k: "+".join(os.path.splitext(os.path.basename(f))[0] for f in _files(v)) if _is_file_axis(k) else v
+                for k, v in r.point.items()
+            },
+        }
         if r.finished:
             summary = fileio.read_json(fileio.join(r.run_dir, SUMMARY))
             ev = fileio.join(r.run_dir, "eval", "metrics.json")
             if fileio.exists(ev):
                 summary.update({f"eval/{k}": v for k, v in fileio.read_json(ev).items()})
-            keys = metrics or spec.get("metrics") or sorted(k for k, v in summary.items() if isinstance(v, (int, float)))
+            keys = (
+                metrics or spec.get("metrics") or sorted(k for k, v in summary.items() if isinstance(v, (int, float)))
+            )
             row.update({k: summary.get(k) for k in keys})
             row["status"] = "finished"
         else:

@@ -63,8 +63,10 @@ def model_config(scope: str = ""):
 
     cfg = setting(train, "train", "model_config", scope, default=None)
     if cfg is None:
-        raise ConfigError("train.model_config is unset: add a model file (--gin_file=configs/models/<name>.gin); "
-                          "the AOT compile builds the model from its config, never from weights")
+        raise ConfigError(
+            "train.model_config is unset: add a model file (--gin_file=configs/models/<name>.gin); "
+            "the AOT compile builds the model from its config, never from weights"
+        )
     return cfg
 
 
@@ -90,8 +92,11 @@ def train_programs(aot, target, stage: str, objective=None):
     with gin.config_scope(stage or None):
         objective = objective or setting(train, "train", "objective", stage)
         cfg = model_config(stage)
-        pipe, pipe_name = (sft_pipeline, "sft_pipeline") if objective.data_kind == "sft" else \
-            (preference_pipeline, "preference_pipeline")
+        pipe, pipe_name = (
+            (sft_pipeline, "sft_pipeline")
+            if objective.data_kind == "sft"
+            else (preference_pipeline, "preference_pipeline")
+        )
         per_process = setting(pipe, pipe_name, "batch_size", stage)
         seq_len = setting(pipe, pipe_name, "seq_len", stage)
         grad_accum = setting(train, "train", "grad_accum", stage)
@@ -101,8 +106,10 @@ def train_programs(aot, target, stage: str, objective=None):
     rows = per_process * target.hosts
     precomputed = getattr(objective, "reference", None) == "precomputed"
     batch = aot.batch_layout(objective.data_kind, rows, seq_len, precomputed)
-    note = (f"{stage or 'train'}: global batch {rows} = {pipe_name}.batch_size {per_process} x {target.hosts} "
-            f"host(s); mesh {_shape(lay.mesh)}")
+    note = (
+        f"{stage or 'train'}: global batch {rows} = {pipe_name}.batch_size {per_process} x {target.hosts} "
+        f"host(s); mesh {_shape(lay.mesh)}"
+    )
     return note, aot.train_step_programs(stage or "train", objective, cfg, tx, schedule, lay, batch, grad_accum, seed)
 
 
@@ -123,10 +130,12 @@ def ppo_programs(aot, target, stage: str):
     if not isinstance(config, PPOConfig):
         raise ConfigError(f"train_ppo.config = {config!r}: expected a PPOConfig (e.g. @PPOConfig())")
     rows = config.rollout_batch_size * config.samples_per_prompt * target.hosts
-    note = (f"{stage or 'ppo'}: rollout of {rows} sequences = PPOConfig.rollout_batch_size {config.rollout_batch_size} "
-            f"x samples_per_prompt {config.samples_per_prompt} x {target.hosts} host(s); mesh {_shape(lay.mesh)}; "
-            f"mini-batches of {config.mini_batch_size}; policy, reference, value and reward models in {cfg.dtype} "
-            f"compute, {cfg.param_dtype} params, remat {cfg.remat_policy} (train_ppo.numerics = {numerics or None})")
+    note = (
+        f"{stage or 'ppo'}: rollout of {rows} sequences = PPOConfig.rollout_batch_size {config.rollout_batch_size} "
+        f"x samples_per_prompt {config.samples_per_prompt} x {target.hosts} host(s); mesh {_shape(lay.mesh)}; "
+        f"mini-batches of {config.mini_batch_size}; policy, reference, value and reward models in {cfg.dtype} "
+        f"compute, {cfg.param_dtype} params, remat {cfg.remat_policy} (train_ppo.numerics = {numerics or None})"
+    )
     return note, aot.ppo_programs(cfg, config, tx, lay, rows, seed=seed)
 
 
@@ -136,10 +145,12 @@ def sampler_programs(aot, target, stage: str):
     if stage == "samples":
         from rlaif_jax.feedback.settings import SamplingSettings as Settings
         from rlaif_jax.feedback.stages import policy_samples_stage as fn
+
         name = "policy_samples_stage"
     else:
         from rlaif_jax.eval.evaluate import evaluate as fn
         from rlaif_jax.eval.settings import EvalSamplingSettings as Settings
+
         name = "evaluate"
     get = lambda p: setting(fn, name, p, stage)  # noqa: E731
     bucket = get("length_bucket") if "length_bucket" in inspect.signature(fn).parameters else 32
@@ -153,10 +164,13 @@ def sampler_programs(aot, target, stage: str):
         lay = shd.Layout(mesh, shd.logical_rules())
     prompt = -(-sampling.max_prompt_length // 16) * 16  # SamplingParams.prompt_bucket
     new = -(-(sampling.max_length - 1) // bucket) * bucket  # the longest budget: a one-token prompt
-    note = (f"{stage}: {sampling.batch_size} prompts per batch on one host's {mesh.size} chip(s), {dtype}; the "
-            f"largest shapes: prompts padded to {prompt}, {new} decode steps")
-    return note, aot.sampler_programs(stage, cfg, lay, sampling.batch_size, prompt, new, sampling.temperature,
-                                      sampling.top_p, sampling.top_k)
+    note = (
+        f"{stage}: {sampling.batch_size} prompts per batch on one host's {mesh.size} chip(s), {dtype}; the "
+        f"largest shapes: prompts padded to {prompt}, {new} decode steps"
+    )
+    return note, aot.sampler_programs(
+        stage, cfg, lay, sampling.batch_size, prompt, new, sampling.temperature, sampling.top_p, sampling.top_k
+    )
 
 
 def plan(aot, target) -> list:
@@ -188,18 +202,31 @@ def plan(aot, target) -> list:
         return [ppo_programs(aot, target, "")]
     if "train.objective" in config:
         return [train_programs(aot, target, "")]
-    raise ConfigError("the config runs nothing to compile: give an experiment (train.objective / train_ppo) or an "
-                      "arm (run_arm.stages) with --gin_file")
+    raise ConfigError(
+        "the config runs nothing to compile: give an experiment (train.objective / train_ppo) or an "
+        "arm (run_arm.stages) with --gin_file"
+    )
 
 
 def main(argv=None) -> int:
     ap = gin_arg_parser(__doc__)
-    ap.add_argument("--topology", required=True,
-                    help="the slice: v4-8|v4-16|v4-32|v4-64|v5e-4|v5e-16|v5e-32|v5p-8|v5p-32|v5p-64|cpu-N")
-    ap.add_argument("--programs", action="append", default=[],
-                    help="compile only programs whose name matches this glob, e.g. 'dpo/*' (repeatable)")
-    ap.add_argument("--min_headroom", type=float, default=0.0,
-                    help="fail a program that leaves less than this fraction of HBM free (e.g. 0.2)")
+    ap.add_argument(
+        "--topology",
+        required=True,
+        help="the slice: v4-8|v4-16|v4-32|v4-64|v5e-4|v5e-16|v5e-32|v5p-8|v5p-32|v5p-64|cpu-N",
+    )
+    ap.add_argument(
+        "--programs",
+        action="append",
+        default=[],
+        help="compile only programs whose name matches this glob, e.g. 'dpo/*' (repeatable)",
+    )
+    ap.add_argument(
+        "--min_headroom",
+        type=float,
+        default=0.0,
+        help="fail a program that leaves less than this fraction of HBM free (e.g. 0.2)",
+    )
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout instead of the table")
     args = ap.parse_args(argv)
     # The compile targets the topology's devices, not this machine's: jax starts on the CPU
@@ -228,10 +255,22 @@ def main(argv=None) -> int:
         raise ConfigError(f"--programs {args.programs}: no program of this config matches")
     bad = [r for r in reports if not r.fits or r.headroom < args.min_headroom]
     if args.json:
-        print(json.dumps({"topology": target.name, "platform": target.platform,
-                          "devices": len(target.devices),
-                          "hosts": target.hosts, "hbm_bytes": target.hbm_bytes, "note": target.note, "settings": notes,
-                          "warnings": warnings, "programs": [r.as_dict() for r in reports]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "topology": target.name,
+                    "platform": target.platform,
+                    "devices": len(target.devices),
+                    "hosts": target.hosts,
+                    "hbm_bytes": target.hbm_bytes,
+                    "note": target.note,
+                    "settings": notes,
+                    "warnings": warnings,
+                    "programs": [r.as_dict() for r in reports],
+                },
+                indent=1,
+            )
+        )
     else:
         print(aot.format_table(reports, target))
         for n in notes:
@@ -240,11 +279,17 @@ def main(argv=None) -> int:
             print(f"warning: {w}")
     for r in bad:
         biggest = ", ".join(f"{name} {b / aot.GiB:.2f} GiB" for name, b in r.largest[:3])
-        what = (f"needs {r.total_bytes / aot.GiB:.2f} GiB per chip of {r.hbm_bytes / aot.GiB:.1f}, {r.verdict()}"
-                if not r.fits else f"leaves {r.headroom:.0%} of {r.hbm_bytes / aot.GiB:.1f} GiB free, under "
-                f"--min_headroom {args.min_headroom:.0%}")
-        print(f"error: {r.name} {what} (temporaries {r.temp_bytes / aot.GiB:.2f} GiB; largest arguments per chip: "
-              f"{biggest})", file=sys.stderr)
+        what = (
+            f"needs {r.total_bytes / aot.GiB:.2f} GiB per chip of {r.hbm_bytes / aot.GiB:.1f}, {r.verdict()}"
+            if not r.fits
+            else f"leaves {r.headroom:.0%} of {r.hbm_bytes / aot.GiB:.1f} GiB free, under "
+            f"--min_headroom {args.min_headroom:.0%}"
+        )
+        print(
+            f"error: {r.name} {what} (temporaries {r.temp_bytes / aot.GiB:.2f} GiB; largest arguments per chip: "
+            f"{biggest})",
+            file=sys.stderr,
+        )
     return 1 if bad else 0
 
 

@@ -24,9 +24,11 @@ def main(argv=None):
     from rlaif_jax.feedback.audit import audit_gap
 
     r = main_with_gin(__doc__, audit_gap, argv, extra_modules=("rlaif_jax.feedback.audit",))
-    print(f"strong preferred {r['strong_preferred']:.1f} +- {r['standard_error']:.1f}% "
-          f"({r['statistics']['confidence']:.0%} interval {r['ci_low']:.1f}-{r['ci_high']:.1f}, "
-          f"n={r['n_scored']}): {r['reading']}")
+    print(
+        f"strong preferred {r['strong_preferred']:.1f} +- {r['standard_error']:.1f}% "
+        f"({r['statistics']['confidence']:.0%} interval {r['ci_low']:.1f}-{r['ci_high']:.1f}, "
+        f"n={r['n_scored']}): {r['reading']}"
+    )
     print(r["reading_text"])
     return 0
 

@@ -35,9 +35,17 @@ def main(argv=None):
     png = os.path.join(args.out_dir, "bandit.png")
     plot(res, png, title=f"teacher mean {cfg.teacher_mean:g}, student mean {cfg.student_mean:g}, beta {cfg.beta:g}")
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump({"config": res["config"], "expected_reward": er, "seconds": res["seconds"],
-                   "reward_hat": res["reward_hat"].tolist(),
-                   "policies": {k: v.tolist() for k, v in res["policies"].items()}}, f, indent=1)
+        json.dump(
+            {
+                "config": res["config"],
+                "expected_reward": er,
+                "seconds": res["seconds"],
+                "reward_hat": res["reward_hat"].tolist(),
+                "policies": {k: v.tolist() for k, v in res["policies"].items()},
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {png}")
     return res
 

@@ -41,10 +41,24 @@ def make_data(root, n, rng):
     demos, prefs = [], []
     for i in range(n):
         p = f"[{i}] " + _text(rng, 10, 250)
-        demos.append({"prompt_id": prompt_id(p), "prompt": p, "completion": _text(rng, 20, 400),
-                      "source_model": "synthetic", "finish_reason": "stop"})
-        prefs.append({"prompt_id": prompt_id(p), "prompt": p, "chosen": _text(rng, 20, 400),
-                      "rejected": _text(rng, 20, 400), "provenance": "synthetic"})
+        demos.append(
+            {
+                "prompt_id": prompt_id(p),
+                "prompt": p,
+                "completion": _text(rng, 20, 400),
+                "source_model": "synthetic",
+                "finish_reason": "stop",
+            }
+        )
+        prefs.append(
+            {
+                "prompt_id": prompt_id(p),
+                "prompt": p,
+                "chosen": _text(rng, 20, 400),
+                "rejected": _text(rng, 20, 400),
+                "provenance": "synthetic",
+            }
+        )
     write_records(f"{root}/demos", DEMONSTRATIONS, demos, num_shards=4)
     write_records(f"{root}/prefs", PREFERENCES, prefs, num_shards=4)
     corpus = [d["prompt"] + " " + d["completion"] for d in demos[:500]]
@@ -79,8 +93,10 @@ def run(name, make, seconds):
     print(f"{name:<22} build: {n_records / build:8.0f} examples/s ({n_records} in {build:.2f}s)")
     for prefetch, (eps, tps, bps, eff) in results.items():
         label = "prefetch=2" if prefetch else "prefetch=0"
-        print(f"{'':<22} {label}: {eps:9.0f} examples/s {tps:11.0f} tokens/s {bps:7.0f} batches/s  "
-              f"real-token fraction {eff:.3f}")
+        print(
+            f"{'':<22} {label}: {eps:9.0f} examples/s {tps:11.0f} tokens/s {bps:7.0f} batches/s  "
+            f"real-token fraction {eff:.3f}"
+        )
 
 
 def main():
@@ -94,13 +110,27 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
         make_data(root, args.examples, rng)
-        print(f"data + tokenizer built in {time.perf_counter() - t0:.1f}s; "
-              f"batch_size={args.batch_size} seq_len={args.seq_len} (max_length 512, max_prompt 256)")
+        print(
+            f"data + tokenizer built in {time.perf_counter() - t0:.1f}s; "
+            f"batch_size={args.batch_size} seq_len={args.seq_len} (max_length 512, max_prompt 256)"
+        )
         common = dict(batch_size=args.batch_size, seq_len=args.seq_len, process_index=0, process_count=1)
         tok = f"{root}/tok"
-        run("sft padded", lambda prefetch=0: sft_pipeline(f"{root}/demos", tok, prefetch=prefetch, **common), args.seconds)
-        run("sft packed", lambda prefetch=0: sft_pipeline(f"{root}/demos", tok, packing=True, prefetch=prefetch, **common), args.seconds)
-        run("preference (pairs)", lambda prefetch=0: preference_pipeline(f"{root}/prefs", tok, prefetch=prefetch, **common), args.seconds)
+        run(
+            "sft padded",
+            lambda prefetch=0: sft_pipeline(f"{root}/demos", tok, prefetch=prefetch, **common),
+            args.seconds,
+        )
+        run(
+            "sft packed",
+            lambda prefetch=0: sft_pipeline(f"{root}/demos", tok, packing=True, prefetch=prefetch, **common),
+            args.seconds,
+        )
+        run(
+            "preference (pairs)",
+            lambda prefetch=0: preference_pipeline(f"{root}/prefs", tok, prefetch=prefetch, **common),
+            args.seconds,
+        )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import sys
 import tempfile
 import time
 
-
 from rlaif_jax.cli import run
+
 
 def _serve(latency_s: float, port_q) -> None:
     import asyncio
@@ -62,15 +62,24 @@ def main(argv=None) -> int:
     try:
         port = q.get(timeout=60)
         url = f"http://127.0.0.1:{port}/v1"
-        print(f"server: loopback 127.0.0.1:{port}, fixed latency {args.latency_ms:g} ms, separate process; "
-              f"client: FeedbackClient with JSONL cache, {os.cpu_count()} CPU cores")
+        print(
+            f"server: loopback 127.0.0.1:{port}, fixed latency {args.latency_ms:g} ms, separate process; "
+            f"client: FeedbackClient with JSONL cache, {os.cpu_count()} CPU cores"
+        )
         print(f"{'concurrency':>11} {'requests':>8} {'seconds':>8} {'req/s':>9} {'ideal':>9} {'efficiency':>10}")
         for c in args.concurrency:
             n = max(args.min_requests, c * args.requests_per_worker)
             with tempfile.TemporaryDirectory() as d:
-                client = FeedbackClient(model="bench", cache_path=os.path.join(d, "cache.jsonl"), base_url=url,
-                                        api_key_env="BENCHMARK_UNSET_KEY", max_concurrency=c, progress=False,
-                                        timeout_s=30.0, prices={"bench": (1.0, 1.0)})
+                client = FeedbackClient(
+                    model="bench",
+                    cache_path=os.path.join(d, "cache.jsonl"),
+                    base_url=url,
+                    api_key_env="BENCHMARK_UNSET_KEY",
+                    max_concurrency=c,
+                    progress=False,
+                    timeout_s=30.0,
+                    prices={"bench": (1.0, 1.0)},
+                )
                 # warm-up: connections and code paths, not counted
                 client.run([client.request([{"role": "user", "content": f"warm {c} {i}"}]) for i in range(min(c, 32))])
                 reqs = [client.request([{"role": "user", "content": f"bench {c} {i}"}]) for i in range(n)]
@@ -80,11 +89,21 @@ def main(argv=None) -> int:
                 client.close()
             errors = sum(r["status"] != "ok" for r in res)
             rate, ideal = n / dt, c / latency
-            rows.append({"concurrency": c, "requests": n, "seconds": round(dt, 3), "requests_per_s": round(rate, 1),
-                         "ideal_requests_per_s": round(ideal, 1), "efficiency": round(rate / ideal, 3),
-                         "errors": errors})
-            print(f"{c:>11} {n:>8} {dt:>8.2f} {rate:>9.1f} {ideal:>9.1f} {rate / ideal:>10.1%}"
-                  + (f"  ({errors} errors)" if errors else ""))
+            rows.append(
+                {
+                    "concurrency": c,
+                    "requests": n,
+                    "seconds": round(dt, 3),
+                    "requests_per_s": round(rate, 1),
+                    "ideal_requests_per_s": round(ideal, 1),
+                    "efficiency": round(rate / ideal, 3),
+                    "errors": errors,
+                }
+            )
+            print(
+                f"{c:>11} {n:>8} {dt:>8.2f} {rate:>9.1f} {ideal:>9.1f} {rate / ideal:>10.1%}"
+                + (f"  ({errors} errors)" if errors else "")
+            )
     finally:
         server.terminate()
         server.join(5)

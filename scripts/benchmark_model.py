@@ -34,8 +34,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU if not known")
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
-    ap.add_argument("--moe_impl", choices=["ragged", "dense"], default=None,
-                    help="MoE experts implementation (MoE models; default: the config's)")
+    ap.add_argument(
+        "--moe_impl",
+        choices=["ragged", "dense"],
+        default=None,
+        help="MoE experts implementation (MoE models; default: the config's)",
+    )
     args = ap.parse_args()
 
     import jax
@@ -83,10 +87,17 @@ def main():
     n_active = cfg.num_params(active=True)  # MoE: the experts a token is routed to
     fwd_flops = B * T * (2 * n_active + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T)
     peak = peak_tflops(dev, args.peak_tflops)
-    print(f"device: {dev.device_kind} x{jax.device_count()}  backend: {jax.default_backend()}  "
-          f"params: {n_params / 1e6:.1f}M" + (f" ({n_active / 1e6:.1f}M active, {cfg.num_experts} experts, "
-                                               f"top-{cfg.num_experts_per_tok}, moe_impl {cfg.moe_impl})"
-                                               if cfg.is_moe else "") + f"  dtype: {args.dtype}")
+    print(
+        f"device: {dev.device_kind} x{jax.device_count()}  backend: {jax.default_backend()}  "
+        f"params: {n_params / 1e6:.1f}M"
+        + (
+            f" ({n_active / 1e6:.1f}M active, {cfg.num_experts} experts, "
+            f"top-{cfg.num_experts_per_tok}, moe_impl {cfg.moe_impl})"
+            if cfg.is_moe
+            else ""
+        )
+        + f"  dtype: {args.dtype}"
+    )
     rows = []
     fwd_tps = B * T / t_jax
     mfu = f"{100 * fwd_flops / t_jax / (peak * 1e12):.1f}%" if peak else "n/a (peak unknown)"
@@ -106,16 +117,26 @@ def main():
             t_fwd = median_seconds(lambda: hf_model(t_ids).logits, args.repeats)
             p_ids = torch.tensor(np.array(prompts), dtype=torch.long)
             mask = torch.ones_like(p_ids)
-            t_tgen = median_seconds(lambda: hf_model.generate(p_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                                     min_new_tokens=args.new_tokens, do_sample=False,
-                                                     pad_token_id=0), args.repeats)
+            t_tgen = median_seconds(
+                lambda: hf_model.generate(
+                    p_ids,
+                    attention_mask=mask,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                ),
+                args.repeats,
+            )
         torch_rows = {"forward": B * T / t_fwd, "generate": B * args.new_tokens / t_tgen}
 
     print(f"\n{'':10s} {'rlaif_jax tok/s':>16s} {'HF torch tok/s':>16s} {'ratio':>7s}")
     for name, tps in rows:
         ref = torch_rows.get(name)
-        print(f"{name:10s} {tps:16.1f} {ref if ref is None else f'{ref:16.1f}':>16} "
-              f"{'' if ref is None else f'{tps / ref:7.2f}'}")
+        print(
+            f"{name:10s} {tps:16.1f} {ref if ref is None else f'{ref:16.1f}':>16} "
+            f"{'' if ref is None else f'{tps / ref:7.2f}'}"
+        )
     print(f"\nforward: batch {B} x {T} tokens, MFU {mfu}")
     print(f"generate: batch {B}, prompt {args.prompt_len}, {args.new_tokens} new tokens (greedy, no early stop)")
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None

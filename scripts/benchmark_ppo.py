@@ -36,9 +36,9 @@ def main():
     from rlaif_jax import sharding as shd
     from rlaif_jax.models import build_model, init_params
     from rlaif_jax.models.decoder import init_scalar_head
+    from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param
     from rlaif_jax.train.advantages import KLController
     from rlaif_jax.train.optim import make_optimizer
-    from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param
     from rlaif_jax.train.ppo import PPOConfig, PPOTrainer, PromptStream, metrics_row
     from rlaif_jax.train.step import init_state
 
@@ -54,15 +54,34 @@ def main():
         params["value"] = dict(init_params(value_model, jax.random.key(2)))
     else:
         params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(2), layout)
-    config = PPOConfig(rollout_batch_size=args.rollout_batch, mini_batch_size=args.mini_batch, ppo_epochs=args.ppo_epochs,
-                       max_new_tokens=args.new_tokens, max_prompt_length=args.prompt_len, value_model=args.value_model)
+    config = PPOConfig(
+        rollout_batch_size=args.rollout_batch,
+        mini_batch_size=args.mini_batch,
+        ppo_epochs=args.ppo_epochs,
+        max_new_tokens=args.new_tokens,
+        max_prompt_length=args.prompt_len,
+        value_model=args.value_model,
+    )
     tx, _ = make_optimizer(learning_rate=1e-6)
-    trainer = PPOTrainer(cfg, config, tx, layout, jax.tree.map(jnp.copy, policy), rm_model, rm_params, None,
-                         eos_ids=(), pad_id=0, kl=KLController(0.05))
+    trainer = PPOTrainer(
+        cfg,
+        config,
+        tx,
+        layout,
+        jax.tree.map(jnp.copy, policy),
+        rm_model,
+        rm_params,
+        None,
+        eos_ids=(),
+        pad_id=0,
+        kl=KLController(0.05),
+    )
     state = init_state(params, tx, 0, trainer.initial_extra())
     rs = np.random.RandomState(0)
-    prompts = [list(rs.randint(3, cfg.vocab_size, rs.randint(args.prompt_len // 2, args.prompt_len + 1)))
-               for _ in range(4 * args.rollout_batch)]
+    prompts = [
+        list(rs.randint(3, cfg.vocab_size, rs.randint(args.prompt_len // 2, args.prompt_len + 1)))
+        for _ in range(4 * args.rollout_batch)
+    ]
     stream = PromptStream(prompts, args.rollout_batch, 1, args.prompt_len, 0)
     t = time.perf_counter()
     state, m = trainer.iteration(state, shd.shard_batch(next(stream), mesh))
@@ -75,17 +94,23 @@ def main():
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     total = mean["time/rollout"] + mean["time/scoring"] + mean["time/update"]
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind} x{jax.device_count()}  params: {cfg.num_params() / 1e6:.1f}M (x3 models + ref)  "
-          f"dtype {args.dtype}  value model: {args.value_model}")
-    print(f"rollout batch {args.rollout_batch} prompts x <= {args.prompt_len} tokens, {args.new_tokens} new tokens; "
-          f"{args.ppo_epochs} epochs of mini-batches of {args.mini_batch}")
+    print(
+        f"device: {dev.device_kind} x{jax.device_count()}  params: {cfg.num_params() / 1e6:.1f}M (x3 models + ref)  "
+        f"dtype {args.dtype}  value model: {args.value_model}"
+    )
+    print(
+        f"rollout batch {args.rollout_batch} prompts x <= {args.prompt_len} tokens, {args.new_tokens} new tokens; "
+        f"{args.ppo_epochs} epochs of mini-batches of {args.mini_batch}"
+    )
     print(f"first iteration (compile + run): {compile_s:.1f} s")
     print(f"{'phase':10s} {'seconds':>9s} {'share':>7s}")
     for phase in ("rollout", "scoring", "update"):
         print(f"{phase:10s} {mean['time/' + phase]:9.3f} {100 * mean['time/' + phase] / total:6.1f}%")
     print(f"{'total':10s} {total:9.3f}")
-    print(f"rollout tokens/s: {mean['rollout_tokens_per_second']:.1f}  "
-          f"(iteration tokens/s incl. scoring and update: {args.rollout_batch * args.new_tokens / total:.1f})")
+    print(
+        f"rollout tokens/s: {mean['rollout_tokens_per_second']:.1f}  "
+        f"(iteration tokens/s incl. scoring and update: {args.rollout_batch * args.new_tokens / total:.1f})"
+    )
 
 
 if __name__ == "__main__":

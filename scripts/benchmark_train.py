@@ -28,8 +28,12 @@ def make_batch(rs, batch, seq_len, vocab, prefix=""):
     tokens = rs.randint(3, vocab, (batch, seq_len)).astype(np.int32)
     mask = np.zeros((batch, seq_len), np.float32)
     mask[:, prompt:] = 1.0
-    return {f"{prefix}tokens": tokens, f"{prefix}positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-            f"{prefix}segment_ids": np.ones((batch, seq_len), np.int32), f"{prefix}loss_mask": mask}
+    return {
+        f"{prefix}tokens": tokens,
+        f"{prefix}positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+        f"{prefix}segment_ids": np.ones((batch, seq_len), np.int32),
+        f"{prefix}loss_mask": mask,
+    }
 
 
 def main():
@@ -77,7 +81,10 @@ def main():
         if name == "sft":
             batch = make_batch(rs, B, T, cfg.vocab_size)
         else:
-            batch = {**make_batch(rs, B, T, cfg.vocab_size, "chosen_"), **make_batch(rs, B, T, cfg.vocab_size, "rejected_")}
+            batch = {
+                **make_batch(rs, B, T, cfg.vocab_size, "chosen_"),
+                **make_batch(rs, B, T, cfg.vocab_size, "rejected_"),
+            }
         dev_batch = shd.shard_batch(batch, mesh)
         holder = {"state": state}
 
@@ -95,7 +102,11 @@ def main():
             dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
             policy = transformers.LlamaForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).train()
             opt = torch.optim.RMSprop(policy.parameters(), lr=1e-6)
-            ref_model = transformers.LlamaForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval() if name == "dpo" else None
+            ref_model = (
+                transformers.LlamaForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval()
+                if name == "dpo"
+                else None
+            )
 
             def seq_logps(m, toks, mask):
                 with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
@@ -115,7 +126,9 @@ def main():
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
                     opt.step()
             else:
-                toks = torch.tensor(np.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]]), dtype=torch.long)
+                toks = torch.tensor(
+                    np.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]]), dtype=torch.long
+                )
                 mask = torch.tensor(np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]))
 
                 def torch_step():
@@ -134,8 +147,10 @@ def main():
         results.append(row)
 
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind} x{jax.device_count()}  params: {cfg.num_params() / 1e6:.1f}M  "
-          f"batch {B} x {T}  dtype {args.dtype}  remat {args.remat}")
+    print(
+        f"device: {dev.device_kind} x{jax.device_count()}  params: {cfg.num_params() / 1e6:.1f}M  "
+        f"batch {B} x {T}  dtype {args.dtype}  remat {args.remat}"
+    )
     print(f"{'step':5s} {'rlaif_jax tok/s':>16s} {'torch tok/s':>12s} {'ratio':>6s} {'MFU':>8s}")
     for r in results:
         ratio = f"{r['jax_tok_s'] / r['torch_tok_s']:6.2f}" if "torch_tok_s" in r else "   n/a"

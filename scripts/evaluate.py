@@ -42,8 +42,11 @@ def main(argv=None):
     parse_gin(args, extra_modules=("rlaif_jax.eval.evaluate",))
     from rlaif_jax.eval.evaluate import evaluate
 
-    kw = {k: getattr(args, k) for k in ("checkpoint", "policy_outputs", "eval_set", "references", "out_dir", "limit")
-          if getattr(args, k) is not None}
+    kw = {
+        k: getattr(args, k)
+        for k in ("checkpoint", "policy_outputs", "eval_set", "references", "out_dir", "limit")
+        if getattr(args, k) is not None
+    }
     if args.label:
         labels = {}
         for item in args.label:
@@ -53,8 +56,18 @@ def main(argv=None):
             labels[k] = _label_value(v)
         kw["labels"] = labels
     m = evaluate(**kw)
-    keys = ("win_rate", "standard_error", "lc_win_rate", "continuous_win_rate", "mean_reward",
-            "n_wins", "n_losses", "n_ties", "n_invalid", "cost_usd")
+    keys = (
+        "win_rate",
+        "standard_error",
+        "lc_win_rate",
+        "continuous_win_rate",
+        "mean_reward",
+        "n_wins",
+        "n_losses",
+        "n_ties",
+        "n_invalid",
+        "cost_usd",
+    )
     print(" ".join(f"{k}={m[k]:.4g}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m))
     return 0
 

@@ -18,7 +18,9 @@ from rlaif_jax.cli import main_with_gin, run
 def main(argv=None):
     from rlaif_jax.feedback.stages import critic_stage
 
-    manifest = main_with_gin(__doc__, critic_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client"))
+    manifest = main_with_gin(
+        __doc__, critic_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")
+    )
     print(f"{manifest['num_records']} records; report: {manifest['provenance'].get('report', {}).get('api', '')}")
     return 0
 

@@ -14,7 +14,9 @@ from rlaif_jax.cli import main_with_gin, run
 def main(argv=None):
     from rlaif_jax.feedback.stages import preferences_stage
 
-    manifest = main_with_gin(__doc__, preferences_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client"))
+    manifest = main_with_gin(
+        __doc__, preferences_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")
+    )
     rep = manifest["provenance"]["report"]
     print(f"{manifest['num_records']} preference pairs; dropped {rep['dropped']}; judges {json.dumps(rep['judges'])}")
     return 0

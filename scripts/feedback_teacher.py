@@ -15,7 +15,9 @@ from rlaif_jax.cli import main_with_gin, run
 def main(argv=None):
     from rlaif_jax.feedback.stages import teacher_stage
 
-    manifest = main_with_gin(__doc__, teacher_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client"))
+    manifest = main_with_gin(
+        __doc__, teacher_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")
+    )
     print(f"{manifest['num_records']} records; report: {manifest['provenance'].get('report', {}).get('api', '')}")
     return 0
 

@@ -12,15 +12,17 @@ import csv
 import os
 import sys
 
+from rlaif_jax.cli import run
+
 TEACHER, CRITIC = "synthetic_world.weak_teacher", "synthetic_world.critic_strength"
 
-
-from rlaif_jax.cli import run
 
 def load(run_root: str) -> list[dict]:
     path = os.path.join(run_root, "results.csv")
     if not os.path.exists(path):
-        raise SystemExit(f"{path} does not exist: run `python scripts/sweep.py configs/sweeps/miniature_gap.yaml` first")
+        raise SystemExit(
+            f"{path} does not exist: run `python scripts/sweep.py configs/sweeps/miniature_gap.yaml` first"
+        )
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("status") == "finished"]
     if not rows or TEACHER not in rows[0] or CRITIC not in rows[0]:
@@ -40,18 +42,27 @@ def main(argv=None):
 
     critics = sorted({float(r[CRITIC]) for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    lines = ["| weak teacher | critic strength | DPO gain, win rate (points) | DPO gain, task score (points) |",
-             "|---|---|---|---|"]
+    lines = [
+        "| weak teacher | critic strength | DPO gain, win rate (points) | DPO gain, task score (points) |",
+        "|---|---|---|---|",
+    ]
     for c in critics:
         pts = sorted((float(r[TEACHER]), r) for r in rows if float(r[CRITIC]) == c)
         xs = [x for x, _ in pts]
         for ax, key in zip(axes, ("win", "task")):
-            ax.errorbar(xs, [float(r[f"finding/1/{key}_diff"]) for _, r in pts],
-                        yerr=[float(r[f"finding/1/{key}_se"]) for _, r in pts], marker="o", capsize=3,
-                        label=f"critic strength {c:g}")
+            ax.errorbar(
+                xs,
+                [float(r[f"finding/1/{key}_diff"]) for _, r in pts],
+                yerr=[float(r[f"finding/1/{key}_se"]) for _, r in pts],
+                marker="o",
+                capsize=3,
+                label=f"critic strength {c:g}",
+            )
         for x, r in pts:
-            lines.append(f"| {x:g} | {c:g} | {float(r['finding/1/win_diff']):+.1f} +- {float(r['finding/1/win_se']):.1f} | "
-                         f"{float(r['finding/1/task_diff']):+.1f} +- {float(r['finding/1/task_se']):.1f} |")
+            lines.append(
+                f"| {x:g} | {c:g} | {float(r['finding/1/win_diff']):+.1f} +- {float(r['finding/1/win_se']):.1f} | "
+                f"{float(r['finding/1/task_diff']):+.1f} +- {float(r['finding/1/task_se']):.1f} |"
+            )
     for ax, what in zip(axes, ("win rate vs reference (judge)", "true task score")):
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("weak (SFT) teacher strength")

@@ -59,16 +59,28 @@ def main(argv=None):
     from rlaif_jax.data.tokenize.encode import Encoder
 
     if args.template == "none":
-        ids = [[tok.bos_token_id] * (tok.bos_token_id is not None) + tok(p, add_special_tokens=False)["input_ids"]
-               for p in prompts]
+        ids = [
+            [tok.bos_token_id] * (tok.bos_token_id is not None) + tok(p, add_special_tokens=False)["input_ids"]
+            for p in prompts
+        ]
     else:
         # The same prompt encoding the trainers and the feedback stages use (one BOS, template).
-        enc = Encoder(tok, args.template, max_length=cfg.max_position_embeddings,
-                      max_prompt_length=cfg.max_position_embeddings - args.max_new_tokens)
+        enc = Encoder(
+            tok,
+            args.template,
+            max_length=cfg.max_position_embeddings,
+            max_prompt_length=cfg.max_position_embeddings - args.max_new_tokens,
+        )
         ids = [list(map(int, x)) for x in enc.encode_prompts(prompts)]
     eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, eos_ids=eos, pad_id=tok.pad_token_id or 0)
+    sp = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        eos_ids=eos,
+        pad_id=tok.pad_token_id or 0,
+    )
     out = generate(build_model(cfg, layout=layout), params, ids, jax.random.key(args.seed), sp)
     for p, toks, n in zip(prompts, out.tokens, out.lengths):
         stopped = bool(n and toks[n - 1] in eos)

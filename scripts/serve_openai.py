@@ -55,9 +55,14 @@ def main(argv=None):
         serve_forever(make_app(synthetic_world(), api_key=key), args.host, args.port)
         return 0
 
-    lm = LocalModel(args.hf_dir, template=args.template, max_prompt_length=args.max_prompt_length,
-                    max_length=args.max_length, dtype=args.dtype,
-                    mesh_shape=[int(x) for x in args.mesh.split(",")] if args.mesh else None)
+    lm = LocalModel(
+        args.hf_dir,
+        template=args.template,
+        max_prompt_length=args.max_prompt_length,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        mesh_shape=[int(x) for x in args.mesh.split(",")] if args.mesh else None,
+    )
     name = args.name or os.path.basename(os.path.normpath(args.hf_dir))
     serve_forever(make_app(ModelBackend(lm, name, max_batch=args.max_batch), api_key=key), args.host, args.port)
     return 0

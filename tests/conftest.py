@@ -58,7 +58,7 @@ def memory_checkpoints(tmp_path, monkeypatch):
 
     def make(directory, *a, **kw):
         if directory.startswith("memory://"):
-            directory = str(root / directory[len("memory://"):])
+            directory = str(root / directory[len("memory://") :])
         return checkpoint_lib.Checkpointer(directory, *a, **kw)
 
     monkeypatch.setattr(run_loop, "Checkpointer", make)  # train's and train_ppo's

@@ -22,16 +22,32 @@ def main():
 
     import_configurables()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    gin.parse_config_files_and_bindings([os.path.join(root, "configs", "experiments", "tiny_arm.gin")], [
-        f"API_BASE = '{world['url']}'", f"ARM_DIR = '{world['arm_dir']}'", f"DATA_DIR = '{world['data_dir']}'",
-        f"run_arm.base_model = '{world['base_model']}'", f"run_arm.prompt_source = '{world['prompts']}'",
-        f"run_arm.eval_set = '{world['eval_set']}'", "run_arm.num_shards = 2", "run_arm.host0_timeout_s = 300",
-        "make_mesh.data = -1", "sft_pipeline.batch_size = 4", "sft_pipeline.num_epochs = 2",
-        "preference_pipeline.batch_size = 4", "preference_pipeline.num_epochs = 1", "evaluate.lc_bootstrap = 0",
-    ], skip_unknown=False)
+    gin.parse_config_files_and_bindings(
+        [os.path.join(root, "configs", "experiments", "tiny_arm.gin")],
+        [
+            f"API_BASE = '{world['url']}'",
+            f"ARM_DIR = '{world['arm_dir']}'",
+            f"DATA_DIR = '{world['data_dir']}'",
+            f"run_arm.base_model = '{world['base_model']}'",
+            f"run_arm.prompt_source = '{world['prompts']}'",
+            f"run_arm.eval_set = '{world['eval_set']}'",
+            "run_arm.num_shards = 2",
+            "run_arm.host0_timeout_s = 300",
+            "make_mesh.data = -1",
+            "sft_pipeline.batch_size = 4",
+            "sft_pipeline.num_epochs = 2",
+            "preference_pipeline.batch_size = 4",
+            "preference_pipeline.num_epochs = 1",
+            "evaluate.lc_bootstrap = 0",
+        ],
+        skip_unknown=False,
+    )
     summary = run_arm()
-    print(f"process {jax.process_index()} of {jax.process_count()} devices {jax.device_count()} done "
-          f"{json.dumps(summary, sort_keys=True)}", flush=True)
+    print(
+        f"process {jax.process_index()} of {jax.process_count()} devices {jax.device_count()} done "
+        f"{json.dumps(summary, sort_keys=True)}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

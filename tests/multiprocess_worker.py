@@ -27,8 +27,15 @@ def main():
     from rlaif_jax.train.loop import LoopSettings, train
 
     tok = load_tokenizer(os.path.join(data, "tokenizer"))
-    pipeline = functools.partial(sft_pipeline, os.path.join(data, "demonstrations"), batch_size=4, seq_len=32,
-                                 max_length=32, max_prompt_length=16, prefetch=0)
+    pipeline = functools.partial(
+        sft_pipeline,
+        os.path.join(data, "demonstrations"),
+        batch_size=4,
+        seq_len=32,
+        max_length=32,
+        max_prompt_length=16,
+        prefetch=0,
+    )
 
     class Concat:
         """The global batches a 2-process run sees, built in one process."""
@@ -46,11 +53,26 @@ def main():
         epoch = 0
 
     data_fn = (lambda tokenizer, state: Concat(tokenizer)) if pid < 0 else pipeline
-    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=64)
-    train(run_dir=out, objective=SFT(), train_data=data_fn, num_steps=4, model_config=cfg, tokenizer=tok,
-          optimizer=functools.partial(make_optimizer, learning_rate=1e-2), mesh=functools.partial(shd.make_mesh, -1, 2, 1),
-          loop=LoopSettings(log_every=2, async_checkpoint=False))
+    cfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=64,
+    )
+    train(
+        run_dir=out,
+        objective=SFT(),
+        train_data=data_fn,
+        num_steps=4,
+        model_config=cfg,
+        tokenizer=tok,
+        optimizer=functools.partial(make_optimizer, learning_rate=1e-2),
+        mesh=functools.partial(shd.make_mesh, -1, 2, 1),
+        loop=LoopSettings(log_every=2, async_checkpoint=False),
+    )
     print(f"process {pid}: devices {jax.device_count()} done")
 
 

@@ -15,8 +15,9 @@ def free_port() -> str:
 def run_together(commands, env, timeout: float = 600) -> list[str]:
     """Starts every command at once, waits for all, and returns their combined outputs;
     fails the test (killing the others) when one runs past `timeout` or exits non-zero."""
-    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in commands]
+    procs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands
+    ]
     outs = []
     for p in procs:
         try:

@@ -23,14 +23,26 @@ from rlaif_jax.train import DPO, SFT, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small, but every dimension the rules shard divides 4 devices; 128 tokens: splash-sized.
-CFG = DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                    num_kv_heads=2, max_position_embeddings=256, dtype="bfloat16", remat_policy="dots")
+CFG = DecoderConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=256,
+    dtype="bfloat16",
+    remat_policy="dots",
+)
 ROWS, LENGTH = 8, 128
 
 
 def _libtpu_target(name):
-    pytest.importorskip("libtpu", reason="libtpu is not installed: the TPU AOT tests need pip install -c "
-                                         "constraints.txt -e '.[test,tpu-aot]' (CI installs it)")
+    pytest.importorskip(
+        "libtpu",
+        reason="libtpu is not installed: the TPU AOT tests need pip install -c "
+        "constraints.txt -e '.[test,tpu-aot]' (CI installs it)",
+    )
     return aot.target(name)
 
 
@@ -41,8 +53,9 @@ def _layout(target, *shape):
 def _programs(objective, target):
     tx, schedule = make_optimizer(name="rmsprop", learning_rate=1e-6, clip_norm=10.0)
     batch = aot.batch_layout(objective.data_kind, ROWS, LENGTH)
-    return aot.train_step_programs(type(objective).__name__.lower(), objective, CFG, tx, schedule, _layout(target),
-                                   batch)
+    return aot.train_step_programs(
+        type(objective).__name__.lower(), objective, CFG, tx, schedule, _layout(target), batch
+    )
 
 
 def _mesh_axes(sharding: NamedSharding) -> set:
@@ -77,8 +90,9 @@ def _check_compiled(objective, target):
         assert all(e is None for e in tuple(s.spec)[1:]), (key, s)
     assert report.argument_bytes > 0 and report.temp_bytes >= 0 and report.fits
     assert report.warnings == ()
-    assert report.flops == pytest.approx(CFG.flops_per_token(LENGTH) * ROWS * LENGTH
-                                         * (2 * 4 / 3 if objective.needs_reference else 1))
+    assert report.flops == pytest.approx(
+        CFG.flops_per_token(LENGTH) * ROWS * LENGTH * (2 * 4 / 3 if objective.needs_reference else 1)
+    )
     return report
 
 
@@ -111,12 +125,14 @@ def test_the_runs_state_is_placed_as_compiled():
         assert not x.sharding.is_fully_replicated, x.sharding
     import optax
 
-    expected = aot.abstract(jax.eval_shape(lambda p: create_state(p, tx, 3, extra), params),
-                            jax.tree.map(lambda x: x.sharding, state))
+    expected = aot.abstract(
+        jax.eval_shape(lambda p: create_state(p, tx, 3, extra), params), jax.tree.map(lambda x: x.sharding, state)
+    )
     sh = lambda t: [x.sharding for x in jax.tree.leaves(t)]  # noqa: E731
     assert sh(aot.initial_state(params, tx, 3, extra)) == sh(expected)
-    same = optax.tree_map_params(tx, lambda x, p: x.sharding == p.sharding, state.opt_state, params,
-                                 transform_non_params=lambda _: True)
+    same = optax.tree_map_params(
+        tx, lambda x, p: x.sharding == p.sharding, state.opt_state, params, transform_non_params=lambda _: True
+    )
     assert all(jax.tree.leaves(same))
     reference = create_state(jax.device_get(params), tx, 3, extra)  # eager, unplaced
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
@@ -130,8 +146,14 @@ def test_ppo_programs_are_the_trainers_own(value_model):
     from rlaif_jax.train.ppo import PPOConfig
 
     target = aot.target("cpu-4")
-    config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8, max_prompt_length=8,
-                       value_model=value_model)
+    config = PPOConfig(
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        ppo_epochs=1,
+        max_new_tokens=8,
+        max_prompt_length=8,
+        value_model=value_model,
+    )
     tx, _ = make_optimizer(name="adamw", learning_rate=1e-6, clip_norm=1.0)
     programs = aot.ppo_programs(CFG, config, tx, _layout(target), rows=8)
     assert [p.name for p in programs] == ["ppo/rollout", "ppo/score", "ppo/update"]
@@ -152,8 +174,9 @@ def test_tpu_compiler_out_of_memory_is_a_verdict():
     target = _libtpu_target("v5e-4")
     mesh = shd.make_mesh(1, -1, 1, devices=target.devices)
     x = jax.ShapeDtypeStruct((16, 2**30), jax.numpy.float32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    program = aot.Program("oom/sort", jax.jit(lambda x: jax.numpy.sort(x * 2, axis=1)[:, :4]), (x,), mesh,
-                          arg_names=("x",))
+    program = aot.Program(
+        "oom/sort", jax.jit(lambda x: jax.numpy.sort(x * 2, axis=1)[:, :4]), (x,), mesh, arg_names=("x",)
+    )
     report, compiled = aot.compile_program(program, target)
     assert compiled is None and not report.fits
     assert report.verdict().startswith("does not compile: out of memory, temporaries ")
@@ -198,18 +221,29 @@ def _script():
 
 def test_script_on_cpu_devices_reports_replication_and_fails_without_headroom(clean_gin, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    rc = _script().main(["--gin_file=configs/experiments/tiny_sft.gin", "--gin_file=configs/mesh/fsdp_all.gin",
-                         "--gin_param=sft_pipeline.batch_size=4", "--topology=cpu-8", "--json",
-                         "--min_headroom=1.0", "--log_level=WARNING"])
+    rc = _script().main(
+        [
+            "--gin_file=configs/experiments/tiny_sft.gin",
+            "--gin_file=configs/mesh/fsdp_all.gin",
+            "--gin_param=sft_pipeline.batch_size=4",
+            "--topology=cpu-8",
+            "--json",
+            "--min_headroom=1.0",
+            "--log_level=WARNING",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 1
     doc = json.loads(out)
     assert doc["topology"] == "cpu-8" and doc["devices"] == 8 and "indicative" in doc["note"]
     (prog,) = doc["programs"]
     assert prog["name"] == "train/train_step" and prog["fits"] and prog["total_bytes"] > 0
-    assert doc["settings"] == ["train: global batch 4 = sft_pipeline.batch_size 4 x 1 host(s); mesh data 1 x fsdp 8 "
-                               "x tensor 1"]
-    assert any("batch of 4 rows does not split over data x fsdp = 8 devices: it is replicated 8-fold" in w
-               for w in doc["warnings"])
+    assert doc["settings"] == [
+        "train: global batch 4 = sft_pipeline.batch_size 4 x 1 host(s); mesh data 1 x fsdp 8 x tensor 1"
+    ]
+    assert any(
+        "batch of 4 rows does not split over data x fsdp = 8 devices: it is replicated 8-fold" in w
+        for w in doc["warnings"]
+    )
     assert "error: train/train_step leaves 100% of" in err and "under --min_headroom 100%" in err
     assert "largest arguments per chip: state." in err

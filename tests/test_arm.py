@@ -38,19 +38,23 @@ pytestmark = pytest.mark.usefixtures("clean_gin")
 
 def configure(world, arm, *bindings):
     gin.clear_config()
-    gin.parse_config_files_and_bindings([TINY_ARM], [
-        f"API_BASE = '{world['url']}'",
-        f"ARM_DIR = '{os.path.join(world['root'], arm)}'",
-        f"DATA_DIR = '{os.path.join(world['root'], 'data')}'",
-        f"run_arm.base_model = '{world['base_model']}'",
-        f"run_arm.prompt_source = '{world['prompts']}'",
-        f"run_arm.eval_set = '{world['eval_set']}'",
-        "sft_pipeline.num_epochs = 3",
-        "preference_pipeline.num_epochs = 1",
-        "evaluate.lc_bootstrap = 0",
-        "make_mesh.data = -1",  # the 8 CPU devices of the test session
-        *bindings,
-    ], skip_unknown=False)
+    gin.parse_config_files_and_bindings(
+        [TINY_ARM],
+        [
+            f"API_BASE = '{world['url']}'",
+            f"ARM_DIR = '{os.path.join(world['root'], arm)}'",
+            f"DATA_DIR = '{os.path.join(world['root'], 'data')}'",
+            f"run_arm.base_model = '{world['base_model']}'",
+            f"run_arm.prompt_source = '{world['prompts']}'",
+            f"run_arm.eval_set = '{world['eval_set']}'",
+            "sft_pipeline.num_epochs = 3",
+            "preference_pipeline.num_epochs = 1",
+            "evaluate.lc_bootstrap = 0",
+            "make_mesh.data = -1",  # the 8 CPU devices of the test session
+            *bindings,
+        ],
+        skip_unknown=False,
+    )
     return os.path.join(world["root"], arm)
 
 
@@ -102,8 +106,13 @@ def test_dpo_arm_chains_every_stage_then_a_relaunch_reuses_all(world):
 
 
 def test_failed_stage_is_recorded_and_the_relaunch_resumes_there(world):
-    arm_dir = configure(world, "sft_quarter", "run_arm.stages = ['prompts', 'sft', 'evaluate']",
-                        "run_arm.sft_fraction = 0.25", "run_arm.eval_set = '/nonexistent/eval.json'")
+    arm_dir = configure(
+        world,
+        "sft_quarter",
+        "run_arm.stages = ['prompts', 'sft', 'evaluate']",
+        "run_arm.sft_fraction = 0.25",
+        "run_arm.eval_set = '/nonexistent/eval.json'",
+    )
     with pytest.raises(Exception, match="nonexistent"):
         run_arm()
     with open(os.path.join(arm_dir, "status.json")) as f:
@@ -132,9 +141,14 @@ def test_fraction_zero_evaluates_the_base_model(world):
 
 
 def test_teacher_stage_asks_each_teacher_in_its_own_scope(world):
-    arm_dir = configure(world, "strong_sft", "run_arm.stages = ['prompts', 'teacher']",
-                        "run_arm.sft_teacher = 'strong-teacher'", "strong/teacher_stage.temperature = 0.0",
-                        "teacher_stage.temperature = 1.0")
+    arm_dir = configure(
+        world,
+        "strong_sft",
+        "run_arm.stages = ['prompts', 'teacher']",
+        "run_arm.sft_teacher = 'strong-teacher'",
+        "strong/teacher_stage.temperature = 0.0",
+        "teacher_stage.temperature = 1.0",
+    )
     run_arm()
     out = os.path.join(world["root"], "data", "teachers", "strong-teacher", "demonstrations", "sft")
     manifest = read_manifest(out)
@@ -150,11 +164,21 @@ def test_teacher_completions_can_come_from_a_released_file(world, tmp_path):
     with open(world["prompts"]) as f:
         rows = json.load(f)
     released = tmp_path / "released.json"
-    released.write_text(json.dumps([{"instruction": r["instruction"], "output": "RELEASED " + r["output"],
-                                     "generator": "released-gpt4"} for r in rows]))
-    arm_dir = configure(world, "imported", "run_arm.stages = ['prompts', 'teacher']",
-                        "run_arm.sft_teacher = 'released-gpt4'",
-                        f"run_arm.teacher_imports = {{'released-gpt4': '{released}'}}")
+    released.write_text(
+        json.dumps(
+            [
+                {"instruction": r["instruction"], "output": "RELEASED " + r["output"], "generator": "released-gpt4"}
+                for r in rows
+            ]
+        )
+    )
+    arm_dir = configure(
+        world,
+        "imported",
+        "run_arm.stages = ['prompts', 'teacher']",
+        "run_arm.sft_teacher = 'released-gpt4'",
+        f"run_arm.teacher_imports = {{'released-gpt4': '{released}'}}",
+    )
     run_arm()
     teacher = os.path.join(world["root"], "data", "teachers", "released-gpt4", "demonstrations")
     sft = list(read_records(os.path.join(teacher, "sft")))
@@ -171,11 +195,18 @@ def test_rl_arm_reuses_another_arms_sft_and_preferences(world):
     if not os.path.exists(os.path.join(dpo, "summary.json")):
         configure(world, "dpo")
         run_arm()
-    arm_dir = configure(world, "ppo", "run_arm.stages = ['reward_model', 'ppo', 'evaluate']",
-                        f"run_arm.stage_dirs = {{'sft': '{dpo}/sft', 'preferences': '{dpo}/preferences'}}",
-                        "train_ppo.num_iterations = 2", "train_ppo.config = @PPOConfig()",
-                        "PPOConfig.rollout_batch_size = 8", "PPOConfig.mini_batch_size = 4",
-                        "PPOConfig.max_new_tokens = 8", "PPOConfig.max_prompt_length = 32")
+    arm_dir = configure(
+        world,
+        "ppo",
+        "run_arm.stages = ['reward_model', 'ppo', 'evaluate']",
+        f"run_arm.stage_dirs = {{'sft': '{dpo}/sft', 'preferences': '{dpo}/preferences'}}",
+        "train_ppo.num_iterations = 2",
+        "train_ppo.config = @PPOConfig()",
+        "PPOConfig.rollout_batch_size = 8",
+        "PPOConfig.mini_batch_size = 4",
+        "PPOConfig.max_new_tokens = 8",
+        "PPOConfig.max_prompt_length = 32",
+    )
     summary = run_arm()
     assert states(arm_dir) == {"reward_model": "done", "ppo": "done", "evaluate": "done"}
     assert summary["policy"] == os.path.join(arm_dir, "ppo", "hf")
@@ -191,8 +222,9 @@ def test_failed_api_requests_stop_the_arm_until_a_relaunch_gets_answers(world):
         configure(world, "dpo")
         run_arm()
     reuse = f"run_arm.stage_dirs = {{'sft': '{dpo}/sft', 'samples': '{dpo}/samples'}}"
-    arm_dir = configure(world, "bad_critic", "run_arm.stages = ['critic']", reuse,
-                        "critic/FeedbackClient.model = 'no-such-critic'")
+    arm_dir = configure(
+        world, "bad_critic", "run_arm.stages = ['critic']", reuse, "critic/FeedbackClient.model = 'no-such-critic'"
+    )
     with pytest.raises(ArmError, match="critic: 54 of 54 API requests failed"):
         run_arm()
     assert not os.path.exists(os.path.join(arm_dir, "comparisons", "manifest.json"))
@@ -210,8 +242,14 @@ def test_judge_settings_bound_in_the_critic_scope_reach_the_critic_stage(world):
         configure(world, "dpo")
         run_arm()
     reuse = f"run_arm.stage_dirs = {{'sft': '{dpo}/sft', 'samples': '{dpo}/samples'}}"
-    arm_dir = configure(world, "both_orders_critic", "run_arm.stages = ['critic']", reuse,
-                        "critic/JudgeSettings.both_orders = True", "evaluate/JudgeSettings.max_tokens = 1")
+    arm_dir = configure(
+        world,
+        "both_orders_critic",
+        "run_arm.stages = ['critic']",
+        reuse,
+        "critic/JudgeSettings.both_orders = True",
+        "evaluate/JudgeSettings.max_tokens = 1",
+    )
     run_arm()
     out = os.path.join(arm_dir, "comparisons")
     prov = read_manifest(out)["provenance"]
@@ -221,14 +259,20 @@ def test_judge_settings_bound_in_the_critic_scope_reach_the_critic_stage(world):
     assert len(comps) == 54 and all(len(c["views"]) == 2 for c in comps if not c.get("identical"))
 
 
-@pytest.mark.parametrize("bindings,match", [
-    (["run_arm.stages = ['sft', 'sampels']"], "unknown stage.*sampels"),
-    (["run_arm.stages = ['dpo', 'sft']"], "must follow the pipeline's order"),
-    (["run_arm.stages = ['prompts', 'teacher']", "run_arm.sft_teacher = 'gpt-5'"], "add 'gpt-5' to run_arm.teachers"),
-    (["run_arm.stages = ['dpo']"], "preference records not found"),
-    (["run_arm.sft_fraction = 1.5"], r"sft_fraction must be in \[0, 1\]"),
-    (["run_arm.stage_dirs = {'sfft': '/x'}"], r"stage_dirs: unknown stage\(s\) \['sfft'\]"),
-])
+@pytest.mark.parametrize(
+    "bindings,match",
+    [
+        (["run_arm.stages = ['sft', 'sampels']"], "unknown stage.*sampels"),
+        (["run_arm.stages = ['dpo', 'sft']"], "must follow the pipeline's order"),
+        (
+            ["run_arm.stages = ['prompts', 'teacher']", "run_arm.sft_teacher = 'gpt-5'"],
+            "add 'gpt-5' to run_arm.teachers",
+        ),
+        (["run_arm.stages = ['dpo']"], "preference records not found"),
+        (["run_arm.sft_fraction = 1.5"], r"sft_fraction must be in \[0, 1\]"),
+        (["run_arm.stage_dirs = {'sfft': '/x'}"], r"stage_dirs: unknown stage\(s\) \['sfft'\]"),
+    ],
+)
 def test_recipe_errors_name_the_binding(world, bindings, match):
     configure(world, "bad", *bindings)
     with pytest.raises(ArmError, match=match):
@@ -260,16 +304,22 @@ def test_paper_arms_resolve(path):
 def test_run_arm_script_runs_a_recipe(world, tmp_path):
     """scripts/run_arm.py with the tiny recipe: the gin path a user takes, in a fresh process."""
     arm_dir = str(tmp_path / "script_arm")
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "run_arm.py"), f"--gin_file={TINY_ARM}",
-           f"--gin_param=API_BASE='{world['url']}'", f"--gin_param=ARM_DIR='{arm_dir}'",
-           f"--gin_param=DATA_DIR='{os.path.join(world['root'], 'data')}'",
-           f"--gin_param=run_arm.prompt_source='{world['prompts']}'",
-           "--gin_param=run_arm.stages=['prompts', 'teacher']"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "run_arm.py"),
+        f"--gin_file={TINY_ARM}",
+        f"--gin_param=API_BASE='{world['url']}'",
+        f"--gin_param=ARM_DIR='{arm_dir}'",
+        f"--gin_param=DATA_DIR='{os.path.join(world['root'], 'data')}'",
+        f"--gin_param=run_arm.prompt_source='{world['prompts']}'",
+        "--gin_param=run_arm.stages=['prompts', 'teacher']",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert states(arm_dir) == {"prompts": "reused", "teacher": "reused"}
-    bad = subprocess.run(cmd[:-1] + ["--gin_param=run_arm.stagez=['prompts']"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        cmd[:-1] + ["--gin_param=run_arm.stagez=['prompts']"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode != 0 and "stagez" in bad.stderr
 
 
@@ -278,8 +328,16 @@ def test_two_process_arm_runs_api_and_sampling_stages_once(world, tmp_path):
     sampling splits the prompts over the hosts, and prompts, the critic and evaluation run
     once, on process 0."""
     port = free_port()
-    spec = json.dumps({"url": world["url"], "arm_dir": str(tmp_path / "arm"), "data_dir": str(tmp_path / "data"),
-                       "base_model": world["base_model"], "prompts": world["prompts"], "eval_set": world["eval_set"]})
+    spec = json.dumps(
+        {
+            "url": world["url"],
+            "arm_dir": str(tmp_path / "arm"),
+            "data_dir": str(tmp_path / "data"),
+            "base_model": world["base_model"],
+            "prompts": world["prompts"],
+            "eval_set": world["eval_set"],
+        }
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
     worker = os.path.join(ROOT, "tests", "multiprocess_arm_worker.py")
     outs = run_together([[sys.executable, worker, spec, str(i), "2", port] for i in range(2)], env)
@@ -291,15 +349,19 @@ def test_two_process_arm_runs_api_and_sampling_stages_once(world, tmp_path):
     # Each request once: 54 critic judgments of the feedback prompts + 12 evaluation judgments.
     caches = str(tmp_path / "data" / "api_cache")
     assert {f: len(read_cache_lines(os.path.join(caches, f))) for f in os.listdir(caches) if f.endswith(".jsonl")} == {
-        "critic.jsonl": 54, "judge.jsonl": 12}
+        "critic.jsonl": 54,
+        "judge.jsonl": 12,
+    }
     # Record sets carry a shard per host, so each process trained on its own.
     for sub in ("data/prompts/sft", "arm/samples", "arm/preferences"):
         assert len(read_manifest(str(tmp_path / sub))["shards"]) == 2, sub
     # Each host sampled every other feedback prompt on its own devices; process 0 joined the
     # parts back into the prompts' order.
     order = [r["prompt_id"] for r in read_records(str(tmp_path / "data" / "prompts" / "feedback"))]
-    parts = [[r["prompt_id"] for r in read_records(str(tmp_path / "arm" / "samples" / "parts" / f"host-00{i}-of-002"))]
-             for i in range(2)]
+    parts = [
+        [r["prompt_id"] for r in read_records(str(tmp_path / "arm" / "samples" / "parts" / f"host-00{i}-of-002"))]
+        for i in range(2)
+    ]
     assert parts == [order[0::2], order[1::2]]
     assert [r["prompt_id"] for r in read_records(str(tmp_path / "arm" / "samples"))] == order
 
@@ -309,15 +371,28 @@ def test_arm_on_an_object_store(world, memfs, memory_checkpoints, tmp_path, monk
     runs and their exports land there; each stage hands the next its export through a local
     copy; the API caches stay on local disk."""
     monkeypatch.setenv("RLAIF_STAGING_DIR", str(tmp_path / "staging"))
-    configure(world, "unused", "ARM_DIR = 'memory://bucket/arms/dpo'", "DATA_DIR = 'memory://bucket/data'",
-              "run_arm.stages = ['prompts', 'sft', 'samples', 'critic', 'preferences', 'dpo', 'evaluate']")
+    configure(
+        world,
+        "unused",
+        "ARM_DIR = 'memory://bucket/arms/dpo'",
+        "DATA_DIR = 'memory://bucket/data'",
+        "run_arm.stages = ['prompts', 'sft', 'samples', 'critic', 'preferences', 'dpo', 'evaluate']",
+    )
     summary = run_arm()
     store = {k.lstrip("/") for k in memfs.store}
-    for f in ("bucket/data/stats.json", "bucket/data/prompts/feedback/manifest.json",
-              "bucket/arms/dpo/sft/hf/EXPORT_COMPLETE.json", "bucket/arms/dpo/sft/metrics.jsonl",
-              "bucket/arms/dpo/samples/manifest.json", "bucket/arms/dpo/comparisons/manifest.json",
-              "bucket/arms/dpo/preferences/manifest.json", "bucket/arms/dpo/dpo/hf/EXPORT_COMPLETE.json",
-              "bucket/arms/dpo/eval/metrics.json", "bucket/arms/dpo/summary.json", "bucket/arms/dpo/status.json"):
+    for f in (
+        "bucket/data/stats.json",
+        "bucket/data/prompts/feedback/manifest.json",
+        "bucket/arms/dpo/sft/hf/EXPORT_COMPLETE.json",
+        "bucket/arms/dpo/sft/metrics.jsonl",
+        "bucket/arms/dpo/samples/manifest.json",
+        "bucket/arms/dpo/comparisons/manifest.json",
+        "bucket/arms/dpo/preferences/manifest.json",
+        "bucket/arms/dpo/dpo/hf/EXPORT_COMPLETE.json",
+        "bucket/arms/dpo/eval/metrics.json",
+        "bucket/arms/dpo/summary.json",
+        "bucket/arms/dpo/status.json",
+    ):
         assert f in store, f
     assert summary["policy"] == "memory://bucket/arms/dpo/dpo/hf" and "eval/win_rate" in summary
     caches = os.listdir(str(tmp_path / "staging" / "api_cache"))
@@ -335,8 +410,13 @@ def test_the_papers_rlaif_arm_runs_as_written(world, tmp_path):
 
     with open(world["prompts"]) as f:
         rows = json.load(f)
-    convs = [{"id": str(i), "conversations": [{"from": "human", "value": r["instruction"]},
-                                              {"from": "gpt", "value": r["output"]}]} for i, r in enumerate(rows)]
+    convs = [
+        {
+            "id": str(i),
+            "conversations": [{"from": "human", "value": r["instruction"]}, {"from": "gpt", "value": r["output"]}],
+        }
+        for i, r in enumerate(rows)
+    ]
     convs.append({"id": "x", "conversations": [{"from": "human", "value": "hi </s>"}, {"from": "gpt", "value": "y"}]})
     sharegpt = tmp_path / "sharegpt.json"
     sharegpt.write_text(json.dumps(convs))
@@ -345,18 +425,35 @@ def test_the_papers_rlaif_arm_runs_as_written(world, tmp_path):
         old = os.getcwd()
         os.chdir(ROOT)
         try:
-            gin.parse_config_files_and_bindings(["configs/experiments/paper/arms/dpo_gpt4_on_sft_gpt35_10pct.gin"], [
-                "MODEL_CONFIG = None", f"HF_DIR = '{world['base_model']}'", f"ARM_DIR = '{arm_dir}'",
-                f"DATA_DIR = '{tmp_path / 'data'}'", f"SHAREGPT_JSON = '{sharegpt}'",
-                f"ALPACA_EVAL_JSON = '{world['eval_set']}'", f"CRITIC_URL = '{srv.url}'", f"JUDGE_URL = '{srv.url}'",
-                "SFT_EPOCHS = 2", "dpo/preference_pipeline.num_epochs = 1", "make_mesh.data = -1",
-                "sft_pipeline.seq_len = 64", "sft_pipeline.max_length = 64", "sft_pipeline.max_prompt_length = 32",
-                "preference_pipeline.seq_len = 64", "preference_pipeline.max_length = 64",
-                "preference_pipeline.max_prompt_length = 32", "SamplingSettings.max_length = 64",
-                "SamplingSettings.max_prompt_length = 32", "critic/critic_stage.truncate_max_length = 64",
-                "EvalSamplingSettings.max_length = 64", "EvalSamplingSettings.max_prompt_length = 32",
-                "evaluate.lc_bootstrap = 0",
-            ], skip_unknown=False)
+            gin.parse_config_files_and_bindings(
+                ["configs/experiments/paper/arms/dpo_gpt4_on_sft_gpt35_10pct.gin"],
+                [
+                    "MODEL_CONFIG = None",
+                    f"HF_DIR = '{world['base_model']}'",
+                    f"ARM_DIR = '{arm_dir}'",
+                    f"DATA_DIR = '{tmp_path / 'data'}'",
+                    f"SHAREGPT_JSON = '{sharegpt}'",
+                    f"ALPACA_EVAL_JSON = '{world['eval_set']}'",
+                    f"CRITIC_URL = '{srv.url}'",
+                    f"JUDGE_URL = '{srv.url}'",
+                    "SFT_EPOCHS = 2",
+                    "dpo/preference_pipeline.num_epochs = 1",
+                    "make_mesh.data = -1",
+                    "sft_pipeline.seq_len = 64",
+                    "sft_pipeline.max_length = 64",
+                    "sft_pipeline.max_prompt_length = 32",
+                    "preference_pipeline.seq_len = 64",
+                    "preference_pipeline.max_length = 64",
+                    "preference_pipeline.max_prompt_length = 32",
+                    "SamplingSettings.max_length = 64",
+                    "SamplingSettings.max_prompt_length = 32",
+                    "critic/critic_stage.truncate_max_length = 64",
+                    "EvalSamplingSettings.max_length = 64",
+                    "EvalSamplingSettings.max_prompt_length = 32",
+                    "evaluate.lc_bootstrap = 0",
+                ],
+                skip_unknown=False,
+            )
         finally:
             os.chdir(old)
         summary = run_arm()
@@ -379,14 +476,42 @@ def test_the_registry_declares_each_stage_once():
     directories and the summary keys run_arm has always used follow from it."""
     from rlaif_jax.arm import _OUT, ARM_STAGES
 
-    assert STAGES == ("prompts", "teacher", "audit", "sft", "samples", "critic", "preferences", "dpo", "rounds",
-                      "reward_model", "ppo", "evaluate")
-    assert [s.name for s in ARM_STAGES if s.host0] == ["prompts", "teacher", "audit", "critic", "preferences",
-                                                                 "evaluate"]
-    assert _OUT == {"audit": "audit", "sft_data": "sft_data", "sft": "sft", "samples": "samples", "critic": "comparisons",
-                    "preferences": "preferences", "dpo": "dpo", "rounds": "rounds", "reward_model": "reward_model",
-                    "ppo": "ppo",
-                    "evaluate": "eval", "evaluate_sft": "eval_sft"}
+    assert STAGES == (
+        "prompts",
+        "teacher",
+        "audit",
+        "sft",
+        "samples",
+        "critic",
+        "preferences",
+        "dpo",
+        "rounds",
+        "reward_model",
+        "ppo",
+        "evaluate",
+    )
+    assert [s.name for s in ARM_STAGES if s.host0] == [
+        "prompts",
+        "teacher",
+        "audit",
+        "critic",
+        "preferences",
+        "evaluate",
+    ]
+    assert _OUT == {
+        "audit": "audit",
+        "sft_data": "sft_data",
+        "sft": "sft",
+        "samples": "samples",
+        "critic": "comparisons",
+        "preferences": "preferences",
+        "dpo": "dpo",
+        "rounds": "rounds",
+        "reward_model": "reward_model",
+        "ppo": "ppo",
+        "evaluate": "eval",
+        "evaluate_sft": "eval_sft",
+    }
     assert {s.name: s.summary_keys for s in ARM_STAGES if s.summary_keys} == {
         "sft": ("step", "loss"),
         "dpo": ("step", "loss", "rewards/accuracies", "rewards/margins"),

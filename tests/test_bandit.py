@@ -92,12 +92,29 @@ def test_sft_fit_approaches_teacher():
 def test_script_small_run(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bandit_script", os.path.join(
-        os.path.dirname(__file__), "..", "scripts", "bandit.py"))
+    spec = importlib.util.spec_from_file_location(
+        "bandit_script", os.path.join(os.path.dirname(__file__), "..", "scripts", "bandit.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    res = mod.main(["--out_dir", str(tmp_path), "--num_pairs", "20000", "--num_teacher_samples", "20000",
-                    "--reward_steps", "2000", "--sft_steps", "2000", "--sft_lr", "1.0", "--reward_lr", "0.1"])
+    res = mod.main(
+        [
+            "--out_dir",
+            str(tmp_path),
+            "--num_pairs",
+            "20000",
+            "--num_teacher_samples",
+            "20000",
+            "--reward_steps",
+            "2000",
+            "--sft_steps",
+            "2000",
+            "--sft_lr",
+            "1.0",
+            "--reward_lr",
+            "0.1",
+        ]
+    )
     er = res["expected_reward"]
     assert er["student"] < er["rlaif"] < er["sft"] < er["teacher"]
     assert abs(er["student"] - 40.0) < 0.5

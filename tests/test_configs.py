@@ -17,10 +17,16 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 # Published sizes (billions of parameters) of the paper's base models, and of Mixtral 8x7B
 # (all experts; 12.9B active per token).
-PUBLISHED = {"llama1_7b": 6.74, "llama2_7b": 6.74, "llama2_13b": 13.02, "mistral_7b": 7.24, "yi_6b": 6.06,
-             "deepseek_llm_7b": 6.91, "mixtral_8x7b": 46.70}
-MESH_DEVICES = {"gpu_8": 8, "tpu_v4_8": 4, "tpu_v4_32": 16, "tpu_v5e_16": 16, "tpu_v5p_64": 32,
-                "tpu_v5p_64_tensor": 32}
+PUBLISHED = {
+    "llama1_7b": 6.74,
+    "llama2_7b": 6.74,
+    "llama2_13b": 13.02,
+    "mistral_7b": 7.24,
+    "yi_6b": 6.06,
+    "deepseek_llm_7b": 6.91,
+    "mixtral_8x7b": 46.70,
+}
+MESH_DEVICES = {"gpu_8": 8, "tpu_v4_8": 4, "tpu_v4_32": 16, "tpu_v5e_16": 16, "tpu_v5p_64": 32, "tpu_v5p_64_tensor": 32}
 
 
 pytestmark = pytest.mark.usefixtures("clean_gin")
@@ -35,8 +41,11 @@ def _parse(path, bindings=()):
         os.chdir(old)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "**", "*.gin"), recursive=True)),
-                         ids=lambda p: os.path.relpath(p, CONFIGS))
+@pytest.mark.parametrize(
+    "path",
+    sorted(glob.glob(os.path.join(CONFIGS, "**", "*.gin"), recursive=True)),
+    ids=lambda p: os.path.relpath(p, CONFIGS),
+)
 def test_every_config_parses(path):
     _parse(path, ["HF_DIR = '/nonexistent'"] if path.endswith("hf_dir.gin") else [])
 
@@ -46,8 +55,10 @@ def test_model_configs_build_at_full_size(name, billions):
     _parse(os.path.join(CONFIGS, "models", f"{name}.gin"))
     cfg = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
     shapes = abstract_params(build_model(cfg))  # traced only: no memory for 13B weights
-    n = sum(math.prod(x.value.shape if hasattr(x, "value") else x.shape) for x in jax.tree.leaves(
-        shapes, is_leaf=lambda x: hasattr(x, "value")))
+    n = sum(
+        math.prod(x.value.shape if hasattr(x, "value") else x.shape)
+        for x in jax.tree.leaves(shapes, is_leaf=lambda x: hasattr(x, "value"))
+    )
     assert n == cfg.num_params()
     assert n / 1e9 == pytest.approx(billions, abs=0.01)
 

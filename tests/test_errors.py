@@ -15,14 +15,24 @@ from rlaif_jax.data.records import PROMPTS, write_records
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("check,args,ok", [
-    (errors.positive, (1,), True), (errors.positive, (0,), False), (errors.positive, (-2,), False),
-    (errors.positive, (float("nan"),), False), (errors.positive, (float("inf"),), False),
-    (errors.positive, (True,), False), (errors.positive, ("3",), False), (errors.positive, (None,), True),
-    (errors.non_negative, (0,), True), (errors.non_negative, (-1e-9,), False),
-    (errors.in_range, (0.5, 0, 1), True), (errors.in_range, (1.5, 0, 1), False),
-    (errors.in_range, (0.0, 0, 1), True),
-])
+@pytest.mark.parametrize(
+    "check,args,ok",
+    [
+        (errors.positive, (1,), True),
+        (errors.positive, (0,), False),
+        (errors.positive, (-2,), False),
+        (errors.positive, (float("nan"),), False),
+        (errors.positive, (float("inf"),), False),
+        (errors.positive, (True,), False),
+        (errors.positive, ("3",), False),
+        (errors.positive, (None,), True),
+        (errors.non_negative, (0,), True),
+        (errors.non_negative, (-1e-9,), False),
+        (errors.in_range, (0.5, 0, 1), True),
+        (errors.in_range, (1.5, 0, 1), False),
+        (errors.in_range, (0.0, 0, 1), True),
+    ],
+)
 def test_checks_accept_and_refuse_naming_the_binding(check, args, ok):
     if ok:
         check("x.y", *args)
@@ -54,8 +64,10 @@ def test_writer_lock_refuses_a_second_writer_and_is_released(tmp_path):
     with outputs.writer_lock(out, "teacher_stage.out_dir"):
         # A second holder in another process: flock is per open file, so a child process
         # sees the lock exactly as a second run would.
-        code = ("import sys; from rlaif_jax.outputs import writer_lock\n"
-                f"with writer_lock({out!r}, 'teacher_stage.out_dir'): pass\n")
+        code = (
+            "import sys; from rlaif_jax.outputs import writer_lock\n"
+            f"with writer_lock({out!r}, 'teacher_stage.out_dir'): pass\n"
+        )
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         assert p.returncode != 0
         assert "OutputInUseError" in p.stderr and f"pid {os.getpid()}" in p.stderr
@@ -94,11 +106,13 @@ def test_cli_turns_user_errors_into_one_line(capsys):
 
 
 def test_gin_typo_is_one_line_from_the_script():
-    p = subprocess.run([sys.executable, "scripts/train.py", "--gin_param=trian.num_steps=3"],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "scripts/train.py", "--gin_param=trian.num_steps=3"], capture_output=True, text=True, cwd=ROOT
+    )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "error: gin config: No configurable matching 'trian'. In bindings string line 1 trian.num_steps=3"]
+        "error: gin config: No configurable matching 'trian'. In bindings string line 1 trian.num_steps=3"
+    ]
 
 
 def test_a_missing_required_binding_is_one_line(capsys):
@@ -113,4 +127,5 @@ def test_a_missing_required_binding_is_one_line(capsys):
 
     assert run(main) == 2
     assert capsys.readouterr().err.startswith(
-        "error: gin config: Required bindings for `needs_out_dir_for_test` not provided in config: ['out_dir']")
+        "error: gin config: Required bindings for `needs_out_dir_for_test` not provided in config: ['out_dir']"
+    )

@@ -20,20 +20,36 @@ pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def comp(pid, a, b, verdict):
-    return {"prompt_id": pid, "prompt": f"prompt {pid}", "response_1": a, "response_2": b, "verdict": verdict,
-            "judge": "critic", "model_1": "policy", "model_2": "policy"}
+    return {
+        "prompt_id": pid,
+        "prompt": f"prompt {pid}",
+        "response_1": a,
+        "response_2": b,
+        "verdict": verdict,
+        "judge": "critic",
+        "model_1": "policy",
+        "model_2": "policy",
+    }
 
 
 def test_best_vs_worst_picks_most_wins_over_fewest_and_skips_ties():
     comps = [
         # p1: c beats a and b, a beats b -> c over b
-        comp("p1", "a", "b", "first"), comp("p1", "a", "c", "second"), comp("p1", "b", "c", "second"),
+        comp("p1", "a", "b", "first"),
+        comp("p1", "a", "c", "second"),
+        comp("p1", "b", "c", "second"),
         # p2: every pair tied -> no pair
-        comp("p2", "a", "b", "tie"), comp("p2", "a", "c", "tie"), comp("p2", "b", "c", "tie"),
+        comp("p2", "a", "b", "tie"),
+        comp("p2", "a", "c", "tie"),
+        comp("p2", "b", "c", "tie"),
         # p3: one decided verdict, one invalid (left out), one tie: b 1.5, a 0.5, c 1 -> b over a
-        comp("p3", "a", "b", "second"), comp("p3", "a", "c", "invalid"), comp("p3", "b", "c", "tie"),
+        comp("p3", "a", "b", "second"),
+        comp("p3", "a", "c", "invalid"),
+        comp("p3", "b", "c", "tie"),
         # p4: a cycle (each wins once): all tied on wins -> no pair
-        comp("p4", "a", "b", "first"), comp("p4", "b", "c", "first"), comp("p4", "c", "a", "first"),
+        comp("p4", "a", "b", "first"),
+        comp("p4", "b", "c", "first"),
+        comp("p4", "c", "a", "first"),
     ]
     pairs, report = best_vs_worst(comps)
     assert [(p["prompt_id"], p["response_1"], p["response_2"]) for p in pairs] == [("p1", "c", "b"), ("p3", "b", "a")]
@@ -52,8 +68,11 @@ def test_pairings_choose_what_the_critic_judges_and_trains_on():
     assert names(it) == ["teacher-0", "teacher-1", "teacher-2"]
     assert preference_sources(it, d) == ["c/teacher-0", "c/teacher-1", "c/teacher-2"]
     it = IterativeSettings(pairing="best_worst", samples=3)
-    assert comparison_sets(it, samples, teacher, d) == [("s0", "s1", "c/samples-0-1"), ("s0", "s2", "c/samples-0-2"),
-                                                        ("s1", "s2", "c/samples-1-2")]
+    assert comparison_sets(it, samples, teacher, d) == [
+        ("s0", "s1", "c/samples-0-1"),
+        ("s0", "s2", "c/samples-0-2"),
+        ("s1", "s2", "c/samples-1-2"),
+    ]
     assert preference_sources(it, d) == ["c/best_worst"]
     it = IterativeSettings(pairing="mix", samples=2)
     assert names(it) == ["teacher-0", "teacher-1", "samples-0-1"]
@@ -62,14 +81,17 @@ def test_pairings_choose_what_the_critic_judges_and_trains_on():
     assert [IterativeSettings(reference="previous").reference_round(r) for r in (1, 3)] == [0, 2]
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(rounds=0), r"rounds must be a whole number > 0, got 0"),
-    (dict(rounds=-2), r"rounds must be a whole number > 0"),
-    (dict(pairing="best_of_n"), r"pairing must be one of \('teacher', 'best_worst', 'mix'\), got 'best_of_n'"),
-    (dict(reference="base"), r"reference must be one of"),
-    (dict(samples=0), r"samples must be a whole number > 0"),
-    (dict(pairing="best_worst", samples=1), r"samples must be >= 2, got 1"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(rounds=0), r"rounds must be a whole number > 0, got 0"),
+        (dict(rounds=-2), r"rounds must be a whole number > 0"),
+        (dict(pairing="best_of_n"), r"pairing must be one of \('teacher', 'best_worst', 'mix'\), got 'best_of_n'"),
+        (dict(reference="base"), r"reference must be one of"),
+        (dict(samples=0), r"samples must be a whole number > 0"),
+        (dict(pairing="best_worst", samples=1), r"samples must be >= 2, got 1"),
+    ],
+)
 def test_bad_round_settings_are_one_line_errors(kw, match):
     with pytest.raises(ConfigError, match=match) as e:
         IterativeSettings(**kw)
@@ -87,9 +109,13 @@ def test_iterative_arm_runs_rounds_and_resumes_mid_round(world, monkeypatch):
     run is killed at round 2's DPO and relaunched: nothing done is redone or asked again."""
     from rlaif_jax.train import loop
 
-    bindings = ("run_arm.stages = ['prompts', 'teacher', 'sft', 'rounds', 'evaluate']", "IterativeSettings.rounds = 2",
-                "IterativeSettings.pairing = 'mix'", "IterativeSettings.samples = 2",
-                "preference_pipeline.num_epochs = 1")
+    bindings = (
+        "run_arm.stages = ['prompts', 'teacher', 'sft', 'rounds', 'evaluate']",
+        "IterativeSettings.rounds = 2",
+        "IterativeSettings.pairing = 'mix'",
+        "IterativeSettings.samples = 2",
+        "preference_pipeline.num_epochs = 1",
+    )
     arm_dir = configure(world, "iterative", *bindings)
     real = loop.train
 
@@ -105,7 +131,10 @@ def test_iterative_arm_runs_rounds_and_resumes_mid_round(world, monkeypatch):
     assert all(st[f"round1/{s}"] == "done" for s in ("samples", "critic", "preferences", "dpo", "evaluate"))
     assert [st[f"round2/{s}"] for s in ("samples", "critic", "preferences", "dpo")] == ["done"] * 3 + ["failed"]
     rounds = os.path.join(arm_dir, "rounds")
-    marks = [os.path.join(rounds, "1", "dpo", "summary.json"), os.path.join(rounds, "2", "preferences", "manifest.json")]
+    marks = [
+        os.path.join(rounds, "1", "dpo", "summary.json"),
+        os.path.join(rounds, "2", "preferences", "manifest.json"),
+    ]
     mtimes, before = [os.path.getmtime(m) for m in marks], cache_sizes(world)
 
     monkeypatch.setattr(loop, "train", real)
@@ -139,8 +168,15 @@ def test_the_miniature_iterative_arm_is_optional():
 
     from rlaif_jax.miniature import ARMS, OPTIONAL_ARMS, MiniatureSettings, run_miniature
 
-    assert ARMS == ("sft_weak_10", "sft_weak_100", "sft_strong_100", "sft_strong_10", "dpo_weak_10", "ppo_weak_10",
-                    "dpo_strong_10")
+    assert ARMS == (
+        "sft_weak_10",
+        "sft_weak_100",
+        "sft_strong_100",
+        "sft_strong_10",
+        "dpo_weak_10",
+        "ppo_weak_10",
+        "dpo_strong_10",
+    )
     assert MiniatureSettings().arms == ARMS and inspect.signature(run_miniature).parameters["arms"].default == ARMS
     assert OPTIONAL_ARMS == ("dpo_weak_10_iter",) and MiniatureSettings(arms=OPTIONAL_ARMS).iterative is None
     with pytest.raises(ConfigError, match="unknown arms.*dpo_weak_10_iter"):
@@ -154,17 +190,29 @@ def test_miniature_iterative_arm_reports_each_round(tmp_path):
     from rlaif_jax.miniature import run_miniature
 
     out = str(tmp_path / "mini")
-    small = dict(num_prompts=60, num_eval=16, num_pretrain=40, pretrain_epochs=1, sft_small_epochs=2, dpo_epochs=1,
-                 batch_size=8, hidden_size=32, feedback_samples=2, progress=False)
-    rows = run_miniature(out_dir=out, arms=("dpo_weak_10", "dpo_weak_10_iter"),
-                         iterative=IterativeSettings(rounds=2, samples=2), **small)
+    small = dict(
+        num_prompts=60,
+        num_eval=16,
+        num_pretrain=40,
+        pretrain_epochs=1,
+        sft_small_epochs=2,
+        dpo_epochs=1,
+        batch_size=8,
+        hidden_size=32,
+        feedback_samples=2,
+        progress=False,
+    )
+    rows = run_miniature(
+        out_dir=out, arms=("dpo_weak_10", "dpo_weak_10_iter"), iterative=IterativeSettings(rounds=2, samples=2), **small
+    )
     assert [r["arm"] for r in rows] == ["dpo_weak_10", "dpo_weak_10_iter/round1", "dpo_weak_10_iter/round2"]
     assert rows[2]["label"] == "SFT weak 10% + iterative DPO, round 2"
     for k in ("win_rate", "se", "task_score", "wins", "losses"):
         assert rows[1][k] == rows[0][k], k
     rounds = json.load(open(os.path.join(out, "runs", "dpo_weak_10_iter", "rounds", "summary.json")))
-    assert set(rounds) == {"1", "2"} and all(r["pairs"] > 0 and 0 <= r["critic"]["policy_preferred"] <= 100
-                                             for r in rounds.values())
+    assert set(rounds) == {"1", "2"} and all(
+        r["pairs"] > 0 and 0 <= r["critic"]["policy_preferred"] <= 100 for r in rounds.values()
+    )
     assert os.path.getsize(os.path.join(out, "rounds.png")) > 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["dpo_weak_10_iter/round2/win_rate"] == rows[2]["win_rate"]

@@ -12,9 +12,21 @@ from rlaif_jax.data.records import read_manifest
 from rlaif_jax.feedback.cache import read_cache_lines
 from rlaif_jax.miniature import ARMS, run_miniature, win_rate
 
-SMALL = dict(num_prompts=100, num_eval=20, num_pretrain=60, pretrain_epochs=1, sft_epochs=1, sft_small_epochs=2,
-             dpo_epochs=1, rm_epochs=1, ppo_iterations=2, batch_size=16, hidden_size=64, feedback_samples=2,
-             progress=False)
+SMALL = dict(
+    num_prompts=100,
+    num_eval=20,
+    num_pretrain=60,
+    pretrain_epochs=1,
+    sft_epochs=1,
+    sft_small_epochs=2,
+    dpo_epochs=1,
+    rm_epochs=1,
+    ppo_iterations=2,
+    batch_size=16,
+    hidden_size=64,
+    feedback_samples=2,
+    progress=False,
+)
 
 
 def test_win_rate_counts_ties_half_and_never_scores_invalid():
@@ -33,13 +45,25 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
     rows = run_miniature(out_dir=out, **SMALL)
     assert [r["arm"] for r in rows] == list(ARMS)
     fb = "data/feedback/sft_weak_10"
-    for sub in ("data/prompts/sft", "data/prompts/feedback", "data/weak-teacher/sft", "data/strong-teacher/feedback",
-                "data/reference/eval", "data/web/pretrain", f"{fb}/samples/0", f"{fb}/samples/1",
-                f"{fb}/comparisons/1", f"{fb}/preferences", "data/feedback/sft_strong_10/preferences"):
+    for sub in (
+        "data/prompts/sft",
+        "data/prompts/feedback",
+        "data/weak-teacher/sft",
+        "data/strong-teacher/feedback",
+        "data/reference/eval",
+        "data/web/pretrain",
+        f"{fb}/samples/0",
+        f"{fb}/samples/1",
+        f"{fb}/comparisons/1",
+        f"{fb}/preferences",
+        "data/feedback/sft_strong_10/preferences",
+    ):
         m = read_manifest(os.path.join(out, sub))
         assert sum(s["num_records"] for s in m["shards"]) > 0, sub
-    prompts = {s: sum(x["num_records"] for x in read_manifest(os.path.join(out, "data/prompts", s))["shards"])
-               for s in ("sft", "feedback")}
+    prompts = {
+        s: sum(x["num_records"] for x in read_manifest(os.path.join(out, "data/prompts", s))["shards"])
+        for s in ("sft", "feedback")
+    }
     assert prompts == {"sft": 10, "feedback": 90}
     for arm in ("base",) + ARMS + ("rm_weak_10",):
         assert os.path.exists(os.path.join(out, "runs", arm, "hf", "config.json")), arm
@@ -59,7 +83,10 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
     assert "paired differences" in md and f"jax {env['packages']['jax']}" in md
     # Evaluation is the judge's, feedback the critic's: separate models, separate caches.
     assert os.path.getsize(os.path.join(out, "cache", "judge.jsonl")) > 0
-    assert all(json.loads(line)["judge"] == "judge" for line in open(os.path.join(out, "eval/dpo_weak_10/judgments/comparisons.jsonl")))
+    assert all(
+        json.loads(line)["judge"] == "judge"
+        for line in open(os.path.join(out, "eval/dpo_weak_10/judgments/comparisons.jsonl"))
+    )
     # The critic's order randomisation was exercised: some judgments saw the pair swapped.
     swaps = [c["swapped"] for c in map(json.loads, open(os.path.join(out, fb, "comparisons/0/comparisons.jsonl")))]
     assert 0 < sum(swaps) < len(swaps)
@@ -87,5 +114,7 @@ def test_default_miniature_shows_the_papers_findings(tmp_path):
     failed = [k for k in ("1", "2", "3") if not summary[f"finding/{k}/holds"]]
     assert not failed, open(tmp_path / "mini" / "results.md").read()
     if not summary["finding/1b/holds"]:
-        pytest.xfail("finding 1b (PPO over SFT weak 10%) does not hold yet: the reward model barely generalises "
-                     "(README, 'What the miniature does not show')")
+        pytest.xfail(
+            "finding 1b (PPO over SFT weak 10%) does not hold yet: the reward model barely generalises "
+            "(README, 'What the miniature does not show')"
+        )

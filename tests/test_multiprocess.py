@@ -20,16 +20,21 @@ def test_two_process_training_matches_one_process(tmp_path):
     data = tmp_path / "toy"
     write_toy_world(str(data), n=32, num_shards=2)
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
     multi = tmp_path / "multi"
-    outs = run_together([[sys.executable, WORKER, str(multi), str(data), str(i), "2", port] for i in range(2)],
-                        env, timeout=400)
+    outs = run_together(
+        [[sys.executable, WORKER, str(multi), str(data), str(i), "2", port] for i in range(2)], env, timeout=400
+    )
     assert "devices 4 done" in outs[0] and "devices 4 done" in outs[1]
     single = tmp_path / "single"
     env1 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, WORKER, str(single), str(data), "-1", "2", "0"], env=env1,
-                       capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [sys.executable, WORKER, str(single), str(data), "-1", "2", "0"],
+        env=env1,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     a = load_file(str(multi / "hf" / "model.safetensors"))
     b = load_file(str(single / "hf" / "model.safetensors"))

@@ -20,12 +20,22 @@ def _sweep_file(tmp_path, grid, fixed=None):
     if not data.exists():
         write_toy_world(str(data), n=16)
     spec = {
-        "name": "t", "gin_files": [f"{ROOT}/configs/experiments/tiny_sft.gin"], "run_dir_param": "train.run_dir",
+        "name": "t",
+        "gin_files": [f"{ROOT}/configs/experiments/tiny_sft.gin"],
+        "run_dir_param": "train.run_dir",
         "run_root": str(tmp_path / "sweep"),
-        "fixed": {"train.num_steps": 2, "LoopSettings.log_every": 1, "train.eval_every": 0, "LoopSettings.checkpoint_every": 0,
-                  "LoopSettings.export_hf": False, "train.tokenizer": str(data / "tokenizer"),
-                  "sft_pipeline.data_dirs": str(data / "demonstrations"), **(fixed or {})},
-        "grid": grid, "metrics": ["loss", "learning_rate"],
+        "fixed": {
+            "train.num_steps": 2,
+            "LoopSettings.log_every": 1,
+            "train.eval_every": 0,
+            "LoopSettings.checkpoint_every": 0,
+            "LoopSettings.export_hf": False,
+            "train.tokenizer": str(data / "tokenizer"),
+            "sft_pipeline.data_dirs": str(data / "demonstrations"),
+            **(fixed or {}),
+        },
+        "grid": grid,
+        "metrics": ["loss", "learning_rate"],
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -46,8 +56,9 @@ def test_grid_expansion_and_bad_files(tmp_path):
 def test_sweep_runs_skips_and_aggregates(tmp_path):
     path = _sweep_file(tmp_path, {"make_optimizer.learning_rate": [1e-3, 1e-2], "SFT.reduction": ["sum", "typo"]})
     env = dict(os.environ, XLA_FLAGS="")
-    r = subprocess.run([sys.executable, "scripts/sweep.py", path], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "scripts/sweep.py", path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     # The "typo" reduction is rejected by SFT, so two runs fail and the sweep says so.
     assert r.returncode == 1 and "2 run(s) failed" in r.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
@@ -71,8 +82,11 @@ def test_gin_file_axes_vary_whole_files(tmp_path):
     r = next(r for r in runs if "mistral_7b" in r.name and "dpo_gpt4" in r.name)
     assert r.name == "model=mistral_7b,arm=dpo_gpt4_on_sft_gpt35_10pct"
     files = [c.split("=", 1)[1] for c in r.command if c.startswith("--gin_file=")]
-    assert files == ["configs/mesh/tpu_v4_32.gin", "configs/models/mistral_7b.gin",
-                     "configs/experiments/paper/arms/dpo_gpt4_on_sft_gpt35_10pct.gin"]
+    assert files == [
+        "configs/mesh/tpu_v4_32.gin",
+        "configs/models/mistral_7b.gin",
+        "configs/experiments/paper/arms/dpo_gpt4_on_sft_gpt35_10pct.gin",
+    ]
     assert f"--gin_param=ARM_DIR='runs/paper/arms/{r.name}'" in r.command
     assert not any(c.startswith("--gin_param=gin_file") for c in r.command)
     for path in files:  # every file a sweep names exists
@@ -85,8 +99,14 @@ def test_sweep_over_an_object_store_sees_finished_runs_and_aggregates_there(memf
     from rlaif_jax import fileio
     from rlaif_jax.sweep import aggregate
 
-    spec = {"name": "t", "gin_files": ["x.gin"], "run_dir_param": "ARM_DIR", "run_root": "memory://b/sweep",
-            "grid": {"SFT_FRACTION": [0.1, 0.5]}, "metrics": ["eval/win_rate"]}
+    spec = {
+        "name": "t",
+        "gin_files": ["x.gin"],
+        "run_dir_param": "ARM_DIR",
+        "run_root": "memory://b/sweep",
+        "grid": {"SFT_FRACTION": [0.1, 0.5]},
+        "metrics": ["eval/win_rate"],
+    }
     runs = expand(spec)
     assert [r.run_dir for r in runs] == ["memory://b/sweep/SFT_FRACTION=0.1", "memory://b/sweep/SFT_FRACTION=0.5"]
     fileio.write_json(runs[0].run_dir + "/summary.json", {"eval/win_rate": 42.5})
@@ -114,15 +134,38 @@ def test_miniature_gap_sweep_is_3x3_over_one_shared_base_and_plots(tmp_path, cle
         assert gin.query_parameter("run_miniature.shared_dir") == "runs/sweeps/miniature_gap/shared"
     root = tmp_path / "gap"
     root.mkdir()
-    cols = ["run", "synthetic_world.weak_teacher", "synthetic_world.critic_strength", "finding/1/win_diff",
-            "finding/1/win_se", "finding/1/task_diff", "finding/1/task_se", "status"]
+    cols = [
+        "run",
+        "synthetic_world.weak_teacher",
+        "synthetic_world.critic_strength",
+        "finding/1/win_diff",
+        "finding/1/win_se",
+        "finding/1/task_diff",
+        "finding/1/task_se",
+        "status",
+    ]
     with open(root / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for i, r in enumerate(runs):
-            w.writerow([r.name, r.point["synthetic_world.weak_teacher"], r.point["synthetic_world.critic_strength"],
-                        10 - i, 1.5, 8 - i, 1.0, "finished"])
-    out = subprocess.run([sys.executable, "scripts/plot_miniature_gap.py", str(root)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+            w.writerow(
+                [
+                    r.name,
+                    r.point["synthetic_world.weak_teacher"],
+                    r.point["synthetic_world.critic_strength"],
+                    10 - i,
+                    1.5,
+                    8 - i,
+                    1.0,
+                    "finished",
+                ]
+            )
+    out = subprocess.run(
+        [sys.executable, "scripts/plot_miniature_gap.py", str(root)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert (root / "gap.png").stat().st_size > 0 and (root / "gap.md").read_text().count("\n") == 11

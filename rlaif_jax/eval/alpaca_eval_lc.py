@@ -46,8 +46,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from rlaif_jax.eval.length_control import sigmoid
 from rlaif_jax.errors import UserError
+from rlaif_jax.eval.length_control import sigmoid
 
 GLMS = ("length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal")
 _GAMED_WEIGHT = 0.2 / 2  # regularize_to_baseline_lambda, shared by the two gamed baselines
@@ -59,8 +59,9 @@ class AlpacaEvalDataError(UserError):
     """A difficulty / df_gamed file that cannot be used; the message names the file."""
 
 
-def l1_logistic(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, tol: float = 1e-12,
-                max_iter: int = 200) -> np.ndarray:
+def l1_logistic(
+    X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, tol: float = 1e-12, max_iter: int = 200
+) -> np.ndarray:
     """argmin_b |b|_1 + C sum_i w_i [y_i softplus(-x_i b) + (1 - y_i) softplus(x_i b)], soft
     labels y in [0, 1] (liblinear's L1R_LR objective with per-sample C). Proximal Newton:
     a coordinate-descent lasso on the local quadratic model, then a backtracking step."""
@@ -125,8 +126,9 @@ def _liblinear(X, y, w, C):
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
-        raise ImportError("solver='liblinear' needs scikit-learn: pip install -e \".[alpaca-eval]\" "
-                          "(or use solver='newton')") from None
+        raise ImportError(
+            "solver='liblinear' needs scikit-learn: pip install -e \".[alpaca-eval]\" (or use solver='newton')"
+        ) from None
     m = len(y)
     model = LogisticRegression(C=C, penalty="l1", solver="liblinear", fit_intercept=False, random_state=123)
     model.fit(np.concatenate([X, X]), np.r_[np.ones(m), np.zeros(m)], sample_weight=np.r_[y * w, (1 - y) * w])
@@ -136,8 +138,14 @@ def _liblinear(X, y, w, C):
 SOLVERS = {"newton": l1_logistic, "liblinear": _liblinear}
 
 
-def fit_cv(X: np.ndarray, y: np.ndarray, w: np.ndarray, Cs: Sequence[float] = CS,
-           n_splits: int = N_SPLITS, solver: str = "newton") -> tuple[np.ndarray, float]:
+def fit_cv(
+    X: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+    Cs: Sequence[float] = CS,
+    n_splits: int = N_SPLITS,
+    solver: str = "newton",
+) -> tuple[np.ndarray, float]:
     """LogisticRegressionCV(penalty='l1', cv=GroupKFold(n_splits), refit=True) on soft labels:
     the C with the lowest log loss summed over folds (the first, i.e. smallest, on ties),
     refit on all rows. Returns (coefficients, C)."""
@@ -176,8 +184,10 @@ def load_df_gamed(path: str) -> dict:
     need = ("index", "preference", "std_delta_len", "instruction_difficulty")
     missing = [c for c in need if c not in header]
     if missing:
-        raise AlpacaEvalDataError(f"{path}: no column(s) {missing}; expected alpaca_eval's df_gamed.csv "
-                                  f"(tatsu-lab/alpaca_eval on the Hugging Face hub), which has {list(need)}")
+        raise AlpacaEvalDataError(
+            f"{path}: no column(s) {missing}; expected alpaca_eval's df_gamed.csv "
+            f"(tatsu-lab/alpaca_eval on the Hugging Face hub), which has {list(need)}"
+        )
     col = {c: header.index(c) for c in need}
 
     def num(r, c, i):
@@ -205,17 +215,25 @@ def load_instruction_difficulty(path: str) -> dict:
     if "std_delta_len" in header:
         return load_df_gamed(path)["difficulty"]
     if len(header) != 2:
-        raise AlpacaEvalDataError(f"{path}: expected alpaca_eval's instruction_difficulty.csv (two columns: index, "
-                                  f"difficulty) or df_gamed.csv; got columns {header}")
+        raise AlpacaEvalDataError(
+            f"{path}: expected alpaca_eval's instruction_difficulty.csv (two columns: index, "
+            f"difficulty) or df_gamed.csv; got columns {header}"
+        )
     try:
         return {int(float(r[0])): float(r[1]) for r in rows}
     except (ValueError, IndexError) as e:
         raise AlpacaEvalDataError(f"{path}: not an index,difficulty CSV ({e})") from None
 
 
-def alpaca_eval_lc_win_rate(preferences: Sequence[float], len_model: Sequence[float], len_ref: Sequence[float],
-                            glm: str = "length_controlled_v1", df_gamed: Optional[str] = None,
-                            difficulty_file: Optional[str] = None, solver: str = "newton") -> dict:
+def alpaca_eval_lc_win_rate(
+    preferences: Sequence[float],
+    len_model: Sequence[float],
+    len_ref: Sequence[float],
+    glm: str = "length_controlled_v1",
+    df_gamed: Optional[str] = None,
+    difficulty_file: Optional[str] = None,
+    solver: str = "newton",
+) -> dict:
     """The LC win rate (percent) of one run as alpaca_eval computes it. preferences: P(policy
     wins) per instruction, NaN = invalid. glm: alpaca_eval's GLM name; length_controlled_v1
     needs `df_gamed` (its df_gamed.csv), length_controlled_noreg needs df_gamed or
@@ -230,29 +248,37 @@ def alpaca_eval_lc_win_rate(preferences: Sequence[float], len_model: Sequence[fl
     p = (np.asarray(preferences, np.float64) + 1.0) - 1.0
     lm, lr = np.asarray(len_model, np.float64), np.asarray(len_ref, np.float64)
     if not (p.shape == lm.shape == lr.shape) or p.ndim != 1:
-        raise ValueError(f"preferences, len_model and len_ref must be 1-D of one length: {p.shape}, {lm.shape}, {lr.shape}")
+        raise ValueError(
+            f"preferences, len_model and len_ref must be 1-D of one length: {p.shape}, {lm.shape}, {lr.shape}"
+        )
     n = p.size
     gamed = None
     if glm == "length_controlled_v1":
         if df_gamed is None:
-            raise ValueError("glm 'length_controlled_v1' fits on alpaca_eval's df_gamed.csv: pass df_gamed= (download "
-                             "it from the tatsu-lab/alpaca_eval dataset on the Hugging Face hub), or use glm "
-                             "'length_controlled_minimal' (no difficulty) instead")
+            raise ValueError(
+                "glm 'length_controlled_v1' fits on alpaca_eval's df_gamed.csv: pass df_gamed= (download "
+                "it from the tatsu-lab/alpaca_eval dataset on the Hugging Face hub), or use glm "
+                "'length_controlled_minimal' (no difficulty) instead"
+            )
         gamed = load_df_gamed(df_gamed)
         table = gamed["difficulty"]
     elif glm == "length_controlled_noreg":
         if df_gamed is None and difficulty_file is None:
-            raise ValueError("glm 'length_controlled_noreg' needs instruction difficulties: pass df_gamed= or "
-                             "difficulty_file= (alpaca_eval's df_gamed.csv / instruction_difficulty.csv)")
+            raise ValueError(
+                "glm 'length_controlled_noreg' needs instruction difficulties: pass df_gamed= or "
+                "difficulty_file= (alpaca_eval's df_gamed.csv / instruction_difficulty.csv)"
+            )
         table = load_df_gamed(df_gamed)["difficulty"] if df_gamed else load_instruction_difficulty(difficulty_file)
     else:
         table = None
     if table is not None:
         absent = [i for i in range(n) if i not in table]
         if absent:
-            raise AlpacaEvalDataError(f"{df_gamed or difficulty_file}: no difficulty for instruction(s) "
-                                      f"{absent[:5]}{'...' if len(absent) > 5 else ''} of {n}; alpaca_eval's files "
-                                      "cover its 805 instructions, in its order")
+            raise AlpacaEvalDataError(
+                f"{df_gamed or difficulty_file}: no difficulty for instruction(s) "
+                f"{absent[:5]}{'...' if len(absent) > 5 else ''} of {n}; alpaca_eval's files "
+                "cover its 805 instructions, in its order"
+            )
         gamma = np.array([table[i] for i in range(n)])
     else:
         gamma = None
@@ -269,8 +295,16 @@ def alpaca_eval_lc_win_rate(preferences: Sequence[float], len_model: Sequence[fl
         w = np.concatenate([np.full(len(gamed["index"]), _GAMED_WEIGHT), w])
     keep = ~np.isnan(y) & np.all(np.isfinite(X), 1)
     if not keep[-n:].any():
-        return {"lc_win_rate": math.nan, "lc_prediction_standard_error": math.nan, "coef": {}, "C": math.nan,
-                "n": 0, "n_total": n, "glm": glm, "solver": solver}
+        return {
+            "lc_win_rate": math.nan,
+            "lc_prediction_standard_error": math.nan,
+            "coef": {},
+            "C": math.nan,
+            "n": 0,
+            "n_total": n,
+            "glm": glm,
+            "solver": solver,
+        }
     b, C = fit_cv(X[keep], y[keep], w[keep], solver=solver)
     test = np.stack([np.zeros(n)] + ([gamma] if gamma is not None else []) + [np.ones(n)], 1)
     pred = sigmoid(test @ b)
@@ -278,5 +312,13 @@ def alpaca_eval_lc_win_rate(preferences: Sequence[float], len_model: Sequence[fl
     coef = {"model": float(b[-1]), "length": float(b[0])}
     if gamma is not None:
         coef["difficulty"] = float(b[1])
-    return {"lc_win_rate": 100.0 * float(np.mean(pred)), "lc_prediction_standard_error": se, "coef": coef, "C": C,
-            "n": int((~np.isnan(p)).sum()), "n_total": n, "glm": glm, "solver": solver}
+    return {
+        "lc_win_rate": 100.0 * float(np.mean(pred)),
+        "lc_prediction_standard_error": se,
+        "coef": coef,
+        "C": C,
+        "n": int((~np.isnan(p)).sum()),
+        "n_total": n,
+        "glm": glm,
+        "solver": solver,
+    }

@@ -33,13 +33,13 @@ import gin
 import numpy as np
 
 from rlaif_jax import fileio
+from rlaif_jax.errors import ConfigError, UserError
 from rlaif_jax.eval.alpaca_eval_lc import alpaca_eval_lc_win_rate
 from rlaif_jax.eval.length_control import length_controlled_win_rate
 from rlaif_jax.eval.settings import EvalJudgeSettings, EvalSamplingSettings
 from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
-from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
-from rlaif_jax.errors import ConfigError, UserError
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
+from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("judge", "reward_model")
@@ -84,8 +84,14 @@ def load_eval_set(path: str, references: Optional[str] = None, reference_generat
         if ref is None:
             where = f"{references} has no output for it" if references else "and no --references file was given"
             raise EvalInputError(f"{path}: record {p.index} ({p.prompt[:60]!r}) has no reference output, {where}")
-        rows.append({"prompt_id": p.prompt_id, "prompt": p.prompt, "reference": ref,
-                     "reference_generator": reference_generator or gen or "reference"})
+        rows.append(
+            {
+                "prompt_id": p.prompt_id,
+                "prompt": p.prompt,
+                "reference": ref,
+                "reference_generator": reference_generator or gen or "reference",
+            }
+        )
     return rows
 
 
@@ -94,8 +100,19 @@ def _add_to_ledger(out_dir: str, api: Mapping[str, Any]) -> float:
     total: a resumed run's own summary counts cache hits as free, so without the ledger the
     money spent before the interruption would vanish from metrics.json."""
     path = fileio.join(out_dir, "api_ledger.jsonl")
-    entry = {k: api.get(k) for k in ("requests", "cached", "ok", "errors", "prompt_tokens", "completion_tokens",
-                                     "cost_usd", "unpriced_requests")}
+    entry = {
+        k: api.get(k)
+        for k in (
+            "requests",
+            "cached",
+            "ok",
+            "errors",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd",
+            "unpriced_requests",
+        )
+    }
     # Rewritten whole, not appended: object stores cannot append.
     entries = fileio.read_jsonl(path) if fileio.exists(path) else []
     entries.append(entry)
@@ -138,15 +155,23 @@ def _check_fingerprint(gen_dir: str, spec: dict) -> None:
         old = fileio.read_json(path)
         if old != spec:
             diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-            raise ValueError(f"{gen_dir} holds generations made with different {diff}; use a new out_dir "
-                             "(or delete that directory to regenerate)")
+            raise ValueError(
+                f"{gen_dir} holds generations made with different {diff}; use a new out_dir "
+                "(or delete that directory to regenerate)"
+            )
         return
     _write_json(path, spec)
 
 
-def generate_outputs(checkpoint: str, rows: Sequence[Mapping], out_dir: str, generator: str,
-                     sampling: SamplingSettings, dtype: str = "float32",
-                     mesh_shape: Optional[Sequence[int]] = None) -> list[str]:
+def generate_outputs(
+    checkpoint: str,
+    rows: Sequence[Mapping],
+    out_dir: str,
+    generator: str,
+    sampling: SamplingSettings,
+    dtype: str = "float32",
+    mesh_shape: Optional[Sequence[int]] = None,
+) -> list[str]:
     """The policy's output for each row (resumable: the feedback package's policy-samples
     stage over the compiled sampler).
 
@@ -165,13 +190,30 @@ def generate_outputs(checkpoint: str, rows: Sequence[Mapping], out_dir: str, gen
     prompts_path = fileio.join(out_dir, "prompts.jsonl")
     write_jsonl(prompts_path, ({"prompt_id": r["prompt_id"], "prompt": r["prompt"]} for r in rows))
     gen_dir = fileio.join(out_dir, "generations")
-    _check_fingerprint(gen_dir, {"checkpoint": fileio.abspath(checkpoint), "generator": generator,
-                                 "prompt_ids": [r["prompt_id"] for r in rows], **sampling.provenance(),
-                                 "dtype": dtype, "mesh_shape": mesh_shape})
+    _check_fingerprint(
+        gen_dir,
+        {
+            "checkpoint": fileio.abspath(checkpoint),
+            "generator": generator,
+            "prompt_ids": [r["prompt_id"] for r in rows],
+            **sampling.provenance(),
+            "dtype": dtype,
+            "mesh_shape": mesh_shape,
+        },
+    )
     # split=None explicitly: the eval prompts belong to no split, whatever a config binds
     # for the feedback stage's own use of policy_samples_stage.
-    policy_samples_stage(hf_dir=checkpoint, prompts=prompts_path, out_dir=gen_dir, sampling=sampling,
-                         source_model=generator, split=None, limit=None, dtype=dtype, mesh_shape=mesh_shape)
+    policy_samples_stage(
+        hf_dir=checkpoint,
+        prompts=prompts_path,
+        out_dir=gen_dir,
+        sampling=sampling,
+        source_model=generator,
+        split=None,
+        limit=None,
+        dtype=dtype,
+        mesh_shape=mesh_shape,
+    )
     by_id = {d["prompt_id"]: d["completion"] for d in load_demonstrations(gen_dir)}
     missing = [r["prompt_id"] for r in rows if r["prompt_id"] not in by_id]
     if missing:
@@ -196,9 +238,15 @@ def load_outputs(path: str, rows: Sequence[Mapping]) -> list[str]:
     return [by_id[r["prompt_id"]] for r in rows]
 
 
-def judge_metrics(comparisons: Sequence[Mapping], outputs: Sequence[str], references: Sequence[str],
-                  lc_bootstrap: int = 200, seed: int = 0, lc_method: str = "glm",
-                  alpaca_eval_lc: Optional[Mapping[str, Any]] = None) -> dict:
+def judge_metrics(
+    comparisons: Sequence[Mapping],
+    outputs: Sequence[str],
+    references: Sequence[str],
+    lc_bootstrap: int = 200,
+    seed: int = 0,
+    lc_method: str = "glm",
+    alpaca_eval_lc: Optional[Mapping[str, Any]] = None,
+) -> dict:
     """Win rate +- SE, counts, length-controlled win rate, and the logprob-weighted
     (continuous) win rate where every valid judgment carries one. lc_method "glm" is ours
     (rlaif_jax.eval.length_control, bootstrap SE), "alpaca_eval" alpaca_eval's computation
@@ -212,13 +260,21 @@ def judge_metrics(comparisons: Sequence[Mapping], outputs: Sequence[str], refere
     lens = [len(o) for o in outputs], [len(r) for r in references]
     if lc_method == "glm":
         lc = length_controlled_win_rate(prefs, *lens, n_bootstrap=lc_bootstrap, seed=seed)
-        m.update(lc_method="glm", lc_win_rate=lc["lc_win_rate"],
-                 lc_bootstrap_standard_error=lc["lc_bootstrap_standard_error"], lc_coef=lc["coef"])
+        m.update(
+            lc_method="glm",
+            lc_win_rate=lc["lc_win_rate"],
+            lc_bootstrap_standard_error=lc["lc_bootstrap_standard_error"],
+            lc_coef=lc["coef"],
+        )
     else:
         lc = alpaca_eval_lc_win_rate(prefs, *lens, **dict(alpaca_eval_lc or {}))
-        m.update(lc_method="alpaca_eval", lc_win_rate=lc["lc_win_rate"],
-                 lc_prediction_standard_error=lc["lc_prediction_standard_error"], lc_coef=lc["coef"],
-                 lc_alpaca_eval={"glm": lc["glm"], "C": lc["C"], "solver": lc["solver"]})
+        m.update(
+            lc_method="alpaca_eval",
+            lc_win_rate=lc["lc_win_rate"],
+            lc_prediction_standard_error=lc["lc_prediction_standard_error"],
+            lc_coef=lc["coef"],
+            lc_alpaca_eval={"glm": lc["glm"], "C": lc["C"], "solver": lc["solver"]},
+        )
     cont = continuous_preferences(comparisons, policy_is="first")
     if cont is not None:
         cw = win_rate(cont)
@@ -283,8 +339,10 @@ def evaluate(
     if lc_method not in LC_METHODS:
         raise ValueError(f"evaluate.lc_method must be one of {LC_METHODS}, got {lc_method!r}")
     if (checkpoint is None) == (policy_outputs is None):
-        raise ConfigError("give exactly one of evaluate.checkpoint (to generate) and evaluate.policy_outputs (to "
-                          "judge existing outputs)")
+        raise ConfigError(
+            "give exactly one of evaluate.checkpoint (to generate) and evaluate.policy_outputs (to "
+            "judge existing outputs)"
+        )
     if protocol == "judge" and client is None:
         raise ValueError("protocol 'judge' needs a client (bind evaluate.client = @FeedbackClient())")
     if protocol == "reward_model" and not reward_model:
@@ -292,8 +350,10 @@ def evaluate(
     sampling = sampling if sampling is not None else EvalSamplingSettings()
     judge = judge if judge is not None else EvalJudgeSettings()
     if protocol == "judge" and judge.mode != "pairwise":
-        raise ConfigError(f"{type(judge).__name__}.mode = {judge.mode!r}: the evaluation judges the policy's output "
-                          "against the reference pairwise; set it to 'pairwise'")
+        raise ConfigError(
+            f"{type(judge).__name__}.mode = {judge.mode!r}: the evaluation judges the policy's output "
+            "against the reference pairwise; set it to 'pairwise'"
+        )
     fileio.makedirs(out_dir)
     rows = load_eval_set(eval_set, references, reference_generator)[:limit]
     name = generator or os.path.basename(os.path.normpath(checkpoint or policy_outputs))
@@ -301,49 +361,96 @@ def evaluate(
         outputs = generate_outputs(checkpoint, rows, out_dir, name, sampling, dtype, mesh_shape)
     else:
         outputs = load_outputs(policy_outputs, rows)
-    _write_json(fileio.join(out_dir, "generations.json"),
-                [{"instruction": r["prompt"], "output": o, "generator": name} for r, o in zip(rows, outputs)])
+    _write_json(
+        fileio.join(out_dir, "generations.json"),
+        [{"instruction": r["prompt"], "output": o, "generator": name} for r, o in zip(rows, outputs)],
+    )
     refs = [r["reference"] for r in rows]
-    metrics: dict = {"protocol": protocol, "generator": name, "eval_set": fileio.abspath(eval_set),
-                     "checkpoint": fileio.abspath(checkpoint) if checkpoint else None,
-                     # the fields metrics.json has always carried (reports read them)
-                     "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "top_k", "template",
-                                                                   "max_length", "max_prompt_length", "seed")}
-                                 if checkpoint else None,
-                     "avg_length": float(np.mean([len(o) for o in outputs])) if outputs else None,
-                     "avg_reference_length": float(np.mean([len(r) for r in refs])) if refs else None}
+    metrics: dict = {
+        "protocol": protocol,
+        "generator": name,
+        "eval_set": fileio.abspath(eval_set),
+        "checkpoint": fileio.abspath(checkpoint) if checkpoint else None,
+        # the fields metrics.json has always carried (reports read them)
+        "sampling": {
+            k: getattr(sampling, k)
+            for k in ("temperature", "top_p", "top_k", "template", "max_length", "max_prompt_length", "seed")
+        }
+        if checkpoint
+        else None,
+        "avg_length": float(np.mean([len(o) for o in outputs])) if outputs else None,
+        "avg_reference_length": float(np.mean([len(r) for r in refs])) if refs else None,
+    }
     if protocol == "judge":
         tmpl = J.load_template(judge.template)
-        tasks = [J.PairTask(r["prompt_id"], r["prompt"], o, r["reference"], name, r["reference_generator"])
-                 for r, o in zip(rows, outputs)]
+        tasks = [
+            J.PairTask(r["prompt_id"], r["prompt"], o, r["reference"], name, r["reference_generator"])
+            for r, o in zip(rows, outputs)
+        ]
         comps = judge_pairs(client, tasks, judge, tmpl)
         _write_jsonl(fileio.join(out_dir, "judgments.jsonl"), comps)
-        jm = judge_metrics(comps, outputs, refs, lc_bootstrap if length_control else 0, judge.seed,
-                           lc_method=lc_method if length_control else "glm",
-                           alpaca_eval_lc={"glm": lc_glm, "df_gamed": lc_df_gamed,
-                                           "difficulty_file": lc_difficulty_file, "solver": lc_solver})
+        jm = judge_metrics(
+            comps,
+            outputs,
+            refs,
+            lc_bootstrap if length_control else 0,
+            judge.seed,
+            lc_method=lc_method if length_control else "glm",
+            alpaca_eval_lc={
+                "glm": lc_glm,
+                "df_gamed": lc_df_gamed,
+                "difficulty_file": lc_difficulty_file,
+                "solver": lc_solver,
+            },
+        )
         if not length_control:
             jm.update(lc_method=None, lc_win_rate=None, lc_bootstrap_standard_error=None, lc_coef=None)
         api = client.summary.as_dict()
-        metrics.update(jm, judge=judge.name or client.model, judge_template=tmpl.id, order_seed=judge.seed,
-                       both_orders=judge.both_orders, logprobs=judge.logprobs, api=api, cost_usd=api["cost_usd"],
-                       cost_usd_total=_add_to_ledger(out_dir, api), client=client.describe())
+        metrics.update(
+            jm,
+            judge=judge.name or client.model,
+            judge_template=tmpl.id,
+            order_seed=judge.seed,
+            both_orders=judge.both_orders,
+            logprobs=judge.logprobs,
+            api=api,
+            cost_usd=api["cost_usd"],
+            cost_usd_total=_add_to_ledger(out_dir, api),
+            client=client.describe(),
+        )
     else:
         from rlaif_jax.eval.reward_score import RewardScorer, reward_protocol_metrics
 
-        scorer = RewardScorer(reward_model, template=sampling.template, max_length=sampling.max_length,
-                              max_prompt_length=sampling.max_prompt_length, batch_size=reward_batch_size, dtype=dtype)
+        scorer = RewardScorer(
+            reward_model,
+            template=sampling.template,
+            max_length=sampling.max_length,
+            max_prompt_length=sampling.max_prompt_length,
+            batch_size=reward_batch_size,
+            dtype=dtype,
+        )
         prompts = [r["prompt"] for r in rows]
         r_pol, r_ref = scorer.score(prompts, outputs), scorer.score(prompts, refs)
-        _write_jsonl(fileio.join(out_dir, "judgments.jsonl"),
-                     [{"prompt_id": r["prompt_id"], "reward_policy": float(a), "reward_reference": float(b)}
-                      for r, a, b in zip(rows, r_pol, r_ref)])
-        metrics.update(reward_protocol_metrics(r_pol, r_ref), judge=f"reward_model:{fileio.abspath(reward_model)}",
-                       cost_usd=0.0)
+        _write_jsonl(
+            fileio.join(out_dir, "judgments.jsonl"),
+            [
+                {"prompt_id": r["prompt_id"], "reward_policy": float(a), "reward_reference": float(b)}
+                for r, a, b in zip(rows, r_pol, r_ref)
+            ],
+        )
+        metrics.update(
+            reward_protocol_metrics(r_pol, r_ref), judge=f"reward_model:{fileio.abspath(reward_model)}", cost_usd=0.0
+        )
     metrics["labels"] = dict(labels or {})
     metrics = _clean(metrics)
     _write_json(fileio.join(out_dir, "metrics.json"), metrics)
     save_operative_config(out_dir)
-    log.info("%s: win rate %s +- %s (LC %s) -> %s", name, metrics.get("win_rate"), metrics.get("standard_error"),
-             metrics.get("lc_win_rate"), out_dir)
+    log.info(
+        "%s: win rate %s +- %s (LC %s) -> %s",
+        name,
+        metrics.get("win_rate"),
+        metrics.get("standard_error"),
+        metrics.get("lc_win_rate"),
+        out_dir,
+    )
     return metrics

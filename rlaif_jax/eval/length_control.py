@@ -49,8 +49,14 @@ def sigmoid(z):
     return np.exp(-np.logaddexp(0.0, -z))
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: np.ndarray | float = 1e-2, weights: Optional[np.ndarray] = None,
-                 max_iter: int = 100, tol: float = 1e-10) -> np.ndarray:
+def fit_logistic(
+    X: np.ndarray,
+    y: np.ndarray,
+    l2: np.ndarray | float = 1e-2,
+    weights: Optional[np.ndarray] = None,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> np.ndarray:
     """argmin_b  -sum_i w_i [y_i log s(x_i b) + (1 - y_i) log s(-x_i b)] + l2/2 |b|^2 for soft
     labels y in [0, 1]: damped Newton with backtracking (the objective is strictly convex)."""
     X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
@@ -91,8 +97,9 @@ def length_feature(len_model: Sequence[float], len_ref: Sequence[float]) -> np.n
     return np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
 
 
-def estimate_instruction_difficulty(preferences: np.ndarray, len_model: np.ndarray, len_ref: np.ndarray,
-                                    l2_difficulty: float = 1.0, l2: float = 1e-2) -> np.ndarray:
+def estimate_instruction_difficulty(
+    preferences: np.ndarray, len_model: np.ndarray, len_ref: np.ndarray, l2_difficulty: float = 1.0, l2: float = 1e-2
+) -> np.ndarray:
     """gamma_x from [runs, instructions] arrays (NaN preference = invalid / missing): one
     joint fit with per-run intercept and length slope and a shared, ridge-penalized
     per-instruction difficulty (higher = harder for the models than for the reference)."""
@@ -111,12 +118,18 @@ def estimate_instruction_difficulty(preferences: np.ndarray, len_model: np.ndarr
             ys.append(P[i, x])
     lam = np.concatenate([np.full(2 * m, l2), np.full(n, l2_difficulty)])
     beta = fit_logistic(np.stack(rows), np.asarray(ys), lam)
-    return beta[2 * m:]
+    return beta[2 * m :]
 
 
-def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence[float], len_ref: Sequence[float],
-                               difficulty: Optional[Sequence[float]] = None, l2: float = 1e-2,
-                               n_bootstrap: int = 0, seed: int = 0) -> dict:
+def length_controlled_win_rate(
+    preferences: Sequence[float],
+    len_model: Sequence[float],
+    len_ref: Sequence[float],
+    difficulty: Optional[Sequence[float]] = None,
+    l2: float = 1e-2,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+) -> dict:
     """The LC win rate (percent) of one run; with n_bootstrap > 0 also its bootstrap standard
     error over instructions. Returns lc_win_rate, lc_bootstrap_standard_error (NaN without
     bootstrap; `lc_standard_error` is the same number under its old, ambiguous name), the
@@ -132,8 +145,13 @@ def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence
     p, lm, lr = p[ok], lm[ok], lr[ok]
     gamma = None if gamma is None else gamma[ok]
     if p.size == 0:
-        return {"lc_win_rate": math.nan, "lc_bootstrap_standard_error": math.nan, "lc_standard_error": math.nan,
-                "coef": {}, "n": 0}
+        return {
+            "lc_win_rate": math.nan,
+            "lc_bootstrap_standard_error": math.nan,
+            "lc_standard_error": math.nan,
+            "coef": {},
+            "n": 0,
+        }
 
     def fit(idx):
         cols = [np.ones(idx.size), length_feature(lm[idx], lr[idx])]
@@ -151,5 +169,10 @@ def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence
     coef = {"model": float(b[0]), "length": float(b[1])}
     if gamma is not None:
         coef["difficulty"] = float(b[2])
-    return {"lc_win_rate": lc, "lc_bootstrap_standard_error": se, "lc_standard_error": se, "coef": coef,
-            "n": int(p.size)}
+    return {
+        "lc_win_rate": lc,
+        "lc_bootstrap_standard_error": se,
+        "lc_standard_error": se,
+        "coef": coef,
+        "n": int(p.size),
+    }

@@ -13,9 +13,30 @@ import math
 import os
 from typing import Iterable, Optional, Sequence
 
-COLUMNS = ("run", "base_model", "arm", "sft_fraction", "protocol", "judge", "win_rate", "standard_error",
-           "lc_win_rate", "lc_method", "lc_bootstrap_standard_error", "lc_prediction_standard_error", "lc_joint_win_rate", "n_wins", "n_losses", "n_ties", "n_invalid", "n_total",
-           "continuous_win_rate", "mean_reward", "avg_length", "cost_usd_total")
+COLUMNS = (
+    "run",
+    "base_model",
+    "arm",
+    "sft_fraction",
+    "protocol",
+    "judge",
+    "win_rate",
+    "standard_error",
+    "lc_win_rate",
+    "lc_method",
+    "lc_bootstrap_standard_error",
+    "lc_prediction_standard_error",
+    "lc_joint_win_rate",
+    "n_wins",
+    "n_losses",
+    "n_ties",
+    "n_invalid",
+    "n_total",
+    "continuous_win_rate",
+    "mean_reward",
+    "avg_length",
+    "cost_usd_total",
+)
 
 
 def load_run(run_dir: str) -> dict:
@@ -75,8 +96,10 @@ def joint_length_control(run_dirs: Sequence[str], l2_difficulty: float = 1.0) ->
     # An instruction a run did not judge is missing (NaN preference), as an invalid one is.
     L = np.where(np.isnan(L), np.nan_to_num(ref_len)[None, :], L)
     gamma = estimate_instruction_difficulty(P, L, np.nan_to_num(ref_len), l2_difficulty=l2_difficulty)
-    return {d: length_controlled_win_rate(P[i], L[i], np.nan_to_num(ref_len), difficulty=gamma)["lc_win_rate"]
-            for i, d in enumerate(runs)}
+    return {
+        d: length_controlled_win_rate(P[i], L[i], np.nan_to_num(ref_len), difficulty=gamma)["lc_win_rate"]
+        for i, d in enumerate(runs)
+    }
 
 
 def _fmt(v) -> str:
@@ -87,8 +110,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_table(rows: Sequence[dict], out_md: Optional[str] = None, out_csv: Optional[str] = None,
-                columns: Sequence[str] = COLUMNS) -> str:
+def write_table(
+    rows: Sequence[dict], out_md: Optional[str] = None, out_csv: Optional[str] = None, columns: Sequence[str] = COLUMNS
+) -> str:
     """Markdown text of the table (columns no row has are left out); also written to the
     given paths."""
     cols = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
@@ -123,8 +147,15 @@ def _plt():
     return plt
 
 
-def plot_grouped_bars(rows: Sequence[dict], path: str, group: str = "base_model", series: str = "arm",
-                      value: str = "win_rate", error: str = "standard_error", title: Optional[str] = None) -> None:
+def plot_grouped_bars(
+    rows: Sequence[dict],
+    path: str,
+    group: str = "base_model",
+    series: str = "arm",
+    value: str = "win_rate",
+    error: str = "standard_error",
+    title: Optional[str] = None,
+) -> None:
     """One group of bars per `group` value, one bar per `series` value, error bars +- SE
     (the paper's main figure: base models x arms)."""
     plt = _plt()
@@ -153,8 +184,14 @@ def plot_grouped_bars(rows: Sequence[dict], path: str, group: str = "base_model"
     plt.close(fig)
 
 
-def plot_vs_sft_fraction(rows: Sequence[dict], path: str, line: str = "base_model", value: str = "win_rate",
-                         error: str = "standard_error", title: Optional[str] = None) -> None:
+def plot_vs_sft_fraction(
+    rows: Sequence[dict],
+    path: str,
+    line: str = "base_model",
+    value: str = "win_rate",
+    error: str = "standard_error",
+    title: Optional[str] = None,
+) -> None:
     """Win rate against the SFT data fraction (rows with an sft_fraction), one line per
     `line` value, shaded +- SE (the paper's data-scaling figure)."""
     plt = _plt()
@@ -187,8 +224,11 @@ def make_report(run_dirs: Sequence[str], out_dir: str) -> dict:
     for d, r in zip(run_dirs, rows):
         if d in joint:
             r["lc_joint_win_rate"] = joint[d]
-    out = {"md": os.path.join(out_dir, "results.md"), "csv": os.path.join(out_dir, "results.csv"),
-           "bars": os.path.join(out_dir, "win_rate_bars.png")}
+    out = {
+        "md": os.path.join(out_dir, "results.md"),
+        "csv": os.path.join(out_dir, "results.csv"),
+        "bars": os.path.join(out_dir, "win_rate_bars.png"),
+    }
     write_table(rows, out["md"], out["csv"])
     plot_grouped_bars(rows, out["bars"])
     if any(r.get("lc_win_rate") is not None for r in rows):

@@ -28,12 +28,19 @@ def reward_protocol_metrics(policy_rewards: Sequence[float], reference_rewards: 
     cont = win_rate(1.0 / (1.0 + np.exp(-diff)))
     sem = lambda x: float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
     return {
-        "mean_reward": float(np.mean(r_p)), "mean_reward_se": sem(r_p),
+        "mean_reward": float(np.mean(r_p)),
+        "mean_reward_se": sem(r_p),
         "mean_reference_reward": float(np.mean(r_r)),
-        "mean_reward_margin": float(np.mean(diff)), "mean_reward_margin_se": sem(diff),
-        "win_rate": wr.win_rate, "standard_error": wr.standard_error,
-        "n_wins": wr.n_wins, "n_losses": wr.n_losses, "n_ties": wr.n_ties, "n_total": n,
-        "bt_win_rate": cont.win_rate, "bt_standard_error": cont.standard_error,
+        "mean_reward_margin": float(np.mean(diff)),
+        "mean_reward_margin_se": sem(diff),
+        "win_rate": wr.win_rate,
+        "standard_error": wr.standard_error,
+        "n_wins": wr.n_wins,
+        "n_losses": wr.n_losses,
+        "n_ties": wr.n_ties,
+        "n_total": n,
+        "bt_win_rate": cont.win_rate,
+        "bt_standard_error": cont.standard_error,
     }
 
 
@@ -42,12 +49,19 @@ class RewardScorer:
     ...ForSequenceClassification export of this project), in fixed-shape batches so the
     forward pass compiles once."""
 
-    def __init__(self, hf_dir: str, template: str = "paper", max_length: int = 512, max_prompt_length: int = 256,
-                 batch_size: int = 16, dtype: str = "float32"):
+    def __init__(
+        self,
+        hf_dir: str,
+        template: str = "paper",
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        batch_size: int = 16,
+        dtype: str = "float32",
+    ):
         from rlaif_jax.data.tokenize import Encoder, load_tokenizer
         from rlaif_jax.models import build_model
-        from rlaif_jax.models.hf_io import load_hf
         from rlaif_jax.models.heads import SCORE_HEAD
+        from rlaif_jax.models.hf_io import load_hf
 
         self.tokenizer = load_tokenizer(hf_dir)
         self.encoder = Encoder(self.tokenizer, template, max_length, max_prompt_length)
@@ -71,7 +85,7 @@ class RewardScorer:
         enc = self.encoder.encode_sft(list(prompts), list(responses))
         fn, out = self._score_fn(), []
         for i in range(0, len(enc), self.batch_size):
-            chunk = enc[i:i + self.batch_size]
+            chunk = enc[i : i + self.batch_size]
             tokens = np.zeros((self.batch_size, self.max_length), np.int32)
             seg = np.zeros_like(tokens)
             for j, e in enumerate(chunk):

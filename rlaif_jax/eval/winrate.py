@@ -59,8 +59,10 @@ class WinRate:
         return dataclasses.asdict(self) | {"n_scored": self.n_scored}
 
     def __str__(self) -> str:
-        return (f"{self.win_rate:.2f} +- {self.standard_error:.2f} "
-                f"(W/L/T {self.n_wins}/{self.n_losses}/{self.n_ties}, invalid {self.n_invalid})")
+        return (
+            f"{self.win_rate:.2f} +- {self.standard_error:.2f} "
+            f"(W/L/T {self.n_wins}/{self.n_losses}/{self.n_ties}, invalid {self.n_invalid})"
+        )
 
 
 def _mean_se(p: np.ndarray) -> tuple[float, float]:
@@ -82,9 +84,14 @@ def win_rate(preferences: Sequence[float]) -> WinRate:
     wr, se = _mean_se(q)
     discrete = np.where(q > 0.5, 1.0, np.where(q < 0.5, 0.0, 0.5))
     return WinRate(
-        win_rate=wr, standard_error=se,
-        n_wins=int(np.sum(q > 0.5)), n_losses=int(np.sum(q < 0.5)), n_ties=int(np.sum(q == 0.5)),
-        n_invalid=int(np.sum(~valid)), n_total=int(p.size), discrete_win_rate=_mean_se(discrete)[0],
+        win_rate=wr,
+        standard_error=se,
+        n_wins=int(np.sum(q > 0.5)),
+        n_losses=int(np.sum(q < 0.5)),
+        n_ties=int(np.sum(q == 0.5)),
+        n_invalid=int(np.sum(~valid)),
+        n_total=int(p.size),
+        discrete_win_rate=_mean_se(discrete)[0],
     )
 
 

@@ -22,7 +22,16 @@ from rlaif_jax.feedback.request import ChatRequest
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 
 __all__ = [
-    "ChatRequest", "FeedbackClient", "FeedbackError", "JudgeSettings", "JudgeTemplate", "PairTask", "SamplingSettings",
-    "Summary", "VERDICTS",
-    "build_preference_pairs", "critic_report", "load_template",
+    "ChatRequest",
+    "FeedbackClient",
+    "FeedbackError",
+    "JudgeSettings",
+    "JudgeTemplate",
+    "PairTask",
+    "SamplingSettings",
+    "Summary",
+    "VERDICTS",
+    "build_preference_pairs",
+    "critic_report",
+    "load_template",
 ]

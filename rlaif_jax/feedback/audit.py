@@ -78,8 +78,9 @@ class AuditSettings:
             raise ConfigError(f"{at('split')} = {self.split!r}: must name a prompt split ('sft' or 'feedback')")
 
 
-def sample_tasks(teacher: Sequence[Mapping], strong: Sequence[Mapping], n: int,
-                 seed: int) -> tuple[list[J.PairTask], dict]:
+def sample_tasks(
+    teacher: Sequence[Mapping], strong: Sequence[Mapping], n: int, seed: int
+) -> tuple[list[J.PairTask], dict]:
     """Pairs the two sets on prompt_id (teacher first) and draws n of the shared prompts.
 
     Args:
@@ -120,8 +121,14 @@ def estimate_cost(client: FeedbackClient, requests: Sequence[Any], batch_api: bo
     usd = None
     if price is not None:
         usd = (BATCH_DISCOUNT if batch_api else 1.0) * (in_tokens * price[0] + out_tokens * price[1]) / 1e6
-    return {"requests": len(unique), "cached": len(unique) - len(todo), "to_send": len(todo),
-            "prompt_tokens": in_tokens, "completion_tokens": out_tokens, "usd_max": usd}
+    return {
+        "requests": len(unique),
+        "cached": len(unique) - len(todo),
+        "to_send": len(todo),
+        "prompt_tokens": in_tokens,
+        "completion_tokens": out_tokens,
+        "usd_max": usd,
+    }
 
 
 def gap_statistics(comparisons: Sequence[Mapping], confidence: float = 0.95) -> dict:
@@ -141,10 +148,17 @@ def gap_statistics(comparisons: Sequence[Mapping], confidence: float = 0.95) -> 
     se = wr.standard_error if not math.isnan(wr.standard_error) else math.inf
     agree = [c["orders_agree"] for c in comparisons if c.get("orders_agree") is not None]
     return {
-        "strong_preferred": wr.win_rate, "standard_error": wr.standard_error, "confidence": confidence,
-        "ci_low": max(0.0, wr.win_rate - z * se), "ci_high": min(100.0, wr.win_rate + z * se),
-        "n_strong": wr.n_wins, "n_teacher": wr.n_losses, "n_ties": wr.n_ties, "n_invalid": wr.n_invalid,
-        "n_scored": wr.n_scored, "n_identical": sum(bool(c.get("identical")) for c in comparisons),
+        "strong_preferred": wr.win_rate,
+        "standard_error": wr.standard_error,
+        "confidence": confidence,
+        "ci_low": max(0.0, wr.win_rate - z * se),
+        "ci_high": min(100.0, wr.win_rate + z * se),
+        "n_strong": wr.n_wins,
+        "n_teacher": wr.n_losses,
+        "n_ties": wr.n_ties,
+        "n_invalid": wr.n_invalid,
+        "n_scored": wr.n_scored,
+        "n_identical": sum(bool(c.get("identical")) for c in comparisons),
         "orders_agree": 100.0 * sum(agree) / len(agree) if agree else None,
     }
 
@@ -161,27 +175,31 @@ def reading(stats: Mapping[str, Any]) -> tuple[str, str]:
     lo, hi, n = stats["ci_low"], stats["ci_high"], stats["n_scored"]
     ci = f"{stats['confidence']:.0%} interval {lo:.1f}-{hi:.1f}%"
     if n < 2 or math.isnan(stats["strong_preferred"]):
-        return "undecided", (f"Too few scored comparisons ({n}) to read anything; raise the sample size or fix "
-                             "the invalid answers.")
+        return "undecided", (
+            f"Too few scored comparisons ({n}) to read anything; raise the sample size or fix the invalid answers."
+        )
     if lo > 50.0:
         return "gap", (
             f"The critic prefers the strong model's completions to the SFT teacher's ({ci}, above 50%). This is "
             "the setting in which the paper found RLAIF's gains over SFT to be largely an artefact of a weak SFT "
             "teacher: SFT on the strong model's completions matched or beat SFT on the weaker teacher followed by "
             "DPO on the critic's preferences. Distil the strong model first (SFT on its completions), and credit "
-            "RLAIF only with what it adds on top of that baseline.")
+            "RLAIF only with what it adds on top of that baseline."
+        )
     if hi < 50.0:
         return "reversed", (
             f"The critic prefers the SFT teacher's completions to the 'strong' model's ({ci}, below 50%): by this "
             "critic the named model is not the stronger one. Audit against the strongest model available (or "
-            "the critic's own completions) before reading RLAIF results.")
+            "the critic's own completions) before reading RLAIF results."
+        )
     return "no_gap", (
         f"No significant preference ({ci} contains 50%; gaps outside it are unlikely at this sample size, smaller "
         "ones are not ruled out). The paper's main explanation of RLAIF's gains, a teacher weaker than the "
         "critic, does not show here. Where the paper's teacher was as strong as the critic (GPT-4 SFT on 10%, "
         "then GPT-4 DPO), RL's gains were small and varied by base model, and SFT on all of GPT-4's completions "
         "matched or beat them in most cases: expect little from RLAIF beyond SFT with this critic, and compare "
-        "against SFT on the strong model's completions before crediting RL.")
+        "against SFT on the strong model's completions before crediting RL."
+    )
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -189,16 +207,20 @@ def markdown(report: Mapping[str, Any]) -> str:
     s, c = report["statistics"], report["cost"]
     usd = "unpriced" if c["estimate"]["usd_max"] is None else f"at most ${c['estimate']['usd_max']:.4f}"
     lines = [
-        "# Teacher-critic gap audit", "",
+        "# Teacher-critic gap audit",
+        "",
         f"Critic `{report['critic']}` compared the SFT teacher `{report['teacher_model']}` with the strong model "
         f"`{report['strong_model']}` on {report['join']['sampled']} sampled prompts (of {report['join']['paired']} "
-        "both answer), each in both presented orders.", "",
+        "both answer), each in both presented orders.",
+        "",
         "| strong preferred (%) | SE | interval | strong / teacher / tie / invalid | orders agree (%) |",
         "|---|---|---|---|---|",
         f"| {s['strong_preferred']:.1f} | {s['standard_error']:.1f} | {s['ci_low']:.1f}-{s['ci_high']:.1f} "
         f"({s['confidence']:.0%}) | {s['n_strong']} / {s['n_teacher']} / {s['n_ties']} / {s['n_invalid']} | "
-        f"{'-' if s['orders_agree'] is None else format(s['orders_agree'], '.1f')} |", "",
-        f"**Reading: {report['reading']}.** {report['reading_text']}", "",
+        f"{'-' if s['orders_agree'] is None else format(s['orders_agree'], '.1f')} |",
+        "",
+        f"**Reading: {report['reading']}.** {report['reading_text']}",
+        "",
         f"Cost: estimated {usd} for {c['estimate']['to_send']} uncached requests ({c['estimate']['cached']} "
         f"cached); spent ${c['api']['cost_usd']:.4f} ({c['api']['requests']} requests, {c['api']['cached']} "
         "cached).",
@@ -239,8 +261,10 @@ def audit_gap(
     judge = judge if judge is not None else JudgeSettings()
     settings = settings if settings is not None else AuditSettings()
     if judge.mode != "pairwise":
-        raise ConfigError(f"{binding('JudgeSettings.mode')} = {judge.mode!r}: the audit asks for a preference "
-                          "between two completions; use 'pairwise'")
+        raise ConfigError(
+            f"{binding('JudgeSettings.mode')} = {judge.mode!r}: the audit asks for a preference "
+            "between two completions; use 'pairwise'"
+        )
     # Both orders: a critic that favours one position would otherwise decide the rate.
     judge = dataclasses.replace(judge, both_orders=True)
     existing_path(binding("audit_gap.teacher"), teacher, "demonstration set (the SFT teacher's completions)")
@@ -251,45 +275,68 @@ def audit_gap(
         second = load_demonstrations(strong, binding("audit_gap.strong"))
         tasks, join = sample_tasks(first, second, settings.sample_size, settings.seed)
         if not tasks:
-            raise UserError(f"audit_gap.teacher = {teacher!r} ({len(first)} completions) and audit_gap.strong = "
-                            f"{strong!r} ({len(second)}) share no prompt_id; give two sets answering the same "
-                            "prompts (nothing was sent or written)")
+            raise UserError(
+                f"audit_gap.teacher = {teacher!r} ({len(first)} completions) and audit_gap.strong = "
+                f"{strong!r} ({len(second)}) share no prompt_id; give two sets answering the same "
+                "prompts (nothing was sent or written)"
+            )
         template = J.load_template(judge.template)
         _, requests = judge_requests(client, tasks, judge, template)
         estimate = estimate_cost(client, requests, judge.batch_api)
         usd = "unpriced model" if estimate["usd_max"] is None else f"at most ${estimate['usd_max']:.4f}"
-        print(f"audit: {len(tasks)} prompts, {estimate['requests']} critic requests ({client.model}), "
-              f"{estimate['cached']} cached, {estimate['to_send']} to send: {usd}", flush=True)
+        print(
+            f"audit: {len(tasks)} prompts, {estimate['requests']} critic requests ({client.model}), "
+            f"{estimate['cached']} cached, {estimate['to_send']} to send: {usd}",
+            flush=True,
+        )
         limit = settings.max_cost_usd
         if limit is not None and estimate["to_send"]:
             if estimate["usd_max"] is None:
-                raise UserError(f"{binding('AuditSettings.max_cost_usd')} = {limit}: the critic {client.model!r} has "
-                                "no price, so the audit cannot be held to the limit; set FeedbackClient.prices for "
-                                "it, or the limit to None (nothing was sent)")
+                raise UserError(
+                    f"{binding('AuditSettings.max_cost_usd')} = {limit}: the critic {client.model!r} has "
+                    "no price, so the audit cannot be held to the limit; set FeedbackClient.prices for "
+                    "it, or the limit to None (nothing was sent)"
+                )
             if estimate["usd_max"] > limit:
-                raise UserError(f"{binding('AuditSettings.max_cost_usd')} = {limit}: the audit would cost {usd}; "
-                                "raise the limit or lower AuditSettings.sample_size (nothing was sent)")
+                raise UserError(
+                    f"{binding('AuditSettings.max_cost_usd')} = {limit}: the audit would cost {usd}; "
+                    "raise the limit or lower AuditSettings.sample_size (nothing was sent)"
+                )
         comps = judge_pairs(client, tasks, judge, template)
         stats = gap_statistics(comps, settings.confidence)
         word, text = reading(stats)
         report = {
-            "audit_version": AUDIT_VERSION, "critic": judge.name or client.model,
-            "teacher_model": _source(first, teacher), "strong_model": _source(second, strong),
-            "teacher": fio.abspath(teacher), "strong": fio.abspath(strong),
-            **{k: stats[k] for k in SUMMARY_KEYS if k in stats}, "reading": word, "reading_text": text,
-            "statistics": stats, "join": join,
+            "audit_version": AUDIT_VERSION,
+            "critic": judge.name or client.model,
+            "teacher_model": _source(first, teacher),
+            "strong_model": _source(second, strong),
+            "teacher": fio.abspath(teacher),
+            "strong": fio.abspath(strong),
+            **{k: stats[k] for k in SUMMARY_KEYS if k in stats},
+            "reading": word,
+            "reading_text": text,
+            "statistics": stats,
+            "join": join,
             "cost": {"estimate": estimate, "api": client.summary.as_dict()},
             "cost_usd": client.summary.as_dict()["cost_usd"],
             "api_errors": sum(bool(c.get("error")) for c in comps),
-            "settings": dataclasses.asdict(settings), "judge": dataclasses.asdict(judge),
-            "client": client.describe(), "packages": package_versions(PACKAGES + ("openai",)),
+            "settings": dataclasses.asdict(settings),
+            "judge": dataclasses.asdict(judge),
+            "client": client.describe(),
+            "packages": package_versions(PACKAGES + ("openai",)),
         }
         write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
         with fio.atomic_write(fio.join(out_dir, "report.md")) as f:
             f.write(markdown(report))
         write_json(fio.join(out_dir, "metrics.json"), report)
-        log.info("audit: strong preferred %.1f%% (%.1f-%.1f), %s -> %s", stats["strong_preferred"],
-                 stats["ci_low"], stats["ci_high"], word, out_dir)
+        log.info(
+            "audit: strong preferred %.1f%% (%.1f-%.1f), %s -> %s",
+            stats["strong_preferred"],
+            stats["ci_low"],
+            stats["ci_high"],
+            word,
+            out_dir,
+        )
         return report
 
 

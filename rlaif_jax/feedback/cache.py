@@ -78,8 +78,10 @@ def _acquire_process_lock(path: str) -> None:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise CacheInUseError(f"FeedbackClient.cache_path = {path!r} is in use by another process (lock "
-                                  f"{path}.lock); give each concurrent run its own cache_path") from None
+            raise CacheInUseError(
+                f"FeedbackClient.cache_path = {path!r} is in use by another process (lock "
+                f"{path}.lock); give each concurrent run its own cache_path"
+            ) from None
         _PROCESS_LOCKS[real] = [f, 1]
 
 
@@ -199,11 +201,13 @@ class ResultCache:
             self._cut_torn_tail()
             raise StorageError(
                 f"{self.path}: cannot merge the {len(lines)} answers saved in {', '.join(found)} by an earlier run "
-                f"into the cache ({_reason(e)}); free space on that disk and rerun (those files are kept)") from e
+                f"into the cache ({_reason(e)}); free space on that disk and rerun (those files are kept)"
+            ) from e
         for p in found:
             os.remove(p)
-        log.warning("%s: merged %d answers an earlier run could not save (from %s)", self.path, len(lines),
-                    ", ".join(found))
+        log.warning(
+            "%s: merged %d answers an earlier run could not save (from %s)", self.path, len(lines), ", ".join(found)
+        )
 
     def get(self, key: str) -> Optional[dict]:
         """The cached successful result for `key`, if any."""
@@ -237,14 +241,17 @@ class ResultCache:
                 except OSError as e:
                     self.failure = e
                     self._cut_torn_tail()
-                    log.error("%s: cannot append (%s); keeping answers in memory and sending no new requests",
-                              self.path, _reason(e))
+                    log.error(
+                        "%s: cannot append (%s); keeping answers in memory and sending no new requests",
+                        self.path,
+                        _reason(e),
+                    )
             self._unsaved.append((line, record.get("status") == "ok"))
 
     def _append(self, line: bytes) -> None:
         view = memoryview(line)
         while view:
-            view = view[self._f.write(view):]  # a short write is followed by the call that fails
+            view = view[self._f.write(view) :]  # a short write is followed by the call that fails
         now = time.monotonic()
         if now - self._last_fsync >= self.fsync_interval_s:
             os.fsync(self._f.fileno())
@@ -310,11 +317,15 @@ class ResultCache:
             parts.append(f"kept {answers} paid answers{also} in {path}")
         lost = sum(ok for _, ok in self._unsaved)
         if lost:
-            parts.append(f"could not save {lost} paid answers anywhere ({'; '.join(self._rescue_errors)}): they "
-                         "will be requested again")
+            parts.append(
+                f"could not save {lost} paid answers anywhere ({'; '.join(self._rescue_errors)}): they "
+                "will be requested again"
+            )
         kept = "; ".join(parts) or "no answer was waiting to be saved"
-        return StorageError(f"{what}; stopped sending requests; {kept}; free space on that disk and rerun the same "
-                            "command: rescued answers go into the cache first and nothing already in it is sent again")
+        return StorageError(
+            f"{what}; stopped sending requests; {kept}; free space on that disk and rerun the same "
+            "command: rescued answers go into the cache first and nothing already in it is sent again"
+        )
 
     def raise_if_failed(self) -> None:
         err = self.storage_error()
@@ -366,7 +377,7 @@ def append_whole(path: str, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[f.write(view):]
+                view = view[f.write(view) :]
             os.fsync(f.fileno())
         except OSError:
             try:

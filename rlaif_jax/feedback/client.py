@@ -117,8 +117,14 @@ class Summary:
 
 
 class _Failure(Exception):
-    def __init__(self, kind: str, message: str, status: Optional[int] = None, retryable: bool = False,
-                 retry_after: Optional[float] = None):
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status: Optional[int] = None,
+        retryable: bool = False,
+        retry_after: Optional[float] = None,
+    ):
         super().__init__(message)
         self.kind, self.message, self.status = kind, message, status
         self.retryable, self.retry_after = retryable, retry_after
@@ -218,8 +224,12 @@ class FeedbackClient:
         for name, value in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute)):
             positive(binding(f"FeedbackClient.{name}"), value, "None for no limit")
         positive(binding("FeedbackClient.timeout_s"), timeout_s)
-        for name, value in (("backoff_base_s", backoff_base_s), ("backoff_max_s", backoff_max_s),
-                            ("max_retry_after_s", max_retry_after_s), ("fsync_interval_s", fsync_interval_s)):
+        for name, value in (
+            ("backoff_base_s", backoff_base_s),
+            ("backoff_max_s", backoff_max_s),
+            ("max_retry_after_s", max_retry_after_s),
+            ("fsync_interval_s", fsync_interval_s),
+        ):
             non_negative(binding(f"FeedbackClient.{name}"), value)
         one_of(binding("FeedbackClient.http_transport"), http_transport, ("aiohttp", "httpx"))
         self.model = model
@@ -238,9 +248,11 @@ class FeedbackClient:
         self._key = os.environ.get(api_key_env) or ""
         if not self._key:
             if base_url is None:
-                raise MissingKeyError(f"environment variable {api_key_env} ({binding('FeedbackClient.api_key_env')}) "
-                                      "is not set; export the API key there, or set "
-                                      f"{binding('FeedbackClient.base_url')} to a server that needs none")
+                raise MissingKeyError(
+                    f"environment variable {api_key_env} ({binding('FeedbackClient.api_key_env')}) "
+                    "is not set; export the API key there, or set "
+                    f"{binding('FeedbackClient.base_url')} to a server that needs none"
+                )
             log.info("%s is not set; sending requests to %s without a key", api_key_env, base_url)
         self.cache = ResultCache(cache_path, fsync_interval_s=fsync_interval_s)
         # The HTTP library logs every request at INFO: 100k lines that bury the progress bar
@@ -260,8 +272,9 @@ class FeedbackClient:
             httpx = _httpx()
             # One pooled, kept-alive connection per worker (the default keeps only 100
             # alive, so 256 workers would keep reconnecting).
-            limits = httpx.Limits(max_connections=self.max_concurrency + 8,
-                                  max_keepalive_connections=self.max_concurrency + 8)
+            limits = httpx.Limits(
+                max_connections=self.max_concurrency + 8, max_keepalive_connections=self.max_concurrency + 8
+            )
             http = None
             if self.http_transport == "aiohttp":
                 # openai's aiohttp transport: httpx's own pool scans every connection for
@@ -273,7 +286,10 @@ class FeedbackClient:
             if http is None:
                 http = openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.timeout_s)
             self._oai = openai.AsyncOpenAI(
-                api_key=self._key or "no-key", base_url=self.base_url, max_retries=0, timeout=self.timeout_s,
+                api_key=self._key or "no-key",
+                base_url=self.base_url,
+                max_retries=0,
+                timeout=self.timeout_s,
                 http_client=http,
             )
         return self._oai
@@ -298,12 +314,17 @@ class FeedbackClient:
             "price_usd_per_1M": price_for(self.model, self.prices),
         }
 
-    def request(self, messages: Sequence[Mapping[str, str]], template: str = "",
-                meta: Optional[Mapping[str, Any]] = None, **params) -> ChatRequest:
+    def request(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        template: str = "",
+        meta: Optional[Mapping[str, Any]] = None,
+        **params,
+    ) -> ChatRequest:
         return ChatRequest.make(self.model, messages, template=template, meta=meta, **params)
 
     def _backoff(self, attempt: int) -> float:
-        d = min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt))
+        d = min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
         return d / 2 + random.uniform(0, d / 2)
 
     def _price(self, model: str):
@@ -346,23 +367,26 @@ class FeedbackClient:
             # built: the typed `chat.completions.create` re-validates every param through
             # pydantic, which costs more CPU per request than the HTTP exchange itself, and
             # would reject fields a non-OpenAI server accepts.
-            raw = await self._client().post("/chat/completions", cast_to=_httpx().Response, body=req.body(),
-                                            options={"timeout": self.timeout_s})
+            raw = await self._client().post(
+                "/chat/completions", cast_to=_httpx().Response, body=req.body(), options={"timeout": self.timeout_s}
+            )
         except openai.APIConnectionError as e:  # includes APITimeoutError
             kind, root = _transport_failure(e)
             msg = f"no response within {self.timeout_s}s" if kind == "timeout" else f"{type(root).__name__}: {root}"
-            raise _Failure(kind, msg, retryable=True)
+            raise _Failure(kind, msg, retryable=True) from e
         except openai.APIStatusError as e:
             s = e.status_code
             retryable = s in RETRYABLE_STATUS or s >= 500
             kind = "rate_limited" if s == 429 else "server_error" if s >= 500 else f"http_{s}"
             msg = f"HTTP {s}: {_error_text(e)}"
-            raise _Failure(kind, msg, s, retryable, parse_retry_after(e.response.headers))
+            raise _Failure(kind, msg, s, retryable, parse_retry_after(e.response.headers)) from e
         data = await raw.aread()
         try:
             parsed = parse_completion(json.loads(data))
         except ValueError as e:  # JSONDecodeError is a ValueError
-            raise _Failure("malformed_response", f"{e}; body starts {data[:200]!r}", raw.status_code, retryable=True)
+            raise _Failure(
+                "malformed_response", f"{e}; body starts {data[:200]!r}", raw.status_code, retryable=True
+            ) from e
         return parsed
 
     async def complete(self, req: ChatRequest, limiter: Optional[RateLimiter] = None) -> tuple[dict, bool]:
@@ -503,9 +527,11 @@ class FeedbackClient:
                 return
             except OSError as e:
                 errors.append(f"{path}: {e.strerror or e}")
-        raise StorageError(f"cannot record batch {rec['batch_id']} ({'; '.join(errors)}); it was submitted and "
-                           f"will be billed: free space, then append this line to {self._batch_state_path()} "
-                           f"before rerunning: {data.decode().strip()}")
+        raise StorageError(
+            f"cannot record batch {rec['batch_id']} ({'; '.join(errors)}); it was submitted and "
+            f"will be billed: free space, then append this line to {self._batch_state_path()} "
+            f"before rerunning: {data.decode().strip()}"
+        )
 
     async def run_batch_async(
         self,
@@ -531,9 +557,7 @@ class FeedbackClient:
                 results[k] = hit
                 summary.add_result(hit, True)
         state = self._read_batch_state()
-        in_flight = {
-            bid: s for bid, s in state.items() if not s.get("collected")
-        }
+        in_flight = {bid: s for bid, s in state.items() if not s.get("collected")}
         covered = {k for s in in_flight.values() for k in s["keys"]}
         todo = [r for k, r in unique.items() if k not in results and k not in covered]
         oai = self._client()
@@ -542,8 +566,15 @@ class FeedbackClient:
                 if self.cache.failed:
                     break  # collected answers cannot be saved: submit (and pay for) no more
                 f = await oai.files.create(file=("requests.jsonl", data), purpose="batch")
-                b = await oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-                rec = {"batch_id": b.id, "input_file_id": f.id, "keys": [r.key for r in chunk], "submitted_unix": time.time()}
+                b = await oai.batches.create(
+                    input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
+                rec = {
+                    "batch_id": b.id,
+                    "input_file_id": f.id,
+                    "keys": [r.key for r in chunk],
+                    "submitted_unix": time.time(),
+                }
                 self._append_batch_state(rec)
                 in_flight[b.id] = rec
                 log.info("%s: submitted batch %s with %d requests", desc, b.id, len(chunk))
@@ -581,7 +612,9 @@ class FeedbackClient:
                         results[k] = hit
                         summary.add_result(hit, True)
                         continue
-                    rec = self._error_record(r, _Failure("batch_missing", "no result for this request in any batch"), 1, "batch")
+                    rec = self._error_record(
+                        r, _Failure("batch_missing", "no result for this request in any batch"), 1, "batch"
+                    )
                     self.cache.put(rec)
                     results[k] = rec
                     summary.add_result(rec, False)
@@ -630,7 +663,10 @@ class FeedbackClient:
         for key, req in by_key.items():
             if key not in out and self.cache.get(key) is None:
                 rec = self._error_record(
-                    req, _Failure(f"batch_{b.status}", f"batch {b.id} ended '{b.status}' without a result for it"), 1, "batch"
+                    req,
+                    _Failure(f"batch_{b.status}", f"batch {b.id} ended '{b.status}' without a result for it"),
+                    1,
+                    "batch",
                 )
                 self.cache.put(rec)
                 out[key] = rec
@@ -654,8 +690,13 @@ def _batch_files(reqs: Sequence[ChatRequest], max_requests: int, max_bytes: int)
     200 MB)."""
     chunk, buf = [], io.BytesIO()
     for r in reqs:
-        line = json.dumps({"custom_id": r.key, "method": "POST", "url": "/v1/chat/completions", "body": r.body()},
-                          ensure_ascii=False).encode("utf-8") + b"\n"
+        line = (
+            json.dumps(
+                {"custom_id": r.key, "method": "POST", "url": "/v1/chat/completions", "body": r.body()},
+                ensure_ascii=False,
+            ).encode("utf-8")
+            + b"\n"
+        )
         if chunk and (len(chunk) >= max_requests or buf.tell() + len(line) > max_bytes):
             yield chunk, buf.getvalue()
             chunk, buf = [], io.BytesIO()
@@ -670,7 +711,7 @@ def _httpx():
     newer releases)."""
     from openai import _base_client
 
-    return getattr(_base_client, "httpx2", None) or getattr(_base_client, "httpx")
+    return getattr(_base_client, "httpx2", None) or _base_client.httpx
 
 
 def _transport_failure(e: BaseException) -> tuple[str, BaseException]:

@@ -83,8 +83,14 @@ def load_template(name_or_path: str) -> JudgeTemplate:
     if "user" not in sections or "name" not in header or "version" not in header:
         raise ValueError(f"{path}: needs '# name:' and '# version:' headers and a '=== user' section")
     body = {k: "\n".join(v).strip("\n") for k, v in sections.items()}
-    return JudgeTemplate(header["name"], int(header["version"]), body.get("system", ""), body["user"],
-                         hashlib.sha256(raw).hexdigest(), os.path.abspath(path))
+    return JudgeTemplate(
+        header["name"],
+        int(header["version"]),
+        body.get("system", ""),
+        body["user"],
+        hashlib.sha256(raw).hexdigest(),
+        os.path.abspath(path),
+    )
 
 
 # -- order ---------------------------------------------------------------------------------
@@ -228,14 +234,26 @@ def read_presentation(result: Mapping[str, Any], swapped: bool) -> dict:
     (probability that response_1 wins, from logprobs), or the API error."""
     if result["status"] != "ok":
         err = result["error"]
-        return {"swapped": int(swapped), "presented": "invalid", "verdict": "invalid", "raw": "",
-                "p_1": None, "error": f"{err['kind']}: {err['message']}"[:500]}
+        return {
+            "swapped": int(swapped),
+            "presented": "invalid",
+            "verdict": "invalid",
+            "raw": "",
+            "p_1": None,
+            "error": f"{err['kind']}: {err['message']}"[:500],
+        }
     text, lps = answer_of(result)
     presented = parse_pairwise(text)
     p_first = label_probability(lps)
     p_1 = None if p_first is None else (1.0 - p_first if swapped else p_first)
-    return {"swapped": int(swapped), "presented": presented, "verdict": unswap(presented, swapped),
-            "raw": text or "", "p_1": p_1, "error": None}
+    return {
+        "swapped": int(swapped),
+        "presented": presented,
+        "verdict": unswap(presented, swapped),
+        "raw": text or "",
+        "p_1": p_1,
+        "error": None,
+    }
 
 
 def combine_orders(views: Sequence[Mapping[str, Any]], on_disagreement: str = "tie") -> dict:
@@ -257,18 +275,26 @@ def combine_orders(views: Sequence[Mapping[str, Any]], on_disagreement: str = "t
     return {"verdict": verdict, "orders_agree": agree, "p_1": p_1}
 
 
-def comparison_from_views(task: PairTask, judge: str, views: Sequence[Mapping[str, Any]],
-                          on_disagreement: str = "tie", mode: str = "pairwise") -> dict:
+def comparison_from_views(
+    task: PairTask, judge: str, views: Sequence[Mapping[str, Any]], on_disagreement: str = "tie", mode: str = "pairwise"
+) -> dict:
     merged = combine_orders(views, on_disagreement)
     first = views[0]
     errors = [v["error"] for v in views if v.get("error")]
     return {
-        "prompt_id": task.prompt_id, "prompt": task.prompt,
-        "response_1": task.response_1, "response_2": task.response_2,
-        "model_1": task.model_1, "model_2": task.model_2,
-        "judge": judge, "mode": mode,
-        "verdict": merged["verdict"], "orders_agree": merged["orders_agree"], "p_1": merged["p_1"],
-        "raw_judge_text": first["raw"], "swapped": first["swapped"],
+        "prompt_id": task.prompt_id,
+        "prompt": task.prompt,
+        "response_1": task.response_1,
+        "response_2": task.response_2,
+        "model_1": task.model_1,
+        "model_2": task.model_2,
+        "judge": judge,
+        "mode": mode,
+        "verdict": merged["verdict"],
+        "orders_agree": merged["orders_agree"],
+        "p_1": merged["p_1"],
+        "raw_judge_text": first["raw"],
+        "swapped": first["swapped"],
         "views": [dict(v) for v in views],
         "error": "; ".join(errors) if errors and merged["verdict"] == "invalid" else None,
     }
@@ -277,11 +303,22 @@ def comparison_from_views(task: PairTask, judge: str, views: Sequence[Mapping[st
 def identical_comparison(task: PairTask, judge: str, mode: str = "pairwise") -> dict:
     """Identical responses: a tie by definition, and no money spent asking."""
     return {
-        "prompt_id": task.prompt_id, "prompt": task.prompt,
-        "response_1": task.response_1, "response_2": task.response_2,
-        "model_1": task.model_1, "model_2": task.model_2, "judge": judge, "mode": mode,
-        "verdict": "tie", "orders_agree": None, "p_1": 0.5, "raw_judge_text": "", "swapped": 0,
-        "views": [], "error": None, "identical": True,
+        "prompt_id": task.prompt_id,
+        "prompt": task.prompt,
+        "response_1": task.response_1,
+        "response_2": task.response_2,
+        "model_1": task.model_1,
+        "model_2": task.model_2,
+        "judge": judge,
+        "mode": mode,
+        "verdict": "tie",
+        "orders_agree": None,
+        "p_1": 0.5,
+        "raw_judge_text": "",
+        "swapped": 0,
+        "views": [],
+        "error": None,
+        "identical": True,
     }
 
 
@@ -307,11 +344,21 @@ def comparison_from_ratings(task: PairTask, judge: str, r1: Mapping[str, Any], r
         p_1 = 1.0 / (1.0 + math.exp(-(r1["expected"] - r2["expected"])))
     errors = [r["error"] for r in (r1, r2) if r.get("error")]
     return {
-        "prompt_id": task.prompt_id, "prompt": task.prompt,
-        "response_1": task.response_1, "response_2": task.response_2,
-        "model_1": task.model_1, "model_2": task.model_2, "judge": judge, "mode": "rating",
-        "verdict": verdict, "orders_agree": None, "p_1": p_1,
-        "raw_judge_text": f"response_1: {r1['raw']}\nresponse_2: {r2['raw']}", "swapped": 0,
-        "ratings": [a, b], "expected_ratings": [r1.get("expected"), r2.get("expected")],
-        "views": [], "error": "; ".join(errors) or None,
+        "prompt_id": task.prompt_id,
+        "prompt": task.prompt,
+        "response_1": task.response_1,
+        "response_2": task.response_2,
+        "model_1": task.model_1,
+        "model_2": task.model_2,
+        "judge": judge,
+        "mode": "rating",
+        "verdict": verdict,
+        "orders_agree": None,
+        "p_1": p_1,
+        "raw_judge_text": f"response_1: {r1['raw']}\nresponse_2: {r2['raw']}",
+        "swapped": 0,
+        "ratings": [a, b],
+        "expected_ratings": [r1.get("expected"), r2.get("expected")],
+        "views": [],
+        "error": "; ".join(errors) or None,
     }

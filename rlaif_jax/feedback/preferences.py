@@ -62,8 +62,11 @@ def critic_report(comparisons: Sequence[Mapping[str, Any]]) -> dict:
     agreement = {}
     keyed = {j: {pair_key(c): c["verdict"] for c in cs} for j, cs in by_judge.items()}
     for a, b in itertools.combinations(sorted(keyed), 2):
-        common = [k for k in keyed[a] if k in keyed[b]
-                  and keyed[a][k] in ("first", "second") and keyed[b][k] in ("first", "second")]
+        common = [
+            k
+            for k in keyed[a]
+            if k in keyed[b] and keyed[a][k] in ("first", "second") and keyed[b][k] in ("first", "second")
+        ]
         same = sum(keyed[a][k] == keyed[b][k] for k in common)
         agreement[f"{a} vs {b}"] = {"pairs_both_decided": len(common), "agreement": _rate(same, len(common))}
     return {"judges": judges, "critic_agreement": agreement}
@@ -130,14 +133,21 @@ def build_preference_pairs(
         first = v == "first"
         chosen, rejected = (c["response_1"], c["response_2"]) if first else (c["response_2"], c["response_1"])
         src = (c.get("model_1"), c.get("model_2")) if first else (c.get("model_2"), c.get("model_1"))
-        pairs.append({
-            "prompt_id": c["prompt_id"], "prompt": c["prompt"], "chosen": chosen, "rejected": rejected,
-            "provenance": f"judge={who};chosen={src[0] or '?'};rejected={src[1] or '?'}",
-        })
-    report.update({
-        "input_comparisons": len(comparisons),
-        "pairs": len(pairs),
-        "dropped": dict(sorted(dropped.items())),
-        "selected_judge": judge if not require_agreement else "agreement:" + "+".join(judges),
-    })
+        pairs.append(
+            {
+                "prompt_id": c["prompt_id"],
+                "prompt": c["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "provenance": f"judge={who};chosen={src[0] or '?'};rejected={src[1] or '?'}",
+            }
+        )
+    report.update(
+        {
+            "input_comparisons": len(comparisons),
+            "pairs": len(pairs),
+            "dropped": dict(sorted(dropped.items())),
+            "selected_judge": judge if not require_agreement else "agreement:" + "+".join(judges),
+        }
+    )
     return pairs, report

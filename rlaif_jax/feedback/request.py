@@ -10,9 +10,20 @@ from typing import Any, Mapping, Optional, Sequence
 # Sampling parameters that change what the API returns, so they are part of the key.
 # Anything else a caller passes goes into the key too (canonical JSON of all of them).
 KNOWN_PARAMS = (
-    "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop", "seed",
-    "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-    "response_format", "reasoning_effort",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "stop",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "reasoning_effort",
 )
 KEY_VERSION = 1
 

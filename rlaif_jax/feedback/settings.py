@@ -112,8 +112,10 @@ class SamplingSettings:
         for field in ("max_length", "max_prompt_length", "batch_size"):
             whole(at(field), getattr(self, field), 1)
         if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"{at('max_prompt_length')} = {self.max_prompt_length} leaves no room to sample "
-                              f"within max_length = {self.max_length}; set it below max_length")
+            raise ConfigError(
+                f"{at('max_prompt_length')} = {self.max_prompt_length} leaves no room to sample "
+                f"within max_length = {self.max_length}; set it below max_length"
+            )
 
     def provenance(self) -> dict:
         """The settings as the records' provenance and the eval fingerprint write them."""

@@ -26,17 +26,25 @@ from typing import Any, Mapping, Optional, Sequence
 
 import gin
 
+from rlaif_jax import fileio as fio
 from rlaif_jax.data.ids import prompt_id as make_prompt_id
 from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_records, write_records
 from rlaif_jax.data.records.schemas import normalize_finish_reason
+from rlaif_jax.errors import (
+    ConfigError,
+    UserError,
+    binding,
+    existing_dir,
+    existing_path,
+    in_range,
+    non_negative,
+    positive,
+    whole,
+)
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.preferences import build_preference_pairs
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
-from rlaif_jax import fileio as fio
-from rlaif_jax.errors import (
-    ConfigError, UserError, binding, existing_dir, existing_path, in_range, non_negative, positive, whole,
-)
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 from rlaif_jax.outputs import check_replace, writer_lock
 
@@ -54,8 +62,10 @@ def _is_records_dir(path: str) -> bool:
 def _neither(path: str, setting: Optional[str], what: str) -> UserError:
     where = f"{setting} = {path!r}" if setting else path
     if fio.isdir(path):
-        return UserError(f"{where}: a directory without manifest.json (the stage writing it has not finished); "
-                         f"give a complete record set or a JSONL file of {what}")
+        return UserError(
+            f"{where}: a directory without manifest.json (the stage writing it has not finished); "
+            f"give a complete record set or a JSONL file of {what}"
+        )
     return UserError(f"{where}: no such record directory or JSONL file of {what}")
 
 
@@ -69,8 +79,9 @@ def load_prompts(path: str, split: Optional[str] = None, setting: Optional[str] 
         rows = []
         for line, r in fio.iter_jsonl(path):
             if not isinstance(r, dict):
-                raise UserError(f"{path}: line {line} is a JSON {fio.json_kind(r)}, expected an object with a "
-                                "'prompt' string")
+                raise UserError(
+                    f"{path}: line {line} is a JSON {fio.json_kind(r)}, expected an object with a 'prompt' string"
+                )
             if not isinstance(r.get("prompt"), str):
                 raise UserError(f"{path}: line {line} has no string 'prompt'")
             r.setdefault("prompt_id", make_prompt_id(r["prompt"]))
@@ -78,15 +89,18 @@ def load_prompts(path: str, split: Optional[str] = None, setting: Optional[str] 
     else:
         raise _neither(path, setting, "prompts")
     if setting and not rows:
-        raise UserError(f"{setting} = {path!r}: holds no prompts; give a non-empty prompt file "
-                        "(nothing was sent or written)")
+        raise UserError(
+            f"{setting} = {path!r}: holds no prompts; give a non-empty prompt file (nothing was sent or written)"
+        )
     if split is not None:
         n = len(rows)
         rows = [r for r in rows if r.get("split") == split]
         if setting and not rows:
             stage = setting.split(".")[0]
-            raise UserError(f"{setting} = {path!r}: none of its {n} prompts is in split {split!r}; set "
-                            f"{stage}.split to the split they are in, or None for all (nothing was sent or written)")
+            raise UserError(
+                f"{setting} = {path!r}: none of its {n} prompts is in split {split!r}; set "
+                f"{stage}.split to the split they are in, or None for all (nothing was sent or written)"
+            )
     return rows
 
 
@@ -157,8 +171,15 @@ def teacher_stage(
     existing_path(binding("teacher_stage.prompts"), prompts, "prompt file or record directory")
     non_negative(binding("teacher_stage.temperature"), temperature)
     in_range(binding("teacher_stage.top_p"), top_p, 0.0, 1.0, lo_open=True)
-    _counts("teacher_stage", n=n, max_tokens=max_tokens, limit=limit, num_shards=num_shards,
-            max_prompt_words=max_prompt_words, max_prompt_chars=max_prompt_chars)
+    _counts(
+        "teacher_stage",
+        n=n,
+        max_tokens=max_tokens,
+        limit=limit,
+        num_shards=num_shards,
+        max_prompt_words=max_prompt_words,
+        max_prompt_chars=max_prompt_chars,
+    )
     positive(binding("teacher_stage.poll_interval_s"), poll_interval_s)
     with writer_lock(out_dir, "teacher_stage.out_dir"):
         fio.makedirs(out_dir)
@@ -166,9 +187,11 @@ def teacher_stage(
         skipped_long = [r for r in rows if _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
         rows = [r for r in rows if not _too_long(r["prompt"], max_prompt_words, max_prompt_chars)]
         if not rows:
-            raise UserError(f"teacher_stage.prompts = {prompts!r}: all {len(skipped_long)} prompts are at least "
-                            "teacher_stage.max_prompt_words words or max_prompt_chars characters long; raise those "
-                            "limits (nothing was sent or written)")
+            raise UserError(
+                f"teacher_stage.prompts = {prompts!r}: all {len(skipped_long)} prompts are at least "
+                "teacher_stage.max_prompt_words words or max_prompt_chars characters long; raise those "
+                "limits (nothing was sent or written)"
+            )
         # At most n demonstrations per prompt: a set this run could only shrink is refused
         # before a single request is paid for.
         check_replace(out_dir, len(rows) * n, "teacher_stage.overwrite", overwrite)
@@ -177,9 +200,13 @@ def teacher_stage(
         reqs = []
         for r in rows:
             msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-                {"role": "user", "content": r["prompt"]}]
-            reqs.append(client.request(msgs, template=template, meta={"prompt_id": r["prompt_id"], "stage": "teacher"},
-                                       **sampling))
+                {"role": "user", "content": r["prompt"]}
+            ]
+            reqs.append(
+                client.request(
+                    msgs, template=template, meta={"prompt_id": r["prompt_id"], "stage": "teacher"}, **sampling
+                )
+            )
         results = _run(client, reqs, f"teacher {client.model}", batch_api, poll_interval_s)
         demos, errors = [], []
         dropped = {}
@@ -195,24 +222,49 @@ def teacher_stage(
                 if keep_finish_reasons is not None and fr not in keep_finish_reasons:
                     dropped[f"finish_reason={fr}"] = dropped.get(f"finish_reason={fr}", 0) + 1
                     continue
-                demos.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": ch["content"],
-                              "source_model": client.model, "finish_reason": fr})
+                demos.append(
+                    {
+                        "prompt_id": r["prompt_id"],
+                        "prompt": r["prompt"],
+                        "completion": ch["content"],
+                        "source_model": client.model,
+                        "finish_reason": fr,
+                    }
+                )
         # The answers are in the API cache: a refusal here costs a rerun with overwrite, not money.
         check_replace(out_dir, len(demos), "teacher_stage.overwrite", overwrite)
         write_jsonl(fio.join(out_dir, "errors.jsonl"), errors)
         report = {
-            "prompts": len(rows) + len(skipped_long), "skipped_too_long": len(skipped_long), "requested": len(rows),
-            "request_errors": len(errors), "demonstrations": len(demos), "dropped": dropped,
+            "prompts": len(rows) + len(skipped_long),
+            "skipped_too_long": len(skipped_long),
+            "requested": len(rows),
+            "request_errors": len(errors),
+            "demonstrations": len(demos),
+            "dropped": dropped,
             "api": client.summary.as_dict(),
         }
         write_json(fio.join(out_dir, "report.json"), report)
-        manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
-            "stage": "teacher", "stage_version": STAGE_VERSION, "client": client.describe(),
-            "system_prompt": system_prompt, "template": template, "sampling": sampling,
-            "keep_finish_reasons": list(keep_finish_reasons) if keep_finish_reasons is not None else None,
-            "mode": "batch" if batch_api else "online", "prompts_source": fio.abspath(prompts), "split": split,
-            "report": report,
-        }, overwrite=overwrite, overwrite_binding="teacher_stage.overwrite")
+        manifest = write_records(
+            out_dir,
+            DEMONSTRATIONS,
+            demos,
+            num_shards=num_shards,
+            provenance={
+                "stage": "teacher",
+                "stage_version": STAGE_VERSION,
+                "client": client.describe(),
+                "system_prompt": system_prompt,
+                "template": template,
+                "sampling": sampling,
+                "keep_finish_reasons": list(keep_finish_reasons) if keep_finish_reasons is not None else None,
+                "mode": "batch" if batch_api else "online",
+                "prompts_source": fio.abspath(prompts),
+                "split": split,
+                "report": report,
+            },
+            overwrite=overwrite,
+            overwrite_binding="teacher_stage.overwrite",
+        )
         save_operative_config(out_dir)
         log.info("teacher: %d demonstrations, %d request errors -> %s", len(demos), len(errors), out_dir)
         return manifest
@@ -224,6 +276,7 @@ def teacher_stage(
 def pair_tasks(first: Sequence[Mapping], second: Sequence[Mapping]) -> tuple[list[J.PairTask], dict]:
     """Joins two demonstration sets on prompt_id (first completion per prompt on each side),
     in the order of `first`."""
+
     def index(rows):
         out = {}
         for r in rows:
@@ -232,15 +285,23 @@ def pair_tasks(first: Sequence[Mapping], second: Sequence[Mapping]) -> tuple[lis
 
     a, b = index(first), index(second)
     tasks = [
-        J.PairTask(pid, ra["prompt"], ra["completion"], b[pid]["completion"],
-                   ra.get("source_model", ""), b[pid].get("source_model", ""))
-        for pid, ra in a.items() if pid in b
+        J.PairTask(
+            pid,
+            ra["prompt"],
+            ra["completion"],
+            b[pid]["completion"],
+            ra.get("source_model", ""),
+            b[pid].get("source_model", ""),
+        )
+        for pid, ra in a.items()
+        if pid in b
     ]
     return tasks, {"only_in_first": len(set(a) - set(b)), "only_in_second": len(set(b) - set(a)), "paired": len(tasks)}
 
 
-def truncate_to_budget(tasks: Sequence[J.PairTask], tokenizer: Any, max_length: int,
-                      template: str = "paper") -> tuple[list[J.PairTask], int]:
+def truncate_to_budget(
+    tasks: Sequence[J.PairTask], tokenizer: Any, max_length: int, template: str = "paper"
+) -> tuple[list[J.PairTask], int]:
     """Cuts each response so that BOS + templated prompt + response fits max_length tokens:
     the paper judges the teacher's completion truncated to the policy sample's budget, so
     the critic cannot prefer it merely for going on longer. Returns (tasks, responses cut)."""
@@ -295,8 +356,11 @@ def judge_pairs(
             out.append(J.identical_comparison(t, judge_name, judge.mode))
         elif kind == "pairwise":
             views = [J.read_presentation(results[i], sw) for i, sw in idx]
-            out.append(J.comparison_from_views(t, judge_name, views, judge.on_disagreement,
-                                               "both_orders" if judge.both_orders else "pairwise"))
+            out.append(
+                J.comparison_from_views(
+                    t, judge_name, views, judge.on_disagreement, "both_orders" if judge.both_orders else "pairwise"
+                )
+            )
         else:
             r1, r2 = (J.read_rating(results[i]) for i, _ in idx)
             out.append(J.comparison_from_ratings(t, judge_name, r1, r2))
@@ -334,22 +398,29 @@ def judge_requests(
             idx = []
             for sw in orders:
                 idx.append((len(reqs), sw))
-                reqs.append(client.request(J.pairwise_messages(template, t, sw), template=template.id, meta=meta, **params))
+                reqs.append(
+                    client.request(J.pairwise_messages(template, t, sw), template=template.id, meta=meta, **params)
+                )
             plan.append(("pairwise", t, idx))
         else:
             idx = []
             for resp in (t.response_1, t.response_2):
                 idx.append((len(reqs), False))
-                reqs.append(client.request(J.rating_messages(template, t.prompt, resp), template=template.id, meta=meta, **params))
+                reqs.append(
+                    client.request(
+                        J.rating_messages(template, t.prompt, resp), template=template.id, meta=meta, **params
+                    )
+                )
             plan.append(("rating", t, idx))
     return plan, reqs
 
 
 def comparison_record(c: Mapping[str, Any]) -> dict:
     """The COMPARISONS-schema subset of a comparison dict."""
-    return {k: c[k] for k in ("prompt_id", "prompt", "response_1", "response_2", "judge", "verdict",
-                              "raw_judge_text", "swapped")} | {
-        "model_1": c.get("model_1") or None, "model_2": c.get("model_2") or None}
+    return {
+        k: c[k]
+        for k in ("prompt_id", "prompt", "response_1", "response_2", "judge", "verdict", "raw_judge_text", "swapped")
+    } | {"model_1": c.get("model_1") or None, "model_2": c.get("model_2") or None}
 
 
 @gin.configurable
@@ -392,34 +463,60 @@ def critic_stage(
         second = load_demonstrations(responses_2, binding("critic_stage.responses_2"))
         tasks, join = pair_tasks(first, second)
         if not tasks:
-            raise UserError(f"critic_stage.responses_1 = {responses_1!r} ({len(first)} responses) and "
-                            f"critic_stage.responses_2 = {responses_2!r} ({len(second)}) share no prompt_id; give "
-                            "two sets answering the same prompts (nothing was sent or written)")
+            raise UserError(
+                f"critic_stage.responses_1 = {responses_1!r} ({len(first)} responses) and "
+                f"critic_stage.responses_2 = {responses_2!r} ({len(second)}) share no prompt_id; give "
+                "two sets answering the same prompts (nothing was sent or written)"
+            )
         tasks = tasks[:limit]
         # One comparison per pair: a set this run could only shrink is refused before paying.
         check_replace(out_dir, len(tasks), "critic_stage.overwrite", overwrite)
         if truncate_tokenizer:
-            tasks, join["responses_truncated"] = truncate_to_budget(tasks, truncate_tokenizer, truncate_max_length,
-                                                                    truncate_template)
+            tasks, join["responses_truncated"] = truncate_to_budget(
+                tasks, truncate_tokenizer, truncate_max_length, truncate_template
+            )
         comps = judge_pairs(client, tasks, judge, tmpl)
         write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
-        write_jsonl(fio.join(out_dir, "errors.jsonl"),
-                    [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")])
+        write_jsonl(
+            fio.join(out_dir, "errors.jsonl"),
+            [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")],
+        )
         _, prefs_report = build_preference_pairs(comps)
         report = {"join": join, "api": client.summary.as_dict(), **prefs_report}
         write_json(fio.join(out_dir, "report.json"), report)
-        manifest = write_records(out_dir, COMPARISONS, [comparison_record(c) for c in comps], num_shards=num_shards,
-                                 provenance={
-            "stage": "critic", "stage_version": STAGE_VERSION, "client": client.describe(),
-            "template": tmpl.id, "template_sha256": tmpl.sha256, "mode": judge.mode, "both_orders": judge.both_orders,
-            "seed": judge.seed, "logprobs": judge.logprobs, "temperature": judge.temperature,
-            "max_tokens": judge.max_tokens, "on_disagreement": judge.on_disagreement,
-            "responses_1": fio.abspath(responses_1), "responses_2": fio.abspath(responses_2),
-            "api_mode": "batch" if judge.batch_api else "online",
-            "truncate": {"tokenizer": fio.abspath(truncate_tokenizer), "max_length": truncate_max_length,
-                         "template": truncate_template} if truncate_tokenizer else None,
-            "report": report,
-        }, overwrite=overwrite, overwrite_binding="critic_stage.overwrite")
+        manifest = write_records(
+            out_dir,
+            COMPARISONS,
+            [comparison_record(c) for c in comps],
+            num_shards=num_shards,
+            provenance={
+                "stage": "critic",
+                "stage_version": STAGE_VERSION,
+                "client": client.describe(),
+                "template": tmpl.id,
+                "template_sha256": tmpl.sha256,
+                "mode": judge.mode,
+                "both_orders": judge.both_orders,
+                "seed": judge.seed,
+                "logprobs": judge.logprobs,
+                "temperature": judge.temperature,
+                "max_tokens": judge.max_tokens,
+                "on_disagreement": judge.on_disagreement,
+                "responses_1": fio.abspath(responses_1),
+                "responses_2": fio.abspath(responses_2),
+                "api_mode": "batch" if judge.batch_api else "online",
+                "truncate": {
+                    "tokenizer": fio.abspath(truncate_tokenizer),
+                    "max_length": truncate_max_length,
+                    "template": truncate_template,
+                }
+                if truncate_tokenizer
+                else None,
+                "report": report,
+            },
+            overwrite=overwrite,
+            overwrite_binding="critic_stage.overwrite",
+        )
         save_operative_config(out_dir)
         return manifest
 
@@ -452,17 +549,32 @@ def preferences_stage(
         fio.makedirs(out_dir)
         comps = [c for path in comparisons for c in load_comparisons(path)]
         if not comps:
-            raise UserError(f"preferences_stage.comparisons = {list(comparisons)!r}: hold no comparisons; give the "
-                            "output of a finished critic stage (nothing was written)")
-        pairs, report = build_preference_pairs(comps, judge=judge, require_agreement=require_agreement,
-                                               min_confidence=min_confidence)
+            raise UserError(
+                f"preferences_stage.comparisons = {list(comparisons)!r}: hold no comparisons; give the "
+                "output of a finished critic stage (nothing was written)"
+            )
+        pairs, report = build_preference_pairs(
+            comps, judge=judge, require_agreement=require_agreement, min_confidence=min_confidence
+        )
         check_replace(out_dir, len(pairs), "preferences_stage.overwrite", overwrite)
         write_json(fio.join(out_dir, "report.json"), report)
-        manifest = write_records(out_dir, PREFERENCES, pairs, num_shards=num_shards, provenance={
-            "stage": "preferences", "stage_version": STAGE_VERSION,
-            "comparisons": [fio.abspath(p) for p in comparisons], "judge": judge,
-            "require_agreement": require_agreement, "min_confidence": min_confidence, "report": report,
-        }, overwrite=overwrite, overwrite_binding="preferences_stage.overwrite")
+        manifest = write_records(
+            out_dir,
+            PREFERENCES,
+            pairs,
+            num_shards=num_shards,
+            provenance={
+                "stage": "preferences",
+                "stage_version": STAGE_VERSION,
+                "comparisons": [fio.abspath(p) for p in comparisons],
+                "judge": judge,
+                "require_agreement": require_agreement,
+                "min_confidence": min_confidence,
+                "report": report,
+            },
+            overwrite=overwrite,
+            overwrite_binding="preferences_stage.overwrite",
+        )
         save_operative_config(out_dir)
         return manifest
 
@@ -504,8 +616,9 @@ def policy_samples_stage(
     from rlaif_jax.feedback.server.model_backend import LocalModel
 
     sampling = sampling if sampling is not None else SamplingSettings()
-    existing_dir(binding("policy_samples_stage.hf_dir"), hf_dir, "checkpoint directory (HF format)",
-                 must_contain="config.json")
+    existing_dir(
+        binding("policy_samples_stage.hf_dir"), hf_dir, "checkpoint directory (HF format)", must_contain="config.json"
+    )
     existing_path(binding("policy_samples_stage.prompts"), prompts, "prompt file or record directory")
     _counts("policy_samples_stage", limit=limit, num_shards=num_shards, length_bucket=length_bucket)
     if part is not None and not (len(part) == 2 and 0 <= part[0] < part[1]):
@@ -518,30 +631,62 @@ def policy_samples_stage(
             rows = rows[i::n]
         # One sample per prompt: refused before any compute when it could only shrink a set.
         check_replace(out_dir, len(rows), "policy_samples_stage.overwrite", overwrite)
-        lm = LocalModel(hf_dir, template=sampling.template, max_prompt_length=sampling.max_prompt_length,
-                        max_length=sampling.max_length, dtype=dtype, mesh_shape=mesh_shape)
+        lm = LocalModel(
+            hf_dir,
+            template=sampling.template,
+            max_prompt_length=sampling.max_prompt_length,
+            max_length=sampling.max_length,
+            dtype=dtype,
+            mesh_shape=mesh_shape,
+        )
         name = source_model or os.path.basename(os.path.normpath(hf_dir))
         done, save = _sample_progress(out_dir)
         from tqdm.auto import tqdm
 
-        batches = [rows[i:i + sampling.batch_size] for i in range(0, len(rows), sampling.batch_size)]
+        batches = [rows[i : i + sampling.batch_size] for i in range(0, len(rows), sampling.batch_size)]
         with contextlib.closing(save):
             for bi, batch in enumerate(tqdm(batches, desc=f"sampling {name}", unit="batch")):
                 if bi in done:
                     continue
-                outs = lm.sample([r["prompt"] for r in batch], temperature=sampling.temperature, top_p=sampling.top_p,
-                                 top_k=sampling.top_k, seed=sampling.seed * 1_000_003 + bi, length_bucket=length_bucket)
-                samples = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "completion": o.text,
-                            "source_model": name, "finish_reason": o.finish_reason} for r, o in zip(batch, outs)]
+                outs = lm.sample(
+                    [r["prompt"] for r in batch],
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    seed=sampling.seed * 1_000_003 + bi,
+                    length_bucket=length_bucket,
+                )
+                samples = [
+                    {
+                        "prompt_id": r["prompt_id"],
+                        "prompt": r["prompt"],
+                        "completion": o.text,
+                        "source_model": name,
+                        "finish_reason": o.finish_reason,
+                    }
+                    for r, o in zip(batch, outs)
+                ]
                 save(bi, samples)
                 done[bi] = samples
         demos = [s for bi in range(len(batches)) for s in done[bi]]
         counts = {fr: sum(d["finish_reason"] == fr for d in demos) for fr in ("stop", "length")}
-        manifest = write_records(out_dir, DEMONSTRATIONS, demos, num_shards=num_shards, provenance={
-            "stage": "policy_samples", "stage_version": STAGE_VERSION, "hf_dir": fio.abspath(hf_dir),
-            "source_model": name, **sampling.provenance(), "finish_reasons": counts,
-            "part": list(part) if part is not None else None,
-        }, overwrite=overwrite, overwrite_binding="policy_samples_stage.overwrite")
+        manifest = write_records(
+            out_dir,
+            DEMONSTRATIONS,
+            demos,
+            num_shards=num_shards,
+            provenance={
+                "stage": "policy_samples",
+                "stage_version": STAGE_VERSION,
+                "hf_dir": fio.abspath(hf_dir),
+                "source_model": name,
+                **sampling.provenance(),
+                "finish_reasons": counts,
+                "part": list(part) if part is not None else None,
+            },
+            overwrite=overwrite,
+            overwrite_binding="policy_samples_stage.overwrite",
+        )
         save_operative_config(out_dir)
         return manifest
 

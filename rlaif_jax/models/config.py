@@ -102,21 +102,15 @@ class DecoderConfig:
     def __post_init__(self):
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(
-                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-                )
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
-            )
+            raise ValueError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
         if self.remat_policy not in ("none", "full", "dots"):
             raise ValueError(f"remat_policy must be none|full|dots, got {self.remat_policy!r}")
         resolve_dtype(self.dtype)
@@ -216,9 +210,7 @@ class DecoderConfig:
         d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {model_type!r} is not supported yet; supported: {SUPPORTED_MODEL_TYPES}"
-            )
+            raise ValueError(f"model_type {model_type!r} is not supported yet; supported: {SUPPORTED_MODEL_TYPES}")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported (only silu)")
         # transformers >= 5 folds theta and scaling into rope_parameters; older configs keep
@@ -324,9 +316,7 @@ class DecoderConfig:
         else:
             if self.sliding_window:
                 raise ValueError("sliding_window needs model_type='mistral' to export to HF")
-            cfg = transformers.LlamaConfig(
-                attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, **kw
-            )
+            cfg = transformers.LlamaConfig(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, **kw)
             cfg.architectures = ["LlamaForCausalLM"]
         return cfg
 
@@ -370,9 +360,11 @@ def numerics_overrides(name: str, numerics: Optional[Any]) -> dict:
         raise errors.ConfigError(f"{name} = {numerics!r}: must be a dict of {', '.join(NUMERICS_FIELDS)}")
     unknown = sorted(set(numerics) - set(NUMERICS_FIELDS))
     if unknown:
-        raise errors.ConfigError(f"{name} has {', '.join(map(repr, unknown))}: only the numerics "
-                                 f"{', '.join(NUMERICS_FIELDS)} may be set there (the architecture comes from "
-                                 "the checkpoint's config.json)")
+        raise errors.ConfigError(
+            f"{name} has {', '.join(map(repr, unknown))}: only the numerics "
+            f"{', '.join(NUMERICS_FIELDS)} may be set there (the architecture comes from "
+            "the checkpoint's config.json)"
+        )
     return dict(numerics)
 
 

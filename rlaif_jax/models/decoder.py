@@ -14,7 +14,6 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
@@ -68,7 +67,7 @@ def Dense(features: tuple, axis: tuple, kernel_axes: tuple, cfg: DecoderConfig, 
         dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype,
         kernel_init=_init(cfg, kernel_axes),
-        bias_init=_zeros(kernel_axes[len(axis):]),
+        bias_init=_zeros(kernel_axes[len(axis) :]),
         name=name,
     )
 
@@ -120,8 +119,13 @@ def resolve_attention_impl(cfg: DecoderConfig, length: int, layout: Optional[Lay
     backend = platform(layout)
     if backend == "tpu":
         return "splash" if length % 128 == 0 else "einsum"
-    if backend == "gpu" and _is_cuda() and cfg.compute_dtype in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0 \
-            and cfg.head_dim <= 256:
+    if (
+        backend == "gpu"
+        and _is_cuda()
+        and cfg.compute_dtype in (jnp.bfloat16, jnp.float16)
+        and cfg.head_dim % 8 == 0
+        and cfg.head_dim <= 256
+    ):
         return "cudnn"
     return "einsum"
 
@@ -138,9 +142,7 @@ def fused_attention(impl, q, k, v, positions, segment_ids, sliding_window, layou
     D = q.shape[-1]
     if impl == "xla":
         mask = attention_mask(positions, segment_ids, positions, segment_ids, sliding_window)
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], scale=D**-0.5, implementation="xla"
-        )
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=D**-0.5, implementation="xla")
     if impl == "cudnn":
         if not _is_cuda():
             raise errors.ConfigError(
@@ -160,8 +162,14 @@ def _index_masked_sdpa(q, k, v, segment_ids, sliding_window, implementation):
     seg = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
     window = (sliding_window - 1, 0) if sliding_window else None
     return jax.nn.dot_product_attention(
-        q, k, v, mask=seg[:, None], scale=q.shape[-1] ** -0.5, is_causal=True,
-        local_window_size=window, implementation=implementation,
+        q,
+        k,
+        v,
+        mask=seg[:, None],
+        scale=q.shape[-1] ** -0.5,
+        is_causal=True,
+        local_window_size=window,
+        implementation=implementation,
     )
 
 
@@ -182,14 +190,18 @@ def _splash_kernel(T: int, groups: int, sliding_window: Optional[int], interpret
         one = sm.CausalMask((T, T))
     b = _splash_block(T)
     blocks = sk.BlockSizes(
-        block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b,
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
     )
     # One kernel per KV head: its `groups` query heads share the single K/V head (MQA). Built
     # per trace (not cached): it holds arrays that would leak from one trace into the next.
-    return sk.make_splash_mqa_single_device(
-        sm.MultiHeadMask([one] * groups), block_sizes=blocks, interpret=interpret
-    )
+    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * groups), block_sizes=blocks, interpret=interpret)
 
 
 def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout]):

@@ -21,10 +21,11 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
-from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.models.config import DecoderConfig
@@ -341,9 +342,7 @@ def load_hf(
             if not stacked:
                 return _read_slice(getters[0], kinds[0], per_shape, index).astype(dtype)
             layers = range(*index[0].indices(len(getters)))
-            return np.stack(
-                [_read_slice(getters[i], kinds[i], per_shape, index[1:]).astype(dtype) for i in layers]
-            )
+            return np.stack([_read_slice(getters[i], kinds[i], per_shape, index[1:]).astype(dtype) for i in layers])
 
         flat[our_path] = jax.make_array_from_callback(spec.shape, shardings[our_path], callback)
     return cfg, unflatten_dict(flat)

@@ -9,16 +9,36 @@ PRESETS = {
     # ~7M params: seconds per step on a 2-core laptop.
     "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4),
     # ~110M params, Llama-2 shape scaled down.
-    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
-                  num_kv_heads=4),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                      num_kv_heads=32),
+    "small": dict(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4
+    ),
+    "llama2-7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32
+    ),
     # Mixtral-shaped sparse MoE (8 experts, top-2) at the tiny / small dense shapes: ~22M /
     # ~0.5B params, ~9M / ~0.18B active per token.
-    "tiny-moe": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
-                     num_kv_heads=4, model_type="mixtral", num_experts=8, num_experts_per_tok=2),
-    "small-moe": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
-                      num_kv_heads=4, model_type="mixtral", num_experts=8, num_experts_per_tok=2),
+    "tiny-moe": dict(
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        model_type="mixtral",
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "small-moe": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        model_type="mixtral",
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
 }
 
 

@@ -32,8 +32,7 @@ class SyntheticBackend:
         return list(self.models)
 
     def _rng(self, request: dict, index: int) -> random.Random:
-        key = json.dumps([self.seed, request["model"], request["messages"], request.get("seed"), index],
-                         sort_keys=True)
+        key = json.dumps([self.seed, request["model"], request["messages"], request.get("seed"), index], sort_keys=True)
         return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
 
     async def complete(self, request: dict) -> Completion:
@@ -53,13 +52,19 @@ class SyntheticBackend:
                 elif rating:
                     content = model.rate(*rating, rng)
                 else:
-                    raise BackendError(400, f"critic {name!r} got a prompt that is neither a pairwise nor a rating judgment")
+                    raise BackendError(
+                        400, f"critic {name!r} got a prompt that is neither a pairwise nor a rating judgment"
+                    )
             else:
                 content = model.answer(text, rng)
             choices.append(Choice(content=content, finish_reason="stop"))
         prompt_tokens = sum(_words(m["content"]) for m in request["messages"])
-        return Completion(choices=choices, prompt_tokens=prompt_tokens,
-                          completion_tokens=sum(_words(c.content) for c in choices), model=name)
+        return Completion(
+            choices=choices,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum(_words(c.content) for c in choices),
+            model=name,
+        )
 
 
 @gin.configurable
@@ -91,18 +96,29 @@ def synthetic_world(
     judge           the evaluation judge (AlpacaEval's annotator): the same kind of model with
                     its own knobs and name, so evaluation draws its own random stream
     """
-    for name, v in (("strong_teacher", strong_teacher), ("weak_teacher", weak_teacher), ("reference", reference),
-                    ("web_quality", web_quality), ("critic_strength", critic_strength),
-                    ("critic_noise", critic_noise), ("position_bias", position_bias),
-                    ("invalid_rate", invalid_rate), ("judge_strength", judge_strength),
-                    ("judge_noise", judge_noise), ("judge_position_bias", judge_position_bias)):
+    for name, v in (
+        ("strong_teacher", strong_teacher),
+        ("weak_teacher", weak_teacher),
+        ("reference", reference),
+        ("web_quality", web_quality),
+        ("critic_strength", critic_strength),
+        ("critic_noise", critic_noise),
+        ("position_bias", position_bias),
+        ("invalid_rate", invalid_rate),
+        ("judge_strength", judge_strength),
+        ("judge_noise", judge_noise),
+        ("judge_position_bias", judge_position_bias),
+    ):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"synthetic_world.{name} is a probability; got {v} (bind a value in [0, 1])")
-    return SyntheticBackend({
-        "strong-teacher": Teacher(strong_teacher),
-        "weak-teacher": Teacher(weak_teacher),
-        "reference": Teacher(reference),
-        "web": Teacher(web_quality),
-        "critic": Critic(critic_strength, critic_noise, position_bias, invalid_rate),
-        "judge": Critic(judge_strength, judge_noise, judge_position_bias, invalid_rate),
-    }, seed=seed)
+    return SyntheticBackend(
+        {
+            "strong-teacher": Teacher(strong_teacher),
+            "weak-teacher": Teacher(weak_teacher),
+            "reference": Teacher(reference),
+            "web": Teacher(web_quality),
+            "critic": Critic(critic_strength, critic_noise, position_bias, invalid_rate),
+            "judge": Critic(judge_strength, judge_noise, judge_position_bias, invalid_rate),
+        },
+        seed=seed,
+    )

@@ -32,8 +32,10 @@ class Finding:
 
 
 def _diff(per_prompt: Mapping[str, dict], a: str, b: str) -> tuple[PairedDifference, PairedDifference]:
-    return (paired_difference(per_prompt[a]["win"], per_prompt[b]["win"]),
-            paired_difference(per_prompt[a]["task"], per_prompt[b]["task"]))
+    return (
+        paired_difference(per_prompt[a]["win"], per_prompt[b]["win"]),
+        paired_difference(per_prompt[a]["task"], per_prompt[b]["task"]),
+    )
 
 
 def _ge(x: float, y: float) -> bool:
@@ -48,24 +50,56 @@ def findings(per_prompt: Mapping[str, dict]) -> list[Finding]:
     dpo = None
     if {"dpo_weak_10", "sft_weak_10"} <= have:
         w, t = dpo = _diff(per_prompt, "dpo_weak_10", "sft_weak_10")
-        out.append(Finding("1", "RL (DPO) on critic preferences improves SFT on the weaker teacher",
-                           "SFT weak 10% + DPO minus SFT weak 10%", "win >= 3 SE and task >= 3 points",
-                           w, t, _ge(w.diff, 3 * w.se) and _ge(t.diff, 3.0)))
+        out.append(
+            Finding(
+                "1",
+                "RL (DPO) on critic preferences improves SFT on the weaker teacher",
+                "SFT weak 10% + DPO minus SFT weak 10%",
+                "win >= 3 SE and task >= 3 points",
+                w,
+                t,
+                _ge(w.diff, 3 * w.se) and _ge(t.diff, 3.0),
+            )
+        )
     if {"ppo_weak_10", "sft_weak_10"} <= have:
         w, t = _diff(per_prompt, "ppo_weak_10", "sft_weak_10")
-        out.append(Finding("1b", "RL (reward model + PPO) on critic preferences improves SFT on the weaker teacher",
-                           "SFT weak 10% + PPO minus SFT weak 10%", "task > 0 and win >= 2 SE",
-                           w, t, _ge(w.diff, 2 * w.se) and t.diff > 0))
+        out.append(
+            Finding(
+                "1b",
+                "RL (reward model + PPO) on critic preferences improves SFT on the weaker teacher",
+                "SFT weak 10% + PPO minus SFT weak 10%",
+                "task > 0 and win >= 2 SE",
+                w,
+                t,
+                _ge(w.diff, 2 * w.se) and t.diff > 0,
+            )
+        )
     if {"sft_strong_100", "dpo_weak_10"} <= have:
         w, t = _diff(per_prompt, "sft_strong_100", "dpo_weak_10")
-        out.append(Finding("2", "SFT on a teacher as strong as the critic matches or beats SFT(weak) + RL",
-                           "SFT strong 100% minus SFT weak 10% + DPO", "win >= -1 SE",
-                           w, t, _ge(w.diff, -w.se)))
+        out.append(
+            Finding(
+                "2",
+                "SFT on a teacher as strong as the critic matches or beats SFT(weak) + RL",
+                "SFT strong 100% minus SFT weak 10% + DPO",
+                "win >= -1 SE",
+                w,
+                t,
+                _ge(w.diff, -w.se),
+            )
+        )
     if dpo is not None and {"dpo_strong_10", "sft_strong_10"} <= have:
         w, t = _diff(per_prompt, "dpo_strong_10", "sft_strong_10")
-        out.append(Finding("3", "the RL gain shrinks when the SFT teacher is already as strong as the critic",
-                           "SFT strong 10% + DPO minus SFT strong 10%", "win < half of finding 1's win gain",
-                           w, t, not math.isnan(w.diff) and w.diff < 0.5 * dpo[0].diff))
+        out.append(
+            Finding(
+                "3",
+                "the RL gain shrinks when the SFT teacher is already as strong as the critic",
+                "SFT strong 10% + DPO minus SFT strong 10%",
+                "win < half of finding 1's win gain",
+                w,
+                t,
+                not math.isnan(w.diff) and w.diff < 0.5 * dpo[0].diff,
+            )
+        )
     return out
 
 
@@ -82,10 +116,16 @@ def flatten(found: list[Finding]) -> dict:
 
 
 def markdown(found: list[Finding]) -> str:
-    lines = ["The paper's findings, as paired differences on the same eval prompts (points, +- SE):", "",
-             "| finding | difference | win rate | task score | criterion | holds |", "|---|---|---|---|---|---|"]
+    lines = [
+        "The paper's findings, as paired differences on the same eval prompts (points, +- SE):",
+        "",
+        "| finding | difference | win rate | task score | criterion | holds |",
+        "|---|---|---|---|---|---|",
+    ]
     for f in found:
-        lines.append(f"| {f.key}: {f.claim} | {f.difference} | {f.win.diff:+.1f} +- {f.win.se:.1f} | "
-                     f"{f.task.diff:+.1f} +- {f.task.se:.1f} | {f.criterion} | "
-                     f"{'yes' if f.holds else 'NO'} |")
+        lines.append(
+            f"| {f.key}: {f.claim} | {f.difference} | {f.win.diff:+.1f} +- {f.win.se:.1f} | "
+            f"{f.task.diff:+.1f} +- {f.task.se:.1f} | {f.criterion} | "
+            f"{'yes' if f.holds else 'NO'} |"
+        )
     return "\n".join(lines)

@@ -14,8 +14,9 @@ import gin
 
 from rlaif_jax.synthetic.tasks import Task, parse_instruction, score
 
-_SECTIONS = re.compile(r"## Instruction\s*\n(.*?)\n\s*## Output \(a\)\s*\n(.*?)\n\s*## Output \(b\)\s*\n(.*?)\n\s*## ",
-                       re.DOTALL)
+_SECTIONS = re.compile(
+    r"## Instruction\s*\n(.*?)\n\s*## Output \(a\)\s*\n(.*?)\n\s*## Output \(b\)\s*\n(.*?)\n\s*## ", re.DOTALL
+)
 
 
 def _error_candidate(task: Task, rng: random.Random) -> str:

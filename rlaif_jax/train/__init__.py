@@ -7,6 +7,13 @@ from rlaif_jax.train.sft import SFT
 from rlaif_jax.train.step import TrainState, create_state, make_train_step
 
 __all__ = [
-    "DPO", "RewardModel", "SFT", "TrainState", "bradley_terry_losses", "create_state",
-    "make_optimizer", "make_train_step", "preference_losses",
+    "DPO",
+    "RewardModel",
+    "SFT",
+    "TrainState",
+    "bradley_terry_losses",
+    "create_state",
+    "make_optimizer",
+    "make_train_step",
+    "preference_losses",
 ]

@@ -56,8 +56,11 @@ def _quiet_closed_loop_hook(previous):
     StorageError, never an error of its own."""
 
     def hook(u):
-        if (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
-                and os.environ.get("RLAIF_TRACEBACK") != "1"):
+        if (
+            isinstance(u.exc_value, RuntimeError)
+            and str(u.exc_value) == "Event loop is closed"
+            and os.environ.get("RLAIF_TRACEBACK") != "1"
+        ):
             return
         previous(u)
 
@@ -189,14 +192,18 @@ class Checkpointer:
             intact = self._mngr.latest_step()
         except Exception:  # pragma: no cover - the directory is unreadable as well
             intact = None
-        kept = (f"the last complete checkpoint, step {intact}, is intact" if intact is not None
-                else "no checkpoint is complete yet")
+        kept = (
+            f"the last complete checkpoint, step {intact}, is intact"
+            if intact is not None
+            else "no checkpoint is complete yet"
+        )
         partial = "; its partial files are removed" if removed else ""
         resume = f"resume from step {intact}" if intact is not None else "start over"
         raise StorageError(
             f"{self.directory}: could not write the checkpoint of step {step} "
             f"({os_error.strerror or os_error}){partial}; {kept}. Free space (or fix the permissions) there and "
-            f"rerun the same command to {resume}") from e
+            f"rerun the same command to {resume}"
+        ) from e
 
     def _remove_partial(self, step: Optional[int]) -> bool:
         """Removes the temporary directory of `step` (of every step: None)."""

@@ -100,8 +100,7 @@ class DPO:
         B = batch["chosen_tokens"].shape[0]
         mask = both["loss_mask"].astype(jnp.float32)
         n_tok = jnp.maximum(mask.sum(-1), 1.0)
-        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"],
-                    **train_rngs(model, rng))
+        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], **train_rngs(model, rng))
         tok_lp = token_logps(out["logits"], both["tokens"]) * mask
         sums = tok_lp.sum(-1)
         average = self.average_log_prob or self.loss_type == "simpo"
@@ -124,8 +123,15 @@ class DPO:
         # TRL's IPO divides summed log-ratios by length; already-averaged log-probs need nothing more
         ipo_lengths = (n_tok[:B], n_tok[B:]) if trl and self.loss_type == "ipo" and not average else None
         losses, chosen_r, rejected_r = preference_losses(
-            pc, pr, rc, rr, loss_type=self.loss_type, beta=self.beta,
-            label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma, ipo_lengths=ipo_lengths,
+            pc,
+            pr,
+            rc,
+            rr,
+            loss_type=self.loss_type,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            simpo_gamma=self.simpo_gamma,
+            ipo_lengths=ipo_lengths,
         )
         if trl and self.loss_type != "simpo" and average:
             # TRL logs rewards/* on summed log-ratios whatever the loss normalises

@@ -21,23 +21,39 @@ from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.train.metrics import mfu, peak_tflops
 from rlaif_jax.train.optim import make_optimizer
-from rlaif_jax.train.rundir import local_hf_dir
 from rlaif_jax.train.run_loop import (
-    Closing, LoopSettings, NonFiniteLossError, Plan, RunKind, check_length, run, run_lock,
+    Closing,
+    LoopSettings,
+    NonFiniteLossError,
+    Plan,
+    RunKind,
+    check_length,
+    run,
+    run_lock,
 )
+from rlaif_jax.train.rundir import local_hf_dir
 from rlaif_jax.train.step import compile_step, init_state, make_eval_step, make_train_step
 
 # The run loop's names that callers of `train` import from here too.
-__all__ = ["Closing", "LoopSettings", "NonFiniteLossError", "evaluate", "load_policy", "run_lock", "sample_texts",
-           "train"]
+__all__ = [
+    "Closing",
+    "LoopSettings",
+    "NonFiniteLossError",
+    "evaluate",
+    "load_policy",
+    "run_lock",
+    "sample_texts",
+    "train",
+]
 
 
 def _batch_tokens(batch: dict) -> int:
     return int(sum((v > 0).sum() for k, v in batch.items() if k.endswith("segment_ids")))
 
 
-def load_policy(objective, cfg: Optional[DecoderConfig], init_from: Optional[str], layout: Optional[shd.Layout],
-                seed: int):
+def load_policy(
+    objective, cfg: Optional[DecoderConfig], init_from: Optional[str], layout: Optional[shd.Layout], seed: int
+):
     """(cfg, model, params): from an HF directory when given (a reward model gets a fresh
     score head on the pretrained trunk), else random."""
     if cfg is None:
@@ -75,27 +91,37 @@ def train(
     stop_after: Optional[int] = None,
 ) -> dict:
     """Train `objective` for num_steps, or until the data runs out when num_steps is None
-(epoch-based recipes bind the pipeline's num_epochs); resumes from run_dir/checkpoints.
+    (epoch-based recipes bind the pipeline's num_epochs); resumes from run_dir/checkpoints.
 
-    run_dir may be a URL (gs://...): checkpoints go there through orbax, everything else is
-    staged locally and mirrored there at each checkpoint and at the end (see
-    rlaif_jax.train.rundir); the HF export is marked complete by hf/EXPORT_COMPLETE.json.
-    The run holds run_dir's writer lock (rlaif_jax.outputs) from start to end.
+        run_dir may be a URL (gs://...): checkpoints go there through orbax, everything else is
+        staged locally and mirrored there at each checkpoint and at the end (see
+        rlaif_jax.train.rundir); the HF export is marked complete by hf/EXPORT_COMPLETE.json.
+        The run holds run_dir's writer lock (rlaif_jax.outputs) from start to end.
 
-    reference_from: an HF directory holding the frozen reference of an objective that needs
-    one (DPO), when it is not the policy's start: iterative RLAIF starts round r from round
-    r-1's policy and keeps the SFT model as the reference. None: the initial params.
+        reference_from: an HF directory holding the frozen reference of an objective that needs
+        one (DPO), when it is not the policy's start: iterative RLAIF starts round r from round
+        r-1's policy and keeps the SFT model as the reference. None: the initial params.
 
-    train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
-    tokenizer=..., state=... (the iterator position to resume from). `loop` (logging,
-    checkpoints, export) defaults to a LoopSettings built here, so gin's `LoopSettings.*`
-    bindings hold. `stop_after` ends the process-side loop early without a final checkpoint:
-    preemption in tests.
-    Returns the summary: {"step": last step, **the last logged metrics}.
+        train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
+        tokenizer=..., state=... (the iterator position to resume from). `loop` (logging,
+        checkpoints, export) defaults to a LoopSettings built here, so gin's `LoopSettings.*`
+        bindings hold. `stop_after` ends the process-side loop early without a final checkpoint:
+        preemption in tests.
+        Returns the summary: {"step": last step, **the last logged metrics}.
     """
     loop = loop if loop is not None else LoopSettings()
-    _check_settings(num_steps, model_config, init_from, tokenizer, grad_accum, eval_every, eval_batches,
-                    sample_max_new_tokens, peak_device_tflops, stop_after)
+    _check_settings(
+        num_steps,
+        model_config,
+        init_from,
+        tokenizer,
+        grad_accum,
+        eval_every,
+        eval_batches,
+        sample_max_new_tokens,
+        peak_device_tflops,
+        stop_after,
+    )
     _check_reference(objective, reference_from)
     kind = RunKind("train", "step", "data iterator", default_log_every=10, desc=f"train[{type(objective).__name__}]")
 
@@ -104,18 +130,44 @@ def train(
         init_dir = local_hf_dir(init_from, "init_from")
         tok_dir = local_hf_dir(tokenizer, "tokenizer", weights=False) or init_dir
         ref_dir = local_hf_dir(reference_from, "reference_from")
-        return _plan(data_state, closing, objective=objective, train_data=train_data, num_steps=num_steps,
-                     model_config=model_config, init_from=init_dir, reference_from=ref_dir, tok_dir=tok_dir, eval_data=eval_data,
-                     grad_accum=grad_accum, optimizer=optimizer, mesh=mesh, seed=seed,
-                     log_every=loop.every(kind.default_log_every), eval_every=eval_every, eval_batches=eval_batches,
-                     sample_prompts=sample_prompts, sample_max_new_tokens=sample_max_new_tokens,
-                     peak_device_tflops=peak_device_tflops)
+        return _plan(
+            data_state,
+            closing,
+            objective=objective,
+            train_data=train_data,
+            num_steps=num_steps,
+            model_config=model_config,
+            init_from=init_dir,
+            reference_from=ref_dir,
+            tok_dir=tok_dir,
+            eval_data=eval_data,
+            grad_accum=grad_accum,
+            optimizer=optimizer,
+            mesh=mesh,
+            seed=seed,
+            log_every=loop.every(kind.default_log_every),
+            eval_every=eval_every,
+            eval_batches=eval_batches,
+            sample_prompts=sample_prompts,
+            sample_max_new_tokens=sample_max_new_tokens,
+            peak_device_tflops=peak_device_tflops,
+        )
 
     return run(run_dir, kind, loop, build, stop_after)
 
 
-def _check_settings(num_steps, model_config, init_from, tokenizer, grad_accum, eval_every, eval_batches,
-                    sample_max_new_tokens, peak_device_tflops, stop_after) -> None:
+def _check_settings(
+    num_steps,
+    model_config,
+    init_from,
+    tokenizer,
+    grad_accum,
+    eval_every,
+    eval_batches,
+    sample_max_new_tokens,
+    peak_device_tflops,
+    stop_after,
+) -> None:
     """Every setting of `train` a user can get wrong, before anything is loaded or written
     (LoopSettings, the pipeline, optimizer and objective check their own)."""
     b = lambda p: binding(f"train.{p}")  # noqa: E731
@@ -127,8 +179,10 @@ def _check_settings(num_steps, model_config, init_from, tokenizer, grad_accum, e
     whole(b("sample_max_new_tokens"), sample_max_new_tokens, 1)
     positive(b("peak_device_tflops"), peak_device_tflops, hint="> 0, or None to look it up")
     if model_config is None and not init_from:
-        raise ConfigError(f"{b('model_config')} and {b('init_from')} are both unset; give a model config or an "
-                          "HF directory to start from")
+        raise ConfigError(
+            f"{b('model_config')} and {b('init_from')} are both unset; give a model config or an "
+            "HF directory to start from"
+        )
     existing_dir(b("init_from"), init_from, "HF model directory", must_contain="config.json")
     existing_dir(b("tokenizer"), tokenizer, "tokenizer directory")
 
@@ -137,9 +191,11 @@ def _check_reference(objective, reference_from: Optional[str]) -> None:
     if reference_from is None:
         return
     if not objective.needs_reference:
-        raise ConfigError(f"{binding('train.reference_from')} = {reference_from!r}, but {type(objective).__name__} "
-                          "keeps no reference model (reference 'precomputed' / 'none', simpo, SFT, reward model); "
-                          "unset it")
+        raise ConfigError(
+            f"{binding('train.reference_from')} = {reference_from!r}, but {type(objective).__name__} "
+            "keeps no reference model (reference 'precomputed' / 'none', simpo, SFT, reward model); "
+            "unset it"
+        )
     existing_dir(binding("train.reference_from"), reference_from, "HF model directory", must_contain="config.json")
 
 
@@ -154,10 +210,29 @@ def _batches(it) -> Iterator[tuple[Any, dict]]:
         yield position, batch
 
 
-def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, model_config, init_from, reference_from,
-          tok_dir,
-          eval_data, grad_accum, optimizer, mesh, seed, log_every, eval_every, eval_batches, sample_prompts,
-          sample_max_new_tokens, peak_device_tflops) -> Plan:
+def _plan(
+    data_state,
+    closing: Closing,
+    *,
+    objective,
+    train_data,
+    num_steps,
+    model_config,
+    init_from,
+    reference_from,
+    tok_dir,
+    eval_data,
+    grad_accum,
+    optimizer,
+    mesh,
+    seed,
+    log_every,
+    eval_every,
+    eval_batches,
+    sample_prompts,
+    sample_max_new_tokens,
+    peak_device_tflops,
+) -> Plan:
     """train's data, model, state and compiled step."""
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
@@ -170,9 +245,11 @@ def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, mod
     batches = _batches(it)
     first = next(batches, None)
     if first is None and data_state is None:
-        raise UserError(f"{binding('train.train_data')}: the training data yields no batch at all (fewer "
-                        "examples than one batch, with drop_remainder?); give more data or a smaller "
-                        "batch_size. Nothing was trained or exported")
+        raise UserError(
+            f"{binding('train.train_data')}: the training data yields no batch at all (fewer "
+            "examples than one batch, with drop_remainder?); give more data or a smaller "
+            "batch_size. Nothing was trained or exported"
+        )
     batches = itertools.chain([first] if first else [], batches)
 
     the_mesh = mesh() if callable(mesh) else mesh
@@ -186,8 +263,9 @@ def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, mod
         ref_params = jax.tree.map(jnp.copy, params)
     state = init_state(params, tx, seed)
     del params
-    step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh,
-                           ref_params)
+    step_fn = compile_step(
+        make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh, ref_params
+    )
     eval_fn = jax.jit(make_eval_step(objective, model, the_mesh)) if eval_data else None
     peak = peak_tflops(jax.devices()[0], peak_device_tflops)
 
@@ -213,17 +291,23 @@ def _plan(data_state, closing: Closing, *, objective, train_data, num_steps, mod
         ev = evaluate(eval_fn, state.params, eval_data, tok, the_mesh, ref_params, eval_batches)
         writer.write(step, ev, prefix="eval/")
         if sample_prompts and objective.lm_head and tok is not None:
-            for p, text in zip(sample_prompts, sample_texts(model, state.params, tok, sample_prompts,
-                                                            sample_max_new_tokens, the_mesh)):
+            for p, text in zip(
+                sample_prompts, sample_texts(model, state.params, tok, sample_prompts, sample_max_new_tokens, the_mesh)
+            ):
                 writer.text(step, "samples", f"**{p}**\n\n{text}")
                 writer.write(step, {"prompt": p, "completion": text}, prefix="sample/")
         return {f"eval/{k}": v for k, v in ev.items()}
 
     return Plan(
-        state=state, data=it, batches=batches, step=step, summarize=summarize,
+        state=state,
+        data=it,
+        batches=batches,
+        step=step,
+        summarize=summarize,
         export=lambda d, state: save_hf(d, cfg, state.params, tokenizer=tok, score_head=not objective.lm_head),
         postfix=lambda m: dict(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}"),
-        after_step=after_step, num_steps=num_steps,
+        after_step=after_step,
+        num_steps=num_steps,
     )
 
 
@@ -248,10 +332,16 @@ def sample_texts(model, params, tok, prompts: Sequence[str], max_new_tokens: int
     from rlaif_jax.data.tokenize.encode import Encoder
     from rlaif_jax.sampling import SamplingParams, generate
 
-    enc = Encoder(tok, template, max_length=model.cfg.max_position_embeddings, max_prompt_length=model.cfg.max_position_embeddings // 2)
+    enc = Encoder(
+        tok,
+        template,
+        max_length=model.cfg.max_position_embeddings,
+        max_prompt_length=model.cfg.max_position_embeddings // 2,
+    )
     ids = [list(map(int, x)) for x in enc.encode_prompts(list(prompts))]
     eos = tuple(model.cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, eos_ids=eos,
-                        pad_id=tok.pad_token_id or 0)
+    sp = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, eos_ids=eos, pad_id=tok.pad_token_id or 0
+    )
     out = generate(model, params, ids, jax.random.key(0), sp)
     return [tok.decode(t[:n], skip_special_tokens=True) for t, n in zip(out.tokens, out.lengths)]

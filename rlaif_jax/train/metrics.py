@@ -24,8 +24,15 @@ log = logging.getLogger(__name__)
 
 # Dense bf16 peak TFLOP/s per device (vendor figures), for MFU.
 PEAK_TFLOPS = {
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0,
-    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6": 918.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+    "NVIDIA L4": 121.0,
 }
 
 
@@ -74,8 +81,9 @@ class WandbLogging:
         try:
             import wandb
         except ImportError:
-            raise ImportError("WandbLogging.enabled = True needs wandb: pip install -e \".[wandb]\" "
-                              "(or unbind WandbLogging.enabled)") from None
+            raise ImportError(
+                'WandbLogging.enabled = True needs wandb: pip install -e ".[wandb]" (or unbind WandbLogging.enabled)'
+            ) from None
         id_file = os.path.join(run_dir, "wandb_run_id.txt")
         if os.path.exists(id_file):
             with open(id_file) as f:
@@ -84,9 +92,18 @@ class WandbLogging:
             run_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
             with open(id_file, "w") as f:
                 f.write(run_id + "\n")
-        return wandb.init(project=self.project, entity=self.entity, group=self.group, tags=list(self.tags) or None,
-                          name=self.name or os.path.basename(os.path.normpath(run_dir)), mode=self.mode,
-                          dir=run_dir, id=run_id, resume="allow", reinit="create_new")
+        return wandb.init(
+            project=self.project,
+            entity=self.entity,
+            group=self.group,
+            tags=list(self.tags) or None,
+            name=self.name or os.path.basename(os.path.normpath(run_dir)),
+            mode=self.mode,
+            dir=run_dir,
+            id=run_id,
+            resume="allow",
+            reinit="create_new",
+        )
 
 
 class MetricsWriter:
@@ -105,8 +122,13 @@ class MetricsWriter:
     (object stores cannot append; see rlaif_jax.train.rundir). The trainers stage the whole
     run directory themselves and pass the local staging path here."""
 
-    def __init__(self, run_dir: str, filename: str = "metrics.jsonl", wandb: Optional[WandbLogging] = None,
-                 resume_step: Optional[int] = None):
+    def __init__(
+        self,
+        run_dir: str,
+        filename: str = "metrics.jsonl",
+        wandb: Optional[WandbLogging] = None,
+        resume_step: Optional[int] = None,
+    ):
         self.enabled = jax.process_index() == 0
         self._tb = None
         self._wandb = None
@@ -152,8 +174,10 @@ class MetricsWriter:
                         self._tb.scalar(k, v, step)
                 self._tb.flush()  # TensorBoard shows a step as soon as metrics.jsonl has it
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))},
-                            step=int(step))
+            self._wandb.log(
+                {k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))},
+                step=int(step),
+            )
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.enabled and self._tb is not None:
@@ -207,7 +231,8 @@ class MetricsWriter:
             raise StorageError(
                 f"{self.path} (or its tb/ events): could not write {what} ({e.strerror or e}); the rows "
                 "before it and the checkpoints are kept. Free space there and rerun the same command to resume "
-                "from the last checkpoint") from e
+                "from the last checkpoint"
+            ) from e
 
     def _abandon(self) -> None:
         """Closes the files without another write: a full disk would fail each flush again."""
@@ -238,8 +263,9 @@ class _EventFile:
         if purge_step is not None:
             # What SummaryWriter(purge_step=...) writes: TensorBoard drops the events of
             # earlier files from this step on.
-            self._add(event_pb2.Event(step=purge_step, session_log=event_pb2.SessionLog(
-                status=event_pb2.SessionLog.START)))
+            self._add(
+                event_pb2.Event(step=purge_step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+            )
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         from tensorboardX.summary import scalar
@@ -293,9 +319,11 @@ def truncate_after(path: str, step: int) -> int:
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise StorageError(f"{path}: could not drop the {dropped} row(s) after step {step} that the resumed "
-                               f"run logs again ({e.strerror or e}); the file is unchanged. Free space there and "
-                               "rerun the same command") from e
+            raise StorageError(
+                f"{path}: could not drop the {dropped} row(s) after step {step} that the resumed "
+                f"run logs again ({e.strerror or e}); the file is unchanged. Free space there and "
+                "rerun the same command"
+            ) from e
         log.info("%s: dropped %d row(s) after step %d, logged again from the checkpoint on", path, dropped, step)
     return dropped
 

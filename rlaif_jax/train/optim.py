@@ -16,12 +16,15 @@ SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 
 
-def make_schedule(learning_rate: float, schedule: str, warmup_steps: int, total_steps: Optional[int],
-                  end_lr_ratio: float = 0.0) -> Callable:
+def make_schedule(
+    learning_rate: float, schedule: str, warmup_steps: int, total_steps: Optional[int], end_lr_ratio: float = 0.0
+) -> Callable:
     one_of(binding("make_optimizer.schedule"), schedule, SCHEDULES)
     if schedule != "constant" and not total_steps:
-        raise ConfigError(f"{binding('make_optimizer.schedule')} = {schedule!r} needs the run's length: set "
-                          f"{binding('make_optimizer.total_steps')} (the trainer's num_steps is None)")
+        raise ConfigError(
+            f"{binding('make_optimizer.schedule')} = {schedule!r} needs the run's length: set "
+            f"{binding('make_optimizer.total_steps')} (the trainer's num_steps is None)"
+        )
     warm = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else None
     decay_steps = max((total_steps or 0) - warmup_steps, 1)
     if schedule == "constant":
@@ -49,8 +52,9 @@ def param_labels(params: Any, frozen: Sequence[str]) -> Any:
 def _frozen_labels(params: Any, frozen: tuple) -> Any:
     labels = param_labels(params, frozen)
     if "train" not in set(jax.tree.leaves(labels)):
-        raise ConfigError(f"{binding('make_optimizer.frozen')} = {list(frozen)!r} freezes every parameter; "
-                          "leave some trainable")
+        raise ConfigError(
+            f"{binding('make_optimizer.frozen')} = {list(frozen)!r} freezes every parameter; leave some trainable"
+        )
     return labels
 
 
@@ -81,15 +85,26 @@ def make_optimizer(
     """(transformation, schedule). RMSprop defaults match torch.optim.RMSprop (the paper's
     optimizer): decay 0.99, eps 1e-8 added outside the square root. `frozen` regexes select
     params that never change (their updates are zero and they get no optimizer state)."""
-    _check_settings(name, learning_rate, warmup_steps, total_steps, end_lr_ratio, weight_decay, clip_norm, b1, b2,
-                    eps, rmsprop_decay, momentum)
+    _check_settings(
+        name,
+        learning_rate,
+        warmup_steps,
+        total_steps,
+        end_lr_ratio,
+        weight_decay,
+        clip_norm,
+        b1,
+        b2,
+        eps,
+        rmsprop_decay,
+        momentum,
+    )
     # The trainer passes its num_steps as default_total_steps; an explicit total_steps wins.
     sched = make_schedule(learning_rate, schedule, warmup_steps, total_steps or default_total_steps, end_lr_ratio)
     if name == "adamw":
         opt = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask)
     elif name == "rmsprop":
-        opt = optax.rmsprop(sched, decay=rmsprop_decay, eps=eps, eps_in_sqrt=False,
-                            momentum=momentum or None)
+        opt = optax.rmsprop(sched, decay=rmsprop_decay, eps=eps, eps_in_sqrt=False, momentum=momentum or None)
         if weight_decay:
             opt = optax.chain(optax.add_decayed_weights(weight_decay, _decay_mask), opt)
     elif name == "sgd":
@@ -110,8 +125,20 @@ def make_optimizer(
     return tx, sched
 
 
-def _check_settings(name, learning_rate, warmup_steps, total_steps, end_lr_ratio, weight_decay, clip_norm, b1, b2,
-                    eps, rmsprop_decay, momentum) -> None:
+def _check_settings(
+    name,
+    learning_rate,
+    warmup_steps,
+    total_steps,
+    end_lr_ratio,
+    weight_decay,
+    clip_norm,
+    b1,
+    b2,
+    eps,
+    rmsprop_decay,
+    momentum,
+) -> None:
     """A learning rate of 0 trains nothing and a negative one trains uphill, both silently."""
     b = lambda p: binding(f"make_optimizer.{p}")  # noqa: E731
     one_of(b("name"), name, OPTIMIZERS)

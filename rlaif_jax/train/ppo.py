@@ -30,22 +30,47 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlaif_jax import sharding as shd
+from rlaif_jax.errors import (
+    ConfigError,
+    UserError,
+    binding,
+    existing_dir,
+    existing_path,
+    in_range,
+    non_negative,
+    one_of,
+    positive,
+    whole,
+)
 from rlaif_jax.models import DecoderConfig, apply, build_model, gather_last
 from rlaif_jax.models.config import numerics_overrides
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param, without_head
 from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.sampling import SamplingParams, _generate, left_pad
-from rlaif_jax.errors import (
-    ConfigError, UserError, binding, existing_dir, existing_path, in_range, non_negative, one_of, positive, whole,
+from rlaif_jax.train.advantages import (
+    GROUP_STDS,
+    KL_ESTIMATORS,
+    KLController,
+    gae,
+    group_advantages,
+    kl_estimate,
+    masked_mean,
+    normalize_sequences,
+    whiten,
 )
-from rlaif_jax.train.advantages import (GROUP_STDS, KL_ESTIMATORS, KLController, gae, group_advantages, kl_estimate,
-                                        masked_mean, normalize_sequences, whiten)
 from rlaif_jax.train.optim import make_optimizer
-from rlaif_jax.train.rundir import local_hf_dir
 from rlaif_jax.train.run_loop import Closing, LoopSettings, Plan, RunKind, check_length, run
-from rlaif_jax.train.step import (TrainState, batch_shardings, init_state, jit_step, placed_shardings,
-                                  record_nonfinite, update_if_finite)
+from rlaif_jax.train.rundir import local_hf_dir
+from rlaif_jax.train.step import (
+    TrainState,
+    batch_shardings,
+    init_state,
+    jit_step,
+    placed_shardings,
+    record_nonfinite,
+    update_if_finite,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +117,14 @@ class PPOConfig:
 
     def __post_init__(self):
         b = lambda p: binding(f"PPOConfig.{p}")  # noqa: E731
-        for name in ("rollout_batch_size", "samples_per_prompt", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                     "max_prompt_length"):
+        for name in (
+            "rollout_batch_size",
+            "samples_per_prompt",
+            "mini_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "max_prompt_length",
+        ):
             whole(b(name), getattr(self, name), 1)
         positive(b("temperature"), self.temperature, hint="PPO samples from the policy: > 0")
         in_range(b("top_p"), self.top_p, 0, 1, lo_open=True)
@@ -112,13 +143,17 @@ class PPOConfig:
         positive(b("score_clip"), self.score_clip, hint="> 0, or None for no clipping")
         non_negative(b("missing_eos_penalty"), self.missing_eos_penalty, hint=">= 0 (it is subtracted), or None")
         if self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
-            raise ConfigError(f"{b('advantage_estimator')} = {self.advantage_estimator!r} needs "
-                              f"{b('samples_per_prompt')} >= 2 (got {self.samples_per_prompt})")
+            raise ConfigError(
+                f"{b('advantage_estimator')} = {self.advantage_estimator!r} needs "
+                f"{b('samples_per_prompt')} >= 2 (got {self.samples_per_prompt})"
+            )
         n = self.rollout_batch_size * self.samples_per_prompt
         if n % self.mini_batch_size:
-            raise ConfigError(f"{b('mini_batch_size')} = {self.mini_batch_size}: a rollout of {n} sequences "
-                              f"({b('rollout_batch_size')} x samples_per_prompt) does not split into mini-batches "
-                              f"of that size; pick a divisor of {n}")
+            raise ConfigError(
+                f"{b('mini_batch_size')} = {self.mini_batch_size}: a rollout of {n} sequences "
+                f"({b('rollout_batch_size')} x samples_per_prompt) does not split into mini-batches "
+                f"of that size; pick a divisor of {n}"
+            )
 
     @property
     def uses_critic(self) -> bool:
@@ -126,8 +161,9 @@ class PPOConfig:
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, top_k=self.top_k)
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k
+        )
 
 
 # -- scoring -----------------------------------------------------------------------------
@@ -136,7 +172,7 @@ class PPOConfig:
 def response_logps_and_entropy(logits, tokens, P):
     """Log-prob of each response token (positions P.. of tokens) and the policy entropy
     there, from full-sequence logits; logits[t-1] predicts tokens[t]."""
-    lg = logits[:, P - 1:-1].astype(jnp.float32)
+    lg = logits[:, P - 1 : -1].astype(jnp.float32)
     logp_all = jax.nn.log_softmax(lg, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[:, P:, None], axis=-1)[..., 0]
     entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
@@ -169,9 +205,21 @@ class PPOTrainer:
     scored batch over the data axes, the state donated to the update.
     """
 
-    def __init__(self, cfg: DecoderConfig, config: PPOConfig, tx, layout: Optional[shd.Layout], ref_params, reward_model=None,
-                 reward_params=None, reward_fn: Optional[Callable] = None, eos_ids=(), pad_id: int = 0,
-                 kl: KLController = KLController(), value_cfg: Optional[DecoderConfig] = None):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        config: PPOConfig,
+        tx,
+        layout: Optional[shd.Layout],
+        ref_params,
+        reward_model=None,
+        reward_params=None,
+        reward_fn: Optional[Callable] = None,
+        eos_ids=(),
+        pad_id: int = 0,
+        kl: KLController = KLController(),
+        value_cfg: Optional[DecoderConfig] = None,
+    ):
         self.cfg, self.c, self.tx = cfg, config, tx
         self.mesh = layout.mesh if layout is not None else None
         self.kl = kl
@@ -179,8 +227,11 @@ class PPOTrainer:
         self.policy = build_model(cfg, scalar_heads=(VALUE_HEAD,) if shared else (), layout=layout)
         self.sampler_model = build_model(cfg, layout=layout)
         separate = config.uses_critic and not shared
-        self.value = (build_model(value_cfg or cfg, lm_head=False, scalar_heads=(VALUE_HEAD,), layout=layout)
-                      if separate else None)
+        self.value = (
+            build_model(value_cfg or cfg, lm_head=False, scalar_heads=(VALUE_HEAD,), layout=layout)
+            if separate
+            else None
+        )
         self.ref_params = ref_params
         self.reward_model, self.reward_params, self.reward_fn = reward_model, reward_params, reward_fn
         if reward_fn is None and reward_model is None:
@@ -203,12 +254,22 @@ class PPOTrainer:
         ref, rm = placed_shardings(self.ref_params, mesh), placed_shardings(self.reward_params, mesh)
         key = jax.random.key(0)
         rollout = jax.eval_shape(self._sample, state.params, prompt_batch, key)
-        scored = jax.eval_shape(self._score, state.params, self.ref_params, self.reward_params,
-                                state.extra["kl_coef"], prompt_batch, *rollout)
+        scored = jax.eval_shape(
+            self._score,
+            state.params,
+            self.ref_params,
+            self.reward_params,
+            state.extra["kl_coef"],
+            prompt_batch,
+            *rollout,
+        )
         prompts, responses = batch_shardings(prompt_batch, mesh), batch_shardings(rollout, mesh)
         sample = jax.jit(self._sample, in_shardings=(params, prompts, rep), out_shardings=responses)
-        score = jax.jit(self._score, in_shardings=(params, ref, rm, rep, prompts, *responses),
-                        out_shardings=(batch_shardings(scored[0], mesh), rep))
+        score = jax.jit(
+            self._score,
+            in_shardings=(params, ref, rm, rep, prompts, *responses),
+            out_shardings=(batch_shardings(scored[0], mesh), rep),
+        )
         return sample, score, jit_step(self._update, state, scored[0], mesh)
 
     # policy params without the value head feed the sampler (same tree minus one leaf)
@@ -221,7 +282,7 @@ class PPOTrainer:
         else:
             out = apply(self.policy, params["policy"], tokens, positions, segs)
         # The value of the state before emitting response token t sits at position t-1.
-        return out[VALUE_HEAD][:, P - 1:-1]
+        return out[VALUE_HEAD][:, P - 1 : -1]
 
     def _scores(self, reward_params, tokens, positions, segs, rmask, P):
         if self.reward_fn is not None:
@@ -276,8 +337,16 @@ class PPOTrainer:
             values = returns = jnp.zeros_like(mask)
         if c.whiten_advantages and (c.uses_critic or c.group_normalization == "whiten"):
             adv = whiten(adv, mask)
-        batch = dict(tokens=tokens, positions=positions, segment_ids=segs, mask=mask, old_logp=logp,
-                     old_values=values, advantages=adv, returns=returns)
+        batch = dict(
+            tokens=tokens,
+            positions=positions,
+            segment_ids=segs,
+            mask=mask,
+            old_logp=logp,
+            old_values=values,
+            advantages=adv,
+            returns=returns,
+        )
         metrics = {
             "objective/kl": kl_sum.mean(),
             "objective/entropy": (entropy * mask).sum(1).mean(),
@@ -313,10 +382,10 @@ class PPOTrainer:
         if c.uses_critic:
             if self.value is not None:
                 v_out = apply(self.value, params["value"], mb["tokens"], mb["positions"], mb["segment_ids"])
-                v = v_out[VALUE_HEAD][:, P - 1:-1]
+                v = v_out[VALUE_HEAD][:, P - 1 : -1]
                 loss = loss + self._moe_aux(self.value, v_out)
             else:
-                v = out[VALUE_HEAD][:, P - 1:-1]
+                v = out[VALUE_HEAD][:, P - 1 : -1]
             v_clipped = mb["old_values"] + jnp.clip(v - mb["old_values"], -c.clip_range_value, c.clip_range_value)
             vf1, vf2 = (v - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2
             vf_loss = 0.5 * masked_mean(jnp.maximum(vf1, vf2), mask)
@@ -362,8 +431,13 @@ class PPOTrainer:
         carry = (state.params, state.opt_state, jnp.asarray(True))
         (params, opt_state, finite), m = jax.lax.scan(epoch, carry, jax.random.split(key, c.ppo_epochs))
         metrics = jax.tree.map(jnp.mean, m)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng),
-                             nonfinite_step=record_nonfinite(state, finite)), metrics
+        return state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            rng=jax.random.key_data(rng),
+            nonfinite_step=record_nonfinite(state, finite),
+        ), metrics
 
     def iteration(self, state: TrainState, prompt_batch: tuple) -> tuple[TrainState, dict]:
         """One rollout + update.
@@ -387,8 +461,9 @@ class PPOTrainer:
         response, lengths = sample(state.params, prompt_batch, key)
         jax.block_until_ready(lengths)
         t1 = time.perf_counter()
-        batch, metrics = score(state.params, self.ref_params, self.reward_params, state.extra["kl_coef"], prompt_batch,
-                               response, lengths)
+        batch, metrics = score(
+            state.params, self.ref_params, self.reward_params, state.extra["kl_coef"], prompt_batch, response, lengths
+        )
         jax.block_until_ready(batch["advantages"])
         t2 = time.perf_counter()
         state = state.replace(rng=jax.random.key_data(rng))
@@ -397,11 +472,13 @@ class PPOTrainer:
         jax.block_until_ready(metrics)
         t3 = time.perf_counter()
         if self.kl.target is not None:  # adaptive; a fixed coefficient stays as it is, on device
-            kl_coef = self.kl.update(state.extra["kl_coef"], jax.device_get(metrics["objective/kl"]),
-                                     prompt_batch[0].shape[0])
+            kl_coef = self.kl.update(
+                state.extra["kl_coef"], jax.device_get(metrics["objective/kl"]), prompt_batch[0].shape[0]
+            )
             state = state.replace(extra={**state.extra, "kl_coef": jnp.asarray(kl_coef, jnp.float32)})
-        metrics.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
-                        "rollout_tokens": lengths.sum()})
+        metrics.update(
+            {"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "rollout_tokens": lengths.sum()}
+        )
         return state, metrics
 
 
@@ -426,13 +503,28 @@ class PromptStream:
     state = (epoch, index) for exact resume. Each prompt is repeated K times in a row for
     group baselines."""
 
-    def __init__(self, prompt_ids: Sequence[Sequence[int]], batch_size: int, repeat: int, max_prompt_length: int,
-                 pad_id: int, seed: int = 0, state: Optional[dict] = None):
+    def __init__(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        batch_size: int,
+        repeat: int,
+        max_prompt_length: int,
+        pad_id: int,
+        seed: int = 0,
+        state: Optional[dict] = None,
+    ):
         if not prompt_ids:
-            raise UserError(f"{binding('train_ppo.prompts')}: no prompts in it; give a record set with a "
-                            "`prompt` field")
+            raise UserError(
+                f"{binding('train_ppo.prompts')}: no prompts in it; give a record set with a `prompt` field"
+            )
         self.ids = [list(p)[-max_prompt_length:] for p in prompt_ids]
-        self.batch_size, self.repeat, self.P, self.pad_id, self.seed = batch_size, repeat, max_prompt_length, pad_id, seed
+        self.batch_size, self.repeat, self.P, self.pad_id, self.seed = (
+            batch_size,
+            repeat,
+            max_prompt_length,
+            pad_id,
+            seed,
+        )
         self.epoch, self.index = (int(state["epoch"]), int(state["index"])) if state else (0, 0)
 
     def _order(self):
@@ -452,7 +544,7 @@ class PromptStream:
             self.index += 1
         rows = [p for p in picked for _ in range(self.repeat)]
         toks, pos, segs = left_pad(rows, self.pad_id, self.P)
-        return toks[:, -self.P:], pos[:, -self.P:], segs[:, -self.P:]
+        return toks[:, -self.P :], pos[:, -self.P :], segs[:, -self.P :]
 
 
 # -- the gin run function ---------------------------------------------------------------------
@@ -504,10 +596,21 @@ def train_ppo(
     kind = RunKind("train_ppo", "iteration", "prompt stream", default_log_every=1, desc="ppo")
 
     def build(data_state: Optional[dict], closing: Closing) -> Plan:
-        return _plan(data_state, policy=local_hf_dir(policy, "policy"),
-                     reward_model=local_hf_dir(reward_model, "reward_model"), prompts=prompts,
-                     num_iterations=num_iterations, reward_fn=reward_fn, config=config, kl=kl, optimizer=optimizer,
-                     mesh=mesh, template=template, seed=seed, numerics=overrides)
+        return _plan(
+            data_state,
+            policy=local_hf_dir(policy, "policy"),
+            reward_model=local_hf_dir(reward_model, "reward_model"),
+            prompts=prompts,
+            num_iterations=num_iterations,
+            reward_fn=reward_fn,
+            config=config,
+            kl=kl,
+            optimizer=optimizer,
+            mesh=mesh,
+            template=template,
+            seed=seed,
+            numerics=overrides,
+        )
 
     return run(run_dir, kind, loop, build, stop_after)
 
@@ -523,19 +626,43 @@ def _check_settings(policy, prompts, num_iterations, reward_model, reward_fn, st
         raise ConfigError(f"{b('reward_model')} is unset; give the reward model's HF directory")
 
 
-def _plan(data_state, *, policy, reward_model, prompts, num_iterations, reward_fn, config, kl, optimizer, mesh,
-          template, seed, numerics) -> Plan:
+def _plan(
+    data_state,
+    *,
+    policy,
+    reward_model,
+    prompts,
+    num_iterations,
+    reward_fn,
+    config,
+    kl,
+    optimizer,
+    mesh,
+    template,
+    seed,
+    numerics,
+) -> Plan:
     """train_ppo's prompts, models, state and trainer."""
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
     tok = load_tokenizer(policy)
     # The optimizer and the prompts before any weights: bad settings and an empty prompt set
     # are found in seconds.
-    tx, _ = optimizer(params=None, default_total_steps=num_iterations * config.ppo_epochs
-                      * (config.rollout_batch_size * config.samples_per_prompt // config.mini_batch_size))
-    stream = PromptStream(_load_prompts(prompts, tok, config.max_prompt_length, template),
-                          config.rollout_batch_size, config.samples_per_prompt, config.max_prompt_length,
-                          tok.pad_token_id or 0, seed, data_state)
+    tx, _ = optimizer(
+        params=None,
+        default_total_steps=num_iterations
+        * config.ppo_epochs
+        * (config.rollout_batch_size * config.samples_per_prompt // config.mini_batch_size),
+    )
+    stream = PromptStream(
+        _load_prompts(prompts, tok, config.max_prompt_length, template),
+        config.rollout_batch_size,
+        config.samples_per_prompt,
+        config.max_prompt_length,
+        tok.pad_token_id or 0,
+        seed,
+        data_state,
+    )
     the_mesh = mesh() if callable(mesh) else mesh
     layout = shd.Layout(the_mesh, shd.logical_rules())
     cfg, pol_params = load_hf(policy, layout=layout, **numerics)
@@ -560,17 +687,32 @@ def _plan(data_state, *, policy, reward_model, prompts, num_iterations, reward_f
                 value_cfg = cfg
             params["value"] = value
     eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    trainer = PPOTrainer(cfg, config, tx, layout, ref_params, rm_model, rm_params, reward_fn, eos,
-                         tok.pad_token_id or 0, kl, value_cfg=value_cfg)
+    trainer = PPOTrainer(
+        cfg,
+        config,
+        tx,
+        layout,
+        ref_params,
+        rm_model,
+        rm_params,
+        reward_fn,
+        eos,
+        tok.pad_token_id or 0,
+        kl,
+        value_cfg=value_cfg,
+    )
     state = init_state(params, tx, seed, trainer.initial_extra())
 
     def export(d: str, state: TrainState) -> None:
         save_hf(d, cfg, without_head(state.params["policy"], VALUE_HEAD), tokenizer=tok)
 
     return Plan(
-        state=state, data=stream, batches=_prompt_batches(stream),
+        state=state,
+        data=stream,
+        batches=_prompt_batches(stream),
         step=lambda state, batch: trainer.iteration(state, shd.shard_batch(batch, the_mesh)),
-        summarize=lambda metrics, batches, seconds: metrics_row(metrics), export=export,
+        summarize=lambda metrics, batches, seconds: metrics_row(metrics),
+        export=export,
         postfix=lambda m: dict(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}"),
         num_steps=num_iterations,
     )

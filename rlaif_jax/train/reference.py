@@ -25,8 +25,8 @@ from rlaif_jax.data.pipeline.builders import _tokenizer_hash, check_settings
 from rlaif_jax.data.records import PREFERENCES, read_manifest, read_records, write_records
 from rlaif_jax.data.tokenize.encode import TRUNCATION_MODES, Encoder
 from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
-from rlaif_jax.models import apply, build_model
 from rlaif_jax.errors import UserError, binding, existing_dir, existing_path, one_of, whole
+from rlaif_jax.models import apply, build_model
 from rlaif_jax.models.hf_io import load_hf
 from rlaif_jax.outputs import check_replace, writer_lock
 from rlaif_jax.train.logprobs import sequence_logps
@@ -68,8 +68,15 @@ def precompute_reference_logps(
     Settings and paths are checked before the reference loads; out_dir is held by its
     writer lock, and a complete set there is replaced by fewer records only with overwrite."""
     b = lambda p: binding(f"precompute_reference_logps.{p}")  # noqa: E731
-    check_settings("precompute_reference_logps", batch_size=batch_size, seq_len=seq_len, max_length=max_length,
-                   max_prompt_length=max_prompt_length, num_epochs=None, prefetch=0)
+    check_settings(
+        "precompute_reference_logps",
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        num_epochs=None,
+        prefetch=0,
+    )
     if num_shards is not None:
         whole(b("num_shards"), num_shards, 1, hint="> 0, or None for as many as the input")
     one_of(b("truncation_mode"), truncation_mode, TRUNCATION_MODES)
@@ -77,12 +84,40 @@ def precompute_reference_logps(
     existing_dir(b("reference"), reference, "HF model directory", must_contain="config.json")
     existing_dir(b("tokenizer"), tokenizer, "tokenizer directory")
     with writer_lock(out_dir, b("out_dir")):
-        return _precompute(preferences_dir, out_dir, reference, tokenizer, batch_size, seq_len, template, max_length,
-                           max_prompt_length, truncation_mode, num_shards, dtype, overwrite, b("overwrite"))
+        return _precompute(
+            preferences_dir,
+            out_dir,
+            reference,
+            tokenizer,
+            batch_size,
+            seq_len,
+            template,
+            max_length,
+            max_prompt_length,
+            truncation_mode,
+            num_shards,
+            dtype,
+            overwrite,
+            b("overwrite"),
+        )
 
 
-def _precompute(preferences_dir, out_dir, reference, tokenizer, batch_size, seq_len, template, max_length,
-                max_prompt_length, truncation_mode, num_shards, dtype, overwrite, overwrite_binding) -> dict:
+def _precompute(
+    preferences_dir,
+    out_dir,
+    reference,
+    tokenizer,
+    batch_size,
+    seq_len,
+    template,
+    max_length,
+    max_prompt_length,
+    truncation_mode,
+    num_shards,
+    dtype,
+    overwrite,
+    overwrite_binding,
+) -> dict:
     src = read_manifest(preferences_dir, PREFERENCES)
     if src["num_records"] == 0:
         raise UserError(f"{preferences_dir}: no preference records; nothing was computed or written")
@@ -96,8 +131,9 @@ def _precompute(preferences_dir, out_dir, reference, tokenizer, batch_size, seq_
     model = build_model(cfg, layout=layout)
     records = list(read_records(preferences_dir, PREFERENCES))
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
-    pairs = enc.encode_pairs([r["prompt"] for r in records], [r["chosen"] for r in records],
-                             [r["rejected"] for r in records])
+    pairs = enc.encode_pairs(
+        [r["prompt"] for r in records], [r["chosen"] for r in records], [r["rejected"] for r in records]
+    )
 
     @jax.jit
     def score(params, batch):
@@ -107,19 +143,34 @@ def _precompute(preferences_dir, out_dir, reference, tokenizer, batch_size, seq_
 
     logps = np.zeros((len(records), 2), np.float64)
     for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         batch = pad_preference_batch(chunk, batch_size, seq_len)
         lp = shd.to_host(score(params, shd.shard_batch(batch, mesh)))
         n = len(chunk)
-        logps[start:start + n, 0], logps[start:start + n, 1] = lp[:n], lp[batch_size:batch_size + n]
+        logps[start : start + n, 0], logps[start : start + n, 1] = lp[:n], lp[batch_size : batch_size + n]
     if not np.isfinite(logps).all():
         bad = int(np.where(~np.isfinite(logps).all(1))[0][0])
-        raise FloatingPointError(f"non-finite reference log-prob for record {bad} (prompt_id {records[bad]['prompt_id']})")
+        raise FloatingPointError(
+            f"non-finite reference log-prob for record {bad} (prompt_id {records[bad]['prompt_id']})"
+        )
     ident = reference_identity(reference, tok)
-    out = [dict(r, ref_chosen_logp=float(c), ref_rejected_logp=float(j), ref_model=ident)
-           for r, (c, j) in zip(records, logps)]
-    return write_records(out_dir, PREFERENCES, out, num_shards=num_shards or len(src["shards"]),
-                         overwrite=overwrite, overwrite_binding=overwrite_binding,
-                         provenance={"source": fileio.abspath(preferences_dir), "ref_model": ident,
-                                     "template": template, "max_length": max_length,
-                                     "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode})
+    out = [
+        dict(r, ref_chosen_logp=float(c), ref_rejected_logp=float(j), ref_model=ident)
+        for r, (c, j) in zip(records, logps)
+    ]
+    return write_records(
+        out_dir,
+        PREFERENCES,
+        out,
+        num_shards=num_shards or len(src["shards"]),
+        overwrite=overwrite,
+        overwrite_binding=overwrite_binding,
+        provenance={
+            "source": fileio.abspath(preferences_dir),
+            "ref_model": ident,
+            "template": template,
+            "max_length": max_length,
+            "max_prompt_length": max_prompt_length,
+            "truncation_mode": truncation_mode,
+        },
+    )

@@ -45,8 +45,7 @@ class RewardModel:
     def loss(self, model, params, batch, ref_params, rng, mesh):
         both = concat_pairs(batch)
         B = batch["chosen_tokens"].shape[0]
-        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"],
-                    **train_rngs(model, rng))
+        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], **train_rngs(model, rng))
         r = gather_last(out[SCORE_HEAD], both["segment_ids"])
         rc, rr = r[:B], r[B:]
         losses = bradley_terry_losses(rc, rr, self.margin)

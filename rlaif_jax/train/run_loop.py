@@ -157,8 +157,13 @@ class Plan:
     num_steps: Optional[int] = None  # None: until the data ends
 
 
-def run(run_dir: str, kind: RunKind, settings: LoopSettings, build: Callable[[Optional[dict], Closing], Plan],
-        stop_after: Optional[int] = None) -> dict:
+def run(
+    run_dir: str,
+    kind: RunKind,
+    settings: LoopSettings,
+    build: Callable[[Optional[dict], Closing], Plan],
+    stop_after: Optional[int] = None,
+) -> dict:
     """Run a trainer in run_dir, holding its writer lock; resumes from its last checkpoint.
 
     run_dir may be a URL (gs://...): checkpoints go there through orbax, everything else is
@@ -196,8 +201,7 @@ def _run(rd: RunDir, kind: RunKind, settings: LoopSettings, build, stop_after) -
             recent: collections.deque = collections.deque(maxlen=log_every)
             last: dict = {}
             t_last, steps_since = time.perf_counter(), 0
-            bar = tqdm(total=num_steps, initial=start, desc=kind.desc,
-                       disable=jax.process_index() != 0)
+            bar = tqdm(total=num_steps, initial=start, desc=kind.desc, disable=jax.process_index() != 0)
             closing.add(bar.close)
             step = start
             metrics = None
@@ -205,7 +209,9 @@ def _run(rd: RunDir, kind: RunKind, settings: LoopSettings, build, stop_after) -
             def write_row() -> dict:
                 nonlocal t_last, steps_since
                 _check_finite(state, recent, rd, kind)
-                m = plan.summarize(metrics, [b for _, _, b in list(recent)[-steps_since:]], time.perf_counter() - t_last)
+                m = plan.summarize(
+                    metrics, [b for _, _, b in list(recent)[-steps_since:]], time.perf_counter() - t_last
+                )
                 writer.write(step, m)
                 bar.set_postfix(plan.postfix(m))
                 t_last, steps_since = time.perf_counter(), 0

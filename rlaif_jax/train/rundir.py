@@ -110,8 +110,10 @@ class RunDir:
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise StorageError(f"{path}: could not write it ({e.strerror or e}); the file as it was and the "
-                               "checkpoints are kept. Free space there and rerun the same command") from e
+            raise StorageError(
+                f"{path}: could not write it ({e.strerror or e}); the file as it was and the "
+                "checkpoints are kept. Free space there and rerun the same command"
+            ) from e
 
     def url(self, *parts: str) -> str:
         """The final location of a file (for messages): the URL, or the local path."""
@@ -125,8 +127,9 @@ class RunDir:
         if writer is not None:
             writer.flush()
         t0 = time.perf_counter()
-        changed = {rel: key for rel, key in _walk(self.local, skip_top=(HF_DIR,)).items()
-                   if self._uploaded.get(rel) != key}
+        changed = {
+            rel: key for rel, key in _walk(self.local, skip_top=(HF_DIR,)).items() if self._uploaded.get(rel) != key
+        }
         if not changed:
             return
         _put(self.local, self.path, list(changed))
@@ -183,7 +186,8 @@ class RunDir:
             raise StorageError(
                 f"{out}: could not write the HF export ({e.strerror or e}); the partial copy was removed, and the "
                 f"final checkpoint{f' ({at})' if at else ''} is complete. Free space there and rerun the same "
-                "command: it exports again without training") from e
+                "command: it exports again without training"
+            ) from e
 
     def close(self) -> None:
         """Final mirror, then delete staging (kept, and named in the log, if the upload fails)."""
@@ -254,8 +258,10 @@ def fetch_hf(path: str, cache_root: Optional[str] = None, weights: bool = True) 
     local = os.path.join(root, "rlaif_hf", key)
 
     def complete(d: str) -> bool:
-        return all(os.path.isfile(os.path.join(d, *r.split("/")))
-                   and os.path.getsize(os.path.join(d, *r.split("/"))) == n for r, n in files.items())
+        return all(
+            os.path.isfile(os.path.join(d, *r.split("/"))) and os.path.getsize(os.path.join(d, *r.split("/"))) == n
+            for r, n in files.items()
+        )
 
     if not complete(local):
         # Into a directory of this process's own, renamed into place when whole: processes
@@ -285,8 +291,10 @@ def _plain_hf_files(fs, remote: str, path: str, weights: bool) -> dict:
     files = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in entries if e["type"] == "file"}
     if weights:
         if "config.json" not in files:
-            raise FileNotFoundError(f"{path}: no config.json (not an HF model directory, or an export of ours "
-                                    f"without {HF_EXPORT_MARKER}: interrupted)")
+            raise FileNotFoundError(
+                f"{path}: no config.json (not an HF model directory, or an export of ours "
+                f"without {HF_EXPORT_MARKER}: interrupted)"
+            )
         index = "model.safetensors.index.json"
         if index in files:
             with fileio.open_file(fileio.join(path, index)) as f:

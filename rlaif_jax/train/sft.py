@@ -35,8 +35,7 @@ class SFT:
 
     def loss(self, model, params, batch, ref_params, rng, mesh):
         tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
-        out = apply(model, params, tokens, batch["positions"], batch["segment_ids"],
-                    **train_rngs(model, rng))
+        out = apply(model, params, tokens, batch["positions"], batch["segment_ids"], **train_rngs(model, rng))
         nll = -(token_logps(out["logits"], tokens) * mask).sum()
         n_tok = mask.sum()
         n_seq = num_sequences(batch["positions"], batch["segment_ids"])

@@ -8,7 +8,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import sharding as shd
 
@@ -59,8 +60,7 @@ def initial_state_shardings(params, tx, seed: int, extra: Optional[dict] = None)
     shapes = jax.eval_shape(lambda p, e: create_state(p, tx, seed, e), params, extra)
     # tx.init's zeros depend on no input: left to XLA, jit replicates them on every chip
     # (a 7B model's AdamW moments, 50 GiB, on each of them).
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_sh,
-                                   transform_non_params=lambda _: rep)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_sh, transform_non_params=lambda _: rep)
     return jax.tree.map(lambda _: rep, shapes).replace(params=param_sh, opt_state=opt_sh)
 
 
@@ -119,6 +119,7 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
         if grad_accum == 1:
             (loss_sum, (weight, metrics)), grads = grad_fn(state.params, batch, ref_params, key)
         else:
+
             def split(x):
                 if x.shape[0] % grad_accum:
                     raise ValueError(f"batch of {x.shape[0]} rows does not split into {grad_accum} micro-batches")
@@ -128,7 +129,9 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
 
             def body(carry, xs):
                 mb, k = xs
-                mb = jax.tree.map(lambda x: shd.constrain(model.layout, x, ("activation_batch",) + (None,) * (x.ndim - 1)), mb)
+                mb = jax.tree.map(
+                    lambda x: shd.constrain(model.layout, x, ("activation_batch",) + (None,) * (x.ndim - 1)), mb
+                )
                 (ls, (w, m)), g = grad_fn(state.params, mb, ref_params, k)
                 return _tree_add(carry, (ls, w, m, g)), None
 
@@ -144,8 +147,12 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
         loss = loss_sum / weight
         params, opt_state, finite, grad_norm = update_if_finite(tx, grads, state.opt_state, state.params, loss)
         out = {name: s / jnp.maximum(c, 1e-9) for name, (s, c) in metrics.items()}
-        out.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   param_norm=optax.global_norm(state.params))
+        out.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            learning_rate=schedule(state.step),
+            param_norm=optax.global_norm(state.params),
+        )
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -195,8 +202,12 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
 
 
 def _jit_step(step_fn: Callable, state_sh: Any, batch_sh: Any, const_sh: tuple, mesh: Mesh):
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, *const_sh),
-                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sh, batch_sh, *const_sh),
+        out_shardings=(state_sh, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
 
 
 def jit_step(step_fn: Callable, state: TrainState, batch: Any, mesh: Mesh, *consts: Any):
@@ -204,8 +215,13 @@ def jit_step(step_fn: Callable, state: TrainState, batch: Any, mesh: Mesh, *cons
     batch shaped like these (arrays or sharded ShapeDtypeStructs): the state as placed (and
     donated), the batch over the data axes, each const (reference params) as placed, the
     metrics replicated. compile_step's program, and what scripts/aot_compile.py lowers."""
-    return _jit_step(step_fn, state_shardings(state, mesh), batch_shardings(batch, mesh),
-                     tuple(placed_shardings(c, mesh) for c in consts), mesh)
+    return _jit_step(
+        step_fn,
+        state_shardings(state, mesh),
+        batch_shardings(batch, mesh),
+        tuple(placed_shardings(c, mesh) for c in consts),
+        mesh,
+    )
 
 
 def compile_step(step_fn: Callable, state: TrainState, mesh: Mesh, *consts: Any) -> Callable:

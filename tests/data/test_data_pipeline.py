@@ -31,8 +31,15 @@ def demo_dir(tmp_path_factory):
     recs = []
     for i in range(37):
         p = f"{i} " + text(rng, 1, 12)  # the leading number makes every prompt unique
-        recs.append({"prompt_id": prompt_id(p), "prompt": p, "completion": text(rng, 1, 20),
-                     "source_model": "m", "finish_reason": "stop"})
+        recs.append(
+            {
+                "prompt_id": prompt_id(p),
+                "prompt": p,
+                "completion": text(rng, 1, 20),
+                "source_model": "m",
+                "finish_reason": "stop",
+            }
+        )
     write_records(d, DEMONSTRATIONS, recs, num_shards=4)
     return str(d)
 
@@ -44,9 +51,18 @@ def pref_dir(tmp_path_factory):
     recs = []
     for i in range(21):
         p = f"{i} " + text(rng, 1, 8)
-        recs.append({"prompt_id": prompt_id(p), "prompt": p, "chosen": "yes " + text(rng, 1, 10),
-                     "rejected": "no " + text(rng, 1, 10), "provenance": "t",
-                     "ref_chosen_logp": -float(i), "ref_rejected_logp": -100.0 - i, "ref_model": "ref"})
+        recs.append(
+            {
+                "prompt_id": prompt_id(p),
+                "prompt": p,
+                "chosen": "yes " + text(rng, 1, 10),
+                "rejected": "no " + text(rng, 1, 10),
+                "provenance": "t",
+                "ref_chosen_logp": -float(i),
+                "ref_rejected_logp": -100.0 - i,
+                "ref_model": "ref",
+            }
+        )
     write_records(d, PREFERENCES, recs, num_shards=2)
     return str(d)
 
@@ -70,7 +86,7 @@ def segments(batch, prefix=""):
         nz = ids[ids > 0]
         # segments are contiguous, numbered 1..k in order, and padding only trails them
         assert list(np.unique(nz)) == list(range(1, (nz.max() if nz.size else 0) + 1))
-        assert not ids[len(nz):].any()
+        assert not ids[len(nz) :].any()
         for s in range(1, (nz.max() if nz.size else 0) + 1):
             sel = ids == s
             out.append(tuple(batch[f"{prefix}{k}"][row][sel] for k in ("tokens", "positions", "loss_mask")))
@@ -84,11 +100,16 @@ def check_segment(tokens, positions, mask, ex):
 
 
 def test_pad_batch_layout():
-    ex = [Encoded(np.array([1, 5, 6], np.int32), np.array([7, 2], np.int32)), Encoded(np.array([1], np.int32), np.array([9], np.int32))]
+    ex = [
+        Encoded(np.array([1, 5, 6], np.int32), np.array([7, 2], np.int32)),
+        Encoded(np.array([1], np.int32), np.array([9], np.int32)),
+    ]
     b = pad_batch(ex, batch_size=3, seq_len=6)
     assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
-        "tokens": ((3, 6), "int32"), "positions": ((3, 6), "int32"),
-        "segment_ids": ((3, 6), "int32"), "loss_mask": ((3, 6), "float32"),
+        "tokens": ((3, 6), "int32"),
+        "positions": ((3, 6), "int32"),
+        "segment_ids": ((3, 6), "int32"),
+        "loss_mask": ((3, 6), "float32"),
     }
     np.testing.assert_array_equal(b["tokens"], [[1, 5, 6, 7, 2, 0], [1, 9, 0, 0, 0, 0], [0] * 6])
     np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3, 4, 0], [0, 1, 0, 0, 0, 0], [0] * 6])
@@ -187,7 +208,9 @@ def test_finite_epochs_and_drop_remainder(demo_dir, pref_dir, tokenizer_dir):
 
 def test_sft_loss_mask_marks_response_targets(demo_dir, pref_dir, tokenizer_dir, tokenizer):
     # Long enough that nothing is truncated: "Human: " and the final EOS are there to see.
-    b = next(_make("padded", demo_dir, pref_dir, tokenizer_dir, prefetch=0, seq_len=96, max_length=96, max_prompt_length=40))
+    b = next(
+        _make("padded", demo_dir, pref_dir, tokenizer_dir, prefetch=0, seq_len=96, max_length=96, max_prompt_length=40)
+    )
     for row in range(4):
         toks, mask = b["tokens"][row], b["loss_mask"][row]
         n = int((b["segment_ids"][row] > 0).sum())
@@ -201,8 +224,9 @@ def test_sft_loss_mask_marks_response_targets(demo_dir, pref_dir, tokenizer_dir,
 
 def test_preference_batches_pair_rows_and_ref_logps(pref_dir, demo_dir, tokenizer_dir, tokenizer, tmp_path):
     b = next(_make("preference", demo_dir, pref_dir, tokenizer_dir, prefetch=0, shuffle=False))
-    assert set(b) == {f"{s}_{k}" for s in ("chosen", "rejected") for k in ("tokens", "positions", "segment_ids", "loss_mask")} | {
-        "ref_chosen_logps", "ref_rejected_logps"}
+    assert set(b) == {
+        f"{s}_{k}" for s in ("chosen", "rejected") for k in ("tokens", "positions", "segment_ids", "loss_mask")
+    } | {"ref_chosen_logps", "ref_rejected_logps"}
     np.testing.assert_array_equal(b["ref_chosen_logps"], [0.0, -1.0, -2.0, -3.0])
     np.testing.assert_array_equal(b["ref_rejected_logps"], [-100.0, -101.0, -102.0, -103.0])
     for row in range(4):
@@ -212,13 +236,25 @@ def test_preference_batches_pair_rows_and_ref_logps(pref_dir, demo_dir, tokenize
         np.testing.assert_array_equal(b["chosen_tokens"][row, :n_c], b["rejected_tokens"][row, :n_r])
         assert tokenizer.decode(b["chosen_tokens"][row, n_c : n_c + 1].tolist()) == "yes"
         assert tokenizer.decode(b["rejected_tokens"][row, n_r : n_r + 1].tolist()) == "no"
-    recs = [{"prompt_id": "a", "prompt": "a", "chosen": "yes", "rejected": "no", "provenance": "t",
-             "ref_chosen_logp": -1.0 if i else None, "ref_rejected_logp": -2.0} for i in range(3)]
+    recs = [
+        {
+            "prompt_id": "a",
+            "prompt": "a",
+            "chosen": "yes",
+            "rejected": "no",
+            "provenance": "t",
+            "ref_chosen_logp": -1.0 if i else None,
+            "ref_rejected_logp": -2.0,
+        }
+        for i in range(3)
+    ]
     write_records(tmp_path, PREFERENCES, recs)
     with pytest.raises(ValueError, match="2 of 3 pairs have reference log-probs"):
         preference_pipeline(str(tmp_path), tokenizer_dir, batch_size=1, process_index=0, process_count=1)
     write_records(tmp_path, PREFERENCES, [dict(r, ref_chosen_logp=None, ref_rejected_logp=None) for r in recs])
-    b = next(preference_pipeline(str(tmp_path), tokenizer_dir, batch_size=1, process_index=0, process_count=1, prefetch=0))
+    b = next(
+        preference_pipeline(str(tmp_path), tokenizer_dir, batch_size=1, process_index=0, process_count=1, prefetch=0)
+    )
     assert "ref_chosen_logps" not in b
 
 
@@ -231,7 +267,9 @@ def test_each_process_reads_its_own_shards(demo_dir, pref_dir, tokenizer_dir):
     assert per[0][1] == per[1][1] == min(len(ids[0]), len(ids[1]))  # common epoch size
     counts = []
     for p in range(2):
-        it = _make("padded", demo_dir, pref_dir, tokenizer_dir, process_index=p, process_count=2, num_epochs=1, batch_size=2)
+        it = _make(
+            "padded", demo_dir, pref_dir, tokenizer_dir, process_index=p, process_count=2, num_epochs=1, batch_size=2
+        )
         counts.append(sum(1 for _ in it))
     assert counts[0] == counts[1] == per[0][1] // 2
 
@@ -245,8 +283,13 @@ def test_prefetch_surfaces_errors_and_applies_transform():
     with pytest.raises(RuntimeError, match="boom in batcher"):
         next(it)
     exs = synthetic(6, np.random.default_rng(0))
-    it = DataIterator(PackedBatcher(exs, 1, 32), IndexStream(6, 6, 0, False, 1), "fp", prefetch=2,
-                      transform=lambda b: {"n": int((b["segment_ids"] > 0).sum())})
+    it = DataIterator(
+        PackedBatcher(exs, 1, 32),
+        IndexStream(6, 6, 0, False, 1),
+        "fp",
+        prefetch=2,
+        transform=lambda b: {"n": int((b["segment_ids"] > 0).sum())},
+    )
     assert sum(b["n"] for b in it) == sum(e.length for e in exs)
 
 
@@ -315,8 +358,10 @@ def test_document_stream_joins_a_packed_row_and_trains_eos_as_an_input():
     from rlaif_jax.data.pipeline import as_document_stream
 
     # Two examples packed in one row: BOS p p | r EOS, then BOS p | r r EOS; BOS=1, EOS=2.
-    a, b = Encoded(np.array([1, 5, 6], np.int32), np.array([7, 2], np.int32)), \
-        Encoded(np.array([1, 8], np.int32), np.array([9, 9, 2], np.int32))
+    a, b = (
+        Encoded(np.array([1, 5, 6], np.int32), np.array([7, 2], np.int32)),
+        Encoded(np.array([1, 8], np.int32), np.array([9, 9, 2], np.int32)),
+    )
     batch, left = pack_batch([a, b], batch_size=1, seq_len=12)
     assert not left
     s = as_document_stream(batch)

@@ -55,8 +55,12 @@ def test_sharegpt_filters_and_first_turn(tmp_path):
     ]
     assert stats.read == 11 and stats.kept == 3
     assert stats.dropped == {
-        "starts_with_assistant": 1, "special_token": 3, "first_turn_not_human": 1,
-        "no_assistant_reply": 1, "empty_prompt": 1, "empty_conversation": 1,
+        "starts_with_assistant": 1,
+        "special_token": 3,
+        "first_turn_not_human": 1,
+        "no_assistant_reply": 1,
+        "empty_prompt": 1,
+        "empty_conversation": 1,
     }
     assert prompts[0].completion_model == "sharegpt-chatgpt"
 
@@ -128,7 +132,9 @@ def test_trl_preference_forms(tmp_path):
     prompts, prefs, stats = read_prompt_source(path)
     assert prompts == []
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in prefs] == [
-        ("Q1", "good", "bad"), ("Q2", "good2", "bad2"), ("Q3", "good3", "bad3")
+        ("Q1", "good", "bad"),
+        ("Q2", "good2", "bad2"),
+        ("Q3", "good3", "bad3"),
     ]
     assert prefs[2]["prompt_id"] == prompt_id("Q3")
     assert stats.dropped == {"chosen_equals_rejected": 1}
@@ -140,7 +146,9 @@ def test_trl_preference_forms(tmp_path):
 def test_hf_datasets_from_disk_and_parquet(tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_list([{"prompt": "Q1", "chosen": "c", "rejected": "r"}, {"prompt": "Q2", "chosen": "c2", "rejected": "r2"}])
+    ds = datasets.Dataset.from_list(
+        [{"prompt": "Q1", "chosen": "c", "rejected": "r"}, {"prompt": "Q2", "chosen": "c2", "rejected": "r2"}]
+    )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
     _, prefs, _ = read_prompt_source(str(tmp_path / "dd"))
     assert [p["prompt"] for p in prefs] == ["Q1", "Q2"]
@@ -153,14 +161,40 @@ def test_hf_datasets_from_disk_and_parquet(tmp_path):
 # The paper's released files, in their format (AlpacaEval outputs / annotations).
 PAPER_COMPLETIONS = [
     {"instruction": "Give three tips for staying healthy.", "output": "1. Eat well", "generator": "gpt-4-0314"},
-    {"instruction": "What is the capital of France?", "output": "Paris.", "generator": "gpt-4-0314", "finish_reason": "stop"},
+    {
+        "instruction": "What is the capital of France?",
+        "output": "Paris.",
+        "generator": "gpt-4-0314",
+        "finish_reason": "stop",
+    },
 ]
 PAPER_ANNOTATIONS = [
-    {"instruction": "Give three tips", "output_1": "sft says", "output_2": "gpt says", "generator_1": "sft", "generator_2": "gpt-3.5", "annotator": "alpaca_eval_gpt4", "preference": 2.0, "raw_completion": "Output (b)"},
-    {"instruction": "Capital?", "output_1": "Paris", "output_2": "Lyon", "annotator": "alpaca_eval_gpt4", "preference": 1},
+    {
+        "instruction": "Give three tips",
+        "output_1": "sft says",
+        "output_2": "gpt says",
+        "generator_1": "sft",
+        "generator_2": "gpt-3.5",
+        "annotator": "alpaca_eval_gpt4",
+        "preference": 2.0,
+        "raw_completion": "Output (b)",
+    },
+    {
+        "instruction": "Capital?",
+        "output_1": "Paris",
+        "output_2": "Lyon",
+        "annotator": "alpaca_eval_gpt4",
+        "preference": 1,
+    },
     {"instruction": "Tie", "output_1": "same", "output_2": "same", "annotator": "alpaca_eval_gpt4", "preference": 1.5},
     {"instruction": "Unparsed", "output_1": "a", "output_2": "b", "annotator": "alpaca_eval_gpt4", "preference": None},
-    {"instruction": "NaN", "output_1": "a", "output_2": "b", "annotator": "alpaca_eval_gpt4", "preference": float("nan")},
+    {
+        "instruction": "NaN",
+        "output_1": "a",
+        "output_2": "b",
+        "annotator": "alpaca_eval_gpt4",
+        "preference": float("nan"),
+    },
 ]
 
 
@@ -170,8 +204,11 @@ def test_paper_completions_import(tmp_path):
     demos, stats = read_paper_completions(path)
     recs = [d.demonstration_record() for d in demos]
     assert recs[1] == {
-        "prompt_id": prompt_id("What is the capital of France?"), "prompt": "What is the capital of France?",
-        "completion": "Paris.", "source_model": "gpt-4-0314", "finish_reason": "stop",
+        "prompt_id": prompt_id("What is the capital of France?"),
+        "prompt": "What is the capital of France?",
+        "completion": "Paris.",
+        "source_model": "gpt-4-0314",
+        "finish_reason": "stop",
     }
     assert recs[0]["finish_reason"] == "unknown"
     write_records(tmp_path / "demos", DEMONSTRATIONS, recs)
@@ -256,15 +293,26 @@ def test_import_paper_files_into_record_sets(tmp_path):
     rows = [conv(("human", f"q{i}"), ("gpt", f"chatgpt {i}")) for i in range(20)]
     (tmp_path / "sg.json").write_text(json.dumps(rows))
     prepare_prompts(str(tmp_path / "sg.json"), str(tmp_path / "prep"))
-    gpt4 = [{"instruction": f"q{i}", "output": f"gpt4 {i}", "finish_reason": "length" if i == 5 else "stop"} for i in range(20)]
+    gpt4 = [
+        {"instruction": f"q{i}", "output": f"gpt4 {i}", "finish_reason": "length" if i == 5 else "stop"}
+        for i in range(20)
+    ]
     gpt4.append({"instruction": "not a sharegpt prompt", "output": "x", "finish_reason": "stop"})
     (tmp_path / "gpt4.json").write_text(json.dumps(gpt4))
-    stats = import_paper_completions(str(tmp_path / "gpt4.json"), str(tmp_path / "gpt4"), source_model="gpt-4-0314",
-                                     prompts_dir=str(tmp_path / "prep"), keep_finish_reasons=("stop",))
+    stats = import_paper_completions(
+        str(tmp_path / "gpt4.json"),
+        str(tmp_path / "gpt4"),
+        source_model="gpt-4-0314",
+        prompts_dir=str(tmp_path / "prep"),
+        keep_finish_reasons=("stop",),
+    )
     assert stats["sft"] == 2 and stats["feedback"] == 17
     assert stats["dropped"] == {"finish_reason_length": 1, "not_in_prompts": 1}
     sft = list(read_records(tmp_path / "gpt4/demonstrations/sft", DEMONSTRATIONS))
-    assert [(d["prompt"], d["completion"], d["source_model"]) for d in sft] == [("q0", "gpt4 0", "gpt-4-0314"), ("q1", "gpt4 1", "gpt-4-0314")]
+    assert [(d["prompt"], d["completion"], d["source_model"]) for d in sft] == [
+        ("q0", "gpt4 0", "gpt-4-0314"),
+        ("q1", "gpt4 1", "gpt-4-0314"),
+    ]
 
     (tmp_path / "ann.json").write_text(json.dumps(PAPER_ANNOTATIONS))
     stats = import_paper_annotations(str(tmp_path / "ann.json"), str(tmp_path / "ann"))
@@ -285,8 +333,11 @@ def _prepared(tmp_path, n=20):
 
 def _snapshot(directory):
     """Every file's bytes but the writer lock's (it names the last holder)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*")
-            if p.is_file() and p.name != ".writer.lock"}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != ".writer.lock"
+    }
 
 
 def test_an_empty_or_all_filtered_source_is_an_error_and_keeps_the_data(tmp_path):
@@ -310,8 +361,11 @@ def test_a_smaller_source_replaces_prepared_prompts_only_with_overwrite(tmp_path
     before = _prepared(tmp_path, n=20)
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"prompt": f"new {i}"}) + "\n" for i in range(3)))
-    with pytest.raises(OutputWouldShrinkError, match=r"prompts/feedback holds a complete set of 18 records and "
-                                                     r"this run would replace it with 0; .*prepare_prompts.overwrite"):
+    with pytest.raises(
+        OutputWouldShrinkError,
+        match=r"prompts/feedback holds a complete set of 18 records and "
+        r"this run would replace it with 0; .*prepare_prompts.overwrite",
+    ):
         prepare_prompts(str(small), str(tmp_path / "data"), sft_fraction=1.0)
     # every set is checked before any is written: the sft set (2 -> 3, allowed) is untouched
     assert _snapshot(tmp_path / "data") == before
@@ -388,10 +442,19 @@ def test_prepare_data_script_exits_2_on_an_empty_file_and_keeps_the_data(tmp_pat
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     before = _prepared(tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
-    r = subprocess.run([sys.executable, os.path.join(repo, "scripts", "prepare_data.py"), "prepare_prompts",
-                        f"--gin_param=prepare_prompts.source='{tmp_path / 'empty.jsonl'}'",
-                        f"--gin_param=prepare_prompts.output_dir='{tmp_path / 'data'}'"],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(repo, "scripts", "prepare_data.py"),
+            "prepare_prompts",
+            f"--gin_param=prepare_prompts.source='{tmp_path / 'empty.jsonl'}'",
+            f"--gin_param=prepare_prompts.output_dir='{tmp_path / 'data'}'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: prepare_prompts.source = ")
     assert "Traceback" not in r.stderr

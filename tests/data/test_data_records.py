@@ -38,15 +38,30 @@ SAMPLES = {
     ),
     "demonstrations": (
         DEMONSTRATIONS,
-        [{"prompt_id": prompt_id(P), "prompt": P, "completion": "a² + b² = c²\n", "source_model": "gpt-4-0314", "finish_reason": "stop"}],
+        [
+            {
+                "prompt_id": prompt_id(P),
+                "prompt": P,
+                "completion": "a² + b² = c²\n",
+                "source_model": "gpt-4-0314",
+                "finish_reason": "stop",
+            }
+        ],
     ),
     "comparisons": (
         COMPARISONS,
         [
             {
-                "prompt_id": prompt_id(P), "prompt": P, "response_1": "one", "response_2": "two",
-                "model_1": "sft", "model_2": None, "judge": "gpt-4-0314", "verdict": v,
-                "raw_judge_text": "Output (b)", "swapped": s,
+                "prompt_id": prompt_id(P),
+                "prompt": P,
+                "response_1": "one",
+                "response_2": "two",
+                "model_1": "sft",
+                "model_2": None,
+                "judge": "gpt-4-0314",
+                "verdict": v,
+                "raw_judge_text": "Output (b)",
+                "swapped": s,
             }
             for v, s in (("first", 0), ("second", 1), ("tie", 0), ("invalid", 1))
         ],
@@ -54,10 +69,26 @@ SAMPLES = {
     "preferences": (
         PREFERENCES,
         [
-            {"prompt_id": prompt_id(P), "prompt": P, "chosen": "good", "rejected": "bad", "provenance": "judge=gpt-4",
-             "ref_chosen_logp": -12.5, "ref_rejected_logp": -40.25, "ref_model": "sft-7b"},
-            {"prompt_id": prompt_id("q"), "prompt": "q", "chosen": "", "rejected": "no", "provenance": "p",
-             "ref_chosen_logp": None, "ref_rejected_logp": None, "ref_model": None},
+            {
+                "prompt_id": prompt_id(P),
+                "prompt": P,
+                "chosen": "good",
+                "rejected": "bad",
+                "provenance": "judge=gpt-4",
+                "ref_chosen_logp": -12.5,
+                "ref_rejected_logp": -40.25,
+                "ref_model": "sft-7b",
+            },
+            {
+                "prompt_id": prompt_id("q"),
+                "prompt": "q",
+                "chosen": "",
+                "rejected": "no",
+                "provenance": "p",
+                "ref_chosen_logp": None,
+                "ref_rejected_logp": None,
+                "ref_model": None,
+            },
         ],
     ),
 }

@@ -31,7 +31,9 @@ def test_exactly_one_bos_and_user_special_strings_stay_text(tokenizer):
     assert seq.count(tokenizer.bos_token_id) == 1 and seq[0] == tokenizer.bos_token_id
     assert seq.count(tokenizer.eos_token_id) == 1 and seq[-1] == tokenizer.eos_token_id
     (p,) = enc.encode_prompts(["hello"])
-    assert p.tolist() == [tokenizer.bos_token_id] + ids(tokenizer, ["Human", ":", " ", "hello", "\n\n", "Assistant", ":", " "])
+    assert p.tolist() == [tokenizer.bos_token_id] + ids(
+        tokenizer, ["Human", ":", " ", "hello", "\n\n", "Assistant", ":", " "]
+    )
 
 
 def test_model_template(tokenizer):
@@ -46,7 +48,8 @@ def test_model_template(tokenizer):
 
 def test_model_template_without_bos_or_eos_gets_them(tmp_path):
     tok = build_test_tokenizer(
-        tmp_path, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+        tmp_path,
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}",
     )
     with pytest.raises(ValueError, match="prefix-stable"):
         Encoder(tok, "model").encode_sft(["hello"], ["blue"])

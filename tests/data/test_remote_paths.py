@@ -71,7 +71,9 @@ def test_path_helpers(tmp_path):
     assert json.loads(get(f"{MEM}/a/r.json")) == {"ü": 1}
     assert get(f"{MEM}/a/r.jsonl") == b'{"x": 1}\n{"x": 2}\n'
     assert fileio.isdir(f"{MEM}/a") and fileio.isfile(f"{MEM}/a/r.json") and not fileio.isdir(f"{MEM}/a/r.json")
-    assert fileio.glob(f"{MEM}/a/*.json") == [fileio.url_fs(f"{MEM}/a/r.json")[0].unstrip_protocol("/bucket/run/a/r.json")]
+    assert fileio.glob(f"{MEM}/a/*.json") == [
+        fileio.url_fs(f"{MEM}/a/r.json")[0].unstrip_protocol("/bucket/run/a/r.json")
+    ]
     assert fileio.listdir_sizes(f"{MEM}/a") == {"r.json": len(get(f"{MEM}/a/r.json")), "r.jsonl": 18}
     assert fileio.getsize(f"{MEM}/a/r.jsonl") == 18
     assert not any(k.endswith(".tmp") for k in fsspec.filesystem("memory").store)  # no rename dance
@@ -124,11 +126,13 @@ def test_records_round_trip_remote_and_match_local_bytes(tmp_path, name):
     assert list(read_records(url, schema)) == records
     assert list(read_records(url, schema, verify_checksum=False)) == records
     assert list(read_records(url, schema, shards=[3, 0])) == list(read_records(url, schema, shards=[3])) + list(
-        read_records(url, schema, shards=[0]))
+        read_records(url, schema, shards=[0])
+    )
     # byte for byte what a local write gives
     local = write_records(tmp_path, schema, records, num_shards=4, provenance={"why": "test"})
     assert [(s["file"], s["bytes"], s["sha256"]) for s in local["shards"]] == [
-        (s["file"], s["bytes"], s["sha256"]) for s in manifest["shards"]]
+        (s["file"], s["bytes"], s["sha256"]) for s in manifest["shards"]
+    ]
     for s in manifest["shards"]:
         assert get(f"{url}/{s['file']}") == (tmp_path / s["file"]).read_bytes()
     assert sorted(fileio.listdir_sizes(url)) == sorted([s["file"] for s in manifest["shards"]] + ["manifest.json"])
@@ -158,8 +162,8 @@ def test_corrupt_remote_shard_gives_the_local_errors(tmp_path):
     rec_len = len(raw) // 5
 
     def both(fn_of_dir):
-        r, l = _errors(lambda: fn_of_dir(MEM)), _errors(lambda: fn_of_dir(str(tmp_path)))
-        assert r[0] is l[0] and r[1] == l[1].replace(str(tmp_path), MEM), (r, l)
+        r, loc = _errors(lambda: fn_of_dir(MEM)), _errors(lambda: fn_of_dir(str(tmp_path)))
+        assert r[0] is loc[0] and r[1] == loc[1].replace(str(tmp_path), MEM), (r, loc)
         return r
 
     def corrupt(data):
@@ -178,7 +182,8 @@ def test_corrupt_remote_shard_gives_the_local_errors(tmp_path):
     header[rec_len + 1] ^= 0x10  # record 1's length field
     corrupt(bytes(header))
     assert both(lambda d: list(iter_records(fileio.join(d, fname))))[1].endswith(
-        f"record 1 (byte {rec_len}): length CRC mismatch")
+        f"record 1 (byte {rec_len}): length CRC mismatch"
+    )
 
     corrupt(raw[:-7])
     assert "(truncated?)" in both(lambda d: list(read_records(d, schema)))[1]
@@ -286,10 +291,26 @@ def test_prepare_prompts_and_imports_url_to_url():
 def test_pipelines_read_url_data_dirs(tmp_path, tokenizer_dir):
     rng = np.random.default_rng(0)
     words = ["hello", "world", "the", "sea", "is", "blue"]
-    demos = [{"prompt_id": prompt_id(f"{i} q"), "prompt": f"{i} q", "source_model": "m", "finish_reason": "stop",
-              "completion": " ".join(rng.choice(words, size=5))} for i in range(20)]
-    prefs = [{"prompt_id": prompt_id(f"{i} q"), "prompt": f"{i} q", "chosen": "yes", "rejected": "no " * (i % 3 + 1),
-              "provenance": "t"} for i in range(12)]
+    demos = [
+        {
+            "prompt_id": prompt_id(f"{i} q"),
+            "prompt": f"{i} q",
+            "source_model": "m",
+            "finish_reason": "stop",
+            "completion": " ".join(rng.choice(words, size=5)),
+        }
+        for i in range(20)
+    ]
+    prefs = [
+        {
+            "prompt_id": prompt_id(f"{i} q"),
+            "prompt": f"{i} q",
+            "chosen": "yes",
+            "rejected": "no " * (i % 3 + 1),
+            "provenance": "t",
+        }
+        for i in range(12)
+    ]
     for root in (MEM, str(tmp_path)):
         write_records(fileio.join(root, "demos"), DEMONSTRATIONS, demos, num_shards=3)
         write_records(fileio.join(root, "prefs"), PREFERENCES, prefs, num_shards=2)
@@ -301,12 +322,14 @@ def test_pipelines_read_url_data_dirs(tmp_path, tokenizer_dir):
         it.close()
         return out
 
-    for make in (lambda root: sft_pipeline(fileio.join(root, "demos"), tokenizer_dir, **kw),
-                 lambda root: sft_pipeline(fileio.join(root, "demos"), tokenizer_dir, packing=True, **kw),
-                 lambda root: preference_pipeline(fileio.join(root, "prefs"), tokenizer_dir, **kw)):
+    for make in (
+        lambda root: sft_pipeline(fileio.join(root, "demos"), tokenizer_dir, **kw),
+        lambda root: sft_pipeline(fileio.join(root, "demos"), tokenizer_dir, packing=True, **kw),
+        lambda root: preference_pipeline(fileio.join(root, "prefs"), tokenizer_dir, **kw),
+    ):
         remote, local = batches(lambda: make(MEM)), batches(lambda: make(str(tmp_path)))
-        for r, l in zip(remote, local):
-            assert r.keys() == l.keys() and all(np.array_equal(r[k], l[k]) for k in r)
+        for r, loc in zip(remote, local):
+            assert r.keys() == loc.keys() and all(np.array_equal(r[k], loc[k]) for k in r)
     # two hosts: each reads its own shards of the remote directories
     h0 = sft_pipeline([f"{MEM}/demos"], tokenizer_dir, **{**kw, "process_count": 3})
     assert next(h0)["tokens"].shape == (4, 32)
@@ -318,8 +341,8 @@ def test_pipelines_read_url_data_dirs(tmp_path, tokenizer_dir):
 
 def test_feedback_stages_write_urls(monkeypatch):
     from rlaif_jax.feedback import stages
-    from rlaif_jax.feedback.settings import SamplingSettings
     from rlaif_jax.feedback.server import model_backend
+    from rlaif_jax.feedback.settings import SamplingSettings
 
     comps = [dict(c, prompt_id=prompt_id(f"p{i}"), prompt=f"p{i}") for i, c in enumerate(SAMPLES["comparisons"][1])]
     write_records(f"{MEM}/critic", COMPARISONS, comps)
@@ -342,8 +365,12 @@ def test_feedback_stages_write_urls(monkeypatch):
 
     monkeypatch.setattr(model_backend, "LocalModel", FakeModel)
     put(f"{MEM}/prompts.jsonl", "".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(5)))
-    kw = dict(hf_dir=f"{MEM}/ckpt/tiny", prompts=f"{MEM}/prompts.jsonl", sampling=SamplingSettings(batch_size=2),
-              source_model="tiny")
+    kw = dict(
+        hf_dir=f"{MEM}/ckpt/tiny",
+        prompts=f"{MEM}/prompts.jsonl",
+        sampling=SamplingSettings(batch_size=2),
+        source_model="tiny",
+    )
     m = stages.policy_samples_stage(out_dir=f"{MEM}/a", **kw)
     a = list(read_records(f"{MEM}/a", DEMONSTRATIONS))
     assert m["num_records"] == 5 and len(calls) == 3 and [d["prompt"] for d in a] == [f"q{i}" for i in range(5)]

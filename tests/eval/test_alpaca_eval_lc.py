@@ -36,8 +36,11 @@ def test_newton_matches_alpaca_eval_fixture(name):
     assert out["C"] == pytest.approx(exp["C"], rel=1e-12)
     assert out["lc_win_rate"] == pytest.approx(exp["metrics"]["length_controlled_winrate"], abs=5e-3)
     assert out["lc_prediction_standard_error"] == pytest.approx(exp["metrics"]["lc_standard_error"], abs=1e-4)
-    names = {"np.tanh(std_delta_len)": "length", "instruction_difficulty": "difficulty",
-             "not_gamed_baseline.astype(float)": "model"}
+    names = {
+        "np.tanh(std_delta_len)": "length",
+        "instruction_difficulty": "difficulty",
+        "not_gamed_baseline.astype(float)": "model",
+    }
     assert {names[k]: v for k, v in exp["weights"].items()} == pytest.approx(out["coef"], abs=2e-4)
     assert out["n_total"] == len(prefs) and out["n"] == sum(not math.isnan(p) for p in prefs)
 
@@ -58,8 +61,9 @@ def test_liblinear_solver_is_bit_identical(name):
     c, prefs, gamed = _load(name)
     out = _ours(c, prefs, gamed, solver="liblinear")
     assert out["lc_win_rate"] == c["expected"]["metrics"]["length_controlled_winrate"]
-    assert out["lc_prediction_standard_error"] == pytest.approx(c["expected"]["metrics"]["lc_standard_error"],
-                                                                rel=1e-12, abs=1e-14)
+    assert out["lc_prediction_standard_error"] == pytest.approx(
+        c["expected"]["metrics"]["lc_standard_error"], rel=1e-12, abs=1e-14
+    )
 
 
 def test_invalid_rows_scale_lengths_and_enter_the_average():
@@ -83,9 +87,12 @@ def test_errors_name_what_is_missing(tmp_path):
         A.alpaca_eval_lc_win_rate(prefs, c["len_model"], c["len_ref"], glm="length_controlled_noreg")
     short = tmp_path / "instruction_difficulty.csv"
     short.write_text("index,instruction_difficulty\n0,0.1\n1,-0.2\n")
-    with pytest.raises(A.AlpacaEvalDataError, match=r"instruction_difficulty.csv: no difficulty for instruction\(s\) \[2"):
-        A.alpaca_eval_lc_win_rate(prefs, c["len_model"], c["len_ref"], glm="length_controlled_noreg",
-                                  difficulty_file=str(short))
+    with pytest.raises(
+        A.AlpacaEvalDataError, match=r"instruction_difficulty.csv: no difficulty for instruction\(s\) \[2"
+    ):
+        A.alpaca_eval_lc_win_rate(
+            prefs, c["len_model"], c["len_ref"], glm="length_controlled_noreg", difficulty_file=str(short)
+        )
     bad = tmp_path / "df_gamed.csv"
     bad.write_text("model,preference\nx,1\n")
     with pytest.raises(A.AlpacaEvalDataError, match=r"df_gamed.csv: no column\(s\)"):
@@ -97,8 +104,9 @@ def test_instruction_difficulty_csv_equals_df_gamed(tmp_path):
     table = A.load_df_gamed(gamed)["difficulty"]
     path = tmp_path / "instruction_difficulty.csv"
     path.write_text("index,instruction_difficulty\n" + "".join(f"{i},{v!r}\n" for i, v in table.items()))
-    a = A.alpaca_eval_lc_win_rate(prefs, c["len_model"], c["len_ref"], glm="length_controlled_noreg",
-                                  difficulty_file=str(path))
+    a = A.alpaca_eval_lc_win_rate(
+        prefs, c["len_model"], c["len_ref"], glm="length_controlled_noreg", difficulty_file=str(path)
+    )
     b = _ours(c, prefs, gamed)
     assert a["lc_win_rate"] == b["lc_win_rate"]
 
@@ -122,11 +130,22 @@ def test_live_alpaca_eval(monkeypatch):
 
     c, prefs, gamed = _load("v1_gamed")
     monkeypatch.setattr(glm_winrate, "hf_hub_download", lambda **kw: gamed)
-    df = pd.DataFrame([{"preference": p + 1.0, "output_1": "r" * lr, "output_2": "m" * lm, "generator_1": "ref",
-                        "generator_2": "policy", "annotator": "synthetic"}
-                       for p, lm, lr in zip(prefs, c["len_model"], c["len_ref"])])
-    theirs = glm_winrate.get_length_controlled_winrate(df, glm_name=c["glm"], save_weights_dir=None,
-                                                      is_warn_extreme_changes=False)
+    df = pd.DataFrame(
+        [
+            {
+                "preference": p + 1.0,
+                "output_1": "r" * lr,
+                "output_2": "m" * lm,
+                "generator_1": "ref",
+                "generator_2": "policy",
+                "annotator": "synthetic",
+            }
+            for p, lm, lr in zip(prefs, c["len_model"], c["len_ref"])
+        ]
+    )
+    theirs = glm_winrate.get_length_controlled_winrate(
+        df, glm_name=c["glm"], save_weights_dir=None, is_warn_extreme_changes=False
+    )
     out = _ours(c, prefs, gamed, solver="liblinear")
     assert out["lc_win_rate"] == theirs["length_controlled_winrate"]
     assert out["lc_prediction_standard_error"] == pytest.approx(theirs["lc_standard_error"], rel=1e-12)

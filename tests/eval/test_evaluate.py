@@ -31,8 +31,14 @@ def _script(name):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    r = subprocess.run([sys.executable, "scripts/make_tiny_checkpoint.py", str(out)], cwd=ROOT,
-                       env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "scripts/make_tiny_checkpoint.py", str(out)],
+        cwd=ROOT,
+        env=dict(os.environ, XLA_FLAGS=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     return str(out)
 
@@ -64,16 +70,31 @@ def test_full_evaluate_against_local_judge(tmp_path, tiny_ckpt, clean_gin):
     seed = next(s for s in range(100) if len({J.is_swapped(r["prompt_id"], s) for r in rows}) == 2)
     faults = FaultInjector()  # no faults: only counts what the server is sent
     with ServerThread(make_app(RuleJudge(models=["judge"]), middlewares=[faults.middleware])) as srv:
-        argv = ["--checkpoint", tiny_ckpt, "--eval_set", str(eval_path), "--out_dir", str(tmp_path / "run"),
-                "--gin_file", os.path.join(ROOT, "configs/eval/local_judge.gin"),
-                f"--gin_param=FeedbackClient.base_url='{srv.url}'",
-                f"--gin_param=FeedbackClient.cache_path='{tmp_path / 'cache.jsonl'}'",
-                "--gin_param=FeedbackClient.progress=False",
-                "--gin_param=FeedbackClient.prices={'judge': (1e6, 0.0)}",  # $1 per prompt token
-                f"--gin_param=EvalJudgeSettings.seed={seed}",
-                "--gin_param=EvalSamplingSettings.max_length=64", "--gin_param=EvalSamplingSettings.max_prompt_length=40",
-                "--gin_param=EvalSamplingSettings.batch_size=8", "--gin_param=evaluate.lc_bootstrap=10",
-                "--label", "base_model=tiny", "--label", "arm=sft", "--label", "sft_fraction=0.1"]
+        argv = [
+            "--checkpoint",
+            tiny_ckpt,
+            "--eval_set",
+            str(eval_path),
+            "--out_dir",
+            str(tmp_path / "run"),
+            "--gin_file",
+            os.path.join(ROOT, "configs/eval/local_judge.gin"),
+            f"--gin_param=FeedbackClient.base_url='{srv.url}'",
+            f"--gin_param=FeedbackClient.cache_path='{tmp_path / 'cache.jsonl'}'",
+            "--gin_param=FeedbackClient.progress=False",
+            "--gin_param=FeedbackClient.prices={'judge': (1e6, 0.0)}",  # $1 per prompt token
+            f"--gin_param=EvalJudgeSettings.seed={seed}",
+            "--gin_param=EvalSamplingSettings.max_length=64",
+            "--gin_param=EvalSamplingSettings.max_prompt_length=40",
+            "--gin_param=EvalSamplingSettings.batch_size=8",
+            "--gin_param=evaluate.lc_bootstrap=10",
+            "--label",
+            "base_model=tiny",
+            "--label",
+            "arm=sft",
+            "--label",
+            "sft_fraction=0.1",
+        ]
         assert _script("evaluate").main(argv) == 0
         sent = len(faults.log)
         run = tmp_path / "run"
@@ -124,9 +145,16 @@ def test_full_evaluate_against_local_judge(tmp_path, tiny_ckpt, clean_gin):
     # A report over this run and a second (hand-made) one.
     other = tmp_path / "run2"
     other.mkdir()
-    (other / "metrics.json").write_text(json.dumps({"win_rate": 61.0, "standard_error": 1.7, "lc_win_rate": 58.0,
-                                                    "labels": {"base_model": "tiny", "arm": "sft+dpo",
-                                                               "sft_fraction": 1.0}}))
+    (other / "metrics.json").write_text(
+        json.dumps(
+            {
+                "win_rate": 61.0,
+                "standard_error": 1.7,
+                "lc_win_rate": 58.0,
+                "labels": {"base_model": "tiny", "arm": "sft+dpo", "sft_fraction": 1.0},
+            }
+        )
+    )
     rep = _script("report")
     assert rep.main([str(run), str(other), "--out_dir", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "results.md").read_text()
@@ -148,11 +176,19 @@ def test_bad_eval_inputs(tmp_path):
     refs.write_text(json.dumps([{"instruction": "first", "output": "R1", "generator": "davinci"}]))
     with pytest.raises(EvalInputError, match=r"record 1 \('second'\).*refs.json has no output"):
         load_eval_set(str(noref), references=str(refs))
-    refs.write_text(json.dumps([{"instruction": "first", "output": "R1", "generator": "davinci"},
-                                {"instruction": "second", "output": "R2"}]))
+    refs.write_text(
+        json.dumps(
+            [
+                {"instruction": "first", "output": "R1", "generator": "davinci"},
+                {"instruction": "second", "output": "R2"},
+            ]
+        )
+    )
     rows = load_eval_set(str(noref), references=str(refs))
     assert [(r["prompt"], r["reference"], r["reference_generator"]) for r in rows] == [
-        ("first", "R1", "davinci"), ("second", "R2", "reference")]
+        ("first", "R1", "davinci"),
+        ("second", "R2", "reference"),
+    ]
     broken = tmp_path / "broken.json"
     broken.write_text('[{"instruction": "a", "output": "b"},')
     with pytest.raises(EvalInputError, match="broken.json"):
@@ -166,24 +202,43 @@ def test_logprob_weighted_judge_on_existing_outputs(tmp_path):
     from rlaif_jax.feedback.client import FeedbackClient
 
     eval_path = tmp_path / "eval.json"
-    eval_path.write_text(json.dumps([
-        {"instruction": "q1", "output": "short", "generator": "ref"},
-        {"instruction": "q2", "output": "GOOD reference", "generator": "ref"},
-        {"instruction": "q3", "output": "a much longer reference answer", "generator": "ref"},
-        {"instruction": "q4", "output": "same", "generator": "ref"},
-    ]))
+    eval_path.write_text(
+        json.dumps(
+            [
+                {"instruction": "q1", "output": "short", "generator": "ref"},
+                {"instruction": "q2", "output": "GOOD reference", "generator": "ref"},
+                {"instruction": "q3", "output": "a much longer reference answer", "generator": "ref"},
+                {"instruction": "q4", "output": "same", "generator": "ref"},
+            ]
+        )
+    )
     outs = tmp_path / "outs.json"
-    outs.write_text(json.dumps([
-        {"instruction": "q1", "output": "a longer policy answer"},  # win
-        {"instruction": "q2", "output": "policy"},  # loss
-        {"instruction": "q3", "output": "GOOD policy"},  # win
-        {"instruction": "q4", "output": "same"},  # identical: a tie, never sent
-    ]))
+    outs.write_text(
+        json.dumps(
+            [
+                {"instruction": "q1", "output": "a longer policy answer"},  # win
+                {"instruction": "q2", "output": "policy"},  # loss
+                {"instruction": "q3", "output": "GOOD policy"},  # win
+                {"instruction": "q4", "output": "same"},  # identical: a tie, never sent
+            ]
+        )
+    )
     with ServerThread(make_app(RuleJudge(models=["judge"], confidence=0.9))) as srv:
-        client = FeedbackClient(model="judge", cache_path=str(tmp_path / "c.jsonl"), base_url=srv.url,
-                                api_key_env="NO_SUCH_KEY_VAR", progress=False)
-        m = evaluate(out_dir=str(tmp_path / "run"), eval_set=str(eval_path), policy_outputs=str(outs),
-                     client=client, judge=EvalJudgeSettings(both_orders=True, logprobs=True), lc_bootstrap=0)
+        client = FeedbackClient(
+            model="judge",
+            cache_path=str(tmp_path / "c.jsonl"),
+            base_url=srv.url,
+            api_key_env="NO_SUCH_KEY_VAR",
+            progress=False,
+        )
+        m = evaluate(
+            out_dir=str(tmp_path / "run"),
+            eval_set=str(eval_path),
+            policy_outputs=str(outs),
+            client=client,
+            judge=EvalJudgeSettings(both_orders=True, logprobs=True),
+            lc_bootstrap=0,
+        )
     assert (m["n_wins"], m["n_losses"], m["n_ties"], m["n_invalid"], m["n_identical"]) == (2, 1, 1, 0, 1)
     assert m["win_rate"] == pytest.approx(100 * 2.5 / 4)
     assert m["continuous_win_rate"] == pytest.approx(100 * (0.9 + 0.1 + 0.9 + 0.5) / 4)
@@ -248,9 +303,15 @@ def test_reward_model_protocol(tmp_path, tiny_ckpt):
     eval_path.write_text(json.dumps([{"instruction": p, "output": r} for p, r in zip(prompts, refs)]))
     outs = tmp_path / "outs.json"
     outs.write_text(json.dumps([{"instruction": p, "output": o} for p, o in zip(prompts, policy)]))
-    m = evaluate(out_dir=str(tmp_path / "run"), eval_set=str(eval_path), policy_outputs=str(outs),
-                 protocol="reward_model", reward_model=rm_dir,
-                 sampling=EvalSamplingSettings(max_length=64, max_prompt_length=32), reward_batch_size=2)
+    m = evaluate(
+        out_dir=str(tmp_path / "run"),
+        eval_set=str(eval_path),
+        policy_outputs=str(outs),
+        protocol="reward_model",
+        reward_model=rm_dir,
+        sampling=EvalSamplingSettings(max_length=64, max_prompt_length=32),
+        reward_batch_size=2,
+    )
     expect = reward_protocol_metrics(want, scorer.score(prompts, refs))
     assert m["win_rate"] == pytest.approx(expect["win_rate"])
     assert m["mean_reward"] == pytest.approx(expect["mean_reward"], abs=1e-4)
@@ -265,8 +326,14 @@ def test_eval_protocol_configs(clean_gin):
     import_configurables()
     gin.add_config_file_search_path(ROOT)
     seen = {}
-    for name in ("alpaca_eval_gpt4", "alpaca_eval_claude", "alpaca_eval_gpt4o_weighted", "alpaca_eval_gpt4_batch",
-                 "local_judge", "reward_model"):
+    for name in (
+        "alpaca_eval_gpt4",
+        "alpaca_eval_claude",
+        "alpaca_eval_gpt4o_weighted",
+        "alpaca_eval_gpt4_batch",
+        "local_judge",
+        "reward_model",
+    ):
         gin.clear_config()
         gin.parse_config_file(os.path.join(ROOT, "configs", "eval", f"{name}.gin"))
         text = gin.config_str()

@@ -91,8 +91,10 @@ def _write_judgments(d, ids, pol_len, ref_len, verdicts):
     d.mkdir()
     with open(d / "judgments.jsonl", "w") as f:
         for pid, a, b, v in zip(ids, pol_len, ref_len, verdicts):
-            f.write(json.dumps({"prompt_id": pid, "response_1": "x" * int(a), "response_2": "y" * int(b),
-                                "verdict": v}) + "\n")
+            f.write(
+                json.dumps({"prompt_id": pid, "response_1": "x" * int(a), "response_2": "y" * int(b), "verdict": v})
+                + "\n"
+            )
     (d / "metrics.json").write_text("{}")
 
 

@@ -21,12 +21,24 @@ from rlaif_jax.feedback.stages import teacher_stage
 # The feedback tests' fixtures (a fault-injecting server on 127.0.0.1, the test key) and helpers.
 from tests.faults.disks import tmpfs
 from tests.feedback.conftest import (  # noqa: F401
-    KEY_ENV, SECRET, api_key, make_client, serve, stage_cmd, write_prompts_jsonl)
+    KEY_ENV,
+    SECRET,
+    api_key,
+    make_client,
+    serve,
+    stage_cmd,
+    write_prompts_jsonl,
+)
 
 SEED = 20240917
 CONCURRENCY = 4
-CLIENT = (f"FeedbackClient.max_concurrency={CONCURRENCY}", "FeedbackClient.timeout_s=0.25",
-          "FeedbackClient.backoff_base_s=0.01", "FeedbackClient.backoff_max_s=0.05", "FeedbackClient.max_attempts=12")
+CLIENT = (
+    f"FeedbackClient.max_concurrency={CONCURRENCY}",
+    "FeedbackClient.timeout_s=0.25",
+    "FeedbackClient.backoff_base_s=0.01",
+    "FeedbackClient.backoff_max_s=0.05",
+    "FeedbackClient.max_attempts=12",
+)
 
 
 def _prompts(tmp_path, n):
@@ -62,8 +74,12 @@ def test_kill_9_at_random_points_loses_no_prompt_and_repays_only_what_was_in_fli
     rng = random.Random(SEED)
     n = 48
     texts, prompts = _prompts(tmp_path, n)
-    faults = FaultInjector(FaultRates(rate_429=0.05, rate_500=0.05, rate_reset=0.03, rate_slow=0.02), seed=SEED,
-                           retry_after_s=0.01, slow_s=0.4)
+    faults = FaultInjector(
+        FaultRates(rate_429=0.05, rate_500=0.05, rate_reset=0.03, rate_slow=0.02),
+        seed=SEED,
+        retry_after_s=0.01,
+        slow_s=0.4,
+    )
     srv = serve(EchoTeacher(["teacher"], latency_s=0.03), faults)
     cache = tmp_path / "api" / "teacher.jsonl"
     cmd = stage_cmd(prompts, tmp_path / "out", cache, srv.url, *CLIENT)

@@ -28,7 +28,6 @@ from rlaif_jax import sharding as shd
 from rlaif_jax.train.checkpoint import TMP_MARKER, Checkpointer
 from rlaif_jax.train.loop import train
 from rlaif_jax.train.metrics import read_jsonl
-
 from tests.faults.disks import tmpfs
 from tests.train.fixtures import make_world
 
@@ -57,18 +56,18 @@ def _gin(tmp_path, world, run_dir) -> str:
     path.write_text(f"""
 include '{ROOT}/configs/models/tiny_llama.gin'
 include '{ROOT}/configs/mesh/single_device.gin'
-custom_model_config.vocab_size = {world['vocab']}
+custom_model_config.vocab_size = {world["vocab"]}
 custom_model_config.hidden_size = 32
 custom_model_config.intermediate_size = 64
 train.run_dir = '{run_dir}'
 train.objective = @SFT()
 train.model_config = %MODEL_CONFIG
-train.tokenizer = '{world['tok_dir']}'
+train.tokenizer = '{world["tok_dir"]}'
 train.train_data = @sft_pipeline
 train.num_steps = {STEPS}
 LoopSettings.log_every = 1
 LoopSettings.checkpoint_every = {EVERY}
-sft_pipeline.data_dirs = '{world['demos']}'
+sft_pipeline.data_dirs = '{world["demos"]}'
 sft_pipeline.batch_size = 4
 sft_pipeline.seq_len = 32
 sft_pipeline.max_length = 32
@@ -111,13 +110,23 @@ class Launch:
     running: list = []
 
     def __init__(self, gin_file, tmp_path, name):
-        env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
-                   JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "rlaif_jax_test_xla_cache"),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+        env = dict(
+            os.environ,
+            XLA_FLAGS="",
+            JAX_PLATFORMS="cpu",
+            JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "rlaif_jax_test_xla_cache"),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        )
         self.log = tmp_path / f"{name}.stderr"
         self._err = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, "scripts/train.py", f"--gin_file={gin_file}"], cwd=ROOT,
-                                     env=env, stdout=subprocess.DEVNULL, stderr=self._err)
+        self.proc = subprocess.Popen(
+            [sys.executable, "scripts/train.py", f"--gin_file={gin_file}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+        )
         Launch.running.append(self.proc)
 
     def stderr(self) -> str:
@@ -241,7 +250,10 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_and_keeps_the_last_one(world, 
     # Before: seven tracebacks ending in an unrelated ImportError, and a temporary directory left.
     assert "Traceback" not in err, err[-3000:]
     line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
-    assert re.search(rf"{run}/checkpoints: could not write the checkpoint of step {2 * EVERY} "
-                     rf"\(No space left on device\).*step {EVERY}, is intact.*rerun the same command", line), line
+    assert re.search(
+        rf"{run}/checkpoints: could not write the checkpoint of step {2 * EVERY} "
+        rf"\(No space left on device\).*step {EVERY}, is intact.*rerun the same command",
+        line,
+    ), line
     assert not _tmp_dirs(run) and Checkpointer(str(run / "checkpoints")).latest_step() == EVERY
     assert not (run / "hf").exists()

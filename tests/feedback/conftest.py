@@ -41,8 +41,9 @@ def make_client(srv, tmp_path, model="teacher", cache="cache.jsonl", **kw):
     kw.setdefault("max_attempts", 6)
     kw.setdefault("progress", False)
     kw.setdefault("prices", {model: (2.0, 4.0)})
-    return FeedbackClient(model=model, cache_path=os.path.join(tmp_path, cache), base_url=srv.url,
-                          api_key_env=KEY_ENV, **kw)
+    return FeedbackClient(
+        model=model, cache_path=os.path.join(tmp_path, cache), base_url=srv.url, api_key_env=KEY_ENV, **kw
+    )
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,11 +59,19 @@ def write_prompts_jsonl(path, texts):
 def stage_cmd(prompts, out_dir, cache, url, *gin_params):
     """scripts/feedback_teacher.py with the GPT-4 config pointed at a test server; extra
     bindings (e.g. "FeedbackClient.timeout_s=0.2") go last, so they win."""
-    return [sys.executable, os.path.join(REPO, "scripts", "feedback_teacher.py"),
-            f"--gin_file={os.path.join(REPO, 'configs/feedback/teacher_gpt4.gin')}",
-            f"--gin_param=teacher_stage.prompts='{prompts}'", f"--gin_param=teacher_stage.out_dir='{out_dir}'",
-            "--gin_param=teacher_stage.split=None", "--gin_param=TEACHER='teacher'",
-            f"--gin_param=FeedbackClient.base_url='{url}'", f"--gin_param=FeedbackClient.cache_path='{cache}'",
-            f"--gin_param=FeedbackClient.api_key_env='{KEY_ENV}'", "--gin_param=FeedbackClient.max_concurrency=2",
-            "--gin_param=FeedbackClient.requests_per_minute=None", "--gin_param=FeedbackClient.tokens_per_minute=None",
-            "--gin_param=FeedbackClient.prices={'teacher': (2.0, 4.0)}"] + [f"--gin_param={g}" for g in gin_params]
+    return [
+        sys.executable,
+        os.path.join(REPO, "scripts", "feedback_teacher.py"),
+        f"--gin_file={os.path.join(REPO, 'configs/feedback/teacher_gpt4.gin')}",
+        f"--gin_param=teacher_stage.prompts='{prompts}'",
+        f"--gin_param=teacher_stage.out_dir='{out_dir}'",
+        "--gin_param=teacher_stage.split=None",
+        "--gin_param=TEACHER='teacher'",
+        f"--gin_param=FeedbackClient.base_url='{url}'",
+        f"--gin_param=FeedbackClient.cache_path='{cache}'",
+        f"--gin_param=FeedbackClient.api_key_env='{KEY_ENV}'",
+        "--gin_param=FeedbackClient.max_concurrency=2",
+        "--gin_param=FeedbackClient.requests_per_minute=None",
+        "--gin_param=FeedbackClient.tokens_per_minute=None",
+        "--gin_param=FeedbackClient.prices={'teacher': (2.0, 4.0)}",
+    ] + [f"--gin_param={g}" for g in gin_params]

@@ -44,14 +44,25 @@ def world(tmp_path_factory):
 
 
 def client(url, root, model, **kw):
-    return FeedbackClient(model=model, cache_path=str(root / f"{model}.jsonl"), base_url=url,
-                          api_key_env="RLAIF_TEST_NO_KEY", progress=False, **kw)
+    return FeedbackClient(
+        model=model,
+        cache_path=str(root / f"{model}.jsonl"),
+        base_url=url,
+        api_key_env="RLAIF_TEST_NO_KEY",
+        progress=False,
+        **kw,
+    )
 
 
 def audit(world, teacher, strong, out, critic="critic", sample_size=N, **kw):
-    return audit_gap(teacher=world["dirs"][teacher], strong=world["dirs"][strong], out_dir=str(world["root"] / out),
-                     client=client(world["url"], world["root"], critic, prices={critic: (2.0, 4.0)}),
-                     judge=JudgeSettings(), settings=AuditSettings(sample_size=sample_size, **kw))
+    return audit_gap(
+        teacher=world["dirs"][teacher],
+        strong=world["dirs"][strong],
+        out_dir=str(world["root"] / out),
+        client=client(world["url"], world["root"], critic, prices={critic: (2.0, 4.0)}),
+        judge=JudgeSettings(),
+        settings=AuditSettings(sample_size=sample_size, **kw),
+    )
 
 
 def test_a_planted_gap_is_found_and_read_as_the_papers_artefact(world, capsys):
@@ -89,12 +100,16 @@ def test_equally_strong_teachers_show_no_gap(world, tmp_path):
         sets = {}
         for name in ("peer-a", "peer-b"):
             sets[name] = str(root / name)
-            teacher_stage(prompts=prompts, out_dir=sets[name], client=client(world["url"], root, name),
-                          temperature=0.0)
+            teacher_stage(prompts=prompts, out_dir=sets[name], client=client(world["url"], root, name), temperature=0.0)
         for critic in ("critic", "biased-critic"):
-            r = audit_gap(teacher=sets["peer-a"], strong=sets["peer-b"], out_dir=str(root / critic),
-                          client=client(world["url"], root, critic), judge=JudgeSettings(),
-                          settings=AuditSettings(sample_size=N))
+            r = audit_gap(
+                teacher=sets["peer-a"],
+                strong=sets["peer-b"],
+                out_dir=str(root / critic),
+                client=client(world["url"], root, critic),
+                judge=JudgeSettings(),
+                settings=AuditSettings(sample_size=N),
+            )
             readings.append(r["reading"])
             rates.append(r["strong_preferred"])
     assert readings.count("gap") + readings.count("reversed") <= 1, (readings, rates)
@@ -130,18 +145,35 @@ def test_bad_input_is_one_line(world, tmp_path):
     with pytest.raises(ConfigError, match="AuditSettings.sample_size = 0: must be a whole number >= 1"):
         AuditSettings(sample_size=0)
     with pytest.raises(ConfigError, match="audit_gap.strong = '/nonexistent': no such demonstration set"):
-        audit_gap(teacher=world["dirs"]["peer-a"], strong="/nonexistent", out_dir=str(tmp_path / "x"),
-                  client=client(world["url"], tmp_path, "critic"), judge=JudgeSettings(), settings=AuditSettings())
+        audit_gap(
+            teacher=world["dirs"]["peer-a"],
+            strong="/nonexistent",
+            out_dir=str(tmp_path / "x"),
+            client=client(world["url"], tmp_path, "critic"),
+            judge=JudgeSettings(),
+            settings=AuditSettings(),
+        )
     other = write_prompts_jsonl(tmp_path / "other.jsonl", [])
     with open(other, "w") as f:
         f.write(json.dumps({"prompt_id": "nope", "prompt": "p", "completion": "c"}) + "\n")
     with pytest.raises(UserError, match="share no prompt_id"):
-        audit_gap(teacher=world["dirs"]["peer-a"], strong=other, out_dir=str(tmp_path / "y"),
-                  client=client(world["url"], tmp_path, "critic"), judge=JudgeSettings(), settings=AuditSettings())
+        audit_gap(
+            teacher=world["dirs"]["peer-a"],
+            strong=other,
+            out_dir=str(tmp_path / "y"),
+            client=client(world["url"], tmp_path, "critic"),
+            judge=JudgeSettings(),
+            settings=AuditSettings(),
+        )
     with pytest.raises(ConfigError, match="use 'pairwise'"):
-        audit_gap(teacher=world["dirs"]["peer-a"], strong=world["dirs"]["peer-b"], out_dir=str(tmp_path / "z"),
-                  client=client(world["url"], tmp_path, "critic"), judge=JudgeSettings(mode="rating"),
-                  settings=AuditSettings())
+        audit_gap(
+            teacher=world["dirs"]["peer-a"],
+            strong=world["dirs"]["peer-b"],
+            out_dir=str(tmp_path / "z"),
+            client=client(world["url"], tmp_path, "critic"),
+            judge=JudgeSettings(mode="rating"),
+            settings=AuditSettings(),
+        )
 
 
 @pytest.mark.usefixtures("clean_gin")
@@ -149,13 +181,17 @@ def test_script_reports_and_fails_with_one_line(world, tmp_path, capsys):
     from rlaif_jax.cli import run
     from scripts.audit_gap import main
 
-    common = [f"--gin_param=audit_gap.teacher='{world['dirs']['weak-teacher']}'",
-              f"--gin_param=audit_gap.out_dir='{tmp_path / 'script'}'",
-              "--gin_param=audit_gap.client=@FeedbackClient()",
-              "--gin_param=FeedbackClient.model='critic'", f"--gin_param=FeedbackClient.base_url='{world['url']}'",
-              f"--gin_param=FeedbackClient.cache_path='{tmp_path / 'cache.jsonl'}'",
-              "--gin_param=FeedbackClient.api_key_env='RLAIF_TEST_NO_KEY'", "--gin_param=FeedbackClient.progress=False",
-              "--gin_param=AuditSettings.sample_size=40"]
+    common = [
+        f"--gin_param=audit_gap.teacher='{world['dirs']['weak-teacher']}'",
+        f"--gin_param=audit_gap.out_dir='{tmp_path / 'script'}'",
+        "--gin_param=audit_gap.client=@FeedbackClient()",
+        "--gin_param=FeedbackClient.model='critic'",
+        f"--gin_param=FeedbackClient.base_url='{world['url']}'",
+        f"--gin_param=FeedbackClient.cache_path='{tmp_path / 'cache.jsonl'}'",
+        "--gin_param=FeedbackClient.api_key_env='RLAIF_TEST_NO_KEY'",
+        "--gin_param=FeedbackClient.progress=False",
+        "--gin_param=AuditSettings.sample_size=40",
+    ]
     assert run(main, common + [f"--gin_param=audit_gap.strong='{world['dirs']['strong-teacher']}'"]) == 0
     out = capsys.readouterr().out
     assert "unpriced model" in out and "strong preferred" in out and ": gap" in out
@@ -176,18 +212,37 @@ def test_arm_audits_before_training_and_a_relaunch_reuses_it(world, tmp_path):
 
     rng = random.Random(0)
     source = tmp_path / "prompts.json"
-    source.write_text(json.dumps([{"instruction": t, "output": Teacher(TEACHERS["weak-teacher"]).answer(t, rng),
-                                   "generator": "weak-teacher"} for t in make_instructions(N, seed=0)]))
+    source.write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": t,
+                    "output": Teacher(TEACHERS["weak-teacher"]).answer(t, rng),
+                    "generator": "weak-teacher",
+                }
+                for t in make_instructions(N, seed=0)
+            ]
+        )
+    )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     arm_dir, data_dir = str(tmp_path / "arm"), str(tmp_path / "data")
 
     def configure(*bindings):
         gin.clear_config()
-        gin.parse_config_files_and_bindings([os.path.join(root, "configs", "experiments", "tiny_arm.gin")], [
-            f"API_BASE = '{world['url']}'", f"ARM_DIR = '{arm_dir}'", f"DATA_DIR = '{data_dir}'",
-            f"run_arm.prompt_source = '{source}'", "run_arm.stages = ['prompts', 'teacher', 'audit']",
-            "audit/AuditSettings.split = 'feedback'", "audit/AuditSettings.sample_size = 40", *bindings,
-        ], skip_unknown=False)
+        gin.parse_config_files_and_bindings(
+            [os.path.join(root, "configs", "experiments", "tiny_arm.gin")],
+            [
+                f"API_BASE = '{world['url']}'",
+                f"ARM_DIR = '{arm_dir}'",
+                f"DATA_DIR = '{data_dir}'",
+                f"run_arm.prompt_source = '{source}'",
+                "run_arm.stages = ['prompts', 'teacher', 'audit']",
+                "audit/AuditSettings.split = 'feedback'",
+                "audit/AuditSettings.sample_size = 40",
+                *bindings,
+            ],
+            skip_unknown=False,
+        )
 
     configure()
     with pytest.raises(ArmError, match="the audit stage needs run_arm.audit_against"):

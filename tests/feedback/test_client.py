@@ -24,8 +24,17 @@ def test_every_fault_ends_in_a_result_or_a_recorded_error(serve, tmp_path, api_k
     faults = FaultInjector(retry_after_s=0.2, slow_s=1.5)
     srv = serve(EchoTeacher(), faults)
     client = make_client(srv, tmp_path, timeout_s=0.4, http_transport=transport)
-    marks = ["", "[[fault:429x2]]", "[[fault:500x2]]", "[[fault:slowx1]]", "[[fault:badjsonx1]]",
-             "[[fault:resetx1]]", "[[fault:400]]", "[[fault:401]]", "[[fault:500x99]]"]
+    marks = [
+        "",
+        "[[fault:429x2]]",
+        "[[fault:500x2]]",
+        "[[fault:slowx1]]",
+        "[[fault:badjsonx1]]",
+        "[[fault:resetx1]]",
+        "[[fault:400]]",
+        "[[fault:401]]",
+        "[[fault:500x99]]",
+    ]
     t0 = time.monotonic()
     res = client.run(_reqs(client, [f"q{i} {m}" for i, m in enumerate(marks)], max_tokens=8))
     elapsed = time.monotonic() - t0
@@ -58,8 +67,12 @@ def test_every_fault_ends_in_a_result_or_a_recorded_error(serve, tmp_path, api_k
 
 
 def test_random_faults_soak_then_rerun_pays_nothing(serve, tmp_path, api_key):
-    faults = FaultInjector(FaultRates(rate_429=0.1, rate_500=0.1, rate_slow=0.03, rate_badjson=0.05, rate_reset=0.05),
-                           seed=3, retry_after_s=0.01, slow_s=0.6)
+    faults = FaultInjector(
+        FaultRates(rate_429=0.1, rate_500=0.1, rate_slow=0.03, rate_badjson=0.05, rate_reset=0.05),
+        seed=3,
+        retry_after_s=0.01,
+        slow_s=0.6,
+    )
     srv = serve(EchoTeacher(), faults)
     client = make_client(srv, tmp_path, timeout_s=0.3, max_attempts=12, max_concurrency=16)
     texts = [f"prompt number {i}" for i in range(80)]
@@ -89,7 +102,7 @@ def test_restart_never_pays_twice(serve, tmp_path, api_key):
     first = {e["body"] for e in faults.log}
     c2 = make_client(srv, tmp_path)
     res = c2.run(all_reqs)
-    second = [e["body"] for e in faults.log[len(first):]]
+    second = [e["body"] for e in faults.log[len(first) :]]
     assert len(second) == 18 and not first & set(second)
     assert all(n == 1 for n in faults.paid().values())
     assert c2.summary.cached == 12 and c2.summary.ok == 18
@@ -154,7 +167,9 @@ def test_batch_api_same_records_half_price_and_resume(serve, tmp_path, api_key):
     batch2 = make_client(srv, tmp_path, cache="batch.jsonl")
     out = batch2.run_batch(reqs, poll_interval_s=0.05)
     assert len(state["batches"]) == 1  # picked up the recorded batch, not resubmitted
-    assert [r["response"]["choices"][0]["content"] for r in out] == [r["response"]["choices"][0]["content"] for r in ref]
+    assert [r["response"]["choices"][0]["content"] for r in out] == [
+        r["response"]["choices"][0]["content"] for r in ref
+    ]
     assert all(r["mode"] == "batch" for r in out)
     for a, b in zip(out, ref):
         assert a["cost_usd"] == pytest.approx(b["cost_usd"] / 2)
@@ -210,8 +225,12 @@ def test_retry_after_and_response_parsing():
         parse_completion({"id": "x"})
     with pytest.raises(ValueError, match=r"choices\[0\]"):
         parse_completion({"choices": [{"text": "hi"}]})
-    ok = parse_completion({"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+    ok = parse_completion(
+        {
+            "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    )
     assert ok["choices"][0]["content"] == "hi" and ok["usage"]["total_tokens"] == 4
 
 
@@ -234,8 +253,10 @@ def test_one_cache_file_cannot_be_shared_by_two_live_processes(tmp_path):
 
     a = ResultCache(tmp_path / "c.jsonl")
     ResultCache(tmp_path / "c.jsonl").close()  # same process: shared, and a's lock stays
-    code = ("import sys; from rlaif_jax.feedback.cache import ResultCache\n"
-            "try:\n    ResultCache(sys.argv[1])\nexcept RuntimeError as e:\n    print(e); sys.exit(3)\n")
+    code = (
+        "import sys; from rlaif_jax.feedback.cache import ResultCache\n"
+        "try:\n    ResultCache(sys.argv[1])\nexcept RuntimeError as e:\n    print(e); sys.exit(3)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.jsonl")], capture_output=True, text=True)
     assert r.returncode == 3 and "in use by another process" in r.stdout
     a.close()
@@ -309,8 +330,9 @@ def test_a_full_disk_loses_no_paid_answer_and_the_rerun_sends_only_the_rest(serv
     assert all(r["status"] == "ok" for r in res) and again.summary.cached == len(paid_first)
     paid = faults.paid()
     assert len(paid) == 40 and set(paid.values()) == {1}  # each answer paid for exactly once
-    assert collections.Counter(r["key"] for r in read_cache_lines(again.cache.path)) == \
-        collections.Counter(r.key for r in reqs)
+    assert collections.Counter(r["key"] for r in read_cache_lines(again.cache.path)) == collections.Counter(
+        r.key for r in reqs
+    )
     again.close()
 
 
@@ -321,13 +343,15 @@ def test_client_settings_are_checked_naming_the_binding(tmp_path):
     from rlaif_jax.feedback.client import FeedbackClient
 
     base = dict(model="m", cache_path=str(tmp_path / "c.jsonl"), base_url="http://127.0.0.1:9")
-    for kw, match in [(dict(max_concurrency=0), r"FeedbackClient.max_concurrency = 0: must be a whole number >= 1"),
-                      (dict(max_attempts=0), r"FeedbackClient.max_attempts = 0"),
-                      (dict(requests_per_minute=0), r"FeedbackClient.requests_per_minute = 0: .*None for no limit"),
-                      (dict(tokens_per_minute=-1.0), r"FeedbackClient.tokens_per_minute = -1.0"),
-                      (dict(timeout_s=0), r"FeedbackClient.timeout_s = 0"),
-                      (dict(http_transport="curl"), r"FeedbackClient.http_transport = 'curl': must be one of"),
-                      (dict(cache_path="gs://b/c.jsonl"), r"FeedbackClient.cache_path = 'gs://b/c.jsonl'")]:
+    for kw, match in [
+        (dict(max_concurrency=0), r"FeedbackClient.max_concurrency = 0: must be a whole number >= 1"),
+        (dict(max_attempts=0), r"FeedbackClient.max_attempts = 0"),
+        (dict(requests_per_minute=0), r"FeedbackClient.requests_per_minute = 0: .*None for no limit"),
+        (dict(tokens_per_minute=-1.0), r"FeedbackClient.tokens_per_minute = -1.0"),
+        (dict(timeout_s=0), r"FeedbackClient.timeout_s = 0"),
+        (dict(http_transport="curl"), r"FeedbackClient.http_transport = 'curl': must be one of"),
+        (dict(cache_path="gs://b/c.jsonl"), r"FeedbackClient.cache_path = 'gs://b/c.jsonl'"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             FeedbackClient(**{**base, **kw})
     with gin.config_scope("critic"):  # a scoped reference (@critic/FeedbackClient) is named as bound

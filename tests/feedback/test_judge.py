@@ -14,37 +14,67 @@ from rlaif_jax.feedback.stages import judge_pairs
 from .conftest import make_client
 
 
-@pytest.mark.parametrize("text,verdict", [
-    ("Output (a)", "first"), ("Output (b)", "second"), (" output (B). ", "second"), ("(a)", "first"),
-    ("b", "second"), ("**Output (a)**", "first"), ("Output (a) is better.", "first"),
-    ("I prefer Output (b) because it is correct.", "second"), ("Tie", "tie"),
-    ("Output (a) is better than Output (b)", "first"),  # the answer leads with its label
-    ("Both Output (a) and Output (b) have merit", "invalid"), ("", "invalid"), (None, "invalid"),
-    ("I cannot decide", "invalid"), ("Output (c)", "invalid"), ("Output and more", "invalid"),
-])
+@pytest.mark.parametrize(
+    "text,verdict",
+    [
+        ("Output (a)", "first"),
+        ("Output (b)", "second"),
+        (" output (B). ", "second"),
+        ("(a)", "first"),
+        ("b", "second"),
+        ("**Output (a)**", "first"),
+        ("Output (a) is better.", "first"),
+        ("I prefer Output (b) because it is correct.", "second"),
+        ("Tie", "tie"),
+        ("Output (a) is better than Output (b)", "first"),  # the answer leads with its label
+        ("Both Output (a) and Output (b) have merit", "invalid"),
+        ("", "invalid"),
+        (None, "invalid"),
+        ("I cannot decide", "invalid"),
+        ("Output (c)", "invalid"),
+        ("Output and more", "invalid"),
+    ],
+)
 def test_parse_pairwise(text, verdict):
     assert J.parse_pairwise(text) == verdict
 
 
-@pytest.mark.parametrize("text,rating", [("Rating: 4", 4), ("rating:5", 5), ("3", 3), ("Rating: 9", None),
-                                         ("good", None), ("**Rating: 2**", 2)])
+@pytest.mark.parametrize(
+    "text,rating",
+    [("Rating: 4", 4), ("rating:5", 5), ("3", 3), ("Rating: 9", None), ("good", None), ("**Rating: 2**", 2)],
+)
 def test_parse_rating(text, rating):
     assert J.parse_rating(text) == rating
 
 
 def test_label_probability_and_expected_rating():
-    lp = {"content": [
-        {"token": "Output", "logprob": 0.0, "top_logprobs": []},
-        {"token": " (", "logprob": 0.0, "top_logprobs": []},
-        {"token": "b", "logprob": math.log(0.6),
-         "top_logprobs": [{"token": "b", "logprob": math.log(0.6)}, {"token": "a", "logprob": math.log(0.3)},
-                          {"token": "A", "logprob": math.log(0.1)}]},
-    ]}
+    lp = {
+        "content": [
+            {"token": "Output", "logprob": 0.0, "top_logprobs": []},
+            {"token": " (", "logprob": 0.0, "top_logprobs": []},
+            {
+                "token": "b",
+                "logprob": math.log(0.6),
+                "top_logprobs": [
+                    {"token": "b", "logprob": math.log(0.6)},
+                    {"token": "a", "logprob": math.log(0.3)},
+                    {"token": "A", "logprob": math.log(0.1)},
+                ],
+            },
+        ]
+    }
     assert J.label_probability(lp) == pytest.approx(0.4)
     assert J.label_probability(None) is None
     assert J.label_probability({"content": [{"token": "x", "logprob": 0.0}]}) is None
-    r = {"content": [{"token": " 4", "logprob": math.log(0.5), "top_logprobs": [
-        {"token": "4", "logprob": math.log(0.5)}, {"token": "5", "logprob": math.log(0.5)}]}]}
+    r = {
+        "content": [
+            {
+                "token": " 4",
+                "logprob": math.log(0.5),
+                "top_logprobs": [{"token": "4", "logprob": math.log(0.5)}, {"token": "5", "logprob": math.log(0.5)}],
+            }
+        ]
+    }
     assert J.expected_rating(r) == pytest.approx(4.5)
 
 
@@ -82,8 +112,16 @@ def _tasks(n, garbage_every=0):
             bad += " [[garbage]]"
         # canonical order alternates, so the right winner is response_1 half of the time
         r1, r2 = (good, bad) if i % 2 == 0 else (bad, good)
-        tasks.append(J.PairTask(f"pid{i:04d}", f"question {i}", r1, r2, "policy" if i % 2 else "teacher",
-                                "teacher" if i % 2 else "policy"))
+        tasks.append(
+            J.PairTask(
+                f"pid{i:04d}",
+                f"question {i}",
+                r1,
+                r2,
+                "policy" if i % 2 else "teacher",
+                "teacher" if i % 2 else "policy",
+            )
+        )
     return tasks
 
 
@@ -113,8 +151,10 @@ def test_invalid_answers_keep_raw_text_and_never_become_preferences(serve, tmp_p
     comps = judge_pairs(client, _tasks(12, garbage_every=3), JudgeSettings())
     bad = [c for c in comps if "[[garbage]]" in c["response_1"] + c["response_2"]]
     assert len(bad) == 4
-    assert all(c["verdict"] == "invalid" and c["raw_judge_text"] == "I cannot decide; both have merit."
-               and c["error"] is None for c in bad)
+    assert all(
+        c["verdict"] == "invalid" and c["raw_judge_text"] == "I cannot decide; both have merit." and c["error"] is None
+        for c in bad
+    )
     pairs, report = build_preference_pairs(comps)
     assert len(pairs) == 8 and report["dropped"] == {"invalid": 4}
     assert report["judges"]["judge"]["unparsed_answers"] == 4

@@ -7,22 +7,40 @@ from rlaif_jax.feedback.preferences import build_preference_pairs, critic_report
 
 def _c(pid, verdict, judge="gpt4", r1="sample", r2="teacher", swapped=0, presented=None, **kw):
     presented = presented or (verdict if not swapped else {"first": "second", "second": "first"}.get(verdict, verdict))
-    return {"prompt_id": pid, "prompt": f"q {pid}", "response_1": r1 + pid, "response_2": r2 + pid,
-            "model_1": "policy", "model_2": "teacher", "judge": judge, "verdict": verdict,
-            "raw_judge_text": "", "swapped": swapped, "p_1": kw.pop("p_1", None),
-            "views": [{"swapped": swapped, "presented": presented, "verdict": verdict, "raw": "", "p_1": None,
-                       "error": None}], "error": kw.pop("error", None), **kw}
+    return {
+        "prompt_id": pid,
+        "prompt": f"q {pid}",
+        "response_1": r1 + pid,
+        "response_2": r2 + pid,
+        "model_1": "policy",
+        "model_2": "teacher",
+        "judge": judge,
+        "verdict": verdict,
+        "raw_judge_text": "",
+        "swapped": swapped,
+        "p_1": kw.pop("p_1", None),
+        "views": [
+            {"swapped": swapped, "presented": presented, "verdict": verdict, "raw": "", "p_1": None, "error": None}
+        ],
+        "error": kw.pop("error", None),
+        **kw,
+    }
 
 
 def test_drops_ties_invalid_identical_and_never_emits_chosen_equal_rejected():
     comps = [
-        _c("a", "first"), _c("b", "second", swapped=1), _c("c", "tie"), _c("d", "invalid"),
+        _c("a", "first"),
+        _c("b", "second", swapped=1),
+        _c("c", "tie"),
+        _c("d", "invalid"),
         _c("e", "invalid", error="http_400: bad"),
         {**_c("f", "first"), "response_2": "sample" + "f"},  # identical texts, judged anyway
     ]
     pairs, rep = build_preference_pairs(comps)
     assert [(p["prompt_id"], p["chosen"], p["rejected"]) for p in pairs] == [
-        ("a", "samplea", "teachera"), ("b", "teacherb", "sampleb")]
+        ("a", "samplea", "teachera"),
+        ("b", "teacherb", "sampleb"),
+    ]
     assert rep["dropped"] == {"api_error": 1, "identical_responses": 1, "invalid": 1, "tie": 1}
     assert "chosen=policy" in pairs[0]["provenance"] and "chosen=teacher" in pairs[1]["provenance"]
     j = rep["judges"]["gpt4"]
@@ -32,8 +50,12 @@ def test_drops_ties_invalid_identical_and_never_emits_chosen_equal_rejected():
 
 def test_position_bias_rate_counts_the_presented_first_winner():
     # 4 decided presentations; the presented-first output won 3 times
-    comps = [_c("a", "first", swapped=0), _c("b", "second", swapped=1), _c("c", "first", swapped=0),
-             _c("d", "first", swapped=1)]
+    comps = [
+        _c("a", "first", swapped=0),
+        _c("b", "second", swapped=1),
+        _c("c", "first", swapped=0),
+        _c("d", "first", swapped=1),
+    ]
     rep = critic_report(comps)["judges"]["gpt4"]
     assert rep["position_bias_rate"] == pytest.approx(0.75) and rep["swapped_rate"] == pytest.approx(0.5)
     assert rep["win_rate_by_model"] == {"policy": 0.75, "teacher": 0.25}

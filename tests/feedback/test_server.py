@@ -16,8 +16,9 @@ from .conftest import SECRET, make_client
 
 
 def _post(url, body: bytes, key=SECRET):
-    req = urllib.request.Request(url, data=body, headers={"Authorization": f"Bearer {key}",
-                                                          "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, json.loads(r.read())
@@ -39,8 +40,9 @@ def test_http_layer_validates_and_answers_in_openai_shape(serve):
     assert status == 400 and "messages[0]" in body["error"]["message"]
     status, body = _post(url, json.dumps({"model": "other", "messages": [{"role": "user", "content": "x"}]}).encode())
     assert status == 404 and "teacher" in body["error"]["message"]
-    status, body = _post(url, json.dumps({"model": "teacher", "messages": [{"role": "user", "content": "x"}],
-                                          "temperature": 5}).encode())
+    status, body = _post(
+        url, json.dumps({"model": "teacher", "messages": [{"role": "user", "content": "x"}], "temperature": 5}).encode()
+    )
     assert status == 400 and "temperature" in body["error"]["message"]
     req = urllib.request.Request(srv.url + "/models", headers={"Authorization": f"Bearer {SECRET}"})
     with urllib.request.urlopen(req, timeout=5) as r:
@@ -57,9 +59,18 @@ def tiny_ckpt(tmp_path_factory):
 
     d = str(tmp_path_factory.mktemp("ckpt"))
     tok = build_test_tokenizer(d, kind="bpe", vocab_size=300)
-    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     save_hf(d, cfg, init_params(build_model(cfg), jax.random.key(0)), tokenizer=tok)
     return d
 
@@ -77,12 +88,19 @@ def test_checkpoint_served_as_teacher_matches_direct_sampling(serve, tmp_path, a
     srv = serve(ModelBackend(local_model, "tiny", max_batch=8, batch_window_s=0.05))
     client = make_client(srv, tmp_path, model="tiny", timeout_s=60)
     questions = ["What is the capital of France?", "Tell me a joke.", "How do I sort a list in Python?"]
-    reqs = [client.request([{"role": "user", "content": q}], temperature=0.0, max_tokens=6, n=2, logprobs=True)
-            for q in questions]
+    reqs = [
+        client.request([{"role": "user", "content": q}], temperature=0.0, max_tokens=6, n=2, logprobs=True)
+        for q in questions
+    ]
     res = client.run(reqs)  # concurrent: gathered into one batch by the backend
     direct = local_model.sample_ids(
-        [local_model.encode(render_messages([{"role": "user", "content": q}], "paper", local_model.tokenizer))
-         for q in questions], temperature=0.0, max_new_tokens=6)
+        [
+            local_model.encode(render_messages([{"role": "user", "content": q}], "paper", local_model.tokenizer))
+            for q in questions
+        ],
+        temperature=0.0,
+        max_new_tokens=6,
+    )
     for r, d in zip(res, direct):
         assert r["status"] == "ok", r
         c = r["response"]["choices"]
@@ -91,14 +109,24 @@ def test_checkpoint_served_as_teacher_matches_direct_sampling(serve, tmp_path, a
         assert [t["logprob"] for t in c[0]["logprobs"]["content"]] == pytest.approx(d.logprobs, abs=1e-5)
         assert r["response"]["usage"]["prompt_tokens"] == d.prompt_tokens
     # top_logprobs from a teacher-forced pass: sorted, and (greedy) headed by the sampled token
-    (r,) = client.run([client.request([{"role": "user", "content": questions[0]}], temperature=0.0, max_tokens=4,
-                                      logprobs=True, top_logprobs=3)])
+    (r,) = client.run(
+        [
+            client.request(
+                [{"role": "user", "content": questions[0]}],
+                temperature=0.0,
+                max_tokens=4,
+                logprobs=True,
+                top_logprobs=3,
+            )
+        ]
+    )
     for pos in r["response"]["choices"][0]["logprobs"]["content"]:
         alts = pos["top_logprobs"]
         assert len(alts) == 3 and [a["logprob"] for a in alts] == sorted([a["logprob"] for a in alts], reverse=True)
         assert alts[0]["token"] == pos["token"] and alts[0]["logprob"] == pytest.approx(pos["logprob"], abs=1e-4)
-    bad = client.run([make_client(srv, tmp_path, model="nope", cache="c2.jsonl").request(
-        [{"role": "user", "content": "x"}])])
+    bad = client.run(
+        [make_client(srv, tmp_path, model="nope", cache="c2.jsonl").request([{"role": "user", "content": "x"}])]
+    )
     assert bad[0]["status"] == "error" and bad[0]["error"]["kind"] == "http_404" and bad[0]["attempts"] == 1
 
 
@@ -124,6 +152,8 @@ def test_policy_samples_stage_writes_records_and_resumes(tmp_path, tiny_ckpt):
         f.write(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
     policy_samples_stage(out_dir=str(tmp_path / "b"), **kw)
     assert list(read_records(tmp_path / "b", DEMONSTRATIONS)) == a
-    other = policy_samples_stage(out_dir=str(tmp_path / "c"), **{**kw, "sampling": dataclasses.replace(sampling, seed=4)})
+    other = policy_samples_stage(
+        out_dir=str(tmp_path / "c"), **{**kw, "sampling": dataclasses.replace(sampling, seed=4)}
+    )
     assert [d["completion"] for d in read_records(tmp_path / "c", DEMONSTRATIONS)] != [d["completion"] for d in a]
     assert other["provenance"]["top_p"] == 0.9

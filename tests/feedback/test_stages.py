@@ -10,7 +10,15 @@ import time
 
 import pytest
 
-from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_manifest, read_records, write_records
+from rlaif_jax.data.records import (
+    COMPARISONS,
+    DEMONSTRATIONS,
+    PREFERENCES,
+    PROMPTS,
+    read_manifest,
+    read_records,
+    write_records,
+)
 from rlaif_jax.feedback.cache import read_cache_lines
 from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector, RuleJudge
 from rlaif_jax.feedback.settings import JudgeSettings
@@ -31,24 +39,34 @@ def test_teacher_critic_preferences_end_to_end_and_no_key_anywhere(serve, tmp_pa
     faults = FaultInjector(retry_after_s=0.01)
     teacher_srv = serve(EchoTeacher(["teacher"]), faults)
     judge_srv = serve(RuleJudge(["judge"]), FaultInjector(retry_after_s=0.01))
-    texts = [f"GOOD question {i}" for i in range(10)] + ["a long one [[long]]", "bad [[fault:400]]",
-                                                          "no key [[fault:401]]", "flaky [[fault:429x1]]"]
+    texts = [f"GOOD question {i}" for i in range(10)] + [
+        "a long one [[long]]",
+        "bad [[fault:400]]",
+        "no key [[fault:401]]",
+        "flaky [[fault:429x1]]",
+    ]
     # prompts as a PROMPTS record set, as the data stage writes them
     from rlaif_jax.data.ids import prompt_id
 
     prompts_dir = tmp_path / "prompts"
-    write_records(prompts_dir, PROMPTS, [
-        {"prompt_id": prompt_id(t), "prompt": t, "source": "test", "index": i, "split": "feedback"}
-        for i, t in enumerate(texts)])
+    write_records(
+        prompts_dir,
+        PROMPTS,
+        [
+            {"prompt_id": prompt_id(t), "prompt": t, "source": "test", "index": i, "split": "feedback"}
+            for i, t in enumerate(texts)
+        ],
+    )
     teacher = make_client(teacher_srv, tmp_path, model="teacher", cache="api/teacher.jsonl")
-    m = teacher_stage(prompts=str(prompts_dir), out_dir=str(tmp_path / "teacher"), client=teacher,
-                      temperature=0.7, max_tokens=64)
+    m = teacher_stage(
+        prompts=str(prompts_dir), out_dir=str(tmp_path / "teacher"), client=teacher, temperature=0.7, max_tokens=64
+    )
     demos = list(read_records(tmp_path / "teacher", DEMONSTRATIONS))
     assert m["num_records"] == len(demos) == 11  # 14 - length - 400 - 401
     assert all(d["finish_reason"] == "stop" and d["completion"].startswith("Answer to: ") for d in demos)
     report = json.load(open(tmp_path / "teacher" / "report.json"))
     assert report["dropped"] == {"finish_reason=length": 1} and report["request_errors"] == 2
-    errors = [json.loads(l) for l in open(tmp_path / "teacher" / "errors.jsonl")]
+    errors = [json.loads(line) for line in open(tmp_path / "teacher" / "errors.jsonl")]
     assert sorted(e["kind"] for e in errors) == ["http_400", "http_401"]
     prov = read_manifest(tmp_path / "teacher")["provenance"]
     assert prov["client"]["api_key_env"] == KEY_ENV and prov["report"]["api"]["retries"] == 1
@@ -57,12 +75,19 @@ def test_teacher_critic_preferences_end_to_end_and_no_key_anywhere(serve, tmp_pa
     policy = tmp_path / "policy.jsonl"
     with open(policy, "w") as f:
         for d in demos:
-            f.write(json.dumps({**d, "completion": "a weak policy sample that rambles on and on",
-                                "source_model": "policy"}) + "\n")
+            f.write(
+                json.dumps({**d, "completion": "a weak policy sample that rambles on and on", "source_model": "policy"})
+                + "\n"
+            )
     # the teacher's answers contain GOOD (copied from the prompt): the rule judge prefers them
     judge = make_client(judge_srv, tmp_path, model="judge", cache="api/judge.jsonl")
-    critic_stage(responses_1=str(policy), responses_2=str(tmp_path / "teacher"), out_dir=str(tmp_path / "critic"),
-                 client=judge, judge=JudgeSettings(seed=0))
+    critic_stage(
+        responses_1=str(policy),
+        responses_2=str(tmp_path / "teacher"),
+        out_dir=str(tmp_path / "critic"),
+        client=judge,
+        judge=JudgeSettings(seed=0),
+    )
     comps = list(read_records(tmp_path / "critic", COMPARISONS))
     assert len(comps) == 11 and {c["swapped"] for c in comps} == {0, 1}
     good = [c for c in comps if "GOOD" in c["response_2"]]
@@ -118,8 +143,12 @@ def test_kill_9_mid_run_resumes_to_the_same_records(serve, tmp_path, api_key):
 
     # the same stage uninterrupted, in another directory against a fresh server
     ref_srv = serve(EchoTeacher(["teacher"]))
-    ref = subprocess.run(stage_cmd(prompts, tmp_path / "ref", tmp_path / "api" / "ref.jsonl", ref_srv.url),
-                         env=env, capture_output=True, timeout=120)
+    ref = subprocess.run(
+        stage_cmd(prompts, tmp_path / "ref", tmp_path / "api" / "ref.jsonl", ref_srv.url),
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     assert ref.returncode == 0, ref.stderr.decode()[-3000:]
     assert resumed == list(read_records(tmp_path / "ref", DEMONSTRATIONS))
     assert len(resumed) == 80 - len([t for t in texts if "[[long]]" in t])
@@ -176,8 +205,9 @@ def test_an_empty_prompt_file_is_an_error_and_keeps_the_existing_set(serve, tmp_
             teacher_stage(prompts=str(empty), out_dir=str(tmp_path / "out"), client=c)
         # a split nobody is in: the same, naming the split binding
         with pytest.raises(UserError, match=r"none of its 4 prompts is in split 'feedback'; set teacher_stage.split"):
-            teacher_stage(prompts=str(tmp_path / "good.jsonl"), out_dir=str(tmp_path / "out"), client=c,
-                          split="feedback")
+            teacher_stage(
+                prompts=str(tmp_path / "good.jsonl"), out_dir=str(tmp_path / "out"), client=c, split="feedback"
+            )
     assert len(faults.log) == sent
     assert _records_and_sidecars(tmp_path / "out") == before
 
@@ -213,16 +243,19 @@ def test_a_second_writer_on_the_same_out_dir_pays_for_nothing(serve, tmp_path, a
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(n=0), r"teacher_stage.n = 0: must be a whole number >= 1"),
-    (dict(max_tokens=2.5), r"teacher_stage.max_tokens = 2.5: must be a whole number"),
-    (dict(limit=0), r"teacher_stage.limit = 0: must be a whole number >= 1"),
-    (dict(num_shards=0), r"teacher_stage.num_shards = 0"),
-    (dict(temperature=-0.1), r"teacher_stage.temperature = -0.1: must be >= 0"),
-    (dict(top_p=0.0), r"teacher_stage.top_p = 0.0: must be in \(0.0, 1.0\]"),
-    (dict(top_p=1.5), r"teacher_stage.top_p = 1.5"),
-    (dict(prompts="missing.jsonl"), r"teacher_stage.prompts = 'missing.jsonl': no such"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(n=0), r"teacher_stage.n = 0: must be a whole number >= 1"),
+        (dict(max_tokens=2.5), r"teacher_stage.max_tokens = 2.5: must be a whole number"),
+        (dict(limit=0), r"teacher_stage.limit = 0: must be a whole number >= 1"),
+        (dict(num_shards=0), r"teacher_stage.num_shards = 0"),
+        (dict(temperature=-0.1), r"teacher_stage.temperature = -0.1: must be >= 0"),
+        (dict(top_p=0.0), r"teacher_stage.top_p = 0.0: must be in \(0.0, 1.0\]"),
+        (dict(top_p=1.5), r"teacher_stage.top_p = 1.5"),
+        (dict(prompts="missing.jsonl"), r"teacher_stage.prompts = 'missing.jsonl': no such"),
+    ],
+)
 def test_teacher_settings_are_checked_before_any_work(serve, tmp_path, api_key, kw, match):
     from rlaif_jax.errors import ConfigError
 
@@ -235,18 +268,21 @@ def test_teacher_settings_are_checked_before_any_work(serve, tmp_path, api_key, 
     assert faults.log == [] and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("stage, kw, match", [
-    ("critic", dict(mode="ranking"), r"JudgeSettings.mode = 'ranking': must be one of"),
-    ("critic", dict(max_tokens=0), r"JudgeSettings.max_tokens = 0"),
-    ("critic", dict(on_disagreement="coin"), r"JudgeSettings.on_disagreement"),
-    ("critic", dict(responses_1="nope"), r"critic_stage.responses_1 = 'nope': no such"),
-    ("preferences", dict(min_confidence=1.5), r"preferences_stage.min_confidence = 1.5: must be in \[0.0, 1.0\]"),
-    ("preferences", dict(comparisons=[]), r"preferences_stage.comparisons is empty"),
-    ("samples", dict(top_p=0.0), r"SamplingSettings.top_p = 0.0"),
-    ("samples", dict(batch_size=0), r"SamplingSettings.batch_size = 0"),
-    ("samples", dict(max_prompt_length=64, max_length=64), r"SamplingSettings.max_prompt_length = 64 leaves"),
-    ("samples", dict(hf_dir="no/such/ckpt"), r"policy_samples_stage.hf_dir = 'no/such/ckpt': no such"),
-])
+@pytest.mark.parametrize(
+    "stage, kw, match",
+    [
+        ("critic", dict(mode="ranking"), r"JudgeSettings.mode = 'ranking': must be one of"),
+        ("critic", dict(max_tokens=0), r"JudgeSettings.max_tokens = 0"),
+        ("critic", dict(on_disagreement="coin"), r"JudgeSettings.on_disagreement"),
+        ("critic", dict(responses_1="nope"), r"critic_stage.responses_1 = 'nope': no such"),
+        ("preferences", dict(min_confidence=1.5), r"preferences_stage.min_confidence = 1.5: must be in \[0.0, 1.0\]"),
+        ("preferences", dict(comparisons=[]), r"preferences_stage.comparisons is empty"),
+        ("samples", dict(top_p=0.0), r"SamplingSettings.top_p = 0.0"),
+        ("samples", dict(batch_size=0), r"SamplingSettings.batch_size = 0"),
+        ("samples", dict(max_prompt_length=64, max_length=64), r"SamplingSettings.max_prompt_length = 64 leaves"),
+        ("samples", dict(hf_dir="no/such/ckpt"), r"policy_samples_stage.hf_dir = 'no/such/ckpt': no such"),
+    ],
+)
 def test_other_stage_settings_are_checked_before_any_work(tmp_path, clean_gin, stage, kw, match):
     import gin
 
@@ -287,15 +323,23 @@ def test_judge_settings_come_from_gin_in_the_callers_scope(serve, tmp_path, api_
     sets = {}
     for side, text in (("1", "a weak answer"), ("2", "a GOOD answer")):
         sets[side] = tmp_path / f"r{side}.jsonl"
-        sets[side].write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"q{i}", "completion": text}) + "\n"
-                                      for i in range(3)))
-    gin.parse_config(["critic/JudgeSettings.both_orders = True", "JudgeSettings.max_tokens = 8",
-                      "evaluate/JudgeSettings.logprobs = True"])
+        sets[side].write_text(
+            "".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"q{i}", "completion": text}) + "\n" for i in range(3))
+        )
+    gin.parse_config(
+        [
+            "critic/JudgeSettings.both_orders = True",
+            "JudgeSettings.max_tokens = 8",
+            "evaluate/JudgeSettings.logprobs = True",
+        ]
+    )
     with make_client(srv, tmp_path, model="judge") as c:
+
         def run(scope, out):
             with gin.config_scope(scope):
-                critic_stage(responses_1=str(sets["1"]), responses_2=str(sets["2"]), out_dir=str(tmp_path / out),
-                             client=c)
+                critic_stage(
+                    responses_1=str(sets["1"]), responses_2=str(sets["2"]), out_dir=str(tmp_path / out), client=c
+                )
             return read_manifest(tmp_path / out)["provenance"]
 
         critic, other = run("critic", "critic"), run("samples", "other")
@@ -317,8 +361,11 @@ def test_prompt_files_that_are_not_utf8_or_not_objects_name_file_and_line(tmp_pa
         load_prompts(str(latin1))
     arrays = tmp_path / "arrays.jsonl"
     arrays.write_text('{"prompt": "ok"}\n\n["not", "an", "object"]\n')
-    with pytest.raises(UserError, match=r"arrays.jsonl: line 3 is a JSON array, expected an object with a 'prompt' "
-                                        r"string"):
+    with pytest.raises(
+        UserError,
+        match=r"arrays.jsonl: line 3 is a JSON array, expected an object with a 'prompt' "
+        r"string",
+    ):
         load_prompts(str(arrays))
     scalar = tmp_path / "scalar.jsonl"
     scalar.write_text('"just a string"\n')

@@ -18,15 +18,46 @@ FAMILIES = {
     "yi": ("Llama", dict(num_key_value_heads=2, rope_parameters={"rope_theta": 5e6, "rope_type": "default"})),
     # DeepSeek-LLM 7B: MHA, larger vocab share, untied.
     "deepseek": ("Llama", dict(num_key_value_heads=4, rope_parameters={"rope_theta": 1e4, "rope_type": "default"})),
-    "rope_linear": ("Llama", dict(num_key_value_heads=2, rope_parameters={"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0})),
-    "rope_llama3": ("Llama", dict(num_key_value_heads=1, rope_parameters={
-        "rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
-    "rope_yarn": ("Llama", dict(num_key_value_heads=2, max_position_embeddings=32, rope_parameters={
-        "rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})),
+    "rope_linear": (
+        "Llama",
+        dict(num_key_value_heads=2, rope_parameters={"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}),
+    ),
+    "rope_llama3": (
+        "Llama",
+        dict(
+            num_key_value_heads=1,
+            rope_parameters={
+                "rope_theta": 5e5,
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+    ),
+    "rope_yarn": (
+        "Llama",
+        dict(
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            rope_parameters={
+                "rope_theta": 1e4,
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+    ),
     # Dynamic NTK only changes anything past max_position_embeddings: make that short.
-    "rope_dynamic": ("Llama", dict(num_key_value_heads=2, max_position_embeddings=8, rope_parameters={
-        "rope_theta": 1e4, "rope_type": "dynamic", "factor": 2.0})),
+    "rope_dynamic": (
+        "Llama",
+        dict(
+            num_key_value_heads=2,
+            max_position_embeddings=8,
+            rope_parameters={"rope_theta": 1e4, "rope_type": "dynamic", "factor": 2.0},
+        ),
+    ),
     "tied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "biases": ("Llama", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
     # Mixtral: sparse MoE, 4 experts, top-2, GQA, rope theta 1e6.
@@ -45,8 +76,15 @@ def make_hf_model(name: str, seed: int = 0, **extra):
     cfg_cls = getattr(transformers, f"{cls_name}Config")
     model_cls = getattr(transformers, f"{cls_name}ForCausalLM")
     cfg = cfg_cls(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kw,
     )
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()

@@ -10,14 +10,20 @@ import numpy as np
 import pytest
 
 from rlaif_jax.errors import ConfigError
-from rlaif_jax.models import DecoderConfig, apply, build_model, init_cache, init_params
-from rlaif_jax.models import decoder
+from rlaif_jax.models import DecoderConfig, apply, build_model, decoder, init_cache, init_params
 
 
 def _cfg(**kw):
     base = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
-        num_kv_heads=2, head_dim=8, model_type="mistral", attention_impl="einsum",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        model_type="mistral",
+        attention_impl="einsum",
     )
     return DecoderConfig(**{**base, **kw})
 
@@ -82,7 +88,8 @@ def test_cudnn_masking_matches_einsum(window, monkeypatch):
     """What 'cudnn' passes to jax.nn.dot_product_attention (index causal + left window +
     the segment mask), run with the XLA implementation: cuDNN itself needs a GPU."""
     monkeypatch.setattr(
-        decoder, "fused_attention",
+        decoder,
+        "fused_attention",
         lambda impl, q, k, v, pos, seg, w, layout=None: decoder._index_masked_sdpa(q, k, v, seg, w, "xla"),
     )
     _compare(_cfg(sliding_window=window, attention_impl="xla"), 16)
@@ -124,8 +131,9 @@ def test_decoding_with_a_cache_uses_einsum():
     params = _reference(5, 16)[0]
 
     def run(c):
-        out = apply(build_model(c), params, tokens, pos, seg, cache=init_cache(c, 2, 16),
-                    cache_index=jnp.zeros((), jnp.int32))
+        out = apply(
+            build_model(c), params, tokens, pos, seg, cache=init_cache(c, 2, 16), cache_index=jnp.zeros((), jnp.int32)
+        )
         return np.asarray(out["logits"])
 
     np.testing.assert_array_equal(run(cfg), run(ref))

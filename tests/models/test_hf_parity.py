@@ -70,10 +70,19 @@ def test_config_from_hf_fields(tmp_path):
 
 def test_unsupported_config_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="rope type"):
-        DecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
-                      num_kv_heads=2, rope_scaling={"rope_type": "longrope"})
+        DecoderConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=2,
+            rope_scaling={"rope_type": "longrope"},
+        )
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        DecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2, head_dim=4)
+        DecoderConfig(
+            vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2, head_dim=4
+        )
     with pytest.raises(FileNotFoundError, match="config.json"):
         DecoderConfig.from_pretrained(str(tmp_path))
 
@@ -151,14 +160,14 @@ def test_padding_and_packing_match_separate_sequences(tmp_path, family):
     pos = np.zeros((1, T), np.int32)
     off = 0
     for i, s in enumerate((a, b, c)):
-        tokens[0, off:off + len(s)] = s
-        segs[0, off:off + len(s)] = i + 1
-        pos[0, off:off + len(s)] = np.arange(len(s))
+        tokens[0, off : off + len(s)] = s
+        segs[0, off : off + len(s)] = i + 1
+        pos[0, off : off + len(s)] = np.arange(len(s))
         off += len(s)
     packed = np.asarray(apply(model, params, tokens, pos, segs)["logits"])[0]
     off = 0
     for s, ref in zip((a, b, c), alone):
-        np.testing.assert_allclose(packed[off:off + len(s)], ref, atol=1e-5)
+        np.testing.assert_allclose(packed[off : off + len(s)], ref, atol=1e-5)
         off += len(s)
     # Right-padded batch vs HF with an attention mask.
     ids = np.zeros((2, 9), np.int32)

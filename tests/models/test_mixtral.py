@@ -69,9 +69,21 @@ def test_parity_is_sensitive_to_routing(tiny, monkeypatch):
     ref = _hf_out(hf, ids).logits.float().numpy()
     assert np.abs(_logits(cfg, params, ids) - ref).max() < 2e-4
     moe = params["layers"]["moe"]
-    permuted = dict(params, layers=dict(params["layers"], moe=dict(
-        moe, gate_proj=moe["gate_proj"][:, ::-1], up_proj=moe["up_proj"][:, ::-1], down_proj=moe["down_proj"][:, ::-1])))
-    swapped = dict(params, layers=dict(params["layers"], moe=dict(moe, gate_proj=moe["up_proj"], up_proj=moe["gate_proj"])))
+    permuted = dict(
+        params,
+        layers=dict(
+            params["layers"],
+            moe=dict(
+                moe,
+                gate_proj=moe["gate_proj"][:, ::-1],
+                up_proj=moe["up_proj"][:, ::-1],
+                down_proj=moe["down_proj"][:, ::-1],
+            ),
+        ),
+    )
+    swapped = dict(
+        params, layers=dict(params["layers"], moe=dict(moe, gate_proj=moe["up_proj"], up_proj=moe["gate_proj"]))
+    )
     for impl in ("ragged", "dense"):
         c = cfg.replace(moe_impl=impl)
         assert np.abs(_logits(c.replace(num_experts_per_tok=1), params, ids) - ref).max() > 1e-2
@@ -140,7 +152,8 @@ def test_aux_loss_matches_hf(tiny):
         ref = _hf_out(hf, ids, attention_mask=m, output_router_logits=True)
         # Also straight from the function on the returned router logits.
         direct = transformers.models.mixtral.modeling_mixtral.load_balancing_loss_func(
-            ref.router_logits, 4, 2, None if m is None else torch.tensor(m))
+            ref.router_logits, 4, 2, None if m is None else torch.tensor(m)
+        )
         segs = np.ones_like(ids) if m is None else m
         ours = float(jax.jit(lambda p, t, s: apply(model, p, t, None, s)["moe_aux_loss"])(params, ids, segs))
         assert ours == pytest.approx(ref.aux_loss.item(), rel=1e-5, abs=1e-6)
@@ -157,12 +170,20 @@ def test_greedy_generation_equals_hf_generate(tiny):
     hf, path = tiny
     cfg, params = load_hf(path)
     prompts = [[1, 10, 20, 30], [1, 7], [1, 3, 4, 5, 6, 8, 9, 11, 12, 13, 14, 15, 16, 17]]
-    out = generate(build_model(cfg), params, prompts, jax.random.key(0), SamplingParams(max_new_tokens=10, temperature=0.0))
+    out = generate(
+        build_model(cfg), params, prompts, jax.random.key(0), SamplingParams(max_new_tokens=10, temperature=0.0)
+    )
     for i, p in enumerate(prompts):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                              pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        np.testing.assert_array_equal(out.tokens[i], ref[0, len(p):].numpy())
+            ref = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            )
+        np.testing.assert_array_equal(out.tokens[i], ref[0, len(p) :].numpy())
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -214,8 +235,17 @@ def test_fused_layout_loads(tiny, tmp_path):
 # -- sharding ----------------------------------------------------------------------------------
 
 CFG = DecoderConfig(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4,
-    model_type="mixtral", num_experts=4, num_experts_per_tok=2, output_router_logits=True, initializer_range=0.1,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=4,
+    model_type="mixtral",
+    num_experts=4,
+    num_experts_per_tok=2,
+    output_router_logits=True,
+    initializer_range=0.1,
 )
 
 
@@ -245,12 +275,14 @@ def reference():
     assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
     model = build_model(CFG)
     params = init_params(model, jax.random.key(0))
-    (l, (logits, aux)), g = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))(params, *_batch())
-    return jax.device_get(params), float(l), np.asarray(logits), float(aux), jax.device_get(g)
+    (loss, (logits, aux)), g = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))(params, *_batch())
+    return jax.device_get(params), float(loss), np.asarray(logits), float(aux), jax.device_get(g)
 
 
-@pytest.mark.parametrize("sizes,impl", [((8, 1, 1), "ragged"), ((1, 8, 1), "ragged"), ((2, 2, 2), "ragged"),
-                                        ((1, 2, 4), "ragged"), ((2, 2, 2), "dense")])
+@pytest.mark.parametrize(
+    "sizes,impl",
+    [((8, 1, 1), "ragged"), ((1, 8, 1), "ragged"), ((2, 2, 2), "ragged"), ((1, 2, 4), "ragged"), ((2, 2, 2), "dense")],
+)
 def test_sharded_forward_and_grad_match_single_device(reference, sizes, impl):
     params0, l0, logits0, aux0, g0 = reference
     mesh = shd.make_mesh(*sizes)
@@ -262,8 +294,8 @@ def test_sharded_forward_and_grad_match_single_device(reference, sizes, impl):
     assert tuple(w.sharding.spec) == (None, None, "fsdp", "tensor")
     assert w.addressable_shards[0].data.shape == (2, 4, 64 // fsdp, 128 // tensor)
     fn = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))
-    (l, (logits, aux)), g = fn(params, *shd.shard_batch(_batch(), mesh))
-    assert abs(float(l) - l0) < 1e-5 and abs(float(aux) - aux0) < 1e-6
+    (loss, (logits, aux)), g = fn(params, *shd.shard_batch(_batch(), mesh))
+    assert abs(float(loss) - l0) < 1e-5 and abs(float(aux) - aux0) < 1e-6
     np.testing.assert_allclose(np.asarray(logits), logits0, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=1e-6, rtol=1e-4), g, g0)
 
@@ -287,11 +319,28 @@ def test_sampler_under_mesh_matches_single_device():
 
 def test_config_from_hf_fields_and_back(tmp_path):
     # transformers 4.x spelling (rope_theta at top level, no rope_parameters).
-    legacy = dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096,
-                  intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                  rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, sliding_window=None,
-                  num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02, output_router_logits=False,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, hidden_act="silu")
+    legacy = dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.02,
+        output_router_logits=False,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        hidden_act="silu",
+    )
     (tmp_path / "config.json").write_text(json.dumps(legacy))
     cfg = DecoderConfig.from_pretrained(str(tmp_path))
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.router_aux_loss_coef) == (8, 2, 0.02)
@@ -300,7 +349,12 @@ def test_config_from_hf_fields_and_back(tmp_path):
     assert cfg.num_params(active=True) / 1e9 == pytest.approx(12.88, abs=0.01)
     hf = cfg.replace(router_jitter_noise=0.01, output_router_logits=True).to_hf()
     assert isinstance(hf, transformers.MixtralConfig)
-    assert (hf.num_local_experts, hf.num_experts_per_tok, hf.router_jitter_noise, hf.output_router_logits) == (8, 2, 0.01, True)
+    assert (hf.num_local_experts, hf.num_experts_per_tok, hf.router_jitter_noise, hf.output_router_logits) == (
+        8,
+        2,
+        0.01,
+        True,
+    )
     back = DecoderConfig.from_hf(hf)
     assert back.num_experts == 8 and back.router_jitter_noise == 0.01 and back.output_router_logits
     kw = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=2)
@@ -327,8 +381,12 @@ def test_router_jitter_only_with_a_router_rng():
 
 def _sft_batch():
     tokens, pos, segs = _batch()
-    return {"tokens": tokens, "positions": pos, "segment_ids": segs,
-            "loss_mask": ((segs > 0) & (pos > 0)).astype(np.int32)}
+    return {
+        "tokens": tokens,
+        "positions": pos,
+        "segment_ids": segs,
+        "loss_mask": ((segs > 0) & (pos > 0)).astype(np.int32),
+    }
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "reward"])
@@ -383,9 +441,16 @@ def test_ppo_loss_adds_the_aux_loss():
     tokens, pos, segs = (x[:4] for x in _batch())
     R = 4
     rs = np.random.RandomState(1)
-    mb = dict(tokens=tokens, positions=pos, segment_ids=segs, mask=(segs[:, -R:] > 0).astype(np.float32),
-              old_logp=rs.normal(-3, 1, (4, R)).astype(np.float32), old_values=np.zeros((4, R), np.float32),
-              advantages=rs.normal(size=(4, R)).astype(np.float32), returns=np.ones((4, R), np.float32))
+    mb = dict(
+        tokens=tokens,
+        positions=pos,
+        segment_ids=segs,
+        mask=(segs[:, -R:] > 0).astype(np.float32),
+        old_logp=rs.normal(-3, 1, (4, R)).astype(np.float32),
+        old_values=np.zeros((4, R), np.float32),
+        advantages=rs.normal(size=(4, R)).astype(np.float32),
+        returns=np.ones((4, R), np.float32),
+    )
     out = {}
     for with_aux in (False, True):
         cfg = CFG.replace(output_router_logits=with_aux, router_aux_loss_coef=0.5)

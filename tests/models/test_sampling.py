@@ -25,9 +25,15 @@ def tiny(tmp_path_factory):
 
 def _hf_greedy(hf, prompt, n, eos):
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
-                          pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].numpy()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return out[0, len(prompt) :].numpy()
 
 
 def test_greedy_equals_hf_generate(tiny):
@@ -45,8 +51,13 @@ def test_eos_stops_each_row_on_its_own(tiny):
     row = list(free.tokens[0])
     s = next(j for j in range(2, 10) if row[j] not in row[:j])
     eos = int(row[s])
-    out = generate(model, params, PROMPTS, jax.random.key(0),
-                   SamplingParams(max_new_tokens=10, temperature=0.0, eos_ids=(eos,), pad_id=0))
+    out = generate(
+        model,
+        params,
+        PROMPTS,
+        jax.random.key(0),
+        SamplingParams(max_new_tokens=10, temperature=0.0, eos_ids=(eos,), pad_id=0),
+    )
     for i, p in enumerate(PROMPTS):
         ref = _hf_greedy(hf, p, 10, eos=eos)
         n = out.lengths[i]
@@ -57,11 +68,14 @@ def test_eos_stops_each_row_on_its_own(tiny):
     assert out.lengths[0] == s + 1
 
 
-@pytest.mark.parametrize("sp", [
-    SamplingParams(max_new_tokens=8, temperature=0.0),
-    SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20),
-    SamplingParams(max_new_tokens=8, temperature=1.0),
-])
+@pytest.mark.parametrize(
+    "sp",
+    [
+        SamplingParams(max_new_tokens=8, temperature=0.0),
+        SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20),
+        SamplingParams(max_new_tokens=8, temperature=1.0),
+    ],
+)
 def test_logprobs_equal_forward_pass(tiny, sp):
     _, model, params = tiny
     out = generate(model, params, PROMPTS, jax.random.key(3), sp)
@@ -71,7 +85,7 @@ def test_logprobs_equal_forward_pass(tiny, sp):
         seq = np.array(p + list(out.tokens[i, :n]), np.int32)[None]
         logits = np.asarray(apply(model, params, seq)["logits"])[0] / t
         logp = jax.nn.log_softmax(logits, -1)
-        ref = np.asarray(logp)[len(p) - 1:-1][np.arange(n), seq[0, len(p):]]
+        ref = np.asarray(logp)[len(p) - 1 : -1][np.arange(n), seq[0, len(p) :]]
         np.testing.assert_allclose(out.logprobs[i, :n], ref, atol=1e-4)
 
 
@@ -96,7 +110,9 @@ def test_row_output_does_not_depend_on_batch_neighbours(tiny):
 
 def test_top_k_one_is_greedy_and_filters_are_exact():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]], np.float32))
-    kept = np.isfinite(np.asarray(filter_logits(logits, 0, 0.75))) & (np.asarray(filter_logits(logits, 0, 0.75)) > -1e30)
+    kept = np.isfinite(np.asarray(filter_logits(logits, 0, 0.75))) & (
+        np.asarray(filter_logits(logits, 0, 0.75)) > -1e30
+    )
     # Nucleus 0.75: row 0 keeps {0.5, 0.3}; row 1 keeps {0.4, 0.3, 0.2}.
     np.testing.assert_array_equal(kept, [[1, 1, 0, 0], [0, 1, 1, 1]])
     k2 = np.asarray(filter_logits(logits, 2, 1.0)) > -1e30

@@ -16,8 +16,14 @@ from rlaif_jax.sampling import SamplingParams, generate
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
 CFG = DecoderConfig(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-    num_kv_heads=4, sliding_window=6, model_type="mistral",
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=4,
+    sliding_window=6,
+    model_type="mistral",
 )
 
 
@@ -50,8 +56,8 @@ def reference():
     assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
     model = build_model(CFG)
     params = init_params(model, jax.random.key(0))
-    (l, logits), g = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))(params, *_batch())
-    return model, jax.device_get(params), float(l), np.asarray(logits), jax.device_get(g)
+    (loss, logits), g = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))(params, *_batch())
+    return model, jax.device_get(params), float(loss), np.asarray(logits), jax.device_get(g)
 
 
 @pytest.mark.parametrize("sizes", MESHES)
@@ -64,8 +70,8 @@ def test_sharded_forward_and_grad_match_single_device(reference, sizes):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, params0)
     batch = shd.shard_batch(_batch(), mesh)
     fn = jax.jit(jax.value_and_grad(_loss(model), has_aux=True))
-    (l, logits), g = fn(params, *batch)
-    assert abs(float(l) - l0) < 1e-5
+    (loss, logits), g = fn(params, *batch)
+    assert abs(float(loss) - l0) < 1e-5
     np.testing.assert_allclose(np.asarray(logits), logits0, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=1e-6, rtol=1e-4), g, g0)
 
@@ -114,7 +120,9 @@ def test_hf_import_straight_into_shards(tmp_path):
     _, params = load_hf(str(tmp_path), layout=_layout(mesh))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ref)
     expected = init_params(build_model(cfg, layout=_layout(mesh)), jax.random.key(0))
-    jax.tree.map(lambda a, b: a.sharding.is_equivalent_to(b.sharding, a.ndim) or pytest.fail("sharding"), params, expected)
+    jax.tree.map(
+        lambda a, b: a.sharding.is_equivalent_to(b.sharding, a.ndim) or pytest.fail("sharding"), params, expected
+    )
     assert params["layers"]["attn"]["k_proj"]["kernel"].addressable_shards[0].data.shape == (3, 32, 1, 16)
     del torch
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -21,15 +20,39 @@ def test_tiny_checkpoint_then_sample(tmp_path):
     for f in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (ck / f).exists()
     assert json.loads((ck / "config.json").read_text())["model_type"] == "mistral"
-    r = _run("scripts/sample.py", "--hf_dir", str(ck), "--prompt", "What is 2+3?", "--prompt", "Hi",
-             "--max_new_tokens", "5", "--temperature", "0", "--jsonl")
+    r = _run(
+        "scripts/sample.py",
+        "--hf_dir",
+        str(ck),
+        "--prompt",
+        "What is 2+3?",
+        "--prompt",
+        "Hi",
+        "--max_new_tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--jsonl",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [row["prompt"] for row in rows] == ["What is 2+3?", "Hi"]
     assert all(1 <= row["tokens"] <= 5 for row in rows)
     # Greedy decoding is reproducible across processes.
-    r2 = _run("scripts/sample.py", "--hf_dir", str(ck), "--prompt", "What is 2+3?", "--prompt", "Hi",
-              "--max_new_tokens", "5", "--temperature", "0", "--jsonl")
+    r2 = _run(
+        "scripts/sample.py",
+        "--hf_dir",
+        str(ck),
+        "--prompt",
+        "What is 2+3?",
+        "--prompt",
+        "Hi",
+        "--max_new_tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--jsonl",
+    )
     assert r2.stdout == r.stdout
 
 

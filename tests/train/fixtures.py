@@ -10,8 +10,18 @@ from rlaif_jax.models import DecoderConfig
 
 
 def tiny_config(vocab_size: int, **kw) -> DecoderConfig:
-    base = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                num_kv_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     base.update(kw)
     return DecoderConfig(**base)
 
@@ -23,13 +33,29 @@ def make_world(root: str, n: int = 32):
 
 
 def sft_data(demo_dir, batch_size=8, seq_len=32, **kw):
-    return functools.partial(sft_pipeline, demo_dir, batch_size=batch_size, seq_len=seq_len,
-                             max_length=seq_len, max_prompt_length=seq_len // 2, prefetch=0, **kw)
+    return functools.partial(
+        sft_pipeline,
+        demo_dir,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_length=seq_len,
+        max_prompt_length=seq_len // 2,
+        prefetch=0,
+        **kw,
+    )
 
 
 def pref_data(pref_dir, batch_size=8, seq_len=32, **kw):
-    return functools.partial(preference_pipeline, pref_dir, batch_size=batch_size, seq_len=seq_len,
-                             max_length=seq_len, max_prompt_length=seq_len // 2, prefetch=0, **kw)
+    return functools.partial(
+        preference_pipeline,
+        pref_dir,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_length=seq_len,
+        max_prompt_length=seq_len // 2,
+        prefetch=0,
+        **kw,
+    )
 
 
 LOOP_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "export_hf")

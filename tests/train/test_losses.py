@@ -53,14 +53,25 @@ def test_hand_computed_values():
     assert float(bt[0]) == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-6)
 
 
-@pytest.mark.parametrize("loss_type,eps", [
-    ("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2), ("ipo", 0.0), ("hinge", 0.0), ("simpo", 0.0), ("simpo", 0.2),
-])
+@pytest.mark.parametrize(
+    "loss_type,eps",
+    [
+        ("sigmoid", 0.0),
+        ("sigmoid", 0.2),
+        ("robust", 0.2),
+        ("ipo", 0.0),
+        ("hinge", 0.0),
+        ("simpo", 0.0),
+        ("simpo", 0.2),
+    ],
+)
 def test_against_independent_implementation(loss_type, eps):
     rs = np.random.RandomState(0)
     pc, pr, rc, rr = (rs.uniform(-30, -5, 16).astype(np.float32) for _ in range(4))
     beta, gamma = 0.3, 0.4
-    ours, _, _ = preference_losses(pc, pr, rc, rr, loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma)
+    ours, _, _ = preference_losses(
+        pc, pr, rc, rr, loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma
+    )
     ref = [reference_loss(*v, loss_type, beta, eps, gamma) for v in zip(pc, pr, rc, rr)]
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-5)
 

@@ -120,12 +120,29 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(policy_dir, tmp_path, 
     policy, demos, tok = policy_dir
     target = tok.convert_tokens_to_ids("cat")
     k = 4 if estimator == "rloo" else 1
-    config = PPOConfig(rollout_batch_size=16 // k, samples_per_prompt=k, mini_batch_size=8, ppo_epochs=2,
-                       max_new_tokens=6, max_prompt_length=16, advantage_estimator=estimator, value_model=value_model,
-                       vf_coef=0.5)
-    out = train_ppo(run_dir=str(tmp_path), policy=policy, prompts=demos, num_iterations=30, config=config,
-                    reward_fn=_target_reward(target), kl=KLController(init_coef=0.05),
-                    optimizer=functools.partial(make_optimizer, learning_rate=3e-3), mesh=ONE_DEVICE, seed=1)
+    config = PPOConfig(
+        rollout_batch_size=16 // k,
+        samples_per_prompt=k,
+        mini_batch_size=8,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        max_prompt_length=16,
+        advantage_estimator=estimator,
+        value_model=value_model,
+        vf_coef=0.5,
+    )
+    out = train_ppo(
+        run_dir=str(tmp_path),
+        policy=policy,
+        prompts=demos,
+        num_iterations=30,
+        config=config,
+        reward_fn=_target_reward(target),
+        kl=KLController(init_coef=0.05),
+        optimizer=functools.partial(make_optimizer, learning_rate=3e-3),
+        mesh=ONE_DEVICE,
+        seed=1,
+    )
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     first = np.mean([r["objective/scores"] for r in rows[:3]])
     final = np.mean([r["objective/scores"] for r in rows[-5:]])
@@ -133,8 +150,17 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(policy_dir, tmp_path, 
     # The KL penalty holds the policy well short of collapse (every token "cat" would be
     # about 6 * log(vocab) = 19 nats from the reference).
     assert np.mean([r["objective/kl"] for r in rows[-5:]]) < 12.0
-    for key in ("policy/clipfrac_avg", "policy/approxkl_avg", "loss/policy_avg", "val/ratio", "objective/entropy",
-                "objective/rlhf_reward", "val/num_eos_tokens", "time/rollout", "time/update"):
+    for key in (
+        "policy/clipfrac_avg",
+        "policy/approxkl_avg",
+        "loss/policy_avg",
+        "val/ratio",
+        "objective/entropy",
+        "objective/rlhf_reward",
+        "val/num_eos_tokens",
+        "time/rollout",
+        "time/update",
+    ):
         assert key in out
     if estimator == "gae":
         assert "loss/value_avg" in out
@@ -146,10 +172,17 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(policy_dir, tmp_path, 
 def test_ppo_resume_is_exact(policy_dir, tmp_path):
     policy, demos, tok = policy_dir
     config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=16)
-    kw = dict(policy=policy, prompts=demos, num_iterations=4, config=config, reward_fn=_target_reward(5),
-              kl=KLController(init_coef=0.05, target=1.0, horizon=100),
-              optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE,
-              loop=LoopSettings(checkpoint_every=2))
+    kw = dict(
+        policy=policy,
+        prompts=demos,
+        num_iterations=4,
+        config=config,
+        reward_fn=_target_reward(5),
+        kl=KLController(init_coef=0.05, target=1.0, horizon=100),
+        optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+        mesh=ONE_DEVICE,
+        loop=LoopSettings(checkpoint_every=2),
+    )
     train_ppo(run_dir=str(tmp_path / "a"), **kw)
     train_ppo(run_dir=str(tmp_path / "b"), stop_after=3, **kw)
     train_ppo(run_dir=str(tmp_path / "b"), **kw)
@@ -179,8 +212,9 @@ def test_numerics_reach_the_models_loaded_from_hf_exports(policy_dir, tmp_path, 
     load_hf = ppo.load_hf
     monkeypatch.setattr(ppo, "load_hf", spy)
     config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=16)
-    kw = dict(policy=policy, prompts=demos, num_iterations=1, config=config, reward_fn=_target_reward(5),
-              mesh=ONE_DEVICE)
+    kw = dict(
+        policy=policy, prompts=demos, num_iterations=1, config=config, reward_fn=_target_reward(5), mesh=ONE_DEVICE
+    )
     out = train_ppo(run_dir=str(tmp_path / "a"), numerics={"dtype": "bfloat16", "remat_policy": "dots"}, **kw)
     assert np.isfinite(out["loss"])
     assert [(c.dtype, c.param_dtype, c.remat_policy) for c in loaded] == [("bfloat16", "float32", "dots")]
@@ -204,10 +238,21 @@ def test_a_non_finite_ppo_loss_stops_the_run_before_a_checkpoint_of_it(policy_di
     config = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=16)
     nan_reward = lambda tokens, positions, segs, rmask, P: rmask.sum(1) * jnp.nan  # noqa: E731
     # Checked on the host when it logs (every 2nd iteration) and before each checkpoint (every one).
-    with pytest.raises(NonFiniteLossError, match=r"non-finite at iteration 0 \(prompt stream position before that "
-                                                 r"batch: \{'epoch': 0, 'index': 0\}; batch saved to .*nonfinite"):
-        train_ppo(run_dir=str(tmp_path), policy=policy, prompts=demos, num_iterations=4, config=config,
-                  reward_fn=nan_reward, mesh=ONE_DEVICE, loop=LoopSettings(log_every=2, checkpoint_every=1))
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite at iteration 0 \(prompt stream position before that "
+        r"batch: \{'epoch': 0, 'index': 0\}; batch saved to .*nonfinite",
+    ):
+        train_ppo(
+            run_dir=str(tmp_path),
+            policy=policy,
+            prompts=demos,
+            num_iterations=4,
+            config=config,
+            reward_fn=nan_reward,
+            mesh=ONE_DEVICE,
+            loop=LoopSettings(log_every=2, checkpoint_every=1),
+        )
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
     assert (tmp_path / "nonfinite_batch_iteration0.npz").exists() and not (tmp_path / "hf").exists()
 
@@ -218,6 +263,11 @@ def test_each_trainer_has_its_own_script(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "scripts/train.py", "--gin_file=configs/experiments/tiny_ppo.gin"], cwd=root,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "scripts/train.py", "--gin_file=configs/experiments/tiny_ppo.gin"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "scripts/train_ppo.py" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]

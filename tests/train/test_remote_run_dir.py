@@ -17,8 +17,7 @@ from safetensors.numpy import load
 
 from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
-from rlaif_jax.train import SFT, make_optimizer
-from rlaif_jax.train import ppo
+from rlaif_jax.train import SFT, make_optimizer, ppo
 from rlaif_jax.train.loop import LoopSettings, NonFiniteLossError, train
 from rlaif_jax.train.metrics import MetricsWriter, read_jsonl
 from rlaif_jax.train.rundir import HF_EXPORT_MARKER, RunDir
@@ -49,17 +48,26 @@ def world(tmp_path_factory):
 
 
 def _args(world, run, **kw):
-    args = dict(run_dir=run, objective=SFT(), train_data=sft_data(world["demos"]), num_steps=8,
-                model_config=world["cfg"], tokenizer=world["tok_dir"], mesh=ONE_DEVICE, log_every=2,
-                optimizer=functools.partial(make_optimizer, name="rmsprop", learning_rate=1e-3),
-                checkpoint_every=4, export_hf=True)
+    args = dict(
+        run_dir=run,
+        objective=SFT(),
+        train_data=sft_data(world["demos"]),
+        num_steps=8,
+        model_config=world["cfg"],
+        tokenizer=world["tok_dir"],
+        mesh=ONE_DEVICE,
+        log_every=2,
+        optimizer=functools.partial(make_optimizer, name="rmsprop", learning_rate=1e-3),
+        checkpoint_every=4,
+        export_hf=True,
+    )
     args.update(kw)
     return loop_args(args)
 
 
 def _remote_files(mem, url):
     root = fileio.url_fs(url)[1]
-    return {p[len(root):].lstrip("/") for p in mem.find(root)}
+    return {p[len(root) :].lstrip("/") for p in mem.find(root)}
 
 
 def test_remote_run_dir_gets_every_file_and_local_layout_is_unchanged(world, mem, tmp_path, staging, monkeypatch):
@@ -79,7 +87,8 @@ def test_remote_run_dir_gets_every_file_and_local_layout_is_unchanged(world, mem
     top = {f.split("/")[0] for f in files}
     assert top == LOCAL_LAYOUT - {"checkpoints"}  # checkpoints: redirected by the test (orbax)
     assert {f for f in files if f.startswith("hf/")} == {f"hf/{n}" for n in os.listdir(local / "hf")} | {
-        f"hf/{HF_EXPORT_MARKER}"}
+        f"hf/{HF_EXPORT_MARKER}"
+    }
     assert any(f.startswith("tb/events.out.tfevents") for f in files)
 
     marker = json.loads(mem.cat(fileio.url_fs(f"{MEM}/hf/{HF_EXPORT_MARKER}")[1]))
@@ -134,11 +143,20 @@ def test_ppo_on_a_remote_run_dir_resumes_and_exports(world, mem, monkeypatch):
 
     policy = str(world["root"] / "policy")
     save_hf(policy, world["cfg"], init_params(build_model(world["cfg"]), jax.random.key(0)), tokenizer=world["tok"])
-    config = ppo.PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4,
-                           max_prompt_length=16)
-    kw = dict(run_dir=MEM, policy=policy, prompts=world["demos"], num_iterations=4, config=config,
-              reward_fn=lambda tokens, positions, segs, rmask, P: rmask.sum(1) * 0.0,
-              kl=KLController(init_coef=0.05), mesh=ONE_DEVICE, loop=LoopSettings(checkpoint_every=2))
+    config = ppo.PPOConfig(
+        rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=16
+    )
+    kw = dict(
+        run_dir=MEM,
+        policy=policy,
+        prompts=world["demos"],
+        num_iterations=4,
+        config=config,
+        reward_fn=lambda tokens, positions, segs, rmask, P: rmask.sum(1) * 0.0,
+        kl=KLController(init_coef=0.05),
+        mesh=ONE_DEVICE,
+        loop=LoopSettings(checkpoint_every=2),
+    )
     with monkeypatch.context() as m:  # preempted after the iteration-2 checkpoint
         m.setattr(RunDir, "close", lambda self: None)
         ppo.train_ppo(stop_after=3, **kw)
@@ -160,8 +178,17 @@ def test_hf_dirs_on_an_object_store_are_fetched_once_and_errors_name_the_argumen
     mem.put(str(local / "hf"), "/bucket/models/base", recursive=True)
     base = "memory://bucket/models/base"
     for run in ("a", "b"):  # the second run reuses the first run's copy
-        out = train(**_args(world, f"memory://bucket/runs/{run}", model_config=None, tokenizer=None,
-                            init_from=base, num_steps=2, checkpoint_every=0))
+        out = train(
+            **_args(
+                world,
+                f"memory://bucket/runs/{run}",
+                model_config=None,
+                tokenizer=None,
+                init_from=base,
+                num_steps=2,
+                checkpoint_every=0,
+            )
+        )
         assert np.isfinite(out["loss"])
     copies = os.listdir(staging / "rlaif_hf")
     assert len(copies) == 1 and os.path.exists(staging / "rlaif_hf" / copies[0] / "config.json")
@@ -175,11 +202,15 @@ def test_hf_dirs_on_an_object_store_are_fetched_once_and_errors_name_the_argumen
         train_ppo(run_dir=MEM, policy=base, prompts="memory://b/prompts", num_iterations=1, reward_fn=lambda *a: 0.0)
     from rlaif_jax.data.records import PREFERENCES, write_records
 
-    write_records("memory://b/p", PREFERENCES, [{"prompt_id": "p", "prompt": "q", "chosen": "a", "rejected": "b",
-                                                  "provenance": "t"}])  # the input is checked first
+    write_records(
+        "memory://b/p",
+        PREFERENCES,
+        [{"prompt_id": "p", "prompt": "q", "chosen": "a", "rejected": "b", "provenance": "t"}],
+    )  # the input is checked first
     with pytest.raises(FileNotFoundError, match=r"reference: memory://bucket/nothing"):
-        precompute_reference_logps(preferences_dir="memory://b/p", out_dir="memory://b/q",
-                                   reference="memory://bucket/nothing")
+        precompute_reference_logps(
+            preferences_dir="memory://b/p", out_dir="memory://b/q", reference="memory://bucket/nothing"
+        )
 
 
 def test_re_export_removes_the_old_marker_first(mem):

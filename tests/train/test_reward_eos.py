@@ -34,8 +34,10 @@ def _eos_embedding_grad(batch: dict) -> float:
 
 def test_sft_never_trains_eos_as_an_input_and_the_document_stream_does():
     rng = np.random.default_rng(0)
-    exs = [Encoded(np.r_[1, rng.integers(5, 30, 4)].astype(np.int32), np.r_[rng.integers(5, 30, 2), EOS].astype(np.int32))
-           for _ in range(8)]
+    exs = [
+        Encoded(np.r_[1, rng.integers(5, 30, 4)].astype(np.int32), np.r_[rng.integers(5, 30, 2), EOS].astype(np.int32))
+        for _ in range(8)
+    ]
     packed, left = pack_batch(exs, batch_size=2, seq_len=32)
     assert not left
     assert _eos_embedding_grad(packed) == 0.0

@@ -32,9 +32,17 @@ def world(tmp_path_factory):
 
 
 def _args(world, run, **kw):
-    args = dict(run_dir=str(run), objective=SFT(), train_data=sft_data(world["demos"]), num_steps=4,
-                model_config=world["cfg"], tokenizer=world["tok_dir"], mesh=ONE_DEVICE, log_every=1,
-                optimizer=functools.partial(make_optimizer, learning_rate=1e-3))
+    args = dict(
+        run_dir=str(run),
+        objective=SFT(),
+        train_data=sft_data(world["demos"]),
+        num_steps=4,
+        model_config=world["cfg"],
+        tokenizer=world["tok_dir"],
+        mesh=ONE_DEVICE,
+        log_every=1,
+        optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+    )
     args.update(kw)
     return loop_args(args)
 
@@ -43,29 +51,32 @@ def _opt(**kw):
     return functools.partial(make_optimizer, **kw)
 
 
-@pytest.mark.parametrize("override,binding", [
-    # Before: batch_size 0 "finished" after 0 steps and exported the random initial weights.
-    (dict(pipeline=dict(batch_size=0)), "sft_pipeline.batch_size = 0"),
-    (dict(pipeline=dict(batch_size=-8)), "sft_pipeline.batch_size = -8"),
-    (dict(pipeline=dict(num_epochs=0)), "sft_pipeline.num_epochs = 0"),
-    (dict(pipeline=dict(max_prompt_length=40)), "sft_pipeline.max_prompt_length = 40"),
-    # Before: a learning rate of 0 trained nothing and a negative one trained uphill, exit 0.
-    (dict(optimizer=_opt(learning_rate=0.0)), "make_optimizer.learning_rate = 0.0"),
-    (dict(optimizer=_opt(learning_rate=-1e-3)), "make_optimizer.learning_rate = -0.001"),
-    (dict(optimizer=_opt(learning_rate=float("nan"))), "make_optimizer.learning_rate = nan"),
-    (dict(optimizer=_opt(warmup_steps=-1)), "make_optimizer.warmup_steps = -1"),
-    (dict(optimizer=_opt(weight_decay=-0.1)), "make_optimizer.weight_decay = -0.1"),
-    (dict(optimizer=_opt(b2=1.0)), "make_optimizer.b2 = 1.0"),
-    (dict(optimizer=_opt(clip_norm=0.0)), "make_optimizer.clip_norm = 0.0"),
-    (dict(optimizer=_opt(schedule="cosine"), num_steps=None), "make_optimizer.schedule = 'cosine' needs"),
-    (dict(num_steps=0), "train.num_steps = 0"),
-    (dict(grad_accum=0), "train.grad_accum = 0"),
-    (dict(log_every=0), "LoopSettings.log_every = 0"),
-    (dict(checkpoint_every=-1), "LoopSettings.checkpoint_every = -1"),
-    (dict(eval_every=-2), "train.eval_every = -2"),
-    (dict(keep_checkpoints=0), "LoopSettings.keep_checkpoints = 0"),
-    (dict(model_config=None), "train.model_config and train.init_from are both unset"),
-])
+@pytest.mark.parametrize(
+    "override,binding",
+    [
+        # Before: batch_size 0 "finished" after 0 steps and exported the random initial weights.
+        (dict(pipeline=dict(batch_size=0)), "sft_pipeline.batch_size = 0"),
+        (dict(pipeline=dict(batch_size=-8)), "sft_pipeline.batch_size = -8"),
+        (dict(pipeline=dict(num_epochs=0)), "sft_pipeline.num_epochs = 0"),
+        (dict(pipeline=dict(max_prompt_length=40)), "sft_pipeline.max_prompt_length = 40"),
+        # Before: a learning rate of 0 trained nothing and a negative one trained uphill, exit 0.
+        (dict(optimizer=_opt(learning_rate=0.0)), "make_optimizer.learning_rate = 0.0"),
+        (dict(optimizer=_opt(learning_rate=-1e-3)), "make_optimizer.learning_rate = -0.001"),
+        (dict(optimizer=_opt(learning_rate=float("nan"))), "make_optimizer.learning_rate = nan"),
+        (dict(optimizer=_opt(warmup_steps=-1)), "make_optimizer.warmup_steps = -1"),
+        (dict(optimizer=_opt(weight_decay=-0.1)), "make_optimizer.weight_decay = -0.1"),
+        (dict(optimizer=_opt(b2=1.0)), "make_optimizer.b2 = 1.0"),
+        (dict(optimizer=_opt(clip_norm=0.0)), "make_optimizer.clip_norm = 0.0"),
+        (dict(optimizer=_opt(schedule="cosine"), num_steps=None), "make_optimizer.schedule = 'cosine' needs"),
+        (dict(num_steps=0), "train.num_steps = 0"),
+        (dict(grad_accum=0), "train.grad_accum = 0"),
+        (dict(log_every=0), "LoopSettings.log_every = 0"),
+        (dict(checkpoint_every=-1), "LoopSettings.checkpoint_every = -1"),
+        (dict(eval_every=-2), "train.eval_every = -2"),
+        (dict(keep_checkpoints=0), "LoopSettings.keep_checkpoints = 0"),
+        (dict(model_config=None), "train.model_config and train.init_from are both unset"),
+    ],
+)
 def test_bad_settings_stop_the_run_before_it_trains_or_writes(world, tmp_path, override, binding):
     if "pipeline" in override:
         override = dict(train_data=functools.partial(sft_data(world["demos"]), **override["pipeline"]))
@@ -86,22 +97,25 @@ def policy_stub(tmp_path):
     return str(d)
 
 
-@pytest.mark.parametrize("make,binding", [
-    (lambda: DPO(beta=0.0), "DPO.beta = 0.0"),
-    (lambda: DPO(label_smoothing=0.5), "DPO.label_smoothing = 0.5"),
-    (lambda: DPO(rpo_alpha=-1.0), "DPO.rpo_alpha = -1.0"),
-    (lambda: DPO(loss_type="sigmod"), "DPO.loss_type = 'sigmod'"),
-    (lambda: RewardModel(margin=-0.5), "RewardModel.margin = -0.5"),
-    (lambda: SFT(reduction="avg"), "SFT.reduction = 'avg'"),
-    (lambda: PPOConfig(clip_range=0.0), "PPOConfig.clip_range = 0.0"),
-    (lambda: PPOConfig(gamma=1.5), "PPOConfig.gamma = 1.5"),
-    (lambda: PPOConfig(lam=-0.1), "PPOConfig.lam = -0.1"),
-    (lambda: PPOConfig(mini_batch_size=0), "PPOConfig.mini_batch_size = 0"),
-    (lambda: PPOConfig(rollout_batch_size=10, mini_batch_size=4), "PPOConfig.mini_batch_size = 4"),
-    (lambda: PPOConfig(ppo_epochs=0), "PPOConfig.ppo_epochs = 0"),
-    (lambda: KLController(init_coef=-0.1), "KLController.init_coef = -0.1"),
-    (lambda: KLController(target=0.0), "KLController.target = 0.0"),
-])
+@pytest.mark.parametrize(
+    "make,binding",
+    [
+        (lambda: DPO(beta=0.0), "DPO.beta = 0.0"),
+        (lambda: DPO(label_smoothing=0.5), "DPO.label_smoothing = 0.5"),
+        (lambda: DPO(rpo_alpha=-1.0), "DPO.rpo_alpha = -1.0"),
+        (lambda: DPO(loss_type="sigmod"), "DPO.loss_type = 'sigmod'"),
+        (lambda: RewardModel(margin=-0.5), "RewardModel.margin = -0.5"),
+        (lambda: SFT(reduction="avg"), "SFT.reduction = 'avg'"),
+        (lambda: PPOConfig(clip_range=0.0), "PPOConfig.clip_range = 0.0"),
+        (lambda: PPOConfig(gamma=1.5), "PPOConfig.gamma = 1.5"),
+        (lambda: PPOConfig(lam=-0.1), "PPOConfig.lam = -0.1"),
+        (lambda: PPOConfig(mini_batch_size=0), "PPOConfig.mini_batch_size = 0"),
+        (lambda: PPOConfig(rollout_batch_size=10, mini_batch_size=4), "PPOConfig.mini_batch_size = 4"),
+        (lambda: PPOConfig(ppo_epochs=0), "PPOConfig.ppo_epochs = 0"),
+        (lambda: KLController(init_coef=-0.1), "KLController.init_coef = -0.1"),
+        (lambda: KLController(target=0.0), "KLController.target = 0.0"),
+    ],
+)
 def test_objective_and_ppo_settings_name_their_binding(make, binding):
     with pytest.raises(ConfigError, match="^" + binding.replace(".", r"\.").replace("(", r"\(")):
         make()
@@ -119,8 +133,9 @@ def test_data_with_no_batch_is_a_user_error_and_nothing_is_exported(world, tmp_p
     # 32 examples, one epoch, batches of 64 with drop_remainder: before, the run "finished"
     # after 0 steps and exported untrained weights.
     with pytest.raises(UserError, match=r"^train\.train_data: the training data yields no batch"):
-        train(**_args(world, tmp_path, train_data=sft_data(world["demos"], batch_size=64, num_epochs=1),
-                      num_steps=None))
+        train(
+            **_args(world, tmp_path, train_data=sft_data(world["demos"], batch_size=64, num_epochs=1), num_steps=None)
+        )
     assert not (tmp_path / "hf").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -131,11 +146,21 @@ def test_missing_model_and_tokenizer_directories_are_named(world, tmp_path, poli
     with pytest.raises(ConfigError, match=r"^train\.tokenizer = '/no/tok': no such tokenizer directory"):
         train(**_args(world, tmp_path / "b", tokenizer="/no/tok"))
     with pytest.raises(ConfigError, match=r"^train_ppo\.policy = '/no/policy': no such HF model directory"):
-        train_ppo(run_dir=str(tmp_path / "c"), policy="/no/policy", prompts=world["demos"], num_iterations=1,
-                  reward_fn=lambda *a: 0.0)
+        train_ppo(
+            run_dir=str(tmp_path / "c"),
+            policy="/no/policy",
+            prompts=world["demos"],
+            num_iterations=1,
+            reward_fn=lambda *a: 0.0,
+        )
     with pytest.raises(ConfigError, match=r"^train_ppo\.reward_model = '/no/rm'"):
-        train_ppo(run_dir=str(tmp_path / "d"), policy=policy_stub, reward_model="/no/rm",
-                  prompts=world["demos"], num_iterations=1)
+        train_ppo(
+            run_dir=str(tmp_path / "d"),
+            policy=policy_stub,
+            reward_model="/no/rm",
+            prompts=world["demos"],
+            num_iterations=1,
+        )
     assert not any((tmp_path / d).exists() for d in "abcd")
 
 
@@ -145,8 +170,9 @@ def test_a_second_trainer_on_the_same_run_dir_stops_at_start(world, tmp_path, po
         with pytest.raises(OutputInUseError, match=r"is being written by pid \d+.*another train\.run_dir"):
             train(**_args(world, run))
         with pytest.raises(OutputInUseError, match="another train_ppo.run_dir"):
-            train_ppo(run_dir=str(run), policy=policy_stub, prompts=world["demos"], num_iterations=1,
-                      reward_fn=lambda *a: 0.0)
+            train_ppo(
+                run_dir=str(run), policy=policy_stub, prompts=world["demos"], num_iterations=1, reward_fn=lambda *a: 0.0
+            )
     assert os.listdir(run) == [".writer.lock"]
 
 
@@ -164,8 +190,7 @@ def _enospc_in_orbax_commit(monkeypatch, step):
     monkeypatch.setattr(async_path, "write_text", write_text)
 
 
-def test_a_checkpoint_that_cannot_be_written_is_one_storage_error_and_the_last_one_stays(tmp_path, monkeypatch,
-                                                                                        caplog):
+def test_a_checkpoint_that_cannot_be_written_is_one_storage_error_and_the_last_one_stays(tmp_path, monkeypatch, caplog):
     state = {"w": jnp.arange(8.0)}
     ckpt = Checkpointer(str(tmp_path / "ck"), keep=3, async_save=True)
     ckpt.save(4, state, {"epoch": 0})
@@ -194,8 +219,11 @@ def test_an_hf_export_that_cannot_be_written_keeps_the_previous_export(tmp_path)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     rd.export_hf(lambda d: save(d, False), info={"step": 4})
-    with pytest.raises(StorageError, match=r"hf: could not write the HF export \(No space left on device\).*"
-                                           r"final checkpoint \(step 8\) is complete.*rerun the same command"):
+    with pytest.raises(
+        StorageError,
+        match=r"hf: could not write the HF export \(No space left on device\).*"
+        r"final checkpoint \(step 8\) is complete.*rerun the same command",
+    ):
         rd.export_hf(lambda d: save(d, True), info={"step": 8})
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     assert (tmp_path / "hf" / "model.safetensors").read_text() == "new"
@@ -232,15 +260,18 @@ def test_reference_precompute_checks_settings_and_never_shrinks_its_output(tmp_p
     from rlaif_jax.train.reference import precompute_reference_logps
 
     prefs = str(tmp_path / "prefs")
-    rows = [{"prompt_id": f"p{i}", "prompt": f"q{i}", "chosen": "a", "rejected": "b", "provenance": "t"}
-            for i in range(2)]
+    rows = [
+        {"prompt_id": f"p{i}", "prompt": f"q{i}", "chosen": "a", "rejected": "b", "provenance": "t"} for i in range(2)
+    ]
     write_records(prefs, PREFERENCES, rows)
     with pytest.raises(ConfigError, match=r"^precompute_reference_logps.batch_size = 0: must be a whole number"):
-        precompute_reference_logps(preferences_dir=prefs, out_dir=str(tmp_path / "o"), reference=str(tmp_path),
-                                   batch_size=0)
+        precompute_reference_logps(
+            preferences_dir=prefs, out_dir=str(tmp_path / "o"), reference=str(tmp_path), batch_size=0
+        )
     with pytest.raises(ConfigError, match=r"^precompute_reference_logps.reference = .*no such HF model directory"):
-        precompute_reference_logps(preferences_dir=prefs, out_dir=str(tmp_path / "o"),
-                                   reference=str(tmp_path / "missing"))
+        precompute_reference_logps(
+            preferences_dir=prefs, out_dir=str(tmp_path / "o"), reference=str(tmp_path / "missing")
+        )
     # A complete larger set in out_dir is refused before the reference is even looked at.
     out = str(tmp_path / "out")
     write_records(out, PREFERENCES, rows + [dict(rows[0], prompt_id="p9")])

@@ -33,12 +33,21 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_run(world, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("sft"))
-    out = train(run_dir=run, objective=SFT(), train_data=sft_data(world["demos"]), num_steps=60,
-                model_config=world["cfg"], tokenizer=world["tok_dir"],
-                optimizer=functools.partial(make_optimizer, learning_rate=3e-3), mesh=ONE_DEVICE,
-                loop=LoopSettings(log_every=10), eval_data=sft_data(world["demos"], num_epochs=1, shuffle=False),
-                eval_every=30,
-                sample_prompts=["red green blue"], sample_max_new_tokens=8)
+    out = train(
+        run_dir=run,
+        objective=SFT(),
+        train_data=sft_data(world["demos"]),
+        num_steps=60,
+        model_config=world["cfg"],
+        tokenizer=world["tok_dir"],
+        optimizer=functools.partial(make_optimizer, learning_rate=3e-3),
+        mesh=ONE_DEVICE,
+        loop=LoopSettings(log_every=10),
+        eval_data=sft_data(world["demos"], num_epochs=1, shuffle=False),
+        eval_every=30,
+        sample_prompts=["red green blue"],
+        sample_max_new_tokens=8,
+    )
     return run, out
 
 
@@ -60,20 +69,32 @@ def test_sft_memorises_and_writes_everything(sft_run):
 
 
 def test_dpo_from_sft_raises_reward_accuracy(world, sft_run, tmp_path):
-    out = train(run_dir=str(tmp_path), objective=DPO(beta=0.5), train_data=pref_data(world["prefs"]),
-                num_steps=30, init_from=os.path.join(sft_run[0], "hf"),
-                optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE,
-                loop=LoopSettings(log_every=10))
+    out = train(
+        run_dir=str(tmp_path),
+        objective=DPO(beta=0.5),
+        train_data=pref_data(world["prefs"]),
+        num_steps=30,
+        init_from=os.path.join(sft_run[0], "hf"),
+        optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+        mesh=ONE_DEVICE,
+        loop=LoopSettings(log_every=10),
+    )
     rows = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl"))]
     assert out["rewards/accuracies"] >= 0.9 and out["rewards/margins"] > rows[0]["rewards/margins"]
     assert out["loss"] < 0.5 * np.log(2)
 
 
 def test_reward_model_learns_and_exports_a_score_model(world, sft_run, tmp_path):
-    out = train(run_dir=str(tmp_path), objective=RewardModel(), train_data=pref_data(world["prefs"]),
-                num_steps=30, init_from=os.path.join(sft_run[0], "hf"),
-                optimizer=functools.partial(make_optimizer, learning_rate=1e-3), mesh=ONE_DEVICE,
-                loop=LoopSettings(log_every=10))
+    out = train(
+        run_dir=str(tmp_path),
+        objective=RewardModel(),
+        train_data=pref_data(world["prefs"]),
+        num_steps=30,
+        init_from=os.path.join(sft_run[0], "hf"),
+        optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+        mesh=ONE_DEVICE,
+        loop=LoopSettings(log_every=10),
+    )
     assert out["accuracy"] >= 0.9
     cfg = json.load(open(tmp_path / "hf" / "config.json"))
     assert cfg["architectures"] == ["LlamaForSequenceClassification"]
@@ -81,11 +102,22 @@ def test_reward_model_learns_and_exports_a_score_model(world, sft_run, tmp_path)
 
 
 def _sft_args(world, run, **kw):
-    args = dict(run_dir=run, objective=SFT(), train_data=sft_data(world["demos"]), num_steps=8,
-                model_config=world["cfg"], tokenizer=world["tok_dir"], mesh=ONE_DEVICE, log_every=2,
-                optimizer=functools.partial(make_optimizer, name="rmsprop", learning_rate=1e-3,
-                                            schedule="cosine", warmup_steps=2),
-                checkpoint_every=4, export_hf=True, async_checkpoint=True)
+    args = dict(
+        run_dir=run,
+        objective=SFT(),
+        train_data=sft_data(world["demos"]),
+        num_steps=8,
+        model_config=world["cfg"],
+        tokenizer=world["tok_dir"],
+        mesh=ONE_DEVICE,
+        log_every=2,
+        optimizer=functools.partial(
+            make_optimizer, name="rmsprop", learning_rate=1e-3, schedule="cosine", warmup_steps=2
+        ),
+        checkpoint_every=4,
+        export_hf=True,
+        async_checkpoint=True,
+    )
     args.update(kw)
     return loop_args(args)
 
@@ -102,8 +134,8 @@ def _tb_steps(tb_dir, tag):
         data = open(os.path.join(tb_dir, name), "rb").read()
         i = 0
         while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            e = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            e = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
             if e.session_log.status == event_pb2.SessionLog.START:
                 steps = [s for s in steps if s < e.step]
@@ -191,8 +223,12 @@ def test_frozen_params_do_not_move(world):
     step = jax.jit(make_train_step(SFT(), model, tx, sched))
     new, _ = step(state, _batch(world), None)
     np.testing.assert_array_equal(new.params["embed"]["embedding"], params["embed"]["embedding"])
-    np.testing.assert_array_equal(new.params["layers"]["attn"]["q_proj"]["kernel"], params["layers"]["attn"]["q_proj"]["kernel"])
-    assert not np.array_equal(new.params["layers"]["mlp"]["up_proj"]["kernel"], params["layers"]["mlp"]["up_proj"]["kernel"])
+    np.testing.assert_array_equal(
+        new.params["layers"]["attn"]["q_proj"]["kernel"], params["layers"]["attn"]["q_proj"]["kernel"]
+    )
+    assert not np.array_equal(
+        new.params["layers"]["mlp"]["up_proj"]["kernel"], params["layers"]["mlp"]["up_proj"]["kernel"]
+    )
 
 
 def test_dpo_with_precomputed_reference_equals_reference_model(world):
@@ -207,8 +243,11 @@ def test_dpo_with_precomputed_reference_equals_reference_model(world):
     ref = init_params(model, jax.random.key(5))
     policy = init_params(model, jax.random.key(6))
     both = concat_pairs(batch)
-    lp = sequence_logps(apply(model, ref, both["tokens"], both["positions"], both["segment_ids"])["logits"],
-                        both["tokens"], both["loss_mask"])
+    lp = sequence_logps(
+        apply(model, ref, both["tokens"], both["positions"], both["segment_ids"])["logits"],
+        both["tokens"],
+        both["loss_mask"],
+    )
     pre = dict(batch, ref_chosen_logps=np.asarray(lp[:8]), ref_rejected_logps=np.asarray(lp[8:]))
     for avg in (False, True):
         a = DPO(reference="model", average_log_prob=avg).loss(model, policy, batch, ref, None, None)
@@ -222,15 +261,15 @@ def test_train_script_with_gin_files_and_overrides(world, tmp_path):
     gin_file.write_text(f"""
 include '{ROOT}/configs/models/tiny_llama.gin'
 include '{ROOT}/configs/mesh/single_device.gin'
-custom_model_config.vocab_size = {world['cfg'].vocab_size}
-train.run_dir = '{tmp_path / 'run'}'
+custom_model_config.vocab_size = {world["cfg"].vocab_size}
+train.run_dir = '{tmp_path / "run"}'
 train.objective = @SFT()
 train.model_config = %MODEL_CONFIG
-train.tokenizer = '{world['tok_dir']}'
+train.tokenizer = '{world["tok_dir"]}'
 train.train_data = @sft_pipeline
 train.num_steps = 4
 LoopSettings.log_every = 2
-sft_pipeline.data_dirs = '{world['demos']}'
+sft_pipeline.data_dirs = '{world["demos"]}'
 sft_pipeline.batch_size = 4
 sft_pipeline.seq_len = 32
 sft_pipeline.max_length = 32
@@ -239,16 +278,27 @@ make_optimizer.name = 'rmsprop'
 make_optimizer.learning_rate = 1e-4
 """)
     env = dict(os.environ, XLA_FLAGS="")
-    cmd = [sys.executable, "scripts/train.py", f"--gin_file={gin_file}", "--gin_param=train.num_steps=6",
-           "--gin_param=SFT.reduction='mean'"]
+    cmd = [
+        sys.executable,
+        "scripts/train.py",
+        f"--gin_file={gin_file}",
+        "--gin_param=train.num_steps=6",
+        "--gin_param=SFT.reduction='mean'",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     op = (tmp_path / "run" / "operative_config.gin").read_text()
     assert "SFT.reduction = 'mean'" in op and "train.num_steps = 6" in op and "make_optimizer.name = 'rmsprop'" in op
     assert json.load(open(tmp_path / "run" / "summary.json"))["step"] == 6
     # A typo in a binding fails at start-up, naming it.
-    bad = subprocess.run(cmd + ["--gin_param=make_optimizer.learnig_rate=1.0"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        cmd + ["--gin_param=make_optimizer.learnig_rate=1.0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "learnig_rate" in bad.stderr
 
 
@@ -256,8 +306,15 @@ def test_precomputed_reference_records_train_like_a_reference_model(world, sft_r
     from rlaif_jax.train.reference import precompute_reference_logps
 
     ref = os.path.join(sft_run[0], "hf")
-    precompute_reference_logps(preferences_dir=world["prefs"], out_dir=str(tmp_path / "prefs_ref"), reference=ref,
-                               seq_len=32, max_length=32, max_prompt_length=16, batch_size=5)
+    precompute_reference_logps(
+        preferences_dir=world["prefs"],
+        out_dir=str(tmp_path / "prefs_ref"),
+        reference=ref,
+        seq_len=32,
+        max_length=32,
+        max_prompt_length=16,
+        batch_size=5,
+    )
     from rlaif_jax.data.records import read_records
 
     recs = list(read_records(str(tmp_path / "prefs_ref")))
@@ -265,9 +322,16 @@ def test_precomputed_reference_records_train_like_a_reference_model(world, sft_r
     outs = {}
     for mode, data in (("model", world["prefs"]), ("precomputed", str(tmp_path / "prefs_ref"))):
         run = tmp_path / mode
-        train(run_dir=str(run), objective=DPO(beta=0.5, reference=mode), train_data=pref_data(data),
-              num_steps=3, init_from=ref, optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
-              mesh=ONE_DEVICE, loop=LoopSettings(log_every=1))
+        train(
+            run_dir=str(run),
+            objective=DPO(beta=0.5, reference=mode),
+            train_data=pref_data(data),
+            num_steps=3,
+            init_from=ref,
+            optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+            mesh=ONE_DEVICE,
+            loop=LoopSettings(log_every=1),
+        )
         outs[mode] = (read_jsonl(str(run / "metrics.jsonl")), load_file(str(run / "hf" / "model.safetensors")))
     (ma, pa), (mb, pb) = outs["model"], outs["precomputed"]
     for ra, rb in zip(ma, mb):
@@ -278,9 +342,17 @@ def test_precomputed_reference_records_train_like_a_reference_model(world, sft_r
 
 
 def test_data_running_out_between_log_steps_still_logs_and_exports(world, tmp_path):
-    out = train(run_dir=str(tmp_path), objective=SFT(), train_data=sft_data(world["demos"], num_epochs=1),
-                num_steps=1000, model_config=world["cfg"], tokenizer=world["tok_dir"], mesh=ONE_DEVICE,
-                loop=LoopSettings(log_every=100), optimizer=functools.partial(make_optimizer, learning_rate=1e-3))
+    out = train(
+        run_dir=str(tmp_path),
+        objective=SFT(),
+        train_data=sft_data(world["demos"], num_epochs=1),
+        num_steps=1000,
+        model_config=world["cfg"],
+        tokenizer=world["tok_dir"],
+        mesh=ONE_DEVICE,
+        loop=LoopSettings(log_every=100),
+        optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+    )
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert out["step"] == 4 and rows and rows[-1]["step"] == 4 and "loss" in rows[-1]
     assert (tmp_path / "hf" / "model.safetensors").exists()
@@ -294,16 +366,28 @@ def test_reference_from_keeps_another_model_as_the_dpo_reference(world, sft_run,
     from rlaif_jax.train.reference import precompute_reference_logps
 
     sft = os.path.join(sft_run[0], "hf")
-    args = dict(train_data=pref_data(world["prefs"]), optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
-                mesh=ONE_DEVICE, loop=LoopSettings(log_every=1))
+    args = dict(
+        train_data=pref_data(world["prefs"]),
+        optimizer=functools.partial(make_optimizer, learning_rate=1e-3),
+        mesh=ONE_DEVICE,
+        loop=LoopSettings(log_every=1),
+    )
     train(run_dir=str(tmp_path / "round1"), objective=DPO(beta=0.5), num_steps=3, init_from=sft, **args)
     start = str(tmp_path / "round1" / "hf")
-    precompute_reference_logps(preferences_dir=world["prefs"], out_dir=str(tmp_path / "prefs_ref"), reference=sft,
-                               seq_len=32, max_length=32, max_prompt_length=16, batch_size=8)
+    precompute_reference_logps(
+        preferences_dir=world["prefs"],
+        out_dir=str(tmp_path / "prefs_ref"),
+        reference=sft,
+        seq_len=32,
+        max_length=32,
+        max_prompt_length=16,
+        batch_size=8,
+    )
     runs = {
         "reference_from": dict(objective=DPO(beta=0.5), reference_from=sft),
-        "precomputed": dict(objective=DPO(beta=0.5, reference="precomputed"),
-                            train_data=pref_data(str(tmp_path / "prefs_ref"))),
+        "precomputed": dict(
+            objective=DPO(beta=0.5, reference="precomputed"), train_data=pref_data(str(tmp_path / "prefs_ref"))
+        ),
         "default": dict(objective=DPO(beta=0.5)),
     }
     rows = {}
@@ -316,5 +400,11 @@ def test_reference_from_keeps_another_model_as_the_dpo_reference(world, sft_run,
     assert abs(rows["reference_from"][0]["rewards/chosen"]) > 1e-3  # round 1 moved away from the SFT model
     assert abs(rows["default"][0]["rewards/chosen"]) < 1e-5  # the start itself is the reference
     with pytest.raises(ConfigError, match="train.reference_from.*keeps no reference"):
-        train(run_dir=str(tmp_path / "bad"), num_steps=1, init_from=start, objective=DPO(reference="none"),
-              reference_from=sft, **args)
+        train(
+            run_dir=str(tmp_path / "bad"),
+            num_steps=1,
+            init_from=start,
+            objective=DPO(reference="none"),
+            reference_from=sft,
+            **args,
+        )

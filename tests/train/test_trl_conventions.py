@@ -31,7 +31,7 @@ def setup():
         batch[f"{side}_segment_ids"] = np.ones((B, T), np.int32)
         mask = np.zeros((B, T), np.int32)
         for i, n in enumerate(lengths[side]):
-            mask[i, 4:4 + n] = 1
+            mask[i, 4 : 4 + n] = 1
         batch[f"{side}_loss_mask"] = mask
     model = build_model(tiny_config(V))
     policy, ref = init_params(model, jax.random.key(1)), init_params(model, jax.random.key(2))
@@ -41,8 +41,15 @@ def setup():
         out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"])
         return torch.tensor(np.asarray(token_logps(out["logits"], both["tokens"]), np.float64))
 
-    return dict(batch=batch, model=model, policy=policy, ref=ref, lp=tok_lp(policy), ref_lp=tok_lp(ref),
-                mask=torch.tensor(np.asarray(both["loss_mask"], np.float64)))
+    return dict(
+        batch=batch,
+        model=model,
+        policy=policy,
+        ref=ref,
+        lp=tok_lp(policy),
+        ref_lp=tok_lp(ref),
+        mask=torch.tensor(np.asarray(both["loss_mask"], np.float64)),
+    )
 
 
 def _ours(s, **kw):
@@ -59,7 +66,9 @@ def _trl_dpo(s, loss_type, beta, rpo_alpha=0.0):
     chosen_scores, rejected_scores = chosen_logps - ref_chosen, rejected_logps - ref_rejected
     if loss_type == "ipo":
         chosen_mask, rejected_mask = mask.chunk(2)
-        delta = chosen_scores / chosen_mask.sum(1).clamp(min=1.0) - rejected_scores / rejected_mask.sum(1).clamp(min=1.0)
+        delta = chosen_scores / chosen_mask.sum(1).clamp(min=1.0) - rejected_scores / rejected_mask.sum(1).clamp(
+            min=1.0
+        )
         loss = ((delta - 1 / (2 * beta)) ** 2).mean()
     else:
         loss = -torch.nn.functional.logsigmoid(beta * (chosen_scores - rejected_scores)).mean()
@@ -67,9 +76,13 @@ def _trl_dpo(s, loss_type, beta, rpo_alpha=0.0):
         chosen_mask, _ = mask.chunk(2)
         chosen_lp, _ = lp.chunk(2)
         loss = loss + rpo_alpha * -chosen_lp[chosen_mask.bool()].mean()
-    metrics = {"rewards/chosen": (beta * chosen_scores).mean(), "rewards/rejected": (beta * rejected_scores).mean(),
-               "rewards/margins": (beta * (chosen_scores - rejected_scores)).mean(),
-               "logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
+    metrics = {
+        "rewards/chosen": (beta * chosen_scores).mean(),
+        "rewards/rejected": (beta * rejected_scores).mean(),
+        "rewards/margins": (beta * (chosen_scores - rejected_scores)).mean(),
+        "logps/chosen": chosen_logps.mean(),
+        "logps/rejected": rejected_logps.mean(),
+    }
     return float(loss), {k: float(v) for k, v in metrics.items()}
 
 
@@ -81,8 +94,11 @@ def _trl_simpo(s, beta, gamma):
     c, r = logps.chunk(2)
     logits = (c - r) - gamma / beta
     loss = -torch.nn.functional.logsigmoid(beta * logits).mean()
-    return float(loss), {"rewards/chosen": float((beta * c).mean()), "logps/chosen": float(c.mean()),
-                         "logps/rejected": float(r.mean())}
+    return float(loss), {
+        "rewards/chosen": float((beta * c).mean()),
+        "logps/chosen": float(c.mean()),
+        "logps/rejected": float(r.mean()),
+    }
 
 
 @pytest.mark.parametrize("average_log_prob", [False, True])
@@ -158,8 +174,9 @@ def test_grpo_std_conventions():
     np.testing.assert_allclose(ours_trl, trl, rtol=1e-5, atol=1e-6)
     pop = np.asarray(group_advantages(jnp.asarray(scores), k, "grpo"))
     s = scores.reshape(-1, k)
-    np.testing.assert_allclose(pop, ((s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-6)).ravel(),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        pop, ((s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-6)).ravel(), rtol=1e-5, atol=1e-6
+    )
     assert not np.allclose(pop, trl, rtol=1e-3)
     with pytest.raises(ValueError, match="std"):
         group_advantages(jnp.asarray(scores), k, "grpo", std="unbiased")

@@ -25,9 +25,14 @@ def test_disabled_by_default(tmp_path):
 
 def test_offline_run_has_the_jsonl_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="the wandb extra: pip install -e '.[wandb]'")
-    for k, v in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
-                 "WANDB_CONFIG_DIR": str(tmp_path / "cfg"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-                 "WANDB_DATA_DIR": str(tmp_path / "data")}.items():
+    for k, v in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+    }.items():
         monkeypatch.setenv(k, v)
     run = tmp_path / "run"
     w = MetricsWriter(str(run), wandb=WandbLogging(enabled=True, project="rlaif-test", mode="offline"))

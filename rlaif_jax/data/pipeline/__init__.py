@@ -20,8 +20,20 @@ from rlaif_jax.data.pipeline.iterator import (
 )
 
 __all__ = [
-    "SEQUENCE_KEYS", "DataIterator", "IndexStream", "PackedBatcher", "PaddedBatcher",
-    "PreferenceBatcher", "RowPacker", "as_document_stream", "empty_batch", "load_host_records", "pack_batch",
-    "packing_efficiency", "pad_batch", "pad_preference_batch", "preference_pipeline",
+    "SEQUENCE_KEYS",
+    "DataIterator",
+    "IndexStream",
+    "PackedBatcher",
+    "PaddedBatcher",
+    "PreferenceBatcher",
+    "RowPacker",
+    "as_document_stream",
+    "empty_batch",
+    "load_host_records",
+    "pack_batch",
+    "packing_efficiency",
+    "pad_batch",
+    "pad_preference_batch",
+    "preference_pipeline",
     "sft_pipeline",
 ]

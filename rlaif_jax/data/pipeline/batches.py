@@ -46,9 +46,7 @@ def _check_fits(ex: Encoded, seq_len: int) -> None:
         raise ValueError(f"example of {ex.length} tokens does not fit seq_len={seq_len}")
 
 
-def pad_batch(
-    examples: Sequence[Encoded], batch_size: int, seq_len: int, prefix: str = ""
-) -> dict[str, np.ndarray]:
+def pad_batch(examples: Sequence[Encoded], batch_size: int, seq_len: int, prefix: str = "") -> dict[str, np.ndarray]:
     """One example per row, right-padded; rows past len(examples) are all padding."""
     if len(examples) > batch_size:
         raise ValueError(f"{len(examples)} examples for batch_size={batch_size}")
@@ -106,9 +104,7 @@ class RowPacker:
         return max(self.free) == 0
 
 
-def pack_batch(
-    examples: Sequence[Encoded], batch_size: int, seq_len: int
-) -> tuple[dict[str, np.ndarray], list[int]]:
+def pack_batch(examples: Sequence[Encoded], batch_size: int, seq_len: int) -> tuple[dict[str, np.ndarray], list[int]]:
     """First-fit packs examples (in order); returns (batch, indices of those that did not fit)."""
     packer = RowPacker(batch_size, seq_len)
     left = [i for i, ex in enumerate(examples) if not packer.try_add(ex)]

@@ -14,7 +14,6 @@ from typing import Any, Callable, Optional, Sequence
 import gin
 import numpy as np
 
-from rlaif_jax.errors import ConfigError, UserError, binding, whole
 from rlaif_jax.data.pipeline.iterator import (
     DataIterator,
     IndexStream,
@@ -33,6 +32,7 @@ from rlaif_jax.data.records import (
 from rlaif_jax.data.records.shards import iter_shard
 from rlaif_jax.data.tokenize.encode import Encoder
 from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+from rlaif_jax.errors import ConfigError, UserError, binding, whole
 
 _ENCODE_CHUNK = 2048
 
@@ -82,23 +82,33 @@ def _chunks(n: int):
         yield slice(start, min(n, start + _ENCODE_CHUNK))
 
 
-def check_settings(name: str, *, batch_size, seq_len, max_length, max_prompt_length, num_epochs, prefetch,
-                   max_carry=1) -> None:
+def check_settings(
+    name: str, *, batch_size, seq_len, max_length, max_prompt_length, num_epochs, prefetch, max_carry=1
+) -> None:
     """A batch_size of 0 yields no batches, so a run would "finish" untrained; every size is
     checked before any record is read. `name` is the configurable ("sft_pipeline")."""
     b = lambda p: binding(f"{name}.{p}")  # noqa: E731
-    for param, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_length", max_length),
-                         ("max_prompt_length", max_prompt_length), ("max_carry", max_carry)):
+    for param, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("max_length", max_length),
+        ("max_prompt_length", max_prompt_length),
+        ("max_carry", max_carry),
+    ):
         whole(b(param), value, 1)
     if num_epochs is not None:
         whole(b("num_epochs"), num_epochs, 1, hint="> 0, or None to repeat forever")
     whole(b("prefetch"), prefetch, 0)
     if max_length > seq_len:
-        raise ConfigError(f"{b('max_length')} = {max_length} is longer than {b('seq_len')} = {seq_len}; "
-                          f"lower {b('max_length')} or raise {b('seq_len')}")
+        raise ConfigError(
+            f"{b('max_length')} = {max_length} is longer than {b('seq_len')} = {seq_len}; "
+            f"lower {b('max_length')} or raise {b('seq_len')}"
+        )
     if max_prompt_length >= max_length:
-        raise ConfigError(f"{b('max_prompt_length')} = {max_prompt_length} leaves no room for the response in "
-                          f"{b('max_length')} = {max_length}; make it smaller")
+        raise ConfigError(
+            f"{b('max_prompt_length')} = {max_prompt_length} leaves no room for the response in "
+            f"{b('max_length')} = {max_length}; make it smaller"
+        )
 
 
 def _host_inputs(data_dirs, schema, what: str, tokenizer, process_index, process_count):
@@ -107,8 +117,10 @@ def _host_inputs(data_dirs, schema, what: str, tokenizer, process_index, process
     tok = load_tokenizer(tokenizer)
     records, epoch_size, checksums = load_host_records(data_dirs, schema, process_index, process_count)
     if not records:
-        raise UserError(f"{data_dirs}: no {what} for process {process_index} of {process_count}; "
-                        "give a record set with at least one shard per process")
+        raise UserError(
+            f"{data_dirs}: no {what} for process {process_index} of {process_count}; "
+            "give a record set with at least one shard per process"
+        )
     return process_index, process_count, tok, records, epoch_size, checksums
 
 
@@ -148,12 +160,23 @@ def sft_pipeline(
     number of examples per batch then varies; use a step count rather than num_epochs to
     end multi-host runs). num_epochs=None repeats forever.
     """
-    check_settings("sft_pipeline", batch_size=batch_size, seq_len=seq_len, max_length=max_length,
-                   max_prompt_length=max_prompt_length, num_epochs=num_epochs, prefetch=prefetch, max_carry=max_carry)
+    check_settings(
+        "sft_pipeline",
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        num_epochs=num_epochs,
+        prefetch=prefetch,
+        max_carry=max_carry,
+    )
     process_index, process_count, tok, records, epoch_size, checksums = _host_inputs(
-        data_dirs, DEMONSTRATIONS, "demonstrations", tokenizer, process_index, process_count)
+        data_dirs, DEMONSTRATIONS, "demonstrations", tokenizer, process_index, process_count
+    )
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
-    examples = _encode_in_chunks(records, lambda c: enc.encode_sft([r["prompt"] for r in c], [r["completion"] for r in c]))
+    examples = _encode_in_chunks(
+        records, lambda c: enc.encode_sft([r["prompt"] for r in c], [r["completion"] for r in c])
+    )
     batcher = (
         PackedBatcher(examples, batch_size, seq_len, max_carry)
         if packing
@@ -161,10 +184,20 @@ def sft_pipeline(
     )
     stream = IndexStream(len(examples), epoch_size, seed, shuffle, num_epochs, process_index)
     fp = fingerprint(
-        kind="sft", data=checksums, batch=batch_size, seq_len=seq_len, packing=packing,
-        template=enc.template.name, max_length=max_length, max_prompt_length=max_prompt_length,
-        truncation=truncation_mode, seed=seed, shuffle=shuffle, process=(process_index, process_count),
-        max_carry=max_carry if packing else None, tokenizer=_tokenizer_hash(tok),
+        kind="sft",
+        data=checksums,
+        batch=batch_size,
+        seq_len=seq_len,
+        packing=packing,
+        template=enc.template.name,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation=truncation_mode,
+        seed=seed,
+        shuffle=shuffle,
+        process=(process_index, process_count),
+        max_carry=max_carry if packing else None,
+        tokenizer=_tokenizer_hash(tok),
     )
     return DataIterator(batcher, stream, fp, state, prefetch, transform)
 
@@ -195,10 +228,18 @@ def preference_pipeline(
     If every record carries ref_chosen_logp / ref_rejected_logp, the batches include
     ref_chosen_logps / ref_rejected_logps; if only some do, that is an error.
     """
-    check_settings("preference_pipeline", batch_size=batch_size, seq_len=seq_len, max_length=max_length,
-                   max_prompt_length=max_prompt_length, num_epochs=num_epochs, prefetch=prefetch)
+    check_settings(
+        "preference_pipeline",
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        num_epochs=num_epochs,
+        prefetch=prefetch,
+    )
     process_index, process_count, tok, records, epoch_size, checksums = _host_inputs(
-        data_dirs, PREFERENCES, "preference pairs", tokenizer, process_index, process_count)
+        data_dirs, PREFERENCES, "preference pairs", tokenizer, process_index, process_count
+    )
     has_ref = [r["ref_chosen_logp"] is not None and r["ref_rejected_logp"] is not None for r in records]
     if any(has_ref) and not all(has_ref):
         missing = has_ref.index(False)
@@ -212,14 +253,24 @@ def preference_pipeline(
         else None
     )
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
-    pairs = _encode_in_chunks(records, lambda c: enc.encode_pairs(
-        [r["prompt"] for r in c], [r["chosen"] for r in c], [r["rejected"] for r in c]))
+    pairs = _encode_in_chunks(
+        records,
+        lambda c: enc.encode_pairs([r["prompt"] for r in c], [r["chosen"] for r in c], [r["rejected"] for r in c]),
+    )
     batcher = PreferenceBatcher(pairs, batch_size, seq_len, drop_remainder, ref)
     stream = IndexStream(len(pairs), epoch_size, seed, shuffle, num_epochs, process_index)
     fp = fingerprint(
-        kind="preference", data=checksums, batch=batch_size, seq_len=seq_len,
-        template=enc.template.name, max_length=max_length, max_prompt_length=max_prompt_length,
-        truncation=truncation_mode, seed=seed, shuffle=shuffle, process=(process_index, process_count),
+        kind="preference",
+        data=checksums,
+        batch=batch_size,
+        seq_len=seq_len,
+        template=enc.template.name,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation=truncation_mode,
+        seed=seed,
+        shuffle=shuffle,
+        process=(process_index, process_count),
         tokenizer=_tokenizer_hash(tok),
     )
     return DataIterator(batcher, stream, fp, state, prefetch, transform)

@@ -50,8 +50,12 @@ def import_paper_completions(
     replaced by a smaller one only with `overwrite`.
     """
     existing_path(binding("import_paper_completions.path"), path, "completion file")
-    existing_dir(binding("import_paper_completions.prompts_dir"), prompts_dir, "prepare_prompts output directory",
-                 must_contain="prompts")
+    existing_dir(
+        binding("import_paper_completions.prompts_dir"),
+        prompts_dir,
+        "prepare_prompts output directory",
+        must_contain="prompts",
+    )
     whole(binding("import_paper_completions.num_shards"), num_shards, 1)
     with writer_lock(output_dir, "import_paper_completions.output_dir"):
         demos, stats = read_paper_completions(path, source_model)
@@ -80,11 +84,23 @@ def import_paper_completions(
                     parts[name].append(rec)
         stats.kept = sum(len(p) for p in parts.values())
         if not stats.kept:
-            raise UserError(nothing_kept("import_paper_completions.path", path, stats,
-                                         "import_paper_completions.prompts_dir / keep_finish_reasons"))
-        write_record_sets([(join(output_dir, "demonstrations", name), DEMONSTRATIONS, part,
-                            {**provenance, "split": name}) for name, part in parts.items()],
-                          num_shards, "import_paper_completions.overwrite", overwrite)
+            raise UserError(
+                nothing_kept(
+                    "import_paper_completions.path",
+                    path,
+                    stats,
+                    "import_paper_completions.prompts_dir / keep_finish_reasons",
+                )
+            )
+        write_record_sets(
+            [
+                (join(output_dir, "demonstrations", name), DEMONSTRATIONS, part, {**provenance, "split": name})
+                for name, part in parts.items()
+            ],
+            num_shards,
+            "import_paper_completions.overwrite",
+            overwrite,
+        )
         return _write_stats(output_dir, {**stats.as_dict(), **{name: len(p) for name, p in parts.items()}})
 
 
@@ -101,13 +117,21 @@ def import_paper_annotations(
     with writer_lock(output_dir, "import_paper_annotations.output_dir"):
         comparisons = read_paper_annotations(path, judge)
         if not comparisons:
-            raise UserError(f"import_paper_annotations.path = {path!r}: holds no annotations; give a non-empty "
-                            "file (nothing was written)")
+            raise UserError(
+                f"import_paper_annotations.path = {path!r}: holds no annotations; give a non-empty "
+                "file (nothing was written)"
+            )
         provenance = {"source": abspath(path), "judge": judge}
         prefs, stats = comparisons_to_preferences(comparisons, os.path.basename(path))
-        write_record_sets([(join(output_dir, "comparisons"), COMPARISONS, comparisons, provenance),
-                           (join(output_dir, "preferences"), PREFERENCES, prefs, provenance)],
-                          num_shards, "import_paper_annotations.overwrite", overwrite)
+        write_record_sets(
+            [
+                (join(output_dir, "comparisons"), COMPARISONS, comparisons, provenance),
+                (join(output_dir, "preferences"), PREFERENCES, prefs, provenance),
+            ],
+            num_shards,
+            "import_paper_annotations.overwrite",
+            overwrite,
+        )
         verdicts = {}
         for c in comparisons:
             verdicts[c["verdict"]] = verdicts.get(c["verdict"], 0) + 1

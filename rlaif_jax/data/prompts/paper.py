@@ -46,9 +46,7 @@ def _verdict(value: Any, where: str) -> str:
     raise InputError(f"{where}: field 'preference'={value!r} is not 1, 2, 1.5, 0 or null")
 
 
-def parse_paper_annotations(
-    rows: Iterable[Any], source: str, judge: Optional[str] = None
-) -> list[dict]:
+def parse_paper_annotations(rows: Iterable[Any], source: str, judge: Optional[str] = None) -> list[dict]:
     """Annotation records -> COMPARISONS-schema dicts (verdict in canonical order)."""
     out = []
     for i, row in enumerate(rows):
@@ -82,9 +80,7 @@ def read_paper_annotations(path: str | os.PathLike, judge: Optional[str] = None)
     return parse_paper_annotations(load_json_records(path), path, judge)
 
 
-def comparisons_to_preferences(
-    comparisons: Iterable[Mapping[str, Any]], source: str = ""
-) -> tuple[list[dict], Stats]:
+def comparisons_to_preferences(comparisons: Iterable[Mapping[str, Any]], source: str = "") -> tuple[list[dict], Stats]:
     """Decided comparisons -> PREFERENCES-schema dicts.
 
     Ties and invalid verdicts are dropped and counted (never turned into "second wins", the

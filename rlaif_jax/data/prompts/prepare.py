@@ -97,18 +97,26 @@ def prepare_prompts(
             prompts = dedup(prompts, stats)
         stats.kept = len(prompts) + len(prefs)
         if not stats.kept:
-            raise UserError(nothing_kept("prepare_prompts.source", source, stats,
-                                         "prepare_prompts.format / max_words / max_chars"))
+            raise UserError(
+                nothing_kept("prepare_prompts.source", source, stats, "prepare_prompts.format / max_words / max_chars")
+            )
         sft, feedback = split_by_order(prompts, sft_fraction)
         provenance = {"source": abspath(source), "format": format, "sft_fraction": sft_fraction}
         writes = []
         for name, part in (("sft", sft), ("feedback", feedback)):
-            writes.append((join(output_dir, "prompts", name), PROMPTS, [ex.prompt_record(name) for ex in part],
-                           {**provenance, "split": name}))
+            writes.append(
+                (
+                    join(output_dir, "prompts", name),
+                    PROMPTS,
+                    [ex.prompt_record(name) for ex in part],
+                    {**provenance, "split": name},
+                )
+            )
             demos = [ex.demonstration_record() for ex in part if ex.completion is not None]
             if demos:
-                writes.append((join(output_dir, "demonstrations", name), DEMONSTRATIONS, demos,
-                               {**provenance, "split": name}))
+                writes.append(
+                    (join(output_dir, "demonstrations", name), DEMONSTRATIONS, demos, {**provenance, "split": name})
+                )
         if prefs:
             writes.append((join(output_dir, "preferences", "all"), PREFERENCES, prefs, provenance))
         write_record_sets(writes, num_shards, "prepare_prompts.overwrite", overwrite)
@@ -125,8 +133,15 @@ def write_record_sets(writes, num_shards: int, overwrite_binding: str, overwrite
     for directory, _, records, _ in writes:
         check_replace(directory, len(records), overwrite_binding, overwrite)
     for directory, schema, records, provenance in writes:
-        write_records(directory, schema, records, num_shards=num_shards, provenance=provenance,
-                      overwrite=overwrite, overwrite_binding=overwrite_binding)
+        write_records(
+            directory,
+            schema,
+            records,
+            num_shards=num_shards,
+            provenance=provenance,
+            overwrite=overwrite,
+            overwrite_binding=overwrite_binding,
+        )
 
 
 def nothing_kept(binding: str, source: str, stats: Stats, filters: str) -> str:
@@ -134,5 +149,7 @@ def nothing_kept(binding: str, source: str, stats: Stats, filters: str) -> str:
     if not stats.read:
         return f"{binding} = {source!r}: holds no records; give a non-empty file (nothing was written)"
     dropped = ", ".join(f"{k}={v}" for k, v in sorted(stats.dropped.items())) or "none"
-    return (f"{binding} = {source!r}: none of its {stats.read} records was kept (dropped: {dropped}); check the "
-            f"file and {filters} (nothing was written)")
+    return (
+        f"{binding} = {source!r}: none of its {stats.read} records was kept (dropped: {dropped}); check the "
+        f"file and {filters} (nothing was written)"
+    )

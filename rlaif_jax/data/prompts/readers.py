@@ -55,8 +55,10 @@ def load_json_records(path: str | os.PathLike) -> list[Any]:
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: line {line_no} (record {len(records)}): invalid JSON: {e.msg}") from None
         if not isinstance(value, dict):
-            raise InputError(f"{path}: line {line_no} is a JSON {json_kind(value)}, expected an object "
-                             "(one record per line, e.g. with a 'prompt' string)")
+            raise InputError(
+                f"{path}: line {line_no} is a JSON {json_kind(value)}, expected an object "
+                "(one record per line, e.g. with a 'prompt' string)"
+            )
         records.append(value)
     return records
 
@@ -192,9 +194,7 @@ def _messages_text(messages: Any, role: str, where: str) -> str:
         _field(msg, "content", f"{where}[{m}]")
     if len(messages) != 1 or messages[0]["role"] != role:
         got = [m["role"] for m in messages]
-        raise InputError(
-            f"{where}: only single-turn data is supported: expected one {role!r} message, got roles {got}"
-        )
+        raise InputError(f"{where}: only single-turn data is supported: expected one {role!r} message, got roles {got}")
     return messages[0]["content"]
 
 
@@ -306,8 +306,10 @@ FORMATS = ("sharegpt", "alpaca", "plain", "trl")
 def detect_format(row: Any, source: str = "") -> str:
     where = f"{source}: record 0: " if source else ""
     if not isinstance(row, Mapping):
-        raise InputError(f"{where}cannot detect the format of a {json_kind(row)} record; expected an object "
-                         "(e.g. with a 'prompt' string)")
+        raise InputError(
+            f"{where}cannot detect the format of a {json_kind(row)} record; expected an object "
+            "(e.g. with a 'prompt' string)"
+        )
     keys = set(row)
     if "conversations" in keys:
         return "sharegpt"
@@ -319,8 +321,10 @@ def detect_format(row: Any, source: str = "") -> str:
         return "trl"
     if "prompt" in keys:
         return "plain"
-    raise InputError(f"{where}cannot detect the format of a record with keys {sorted(keys)}; expected "
-                     "'conversations', 'instruction', 'prompt', 'chosen'/'rejected' or 'messages' (or set the format)")
+    raise InputError(
+        f"{where}cannot detect the format of a record with keys {sorted(keys)}; expected "
+        "'conversations', 'instruction', 'prompt', 'chosen'/'rejected' or 'messages' (or set the format)"
+    )
 
 
 def read_prompt_source(

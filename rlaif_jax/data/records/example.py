@@ -34,9 +34,7 @@ def encode_example(schema: Schema, record: Mapping[str, Any]) -> bytes:
                 raise SchemaError(f"{schema.name}: missing required field {f.name!r}")
             continue
         if f.choices is not None and value not in f.choices:
-            raise SchemaError(
-                f"{schema.name}: field {f.name!r}={value!r} not in {tuple(f.choices)}"
-            )
+            raise SchemaError(f"{schema.name}: field {f.name!r}={value!r} not in {tuple(f.choices)}")
         if f.kind == "str":
             if not isinstance(value, str):
                 raise SchemaError(f"{schema.name}: field {f.name!r} must be str, got {type(value).__name__}")
@@ -53,9 +51,11 @@ def encode_example(schema: Schema, record: Mapping[str, Any]) -> bytes:
             with np.errstate(over="ignore"):
                 as_f32 = float(np.float32(value))
             if not math.isfinite(as_f32):
-                raise SchemaError(f"{schema.name}: field {f.name!r}={value!r} overflows float32 (|x| <= "
-                                  f"{float(np.finfo(np.float32).max):.6g}), the precision tf.train.Example "
-                                  "stores floats in; check the value (a summed log-prob this large is a bug upstream)")
+                raise SchemaError(
+                    f"{schema.name}: field {f.name!r}={value!r} overflows float32 (|x| <= "
+                    f"{float(np.finfo(np.float32).max):.6g}), the precision tf.train.Example "
+                    "stores floats in; check the value (a summed log-prob this large is a bug upstream)"
+                )
             feats[f.name].float_list.value.append(value)
         else:  # pragma: no cover - schemas are static
             raise SchemaError(f"{schema.name}: field {f.name!r} has unknown kind {f.kind}")

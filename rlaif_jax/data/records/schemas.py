@@ -15,9 +15,13 @@ VERDICTS = ("first", "second", "tie", "invalid")
 FINISH_REASONS = ("stop", "length", "content_filter", "unknown")
 # Provider spellings -> the schema's (OpenAI's chat names; Anthropic's stop reasons).
 _FINISH_ALIASES = {
-    "end_turn": "stop", "stop_sequence": "stop", "eos": "stop",
-    "max_tokens": "length", "model_length": "length",
-    "refusal": "content_filter", "safety": "content_filter",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "eos": "stop",
+    "max_tokens": "length",
+    "model_length": "length",
+    "refusal": "content_filter",
+    "safety": "content_filter",
 }
 
 
@@ -54,9 +58,7 @@ class Schema:
         return {
             "name": self.name,
             "version": self.version,
-            "fields": [
-                {"name": f.name, "kind": f.kind, "required": f.required} for f in self.fields
-            ],
+            "fields": [{"name": f.name, "kind": f.kind, "required": f.required} for f in self.fields],
         }
 
 

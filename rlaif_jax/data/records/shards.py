@@ -124,8 +124,7 @@ def read_manifest(directory: str | os.PathLike, schema: Optional[Schema] = None)
     got = manifest.get("schema", {})
     if schema is not None and (got.get("name"), got.get("version")) != (schema.name, schema.version):
         raise ManifestError(
-            f"{path}: schema {got.get('name')!r} v{got.get('version')}, "
-            f"expected {schema.name!r} v{schema.version}"
+            f"{path}: schema {got.get('name')!r} v{got.get('version')}, expected {schema.name!r} v{schema.version}"
         )
     total = 0
     sizes = listdir_sizes(directory) if is_url(directory) else None  # one listing, not a request per shard
@@ -138,9 +137,7 @@ def read_manifest(directory: str | os.PathLike, schema: Optional[Schema] = None)
         if size is None:
             raise ManifestError(f"{path}: shard {shard_path} is missing")
         if size != shard["bytes"]:
-            raise ManifestError(
-                f"{shard_path}: {size} bytes on disk, manifest says {shard['bytes']} (truncated?)"
-            )
+            raise ManifestError(f"{shard_path}: {size} bytes on disk, manifest says {shard['bytes']} (truncated?)")
         total += shard["num_records"]
     if total != manifest["num_records"]:
         raise ManifestError(f"{path}: shard counts sum to {total}, not {manifest['num_records']}")

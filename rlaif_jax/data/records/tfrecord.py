@@ -17,8 +17,8 @@ from typing import BinaryIO, Iterator
 
 import google_crc32c
 
-from rlaif_jax.fileio import open_file
 from rlaif_jax.errors import UserError
+from rlaif_jax.fileio import open_file
 
 _MASK_DELTA = 0xA282EAD8
 _U64 = struct.Struct("<Q")
@@ -38,9 +38,7 @@ def masked_crc32c(data: bytes) -> int:
 
 def encode_record(data: bytes) -> bytes:
     length = _U64.pack(len(data))
-    return b"".join(
-        (length, _U32.pack(masked_crc32c(length)), data, _U32.pack(masked_crc32c(data)))
-    )
+    return b"".join((length, _U32.pack(masked_crc32c(length)), data, _U32.pack(masked_crc32c(data))))
 
 
 class TFRecordWriter:
@@ -83,8 +81,7 @@ def read_framed(f: BinaryIO, path: str, verify_crc: bool = True) -> Iterator[byt
             return
         if len(header) < HEADER_BYTES:
             raise RecordError(
-                f"{path}: record {index} (byte {offset}): truncated header "
-                f"({len(header)} of {HEADER_BYTES} bytes)"
+                f"{path}: record {index} (byte {offset}): truncated header ({len(header)} of {HEADER_BYTES} bytes)"
             )
         length_bytes = header[:8]
         if verify_crc and _U32.unpack(header[8:])[0] != masked_crc32c(length_bytes):
@@ -93,8 +90,7 @@ def read_framed(f: BinaryIO, path: str, verify_crc: bool = True) -> Iterator[byt
         body = f.read(length + FOOTER_BYTES)
         if len(body) < length + FOOTER_BYTES:
             raise RecordError(
-                f"{path}: record {index} (byte {offset}): truncated data "
-                f"({len(body)} of {length + FOOTER_BYTES} bytes)"
+                f"{path}: record {index} (byte {offset}): truncated data ({len(body)} of {length + FOOTER_BYTES} bytes)"
             )
         data = body[:length]
         if verify_crc and _U32.unpack(body[length:])[0] != masked_crc32c(data):

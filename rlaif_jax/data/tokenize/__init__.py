@@ -16,7 +16,16 @@ from rlaif_jax.data.tokenize.tokenizer import (
 )
 
 __all__ = [
-    "DEFAULT_CORPUS", "PAPER_TEMPLATE", "TEST_CHAT_TEMPLATE", "TRUNCATION_MODES", "ChatTemplate",
-    "Encoded", "Encoder", "ModelTemplate", "PaperTemplate", "build_test_tokenizer",
-    "get_template", "load_tokenizer",
+    "DEFAULT_CORPUS",
+    "PAPER_TEMPLATE",
+    "TEST_CHAT_TEMPLATE",
+    "TRUNCATION_MODES",
+    "ChatTemplate",
+    "Encoded",
+    "Encoder",
+    "ModelTemplate",
+    "PaperTemplate",
+    "build_test_tokenizer",
+    "get_template",
+    "load_tokenizer",
 ]

@@ -95,7 +95,7 @@ class Encoder:
         if self.truncation_mode == "keep_start":
             return ids[:n]
         has_bos = self.bos_id is not None and ids[:1] == [self.bos_id]
-        return ids[:1] + ids[len(ids) - (n - 1):] if has_bos else ids[len(ids) - n:]
+        return ids[:1] + ids[len(ids) - (n - 1) :] if has_bos else ids[len(ids) - n :]
 
     def _truncate(self, prompt: list[int], responses: list[list[int]]) -> tuple[list[int], list[list[int]]]:
         longest = max(len(r) for r in responses)

@@ -66,7 +66,7 @@ class ModelTemplate:
                 "chat template is not prefix-stable: the conversation rendering does not start "
                 f"with the generation prompt ({head[-40:]!r})"
             )
-        return full[len(head):]
+        return full[len(head) :]
 
 
 def get_template(name: str, tokenizer: Any = None) -> ChatTemplate:

@@ -70,9 +70,7 @@ def build_test_tokenizer(
     else:
         raise ValueError(f"kind must be 'wordlevel' or 'bpe', got {kind!r}")
     tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
-    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
     if chat_template is not None:
         hf.chat_template = chat_template
     os.makedirs(out_dir, exist_ok=True)

@@ -68,8 +68,11 @@ def validate_chat_request(body: Any) -> dict:
     if not isinstance(msgs, list) or not msgs:
         raise BackendError(400, "'messages' must be a non-empty list")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
             raise BackendError(400, f"messages[{i}] needs a role (system/user/assistant) and string content")
     if not isinstance(body.get("model"), str):
         raise BackendError(400, "'model' must be a string")
@@ -128,8 +131,9 @@ BACKEND_KEY = web.AppKey("backend", object)
 STATE_KEY = web.AppKey("state", dict)
 
 
-def make_app(backend: Backend, api_key: Optional[str] = None, middlewares: Sequence = (),
-             batch_delay_s: float = 0.0) -> web.Application:
+def make_app(
+    backend: Backend, api_key: Optional[str] = None, middlewares: Sequence = (), batch_delay_s: float = 0.0
+) -> web.Application:
     """`api_key`: if set, requests must carry `Authorization: Bearer <api_key>` (compared in
     constant time); the key is never echoed back or logged. `batch_delay_s` holds batches
     "in_progress" that long before running them (to test resuming a submitted batch)."""
@@ -185,8 +189,15 @@ async def _upload(request: web.Request) -> web.Response:
     fid = "file-" + uuid.uuid4().hex[:24]
     state["files"][fid] = bytes(data)
     return web.json_response(
-        {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": filename,
-         "purpose": purpose or "batch", "status": "processed"}
+        {
+            "id": fid,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose or "batch",
+            "status": "processed",
+        }
     )
 
 
@@ -211,9 +222,15 @@ async def _create_batch(request: web.Request) -> web.Response:
         return error_json(400, "only /v1/chat/completions batches are supported")
     bid = "batch_" + uuid.uuid4().hex[:24]
     b = {
-        "id": bid, "object": "batch", "endpoint": body["endpoint"], "input_file_id": fid,
-        "completion_window": body.get("completion_window", "24h"), "status": "in_progress",
-        "created_at": int(time.time()), "output_file_id": None, "error_file_id": None,
+        "id": bid,
+        "object": "batch",
+        "endpoint": body["endpoint"],
+        "input_file_id": fid,
+        "completion_window": body.get("completion_window", "24h"),
+        "status": "in_progress",
+        "created_at": int(time.time()),
+        "output_file_id": None,
+        "error_file_id": None,
         "request_counts": {"total": 0, "completed": 0, "failed": 0},
     }
     state["batches"][bid] = b
@@ -234,8 +251,12 @@ async def _process_batch(app: web.Application, b: dict) -> None:
             continue
         item = json.loads(line)
         status, body = await run_chat(backend, item.get("body"))
-        rec = {"id": "batch_req_" + uuid.uuid4().hex[:16], "custom_id": item.get("custom_id"),
-               "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
+        rec = {
+            "id": "batch_req_" + uuid.uuid4().hex[:16],
+            "custom_id": item.get("custom_id"),
+            "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
+            "error": None,
+        }
         (out if status == 200 else err).append(json.dumps(rec))
     b["request_counts"] = {"total": len(out) + len(err), "completed": len(out), "failed": len(err)}
     for name, rows in (("output_file_id", out), ("error_file_id", err)):
@@ -257,8 +278,8 @@ async def _get_batch(request: web.Request) -> web.Response:
 class ServerThread:
     """Runs an app on 127.0.0.1 in a background thread (tests, benchmarks, notebooks).
 
-        with ServerThread(make_app(backend)) as srv:
-            client = FeedbackClient(base_url=srv.url, ...)
+    with ServerThread(make_app(backend)) as srv:
+        client = FeedbackClient(base_url=srv.url, ...)
     """
 
     def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):

@@ -50,19 +50,24 @@ def render_messages(messages: Sequence[dict], template: str, tokenizer: Any) -> 
 class LocalModel:
     """Loads an HF directory once; samples text prompts with per-row token budgets."""
 
-    def __init__(self, hf_dir: str, template: str = "paper", max_prompt_length: int = 256, max_length: int = 512,
-                 dtype: str = "float32", mesh_shape: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        hf_dir: str,
+        template: str = "paper",
+        max_prompt_length: int = 256,
+        max_length: int = 512,
+        dtype: str = "float32",
+        mesh_shape: Optional[Sequence[int]] = None,
+    ):
 
         import jax
 
         from rlaif_jax import sharding as shd
         from rlaif_jax.data.tokenize import load_tokenizer
+        from rlaif_jax.errors import ConfigError, existing_dir
         from rlaif_jax.models import build_model
         from rlaif_jax.models.hf_io import load_hf
-
         from rlaif_jax.train.rundir import local_hf_dir
-
-        from rlaif_jax.errors import ConfigError, existing_dir
 
         if not 0 < max_prompt_length < max_length:
             raise ConfigError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
@@ -72,8 +77,11 @@ class LocalModel:
         # This host's devices: a sampler serves (or samples for) one host, also on a
         # multi-host slice where process 0 samples while the others wait.
         # Mesh and rules are read together here, where the sampler's mesh is made.
-        layout = shd.Layout(shd.make_mesh(*mesh_shape, devices=jax.local_devices()), shd.logical_rules()) \
-            if mesh_shape else None
+        layout = (
+            shd.Layout(shd.make_mesh(*mesh_shape, devices=jax.local_devices()), shd.logical_rules())
+            if mesh_shape
+            else None
+        )
         self.cfg, self.params = load_hf(hf_dir, layout=layout, dtype=dtype, param_dtype=dtype)
         self.model = build_model(self.cfg, layout=layout)
         self.template = template
@@ -93,12 +101,24 @@ class LocalModel:
                 ids = ids[1:]
             ids = [self.bos_id] + ids
         if len(ids) > self.max_prompt_length:  # keep the end, which holds "Assistant: "
-            ids = ids[:1] + ids[len(ids) - self.max_prompt_length + 1:] if self.bos_id is not None \
-                else ids[-self.max_prompt_length:]
+            ids = (
+                ids[:1] + ids[len(ids) - self.max_prompt_length + 1 :]
+                if self.bos_id is not None
+                else ids[-self.max_prompt_length :]
+            )
         return ids
 
-    def sample_ids(self, prompts: Sequence[Sequence[int]], *, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                   seed: int = 0, max_new_tokens: Optional[int] = None, length_bucket: int = 32) -> list[Sample]:
+    def sample_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        max_new_tokens: Optional[int] = None,
+        length_bucket: int = 32,
+    ) -> list[Sample]:
         import jax
 
         from rlaif_jax.sampling import SamplingParams, generate
@@ -110,8 +130,14 @@ class LocalModel:
             raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room under max_length")
         # Rounded up so that only a few distinct decode lengths are ever compiled.
         steps = -(-max(budgets) // length_bucket) * length_bucket
-        sp = SamplingParams(max_new_tokens=steps, temperature=temperature, top_p=top_p, top_k=top_k,
-                            eos_ids=self.eos_ids, pad_id=self.pad_id)
+        sp = SamplingParams(
+            max_new_tokens=steps,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+        )
         with self._lock:
             out = generate(self.model, self.params, [list(p) for p in prompts], jax.random.key(seed), sp)
         samples = []
@@ -142,8 +168,9 @@ class LocalModel:
             self._topk_fns[key] = jax.jit(fn)
         return self._topk_fns[key]
 
-    def top_alternatives(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], k: int,
-                         temperature: float, bucket: int = 32) -> list[list[tuple[int, float]]]:
+    def top_alternatives(
+        self, prompt_ids: Sequence[int], completion_ids: Sequence[int], k: int, temperature: float, bucket: int = 32
+    ) -> list[list[tuple[int, float]]]:
         """For each completion token, the k most likely tokens (id, log-prob) at its position,
         from one teacher-forced forward pass (the sampler keeps only the sampled token's
         log-prob). What OpenAI's top_logprobs reports, and what a logprob-weighted judge needs."""
@@ -161,16 +188,37 @@ class LocalModel:
             vals, idx = self._topk_fn(k, temperature)(self.params, tokens, segs)
         vals, idx = np.asarray(vals)[0], np.asarray(idx)[0]
         start = len(prompt_ids) - 1  # the logits at position i predict token i + 1
-        return [[(int(idx[start + j, m]), float(vals[start + j, m])) for m in range(k)]
-                for j in range(len(completion_ids))]
+        return [
+            [(int(idx[start + j, m]), float(vals[start + j, m])) for m in range(k)] for j in range(len(completion_ids))
+        ]
 
-    def sample(self, texts: Sequence[str], *, temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-               max_new_tokens: Optional[int] = None, length_bucket: int = 32, raw: bool = False) -> list[Sample]:
+    def sample(
+        self,
+        texts: Sequence[str],
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        max_new_tokens: Optional[int] = None,
+        length_bucket: int = 32,
+        raw: bool = False,
+    ) -> list[Sample]:
         """Samples for prompts; `raw` sends the text as is, else the template wraps it."""
-        rendered = texts if raw else [render_messages([{"role": "user", "content": t}], self.template, self.tokenizer)
-                                      for t in texts]
-        return self.sample_ids([self.encode(t) for t in rendered], temperature=temperature, top_p=top_p, top_k=top_k,
-                               seed=seed, max_new_tokens=max_new_tokens, length_bucket=length_bucket)
+        rendered = (
+            texts
+            if raw
+            else [render_messages([{"role": "user", "content": t}], self.template, self.tokenizer) for t in texts]
+        )
+        return self.sample_ids(
+            [self.encode(t) for t in rendered],
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            length_bucket=length_bucket,
+        )
 
 
 @dataclasses.dataclass
@@ -183,8 +231,14 @@ class _Pending:
 class ModelBackend:
     """Server backend over a LocalModel, with micro-batching of concurrent requests."""
 
-    def __init__(self, model: LocalModel, name: str, max_batch: int = 32, batch_window_s: float = 0.005,
-                 default_max_tokens: int = 256):
+    def __init__(
+        self,
+        model: LocalModel,
+        name: str,
+        max_batch: int = 32,
+        batch_window_s: float = 0.005,
+        default_max_tokens: int = 256,
+    ):
         self.lm, self.name = model, name
         self.max_batch, self.window = max_batch, batch_window_s
         self.default_max_tokens = default_max_tokens
@@ -205,8 +259,16 @@ class ModelBackend:
         n = int(request.get("n", 1))
         loop = asyncio.get_running_loop()
         if request.get("seed") is not None:
-            samples = await loop.run_in_executor(None, lambda: self.lm.sample_ids(
-                [ids] * n, temperature=temperature, top_p=top_p, seed=int(request["seed"]), max_new_tokens=max_tokens))
+            samples = await loop.run_in_executor(
+                None,
+                lambda: self.lm.sample_ids(
+                    [ids] * n,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=int(request["seed"]),
+                    max_new_tokens=max_tokens,
+                ),
+            )
         else:
             key = (temperature, top_p, int(max_tokens))
             fut = loop.create_future()
@@ -228,12 +290,19 @@ class ModelBackend:
             if want_lp:
                 alts = [[] for _ in s.token_ids]
                 if k:
-                    alts = await loop.run_in_executor(None, lambda s=s: self.lm.top_alternatives(
-                        ids, s.token_ids, k, temperature))
-                lp = {"content": [
-                    {"token": decode(t), "logprob": l,
-                     "top_logprobs": [{"token": decode(a), "logprob": al} for a, al in alt]}
-                    for t, l, alt in zip(s.token_ids, s.logprobs, alts)]}
+                    alts = await loop.run_in_executor(
+                        None, lambda s=s: self.lm.top_alternatives(ids, s.token_ids, k, temperature)
+                    )
+                lp = {
+                    "content": [
+                        {
+                            "token": decode(t),
+                            "logprob": lp,
+                            "top_logprobs": [{"token": decode(a), "logprob": al} for a, al in alt],
+                        }
+                        for t, lp, alt in zip(s.token_ids, s.logprobs, alts)
+                    ]
+                }
             choices.append(Choice(s.text, s.finish_reason, lp))
         return Completion(choices, len(ids), sum(len(s.token_ids) for s in samples), self.name)
 
@@ -245,16 +314,21 @@ class ModelBackend:
         flat = [p.ids for p in batch for _ in range(p.n)]
         loop = asyncio.get_running_loop()
         try:
-            samples = await loop.run_in_executor(None, lambda: self.lm.sample_ids(
-                flat, temperature=temperature, top_p=top_p, seed=next(self._seed), max_new_tokens=max_tokens))
+            samples = await loop.run_in_executor(
+                None,
+                lambda: self.lm.sample_ids(
+                    flat, temperature=temperature, top_p=top_p, seed=next(self._seed), max_new_tokens=max_tokens
+                ),
+            )
         except Exception as e:  # every waiter learns why
             for p in batch:
                 if not p.future.done():
-                    p.future.set_exception(BackendError(500, f"sampling failed: {type(e).__name__}: {e}", "server_error"))
+                    p.future.set_exception(
+                        BackendError(500, f"sampling failed: {type(e).__name__}: {e}", "server_error")
+                    )
             return
         i = 0
         for p in batch:
             if not p.future.done():
-                p.future.set_result(samples[i:i + p.n])
+                p.future.set_result(samples[i : i + p.n])
             i += p.n
-

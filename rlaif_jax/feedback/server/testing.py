@@ -78,8 +78,15 @@ class RuleJudge:
     with OpenAI-shaped logprobs when asked. A pair containing [[garbage]] gets an
     unparseable answer; `position_bias` (0..1) is the chance it just says "Output (a)"."""
 
-    def __init__(self, models: Sequence[str] = ("judge",), good_marker: str = "GOOD", confidence: float = 0.9,
-                 position_bias: float = 0.0, seed: int = 0, latency_s: float = 0.0):
+    def __init__(
+        self,
+        models: Sequence[str] = ("judge",),
+        good_marker: str = "GOOD",
+        confidence: float = 0.9,
+        position_bias: float = 0.0,
+        seed: int = 0,
+        latency_s: float = 0.0,
+    ):
         self.models, self.good, self.conf = list(models), good_marker, confidence
         self.position_bias, self.latency_s = position_bias, latency_s
         self._rng = random.Random(seed)
@@ -118,8 +125,11 @@ class RuleJudge:
                 rating = 5 if self.good in body else 2
                 text = f"Rating: {rating}"
                 lp = _rating_logprobs(rating, self.conf) if want_lp else None
-        return Completion([Choice(text, "stop", {"content": lp} if lp else None)],
-                          _words(json.dumps(request["messages"])), _words(text))
+        return Completion(
+            [Choice(text, "stop", {"content": lp} if lp else None)],
+            _words(json.dumps(request["messages"])),
+            _words(text),
+        )
 
 
 def _label_logprobs(label: str, conf: float) -> list:
@@ -175,8 +185,9 @@ class FaultRates:
 class FaultInjector:
     """aiohttp middleware for /v1/chat/completions that injects the faults above."""
 
-    def __init__(self, rates: Optional[FaultRates] = None, seed: int = 0, retry_after_s: float = 0.05,
-                 slow_s: float = 1.0):
+    def __init__(
+        self, rates: Optional[FaultRates] = None, seed: int = 0, retry_after_s: float = 0.05, slow_s: float = 1.0
+    ):
         self.rates = rates or FaultRates()
         self.retry_after_s, self.slow_s = retry_after_s, slow_s
         self._rng = random.Random(seed)
@@ -195,8 +206,13 @@ class FaultInjector:
                 return kind
         r = self.rates
         u = self._rng.random()
-        for kind, p in (("429", r.rate_429), ("500", r.rate_500), ("slow", r.rate_slow),
-                        ("badjson", r.rate_badjson), ("reset", r.rate_reset)):
+        for kind, p in (
+            ("429", r.rate_429),
+            ("500", r.rate_500),
+            ("slow", r.rate_slow),
+            ("badjson", r.rate_badjson),
+            ("reset", r.rate_reset),
+        ):
             if u < p:
                 return kind
             u -= p
@@ -220,8 +236,9 @@ class FaultInjector:
         self.log.append(entry)
         if fault == "429":
             entry["outcome"] = "429"
-            return error_json(429, "rate limited, slow down", "rate_limit_error",
-                              headers={"Retry-After": f"{self.retry_after_s:g}"})
+            return error_json(
+                429, "rate limited, slow down", "rate_limit_error", headers={"Retry-After": f"{self.retry_after_s:g}"}
+            )
         if fault == "500":
             entry["outcome"] = "500"
             return error_json(500, "internal error", "server_error")
