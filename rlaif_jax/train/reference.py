@@ -83,94 +83,61 @@ def precompute_reference_logps(
     existing_path(b("preferences_dir"), preferences_dir, "preference record directory")
     existing_dir(b("reference"), reference, "HF model directory", must_contain="config.json")
     existing_dir(b("tokenizer"), tokenizer, "tokenizer directory")
+    # Held from before the reference loads until the records are written.
     with writer_lock(out_dir, b("out_dir")):
-        return _precompute(
-            preferences_dir,
+        src = read_manifest(preferences_dir, PREFERENCES)
+        if src["num_records"] == 0:
+            raise UserError(f"{preferences_dir}: no preference records; nothing was computed or written")
+        check_replace(out_dir, src["num_records"], b("overwrite"), overwrite)  # before the reference loads
+        reference = local_hf_dir(reference, "reference")
+        tokenizer = local_hf_dir(tokenizer, "tokenizer", weights=False)
+        tok = load_tokenizer(tokenizer or reference)
+        mesh = shd.make_mesh(-1, 1, 1)
+        layout = shd.Layout(mesh, shd.logical_rules())
+        cfg, params = load_hf(reference, layout=layout, dtype=dtype, param_dtype=dtype)
+        model = build_model(cfg, layout=layout)
+        records = list(read_records(preferences_dir, PREFERENCES))
+        enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
+        pairs = enc.encode_pairs(
+            [r["prompt"] for r in records], [r["chosen"] for r in records], [r["rejected"] for r in records]
+        )
+
+        @jax.jit
+        def score(params, batch):
+            both = concat_pairs(batch)
+            out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"])
+            return sequence_logps(out["logits"], both["tokens"], both["loss_mask"])
+
+        logps = np.zeros((len(records), 2), np.float64)
+        for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
+            chunk = pairs[start : start + batch_size]
+            batch = pad_preference_batch(chunk, batch_size, seq_len)
+            lp = shd.to_host(score(params, shd.shard_batch(batch, mesh)))
+            n = len(chunk)
+            logps[start : start + n, 0], logps[start : start + n, 1] = lp[:n], lp[batch_size : batch_size + n]
+        if not np.isfinite(logps).all():
+            bad = int(np.where(~np.isfinite(logps).all(1))[0][0])
+            raise FloatingPointError(
+                f"non-finite reference log-prob for record {bad} (prompt_id {records[bad]['prompt_id']})"
+            )
+        ident = reference_identity(reference, tok)
+        out = [
+            dict(r, ref_chosen_logp=float(c), ref_rejected_logp=float(j), ref_model=ident)
+            for r, (c, j) in zip(records, logps)
+        ]
+        return write_records(
             out_dir,
-            reference,
-            tokenizer,
-            batch_size,
-            seq_len,
-            template,
-            max_length,
-            max_prompt_length,
-            truncation_mode,
-            num_shards,
-            dtype,
-            overwrite,
-            b("overwrite"),
+            PREFERENCES,
+            out,
+            num_shards=num_shards or len(src["shards"]),
+            overwrite=overwrite,
+            overwrite_binding=b("overwrite"),
+            provenance={
+                "source": fileio.abspath(preferences_dir),
+                "ref_model": ident,
+                "template": template,
+                "max_length": max_length,
+                "max_prompt_length": max_prompt_length,
+                "truncation_mode": truncation_mode,
+            },
         )
-
-
-def _precompute(
-    preferences_dir,
-    out_dir,
-    reference,
-    tokenizer,
-    batch_size,
-    seq_len,
-    template,
-    max_length,
-    max_prompt_length,
-    truncation_mode,
-    num_shards,
-    dtype,
-    overwrite,
-    overwrite_binding,
-) -> dict:
-    src = read_manifest(preferences_dir, PREFERENCES)
-    if src["num_records"] == 0:
-        raise UserError(f"{preferences_dir}: no preference records; nothing was computed or written")
-    check_replace(out_dir, src["num_records"], overwrite_binding, overwrite)  # before the reference loads
-    reference = local_hf_dir(reference, "reference")
-    tokenizer = local_hf_dir(tokenizer, "tokenizer", weights=False)
-    tok = load_tokenizer(tokenizer or reference)
-    mesh = shd.make_mesh(-1, 1, 1)
-    layout = shd.Layout(mesh, shd.logical_rules())
-    cfg, params = load_hf(reference, layout=layout, dtype=dtype, param_dtype=dtype)
-    model = build_model(cfg, layout=layout)
-    records = list(read_records(preferences_dir, PREFERENCES))
-    enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
-    pairs = enc.encode_pairs(
-        [r["prompt"] for r in records], [r["chosen"] for r in records], [r["rejected"] for r in records]
-    )
-
-    @jax.jit
-    def score(params, batch):
-        both = concat_pairs(batch)
-        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"])
-        return sequence_logps(out["logits"], both["tokens"], both["loss_mask"])
-
-    logps = np.zeros((len(records), 2), np.float64)
-    for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
-        chunk = pairs[start : start + batch_size]
-        batch = pad_preference_batch(chunk, batch_size, seq_len)
-        lp = shd.to_host(score(params, shd.shard_batch(batch, mesh)))
-        n = len(chunk)
-        logps[start : start + n, 0], logps[start : start + n, 1] = lp[:n], lp[batch_size : batch_size + n]
-    if not np.isfinite(logps).all():
-        bad = int(np.where(~np.isfinite(logps).all(1))[0][0])
-        raise FloatingPointError(
-            f"non-finite reference log-prob for record {bad} (prompt_id {records[bad]['prompt_id']})"
-        )
-    ident = reference_identity(reference, tok)
-    out = [
-        dict(r, ref_chosen_logp=float(c), ref_rejected_logp=float(j), ref_model=ident)
-        for r, (c, j) in zip(records, logps)
-    ]
-    return write_records(
-        out_dir,
-        PREFERENCES,
-        out,
-        num_shards=num_shards or len(src["shards"]),
-        overwrite=overwrite,
-        overwrite_binding=overwrite_binding,
-        provenance={
-            "source": fileio.abspath(preferences_dir),
-            "ref_model": ident,
-            "template": template,
-            "max_length": max_length,
-            "max_prompt_length": max_prompt_length,
-            "truncation_mode": truncation_mode,
-        },
-    )
