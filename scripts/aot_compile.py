@@ -34,7 +34,9 @@ from rlaif_jax.errors import ConfigError
 _UNSET = object()
 # What an HF export's config.json carries none of: a model loaded from one (train_ppo's
 # policy and reward model, the samplers) gets DecoderConfig's defaults for these.
-_RUNTIME_DEFAULTS = dict(dtype="float32", param_dtype="float32", remat_policy="none", attention_impl="auto")
+_RUNTIME_DEFAULTS = dict(
+    dtype="float32", param_dtype="float32", remat_policy="none", attention_impl="auto", vocab_chunk_size=0
+)
 
 
 def setting(fn, name: str, param: str, scope: str = "", default=_UNSET):

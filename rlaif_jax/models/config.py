@@ -98,6 +98,12 @@ class DecoderConfig:
     # "auto" (cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, else einsum). Decoding with
     # a KV cache always uses einsum. A runtime choice: never written to an HF config.json.
     attention_impl: str = "auto"
+    # Training log-probs by vocabulary chunks of this many ids (train.vocab_chunks): the
+    # objectives read the final hidden states and never build the [batch, length, vocab]
+    # float32 logits, in the forward or the backward pass. 0 = the full logits (exact
+    # numerics of the tiny and miniature models). Sampling and scoring outside training
+    # still use full logits. A runtime choice: never written to an HF config.json.
+    vocab_chunk_size: int = 0
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -116,6 +122,9 @@ class DecoderConfig:
         resolve_dtype(self.dtype)
         resolve_dtype(self.param_dtype)
         errors.one_of("DecoderConfig.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        errors.whole(
+            "DecoderConfig.vocab_chunk_size", self.vocab_chunk_size, 0, "0 for full logits, else ids per chunk"
+        )
         if self.attention_impl == "cudnn":
             if resolve_dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
                 raise errors.ConfigError(
@@ -341,7 +350,7 @@ def _set_hf_rope(kw: dict, theta: float, rope: dict) -> None:
 # DecoderConfig fields that say how a model computes, not what it is: an HF export's
 # config.json carries none of them, so a model loaded from one (train_ppo's policy and
 # reward model) runs with DecoderConfig's defaults (float32, no remat) unless given them.
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "vocab_chunk_size")
 
 
 def numerics_overrides(name: str, numerics: Optional[Any]) -> dict:
@@ -376,10 +385,11 @@ def model_config(
     remat_policy: str = "none",
     scan_layers: bool = True,
     attention_impl: str = "auto",
+    vocab_chunk_size: int = 0,
     **overrides,
 ) -> DecoderConfig:
     """The gin edge: a config from a local HF directory, with numerics overrides
-    (`attention_impl`: see DecoderConfig.attention_impl)."""
+    (`attention_impl`, `vocab_chunk_size`: see DecoderConfig)."""
     return DecoderConfig.from_pretrained(
         hf_dir,
         dtype=dtype,
@@ -387,6 +397,7 @@ def model_config(
         remat_policy=remat_policy,
         scan_layers=scan_layers,
         attention_impl=attention_impl,
+        vocab_chunk_size=vocab_chunk_size,
         **overrides,
     )
 

@@ -117,6 +117,16 @@ def apply(
     return model.apply({"params": params}, tokens, positions, segment_ids, **kw)
 
 
+def lm_head_weight(model: Transformer, params: Any) -> tuple[jax.Array, int]:
+    """The LM head as the model applies it: (weight in the compute dtype, its vocabulary
+    axis): the tied embedding [vocab, hidden] (axis 0) or the lm_head kernel [hidden, vocab]
+    (axis 1)."""
+    cfg = model.cfg
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"].astype(cfg.compute_dtype), 0
+    return params["lm_head"]["kernel"].astype(cfg.compute_dtype), 1
+
+
 def last_token_index(segment_ids: jax.Array) -> jax.Array:
     """Index of each row's last real (segment != 0) token; right-padded rows. Reward heads
     read the score there."""

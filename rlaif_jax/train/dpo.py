@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax.errors import binding, in_range, non_negative, one_of, positive
-from rlaif_jax.models.params import apply
-from rlaif_jax.train.logprobs import token_logps
+from rlaif_jax.train.logprobs import lm_forward, model_token_logps
 from rlaif_jax.train.objectives import add_moe_aux_loss, concat_pairs, mean_metric, train_rngs
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
@@ -100,8 +99,10 @@ class DPO:
         B = batch["chosen_tokens"].shape[0]
         mask = both["loss_mask"].astype(jnp.float32)
         n_tok = jnp.maximum(mask.sum(-1), 1.0)
-        out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], **train_rngs(model, rng))
-        tok_lp = token_logps(out["logits"], both["tokens"]) * mask
+        out = lm_forward(
+            model, params, both["tokens"], both["positions"], both["segment_ids"], **train_rngs(model, rng)
+        )
+        tok_lp = model_token_logps(model, params, out, both["tokens"]) * mask
         sums = tok_lp.sum(-1)
         average = self.average_log_prob or self.loss_type == "simpo"
         logps = sums / n_tok if average else sums
@@ -114,8 +115,8 @@ class DPO:
             ref = ref / n_tok if average else ref
             rc, rr = ref[:B], ref[B:]
         else:
-            ref_out = apply(model, ref_params, both["tokens"], both["positions"], both["segment_ids"])
-            ref_sums = (token_logps(ref_out["logits"], both["tokens"]) * mask).sum(-1)
+            ref_out = lm_forward(model, ref_params, both["tokens"], both["positions"], both["segment_ids"])
+            ref_sums = (model_token_logps(model, ref_params, ref_out, both["tokens"]) * mask).sum(-1)
             ref_lp = jax.lax.stop_gradient(ref_sums / n_tok if average else ref_sums)
             rc, rr = ref_lp[:B], ref_lp[B:]
 

@@ -1,4 +1,5 @@
-"""Per-token and per-sequence log-probs of target tokens, from logits.
+"""Per-token and per-sequence log-probs of target tokens, from logits, or (a model with
+`vocab_chunk_size`) from the final hidden states by vocabulary chunks (train.vocab_chunks).
 
 Batches follow `rlaif_jax.data.pipeline.batches`: `loss_mask[t] == 1` iff tokens[t] is a
 response token, predicted from logits[t-1]. Packed rows hold several sequences; the mask is
@@ -9,6 +10,45 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from rlaif_jax.models.params import apply, lm_head_weight
+from rlaif_jax.train.vocab_chunks import TokenStats, next_token_stats
+
+
+def chunked(model) -> bool:
+    """Whether the objectives take log-probs by vocabulary chunks for this model."""
+    return bool(model.cfg.vocab_chunk_size) and model.lm_head
+
+
+def lm_forward(model, params, tokens, positions, segment_ids, **kw) -> dict:
+    """`apply` for log-probs: with vocabulary chunks the LM head is left out, so the output
+    has `hidden` (and any scalar heads) but no [B, T, V] logits; otherwise as `apply`."""
+    if chunked(model):
+        model = model.clone(lm_head=False)
+    return apply(model, params, tokens, positions, segment_ids, **kw)
+
+
+def model_token_stats(model, params, out: dict, tokens, temperature: float = 1.0) -> TokenStats:
+    """[B, T] TokenStats (log-prob, entropy, top-1 correct) of tokens[t] predicted at t-1,
+    entry 0 zero, from `lm_forward`'s output: by vocabulary chunks when `chunked(model)`,
+    else from out["logits"] (/ temperature)."""
+    if chunked(model):
+        w, axis = lm_head_weight(model, params)
+        return next_token_stats(out["hidden"], w, tokens, model.cfg.vocab_chunk_size, axis, temperature)
+    logits = out["logits"][:, :-1].astype(jnp.float32) / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    ent = -(jnp.exp(logp) * logp).sum(-1)
+    correct = (jnp.argmax(logits, -1) == tokens[:, 1:]).astype(jnp.float32)
+    return TokenStats(*(jnp.pad(x, ((0, 0), (1, 0))) for x in (picked, ent, correct)))
+
+
+def model_token_logps(model, params, out: dict, tokens) -> jax.Array:
+    """`token_logps` from `lm_forward`'s output: by vocabulary chunks when `chunked(model)`,
+    else token_logps(out["logits"], tokens) exactly."""
+    if chunked(model):
+        return model_token_stats(model, params, out, tokens).logp
+    return token_logps(out["logits"], tokens)
 
 
 def token_logps(logits: jax.Array, tokens: jax.Array) -> jax.Array:

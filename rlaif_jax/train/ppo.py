@@ -59,6 +59,7 @@ from rlaif_jax.train.advantages import (
     normalize_sequences,
     whiten,
 )
+from rlaif_jax.train.logprobs import chunked, lm_forward, model_token_stats
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.run_loop import Closing, LoopSettings, Plan, RunKind, check_length, run
 from rlaif_jax.train.rundir import local_hf_dir
@@ -177,6 +178,15 @@ def response_logps_and_entropy(logits, tokens, P):
     logp = jnp.take_along_axis(logp_all, tokens[:, P:, None], axis=-1)[..., 0]
     entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
     return logp, entropy
+
+
+def response_stats(model, params, out, tokens, P, temperature):
+    """`response_logps_and_entropy` of `lm_forward`'s output: by vocabulary chunks when the
+    model has vocab_chunk_size (no [B, T, V] logits), else from out["logits"] / temperature."""
+    if chunked(model):
+        stats = model_token_stats(model, params, out, tokens, temperature)
+        return stats.logp[:, P:], stats.entropy[:, P:]
+    return response_logps_and_entropy(out["logits"] / temperature, tokens, P)
 
 
 def full_sequences(prompt_tokens, prompt_pos, prompt_seg, response, lengths):
@@ -304,10 +314,11 @@ class PPOTrainer:
         P = prompt_tokens.shape[1]
         tokens, positions, segs, rmask = full_sequences(prompt_tokens, prompt_pos, prompt_seg, response, lengths)
         mask = rmask.astype(jnp.float32)
-        pol = apply(self.sampler_model, self._policy_lm(params), tokens, positions, segs)
-        logp, entropy = response_logps_and_entropy(pol["logits"] / c.temperature, tokens, P)
-        ref = apply(self.sampler_model, ref_params, tokens, positions, segs)
-        ref_logp, _ = response_logps_and_entropy(ref["logits"] / c.temperature, tokens, P)
+        lm, policy_lm = self.sampler_model, self._policy_lm(params)
+        pol = lm_forward(lm, policy_lm, tokens, positions, segs)
+        logp, entropy = response_stats(lm, policy_lm, pol, tokens, P, c.temperature)
+        ref = lm_forward(lm, ref_params, tokens, positions, segs)
+        ref_logp, _ = response_stats(lm, ref_params, ref, tokens, P, c.temperature)
         logp, ref_logp = logp * mask, ref_logp * mask
 
         scores = self._scores(reward_params, tokens, positions, segs, rmask, P).astype(jnp.float32)
@@ -362,8 +373,8 @@ class PPOTrainer:
         c = self.c
         P = mb["tokens"].shape[1] - mb["mask"].shape[1]
         mask = mb["mask"]
-        out = apply(self.policy, params["policy"], mb["tokens"], mb["positions"], mb["segment_ids"])
-        logp, entropy = response_logps_and_entropy(out["logits"] / c.temperature, mb["tokens"], P)
+        out = lm_forward(self.policy, params["policy"], mb["tokens"], mb["positions"], mb["segment_ids"])
+        logp, entropy = response_stats(self.policy, params["policy"], out, mb["tokens"], P, c.temperature)
         log_ratio = (logp - mb["old_logp"]) * mask
         ratio = jnp.exp(log_ratio)
         adv = mb["advantages"]

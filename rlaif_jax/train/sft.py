@@ -8,8 +8,7 @@ import gin
 import jax.numpy as jnp
 
 from rlaif_jax.errors import binding, one_of
-from rlaif_jax.models.params import apply
-from rlaif_jax.train.logprobs import entropy_and_accuracy, token_logps
+from rlaif_jax.train.logprobs import chunked, entropy_and_accuracy, lm_forward, model_token_stats, token_logps
 from rlaif_jax.train.objectives import add_moe_aux_loss, train_rngs
 
 
@@ -35,12 +34,17 @@ class SFT:
 
     def loss(self, model, params, batch, ref_params, rng, mesh):
         tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
-        out = apply(model, params, tokens, batch["positions"], batch["segment_ids"], **train_rngs(model, rng))
-        nll = -(token_logps(out["logits"], tokens) * mask).sum()
+        out = lm_forward(model, params, tokens, batch["positions"], batch["segment_ids"], **train_rngs(model, rng))
+        if chunked(model):
+            stats = model_token_stats(model, params, out, tokens)
+            nll = -(stats.logp * mask).sum()
+            ent, correct = (stats.entropy * mask).sum(), (stats.correct * mask).sum()
+        else:
+            nll = -(token_logps(out["logits"], tokens) * mask).sum()
+            ent, correct = entropy_and_accuracy(out["logits"], tokens, mask)
         n_tok = mask.sum()
         n_seq = num_sequences(batch["positions"], batch["segment_ids"])
         weight = n_seq if self.reduction == "sum" else n_tok
-        ent, correct = entropy_and_accuracy(out["logits"], tokens, mask)
         metrics = {
             "nll_per_token": (nll, n_tok),
             "token_accuracy": (correct, n_tok),
