@@ -30,17 +30,11 @@ def lm_forward(model, params, tokens, positions, segment_ids, **kw) -> dict:
 
 def model_token_stats(model, params, out: dict, tokens, temperature: float = 1.0) -> TokenStats:
     """[B, T] TokenStats (log-prob, entropy, top-1 correct) of tokens[t] predicted at t-1,
-    entry 0 zero, from `lm_forward`'s output: by vocabulary chunks when `chunked(model)`,
-    else from out["logits"] (/ temperature)."""
-    if chunked(model):
-        w, axis = lm_head_weight(model, params)
-        return next_token_stats(out["hidden"], w, tokens, model.cfg.vocab_chunk_size, axis, temperature)
-    logits = out["logits"][:, :-1].astype(jnp.float32) / temperature
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    ent = -(jnp.exp(logp) * logp).sum(-1)
-    correct = (jnp.argmax(logits, -1) == tokens[:, 1:]).astype(jnp.float32)
-    return TokenStats(*(jnp.pad(x, ((0, 0), (1, 0))) for x in (picked, ent, correct)))
+    entry 0 zero, by vocabulary chunks from `lm_forward`'s output of a `chunked` model
+    (logits / temperature). The full-logits path keeps its own functions (token_logps,
+    entropy_and_accuracy, ppo.response_logps_and_entropy), unchanged."""
+    w, axis = lm_head_weight(model, params)
+    return next_token_stats(out["hidden"], w, tokens, model.cfg.vocab_chunk_size, axis, temperature)
 
 
 def model_token_logps(model, params, out: dict, tokens) -> jax.Array:
