@@ -215,9 +215,11 @@ def test_numerics_reach_the_models_loaded_from_hf_exports(policy_dir, tmp_path, 
     kw = dict(
         policy=policy, prompts=demos, num_iterations=1, config=config, reward_fn=_target_reward(5), mesh=ONE_DEVICE
     )
-    out = train_ppo(run_dir=str(tmp_path / "a"), numerics={"dtype": "bfloat16", "remat_policy": "dots"}, **kw)
+    numerics = {"dtype": "bfloat16", "remat_policy": "dots", "vocab_chunk_size": 7}  # chunked log-probs too
+    out = train_ppo(run_dir=str(tmp_path / "a"), numerics=numerics, **kw)
     assert np.isfinite(out["loss"])
-    assert [(c.dtype, c.param_dtype, c.remat_policy) for c in loaded] == [("bfloat16", "float32", "dots")]
+    got = [(c.dtype, c.param_dtype, c.remat_policy, c.vocab_chunk_size) for c in loaded]
+    assert got == [("bfloat16", "float32", "dots", 7)]
     with pytest.raises(ConfigError, match=r"train_ppo.numerics has 'num_layers': only the numerics dtype, "):
         train_ppo(run_dir=str(tmp_path / "b"), numerics={"num_layers": 1}, **kw)
 
