@@ -70,7 +70,7 @@ def test_top1_ties_go_to_the_first_id_across_chunks():
     hidden = jax.random.normal(k[1], (1, 6, 8))
     first = jnp.argmax(jnp.einsum("btd,dv->btv", hidden, half), -1)
     targets = jnp.where(jnp.arange(6) % 2 == 0, first, first + 10)
-    s = chunked_token_stats(hidden, w, targets, 3, 1, 1.0)
+    s = jax.jit(chunked_token_stats, static_argnums=(3, 4, 5))(hidden, w, targets, 3, 1, 1.0)
     np.testing.assert_array_equal(np.asarray(s.correct)[0], (np.arange(6) % 2 == 0).astype(np.float32))
 
 
