@@ -98,6 +98,11 @@ class DecoderConfig:
     # "auto" (cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, else einsum). Decoding with
     # a KV cache always uses einsum. A runtime choice: never written to an HF config.json.
     attention_impl: str = "auto"
+    # One-token decode steps read the KV cache in blocks of this many slots (online softmax)
+    # and stop at the last filled block, so a step costs the filled length, not the cache's;
+    # 0 reads the whole cache in one einsum. Caches of at most this many slots are read
+    # whole either way. A runtime choice, like attention_impl.
+    decode_block: int = 256
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -116,6 +121,7 @@ class DecoderConfig:
         resolve_dtype(self.dtype)
         resolve_dtype(self.param_dtype)
         errors.one_of("DecoderConfig.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        errors.whole("DecoderConfig.decode_block", self.decode_block, 0, "0 reads the whole cache; e.g. 256")
         if self.attention_impl == "cudnn":
             if resolve_dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
                 raise errors.ConfigError(
@@ -341,7 +347,7 @@ def _set_hf_rope(kw: dict, theta: float, rope: dict) -> None:
 # DecoderConfig fields that say how a model computes, not what it is: an HF export's
 # config.json carries none of them, so a model loaded from one (train_ppo's policy and
 # reward model) runs with DecoderConfig's defaults (float32, no remat) unless given them.
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "decode_block")
 
 
 def numerics_overrides(name: str, numerics: Optional[Any]) -> dict:
