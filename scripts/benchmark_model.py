@@ -141,7 +141,7 @@ def main():
     for name, tps in rows:
         ref = torch_rows.get(name)
         print(
-            f"{name:10s} {tps:16.1f} {ref if ref is None else f'{ref:16.1f}':>16} "
+            f"{name:10s} {tps:16.1f} {'' if ref is None else f'{ref:16.1f}':>16} "
             f"{'' if ref is None else f'{tps / ref:7.2f}'}"
         )
     print(f"\nforward: batch {B} x {T} tokens, MFU {mfu}")
