@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax import sharding as shd
-from rlaif_jax.models.decoder import CACHE_LOGICAL_AXES, Transformer, init_cache
+from rlaif_jax.models.decoder import Transformer
+from rlaif_jax.models.kv_cache import CACHE_LOGICAL_AXES, init_cache
 from rlaif_jax.models.params import check_placement
 
 
