@@ -3,6 +3,8 @@
 Prompts of different lengths are left-padded so every row's next token lands in the same
 cache slot; padding carries segment id 0 and is never attended, and positions start at 0
 at each row's first real token, so a row's output does not depend on its neighbours.
+A sliding-window model's cache is a ring of `sliding_window` slots (models/kv_cache.py), and
+each decode step reads only the cache's filled blocks (DecoderConfig.decode_block).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax import sharding as shd
-from rlaif_jax.models.decoder import CACHE_LOGICAL_AXES, Transformer, init_cache
+from rlaif_jax.models.decoder import Transformer
+from rlaif_jax.models.kv_cache import CACHE_LOGICAL_AXES, init_cache
 from rlaif_jax.models.params import check_placement
 
 

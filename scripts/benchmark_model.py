@@ -32,6 +32,10 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--sliding_window", type=int, default=None, help="presets: a Mistral sliding window of this many tokens"
+    )
+    ap.add_argument("--decode_block", type=int, default=None, help="DecoderConfig.decode_block (default: the config's)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU if not known")
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument(
@@ -65,7 +69,8 @@ def main():
     else:
         if torch is None:
             raise SystemExit("presets build their random weights with transformers+torch; drop --no_torch")
-        hc = preset_config(args.preset).to_hf()
+        window = {} if args.sliding_window is None else {"sliding_window": args.sliding_window, "model_type": "mistral"}
+        hc = preset_config(args.preset, **window).to_hf()
         torch.manual_seed(0)
         hf_model = transformers.AutoModelForCausalLM.from_config(hc).eval()
         tmp = tempfile.TemporaryDirectory()
@@ -73,8 +78,10 @@ def main():
         hf_model.save_pretrained(path)
         hf_model = hf_model.to(getattr(torch, args.dtype))
 
-    moe = {} if args.moe_impl is None else {"moe_impl": args.moe_impl}
-    cfg, params = load_hf(path, dtype=args.dtype, param_dtype=args.dtype, **moe)
+    overrides = {} if args.moe_impl is None else {"moe_impl": args.moe_impl}
+    if args.decode_block is not None:
+        overrides["decode_block"] = args.decode_block
+    cfg, params = load_hf(path, dtype=args.dtype, param_dtype=args.dtype, **overrides)
     model = build_model(cfg)
     dev = jax.devices()[0]
     rs = np.random.RandomState(0)
@@ -134,7 +141,7 @@ def main():
     for name, tps in rows:
         ref = torch_rows.get(name)
         print(
-            f"{name:10s} {tps:16.1f} {ref if ref is None else f'{ref:16.1f}':>16} "
+            f"{name:10s} {tps:16.1f} {'' if ref is None else f'{ref:16.1f}':>16} "
             f"{'' if ref is None else f'{tps / ref:7.2f}'}"
         )
     print(f"\nforward: batch {B} x {T} tokens, MFU {mfu}")

@@ -2,7 +2,8 @@
 mixture of experts, HF import/export."""
 
 from rlaif_jax.models.config import DecoderConfig, custom_model_config, model_config
-from rlaif_jax.models.decoder import Transformer, init_cache
+from rlaif_jax.models.decoder import Transformer
+from rlaif_jax.models.kv_cache import init_cache
 from rlaif_jax.models.params import (
     abstract_params,
     apply,

@@ -104,6 +104,11 @@ class DecoderConfig:
     # numerics of the tiny and miniature models). Sampling and scoring outside training
     # still use full logits. A runtime choice: never written to an HF config.json.
     vocab_chunk_size: int = 0
+    # One-token decode steps read the KV cache in blocks of this many slots (online softmax)
+    # and stop at the last filled block, so a step costs the filled length, not the cache's;
+    # 0 reads the whole cache in one einsum. Caches of at most this many slots are read
+    # whole either way. A runtime choice, like attention_impl.
+    decode_block: int = 256
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -125,6 +130,7 @@ class DecoderConfig:
         errors.whole(
             "DecoderConfig.vocab_chunk_size", self.vocab_chunk_size, 0, "0 for full logits, else ids per chunk"
         )
+        errors.whole("DecoderConfig.decode_block", self.decode_block, 0, "0 reads the whole cache; e.g. 256")
         if self.attention_impl == "cudnn":
             if resolve_dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
                 raise errors.ConfigError(
@@ -350,7 +356,15 @@ def _set_hf_rope(kw: dict, theta: float, rope: dict) -> None:
 # DecoderConfig fields that say how a model computes, not what it is: an HF export's
 # config.json carries none of them, so a model loaded from one (train_ppo's policy and
 # reward model) runs with DecoderConfig's defaults (float32, no remat) unless given them.
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "vocab_chunk_size")
+NUMERICS_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "remat_policy",
+    "scan_layers",
+    "attention_impl",
+    "vocab_chunk_size",
+    "decode_block",
+)
 
 
 def numerics_overrides(name: str, numerics: Optional[Any]) -> dict:

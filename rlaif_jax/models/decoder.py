@@ -18,8 +18,10 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import errors
+from rlaif_jax.models import kv_cache
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.heads import head_param
+from rlaif_jax.models.kv_cache import CACHE_LOGICAL_AXES, init_cache  # noqa: F401 - re-exported
 from rlaif_jax.models.rope import apply_rope, rope_cos_sin
 from rlaif_jax.sharding import Layout, constrain
 
@@ -79,6 +81,67 @@ def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) ->
     if sliding_window:
         m &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
     return m
+
+
+def einsum_attention(q, k, v, q_pos, q_seg, k_pos, k_seg, sliding_window):
+    """The reference kernel: q [B, T, H, D] against k/v [B, S, KV, D] (GQA: H // KV query
+    heads per KV head) with the exact mask of `attention_mask`, a materialised float32
+    [B, KV, H // KV, T, S] score tensor -> [B, T, H, D] in v's dtype."""
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    qg = q.reshape(B, T, KV, H // KV, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (D**-0.5)
+    mask = attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
+
+
+def filled_attention(q, cache: dict, q_pos, q_seg, filled, sliding_window, block: int):
+    """`einsum_attention` of q [B, T, H, D] over one layer's cache ({k, v: [B, S, KV, D],
+    pos, seg: [B, S]}) that reads only slots [0, filled) (`filled` traced: every slot past it
+    is empty): blocks of `block` slots with an online softmax, in a loop that stops at the
+    last filled block. One compiled program serves every step, where a static slice of the
+    filled part would recompile per length (or per bucket of lengths). A cache of at most
+    `block` slots (or block 0) is read whole by `einsum_attention`.
+
+    The last block starts at S - block when S is not a multiple of `block` (a dynamic slice
+    must fit); the slots it shares with the block before are masked, not counted twice."""
+    S = cache["k"].shape[1]
+    if not block or S <= block:
+        return einsum_attention(q, cache["k"], cache["v"], q_pos, q_seg, cache["pos"], cache["seg"], sliding_window)
+    B, T, H, D = q.shape
+    KV = cache["k"].shape[2]
+    qg = q.reshape(B, T, KV, H // KV, D)
+
+    def step(b, carry):
+        m, denom, acc = carry  # running max, softmax denominator, weighted values (float32)
+        start = b * block
+        first = jnp.minimum(start, S - block)
+        kb, vb, pb, sb = (
+            jax.lax.dynamic_slice_in_dim(cache[n], first, block, axis=1) for n in ("k", "v", "pos", "seg")
+        )
+        mask = attention_mask(q_pos, q_seg, pb, sb, sliding_window)
+        mask &= (first + jnp.arange(block) >= start)[None, None, :]
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores * (D**-0.5), _MASKED)
+        m_new = jnp.maximum(m, scores.max(-1))
+        p = jnp.where(mask[:, None, None], jnp.exp(scores - m_new[..., None]), 0.0)
+        scale = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(q.dtype), vb.astype(q.dtype), preferred_element_type=jnp.float32)
+        return m_new, denom * scale + p.sum(-1), acc * scale[..., None] + pv
+
+    G = H // KV
+    init = (
+        jnp.full((B, KV, G, T), _MASKED, jnp.float32),
+        jnp.zeros((B, KV, G, T), jnp.float32),
+        jnp.zeros((B, KV, G, T, D), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(0, (filled + block - 1) // block, step, init)
+    # A query with nothing to attend to (never a decode step's: it sees its own key) gets 0.
+    out = acc / jnp.maximum(denom, jnp.finfo(jnp.float32).tiny)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q.dtype)
 
 
 # -- attention kernels (DecoderConfig.attention_impl) -----------------------------------------
@@ -255,34 +318,45 @@ class Attention(nn.Module):
         v = Dense((KV, D), (-1,), ("embed", "kv_heads", "head_dim"), cfg, bias, name="v_proj")(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is not None:
-            # Write this call's keys at [cache_index, cache_index + T) and attend over the
-            # whole cache; empty slots carry segment 0 and are masked.
-            idx = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
-            cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
-            cpos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, cache_index))
-            cseg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, cache_index))
-            cache = {"k": ck, "v": cv, "pos": cpos, "seg": cseg}
-            k, v, k_pos, k_seg = ck.astype(q.dtype), cv.astype(q.dtype), cpos, cseg
-        else:
-            k_pos, k_seg = positions, segment_ids
-
         B, T = q.shape[:2]
-        impl = "einsum" if cache is not None else resolve_attention_impl(cfg, T, self.layout)
+        o_proj = Dense((cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), cfg, bias, name="o_proj")
+        if cache is not None:
+            out, cache = self._cached(q, k, v, positions, segment_ids, cache, cache_index)
+            return o_proj(out), cache
+        impl = resolve_attention_impl(cfg, T, self.layout)
         if impl != "einsum":
             out = fused_attention(impl, q, k, v, positions, segment_ids, cfg.sliding_window, self.layout)
-            out = Dense((cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), cfg, bias, name="o_proj")(out)
-            return out, cache
-        qg = q.reshape(B, T, KV, H // KV, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores = scores * (D**-0.5)
-        mask = attention_mask(positions, segment_ids, k_pos, k_seg, cfg.sliding_window)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
-        out = Dense((cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), cfg, bias, name="o_proj")(out)
-        return out, cache
+        else:
+            out = einsum_attention(q, k, v, positions, segment_ids, positions, segment_ids, cfg.sliding_window)
+        return o_proj(out), cache
+
+    def _cached(self, q, k, v, positions, segment_ids, cache, cache_index):
+        """Attention of this call's T tokens (sequence indices [cache_index, cache_index + T))
+        through the cache, and the cache with their keys written (`kv_cache.write`); empty
+        slots carry segment 0 and are masked."""
+        cfg = self.cfg
+        T, S = q.shape[1], cache["k"].shape[1]
+        ring = kv_cache.is_ring(cfg, S)
+        new = kv_cache.write(cache, k, v, positions, segment_ids, cache_index, ring)
+        if T == 1:
+            # Written first: in a ring the slot overwritten held the key one window back,
+            # which the window masks anyway.
+            filled = jnp.minimum(cache_index + 1, S)
+            out = filled_attention(q, new, positions, segment_ids, filled, cfg.sliding_window, cfg.decode_block)
+            return out, new
+        if ring:
+            # Several tokens into a ring overwrite keys that this call's own earlier queries
+            # still see: attend over the ring as it was plus this call's keys.
+            keys = {
+                n: jnp.concatenate([cache[n].astype(x.dtype), x], axis=1)
+                for n, x in (("k", k), ("v", v), ("pos", positions), ("seg", segment_ids))
+            }
+        else:
+            keys = {n: c.astype(q.dtype) if n in ("k", "v") else c for n, c in new.items()}
+        out = einsum_attention(
+            q, keys["k"], keys["v"], positions, segment_ids, keys["pos"], keys["seg"], cfg.sliding_window
+        )
+        return out, new
 
 
 class MLP(nn.Module):
@@ -567,24 +641,3 @@ def init_scalar_head(cfg: DecoderConfig, rng: jax.Array, layout: Optional[Layout
     if layout is not None:
         kernel = jax.device_put(kernel, layout.sharding(("embed", None), kernel.shape))
     return {"kernel": kernel}
-
-
-def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache: [layers, batch, length, kv_heads, head_dim] keys and values plus
-    per-slot positions and segment ids (0 = empty, never attended)."""
-    dtype = dtype or cfg.compute_dtype
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "pos": jnp.zeros((cfg.num_layers, batch, length), jnp.int32),
-        "seg": jnp.zeros((cfg.num_layers, batch, length), jnp.int32),
-    }
-
-
-CACHE_LOGICAL_AXES = {
-    "k": ("layers", "activation_batch", None, "activation_kv_heads", None),
-    "v": ("layers", "activation_batch", None, "activation_kv_heads", None),
-    "pos": ("layers", "activation_batch", None),
-    "seg": ("layers", "activation_batch", None),
-}

@@ -1,0 +1,75 @@
+"""The KV cache's storage: how many slots it has and where each call's keys go.
+
+Every slot stores its key's position and segment id beside the key and value, so attention
+masks by what a slot holds, not by where it is. That is what lets a sliding-window model
+(Mistral) keep a ring of `sliding_window` slots: token i of the sequence goes to slot
+i % slots, RoPE is applied before caching (a slot needs no re-rotation), and the window
+mask on the stored positions is exact whichever slot a key landed in.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlaif_jax.models.config import DecoderConfig
+
+CACHE_LOGICAL_AXES = {
+    "k": ("layers", "activation_batch", None, "activation_kv_heads", None),
+    "v": ("layers", "activation_batch", None, "activation_kv_heads", None),
+    "pos": ("layers", "activation_batch", None),
+    "seg": ("layers", "activation_batch", None),
+}
+
+
+def cache_slots(cfg: DecoderConfig, length: int) -> int:
+    """Slots a cache for sequences of `length` (prompt + new tokens) needs: a sliding-window
+    model never looks back further than its window, so min(length, sliding_window)."""
+    if cfg.sliding_window and cfg.sliding_window < length:
+        return cfg.sliding_window
+    return length
+
+
+def is_ring(cfg: DecoderConfig, slots: int) -> bool:
+    """Whether a cache of `slots` wraps (writes at index % slots): exactly when it is a window
+    wide. A shorter one never fills (`cache_slots` gave the whole length) and a longer one is a
+    plain cache."""
+    return bool(cfg.sliding_window) and slots == cfg.sliding_window
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
+    """An empty KV cache for sequences of up to `length` tokens: [layers, batch, slots,
+    kv_heads, head_dim] keys and values plus per-slot positions and segment ids (0 = empty,
+    never attended); slots = `cache_slots(cfg, length)` (a ring of the window for a
+    sliding-window model)."""
+    dtype = dtype or cfg.compute_dtype
+    slots = cache_slots(cfg, length)
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "pos": jnp.zeros((cfg.num_layers, batch, slots), jnp.int32),
+        "seg": jnp.zeros((cfg.num_layers, batch, slots), jnp.int32),
+    }
+
+
+def write(cache: dict, k, v, positions, segment_ids, cache_index, ring: bool) -> dict:
+    """One layer's cache ({k, v: [B, S, KV, D], pos, seg: [B, S]}) with a call's T tokens
+    written at sequence indices [cache_index, cache_index + T): at those slots, or, in a ring,
+    at index % S, keeping only the last S when T > S."""
+    new = {"k": k, "v": v, "pos": positions, "seg": segment_ids}
+    S, T = cache["k"].shape[1], k.shape[1]
+    if not ring:
+        return {
+            name: jax.lax.dynamic_update_slice_in_dim(c, new[name].astype(c.dtype), cache_index, axis=1)
+            for name, c in cache.items()
+        }
+    if T == 1:  # a decode step: one slot, no scatter
+        slot = jnp.asarray(cache_index, jnp.int32) % S
+        return {
+            name: jax.lax.dynamic_update_slice_in_dim(c, new[name].astype(c.dtype), slot, axis=1)
+            for name, c in cache.items()
+        }
+    n = min(T, S)  # the earlier ones would be overwritten in this same call
+    slots = (cache_index + T - n + jnp.arange(n, dtype=jnp.int32)) % S  # distinct: n <= S
+    return {name: c.at[:, slots].set(new[name][:, T - n :].astype(c.dtype)) for name, c in cache.items()}
