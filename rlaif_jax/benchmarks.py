@@ -118,9 +118,9 @@ def jax_train_runner(kind: str, model, params, mesh, batch: dict) -> Callable[[]
     return run
 
 
-def ppo_trainer(cfg, layout, config, seed: int = 0):
+def ppo_trainer(cfg, layout, rollout_batch, mini_batch, epochs, prompt_len, new_tokens, value_model, seed: int = 0):
     """(trainer, state): a PPOTrainer on random weights of `cfg` (policy, reference and
-    reward model; a separate or shared value model as `config` says)."""
+    reward model; a "separate" or "shared" value model)."""
     import jax
     import jax.numpy as jnp
 
@@ -129,9 +129,17 @@ def ppo_trainer(cfg, layout, config, seed: int = 0):
     from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param
     from rlaif_jax.train.advantages import KLController
     from rlaif_jax.train.optim import make_optimizer
-    from rlaif_jax.train.ppo import PPOTrainer
+    from rlaif_jax.train.ppo import PPOConfig, PPOTrainer
     from rlaif_jax.train.step import init_state
 
+    config = PPOConfig(
+        rollout_batch_size=rollout_batch,
+        mini_batch_size=mini_batch,
+        ppo_epochs=epochs,
+        max_new_tokens=new_tokens,
+        max_prompt_length=prompt_len,
+        value_model=value_model,
+    )
     policy = init_params(build_model(cfg, layout=layout), jax.random.key(seed))
     rm_model = build_model(cfg, lm_head=False, scalar_heads=(SCORE_HEAD,), layout=layout)
     rm_params = init_params(rm_model, jax.random.key(seed + 1))

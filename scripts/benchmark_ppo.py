@@ -34,20 +34,21 @@ def main():
 
     from rlaif_jax import sharding as shd
     from rlaif_jax.benchmarks import ppo_trainer
-    from rlaif_jax.train.ppo import PPOConfig, PromptStream, metrics_row
+    from rlaif_jax.train.ppo import PromptStream, metrics_row
 
     cfg = preset_config(args.preset, dtype=args.dtype, eos_token_id=None)
     mesh = shd.make_mesh(-1, 1, 1)
     layout = shd.Layout(mesh, shd.logical_rules())
-    config = PPOConfig(
-        rollout_batch_size=args.rollout_batch,
-        mini_batch_size=args.mini_batch,
-        ppo_epochs=args.ppo_epochs,
-        max_new_tokens=args.new_tokens,
-        max_prompt_length=args.prompt_len,
-        value_model=args.value_model,
+    trainer, state = ppo_trainer(
+        cfg,
+        layout,
+        args.rollout_batch,
+        args.mini_batch,
+        args.ppo_epochs,
+        args.prompt_len,
+        args.new_tokens,
+        args.value_model,
     )
-    trainer, state = ppo_trainer(cfg, layout, config)
     rs = np.random.RandomState(0)
     prompts = [
         list(rs.randint(3, cfg.vocab_size, rs.randint(args.prompt_len // 2, args.prompt_len + 1)))

@@ -5,12 +5,13 @@ attention) on the same device, shapes and dtype; one table of tokens/s, MFU, pea
 and the ratio ours/peer, and a JSON of it (--out) with versions, backend and device.
 
   python scripts/device_bench.py --out bench.json                 # one GPU, ~1B, bf16
-  python scripts/device_bench.py --preset tiny --isolate none     # CPU, seconds
+  python scripts/device_bench.py --preset tiny --isolate none     # CPU, toy shapes
 
 Each (row, framework) runs in its own process by default (--isolate row): a clean peak
 memory per row (JAX's allocator peak cannot be reset), no two frameworks holding one GPU,
 and a row that fails (out of memory, a kernel missing) is recorded without stopping the
-rest. A JAX row that fails with attention_impl 'auto' on a GPU is retried once with 'xla'.
+rest. A JAX row that fails in its attention kernel with attention_impl 'auto' (cuDNN on a
+GPU) is retried once with 'xla'.
 Times are medians over --steps calls after --warmup (compiles and autotuning excluded),
 each call synchronised (block_until_ready / torch.cuda.synchronize). MFU is analytic
 FLOPs (DecoderConfig.flops_per_token; see rlaif_jax/benchmarks.py) over the chip's dense
@@ -109,8 +110,30 @@ def make_weights(a, path: str) -> None:
 
 def measure(row: str, fw: str, a, weights: str) -> dict:
     """{tokens, seconds, flops, peak_bytes, mem_kind, env}: one row of one framework."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU; peak = what was used
     return (_measure_jax if fw == "jax" else _measure_torch)(row, a, weights)
+
+
+def _work(row: str, cfg, s: Shapes) -> tuple[int, float, int]:
+    """(tokens counted for tok/s, analytic FLOPs, timed calls cap) of one call of a row."""
+    from rlaif_jax import benchmarks as bm
+
+    if row in ("sft", "dpo"):
+        rows = s.batch if row == "sft" else 2 * (s.batch // 2)
+        return rows * s.seq_len, bm.train_flops(cfg, row, rows, s.seq_len), 10**9
+    if row == "forward":
+        return s.batch * s.seq_len, bm.forward_flops(cfg, s.batch, s.seq_len), 10**9
+    if row == "generate":
+        return s.gen_batch * s.new_tokens, bm.generate_flops(cfg, s.gen_batch, s.prompt_len, s.new_tokens), 10**9
+    # A PPO iteration takes seconds: two timed after one warm-up.
+    return s.ppo_batch * s.new_tokens, bm.ppo_flops(cfg, s.ppo_batch, s.prompt_len, s.new_tokens, s.ppo_epochs), 2
+
+
+def _timed(row: str, cfg, a, run) -> dict:
+    from rlaif_jax.models.presets import median_seconds
+
+    tokens, flops, cap = _work(row, cfg, a.shapes)
+    seconds = median_seconds(run, min(a.steps, cap), a.warmup if cap > 2 else 1)
+    return dict(tokens=tokens, seconds=seconds, flops=flops)
 
 
 def _prompts(rs, rows: int, length: int, vocab: int) -> np.ndarray:
@@ -124,7 +147,7 @@ def _measure_jax(row: str, a, weights: str) -> dict:
     from rlaif_jax import sharding as shd
     from rlaif_jax.models import apply, build_model
     from rlaif_jax.models.hf_io import load_hf
-    from rlaif_jax.models.presets import median_seconds, preset_config
+    from rlaif_jax.models.presets import preset_config
     from rlaif_jax.sampling import SamplingParams, generate
 
     s, dev = a.shapes, jax.devices()[0]
@@ -132,14 +155,11 @@ def _measure_jax(row: str, a, weights: str) -> dict:
     layout = shd.Layout(mesh, shd.logical_rules())
     rs = np.random.RandomState(0)
     numerics = dict(dtype=a.dtype, attention_impl=a.attention_impl)
-    steps, warmup = a.steps, a.warmup
     if row in ("sft", "dpo"):
         cfg, params = load_hf(weights, layout=layout, param_dtype="float32", remat_policy=a.remat, **numerics)
         n = s.batch if row == "sft" else s.batch // 2
         batch = bm.train_batch(row, rs, n, s.seq_len, cfg.vocab_size)
         run = bm.jax_train_runner(row, build_model(cfg, layout=layout), params, mesh, batch)
-        rows = n if row == "sft" else 2 * n
-        tokens, flops = rows * s.seq_len, bm.train_flops(cfg, row, rows, s.seq_len)
     elif row in ("forward", "generate"):
         cfg, params = load_hf(weights, layout=layout, param_dtype=a.dtype, **numerics)
         model = build_model(cfg, layout=layout)
@@ -150,7 +170,6 @@ def _measure_jax(row: str, a, weights: str) -> dict:
             def run():
                 fwd(params, ids).block_until_ready()
 
-            tokens, flops = s.batch * s.seq_len, bm.forward_flops(cfg, s.batch, s.seq_len)
         else:
             prompts = _prompts(rs, s.gen_batch, s.prompt_len, cfg.vocab_size).tolist()
             sp = SamplingParams(max_new_tokens=s.new_tokens, temperature=0.0, eos_ids=())
@@ -158,21 +177,13 @@ def _measure_jax(row: str, a, weights: str) -> dict:
             def run():
                 generate(model, params, prompts, jax.random.key(0), sp)  # host arrays: synchronous
 
-            tokens = s.gen_batch * s.new_tokens
-            flops = bm.generate_flops(cfg, s.gen_batch, s.prompt_len, s.new_tokens)
     else:
-        from rlaif_jax.train.ppo import PPOConfig, PromptStream, metrics_row
+        from rlaif_jax.train.ppo import PromptStream, metrics_row
 
         cfg = preset_config(a.preset, eos_token_id=None, **numerics)
-        config = PPOConfig(
-            rollout_batch_size=s.ppo_batch,
-            mini_batch_size=s.ppo_mini_batch,
-            ppo_epochs=s.ppo_epochs,
-            max_new_tokens=s.new_tokens,
-            max_prompt_length=s.prompt_len,
-            value_model="separate",
+        trainer, state = bm.ppo_trainer(
+            cfg, layout, s.ppo_batch, s.ppo_mini_batch, s.ppo_epochs, s.prompt_len, s.new_tokens, "separate"
         )
-        trainer, state = bm.ppo_trainer(cfg, layout, config)
         prompts = _prompts(rs, 4 * s.ppo_batch, s.prompt_len, cfg.vocab_size).tolist()
         stream = PromptStream(prompts, s.ppo_batch, 1, s.prompt_len, 0)
         holder = {"state": state}
@@ -181,10 +192,7 @@ def _measure_jax(row: str, a, weights: str) -> dict:
             holder["state"], m = trainer.iteration(holder["state"], shd.shard_batch(next(stream), mesh))
             metrics_row(m)  # device_get: synchronous
 
-        steps, warmup = min(steps, 2), 1
-        tokens = s.ppo_batch * s.new_tokens
-        flops = bm.ppo_flops(cfg, s.ppo_batch, s.prompt_len, s.new_tokens, s.ppo_epochs)
-    seconds = median_seconds(run, steps, warmup)
+    timing = _timed(row, cfg, a, run)
     peak, kind = bm.jax_peak_memory(dev)
     env = {
         "backend": jax.default_backend(),
@@ -192,7 +200,7 @@ def _measure_jax(row: str, a, weights: str) -> dict:
         "devices": jax.device_count(),
         "attention_impl": cfg.attention_impl,
     }
-    return dict(tokens=tokens, seconds=seconds, flops=flops, peak_bytes=peak, mem_kind=kind, env=env)
+    return dict(**timing, peak_bytes=peak, mem_kind=kind, env=env)
 
 
 def _measure_torch(row: str, a, weights: str) -> dict:
@@ -200,7 +208,6 @@ def _measure_torch(row: str, a, weights: str) -> dict:
 
     from rlaif_jax import benchmarks as bm
     from rlaif_jax.models.config import DecoderConfig
-    from rlaif_jax.models.presets import median_seconds
 
     s, dev = a.shapes, bm.torch_device()
     dtype = getattr(torch, a.dtype)
@@ -208,12 +215,9 @@ def _measure_torch(row: str, a, weights: str) -> dict:
     rs = np.random.RandomState(0)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    steps, warmup = a.steps, a.warmup
     if row in ("sft", "dpo"):
         n = s.batch if row == "sft" else s.batch // 2
         run = bm.torch_train_runner(row, weights, bm.train_batch(row, rs, n, s.seq_len, cfg.vocab_size), dtype, dev)
-        rows = n if row == "sft" else 2 * n
-        tokens, flops = rows * s.seq_len, bm.train_flops(cfg, row, rows, s.seq_len)
     elif row in ("forward", "generate"):
         model = bm.load_torch(weights, dtype, dev).eval()
         if row == "forward":
@@ -224,7 +228,6 @@ def _measure_torch(row: str, a, weights: str) -> dict:
                     model(ids)
                 bm.torch_sync(dev)
 
-            tokens, flops = s.batch * s.seq_len, bm.forward_flops(cfg, s.batch, s.seq_len)
         else:
             p_ids = torch.tensor(_prompts(rs, s.gen_batch, s.prompt_len, cfg.vocab_size), dtype=torch.long, device=dev)
 
@@ -233,22 +236,17 @@ def _measure_torch(row: str, a, weights: str) -> dict:
                     bm.torch_generate(model, p_ids, s.new_tokens)
                 bm.torch_sync(dev)
 
-            tokens = s.gen_batch * s.new_tokens
-            flops = bm.generate_flops(cfg, s.gen_batch, s.prompt_len, s.new_tokens)
     else:
         prompts = _prompts(rs, s.ppo_batch, s.prompt_len, cfg.vocab_size)
         run = bm.torch_ppo_runner(weights, prompts, s.new_tokens, s.ppo_mini_batch, s.ppo_epochs, dtype, dev)
-        steps, warmup = min(steps, 2), 1
-        tokens = s.ppo_batch * s.new_tokens
-        flops = bm.ppo_flops(cfg, s.ppo_batch, s.prompt_len, s.new_tokens, s.ppo_epochs)
-    seconds = median_seconds(run, steps, warmup)
+    timing = _timed(row, cfg, a, run)
     peak, kind = bm.torch_peak_memory(dev)
     env = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "cuda": torch.version.cuda,
         "attention": "sdpa",
     }
-    return dict(tokens=tokens, seconds=seconds, flops=flops, peak_bytes=peak, mem_kind=kind, env=env)
+    return dict(**timing, peak_bytes=peak, mem_kind=kind, env=env)
 
 
 # -- the parent: children, retries, the table -----------------------------------------------
@@ -264,8 +262,9 @@ def _child(a, row: str, fw: str, weights: str, timeout: float, extra=()) -> dict
     for line in p.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT) :])
-    tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"]
-    return {"error": tail[0][-300:]}
+    lines = (p.stderr or p.stdout).strip().splitlines()
+    raised = [line for line in lines if "Error" in line or "Exception" in line]
+    return {"error": ((raised or lines)[-1:] or [f"exit {p.returncode}"])[0][-300:]}
 
 
 def run_one(a, row: str, fw: str, weights: str, deadline: float) -> dict:
@@ -275,7 +274,8 @@ def run_one(a, row: str, fw: str, weights: str, deadline: float) -> dict:
         except Exception as e:  # noqa: BLE001 - a failed row is recorded, the others still run
             return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     r = _child(a, row, fw, weights, deadline - time.monotonic())
-    if "error" in r and fw == "jax" and a.attention_impl == "auto" and "timed out" not in r["error"]:
+    kernel = any(w in r.get("error", "").lower() for w in ("cudnn", "attention", "custom call"))
+    if kernel and fw == "jax" and a.attention_impl == "auto":
         first = r["error"]
         r = _child(a, row, fw, weights, deadline - time.monotonic(), ("--attention_impl", "xla"))
         r["note"] = f"attention 'auto' failed ({first[:120]}); retried with 'xla'"
@@ -360,6 +360,8 @@ def print_table(a, summary: dict) -> None:
 
 
 def main(argv=None):
+    # Two frameworks share the GPU in --isolate none; elsewhere the JAX peak is what it used.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     a = parse_args(argv)
     if a._child:
         row, fw = a._child.split(":")

@@ -6,6 +6,7 @@ cost analysis of each compiled program. Run it under different XLA_FLAGS or --re
 
   python scripts/profile_train_step.py --preset small --batch 4 --seq_len 256
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python scripts/profile_train_step.py --preset tiny
+  python scripts/profile_train_step.py --preset small --layers 1   # vs --layers 2: one layer, the rest
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main():
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--remat", choices=["none", "full", "dots"], default="none")
     ap.add_argument("--no_scan", action="store_true", help="unrolled layers instead of a scan")
+    ap.add_argument("--layers", type=int, default=None, help="override num_layers (1 vs 2: per layer and head)")
+    ap.add_argument("--attention_impl", default="auto")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no_torch", action="store_true")
     args = ap.parse_args()
@@ -35,7 +38,10 @@ def main():
 
     from rlaif_jax.models import apply, build_model, init_params
 
-    cfg = preset_config(args.preset, remat_policy=args.remat, scan_layers=not args.no_scan)
+    layers = {"num_layers": args.layers} if args.layers else {}
+    cfg = preset_config(
+        args.preset, remat_policy=args.remat, scan_layers=not args.no_scan, attention_impl=args.attention_impl, **layers
+    )
     model = build_model(cfg)
     params = init_params(model, jax.random.key(0))
     rs = np.random.RandomState(0)
@@ -47,7 +53,7 @@ def main():
         return -lp.sum(-1).mean()
 
     out = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "remat": args.remat}
-    out["scan"] = not args.no_scan
+    out.update(scan=not args.no_scan, layers=cfg.num_layers, attention_impl=args.attention_impl)
     out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     for name, fn in (("fwd", loss), ("fwd_bwd", jax.value_and_grad(loss))):
         compiled = jax.jit(fn).lower(params, toks).compile()
