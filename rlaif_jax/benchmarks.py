@@ -145,8 +145,8 @@ def ppo_trainer(cfg, layout, rollout_batch, mini_batch, epochs, prompt_len, new_
     rm_params = init_params(rm_model, jax.random.key(seed + 1))
     params = {"policy": policy}
     if config.value_model == "separate":
-        value_model = build_model(cfg, lm_head=False, scalar_heads=(VALUE_HEAD,), layout=layout)
-        params["value"] = dict(init_params(value_model, jax.random.key(seed + 2)))
+        critic = build_model(cfg, lm_head=False, scalar_heads=(VALUE_HEAD,), layout=layout)
+        params["value"] = dict(init_params(critic, jax.random.key(seed + 2)))
     else:
         params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(seed + 2), layout)
     tx, _ = make_optimizer(learning_rate=1e-6)

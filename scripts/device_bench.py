@@ -37,6 +37,8 @@ ROWS = ("sft", "dpo", "forward", "generate", "ppo")
 FRAMEWORKS = ("jax", "torch")
 RESULT = "DEVICE_BENCH_RESULT "
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers")
+# Recorded where installed: which CUDA / cuDNN each framework runs on.
+GPU_PACKAGES = ("jax-cuda12-plugin", "jax-cuda13-plugin", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,11 +286,12 @@ def run_one(a, row: str, fw: str, weights: str, deadline: float) -> dict:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for p in PACKAGES:
+    for p in PACKAGES + GPU_PACKAGES:
         try:
             out[p] = importlib.metadata.version(p)
         except importlib.metadata.PackageNotFoundError:
-            out[p] = None
+            if p in PACKAGES:
+                out[p] = None
     return out
 
 
