@@ -78,6 +78,7 @@ def _check(stdout, doc, rows):
     assert doc["versions"]["jax"] and doc["env"]["jax"]["backend"] == "cpu"
 
 
+@pytest.mark.slow  # ~40 s on 2 shared cores: two frameworks' imports, weights, compiles
 def test_tiny_forward_in_process(tmp_path):
     stdout, doc = _run_tiny(tmp_path, "--isolate", "none", "--rows", "forward")
     _check(stdout, doc, ["forward"])
