@@ -49,6 +49,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
+    from rlaif_jax.benchmarks import torch_generate
     from rlaif_jax.models import apply, build_model
     from rlaif_jax.models.hf_io import load_hf
     from rlaif_jax.sampling import SamplingParams, generate
@@ -123,18 +124,7 @@ def main():
         with torch.inference_mode():
             t_fwd = median_seconds(lambda: hf_model(t_ids).logits, args.repeats)
             p_ids = torch.tensor(np.array(prompts), dtype=torch.long)
-            mask = torch.ones_like(p_ids)
-            t_tgen = median_seconds(
-                lambda: hf_model.generate(
-                    p_ids,
-                    attention_mask=mask,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                ),
-                args.repeats,
-            )
+            t_tgen = median_seconds(lambda: torch_generate(hf_model, p_ids, args.new_tokens), args.repeats)
         torch_rows = {"forward": B * T / t_fwd, "generate": B * args.new_tokens / t_tgen}
 
     print(f"\n{'':10s} {'rlaif_jax tok/s':>16s} {'HF torch tok/s':>16s} {'ratio':>7s}")

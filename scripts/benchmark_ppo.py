@@ -31,52 +31,24 @@ def main():
     args = ap.parse_args()
 
     import jax
-    import jax.numpy as jnp
 
     from rlaif_jax import sharding as shd
-    from rlaif_jax.models import build_model, init_params
-    from rlaif_jax.models.decoder import init_scalar_head
-    from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param
-    from rlaif_jax.train.advantages import KLController
-    from rlaif_jax.train.optim import make_optimizer
-    from rlaif_jax.train.ppo import PPOConfig, PPOTrainer, PromptStream, metrics_row
-    from rlaif_jax.train.step import init_state
+    from rlaif_jax.benchmarks import ppo_trainer
+    from rlaif_jax.train.ppo import PromptStream, metrics_row
 
     cfg = preset_config(args.preset, dtype=args.dtype, eos_token_id=None)
     mesh = shd.make_mesh(-1, 1, 1)
     layout = shd.Layout(mesh, shd.logical_rules())
-    policy = init_params(build_model(cfg, layout=layout), jax.random.key(0))
-    rm_model = build_model(cfg, lm_head=False, scalar_heads=(SCORE_HEAD,), layout=layout)
-    rm_params = init_params(rm_model, jax.random.key(1))
-    params = {"policy": policy}
-    if args.value_model == "separate":
-        value_model = build_model(cfg, lm_head=False, scalar_heads=(VALUE_HEAD,), layout=layout)
-        params["value"] = dict(init_params(value_model, jax.random.key(2)))
-    else:
-        params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(2), layout)
-    config = PPOConfig(
-        rollout_batch_size=args.rollout_batch,
-        mini_batch_size=args.mini_batch,
-        ppo_epochs=args.ppo_epochs,
-        max_new_tokens=args.new_tokens,
-        max_prompt_length=args.prompt_len,
-        value_model=args.value_model,
-    )
-    tx, _ = make_optimizer(learning_rate=1e-6)
-    trainer = PPOTrainer(
+    trainer, state = ppo_trainer(
         cfg,
-        config,
-        tx,
         layout,
-        jax.tree.map(jnp.copy, policy),
-        rm_model,
-        rm_params,
-        None,
-        eos_ids=(),
-        pad_id=0,
-        kl=KLController(0.05),
+        args.rollout_batch,
+        args.mini_batch,
+        args.ppo_epochs,
+        args.prompt_len,
+        args.new_tokens,
+        args.value_model,
     )
-    state = init_state(params, tx, 0, trainer.initial_extra())
     rs = np.random.RandomState(0)
     prompts = [
         list(rs.randint(3, cfg.vocab_size, rs.randint(args.prompt_len // 2, args.prompt_len + 1)))

@@ -14,26 +14,11 @@ process's peak RSS (both frameworks) otherwise.
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import tempfile
 
 import numpy as np
 
 from rlaif_jax.models.presets import PRESETS, median_seconds, preset_config
-
-
-def make_batch(rs, batch, seq_len, vocab, prefix=""):
-    prompt = seq_len // 4
-    tokens = rs.randint(3, vocab, (batch, seq_len)).astype(np.int32)
-    mask = np.zeros((batch, seq_len), np.float32)
-    mask[:, prompt:] = 1.0
-    return {
-        f"{prefix}tokens": tokens,
-        f"{prefix}positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-        f"{prefix}segment_ids": np.ones((batch, seq_len), np.int32),
-        f"{prefix}loss_mask": mask,
-    }
 
 
 def main():
@@ -52,18 +37,16 @@ def main():
     import torch
     import transformers
 
+    from rlaif_jax import benchmarks as bm
     from rlaif_jax import sharding as shd
     from rlaif_jax.models import build_model
     from rlaif_jax.models.hf_io import load_hf
-    from rlaif_jax.train import DPO, SFT, create_state, make_optimizer, make_train_step
     from rlaif_jax.train.metrics import mfu, peak_tflops
 
-    torch.set_num_threads(os.cpu_count())
     hc = preset_config(args.preset).to_hf()
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hc)
     tmp = tempfile.TemporaryDirectory()
-    hf.save_pretrained(tmp.name)
+    transformers.LlamaForCausalLM(hc).save_pretrained(tmp.name)
     mesh = shd.make_mesh(-1, 1, 1)
     layout = shd.Layout(mesh, shd.logical_rules())
     cfg, params = load_hf(tmp.name, layout=layout, dtype=args.dtype, param_dtype="float32", remat_policy=args.remat)
@@ -71,78 +54,18 @@ def main():
     B, T = args.batch, args.seq_len
     rs = np.random.RandomState(0)
     peak = peak_tflops(jax.devices()[0], args.peak_tflops)
+    tdev = bm.torch_device()
     results = []
 
-    for name, objective, n_rows, fwd_mult in (("sft", SFT(), B, 1), ("dpo", DPO(beta=0.1), 2 * B, 2)):
-        tx, sched = make_optimizer(name="rmsprop", learning_rate=1e-6, clip_norm=10.0)
-        state = create_state(jax.tree.map(lambda x: x.copy(), params), tx, 0)
-        ref = params if objective.needs_reference else None
-        step = jax.jit(make_train_step(objective, model, tx, sched, 1, mesh), donate_argnums=(0,))
-        if name == "sft":
-            batch = make_batch(rs, B, T, cfg.vocab_size)
-        else:
-            batch = {
-                **make_batch(rs, B, T, cfg.vocab_size, "chosen_"),
-                **make_batch(rs, B, T, cfg.vocab_size, "rejected_"),
-            }
-        dev_batch = shd.shard_batch(batch, mesh)
-        holder = {"state": state}
-
-        def run():
-            holder["state"], m = step(holder["state"], dev_batch, ref)
-            jax.block_until_ready(m["loss"])
-
-        t = median_seconds(run, args.repeats)
+    for name, n_rows in (("sft", B), ("dpo", 2 * B)):
+        batch = bm.train_batch(name, rs, B, T, cfg.vocab_size)
+        t = median_seconds(bm.jax_train_runner(name, model, params, mesh, batch), args.repeats)
         tokens = n_rows * T
-        # Policy forward+backward = 6N flops per token; a reference forward adds 2N.
-        flops = tokens * cfg.flops_per_token(T) * (1 + (1 / 3 if fwd_mult == 2 else 0))
+        flops = bm.train_flops(cfg, name, n_rows, T)
         row = {"step": name, "jax_tok_s": tokens / t, "jax_step_s": t, "mfu": mfu(flops, t, jax.device_count(), peak)}
-
         if not args.no_torch:
-            dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-            policy = transformers.LlamaForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).train()
-            opt = torch.optim.RMSprop(policy.parameters(), lr=1e-6)
-            ref_model = (
-                transformers.LlamaForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval()
-                if name == "dpo"
-                else None
-            )
-
-            def seq_logps(m, toks, mask):
-                with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
-                    logits = m(toks).logits.float()
-                lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, toks[:, 1:, None])[..., 0]
-                return (lp * mask[:, 1:]).sum(-1), mask[:, 1:].sum()
-
-            if name == "sft":
-                toks = torch.tensor(batch["tokens"], dtype=torch.long)
-                mask = torch.tensor(batch["loss_mask"])
-
-                def torch_step():
-                    opt.zero_grad()
-                    lp, _ = seq_logps(policy, toks, mask)
-                    loss = -lp.mean()
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-                    opt.step()
-            else:
-                toks = torch.tensor(
-                    np.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]]), dtype=torch.long
-                )
-                mask = torch.tensor(np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]))
-
-                def torch_step():
-                    opt.zero_grad()
-                    lp, _ = seq_logps(policy, toks, mask)
-                    with torch.no_grad():
-                        rlp, _ = seq_logps(ref_model, toks, mask)
-                    h = (lp[:B] - lp[B:]) - (rlp[:B] - rlp[B:])
-                    loss = -torch.nn.functional.logsigmoid(0.1 * h).mean()
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-                    opt.step()
-
-            tt = median_seconds(torch_step, args.repeats)
+            run = bm.torch_train_runner(name, tmp.name, batch, getattr(torch, args.dtype), tdev)
+            tt = median_seconds(run, args.repeats)
             row.update(torch_tok_s=tokens / tt, torch_step_s=tt)
         results.append(row)
 
@@ -158,10 +81,10 @@ def main():
         m = f"{100 * r['mfu']:7.1f}%" if r["mfu"] is not None else "     n/a"
         print(f"{r['step']:5s} {r['jax_tok_s']:16.1f} {torch_s} {ratio} {m}")
     print("(DPO tokens count chosen + rejected; both frameworks run a reference forward in the step)")
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
-    print(f"peak host RSS (both frameworks): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    peak_bytes, kind = bm.jax_peak_memory(dev)
+    if kind == "device":
+        print(f"peak device memory: {peak_bytes / 2**30:.2f} GiB")
+    print(f"peak host RSS (both frameworks): {bm.host_peak_bytes() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ PRESETS = {
     "small": dict(
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4
     ),
+    # ~1.1B params: TinyLlama-1.1B's shape (Llama-2 architecture, GQA 32/4), the device check's model.
+    "llama-1b": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4
+    ),
     "llama2-7b": dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32
     ),

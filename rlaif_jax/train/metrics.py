@@ -40,7 +40,11 @@ def peak_tflops(device=None, override: Optional[float] = None) -> Optional[float
     """Per-device peak, or None where unknown (CPUs): MFU is then not reported."""
     if override:
         return override
-    kind = getattr(device or jax.devices()[0], "device_kind", "")
+    return peak_tflops_of(getattr(device or jax.devices()[0], "device_kind", ""))
+
+
+def peak_tflops_of(kind: str) -> Optional[float]:
+    """The peak of a device kind as JAX or torch.cuda.get_device_name spell it, or None."""
     for name, value in PEAK_TFLOPS.items():
         if kind.startswith(name):
             return value
