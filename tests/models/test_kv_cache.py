@@ -130,7 +130,7 @@ def test_chunked_prefill_into_a_ring_equals_one_forward():
     np.testing.assert_allclose(np.asarray(b), np.asarray(ref)[:, 9:], atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [None, WINDOW])
+@pytest.mark.parametrize("window", [pytest.param(None, marks=pytest.mark.slow), WINDOW])
 def test_filled_block_decode_equals_whole_cache_decode(window):
     """Blocks of 4 slots (26-slot plain cache: the last block overlaps the one before; 6-slot
     ring: two blocks) against decode_block 0, the whole-cache einsum of before."""

@@ -133,6 +133,7 @@ def sft_args(b):
     return b["tokens"], b["positions"], b["segment_ids"]
 
 
+@pytest.mark.slow  # ~20 s; the SFT and DPO model-level checks stay in the default suite
 def test_ppo_response_logps_and_entropy_match():
     full, chunk, params = _models(False)
     b = _packed_sft_batch()
