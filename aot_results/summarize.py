@@ -42,16 +42,17 @@ for line in (here / "queue.txt").read_text().splitlines():
         )
 (here / "summary.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
 md = [
-    "| model | program | topology | chips | args | out | temp | total GiB | verdict | TFLOP/step | compile s "
+    "| run | model | program | topology | chips | args | out | temp | total GiB | verdict | TFLOP/step | compile s "
     "| warnings |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
     if r.get("status"):
-        md.append(f"| {r['model']} | {r['programs']} | {r['topology']} | | | | | | {r['status']} | | | |")
+        md.append(f"| {r['run']} | {r['model']} | {r['programs']} | {r['topology']} | | | | | | {r['status']} | | | |")
         continue
     md.append(
-        f"| {r['model']} | {r['program']} | {r['topology']} | {r['chips']} | {r['args_gib']:.2f} | {r['out_gib']:.2f} "
+        f"| {r['run']} | {r['model']} | {r['program']} | {r['topology']} | {r['chips']} | {r['args_gib']:.2f} "
+        f"| {r['out_gib']:.2f} "
         f"| {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {r['verdict']} | {r['tflop']} | {r['compile_s']} "
         f"| {'; '.join(r['warnings']) or '-'} |"
     )
