@@ -61,7 +61,9 @@ def main(argv=None) -> None:
     r2, t2 = rewards_and_truth([p[1] for p in pairs])
     differ = t1 != t2
     agree = np.mean((r1[differ] > r2[differ]) == (t1[differ] > t2[differ])) if differ.any() else float("nan")
-    print(f"pairs of two policy samples with different true scores: {int(differ.sum())}, ranked as the truth: {agree:.1%}")
+    print(
+        f"pairs of two policy samples with different true scores: {int(differ.sum())}, ranked as the truth: {agree:.1%}"
+    )
 
 
 if __name__ == "__main__":
