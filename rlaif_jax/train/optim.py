@@ -85,20 +85,7 @@ def make_optimizer(
     """(transformation, schedule). RMSprop defaults match torch.optim.RMSprop (the paper's
     optimizer): decay 0.99, eps 1e-8 added outside the square root. `frozen` regexes select
     params that never change (their updates are zero and they get no optimizer state)."""
-    _check_settings(
-        name,
-        learning_rate,
-        warmup_steps,
-        total_steps,
-        end_lr_ratio,
-        weight_decay,
-        clip_norm,
-        b1,
-        b2,
-        eps,
-        rmsprop_decay,
-        momentum,
-    )
+    _check_settings(**locals())
     # The trainer passes its num_steps as default_total_steps; an explicit total_steps wins.
     sched = make_schedule(learning_rate, schedule, warmup_steps, total_steps or default_total_steps, end_lr_ratio)
     if name == "adamw":
@@ -138,6 +125,7 @@ def _check_settings(
     eps,
     rmsprop_decay,
     momentum,
+    **_,  # make_optimizer's other settings (schedule, frozen, params, ...) need no check here
 ) -> None:
     """A learning rate of 0 trains nothing and a negative one trains uphill, both silently."""
     b = lambda p: binding(f"make_optimizer.{p}")  # noqa: E731
