@@ -3,10 +3,9 @@
 #   name|model|mesh|arm|topology|glob glob ...
 # A line whose name.json exists (non-empty) is skipped; lines are read afresh after each job,
 # so lines appended while it runs are picked up.
-. /work/tpuvenv/bin/activate
+. "${VENV:-.venv}/bin/activate"  # a venv with the tpu-aot extra
 export TPU_SKIP_MDS_QUERY=1
-cd /work/wt/aot
-export PYTHONPATH=$PWD
+cd "$(dirname "$0")/.."
 R=aot_results
 while true; do
   next=""
@@ -22,7 +21,7 @@ while true; do
   for g in $globs; do progs+=(--programs="$g"); done
   echo "$(date -u +%T) start $name" >> $R/queue.log
   start=$(date +%s)
-  /usr/bin/time -v nice -n 10 python scripts/aot_compile.py --gin_file=configs/models/$model.gin \
+  /usr/bin/time -v nice -n 19 python scripts/aot_compile.py --gin_file=configs/models/$model.gin \
     --gin_file=configs/mesh/$mesh.gin --gin_file=configs/experiments/paper/arms/$arm.gin \
     --topology=$topo "${progs[@]}" --json > $R/$name.json 2> $R/$name.log
   rc=$?

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -185,8 +186,9 @@ class MiniatureSettings:
     dpo_beta: float = 0.1
     dpo_lr: float = 3e-5
     dpo_rpo_alpha: float = 0.0
-    rm_epochs: int = 2
+    rm_epochs: int = 4
     rm_lr: float = 3e-4
+    rm_sample_pairs: bool = True
     ppo_iterations: int = 60
     ppo_lr: float = 3e-4
     ppo_kl_coef: float = 0.1
@@ -229,8 +231,9 @@ def run_miniature(
     dpo_beta: float = 0.1,
     dpo_lr: float = 3e-5,
     dpo_rpo_alpha: float = 0.0,
-    rm_epochs: int = 2,
+    rm_epochs: int = 4,
     rm_lr: float = 3e-4,
+    rm_sample_pairs: bool = True,
     ppo_iterations: int = 60,
     ppo_lr: float = 3e-4,
     ppo_kl_coef: float = 0.1,
@@ -253,6 +256,11 @@ def run_miniature(
     feedback prompt, each judged against the teacher's completion (the paper: 1);
     dpo_* / rm_* / ppo_* the RL stages (DPO: the paper's sigmoid loss, no RPO term, as
     its main runs; dpo_rpo_alpha > 0 adds the SFT-regularised option of its code);
+    rm_sample_pairs: the reward model also learns the critic's verdict between each two
+    policy samples of a feedback prompt (InstructGPT's ranking of several samples of the
+    policy; the paper's reward model learns only the DPO pairs, sample vs teacher). PPO asks
+    the reward model to rank the policy's own answers to one prompt, which sample-vs-teacher
+    pairs teach only indirectly (README "How the defaults were found");
     eval_* the paper's evaluation sampling.
     iterative: the rounds of the optional arm dpo_weak_10_iter (add it to `arms`): rounds,
     pairing, DPO reference, samples per prompt (None: gin's IterativeSettings()); its DPO
@@ -329,6 +337,9 @@ class _Arm:
 
     def comparisons(self, k: int) -> str:
         return os.path.join(self.out("critic"), str(k))
+
+    def sample_comparisons(self, i: int, j: int) -> str:
+        return os.path.join(self.out("critic"), f"samples-{i}-{j}")
 
 
 def run_miniature_settings(settings: MiniatureSettings) -> list:
@@ -468,18 +479,20 @@ def _arm(world: _World, name: str) -> _Arm:
     return _Arm(world=world, name=name, start=start, teacher=teacher)
 
 
+def _stage_names(name: str) -> tuple[str, ...]:
+    if name in ITERATIVE_START:
+        return ("sft", "rounds")  # each round is evaluated inside
+    if name.startswith("sft_"):
+        return ("sft", "evaluate")
+    if name.startswith("dpo_"):
+        return ("sft", "samples", "critic", "preferences", "dpo", "evaluate")
+    return ("sft", "samples", "critic", "preferences", "reward_model", "ppo", "evaluate")
+
+
 def _arm_stages(name: str) -> list[Stage]:
     """The registry stages an arm walks: its SFT policy, then for an RL arm the AI feedback
     on the 90% and the RL stage, then the evaluation."""
-    if name in ITERATIVE_START:
-        names = ("sft", "rounds")  # each round is evaluated inside
-    elif name.startswith("sft_"):
-        names = ("sft", "evaluate")
-    elif name.startswith("dpo_"):
-        names = ("sft", "samples", "critic", "preferences", "dpo", "evaluate")
-    else:
-        names = ("sft", "samples", "critic", "preferences", "reward_model", "ppo", "evaluate")
-    return [MINIATURE_REGISTRY[n] for n in names]
+    return [MINIATURE_REGISTRY[n] for n in _stage_names(name)]
 
 
 # -- training and sampling: each library call in one place ----------------------------------
@@ -512,7 +525,13 @@ def _train_sft(
 
 
 def _train_on_preferences(
-    arm: _Arm, key: str, objective, epochs: int, lr: float, reference_from: Optional[str] = None
+    arm: _Arm,
+    key: str,
+    objective,
+    epochs: int,
+    lr: float,
+    reference_from: Optional[str] = None,
+    preferences: Optional[str] = None,
 ) -> dict:
     out = arm.out(key)
     if is_complete(out):
@@ -525,7 +544,7 @@ def _train_on_preferences(
         init_from=os.path.join(arm.out("sft"), "hf"),
         reference_from=reference_from,
         train_data=functools.partial(
-            preference_pipeline, arm.out("preferences"), seed=s.seed, num_epochs=epochs, **arm.world.seq
+            preference_pipeline, preferences or arm.out("preferences"), seed=s.seed, num_epochs=epochs, **arm.world.seq
         ),
         optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
         mesh=arm.world.mesh,
@@ -598,31 +617,51 @@ def stage_samples(arm: _Arm) -> dict:
     return {"state": "done" if made else "reused", "output": arm.out("samples")}
 
 
+def _rm_sample_pairs(arm: _Arm) -> list[tuple[int, int]]:
+    """The (i, j) policy samples of a prompt the critic also judges against each other, for
+    an arm that trains a reward model with rm_sample_pairs (none otherwise)."""
+    s = arm.world.settings
+    if not (s.rm_sample_pairs and "reward_model" in _stage_names(arm.name)):
+        return []
+    return list(itertools.combinations(range(s.feedback_samples), 2))
+
+
 def stage_critic(arm: _Arm) -> dict:
     """The critic judges each sample against the SFT teacher's completion of the prompt
-    (order randomised, invalid answers kept apart)."""
+    (order randomised, invalid answers kept apart); for an arm that trains a reward model
+    with rm_sample_pairs, also each pair of the policy's samples of a prompt."""
     s = arm.world.settings
+    judgments = [
+        (arm.samples(k), arm.world.path("data", arm.teacher, "feedback"), arm.comparisons(k), k, 0)
+        for k in range(s.feedback_samples)
+    ]
+    # Seeds: sample k against the teacher s.seed + 1000 k; samples i, j s.seed + 1000 i + 100 j
+    # (the iterative arm's first round uses the same, so it reproduces these judgments).
+    judgments += [
+        (arm.samples(i), arm.samples(j), arm.sample_comparisons(i, j), i, j) for i, j in _rm_sample_pairs(arm)
+    ]
     made = []
-    for k in range(s.feedback_samples):
-        if not is_complete(arm.comparisons(k)):
-            _judge(
-                arm.world,
-                "critic",
-                arm.samples(k),
-                arm.world.path("data", arm.teacher, "feedback"),
-                arm.comparisons(k),
-                seed=s.seed + 1000 * k,
-            )
-            made.append(k)
+    for first, second, out, i, j in judgments:
+        if not is_complete(out):
+            _judge(arm.world, "critic", first, second, out, seed=s.seed + 1000 * i + 100 * j)
+            made.append(os.path.basename(out))
     return {"state": "done" if made else "reused", "output": arm.out("critic")}
 
 
 def stage_preferences(arm: _Arm) -> dict:
-    out = arm.out("preferences")
-    if is_complete(out):
-        return {"state": "reused", "output": out}
-    preferences_stage(comparisons=[arm.comparisons(k) for k in range(arm.world.settings.feedback_samples)], out_dir=out)
-    return {"output": out}
+    """Preference pairs from the critic's verdicts on samples against the teacher (DPO's and,
+    without rm_sample_pairs, the reward model's); with them, the reward model's pairs add the
+    verdicts on pairs of policy samples."""
+    teacher = [arm.comparisons(k) for k in range(arm.world.settings.feedback_samples)]
+    sets = [(arm.out("preferences"), teacher)]
+    if _rm_sample_pairs(arm):
+        sets.append((arm.out("rm_preferences"), teacher + [arm.sample_comparisons(*p) for p in _rm_sample_pairs(arm)]))
+    made = []
+    for out, comparisons in sets:
+        if not is_complete(out):
+            preferences_stage(comparisons=comparisons, out_dir=out)
+            made.append(os.path.basename(out))
+    return {"state": "done" if made else "reused", "output": arm.out("preferences")}
 
 
 def stage_dpo(arm: _Arm) -> dict:
@@ -632,7 +671,8 @@ def stage_dpo(arm: _Arm) -> dict:
 
 def stage_reward_model(arm: _Arm) -> dict:
     s = arm.world.settings
-    return _train_on_preferences(arm, "reward_model", RewardModel(), s.rm_epochs, s.rm_lr)
+    prefs = arm.out("rm_preferences") if _rm_sample_pairs(arm) else arm.out("preferences")
+    return _train_on_preferences(arm, "reward_model", RewardModel(), s.rm_epochs, s.rm_lr, preferences=prefs)
 
 
 def stage_ppo(arm: _Arm) -> dict:
@@ -705,7 +745,10 @@ MINIATURE_STAGES = (
         "preferences",
         stage_preferences,
         inputs=("critic",),
-        outputs=(("preferences", "data/feedback/{start}/preferences"),),
+        outputs=(
+            ("preferences", "data/feedback/{start}/preferences"),
+            ("rm_preferences", "data/feedback/{start}/preferences_rm"),
+        ),
     ),
     Stage("dpo", stage_dpo, inputs=("preferences", "sft"), outputs=(("dpo", "runs/{arm}"),), done="summary.json"),
     Stage(

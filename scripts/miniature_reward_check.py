@@ -1,6 +1,9 @@
 """How well a miniature run's reward model tracks the truth: its score on every evaluation
-sample of an arm against the sample's true task score (Spearman), and how often it ranks
-two policy samples of one feedback prompt as their true scores do. Read-only.
+sample of an arm against the sample's true task score (Spearman); how often it ranks two
+answers to one prompt as their true scores do, on the feedback prompts (the policy's two
+samples: pairs the reward model may have learned, with rm_sample_pairs) and on the held-out
+evaluation prompts (the SFT arms' answers, pair by pair: what PPO needs of it on prompts it
+never saw). Read-only.
 
 usage: python scripts/miniature_reward_check.py RUN_DIR [--reward_model DIR] [--arm sft_weak_10]
 """
@@ -8,6 +11,7 @@ usage: python scripts/miniature_reward_check.py RUN_DIR [--reward_model DIR] [--
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
@@ -32,6 +36,18 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def spearman(a, b) -> float:
     return float(np.corrcoef(_ranks(np.asarray(a, float)), _ranks(np.asarray(b, float)))[0, 1])
+
+
+def pair_agreement(rewards, truths) -> tuple[int, float]:
+    """Over pairs of answers to one prompt whose true scores differ: (how many, the share the
+    reward ranks as the truth does). rewards / truths: (num_prompts, answers per prompt)."""
+    r, t = np.asarray(rewards, float), np.asarray(truths, float)
+    agree, n = 0, 0
+    for i, j in itertools.combinations(range(r.shape[1]), 2):
+        differ = t[:, i] != t[:, j]
+        n += int(differ.sum())
+        agree += int(((r[differ, i] > r[differ, j]) == (t[differ, i] > t[differ, j])).sum())
+    return n, (agree / n if n else float("nan"))
 
 
 def main(argv=None) -> None:
@@ -59,10 +75,21 @@ def main(argv=None) -> None:
     pairs = [(s, by_id[s["prompt_id"]]) for s in first if s["prompt_id"] in by_id]
     r1, t1 = rewards_and_truth([p[0] for p in pairs])
     r2, t2 = rewards_and_truth([p[1] for p in pairs])
-    differ = t1 != t2
-    agree = np.mean((r1[differ] > r2[differ]) == (t1[differ] > t2[differ])) if differ.any() else float("nan")
+    n, agree = pair_agreement(np.stack([r1, r2], 1), np.stack([t1, t2], 1))
     print(
-        f"pairs of two policy samples with different true scores: {int(differ.sum())}, ranked as the truth: {agree:.1%}"
+        f"feedback prompts, pairs of two policy samples with different true scores: {n}, ranked as the truth: {agree:.1%}"
+    )
+    arms = [d for d in sorted(os.listdir(os.path.join(a.run_dir, "eval"))) if d.startswith("sft_")]
+    by_arm = [
+        {s["prompt_id"]: s for s in _samples(os.path.join(a.run_dir, "eval", arm, "generations", "samples.jsonl"))}
+        for arm in arms
+    ]
+    ids = sorted(set.intersection(*(set(b) for b in by_arm)))
+    scored = [rewards_and_truth([b[i] for i in ids]) for b in by_arm]
+    n, agree = pair_agreement(np.stack([r for r, _ in scored], 1), np.stack([t for _, t in scored], 1))
+    print(
+        f"held-out eval prompts, pairs of the answers of {', '.join(arms)} with different true scores: {n}, "
+        f"ranked as the truth: {agree:.1%}"
     )
 
 

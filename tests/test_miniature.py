@@ -10,6 +10,7 @@ import pytest
 
 from rlaif_jax.data.records import read_manifest
 from rlaif_jax.feedback.cache import read_cache_lines
+from rlaif_jax.feedback.stages import load_comparisons
 from rlaif_jax.miniature import ARMS, run_miniature, win_rate
 
 SMALL = dict(
@@ -55,11 +56,21 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
         f"{fb}/samples/0",
         f"{fb}/samples/1",
         f"{fb}/comparisons/1",
+        f"{fb}/comparisons/samples-0-1",
         f"{fb}/preferences",
+        f"{fb}/preferences_rm",
         "data/feedback/sft_strong_10/preferences",
     ):
         m = read_manifest(os.path.join(out, sub))
         assert sum(s["num_records"] for s in m["shards"]) > 0, sub
+    # DPO learns sample-vs-teacher pairs; the reward model those plus the critic's decided
+    # verdicts between the two policy samples of a prompt (rm_sample_pairs), and only it.
+    records = lambda sub: sum(s["num_records"] for s in read_manifest(os.path.join(out, sub))["shards"])  # noqa: E731
+    between = load_comparisons(os.path.join(out, fb, "comparisons/samples-0-1"))
+    decided = sum(c["verdict"] in ("first", "second") for c in between)
+    assert len(between) == 90 and 0 < decided
+    assert records(f"{fb}/preferences_rm") == records(f"{fb}/preferences") + decided
+    assert not os.path.exists(os.path.join(out, "data/feedback/sft_strong_10/comparisons/samples-0-1"))
     prompts = {
         s: sum(x["num_records"] for x in read_manifest(os.path.join(out, "data/prompts", s))["shards"])
         for s in ("sft", "feedback")

@@ -19,3 +19,12 @@ def test_spearman_matches_the_rank_formula():
     a, b = [1, 1, 2, 3], [1, 2, 2, 3]
     ra, rb = np.array([0.5, 0.5, 2, 3]), np.array([0, 1.5, 1.5, 3])
     assert mrc.spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_pair_agreement_counts_only_pairs_whose_truth_differs():
+    # Prompt 0: truths 1 > 0 = 0: pairs (0,1), (0,2) count; reward ranks (0,1) right, (0,2) wrong.
+    # Prompt 1: truths 0 < 1, 0 < 2... (0,1), (0,2), (1,2) count; reward ranks all three right.
+    rewards = [[0.9, 0.1, 1.5], [0.0, 0.5, 0.7]]
+    truths = [[1, 0, 0], [0, 1, 2]]
+    assert mrc.pair_agreement(rewards, truths) == (5, pytest.approx(4 / 5))
+    assert mrc.pair_agreement([[1, 2]], [[1, 1]])[0] == 0
