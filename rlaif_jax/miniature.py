@@ -628,24 +628,26 @@ def _rm_sample_pairs(arm: _Arm) -> list[tuple[int, int]]:
     return list(itertools.combinations(range(s.feedback_samples), 2))
 
 
+def feedback_seed(seed: int, i: int, j: Optional[int] = None) -> int:
+    """The critic's seed for sample i against the teacher (j None) or against sample j; the
+    iterative arm's rounds offset it, its first round reusing these judgments."""
+    return seed + 1000 * i + (0 if j is None else 100 * j)
+
+
 def stage_critic(arm: _Arm) -> dict:
     """The critic judges each sample against the SFT teacher's completion of the prompt
     (order randomised, invalid answers kept apart); for an arm that trains a reward model
     with rm_sample_pairs, also each pair of the policy's samples of a prompt."""
     s = arm.world.settings
-    judgments = [
-        (arm.samples(k), arm.world.path("data", arm.teacher, "feedback"), arm.comparisons(k), k, 0)
-        for k in range(s.feedback_samples)
-    ]
-    # Seeds: sample k against the teacher s.seed + 1000 k; samples i, j s.seed + 1000 i + 100 j
-    # (the iterative arm's first round uses the same, so it reproduces these judgments).
+    teacher = arm.world.path("data", arm.teacher, "feedback")
+    judgments = [(arm.samples(k), teacher, arm.comparisons(k), k, None) for k in range(s.feedback_samples)]
     judgments += [
         (arm.samples(i), arm.samples(j), arm.sample_comparisons(i, j), i, j) for i, j in _rm_sample_pairs(arm)
     ]
     made = []
     for first, second, out, i, j in judgments:
         if not is_complete(out):
-            _judge(arm.world, "critic", first, second, out, seed=s.seed + 1000 * i + 100 * j)
+            _judge(arm.world, "critic", first, second, out, seed=feedback_seed(s.seed, i, j))
             made.append(os.path.basename(out))
     return {"state": "done" if made else "reused", "output": arm.out("critic")}
 
@@ -656,8 +658,9 @@ def stage_preferences(arm: _Arm) -> dict:
     verdicts on pairs of policy samples."""
     teacher = [arm.comparisons(k) for k in range(arm.world.settings.feedback_samples)]
     sets = [(arm.out("preferences"), teacher)]
-    if _rm_sample_pairs(arm):
-        sets.append((arm.out("rm_preferences"), teacher + [arm.sample_comparisons(*p) for p in _rm_sample_pairs(arm)]))
+    pairs = _rm_sample_pairs(arm)
+    if pairs:
+        sets.append((arm.out("rm_preferences"), teacher + [arm.sample_comparisons(i, j) for i, j in pairs]))
     made = []
     for out, comparisons in sets:
         if not is_complete(out):

@@ -62,9 +62,10 @@ class RoundArm:
         return self.dir("samples", str(k))
 
     def seed(self, *indices: int) -> int:
-        # Round 1's seeds are the one-round arm's (s.seed + 1000 k), so it reproduces it.
-        s = self.world.settings
-        return s.seed + sum(1000 * i if n == 0 else 100 * i for n, i in enumerate(indices)) + 7919 * (self.r - 1)
+        # Round 1's seeds are the one-round arm's, so it reproduces its judgments.
+        from rlaif_jax.miniature import feedback_seed
+
+        return feedback_seed(self.world.settings.seed, *indices) + 7919 * (self.r - 1)
 
     def reference_run(self) -> str:
         """The run whose policy is this round's DPO reference."""
