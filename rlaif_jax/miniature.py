@@ -206,6 +206,11 @@ class MiniatureSettings:
         for name in ("num_prompts", "num_eval", "batch_size", "feedback_samples", "hidden_size", "num_layers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"run_miniature.{name} must be > 0, got {getattr(self, name)}")
+        if self.rm_sample_pairs and self.feedback_samples < 2 and any(a.startswith("ppo_") for a in self.arms):
+            raise ConfigError(
+                f"run_miniature.rm_sample_pairs needs two or more samples per prompt to pair, but "
+                f"run_miniature.feedback_samples = {self.feedback_samples}; raise it or set rm_sample_pairs=False"
+            )
         if self.num_pretrain < 0:
             raise ConfigError(f"run_miniature.num_pretrain must be >= 0 (0: no pretraining), got {self.num_pretrain}")
 

@@ -108,6 +108,16 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
     assert before == after and [r["win_rate"] for r in again] == [r["win_rate"] for r in rows]
 
 
+def test_reward_model_sample_pairs_need_two_samples_per_prompt():
+    from rlaif_jax.errors import ConfigError
+    from rlaif_jax.miniature import MiniatureSettings
+
+    with pytest.raises(ConfigError, match=r"rm_sample_pairs.*feedback_samples = 1"):
+        MiniatureSettings(feedback_samples=1)
+    MiniatureSettings(feedback_samples=1, rm_sample_pairs=False)
+    MiniatureSettings(feedback_samples=1, arms=("sft_weak_10", "dpo_weak_10"))  # no reward model to train
+
+
 def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
     from rlaif_jax.miniature import _claim_shared
 
