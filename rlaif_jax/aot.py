@@ -170,6 +170,34 @@ def model_params(cfg: DecoderConfig, layout: shd.Layout, lm_head: bool = True, s
     return model, abstract(nn.unbox(abstract_params(model)), param_shardings(model))
 
 
+def global_rows(
+    pipeline: str, batch_size: Optional[int], global_batch_size: Optional[int], hosts: int, slice_name: str = ""
+) -> tuple[int, str]:
+    """The rows of a pipeline's global batch on a slice of `hosts` hosts (one process each),
+    and the settings phrase saying where they come from: global_batch_size when it is bound
+    (refused, as the run's pipeline refuses it, when the hosts do not split it evenly), else
+    the per-process batch_size times the hosts.
+
+    Args:
+      pipeline: the configurable ("sft_pipeline" / "preference_pipeline").
+      batch_size, global_batch_size: its bindings (None: unbound; exactly one is bound).
+      hosts: the target's hosts.
+      slice_name: the target's name, for messages.
+    Returns:
+      (rows, phrase), e.g. (8, "global batch 8 (2 per process x 4 hosts) =
+      preference_pipeline.global_batch_size").
+    """
+    from rlaif_jax.data.pipeline.builders import per_process_batch
+
+    n_hosts = f"{hosts} host{'s' if hosts != 1 else ''}"
+    where = f"the {slice_name}'s {n_hosts}" if slice_name else n_hosts
+    per = per_process_batch(pipeline, batch_size, global_batch_size, hosts, processes=where)
+    rows = per * hosts
+    if global_batch_size is None:
+        return rows, f"global batch {rows} = {pipeline}.batch_size {per} x {hosts} host(s)"
+    return rows, f"global batch {rows} ({per} per process x {n_hosts}) = {pipeline}.global_batch_size"
+
+
 def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool = False) -> dict:
     """ShapeDtypeStructs of the batch a pipeline yields (rlaif_jax.data.pipeline.batches):
     kind "sft" (tokens, positions, segment_ids, loss_mask) or "preference" (the same keys
@@ -178,7 +206,8 @@ def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool 
 
     Args:
       kind: "sft" or "preference".
-      rows: the global batch (per-process batch_size x processes).
+      rows: the global batch (global_rows: global_batch_size, or the per-process batch_size
+        x processes).
       length: the pipeline's seq_len.
       precomputed_reference: DPO.reference == "precomputed".
     Returns:

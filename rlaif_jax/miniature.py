@@ -189,6 +189,7 @@ class MiniatureSettings:
     rm_epochs: int = 4
     rm_lr: float = 3e-4
     rm_sample_pairs: bool = True
+    rm_samples: int = 4
     ppo_iterations: int = 60
     ppo_lr: float = 3e-4
     ppo_kl_coef: float = 0.1
@@ -203,13 +204,21 @@ class MiniatureSettings:
         unknown = set(self.arms) - set(ARMS) - set(OPTIONAL_ARMS)
         if unknown:
             raise ConfigError(f"unknown arms {sorted(unknown)}; choose from {ARMS + OPTIONAL_ARMS}")
-        for name in ("num_prompts", "num_eval", "batch_size", "feedback_samples", "hidden_size", "num_layers"):
+        for name in (
+            "num_prompts",
+            "num_eval",
+            "batch_size",
+            "feedback_samples",
+            "rm_samples",
+            "hidden_size",
+            "num_layers",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"run_miniature.{name} must be > 0, got {getattr(self, name)}")
-        if self.rm_sample_pairs and self.feedback_samples < 2 and any(a.startswith("ppo_") for a in self.arms):
+        if self.rm_sample_pairs and self.rm_samples < 2 and any(a.startswith("ppo_") for a in self.arms):
             raise ConfigError(
                 f"run_miniature.rm_sample_pairs needs two or more samples per prompt to pair, but "
-                f"run_miniature.feedback_samples = {self.feedback_samples}; raise it or set rm_sample_pairs=False"
+                f"run_miniature.rm_samples = {self.rm_samples}; raise it or set rm_sample_pairs=False"
             )
         if self.num_pretrain < 0:
             raise ConfigError(f"run_miniature.num_pretrain must be >= 0 (0: no pretraining), got {self.num_pretrain}")
@@ -239,6 +248,7 @@ def run_miniature(
     rm_epochs: int = 4,
     rm_lr: float = 3e-4,
     rm_sample_pairs: bool = True,
+    rm_samples: int = 4,
     ppo_iterations: int = 60,
     ppo_lr: float = 3e-4,
     ppo_kl_coef: float = 0.1,
@@ -267,7 +277,10 @@ def run_miniature(
     policy samples of a feedback prompt (InstructGPT's ranking of several samples of the
     policy; the paper's reward model learns only the DPO pairs, sample vs teacher). PPO asks
     the reward model to rank the policy's own answers to one prompt, which sample-vs-teacher
-    pairs teach only indirectly (README "How the defaults were found");
+    pairs teach only indirectly (README "How the defaults were found"); rm_samples: how many
+    policy samples per feedback prompt those pairs draw on (all pairs of them; InstructGPT
+    ranks 4 to 9), the first feedback_samples shared with DPO, any more sampled and judged
+    for the reward model alone;
     eval_* the paper's evaluation sampling.
     iterative: the rounds of the optional arm dpo_weak_10_iter (add it to `arms`): rounds,
     pairing, DPO reference, samples per prompt (None: gin's IterativeSettings()); its DPO
@@ -606,10 +619,11 @@ def stage_sft(arm: _Arm) -> dict:
 
 
 def stage_samples(arm: _Arm) -> dict:
-    """feedback_samples samples of the SFT policy per feedback prompt, each with its own seed."""
+    """feedback_samples samples of the SFT policy per feedback prompt, each with its own seed
+    (rm_samples, if more, for an arm whose reward model pairs them)."""
     s = arm.world.settings
     made = []
-    for k in range(s.feedback_samples):
+    for k in range(_num_samples(arm)):
         if not is_complete(arm.samples(k)):
             _sample(
                 os.path.join(arm.out("sft"), "hf"),
@@ -630,7 +644,15 @@ def _rm_sample_pairs(arm: _Arm) -> list[tuple[int, int]]:
     s = arm.world.settings
     if not (s.rm_sample_pairs and "reward_model" in _stage_names(arm.name)):
         return []
-    return list(itertools.combinations(range(s.feedback_samples), 2))
+    return list(itertools.combinations(range(s.rm_samples), 2))
+
+
+def _num_samples(arm: _Arm) -> int:
+    """The policy samples per feedback prompt the arm's feedback stages need: the first
+    feedback_samples are judged against the teacher (DPO's pairs and the reward model's); the
+    reward model's sample pairs may draw on more."""
+    pairs = _rm_sample_pairs(arm)
+    return max(arm.world.settings.feedback_samples, 1 + max((j for _, j in pairs), default=0))
 
 
 def feedback_seed(seed: int, i: int, j: Optional[int] = None) -> int:

@@ -9,9 +9,10 @@ without weights; print each program's per-chip memory against the chip's HBM.
 An arm (run_arm.stages) compiles its stages' programs: sft / dpo / reward_model train
 steps, the policy-samples and evaluation samplers (prefill + decode), PPO's rollout,
 scoring and update. A single-stage recipe compiles its `train` step or train_ppo's
-programs. Batches are the global ones: the pipelines' batch_size is per process, times the
-slice's hosts. TPU slices (v4-32, v5e-16, v5p-64, ...) need libtpu (.[tpu-aot]);
---topology=cpu-N compiles for N fake CPU devices instead (memory indicative only).
+programs. Batches are the global ones: a pipeline's global_batch_size where it is bound (it
+must split evenly over the slice's hosts), else its per-process batch_size times the hosts.
+TPU slices (v4-32, v5e-16, v5p-64, ...) need libtpu (.[tpu-aot]); --topology=cpu-N
+compiles for N fake CPU devices instead (memory indicative only).
 
 Exits 1 when a program does not fit (or leaves less than --min_headroom free), naming it
 and its largest arguments; --json prints one JSON document instead of the table.
@@ -99,19 +100,21 @@ def train_programs(aot, target, stage: str, objective=None):
             if objective.data_kind == "sft"
             else (preference_pipeline, "preference_pipeline")
         )
-        per_process = setting(pipe, pipe_name, "batch_size", stage)
+        rows, batch_note = aot.global_rows(
+            pipe_name,
+            setting(pipe, pipe_name, "batch_size", stage),
+            setting(pipe, pipe_name, "global_batch_size", stage),
+            target.hosts,
+            target.name,
+        )
         seq_len = setting(pipe, pipe_name, "seq_len", stage)
         grad_accum = setting(train, "train", "grad_accum", stage)
         seed = setting(train, "train", "seed", stage)
         tx, schedule = make_optimizer(params=None, default_total_steps=1000)
         lay = layout(target.devices)
-    rows = per_process * target.hosts
     precomputed = getattr(objective, "reference", None) == "precomputed"
     batch = aot.batch_layout(objective.data_kind, rows, seq_len, precomputed)
-    note = (
-        f"{stage or 'train'}: global batch {rows} = {pipe_name}.batch_size {per_process} x {target.hosts} "
-        f"host(s); mesh {_shape(lay.mesh)}"
-    )
+    note = f"{stage or 'train'}: {batch_note}; mesh {_shape(lay.mesh)}"
     return note, aot.train_step_programs(stage or "train", objective, cfg, tx, schedule, lay, batch, grad_accum, seed)
 
 

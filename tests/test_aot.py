@@ -9,7 +9,10 @@ import importlib.util
 import json
 import math
 import os
+import re
+import types
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -247,3 +250,52 @@ def test_script_on_cpu_devices_reports_replication_and_fails_without_headroom(cl
     )
     assert "error: train/train_step leaves 100% of" in err and "under --min_headroom 100%" in err
     assert "largest arguments per chip: state." in err
+
+
+def test_global_rows_come_from_the_global_or_the_per_process_batch():
+    assert aot.global_rows("preference_pipeline", None, 8, 4, "v4-32") == (
+        8,
+        "global batch 8 (2 per process x 4 hosts) = preference_pipeline.global_batch_size",
+    )
+    assert aot.global_rows("sft_pipeline", None, 8, 1) == (
+        8,
+        "global batch 8 (8 per process x 1 host) = sft_pipeline.global_batch_size",
+    )
+    # A per-process batch_size (global_batch_size unbound): times the hosts, as before.
+    assert aot.global_rows("sft_pipeline", 8, None, 4, "v4-32") == (
+        32,
+        "global batch 32 = sft_pipeline.batch_size 8 x 4 host(s)",
+    )
+    with gin.config_scope("dpo"), pytest.raises(ConfigError) as e:
+        aot.global_rows("preference_pipeline", None, 12, 8, "v5p-64")
+    assert str(e.value) == (
+        "dpo/preference_pipeline.global_batch_size = 12 does not split evenly over the v5p-64's 8 hosts; "
+        "make it a multiple of 8 (e.g. 8 or 16)"
+    )
+    with pytest.raises(
+        ConfigError, match="sft_pipeline.batch_size = 2 .per process. and sft_pipeline.global_batch_size = 8"
+    ):
+        aot.global_rows("sft_pipeline", 2, 8, 4, "v4-32")
+
+
+def test_script_compiles_the_global_batch_on_several_hosts(clean_gin, monkeypatch):
+    """With global_batch_size bound the script's train step takes the global batch on a
+    4-host slice (CPU devices standing in for its chips; nothing is compiled here), and a
+    global batch the hosts do not split is refused before anything is built."""
+    monkeypatch.chdir(ROOT)
+    gin.parse_config_files_and_bindings(
+        ["configs/experiments/tiny_sft.gin", "configs/mesh/fsdp_all.gin"],
+        ["sft_pipeline.batch_size = None", "sft_pipeline.global_batch_size = 8"],
+    )
+    four_hosts = types.SimpleNamespace(name="v4-32", hosts=4, devices=aot.target("cpu-4").devices)
+    ((note, (program,)),) = _script().plan(aot, four_hosts)
+    assert note == (
+        "train: global batch 8 (2 per process x 4 hosts) = sft_pipeline.global_batch_size; "
+        "mesh data 1 x fsdp 4 x tensor 1"
+    )
+    assert {x.shape for x in program.args[1].values()} == {(8, 32)}
+    assert aot.replication_warnings(program) == []
+    with gin.unlock_config():
+        gin.bind_parameter("sft_pipeline.global_batch_size", 6)
+    with pytest.raises(ConfigError, match=re.escape("over the v4-32's 4 hosts; make it a multiple of 4 (e.g. 4 or 8)")):
+        _script().plan(aot, four_hosts)

@@ -81,3 +81,19 @@ def test_llama2_13b_dpo_stage_remats_fully():
     assert dpo.replace(remat_policy="dots") == base
     with pytest.raises(ValueError):
         gin.query_parameter("sft/train.model_config")  # SFT keeps the unscoped %MODEL_CONFIG
+
+
+@pytest.mark.parametrize("name", ["tpu_v4_8", "tpu_v4_32", "tpu_v5e_16", "tpu_v5p_64"])
+def test_paper_batch_is_global_and_splits_over_the_tpu_meshes(name):
+    """The paper's batch 8 is global (global_batch_size, not the per-process batch_size), and
+    these slices' meshes split it over their batch axes (data x fsdp) for every stage, rather
+    than replicating it."""
+    _parse(os.path.join(CONFIGS, "experiments", "paper", "_common.gin"))
+    _parse(os.path.join(CONFIGS, "mesh", f"{name}.gin"))
+    for pipe in ("sft_pipeline", "preference_pipeline"):
+        assert gin.query_parameter(f"{pipe}.global_batch_size") == 8
+        with pytest.raises(ValueError):
+            gin.query_parameter(f"{pipe}.batch_size")
+    shards = gin.query_parameter("make_mesh.data") * gin.query_parameter("make_mesh.fsdp")
+    assert 8 % shards == 0, shards
+    assert "ppo/make_mesh" not in gin.config_str()

@@ -26,6 +26,7 @@ SMALL = dict(
     batch_size=16,
     hidden_size=64,
     feedback_samples=2,
+    rm_samples=3,
     progress=False,
 )
 
@@ -56,21 +57,30 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
         f"{fb}/samples/0",
         f"{fb}/samples/1",
         f"{fb}/comparisons/1",
+        f"{fb}/samples/2",
         f"{fb}/comparisons/samples-0-1",
+        f"{fb}/comparisons/samples-1-2",
         f"{fb}/preferences",
         f"{fb}/preferences_rm",
         "data/feedback/sft_strong_10/preferences",
     ):
         m = read_manifest(os.path.join(out, sub))
         assert sum(s["num_records"] for s in m["shards"]) > 0, sub
-    # DPO learns sample-vs-teacher pairs; the reward model those plus the critic's decided
-    # verdicts between the two policy samples of a prompt (rm_sample_pairs), and only it.
+    # DPO learns sample-vs-teacher pairs of the first feedback_samples samples; the reward
+    # model those plus the critic's decided verdicts between each two of rm_samples policy
+    # samples of a prompt (rm_sample_pairs), and only it: the third sample is judged against
+    # the other two, never against the teacher.
     records = lambda sub: sum(s["num_records"] for s in read_manifest(os.path.join(out, sub))["shards"])  # noqa: E731
-    between = load_comparisons(os.path.join(out, fb, "comparisons/samples-0-1"))
-    decided = sum(c["verdict"] in ("first", "second") for c in between)
-    assert len(between) == 90 and 0 < decided
+    decided = 0
+    for pair in ("0-1", "0-2", "1-2"):
+        between = load_comparisons(os.path.join(out, fb, f"comparisons/samples-{pair}"))
+        assert len(between) == 90, pair
+        decided += sum(c["verdict"] in ("first", "second") for c in between)
+    assert 0 < decided
     assert records(f"{fb}/preferences_rm") == records(f"{fb}/preferences") + decided
+    assert not os.path.exists(os.path.join(out, fb, "comparisons/2"))
     assert not os.path.exists(os.path.join(out, "data/feedback/sft_strong_10/comparisons/samples-0-1"))
+    assert not os.path.exists(os.path.join(out, "data/feedback/sft_strong_10/samples/2"))
     prompts = {
         s: sum(x["num_records"] for x in read_manifest(os.path.join(out, "data/prompts", s))["shards"])
         for s in ("sft", "feedback")
@@ -112,10 +122,13 @@ def test_reward_model_sample_pairs_need_two_samples_per_prompt():
     from rlaif_jax.errors import ConfigError
     from rlaif_jax.miniature import MiniatureSettings
 
-    with pytest.raises(ConfigError, match=r"rm_sample_pairs.*feedback_samples = 1"):
-        MiniatureSettings(feedback_samples=1)
-    MiniatureSettings(feedback_samples=1, rm_sample_pairs=False)
-    MiniatureSettings(feedback_samples=1, arms=("sft_weak_10", "dpo_weak_10"))  # no reward model to train
+    with pytest.raises(ConfigError, match=r"rm_sample_pairs.*rm_samples = 1"):
+        MiniatureSettings(rm_samples=1)
+    MiniatureSettings(rm_samples=1, rm_sample_pairs=False)
+    MiniatureSettings(rm_samples=1, arms=("sft_weak_10", "dpo_weak_10"))  # no reward model to train
+    MiniatureSettings(feedback_samples=1)  # DPO's one sample per prompt; the reward model's pairs draw on two
+    with pytest.raises(ConfigError, match=r"run_miniature.rm_samples must be > 0"):
+        MiniatureSettings(rm_samples=0, rm_sample_pairs=False)
 
 
 def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):

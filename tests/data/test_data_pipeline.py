@@ -371,3 +371,86 @@ def test_document_stream_joins_a_packed_row_and_trains_eos_as_an_input():
     # The responses' targets as before, plus the second document's BOS, which EOS predicts.
     np.testing.assert_array_equal(s["loss_mask"], [[0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0]])
     np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0]])  # untouched
+
+
+@pytest.mark.parametrize("kind", ["padded", "preference"])
+def test_global_batch_size_is_split_over_the_processes(kind, demo_dir, pref_dir, tokenizer_dir):
+    """global_batch_size = 8 over 2 processes: each batches 4 rows, and an epoch is the
+    smallest per-process example count // 4 steps, exactly as batch_size = 4 per process."""
+    from rlaif_jax.data.pipeline import load_host_records
+
+    schema, d = (PREFERENCES, pref_dir) if kind == "preference" else (DEMONSTRATIONS, demo_dir)
+    epoch_size = load_host_records(d, schema, 0, 2)[1]
+    for p in range(2):
+        common = dict(process_index=p, process_count=2, num_epochs=1, prefetch=0, batch_size=None)
+        got = list(_make(kind, demo_dir, pref_dir, tokenizer_dir, global_batch_size=8, **common))
+        want = list(_make(kind, demo_dir, pref_dir, tokenizer_dir, **{**common, "batch_size": 4}))
+        assert len(got) == len(want) == epoch_size // 4 > 0
+        for g, w in zip(got, want):
+            assert all(v.shape[0] == 4 for v in g.values())
+            for key in w:
+                np.testing.assert_array_equal(g[key], w[key])
+
+
+@pytest.mark.parametrize("name", ["sft_pipeline", "preference_pipeline"])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (
+            dict(global_batch_size=0),
+            "{n}.global_batch_size = 0: must be a whole number >= 1; set {n}.global_batch_size (rows per "
+            "step over all processes; a multiple of 4 splits evenly over 4 processes)",
+        ),
+        (
+            dict(global_batch_size=-8),
+            "{n}.global_batch_size = -8: must be a whole number >= 1",
+        ),
+        (
+            dict(global_batch_size=6),
+            "{n}.global_batch_size = 6 does not split evenly over 4 processes; make it a multiple of 4 (e.g. 4 or 8)",
+        ),
+        (
+            dict(global_batch_size=2),
+            "{n}.global_batch_size = 2 does not split evenly over 4 processes; make it a multiple of 4 (e.g. 4)",
+        ),
+        (
+            dict(global_batch_size=8, batch_size=2),
+            "{n}.batch_size = 2 (per process) and {n}.global_batch_size = 8 (over all processes) are both "
+            "set; bind only one of them (set the other to None)",
+        ),
+        (
+            dict(batch_size=None),
+            "{n}.batch_size and {n}.global_batch_size are both unset; bind {n}.global_batch_size (rows per "
+            "step over all processes) or {n}.batch_size (rows per process)",
+        ),
+    ],
+    ids=["zero", "negative", "indivisible", "fewer_than_processes", "both", "neither"],
+)
+def test_batch_size_settings_are_refused_in_one_line(name, kw, message, tokenizer_dir, tmp_path):
+    from rlaif_jax.errors import ConfigError
+
+    fn = sft_pipeline if name == "sft_pipeline" else preference_pipeline
+    # Refused before any record is read: the directory does not exist.
+    with pytest.raises(ConfigError) as e:
+        fn(str(tmp_path / "none"), tokenizer_dir, process_index=0, process_count=4, **kw)
+    # The first line is the message the scripts print (gin appends "In call to configurable").
+    line = str(e.value).splitlines()[0]
+    assert line.startswith(message.format(n=name)), line
+
+
+def test_gin_binds_the_global_batch_size(demo_dir, tokenizer_dir):
+    import gin
+
+    from rlaif_jax.errors import ConfigError
+
+    with gin.unlock_config():
+        gin.parse_config(["sft_pipeline.global_batch_size = 4"])
+    try:
+        b = next(sft_pipeline(demo_dir, tokenizer_dir, process_index=1, process_count=2, prefetch=0))
+        assert b["tokens"].shape == (2, 512)
+        with gin.unlock_config():
+            gin.parse_config(["sft_pipeline.batch_size = 2"])
+        with pytest.raises(ConfigError, match="are both set"):
+            sft_pipeline(demo_dir, tokenizer_dir, process_index=1, process_count=2, prefetch=0)
+    finally:
+        gin.clear_config()

@@ -4,6 +4,10 @@ Each process reads only its own shards (shard i goes to process i % process_coun
 tokenizes them once, in memory. The epoch size is the smallest per-process example count
 (known from the manifests without reading other hosts' files), so all hosts take the same
 number of padded batches per epoch and stay in lock-step.
+
+Batches are per process: `batch_size` rows on each, or `global_batch_size` over all
+processes (each then batches global_batch_size // process_count rows); `shard_batch`
+assembles the global array from every process's rows.
 """
 
 from __future__ import annotations
@@ -82,6 +86,49 @@ def _chunks(n: int):
         yield slice(start, min(n, start + _ENCODE_CHUNK))
 
 
+def per_process_batch(
+    name: str,
+    batch_size: Optional[int],
+    global_batch_size: Optional[int],
+    process_count: int,
+    processes: str = "",
+) -> int:
+    """The rows each process batches: `batch_size` as given (per process), or
+    `global_batch_size` // process_count. Exactly one of the two is set; a global batch that
+    the processes do not split evenly is refused. `name` is the configurable
+    ("sft_pipeline"); `processes` describes the processes in messages (default "N
+    processes")."""
+    b = lambda p: binding(f"{name}.{p}")  # noqa: E731
+    processes = processes or f"{process_count} process{'es' if process_count != 1 else ''}"
+    if batch_size is not None and global_batch_size is not None:
+        raise ConfigError(
+            f"{b('batch_size')} = {batch_size!r} (per process) and {b('global_batch_size')} = "
+            f"{global_batch_size!r} (over all processes) are both set; bind only one of them (set the other to None)"
+        )
+    if global_batch_size is None:
+        if batch_size is None:
+            raise ConfigError(
+                f"{b('batch_size')} and {b('global_batch_size')} are both unset; bind "
+                f"{b('global_batch_size')} (rows per step over all processes) or {b('batch_size')} "
+                "(rows per process)"
+            )
+        return batch_size
+    whole(
+        b("global_batch_size"),
+        global_batch_size,
+        1,
+        hint=f"rows per step over all processes; a multiple of {process_count} splits evenly over {processes}",
+    )
+    if global_batch_size % process_count:
+        lower = global_batch_size // process_count * process_count
+        fits = " or ".join(str(v) for v in (lower, lower + process_count) if v > 0)
+        raise ConfigError(
+            f"{b('global_batch_size')} = {global_batch_size} does not split evenly over {processes}; "
+            f"make it a multiple of {process_count} (e.g. {fits})"
+        )
+    return global_batch_size // process_count
+
+
 def check_settings(
     name: str, *, batch_size, seq_len, max_length, max_prompt_length, num_epochs, prefetch, max_carry=1
 ) -> None:
@@ -136,7 +183,8 @@ def sft_pipeline(
     data_dirs: str | Sequence[str],
     tokenizer: Any,
     *,
-    batch_size: int,
+    batch_size: Optional[int] = None,
+    global_batch_size: Optional[int] = None,
     seq_len: int = 512,
     packing: bool = False,
     template: str = "paper",
@@ -156,10 +204,14 @@ def sft_pipeline(
 ) -> DataIterator:
     """SFT batches (tokens/positions/segment_ids/loss_mask) from DEMONSTRATIONS record sets.
 
-    batch_size is per process. packing=True first-fit packs several examples per row (the
-    number of examples per batch then varies; use a step count rather than num_epochs to
-    end multi-host runs). num_epochs=None repeats forever.
+    Bind one of batch_size (rows per process) or global_batch_size (rows per step over all
+    processes; each process batches global_batch_size // process_count, which must divide
+    it). Steps per epoch follow from the per-process batch. packing=True first-fit packs
+    several examples per row (the number of examples per batch then varies; use a step count
+    rather than num_epochs to end multi-host runs). num_epochs=None repeats forever.
     """
+    process_index, process_count = _process(process_index, process_count)
+    batch_size = per_process_batch("sft_pipeline", batch_size, global_batch_size, process_count)
     check_settings(
         "sft_pipeline",
         batch_size=batch_size,
@@ -207,7 +259,8 @@ def preference_pipeline(
     data_dirs: str | Sequence[str],
     tokenizer: Any,
     *,
-    batch_size: int,
+    batch_size: Optional[int] = None,
+    global_batch_size: Optional[int] = None,
     seq_len: int = 512,
     template: str = "paper",
     max_length: int = 512,
@@ -225,9 +278,13 @@ def preference_pipeline(
 ) -> DataIterator:
     """Preference batches (chosen_* / rejected_* keys) from PREFERENCES record sets.
 
-    If every record carries ref_chosen_logp / ref_rejected_logp, the batches include
+    Bind one of batch_size (pairs per process) or global_batch_size (pairs per step over all
+    processes; each process batches global_batch_size // process_count, which must divide
+    it). If every record carries ref_chosen_logp / ref_rejected_logp, the batches include
     ref_chosen_logps / ref_rejected_logps; if only some do, that is an error.
     """
+    process_index, process_count = _process(process_index, process_count)
+    batch_size = per_process_batch("preference_pipeline", batch_size, global_batch_size, process_count)
     check_settings(
         "preference_pipeline",
         batch_size=batch_size,
