@@ -142,7 +142,7 @@ def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
 
 @pytest.mark.slow
 def test_default_miniature_shows_the_papers_findings(tmp_path):
-    """The README's main job, at its defaults (seed 0): ~7 minutes on 2 quiet CPU cores."""
+    """The README's main job, at its defaults (seed 0): about 16 minutes on the README's 2 quiet CPU cores."""
     run_miniature(out_dir=str(tmp_path / "mini"), progress=False)
     summary = json.load(open(tmp_path / "mini" / "summary.json"))
     failed = [k for k in ("1", "1b", "2", "3") if not summary[f"finding/{k}/holds"]]
