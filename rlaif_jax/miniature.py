@@ -651,8 +651,8 @@ def _num_samples(arm: _Arm) -> int:
     """The policy samples per feedback prompt the arm's feedback stages need: the first
     feedback_samples are judged against the teacher (DPO's pairs and the reward model's); the
     reward model's sample pairs may draw on more."""
-    pairs = _rm_sample_pairs(arm)
-    return max(arm.world.settings.feedback_samples, 1 + max((j for _, j in pairs), default=0))
+    s = arm.world.settings
+    return max(s.feedback_samples, s.rm_samples) if _rm_sample_pairs(arm) else s.feedback_samples
 
 
 def feedback_seed(seed: int, i: int, j: Optional[int] = None) -> int:
