@@ -83,7 +83,7 @@ def test_llama2_13b_dpo_stage_remats_fully():
         gin.query_parameter("sft/train.model_config")  # SFT keeps the unscoped %MODEL_CONFIG
 
 
-@pytest.mark.parametrize("name", ["tpu_v4_8", "tpu_v4_32", "tpu_v5e_16", "tpu_v5p_64"])
+@pytest.mark.parametrize("name", ["tpu_v4_8", "tpu_v4_32", "tpu_v4_64", "tpu_v5e_16", "tpu_v5p_64"])
 def test_paper_batch_is_global_and_splits_over_the_tpu_meshes(name):
     """The paper's batch 8 is global (global_batch_size, not the per-process batch_size), and
     these slices' meshes split it over their batch axes (data x fsdp) for every stage, rather
