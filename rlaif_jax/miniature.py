@@ -75,6 +75,9 @@ from rlaif_jax.train.run_loop import LoopSettings
 
 log = logging.getLogger(__name__)
 
+MAX_PROMPT_TOKENS = 32  # a prompt's tokens in every stage (longer ones keep their end)
+PRETRAIN_SEQ_LEN = 64  # the web corpus is packed into windows of this many tokens
+
 ARMS = ("sft_weak_10", "sft_weak_100", "sft_strong_100", "sft_strong_10", "dpo_weak_10", "ppo_weak_10", "dpo_strong_10")
 LABELS = {
     "sft_weak_10": "SFT weak 10%",
@@ -181,6 +184,7 @@ class MiniatureSettings:
     sft_small_epochs: int = 10
     sft_lr: float = 1e-3
     batch_size: int = 32
+    seq_len: int = 40
     feedback_samples: int = 2
     dpo_epochs: int = 4
     dpo_beta: float = 0.1
@@ -208,6 +212,7 @@ class MiniatureSettings:
             "num_prompts",
             "num_eval",
             "batch_size",
+            "seq_len",
             "feedback_samples",
             "rm_samples",
             "hidden_size",
@@ -219,6 +224,11 @@ class MiniatureSettings:
             raise ConfigError(
                 f"run_miniature.rm_sample_pairs needs two or more samples per prompt to pair, but "
                 f"run_miniature.rm_samples = {self.rm_samples}; raise it or set rm_sample_pairs=False"
+            )
+        if self.seq_len <= MAX_PROMPT_TOKENS:
+            raise ConfigError(
+                f"run_miniature.seq_len must exceed the prompts' {MAX_PROMPT_TOKENS} tokens to leave room "
+                f"for an answer, got {self.seq_len}"
             )
         if self.num_pretrain < 0:
             raise ConfigError(f"run_miniature.num_pretrain must be >= 0 (0: no pretraining), got {self.num_pretrain}")
@@ -240,6 +250,7 @@ def run_miniature(
     sft_small_epochs: int = 10,
     sft_lr: float = 1e-3,
     batch_size: int = 32,
+    seq_len: int = 40,
     feedback_samples: int = 2,
     dpo_epochs: int = 4,
     dpo_beta: float = 0.1,
@@ -267,7 +278,11 @@ def run_miniature(
     1,000 the reward model stayed near chance on held-out pairs and PPO had nothing to
     climb; README "The paper in miniature"); num_pretrain / pretrain_* the base model's
     pretraining (0 starts SFT from random weights); sft_fraction the paper's 10% split; sft_epochs /
-    sft_small_epochs SFT on 100% / 10% of the prompts; feedback_samples policy samples per
+    sft_small_epochs SFT on 100% / 10% of the prompts; seq_len the tokens an SFT, DPO or
+    reward-model example is padded (and, if longer, truncated) to: the miniature's
+    examples are a prompt of at most 32 tokens and a short answer, 37 tokens at the longest
+    at the defaults, and padding them to 64 cost ~40% of those steps (pretraining packs its
+    documents into 64-token windows either way); feedback_samples policy samples per
     feedback prompt, each judged against the teacher's completion (the paper: 1);
     dpo_* / rm_* / ppo_* the RL stages (DPO: the paper's sigmoid loss plus, at
     dpo_rpo_alpha 0.1, a tenth of the SFT-regularised option of its code, which keeps plain
@@ -323,9 +338,15 @@ class _World:
             progress=self.settings.progress,
         )
 
-    @property
-    def seq(self) -> dict:
-        return dict(seq_len=64, max_length=64, max_prompt_length=32, batch_size=self.settings.batch_size, prefetch=0)
+    def seq(self, packed: bool = False) -> dict:
+        n = PRETRAIN_SEQ_LEN if packed else self.settings.seq_len
+        return dict(
+            seq_len=n,
+            max_length=n,
+            max_prompt_length=MAX_PROMPT_TOKENS,
+            batch_size=self.settings.batch_size,
+            prefetch=0,
+        )
 
     @property
     def mesh(self) -> Callable:
@@ -536,7 +557,9 @@ def _train_sft(
         model_config=None if init_from else world.model_config,
         init_from=init_from,
         tokenizer=world.tokenizer,
-        train_data=functools.partial(sft_pipeline, dirs, num_epochs=epochs, seed=s.seed, **world.seq, **data),
+        train_data=functools.partial(
+            sft_pipeline, dirs, num_epochs=epochs, seed=s.seed, **world.seq(packed=pretrain), **data
+        ),
         optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
         mesh=world.mesh,
         seed=s.seed,
@@ -564,7 +587,11 @@ def _train_on_preferences(
         init_from=os.path.join(arm.out("sft"), "hf"),
         reference_from=reference_from,
         train_data=functools.partial(
-            preference_pipeline, preferences or arm.out("preferences"), seed=s.seed, num_epochs=epochs, **arm.world.seq
+            preference_pipeline,
+            preferences or arm.out("preferences"),
+            seed=s.seed,
+            num_epochs=epochs,
+            **arm.world.seq(),
         ),
         optimizer=functools.partial(make_optimizer, learning_rate=lr, clip_norm=10.0),
         mesh=arm.world.mesh,
@@ -582,7 +609,9 @@ def _sample(
         prompts=prompts,
         out_dir=out,
         source_model=source_model,
-        sampling=SamplingSettings(max_length=64, max_prompt_length=32, temperature=temperature, top_p=top_p, seed=seed),
+        sampling=SamplingSettings(
+            max_length=64, max_prompt_length=MAX_PROMPT_TOKENS, temperature=temperature, top_p=top_p, seed=seed
+        ),
     )
 
 
@@ -723,7 +752,7 @@ def stage_ppo(arm: _Arm) -> dict:
             mini_batch_size=16,
             ppo_epochs=2,
             max_new_tokens=16,
-            max_prompt_length=32,
+            max_prompt_length=MAX_PROMPT_TOKENS,
             missing_eos_penalty=1.0,
         ),
         kl=KLController(init_coef=s.ppo_kl_coef),

@@ -99,7 +99,7 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
         assert isinstance(summary[f"finding/{key}/holds"], bool) and summary[f"finding/{key}/n"] == 20
     assert 0 <= summary["critic/sft_weak_10/policy_preferred"] <= 100
     env = summary["environment"]
-    assert env["backend"] == "cpu" and env["packages"]["jax"]
+    assert env["backend"] == "cpu" and env["packages"]["jax"] and env["cpu"]
     md = open(os.path.join(out, "results.md")).read()
     assert "paired differences" in md and f"jax {env['packages']['jax']}" in md
     # Evaluation is the judge's, feedback the critic's: separate models, separate caches.
@@ -129,6 +129,8 @@ def test_reward_model_sample_pairs_need_two_samples_per_prompt():
     MiniatureSettings(feedback_samples=1)  # DPO's one sample per prompt; the reward model's pairs draw on two
     with pytest.raises(ConfigError, match=r"run_miniature.rm_samples must be > 0"):
         MiniatureSettings(rm_samples=0, rm_sample_pairs=False)
+    with pytest.raises(ConfigError, match=r"run_miniature.seq_len must exceed the prompts' 32 tokens"):
+        MiniatureSettings(seq_len=32)
 
 
 def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
@@ -142,7 +144,7 @@ def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
 
 @pytest.mark.slow
 def test_default_miniature_shows_the_papers_findings(tmp_path):
-    """The README's main job, at its defaults (seed 0): about 16 minutes on the README's 2 quiet CPU cores."""
+    """The README's main job, at its defaults (seed 0): about 12 minutes on the README's 2 quiet CPU cores."""
     run_miniature(out_dir=str(tmp_path / "mini"), progress=False)
     summary = json.load(open(tmp_path / "mini" / "summary.json"))
     failed = [k for k in ("1", "1b", "2", "3") if not summary[f"finding/{k}/holds"]]
