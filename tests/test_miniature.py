@@ -77,7 +77,15 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
         assert len(between) == 90, pair
         decided += sum(c["verdict"] in ("first", "second") for c in between)
     assert 0 < decided
-    assert records(f"{fb}/preferences_rm") == records(f"{fb}/preferences") + decided
+    # A decided verdict is kept unless its two samples are the same answer, or the same pair
+    # was already kept (the preferences stage's report counts both).
+    same = lambda sub: sum(  # noqa: E731
+        json.load(open(os.path.join(out, sub, "report.json")))["dropped"].get(k, 0)
+        for k in ("identical_responses", "duplicate")
+    )
+    assert records(f"{fb}/preferences_rm") == records(f"{fb}/preferences") + decided - (
+        same(f"{fb}/preferences_rm") - same(f"{fb}/preferences")
+    )
     assert not os.path.exists(os.path.join(out, fb, "comparisons/2"))
     assert not os.path.exists(os.path.join(out, "data/feedback/sft_strong_10/comparisons/samples-0-1"))
     assert not os.path.exists(os.path.join(out, "data/feedback/sft_strong_10/samples/2"))
