@@ -50,6 +50,12 @@ def pair_agreement(rewards, truths) -> tuple[int, float]:
     return n, (agree / n if n else float("nan"))
 
 
+def pair_agreement_by_group(rewards, truths, groups) -> dict:
+    """pair_agreement over each group's prompts (rows), e.g. by task: group -> (pairs, share)."""
+    r, t, g = np.asarray(rewards, float), np.asarray(truths, float), np.asarray(groups)
+    return {k: pair_agreement(r[g == k], t[g == k]) for k in sorted(set(groups))}
+
+
 def main(argv=None) -> None:
     from rlaif_jax.eval.reward_score import RewardScorer
     from rlaif_jax.synthetic.tasks import parse_instruction, score
@@ -91,6 +97,11 @@ def main(argv=None) -> None:
         f"held-out eval prompts, pairs of the answers of {', '.join(arms)} with different true scores: {n}, "
         f"ranked as the truth: {agree:.1%}"
     )
+    kinds = [parse_instruction(by_arm[0][i]["prompt"]).kind for i in ids]
+    rewards, truths = np.stack([r for r, _ in scored], 1), np.stack([t for _, t in scored], 1)
+    per_task = pair_agreement_by_group(rewards, truths, kinds)
+    # PPO climbs whatever the reward model gets wrong, task by task: an average hides a task it cannot rank.
+    print("  by task: " + ", ".join(f"{k} {share:.1%} of {m}" for k, (m, share) in per_task.items()))
 
 
 if __name__ == "__main__":

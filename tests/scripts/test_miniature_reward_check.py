@@ -28,3 +28,12 @@ def test_pair_agreement_counts_only_pairs_whose_truth_differs():
     truths = [[1, 0, 0], [0, 1, 2]]
     assert mrc.pair_agreement(rewards, truths) == (5, pytest.approx(4 / 5))
     assert mrc.pair_agreement([[1, 2]], [[1, 1]])[0] == 0
+
+
+def test_pair_agreement_by_group_splits_the_prompts():
+    rewards = [[0.9, 0.1, 1.5], [0.0, 0.5, 0.7], [1.0, 0.0, 0.0]]
+    truths = [[1, 0, 0], [0, 1, 2], [0, 1, 1]]
+    got = mrc.pair_agreement_by_group(rewards, truths, ["sort", "count", "sort"])
+    assert list(got) == ["count", "sort"]
+    assert got["count"] == (3, pytest.approx(1.0))
+    assert got["sort"] == (4, pytest.approx(1 / 4))  # prompt 0: 1 of 2 right; prompt 2: 0 of 2
