@@ -47,7 +47,7 @@ from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
 from rlaif_jax.data.prompts.prepare import prepare_prompts
 from rlaif_jax.data.records import read_records
 from rlaif_jax.data.tokenize.tokenizer import build_test_tokenizer, load_tokenizer
-from rlaif_jax.errors import ConfigError
+from rlaif_jax.errors import ConfigError, in_range, non_negative, positive, whole
 from rlaif_jax.eval.winrate import preferences_from_verdicts, verdict_win_rate
 from rlaif_jax.eval.winrate import win_rate as score_win_rate  # this module's win_rate takes comparisons
 from rlaif_jax.feedback.client import FeedbackClient
@@ -232,6 +232,15 @@ class MiniatureSettings:
             )
         if self.num_pretrain < 0:
             raise ConfigError(f"run_miniature.num_pretrain must be >= 0 (0: no pretraining), got {self.num_pretrain}")
+        # Checked here, before any stage runs: the trainers would catch these only when their
+        # stage starts, minutes into the run (and a zero-iteration PPO not at all).
+        for name in ("pretrain_epochs", "sft_epochs", "sft_small_epochs", "dpo_epochs", "rm_epochs", "ppo_iterations"):
+            whole(f"run_miniature.{name}", getattr(self, name), 1)
+        for name in ("pretrain_lr", "sft_lr", "dpo_lr", "rm_lr", "ppo_lr", "dpo_beta"):
+            positive(f"run_miniature.{name}", getattr(self, name))
+        for name in ("dpo_rpo_alpha", "ppo_kl_coef", "eval_temperature"):
+            non_negative(f"run_miniature.{name}", getattr(self, name))
+        in_range("run_miniature.eval_top_p", self.eval_top_p, 0.0, 1.0, lo_open=True)
 
 
 @gin.configurable

@@ -141,6 +141,24 @@ def test_reward_model_sample_pairs_need_two_samples_per_prompt():
         MiniatureSettings(seq_len=32)
 
 
+@pytest.mark.parametrize(
+    "knob, value, message",
+    [
+        ("ppo_iterations", 0, r"run_miniature.ppo_iterations = 0: must be a whole number >= 1"),
+        ("ppo_lr", -1e-4, r"run_miniature.ppo_lr = -0.0001: must be > 0"),
+        ("dpo_lr", float("nan"), r"run_miniature.dpo_lr = nan: must be > 0"),
+        ("ppo_kl_coef", -0.1, r"run_miniature.ppo_kl_coef = -0.1: must be >= 0"),
+        ("eval_top_p", 0.0, r"run_miniature.eval_top_p = 0.0"),
+    ],
+)
+def test_bad_training_knobs_are_refused_before_any_stage_runs(knob, value, message):
+    from rlaif_jax.errors import ConfigError
+    from rlaif_jax.miniature import MiniatureSettings
+
+    with pytest.raises(ConfigError, match=message):
+        MiniatureSettings(**{knob: value})
+
+
 def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
     from rlaif_jax.miniature import _claim_shared
 
