@@ -285,9 +285,9 @@ def run_miniature(
 
     What each setting stands for: num_prompts the paper's ShareGPT prompts (6,000: with
     1,000 the reward model stayed near chance on held-out pairs and PPO had nothing to
-    climb; at 3,000 seed 2's 300 SFT examples left SFT strong 10% so far below SFT strong
-    100% that DPO on its pairs gained more than half of finding 1's gain; README "The paper
-    in miniature"); num_pretrain / pretrain_* the base model's
+    climb; at 3,000, on 300 examples, SFT weak 10% swung with the seed, at seed 2 above its
+    own SFT weak 100%, and there DPO on the strong arm's pairs gained more than half of
+    finding 1's gain; README "How the defaults were found"); num_pretrain / pretrain_* the base model's
     pretraining (0 starts SFT from random weights; at pretrain_lr 3e-3 two of three seeds
     pretrained badly on an AVX-512 machine, README "Across seeds"); sft_fraction the paper's 10% split; sft_epochs /
     sft_small_epochs SFT on 100% / 10% of the prompts; seq_len the tokens an SFT, DPO or
