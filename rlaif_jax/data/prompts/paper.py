@@ -121,13 +121,13 @@ def parse_completion_map(
         where = f"{source}: record {i} (instruction {instruction[:60]!r})"
         if not isinstance(completions, list) or not completions:
             raise InputError(
-                f"{where}: expected a non-empty list of completion strings, got a {json_kind(completions)}; "
+                f"{where}: expected a non-empty list of completion strings, got a JSON {json_kind(completions)}; "
                 "the released completion files map each instruction to a list whose first item is the completion"
             )
         bad = [j for j, c in enumerate(completions) if not isinstance(c, str)]
         if bad:
             raise InputError(
-                f"{where}: completion {bad[0]} is a {json_kind(completions[bad[0]])}, expected a string "
+                f"{where}: completion {bad[0]} is a JSON {json_kind(completions[bad[0]])}, expected a string "
                 "(each completion is the teacher's reply text)"
             )
         if not instruction.strip():
@@ -200,7 +200,7 @@ def _raw_text(row: Mapping, where: str) -> str:
         return value
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True, ensure_ascii=False)
-    raise InputError(f"{where}: field 'raw_completion' must be a string or an object, got {json_kind(value)}")
+    raise InputError(f"{where}: field 'raw_completion' must be a string or an object, got a JSON {json_kind(value)}")
 
 
 def parse_paper_annotations(rows: Iterable[Any], source: str, judge: Optional[str] = None) -> list[dict]:
