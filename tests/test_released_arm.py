@@ -14,13 +14,13 @@ from rlaif_jax.arm import run_arm
 from rlaif_jax.data.prompts import import_paper_annotations
 from rlaif_jax.data.records import read_manifest
 from rlaif_jax.feedback.server import ServerThread, make_app
-from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
 from rlaif_jax.synthetic.backend import SyntheticBackend
 from rlaif_jax.synthetic.models import Critic
-from tests.released_files import write_released
+from rlaif_jax.synthetic.released_files import write_released_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = "configs/experiments/paper/released/dpo_gpt4_on_sft_gpt35_10pct.gin"
+TINY = "configs/experiments/paper/released/tiny.gin"
 
 pytestmark = pytest.mark.usefixtures("clean_gin")
 
@@ -38,20 +38,16 @@ pytestmark = pytest.mark.usefixtures("clean_gin")
 def test_released_dpo_arm_runs_end_to_end_without_network_or_key(tmp_path, monkeypatch, stages):
     for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GATEWAY_API_KEY", "LOCAL_JUDGE_API_KEY"):
         monkeypatch.delenv(key, raising=False)
-    world = write_arm_inputs(str(tmp_path / "world"), num_prompts=80, num_eval=8, hidden_size=32, num_layers=1)
-    with open(world["prompts"]) as f:
-        rows = json.load(f)
-    files = write_released(str(tmp_path / "released"), [r["instruction"] for r in rows], [r["output"] for r in rows])
+    files = write_released_inputs(str(tmp_path / "world"), num_prompts=80, num_eval=8, hidden_size=32, num_layers=1)
     arm_dir, data_dir, ann_dir = tmp_path / "arm", tmp_path / "data", tmp_path / "annotations_gpt4"
-    with ServerThread(make_app(SyntheticBackend({"local-judge": Critic()}))) as srv:
+    with ServerThread(make_app(SyntheticBackend({"critic": Critic()}))) as srv:
         old = os.getcwd()
         os.chdir(ROOT)
         try:
             gin.parse_config_files_and_bindings(
-                [RECIPE],
+                [RECIPE, TINY],  # the recipe at toy size, with this test's paths
                 [
-                    "MODEL_CONFIG = None",
-                    f"HF_DIR = '{world['base_model']}'",
+                    f"HF_DIR = '{files['base_model']}'",
                     f"ARM_DIR = '{arm_dir}'",
                     f"DATA_DIR = '{data_dir}'",
                     f"SHAREGPT_JSON = '{files['sharegpt']}'",
@@ -59,20 +55,9 @@ def test_released_dpo_arm_runs_end_to_end_without_network_or_key(tmp_path, monke
                     f"RELEASED_ANNOTATIONS = '{files['annotations']}'",
                     f"RELEASED_ANNOTATIONS_DIR = '{ann_dir}'",
                     f"RELEASED_PREFERENCES = '{ann_dir / 'preferences'}'",
-                    f"ALPACA_EVAL_JSON = '{world['eval_set']}'",
+                    f"ALPACA_EVAL_JSON = '{files['eval_set']}'",
                     f"JUDGE_URL = '{srv.url}'",
-                    "SFT_EPOCHS = 1",
-                    "dpo/preference_pipeline.num_epochs = 1",
-                    "make_mesh.data = -1",
-                    "sft_pipeline.seq_len = 64",
-                    "sft_pipeline.max_length = 64",
-                    "sft_pipeline.max_prompt_length = 32",
-                    "preference_pipeline.seq_len = 64",
-                    "preference_pipeline.max_length = 64",
-                    "preference_pipeline.max_prompt_length = 32",
-                    "EvalSamplingSettings.max_length = 48",
-                    "EvalSamplingSettings.max_prompt_length = 32",
-                    "evaluate.lc_bootstrap = 0",
+                    "make_mesh.data = -1",  # the 8 CPU devices of the test session
                     *([f"run_arm.stages = {stages}", "run_arm.evaluate_sft = False"] if stages else []),
                 ],
                 skip_unknown=False,
@@ -96,7 +81,7 @@ def test_released_dpo_arm_runs_end_to_end_without_network_or_key(tmp_path, monke
     assert "DPO.beta = 0.05" in dpo_config and "dpo/make_optimizer.learning_rate = 1e-07" in dpo_config
     assert summary["dpo/step"] > 0 and "dpo/rewards/accuracies" in summary
     assert "eval/win_rate" in summary and ("eval_sft/win_rate" in summary) == (stages is None)
-    assert "NOT the paper" in summary["judge"]
+    assert "NOT the paper" in summary["judge"]  # a local judge's numbers are not the paper's
     assert read_manifest(ann_dir / "preferences")["num_records"] == 57
     # Only the judge was asked anything: no teacher or critic cache exists.
     assert {f for f in os.listdir(data_dir / "api_cache") if not f.endswith(".lock")} == {"judge.jsonl"}

@@ -13,7 +13,7 @@ import pytest
 from rlaif_jax.cli import run
 from rlaif_jax.data.prompts import import_paper_annotations, import_paper_completions, prepare_prompts
 from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_manifest, read_records
-from tests.released_files import write_released
+from rlaif_jax.synthetic.released_files import write_released
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS_TEXT = [f"question {i}" for i in range(20)]

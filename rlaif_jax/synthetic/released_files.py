@@ -1,5 +1,6 @@
 """Small files in exactly the shapes and names of the paper's released data (the authors'
-data repository), written by the tests instead of downloaded:
+data repository), for tests and the tiny released-data arm
+(configs/experiments/paper/released/tiny.gin) instead of a download:
 
 - ShareGPT_V3_unfiltered_cleaned_split_no_imsorry.json: a JSON array of conversations
   ({"id", "conversations": [{"from": "human" | "gpt" | "system", "value"}]}).
@@ -7,6 +8,10 @@ data repository), written by the tests instead of downloaded:
   completions (json.dump(..., indent=2), as the paper's ai_completions.py writes it).
 - comparisons_gpt4/mistral7bsft_vs_chatgpt/annotations.json: a JSON array of alpaca_eval
   annotation records (indent 2; preference 1.0 / 2.0 / 1.5 / 0.0 / null, a NaN literal).
+
+Besides the prompts given, they hold the cases the paper's loader and prepare_prompts treat
+differently (a system turn first, two human turns, special tokens, a repeated prompt,
+whitespace, an unknown instruction), so an import shows every count it reports.
 """
 
 from __future__ import annotations
@@ -103,3 +108,18 @@ def write_released(root, prompts, replies) -> dict:
         with open(paths[key], "w") as f:
             json.dump(value, f, indent=2)  # NaN stays a NaN literal, as Python's json writes it
     return paths
+
+
+def write_released_inputs(root: str, num_prompts: int = 80, num_eval: int = 16, **model) -> dict:
+    """The synthetic world's inputs (rlaif_jax.synthetic.arm_inputs: eval set, tiny base
+    model) and released-shape files built from its prompts and weak-teacher replies under
+    root/released; returns every path. `model`: write_arm_inputs' hidden_size, num_layers."""
+    from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
+
+    paths = write_arm_inputs(root, num_prompts=num_prompts, num_eval=num_eval, **model)
+    with open(paths["prompts"]) as f:
+        rows = json.load(f)
+    released = write_released(
+        os.path.join(root, "released"), [r["instruction"] for r in rows], [r["output"] for r in rows]
+    )
+    return {**paths, **released}
