@@ -2,8 +2,12 @@
 
 from rlaif_jax.data.prompts.imports import import_paper_annotations, import_paper_completions
 from rlaif_jax.data.prompts.paper import (
+    PAIRINGS,
     comparisons_to_preferences,
+    paper_loader_preferences,
+    parse_completion_map,
     parse_paper_annotations,
+    read_completion_file,
     read_paper_annotations,
     read_paper_completions,
 )
@@ -23,6 +27,7 @@ from rlaif_jax.data.prompts.types import InputError, PromptExample, Stats
 
 __all__ = [
     "InputError",
+    "PAIRINGS",
     "PromptExample",
     "SPECIAL_STRINGS",
     "Stats",
@@ -34,12 +39,15 @@ __all__ = [
     "length_filter",
     "load_hf_rows",
     "load_json_records",
+    "paper_loader_preferences",
     "parse_alpaca",
+    "parse_completion_map",
     "parse_paper_annotations",
     "parse_plain",
     "parse_sharegpt",
     "parse_trl",
     "prepare_prompts",
+    "read_completion_file",
     "read_paper_annotations",
     "read_paper_completions",
     "read_prompt_source",
