@@ -63,6 +63,7 @@ def paper_aiprefs_reference(path):
 def test_sharegpt_as_released_is_prepared(released):
     stats = released["prepared"]
     assert stats["sft"] == 2 and stats["feedback"] == 18
+    assert read_manifest(os.path.join(released["data"], "prompts", "feedback"))["provenance"]["counts"] == stats
     assert stats["dropped"] == {
         "duplicate": 1,
         "first_turn_not_human": 1,
@@ -164,6 +165,7 @@ def _truncate(path):
 @pytest.mark.parametrize(
     "what, stage, match",
     [
+        ("truncated sharegpt", "prepare_prompts", r"invalid JSON at line \d+ col \d+ \(in record 1[0-9]\)"),
         ("truncated completions", "import_paper_completions", r"invalid JSON at line \d+ col \d+ \(in record 1[0-9]\)"),
         ("completion not a list", "import_paper_completions", r"record 1 \(instruction 'question 1'\): expected a non"),
         ("completion not a string", "import_paper_completions", r"record 0 \(instruction 'question 0'\): completion 0"),
@@ -174,7 +176,7 @@ def _truncate(path):
 )
 @pytest.mark.usefixtures("clean_gin")
 def test_a_malformed_released_file_is_one_error_line(released, capsys, what, stage, match):
-    key = "gpt4" if stage == "import_paper_completions" else "annotations"
+    key = {"prepare_prompts": "sharegpt", "import_paper_completions": "gpt4"}.get(stage, "annotations")
     path = released[key]
     with open(path) as f:
         value = json.load(f)
@@ -192,8 +194,9 @@ def test_a_malformed_released_file_is_one_error_line(released, capsys, what, sta
         with open(path, "w") as f:
             json.dump(value, f, indent=2)
     out = str(released["tmp"] / "out")
+    field = "source" if stage == "prepare_prompts" else "path"
     code, err = _prepare_data(
-        [stage, f"--gin_param={stage}.path='{path}'", f"--gin_param={stage}.output_dir='{out}'"], capsys
+        [stage, f"--gin_param={stage}.{field}='{path}'", f"--gin_param={stage}.output_dir='{out}'"], capsys
     )
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err

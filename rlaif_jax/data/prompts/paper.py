@@ -20,11 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from typing import Any, Iterable, Mapping, Optional
 
 from rlaif_jax.data.ids import prompt_id
-from rlaif_jax.data.prompts.readers import SPECIAL_STRINGS, _field, load_json_records, parse_alpaca
+from rlaif_jax.data.prompts.readers import SPECIAL_STRINGS, _field, load_json_records, parse_alpaca, record_at
 from rlaif_jax.data.prompts.types import InputError, PromptExample, Stats
 from rlaif_jax.errors import UserError
 from rlaif_jax.fileio import decode_utf8, json_kind, open_file
@@ -51,7 +50,7 @@ def _load_json_or_lines(path: str) -> Any:
     except json.JSONDecodeError as e:
         first_line = text.lstrip().split("\n", 1)[0]
         if e.msg != "Extra data" and not _parses(first_line):
-            record = _record_at(text)
+            record = record_at(text)
             where = f" (in record {record})" if record is not None else ""
             raise InputError(
                 f"{path}: invalid JSON at line {e.lineno} col {e.colno}{where}: {e.msg}; the file is "
@@ -66,37 +65,6 @@ def _parses(text: str) -> bool:
     except json.JSONDecodeError:
         return False
     return True
-
-
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _record_at(text: str) -> Optional[int]:
-    """The index of the first top-level record (array item or object member) of a JSON
-    document that does not parse, or None when the records parse and the frame breaks."""
-    dec = json.JSONDecoder()
-    i = _WS.match(text, 0).end()
-    if text[i : i + 1] not in ("[", "{"):
-        return None
-    is_object, n = text[i] == "{", 0
-    i += 1
-    while True:
-        i = _WS.match(text, i).end()
-        try:
-            if is_object:
-                key, i = dec.raw_decode(text, i)
-                i = _WS.match(text, i).end()
-                if not isinstance(key, str) or text[i : i + 1] != ":":
-                    return n
-                i = _WS.match(text, i + 1).end()
-            _, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return n
-        i = _WS.match(text, i).end()
-        if text[i : i + 1] != ",":
-            return None if text[i : i + 1] in ("]", "}") else n + 1
-        n += 1
-        i += 1
 
 
 def _is_completion_map(value: Any) -> bool:

@@ -101,7 +101,9 @@ def prepare_prompts(
                 nothing_kept("prepare_prompts.source", source, stats, "prepare_prompts.format / max_words / max_chars")
             )
         sft, feedback = split_by_order(prompts, sft_fraction)
-        provenance = {"source": abspath(source), "format": format, "sft_fraction": sft_fraction}
+        result = {**stats.as_dict(), "sft": len(sft), "feedback": len(feedback), "preferences": len(prefs)}
+        # The counts travel with the records too (a manifest outlives its stats.json).
+        provenance = {"source": abspath(source), "format": format, "sft_fraction": sft_fraction, "counts": result}
         writes = []
         for name, part in (("sft", sft), ("feedback", feedback)):
             writes.append(
@@ -120,7 +122,6 @@ def prepare_prompts(
         if prefs:
             writes.append((join(output_dir, "preferences", "all"), PREFERENCES, prefs, provenance))
         write_record_sets(writes, num_shards, "prepare_prompts.overwrite", overwrite)
-        result = {**stats.as_dict(), "sft": len(sft), "feedback": len(feedback), "preferences": len(prefs)}
         with atomic_write(join(output_dir, "stats.json")) as f:
             json.dump(result, f, indent=2, sort_keys=True)
         return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from rlaif_jax.data.prompts.types import InputError, PromptExample, Stats
@@ -40,7 +41,9 @@ def load_json_records(path: str | os.PathLike) -> list[Any]:
         # "Extra data" after a first line that parsed: JSON Lines whose lines are arrays,
         # named line by line below.
         if text.lstrip().startswith("[") and e.msg != "Extra data":
-            raise InputError(f"{path}: invalid JSON at line {e.lineno} col {e.colno}: {e.msg}") from None
+            record = record_at(text)
+            where = f" (in record {record})" if record is not None else ""
+            raise InputError(f"{path}: invalid JSON at line {e.lineno} col {e.colno}{where}: {e.msg}") from None
         whole = None  # not one JSON document: read it as JSON Lines
     if isinstance(whole, list):
         return whole
@@ -61,6 +64,37 @@ def load_json_records(path: str | os.PathLike) -> list[Any]:
             )
         records.append(value)
     return records
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def record_at(text: str) -> Optional[int]:
+    """The index of the first top-level record (array item or object member) of a JSON
+    document that does not parse, or None when the records parse and the frame breaks."""
+    dec = json.JSONDecoder()
+    i = _WS.match(text, 0).end()
+    if text[i : i + 1] not in ("[", "{"):
+        return None
+    is_object, n = text[i] == "{", 0
+    i += 1
+    while True:
+        i = _WS.match(text, i).end()
+        try:
+            if is_object:
+                key, i = dec.raw_decode(text, i)
+                i = _WS.match(text, i).end()
+                if not isinstance(key, str) or text[i : i + 1] != ":":
+                    return n
+                i = _WS.match(text, i + 1).end()
+            _, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return n
+        i = _WS.match(text, i).end()
+        if text[i : i + 1] != ",":
+            return None if text[i : i + 1] in ("]", "}") else n + 1
+        n += 1
+        i += 1
 
 
 def _field(row: Any, name: str, where: str, types=(str,), required: bool = True) -> Any:
