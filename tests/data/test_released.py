@@ -12,6 +12,7 @@ import pytest
 
 from rlaif_jax.cli import run
 from rlaif_jax.data.prompts import import_paper_annotations, import_paper_completions, prepare_prompts
+from rlaif_jax.data.prompts.imports import imported_preferences
 from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_manifest, read_records
 from rlaif_jax.synthetic.released_files import write_released
 
@@ -145,6 +146,16 @@ def test_paper_pairing_reproduces_the_papers_loader(released):
     # The default keeps none of them.
     strict = import_paper_annotations(released["annotations"], str(released["tmp"] / "ann_strict"))
     assert strict["kept"] < stats["kept"] and "paper_relabelled" not in strict
+
+
+def test_an_arm_hook_imports_the_annotations_once(released):
+    out = str(released["tmp"] / "arm_ann")
+    prefs = imported_preferences(released["annotations"], out, pairing="paper", num_shards=2)
+    manifest = read_manifest(prefs, PREFERENCES)
+    assert manifest["num_records"] == 21 and manifest["provenance"]["pairing"] == "paper"
+    mtime = os.path.getmtime(os.path.join(prefs, "manifest.json"))
+    assert imported_preferences(released["annotations"], out, pairing="paper") == prefs
+    assert os.path.getmtime(os.path.join(prefs, "manifest.json")) == mtime  # reused, not redone
 
 
 def _prepare_data(argv, capsys):

@@ -18,8 +18,9 @@ from rlaif_jax.data.prompts.paper import (
 )
 from rlaif_jax.data.prompts.prepare import dedup, nothing_kept, write_record_sets
 from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES
+from rlaif_jax.data.records.shards import MANIFEST
 from rlaif_jax.errors import ConfigError, UserError, binding, existing_dir, existing_path, one_of, whole
-from rlaif_jax.fileio import abspath, atomic_write, join, makedirs
+from rlaif_jax.fileio import abspath, atomic_write, exists, join, makedirs
 from rlaif_jax.outputs import writer_lock
 
 
@@ -125,8 +126,8 @@ def import_paper_annotations(
 ) -> dict:
     """AI-preference annotations (an annotations.json as alpaca_eval writes it) ->
     comparisons/ (every verdict, ties and invalid included) and preferences/, with counts
-    in stats.json and the manifests. An empty file is an error; a complete set in
-    `output_dir` is replaced by a smaller one only with `overwrite`.
+    in stats.json and the manifests. A file that yields no pair (empty, or all ties) is an
+    error; a complete set in `output_dir` is replaced by a smaller one only with `overwrite`.
 
     pairing:     'strict' (default): decided, non-identical pairs only; ties, unparsed
                  answers and identical pairs dropped and counted. 'paper': the pairs the
@@ -197,3 +198,14 @@ def import_paper_annotations(
             overwrite,
         )
         return _write_stats(output_dir, result)
+
+
+def imported_preferences(path: str, output_dir: str, **settings) -> str:
+    """The preferences/ record set of `path`'s annotations under `output_dir`, imported on
+    the first call (import_paper_annotations with `settings`) and reused once complete: the
+    hook an arm's preferences stage calls to train on released annotations instead of
+    asking a critic."""
+    prefs = join(output_dir, "preferences")
+    if not exists(join(prefs, MANIFEST)):  # written last, so a killed import is redone
+        import_paper_annotations(path, output_dir, **settings)
+    return prefs
