@@ -32,7 +32,7 @@ def _script(name):
 def tiny_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     r = subprocess.run(
-        [sys.executable, "scripts/make_tiny_checkpoint.py", str(out)],
+        [sys.executable, "tools/make_tiny_checkpoint.py", str(out)],
         cwd=ROOT,
         env=dict(os.environ, XLA_FLAGS=""),
         capture_output=True,
