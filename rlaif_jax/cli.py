@@ -118,6 +118,12 @@ def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> No
         # clone is on sys.path. In a clone root is the clone: the same files as "./configs".
         gin.config._LOCATION_PREFIXES.insert(0, root)
     args.gin_file = [resolve_gin_file(f) for f in args.gin_file]
+    for f in args.gin_file:
+        if "://" not in f and not any(os.path.exists(os.path.join(d, f)) for d in ["", *args.gin_search_path]):
+            raise ConfigError(
+                f"--gin_file={f}: no such file, nor a recipe of that name among the package's "
+                "(`rlaif recipes` lists them)"
+            )
     if not args.gin_file and not args.gin_param:
         raise SystemExit("give at least one --gin_file (see configs/)")
     try:

@@ -68,9 +68,20 @@ def test_packaged_recipes_resolve_by_name(tmp_path, monkeypatch):
         assert os.path.samefile(cli.resolve_gin_file(given), want), given
     arm = cli.resolve_gin_file("paper/arms/dpo_gpt4_on_sft_gpt35_10pct")
     assert arm.endswith(os.path.join("configs", "experiments", "paper", "arms", "dpo_gpt4_on_sft_gpt35_10pct.gin"))
-    assert cli.resolve_gin_file("no_such_recipe") == "no_such_recipe"  # gin names it
+    assert cli.resolve_gin_file("no_such_recipe") == "no_such_recipe"
     (tmp_path / "tiny_sft.gin").write_text("# mine\n")
     assert cli.resolve_gin_file("tiny_sft.gin") == "tiny_sft.gin"  # a file on disk wins
+
+
+def test_a_missing_recipe_is_one_line(tmp_path, monkeypatch):
+    import argparse
+
+    from rlaif_jax.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(gin_file=["no_such_recipe"], gin_param=[], gin_search_path=[], log_level="WARNING")
+    with pytest.raises(ConfigError, match=r"--gin_file=no_such_recipe: no such file, nor a recipe of that name"):
+        cli.parse_gin(args)
 
 
 def test_train_on_the_tiny_recipe_outside_the_clone(tmp_path):
