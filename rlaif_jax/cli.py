@@ -48,6 +48,34 @@ def import_configurables(extra: Sequence[str] = ()) -> None:
         importlib.import_module(name)
 
 
+def configs_root() -> Optional[str]:
+    """The directory that holds the recipes' `configs/`: the installed package itself (a wheel
+    ships configs/ as rlaif_jax/configs) or, in a clone or an editable install, the
+    repository root. None when neither has one."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    for root in (package, os.path.dirname(package)):
+        if os.path.isdir(os.path.join(root, "configs")):
+            return root
+    return None
+
+
+def resolve_gin_file(path: str) -> str:
+    """A --gin_file as given when it exists, else the packaged recipe it names: `tiny_sft`,
+    `paper/arms/dpo_gpt4_on_sft_gpt35_10pct`, `models/llama2_7b.gin` or
+    `configs/experiments/tiny_sft.gin` from any directory. Unmatched, it is returned as given
+    and gin reports it."""
+    root = configs_root()
+    if os.path.exists(path) or "://" in path or root is None:
+        return path
+    rel = path[len("configs/") :] if path.startswith("configs/") else path
+    for base in ("configs", os.path.join("configs", "experiments")):
+        for name in (rel, rel + ".gin"):
+            full = os.path.join(root, base, name)
+            if os.path.isfile(full):
+                return full
+    return path
+
+
 def gin_arg_parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
@@ -80,8 +108,22 @@ def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> No
         from rlaif_jax.sharding import initialize_distributed
 
         initialize_distributed()
-    for path in args.gin_search_path or ["."]:
+    for path in args.gin_search_path or (["."] if os.path.isdir("configs") else []):
         gin.add_config_file_search_path(path)
+    root = configs_root()
+    if root and root not in gin.config._LOCATION_PREFIXES:
+        # The package's recipes first, so they run from any directory and their `include
+        # 'configs/...'` lines resolve: after gin's '' prefix, gin would hand 'configs/models/x.gin'
+        # to its Python-package reader, which fails on `configs` as a namespace package when the
+        # clone is on sys.path. In a clone root is the clone: the same files as "./configs".
+        gin.config._LOCATION_PREFIXES.insert(0, root)
+    args.gin_file = [resolve_gin_file(f) for f in args.gin_file]
+    for f in args.gin_file:
+        if "://" not in f and not any(os.path.exists(os.path.join(d, f)) for d in ["", *args.gin_search_path]):
+            raise ConfigError(
+                f"--gin_file={f}: no such file, nor a recipe of that name among the package's "
+                "(`rlaif recipes` lists them)"
+            )
     if not args.gin_file and not args.gin_param:
         raise SystemExit("give at least one --gin_file (see configs/)")
     try:

@@ -1,29 +1,12 @@
 #!/usr/bin/env python
-"""Critic judgments of two response sets (e.g. policy samples vs teacher) -> comparison records.
-
-  OPENAI_API_KEY=... python scripts/feedback_critic.py --gin_file=configs/feedback/critic_gpt4.gin \\
-      --gin_param="critic_stage.responses_1='runs/policy_samples'" --gin_param="critic_stage.responses_2='runs/teacher_gpt4'" \\
-      --gin_param="critic_stage.out_dir='runs/critic_gpt4'"
-
-How the critic is asked is JudgeSettings (template, mode, both_orders, seed, logprobs,
-top_logprobs, temperature, max_tokens, on_disagreement, name, batch_api, poll_interval_s):
-e.g. --gin_param=JudgeSettings.both_orders=True.
-"""
+"""`rlaif critic` from a clone (the command: rlaif_jax/commands/critic.py)."""
 
 import sys
 
-from rlaif_jax.cli import main_with_gin, run
+from rlaif_jax.commands import run_command
+from rlaif_jax.commands.critic import main
 
-
-def main(argv=None):
-    from rlaif_jax.feedback.stages import critic_stage
-
-    manifest = main_with_gin(
-        __doc__, critic_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")
-    )
-    print(f"{manifest['num_records']} records; report: {manifest['provenance'].get('report', {}).get('api', '')}")
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run_command("critic", sys.argv[1:]))

@@ -1,26 +1,12 @@
 #!/usr/bin/env python
-"""Comparisons from one or more critics -> preference pairs (ties and invalid dropped) + report.json.
+"""`rlaif preferences` from a clone (the command: rlaif_jax/commands/preferences.py)."""
 
-  python scripts/feedback_preferences.py --gin_file=configs/feedback/preferences.gin \\
-      --gin_param="preferences_stage.comparisons=['runs/critic_gpt4']" --gin_param="preferences_stage.out_dir='runs/prefs'"
-"""
-
-import json
 import sys
 
-from rlaif_jax.cli import main_with_gin, run
+from rlaif_jax.commands import run_command
+from rlaif_jax.commands.preferences import main
 
-
-def main(argv=None):
-    from rlaif_jax.feedback.stages import preferences_stage
-
-    manifest = main_with_gin(
-        __doc__, preferences_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")
-    )
-    rep = manifest["provenance"]["report"]
-    print(f"{manifest['num_records']} preference pairs; dropped {rep['dropped']}; judges {json.dumps(rep['judges'])}")
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run_command("preferences", sys.argv[1:]))

@@ -1,26 +1,12 @@
 #!/usr/bin/env python
-"""Teacher completions for a prompt set through an OpenAI-compatible API -> demonstration records.
-
-  OPENAI_API_KEY=... python scripts/feedback_teacher.py --gin_file=configs/feedback/teacher_gpt4.gin \\
-      --gin_param="teacher_stage.prompts='runs/prompts'" --gin_param="teacher_stage.out_dir='runs/teacher_gpt4'"
-
-Rerunning the same command after a crash or kill sends only the requests not yet cached.
-"""
+"""`rlaif teacher` from a clone (the command: rlaif_jax/commands/teacher.py)."""
 
 import sys
 
-from rlaif_jax.cli import main_with_gin, run
+from rlaif_jax.commands import run_command
+from rlaif_jax.commands.teacher import main
 
-
-def main(argv=None):
-    from rlaif_jax.feedback.stages import teacher_stage
-
-    manifest = main_with_gin(
-        __doc__, teacher_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")
-    )
-    print(f"{manifest['num_records']} records; report: {manifest['provenance'].get('report', {}).get('api', '')}")
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run_command("teacher", sys.argv[1:]))

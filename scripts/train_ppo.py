@@ -1,29 +1,12 @@
 #!/usr/bin/env python
-"""PPO / RLOO / GRPO from gin files (`train_ppo`): an SFT policy against a reward model.
-
-  python scripts/train_ppo.py --gin_file=configs/experiments/tiny_ppo.gin
-  python scripts/train_ppo.py --gin_file=configs/experiments/tiny_ppo.gin --gin_param="KLController.init_coef=0.1"
-
-SFT, DPO-family and reward-model objectives (`train`) run with scripts/train.py.
-Relaunching the same command resumes from the run directory's last checkpoint. The full
-and the operative gin configs are written to the run directory.
-"""
+"""`rlaif ppo` from a clone (the command: rlaif_jax/commands/ppo.py)."""
 
 import sys
 
-from rlaif_jax.cli import main_with_gin, run
+from rlaif_jax.commands import run_command
+from rlaif_jax.commands.ppo import main
 
-
-def train_ppo_main():
-    from rlaif_jax.train.ppo import train_ppo
-
-    return train_ppo()
-
-
-def main(argv=None):
-    main_with_gin(__doc__, train_ppo_main, argv)
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run_command("ppo", sys.argv[1:]))

@@ -5,7 +5,6 @@ shardings checked, so a sharding regression (params or optimizer state replicate
 not split over data x fsdp) fails here; PPO's programs are the trainer's own; the state the
 runs create (step.init_state) is placed as the programs are compiled."""
 
-import importlib.util
 import json
 import math
 import os
@@ -216,10 +215,10 @@ def test_a_batch_that_does_not_divide_the_batch_shards_is_reported():
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("aot_compile", os.path.join(ROOT, "scripts", "aot_compile.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """`rlaif aot` (scripts/aot_compile.py in a clone)."""
+    from rlaif_jax.commands import aot as command
+
+    return command
 
 
 def test_script_on_cpu_devices_reports_replication_and_fails_without_headroom(clean_gin, capsys, monkeypatch):

@@ -163,7 +163,7 @@ def test_miniature_gap_sweep_is_3x3_over_one_shared_base_and_plots(tmp_path, cle
                 ]
             )
     out = subprocess.run(
-        [sys.executable, "scripts/plot_miniature_gap.py", str(root)],
+        [sys.executable, "tools/plot_miniature_gap.py", str(root)],
         cwd=ROOT,
         capture_output=True,
         text=True,

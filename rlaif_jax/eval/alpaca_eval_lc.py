@@ -22,13 +22,21 @@ What alpaca_eval does, and this module with it:
     LC win rate. Here it is called `lc_prediction_standard_error`.
 
 Solvers. solver="liblinear" makes the same scikit-learn calls alpaca_eval makes
-(LogisticRegression, L1, liblinear, random_state=123, on the duplicated rows): bit-identical
-numbers, but it needs scikit-learn (`pip install -e ".[alpaca-eval]"`). solver="newton"
-(the default) is numpy only: liblinear stops at its tolerance (1e-4) where this proximal
-Newton solver converges to the optimum of the same objective, so coefficients agree to about
-1e-4 and LC win rates to about 0.002 points, with the same C chosen
-(tests/eval/fixtures/alpaca_eval_lc, made with alpaca_eval itself). The fold assignment is
-GroupKFold's of scikit-learn >= 1.6 (groups of equal size go to folds in reverse order).
+(LogisticRegression, L1, liblinear, on the duplicated rows) and seeds them as
+LogisticRegressionCV(random_state=123) does: within a fold one RandomState(123) hands each C
+in turn the next liblinear seed, and the refit starts a fresh one. liblinear's coordinate
+descent visits the features in a seeded random order, so a fresh seed per C can choose
+another C. With that seeding the numbers are bit-identical to alpaca_eval's, but it needs
+scikit-learn (`pip install -e ".[alpaca-eval]"`). solver="newton" (the default) is numpy
+only: liblinear stops at its tolerance (1e-4) where this proximal Newton solver converges to
+the optimum of the same objective, so coefficients agree to about 1e-4 and LC win rates to a
+few thousandths of a point when the same C is chosen (tests/eval/fixtures/alpaca_eval_lc,
+made with alpaca_eval itself; docs/conventions.md has the measured spread). When the length
+term carries no information (every output the same number of characters longer than its
+reference: the length feature is constant, collinear with the model column) the L1 optimum
+is not unique and the two solvers split the weight differently; the LC win rate is then the
+solver's choice, not a measurement. The fold assignment is GroupKFold's of scikit-learn >=
+1.6 (groups of equal size go to folds in reverse order).
 
 Instruction difficulty comes from alpaca_eval's files, which it downloads from the
 Hugging Face hub (dataset tatsu-lab/alpaca_eval) and which we never fetch: df_gamed.csv
@@ -53,6 +61,7 @@ GLMS = ("length_controlled_v1", "length_controlled_noreg", "length_controlled_mi
 _GAMED_WEIGHT = 0.2 / 2  # regularize_to_baseline_lambda, shared by the two gamed baselines
 N_SPLITS = 5
 CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV(Cs=10)
+LIBLINEAR_SEED = 123  # alpaca_eval's random_state
 
 
 class AlpacaEvalDataError(UserError):
@@ -119,10 +128,15 @@ def _soft_log_loss(y, q, w):
     return -float(np.mean(w * (y * np.log(q) + (1 - y) * np.log(1 - q))))
 
 
-def _liblinear(X, y, w, C):
+def _newton(X, y, w, C, random_state=None):
+    return l1_logistic(X, y, w, C)
+
+
+def _liblinear(X, y, w, C, random_state=LIBLINEAR_SEED):
     """scikit-learn's liblinear on the soft labels written as alpaca_eval writes them: every
     row twice, label 1 with weight w p and label 0 with weight w (1 - p), all label-1 copies
-    first (the row order liblinear sees is part of its result)."""
+    first (the row order liblinear sees is part of its result). random_state: an int (a fresh
+    generator) or a np.random.RandomState whose next draw seeds liblinear."""
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
@@ -130,12 +144,12 @@ def _liblinear(X, y, w, C):
             "solver='liblinear' needs scikit-learn: pip install -e \".[alpaca-eval]\" (or use solver='newton')"
         ) from None
     m = len(y)
-    model = LogisticRegression(C=C, penalty="l1", solver="liblinear", fit_intercept=False, random_state=123)
+    model = LogisticRegression(C=C, penalty="l1", solver="liblinear", fit_intercept=False, random_state=random_state)
     model.fit(np.concatenate([X, X]), np.r_[np.ones(m), np.zeros(m)], sample_weight=np.r_[y * w, (1 - y) * w])
     return model.coef_[0].astype(np.float64)
 
 
-SOLVERS = {"newton": l1_logistic, "liblinear": _liblinear}
+SOLVERS = {"newton": _newton, "liblinear": _liblinear}
 
 
 def fit_cv(
@@ -148,7 +162,8 @@ def fit_cv(
 ) -> tuple[np.ndarray, float]:
     """LogisticRegressionCV(penalty='l1', cv=GroupKFold(n_splits), refit=True) on soft labels:
     the C with the lowest log loss summed over folds (the first, i.e. smallest, on ties),
-    refit on all rows. Returns (coefficients, C)."""
+    refit on all rows. Returns (coefficients, C). Seeding as scikit-learn's: one generator per
+    fold shared by its C values in order (`_logistic_regression_path`), a fresh one for the refit."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
     fit = SOLVERS[solver]
@@ -156,11 +171,12 @@ def fit_cv(
     loss = np.zeros(len(Cs))
     for k in range(n_splits):
         tr, te = folds != k, folds == k
+        rng = np.random.RandomState(LIBLINEAR_SEED)
         for c, C in enumerate(Cs):
-            b = fit(X[tr], y[tr], w[tr], C)
+            b = fit(X[tr], y[tr], w[tr], C, rng)
             loss[c] += _soft_log_loss(y[te], sigmoid(X[te] @ b), w[te])
     best = int(np.argmin(loss))  # sklearn: argmax of the (negated) summed scores
-    return fit(X, y, w, Cs[best]), float(Cs[best])
+    return fit(X, y, w, Cs[best], LIBLINEAR_SEED), float(Cs[best])
 
 
 def _read_csv(path: str) -> tuple[list[str], list[list[str]]]:
@@ -225,6 +241,44 @@ def load_instruction_difficulty(path: str) -> dict:
         raise AlpacaEvalDataError(f"{path}: not an index,difficulty CSV ({e})") from None
 
 
+def difficulties(
+    glm: str, n: int, df_gamed: Optional[str] = None, difficulty_file: Optional[str] = None
+) -> tuple[Optional[dict], Optional[np.ndarray]]:
+    """The files `glm` needs, read and checked for n instructions: (df_gamed's table or None,
+    the n instructions' difficulties or None). Raises ValueError for a missing argument and
+    AlpacaEvalDataError for a file that cannot be used; cheap, so callers run it before any
+    judge request (evaluate does)."""
+    if glm not in GLMS:
+        raise ValueError(f"glm must be one of {GLMS}, got {glm!r}")
+    gamed = None
+    if glm == "length_controlled_v1":
+        if df_gamed is None:
+            raise ValueError(
+                "glm 'length_controlled_v1' fits on alpaca_eval's df_gamed.csv: pass df_gamed= (download "
+                "it from the tatsu-lab/alpaca_eval dataset on the Hugging Face hub), or use glm "
+                "'length_controlled_minimal' (no difficulty) instead"
+            )
+        gamed = load_df_gamed(df_gamed)
+        table = gamed["difficulty"]
+    elif glm == "length_controlled_noreg":
+        if df_gamed is None and difficulty_file is None:
+            raise ValueError(
+                "glm 'length_controlled_noreg' needs instruction difficulties: pass df_gamed= or "
+                "difficulty_file= (alpaca_eval's df_gamed.csv / instruction_difficulty.csv)"
+            )
+        table = load_df_gamed(df_gamed)["difficulty"] if df_gamed else load_instruction_difficulty(difficulty_file)
+    else:
+        return None, None
+    absent = [i for i in range(n) if i not in table]
+    if absent:
+        raise AlpacaEvalDataError(
+            f"{df_gamed or difficulty_file}: no difficulty for instruction(s) "
+            f"{absent[:5]}{'...' if len(absent) > 5 else ''} of {n}; alpaca_eval's files "
+            "cover its 805 instructions, in its order"
+        )
+    return gamed, np.array([table[i] for i in range(n)])
+
+
 def alpaca_eval_lc_win_rate(
     preferences: Sequence[float],
     len_model: Sequence[float],
@@ -252,36 +306,7 @@ def alpaca_eval_lc_win_rate(
             f"preferences, len_model and len_ref must be 1-D of one length: {p.shape}, {lm.shape}, {lr.shape}"
         )
     n = p.size
-    gamed = None
-    if glm == "length_controlled_v1":
-        if df_gamed is None:
-            raise ValueError(
-                "glm 'length_controlled_v1' fits on alpaca_eval's df_gamed.csv: pass df_gamed= (download "
-                "it from the tatsu-lab/alpaca_eval dataset on the Hugging Face hub), or use glm "
-                "'length_controlled_minimal' (no difficulty) instead"
-            )
-        gamed = load_df_gamed(df_gamed)
-        table = gamed["difficulty"]
-    elif glm == "length_controlled_noreg":
-        if df_gamed is None and difficulty_file is None:
-            raise ValueError(
-                "glm 'length_controlled_noreg' needs instruction difficulties: pass df_gamed= or "
-                "difficulty_file= (alpaca_eval's df_gamed.csv / instruction_difficulty.csv)"
-            )
-        table = load_df_gamed(df_gamed)["difficulty"] if df_gamed else load_instruction_difficulty(difficulty_file)
-    else:
-        table = None
-    if table is not None:
-        absent = [i for i in range(n) if i not in table]
-        if absent:
-            raise AlpacaEvalDataError(
-                f"{df_gamed or difficulty_file}: no difficulty for instruction(s) "
-                f"{absent[:5]}{'...' if len(absent) > 5 else ''} of {n}; alpaca_eval's files "
-                "cover its 805 instructions, in its order"
-            )
-        gamma = np.array([table[i] for i in range(n)])
-    else:
-        gamma = None
+    gamed, gamma = difficulties(glm, n, df_gamed, difficulty_file)
 
     delta = lr - lm
     sd = float(np.std(delta, ddof=1)) if n > 1 else math.nan

@@ -23,6 +23,7 @@ out_dir/
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ import numpy as np
 
 from rlaif_jax import fileio
 from rlaif_jax.errors import ConfigError, UserError
-from rlaif_jax.eval.alpaca_eval_lc import alpaca_eval_lc_win_rate
+from rlaif_jax.eval.alpaca_eval_lc import SOLVERS, AlpacaEvalDataError, alpaca_eval_lc_win_rate, difficulties
 from rlaif_jax.eval.length_control import length_controlled_win_rate
 from rlaif_jax.eval.settings import EvalJudgeSettings, EvalSamplingSettings
 from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
@@ -284,6 +285,31 @@ def judge_metrics(
     return m
 
 
+def check_alpaca_eval_lc(
+    glm: str, n: int, df_gamed: Optional[str], difficulty_file: Optional[str], solver: str
+) -> None:
+    """lc_method='alpaca_eval''s inputs, checked before anything is sampled or judged: the
+    GLM's data file exists, parses and covers the n instructions, and the solver can run."""
+    if solver not in SOLVERS:
+        raise ConfigError(f"evaluate.lc_solver = {solver!r}: must be one of {sorted(SOLVERS)}")
+    if solver == "liblinear":
+        if importlib.util.find_spec("sklearn") is None:  # the optional alpaca-eval extra
+            raise ConfigError(
+                "evaluate.lc_solver = 'liblinear' needs scikit-learn: pip install -e \".[alpaca-eval]\", or bind "
+                "evaluate.lc_solver = 'newton'"
+            )
+    try:
+        difficulties(glm, n, df_gamed, difficulty_file)
+    except AlpacaEvalDataError as e:
+        raise ConfigError(f"evaluate.lc_df_gamed / lc_difficulty_file: {e}") from None
+    except ValueError as e:
+        raise ConfigError(
+            f"evaluate.lc_method = 'alpaca_eval' with evaluate.lc_glm = {glm!r}: {e}. Bind evaluate.lc_df_gamed "
+            "(or evaluate.lc_difficulty_file for 'length_controlled_noreg'), or evaluate.lc_glm = "
+            "'length_controlled_minimal', which needs no file"
+        ) from None
+
+
 @gin.configurable
 def evaluate(
     out_dir: str = gin.REQUIRED,
@@ -356,6 +382,10 @@ def evaluate(
         )
     fileio.makedirs(out_dir)
     rows = load_eval_set(eval_set, references, reference_generator)[:limit]
+    if protocol == "judge" and length_control and lc_method == "alpaca_eval":
+        # before any sampling or judge request: a missing df_gamed.csv found after the judge
+        # calls would leave metrics.json unwritten for a run already paid for
+        check_alpaca_eval_lc(lc_glm, len(rows), lc_df_gamed, lc_difficulty_file, lc_solver)
     name = generator or os.path.basename(os.path.normpath(checkpoint or policy_outputs))
     if checkpoint is not None:
         outputs = generate_outputs(checkpoint, rows, out_dir, name, sampling, dtype, mesh_shape)

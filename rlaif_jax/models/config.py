@@ -18,7 +18,7 @@ from rlaif_jax import errors
 # sparse mixture-of-experts block in place of the MLP).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 MOE_IMPLS = ("ragged", "dense")
-# Attention kernels (see DecoderConfig.attention_impl and README "### The model").
+# Attention kernels (see DecoderConfig.attention_impl and docs/model_api.md).
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 

@@ -370,8 +370,8 @@ class MLP(nn.Module):
         # XLA:CPU runs the weight gradients of a [batch, length, embed] input (two contracted
         # dims) off its fast dot path, after a materialised transpose; with the tokens in one
         # dim the MLP's backward is ~30% faster there, bit-identical in float32 (not in bf16:
-        # kept 3-D). Meshes keep the 3-D activations their sharding rules name. README "The
-        # SFT step on a CPU".
+        # kept 3-D). Meshes keep the 3-D activations their sharding rules name. docs/experiments/
+        # 2026-12-02-sft-step-on-cpu.md.
         lead = x.shape[:-1]
         flat = (
             len(lead) > 1

@@ -15,7 +15,7 @@ response's log-ratio (TRL's normalisation, confirmed with the IPO authors; ours 
 unless average_log_prob); the RPO term as TRL's "sft" loss, the NLL averaged over every
 chosen token of the batch (ours: per sequence, then over sequences); `rewards/*` always
 beta * summed log-ratios (ours follow average_log_prob); SimPO's `logps/*` the per-token
-averages its loss uses (ours: sums). See the README's conventions table.
+averages its loss uses (ours: sums). See docs/conventions.md.
 """
 
 from __future__ import annotations

@@ -121,6 +121,73 @@ def test_group_kfold_matches_sklearn():
     assert np.array_equal(np.tile(A.group_kfold(n), 2), want)
 
 
+def _synthetic_set(seed, n=805):
+    """An 805-instruction annotation set as alpaca_eval's fit sees it: [tanh(length), (difficulty,)
+    model] columns, half the preferences hard 0/1 and half soft (logprob-weighted judges)."""
+    r = np.random.default_rng(seed)
+    lm, lr = r.integers(200, 3000, n).astype(float), r.integers(200, 3000, n).astype(float)
+    gamma = r.normal(0, 1, n)
+    z = 0.3 + 0.8 * np.tanh((lm - lr) / 1000) + 0.5 * gamma * (seed % 2) + r.normal(0, 1, n)
+    p = 1 / (1 + np.exp(-z))
+    p = np.where(r.random(n) < 0.5, np.round(p), p)
+    delta = lr - lm
+    feat = np.tanh(delta / np.std(delta, ddof=1))
+    cols = [feat, gamma, np.ones(n)] if seed % 2 else [feat, np.ones(n)]
+    return np.stack(cols, 1), p, np.ones(n)
+
+
+def _alpaca_eval_fit(X, y, w):
+    """alpaca_eval 0.6.6's fit_LogisticRegressionCV(is_ytrue_proba=True) on numpy arrays: the same
+    scikit-learn estimator, arguments, scorer and metadata routing (its pandas frames aside)."""
+    import sklearn
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import make_scorer
+    from sklearn.model_selection import GroupKFold
+
+    def logloss_continuous(y_true, y_pred, true_prob, true_sample_weight=None):
+        y_true = np.where(y_true == 1, true_prob, 1 - true_prob)
+        y_pred = np.clip(y_pred, 1e-15, 1 - 1e-15)
+        return -np.mean((y_true * np.log(y_pred) + (1 - y_true) * np.log(1 - y_pred)) * true_sample_weight)
+
+    m = len(y)
+    true_prob, true_w = np.r_[y, 1 - y], np.r_[w, w]
+    with sklearn.config_context(enable_metadata_routing=True):
+        scorer = make_scorer(logloss_continuous, response_method="predict_proba", greater_is_better=False)
+        scorer = scorer.set_score_request(true_sample_weight=True, true_prob=True)
+        model = LogisticRegressionCV(
+            cv=GroupKFold(n_splits=5),
+            scoring=scorer,
+            random_state=123,
+            dual=False,
+            penalty="l1",
+            solver="liblinear",
+            fit_intercept=False,
+        )
+        model.set_fit_request(sample_weight=True)
+        model.fit(
+            np.concatenate([X, X]),
+            np.r_[np.ones(m), np.zeros(m)],
+            sample_weight=true_prob * true_w,
+            groups=np.r_[np.arange(m), np.arange(m)],
+            true_sample_weight=true_w,
+            true_prob=true_prob,
+        )
+    return model.coef_[0], float(model.C_[0])
+
+
+# Sets where a fresh liblinear seed for every C (instead of scikit-learn's one generator per fold)
+# chose another C: 1291.5 -> 1e4, 21.5 -> 2.78, 1291.5 -> 166.8.
+@pytest.mark.parametrize("seed", [1, 2, 10])
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_liblinear_c_choice_follows_sklearns_seeding(seed):
+    pytest.importorskip("sklearn", reason="compares with scikit-learn's LogisticRegressionCV")
+    X, y, w = _synthetic_set(seed)
+    want_coef, want_C = _alpaca_eval_fit(X, y, w)
+    coef, C = A.fit_cv(X, y, w, solver="liblinear")
+    assert C == want_C
+    assert np.array_equal(coef, want_coef)
+
+
 def test_live_alpaca_eval(monkeypatch):
     """alpaca_eval itself on one fixture's inputs (its df_gamed.csv download patched to the
     synthetic file): needs alpaca_eval, which imports pkg_resources (setuptools < 81)."""

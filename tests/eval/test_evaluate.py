@@ -32,7 +32,7 @@ def _script(name):
 def tiny_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     r = subprocess.run(
-        [sys.executable, "scripts/make_tiny_checkpoint.py", str(out)],
+        [sys.executable, "tools/make_tiny_checkpoint.py", str(out)],
         cwd=ROOT,
         env=dict(os.environ, XLA_FLAGS=""),
         capture_output=True,
@@ -357,3 +357,42 @@ def test_stale_generations_refused(tmp_path):
     _check_fingerprint(d, {"temperature": 0.7, "prompt_ids": ["a"]})  # same: resumes
     with pytest.raises(ValueError, match=r"different \['temperature'\]"):
         _check_fingerprint(d, {"temperature": 1.0, "prompt_ids": ["a"]})
+
+
+class _NoRequests:
+    """A judge client that fails the test if the evaluation touches it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the judge client was used ({name}) before the inputs were checked")
+
+
+def test_alpaca_eval_lc_inputs_checked_before_any_request(tmp_path):
+    from rlaif_jax.errors import ConfigError
+    from rlaif_jax.eval.evaluate import evaluate
+
+    rows = [{"instruction": f"q{i}", "output": "ref " * i, "generator": "ref"} for i in range(1, 5)]
+    (tmp_path / "eval.json").write_text(json.dumps(rows))
+    (tmp_path / "outs.json").write_text(json.dumps([{"instruction": r["instruction"], "output": "x"} for r in rows]))
+    short = tmp_path / "instruction_difficulty.csv"
+    short.write_text("index,instruction_difficulty\n0,0.1\n1,-0.2\n")
+    cases = [
+        ({}, r"evaluate.lc_glm = 'length_controlled_v1'.*Bind evaluate.lc_df_gamed"),
+        ({"lc_df_gamed": str(tmp_path / "absent.csv")}, r"absent.csv: cannot read"),
+        (
+            {"lc_glm": "length_controlled_noreg", "lc_difficulty_file": str(short)},
+            r"instruction_difficulty.csv: no difficulty for instruction\(s\) \[2, 3\] of 4",
+        ),
+        ({"lc_glm": "length_controlled_minimal", "lc_solver": "lbfgs"}, r"evaluate.lc_solver = 'lbfgs'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            evaluate(
+                out_dir=str(tmp_path / "run"),
+                eval_set=str(tmp_path / "eval.json"),
+                policy_outputs=str(tmp_path / "outs.json"),
+                client=_NoRequests(),
+                judge=EvalJudgeSettings(),
+                lc_method="alpaca_eval",
+                **kwargs,
+            )
+        assert not (tmp_path / "run" / "judgments.jsonl").exists()

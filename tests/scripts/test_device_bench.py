@@ -1,4 +1,4 @@
-"""scripts/device_bench.py: the table's arithmetic on given results, and the script run on the
+"""tools/device_bench.py: the table's arithmetic on given results, and the script run on the
 CPU with the tiny preset (the same code that runs on a GPU, at toy shapes)."""
 
 import importlib.util
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "scripts", "device_bench.py")
+SCRIPT = os.path.join(ROOT, "tools", "device_bench.py")
 
 
 def _module():

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "miniature_reward_check.py")
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "miniature_reward_check.py")
 _spec = importlib.util.spec_from_file_location("miniature_reward_check", _PATH)
 mrc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mrc)

@@ -15,7 +15,7 @@ def _run(*args):
 
 def test_tiny_checkpoint_then_sample(tmp_path):
     ck = tmp_path / "tiny"
-    r = _run("scripts/make_tiny_checkpoint.py", str(ck), "--family", "mistral")
+    r = _run("tools/make_tiny_checkpoint.py", str(ck), "--family", "mistral")
     assert r.returncode == 0, r.stderr
     for f in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (ck / f).exists()

@@ -4,8 +4,8 @@ iteration of a ~1B Llama-shaped model, each beside HF transformers + PyTorch (SD
 attention) on the same device, shapes and dtype; one table of tokens/s, MFU, peak memory
 and the ratio ours/peer, and a JSON of it (--out) with versions, backend and device.
 
-  python scripts/device_bench.py --out bench.json                 # one GPU, ~1B, bf16
-  python scripts/device_bench.py --preset tiny --isolate none     # CPU, toy shapes
+  python tools/device_bench.py --out bench.json                 # one GPU, ~1B, bf16
+  python tools/device_bench.py --preset tiny --isolate none     # CPU, toy shapes
 
 Each (row, framework) runs in its own process by default (--isolate row): a clean peak
 memory per row (JAX's allocator peak cannot be reset), no two frameworks holding one GPU,

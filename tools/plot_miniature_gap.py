@@ -4,7 +4,7 @@ configs/sweeps/miniature_gap.yaml sweep: DPO's paired gain over SFT(weak 10%) (+
 judge's win rate and on the true task score, against the weak teacher's strength, one line
 per critic strength. Writes RUN_ROOT/gap.png and RUN_ROOT/gap.md.
 
-  python scripts/plot_miniature_gap.py runs/sweeps/miniature_gap
+  python tools/plot_miniature_gap.py runs/sweeps/miniature_gap
 """
 
 import argparse
@@ -20,9 +20,7 @@ TEACHER, CRITIC = "synthetic_world.weak_teacher", "synthetic_world.critic_streng
 def load(run_root: str) -> list[dict]:
     path = os.path.join(run_root, "results.csv")
     if not os.path.exists(path):
-        raise SystemExit(
-            f"{path} does not exist: run `python scripts/sweep.py configs/sweeps/miniature_gap.yaml` first"
-        )
+        raise SystemExit(f"{path} does not exist: run `rlaif sweep configs/sweeps/miniature_gap.yaml` first")
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("status") == "finished"]
     if not rows or TEACHER not in rows[0] or CRITIC not in rows[0]:

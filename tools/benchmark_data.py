@@ -7,7 +7,7 @@ record sets, then times:
   - steady-state batches for SFT padded, SFT packed and preference, examples/s and
     real (non-padding) tokens/s, without prefetch (raw producer speed) and with it.
 
-    python scripts/benchmark_data.py [--examples 4000] [--batch_size 8] [--seconds 5]
+    python tools/benchmark_data.py [--examples 4000] [--batch_size 8] [--seconds 5]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ samples: pairs the reward model may have learned, with rm_sample_pairs) and on t
 evaluation prompts (the SFT arms' answers, pair by pair: what PPO needs of it on prompts it
 never saw). Read-only.
 
-usage: python scripts/miniature_reward_check.py RUN_DIR [--reward_model DIR] [--arm sft_weak_10]
+usage: python tools/miniature_reward_check.py RUN_DIR [--reward_model DIR] [--arm sft_weak_10]
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 PyTorch (transformers LlamaForCausalLM + torch.optim.RMSprop, as the paper's code) on the
 same model and weights, in the same run.
 
-  python scripts/benchmark_train.py --preset tiny
-  python scripts/benchmark_train.py --preset small --batch 8 --seq_len 512 --dtype bfloat16
+  python tools/benchmark_train.py --preset tiny
+  python tools/benchmark_train.py --preset small --batch 8 --seq_len 512 --dtype bfloat16
 
 MFU is printed where the device's peak is known (TPU / NVIDIA) or given with --peak_tflops;
 on CPUs it is "n/a". Peak memory: the device's allocator peak where it reports one, and the

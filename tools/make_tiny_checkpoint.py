@@ -2,7 +2,7 @@
 """Write a tiny random-weight Llama-family (or Mixtral MoE) checkpoint in HF format (safetensors + config +
 a locally trained byte-level BPE tokenizer), for smoke runs and tests with no hub access.
 
-  python scripts/make_tiny_checkpoint.py runs/tiny-llama --family mistral
+  python tools/make_tiny_checkpoint.py runs/tiny-llama --family mistral
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 """Forward and generation throughput of the JAX decoder beside HF transformers (PyTorch) on
 the same config and weights, in the same run.
 
-  python scripts/benchmark_model.py --preset small
-  python scripts/benchmark_model.py --preset tiny-moe --moe_impl dense
-  python scripts/benchmark_model.py --hf_dir /path/to/Llama-2-7b-hf --dtype bfloat16 --batch 8
+  python tools/benchmark_model.py --preset small
+  python tools/benchmark_model.py --preset tiny-moe --moe_impl dense
+  python tools/benchmark_model.py --hf_dir /path/to/Llama-2-7b-hf --dtype bfloat16 --batch 8
 
 Prints tokens/s for both, their ratio, MFU where the device's peak is known (or given with
 --peak_tflops), and peak memory.

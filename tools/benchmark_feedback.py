@@ -4,7 +4,7 @@ every answer takes a fixed latency: requests/s at several concurrency levels ver
 ideal concurrency / latency. The server runs in its own process (as a real endpoint
 would), the client with its cache, limits and accounting on, exactly as the stages use it.
 
-  python scripts/benchmark_feedback.py --latency_ms 50 --concurrency 1 16 64 256
+  python tools/benchmark_feedback.py --latency_ms 50 --concurrency 1 16 64 256
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 and reward forward passes, advantages) and update (ppo_epochs x mini-batches), and the
 rollout's tokens/s, on a random-weight model of a given shape.
 
-  python scripts/benchmark_ppo.py --preset tiny
-  python scripts/benchmark_ppo.py --preset small --rollout_batch 64 --new_tokens 128 --dtype bfloat16
+  python tools/benchmark_ppo.py --preset tiny
+  python tools/benchmark_ppo.py --preset small --rollout_batch 64 --new_tokens 128 --dtype bfloat16
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 cost analysis of each compiled program. Run it under different XLA_FLAGS or --remat /
 --no_scan to compare variants.
 
-  python scripts/profile_train_step.py --preset small --batch 4 --seq_len 256
-  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python scripts/profile_train_step.py --preset tiny
-  python scripts/profile_train_step.py --preset small --layers 1   # vs --layers 2: one layer, the rest
+  python tools/profile_train_step.py --preset small --batch 4 --seq_len 256
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python tools/profile_train_step.py --preset tiny
+  python tools/profile_train_step.py --preset small --layers 1   # vs --layers 2: one layer, the rest
 """
 
 from __future__ import annotations
