@@ -43,6 +43,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.train.kto",
     "rlaif_jax.train.orpo",
     "rlaif_jax.train.cpo",
+    "rlaif_jax.feedback.ratings",
 )
 
 
