@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Mapping, Optional
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import gin
 
@@ -104,7 +105,7 @@ def labelled_from_preferences(pairs: Iterable[Mapping[str, Any]]) -> list[dict]:
 
 
 def _rating_comparisons(comparisons: str) -> list[dict]:
-    """The critic set's comparisons.jsonl, checked to come from rating mode."""
+    """A critic set's comparisons.jsonl, checked to come from rating mode."""
     setting = binding("rating_labels_stage.comparisons")
     existing_path(setting, comparisons, "critic comparison set")
     mode = read_manifest(comparisons, COMPARISONS).get("provenance", {}).get("mode")
@@ -146,24 +147,26 @@ def _write(out_dir, records, counts, provenance, num_shards, overwrite, stage) -
 
 @gin.configurable
 def rating_labels_stage(
-    comparisons: str = gin.REQUIRED,
+    comparisons: str | Sequence[str] = gin.REQUIRED,
     out_dir: str = gin.REQUIRED,
     threshold: float = 3.0,
     num_shards: int = 1,
     overwrite: bool = False,
 ) -> dict:
-    """A critic's rating-mode comparisons -> LABELLED records (see the module docstring for
-    the threshold rule) + report.json of the counts. Returns the manifest; its provenance
-    holds the counts of kept and dropped responses."""
+    """A critic's rating-mode comparison sets (one directory or several, e.g. one per policy
+    sample) -> LABELLED records (see the module docstring for the threshold rule) +
+    report.json of the counts. Returns the manifest; its provenance holds the counts of kept
+    and dropped responses."""
     whole(binding("rating_labels_stage.num_shards"), num_shards, 1)
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
         raise UserError(f"{binding('rating_labels_stage.threshold')} = {threshold!r}: give a number such as 3")
     with writer_lock(out_dir, "rating_labels_stage.out_dir"):
-        comps = _rating_comparisons(comparisons)
+        dirs = [comparisons] if isinstance(comparisons, (str, os.PathLike)) else list(comparisons)
+        comps = [c for d in dirs for c in _rating_comparisons(os.fspath(d))]
         records, counts = labelled_from_ratings(comps, threshold)
         log.info("rating labels: %s", counts)
         fio.makedirs(out_dir)
-        provenance = {"stage": "rating_labels", "comparisons": fio.abspath(comparisons), "threshold": threshold}
+        provenance = {"stage": "rating_labels", "comparisons": [fio.abspath(d) for d in dirs], "threshold": threshold}
         return _write(out_dir, records, counts, provenance, num_shards, overwrite, "rating_labels_stage")
 
 

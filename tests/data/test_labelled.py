@@ -65,6 +65,9 @@ def test_rating_labels_stage_writes_records_and_counts(tmp_path):
     counts = read_manifest(tmp_path / "labels")["provenance"]["counts"]
     assert counts["ties"] == 1 and counts["invalid"] == 1
     assert json.load(open(tmp_path / "labels" / "report.json")) == counts
+    second = _critic_dir(tmp_path / "critic2", "rating", [_comp("2", [4, 2])])
+    both = rating_labels_stage(comparisons=[critic, second], out_dir=str(tmp_path / "both"))
+    assert both["num_records"] == 4 and both["provenance"]["counts"]["responses"] == 6
     pairwise = _critic_dir(tmp_path / "pairwise", "pairwise", [_comp("0", None)])
     with pytest.raises(UserError, match="rating_labels_stage.comparisons.*critic_rating.gin"):
         rating_labels_stage(comparisons=pairwise, out_dir=str(tmp_path / "x"))
