@@ -18,8 +18,8 @@ from rlaif_jax.train.objectives import concat_pairs
 from tests.train.fixtures import tiny_config
 
 torch = pytest.importorskip("torch", reason="TRL runs on torch")
-pytest.importorskip("accelerate", reason="TRL's trainers import accelerate")
-pytest.importorskip("trl", reason="TRL's own loss functions (pip install trl; not a default dependency)")
+pytest.importorskip("trl", reason="TRL's own loss functions (pip install trl accelerate; not default dependencies)")
+pytest.importorskip("accelerate", reason="TRL's trainers import accelerate (pip install accelerate)")
 F = torch.nn.functional
 cpo_mod = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
 orpo_mod = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
