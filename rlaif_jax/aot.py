@@ -273,7 +273,7 @@ def train_step_programs(
     state = initial_state(params, tx, seed)
     ref = params if objective.needs_reference else None  # the loop's copy, placed alike
     batch = _placed_batch(batch, mesh)
-    jitted = jit_step(make_train_step(objective, model, tx, schedule, grad_accum, mesh), state, batch, mesh, ref)
+    jitted = jit_step(make_train_step(objective, model, tx, schedule, grad_accum), state, batch, mesh, ref)
     rows, length = next(iter(batch.values())).shape[:2]
     seqs = rows * (2 if any(k.startswith("chosen_") for k in batch) else 1)
     # 6N per token forward + backward; a reference forward adds 2N.

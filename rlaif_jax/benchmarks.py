@@ -108,7 +108,7 @@ def jax_train_runner(kind: str, model, params, mesh, batch: dict) -> Callable[[]
     tx, sched = make_optimizer(name="rmsprop", learning_rate=1e-6, clip_norm=CLIP_NORM)
     holder = {"state": create_state(jax.tree.map(lambda x: x.copy(), params), tx, 0)}
     ref = params if objective.needs_reference else None
-    step = jax.jit(make_train_step(objective, model, tx, sched, 1, mesh), donate_argnums=(0,))
+    step = jax.jit(make_train_step(objective, model, tx, sched, 1), donate_argnums=(0,))
     dev_batch = shd.shard_batch(batch, mesh)
 
     def run():

@@ -40,6 +40,10 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.synthetic.models",
     "rlaif_jax.arm",
     "rlaif_jax.iterative",
+    "rlaif_jax.train.kto",
+    "rlaif_jax.train.orpo",
+    "rlaif_jax.train.cpo",
+    "rlaif_jax.feedback.ratings",
 )
 
 

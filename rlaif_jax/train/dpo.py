@@ -94,7 +94,7 @@ class DPO:
     def needs_reference(self) -> bool:
         return self.reference == "model" and self.loss_type != "simpo"
 
-    def loss(self, model, params, batch, ref_params, rng, mesh):
+    def loss(self, model, params, batch, ref_params, rng):
         both = concat_pairs(batch)
         B = batch["chosen_tokens"].shape[0]
         mask = both["loss_mask"].astype(jnp.float32)

@@ -263,10 +263,8 @@ def _plan(
         ref_params = jax.tree.map(jnp.copy, params)
     state = init_state(params, tx, seed)
     del params
-    step_fn = compile_step(
-        make_train_step(objective, model, tx, schedule, grad_accum, the_mesh), state, the_mesh, ref_params
-    )
-    eval_fn = jax.jit(make_eval_step(objective, model, the_mesh)) if eval_data else None
+    step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum), state, the_mesh, ref_params)
+    eval_fn = jax.jit(make_eval_step(objective, model)) if eval_data else None
     peak = peak_tflops(jax.devices()[0], peak_device_tflops)
 
     def step(state, batch):

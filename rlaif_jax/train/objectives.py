@@ -13,18 +13,27 @@ from typing import Any, Optional, Protocol
 import jax
 import jax.numpy as jnp
 
+from rlaif_jax.train.logprobs import lm_forward, model_token_logps
+
 Metrics = dict  # name -> (sum, count)
 
 
 class Objective(Protocol):
-    data_kind: str  # "sft" or "preference": which pipeline feeds it
+    data_kind: str  # "sft", "preference" or "labelled" (KTO): which pipeline feeds it
     lm_head: bool
     scalar_heads: tuple
     needs_reference: bool  # whether a frozen reference param tree must be passed in
 
-    def loss(self, model, params, batch: dict, ref_params: Optional[Any], rng: Optional[jax.Array], mesh) -> tuple:
+    def loss(self, model, params, batch: dict, ref_params: Optional[Any], rng: Optional[jax.Array]) -> tuple:
         """-> (loss_sum, weight, metrics). rng is None in evaluation."""
         ...
+
+
+# Optional, for objectives that need a statistic of the whole step batch (KTO's KL reference
+# point) and metrics derived from several means (train.step calls them when present):
+#   batch_statistics(model, params, batch, ref_params) -> {name: (sum, count)}
+#       summed over micro-batches and shards, then passed to loss() as batch[name] = sum / count
+#   derived_metrics(means: dict) -> dict of extra logged scalars
 
 
 def train_rngs(model, rng: Optional[jax.Array]) -> dict:
@@ -64,3 +73,24 @@ def concat_pairs(batch: dict) -> dict:
     for key in ("tokens", "positions", "segment_ids", "loss_mask"):
         out[key] = jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
     return out
+
+
+def response_logps(model, params, seqs: dict, rng: Optional[jax.Array] = None) -> tuple:
+    """(forward output, [B] summed response log-probs, [B] response token counts >= 1) of one
+    padded batch (tokens / positions / segment_ids / loss_mask), by vocabulary chunks when the
+    model has them."""
+    mask = seqs["loss_mask"].astype(jnp.float32)
+    out = lm_forward(model, params, seqs["tokens"], seqs["positions"], seqs["segment_ids"], **train_rngs(model, rng))
+    sums = (model_token_logps(model, params, out, seqs["tokens"]) * mask).sum(-1)
+    return out, sums, jnp.maximum(mask.sum(-1), 1.0)
+
+
+def chosen_nll(sums: jax.Array, n_tok: jax.Array, mask: jax.Array, convention: str) -> jax.Array:
+    """The NLL (SFT) term of a pair objective as a sum over its B pairs (the step divides by B):
+    "ours" each chosen response's per-token NLL, summed over pairs (exact under gradient
+    accumulation); "trl" TRL's `nn.CrossEntropyLoss` over every chosen token of the (micro-)
+    batch, times B. sums / n_tok / mask: the chosen rows' summed log-probs, token counts and
+    [B, T] loss mask."""
+    if convention == "trl":
+        return -sums.sum() / jnp.maximum(mask.sum(), 1.0) * sums.shape[0]
+    return -(sums / n_tok).sum()

@@ -42,7 +42,7 @@ class RewardModel:
         non_negative(binding("RewardModel.margin"), self.margin)
         non_negative(binding("RewardModel.center_coef"), self.center_coef)
 
-    def loss(self, model, params, batch, ref_params, rng, mesh):
+    def loss(self, model, params, batch, ref_params, rng):
         both = concat_pairs(batch)
         B = batch["chosen_tokens"].shape[0]
         out = apply(model, params, both["tokens"], both["positions"], both["segment_ids"], **train_rngs(model, rng))

@@ -32,7 +32,7 @@ class SFT:
     def __post_init__(self):
         one_of(binding("SFT.reduction"), self.reduction, ("sum", "mean"))
 
-    def loss(self, model, params, batch, ref_params, rng, mesh):
+    def loss(self, model, params, batch, ref_params, rng):
         tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
         out = lm_forward(model, params, tokens, batch["positions"], batch["segment_ids"], **train_rngs(model, rng))
         if chunked(model):

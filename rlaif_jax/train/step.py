@@ -98,17 +98,54 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: Optional[Mesh] = None):
+def batch_statistics(objective, model, params, batch: dict, ref_params: Any, grad_accum: int = 1) -> dict:
+    """The scalars an objective needs from its whole step batch before any gradient (KTO's
+    KL reference point): `objective.batch_statistics(model, params, batch, ref_params)` gives
+    (sum, count) pairs; they are summed over the grad_accum micro-batches (rows i, i+k, ...,
+    as the step splits them) and returned as {name: sum / count}, without gradient. The batch
+    is a global array, so the sums already span every data-parallel shard. Empty when the
+    objective has no batch_statistics."""
+    fn = getattr(objective, "batch_statistics", None)
+    if fn is None:
+        return {}
+    if grad_accum == 1:
+        sums = fn(model, params, batch, ref_params)
+    else:
+        micro = jax.tree.map(lambda x: _split_rows(x, grad_accum), batch)
+        one = lambda mb: fn(model, params, mb, ref_params)  # noqa: E731
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
+        )
+
+        def body(carry, mb):
+            return _tree_add(carry, one(mb)), None
+
+        sums, _ = jax.lax.scan(body, zeros, micro)
+    return {name: jax.lax.stop_gradient(s / jnp.maximum(c, 1e-9)) for name, (s, c) in sums.items()}
+
+
+def _split_rows(x, grad_accum: int):
+    """[B, ...] -> [grad_accum, B // grad_accum, ...]; micro-batch j holds rows j, j+k, ...,
+    so each stays spread over every data shard."""
+    if x.shape[0] % grad_accum:
+        raise ValueError(f"batch of {x.shape[0]} rows does not split into {grad_accum} micro-batches")
+    return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+
+
+def make_train_step(objective, model, tx, schedule, grad_accum: int = 1):
     """step(state, batch, ref_params) -> (state, metrics); pure, for jax.jit.
 
     With grad_accum = k the batch is split into k micro-batches (rows i, i+k, i+2k, ...,
     so each stays spread over every data shard) and their summed gradients applied once.
+    An objective's batch_statistics (see `batch_statistics`) are taken over the whole step
+    batch first and handed to every micro-batch's loss as extra batch entries, so such an
+    objective, too, gets exactly the gradient of one large batch.
     A step whose loss or gradient norm is not finite leaves params and optimizer state
     unchanged and records its number in state.nonfinite_step.
     """
 
     def loss_fn(params, batch, ref_params, key):
-        loss_sum, weight, metrics = objective.loss(model, params, batch, ref_params, key, mesh)
+        loss_sum, weight, metrics = objective.loss(model, params, batch, ref_params, key)
         return loss_sum, (weight, metrics)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -116,26 +153,21 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
     def step(state: TrainState, batch: dict, ref_params: Any):
         rng = jax.random.wrap_key_data(state.rng)
         rng, key = jax.random.split(rng)
+        stats = batch_statistics(objective, model, state.params, batch, ref_params, grad_accum)
         if grad_accum == 1:
-            (loss_sum, (weight, metrics)), grads = grad_fn(state.params, batch, ref_params, key)
+            (loss_sum, (weight, metrics)), grads = grad_fn(state.params, {**batch, **stats}, ref_params, key)
         else:
-
-            def split(x):
-                if x.shape[0] % grad_accum:
-                    raise ValueError(f"batch of {x.shape[0]} rows does not split into {grad_accum} micro-batches")
-                return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
-
-            micro = jax.tree.map(split, batch)
+            micro = jax.tree.map(lambda x: _split_rows(x, grad_accum), batch)
 
             def body(carry, xs):
                 mb, k = xs
                 mb = jax.tree.map(
                     lambda x: shd.constrain(model.layout, x, ("activation_batch",) + (None,) * (x.ndim - 1)), mb
                 )
-                (ls, (w, m)), g = grad_fn(state.params, mb, ref_params, k)
+                (ls, (w, m)), g = grad_fn(state.params, {**mb, **stats}, ref_params, k)
                 return _tree_add(carry, (ls, w, m, g)), None
 
-            first = jax.tree.map(lambda x: x[0], micro)
+            first = {**jax.tree.map(lambda x: x[0], micro), **stats}
             shapes = jax.eval_shape(grad_fn, state.params, first, ref_params, key)
             (ls0, (w0, m0)), g0 = shapes
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (ls0, w0, m0, g0))
@@ -147,6 +179,7 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
         loss = loss_sum / weight
         params, opt_state, finite, grad_norm = update_if_finite(tx, grads, state.opt_state, state.params, loss)
         out = {name: s / jnp.maximum(c, 1e-9) for name, (s, c) in metrics.items()}
+        out = derived_metrics(objective, out)
         out.update(
             loss=loss,
             grad_norm=grad_norm,
@@ -165,12 +198,20 @@ def make_train_step(objective, model, tx, schedule, grad_accum: int = 1, mesh: O
     return step
 
 
-def make_eval_step(objective, model, mesh: Optional[Mesh] = None):
+def derived_metrics(objective, means: dict) -> dict:
+    """`means` plus what an objective derives from them (KTO's rewards/margins, a difference
+    of two means over different rows, which no single (sum, count) pair gives)."""
+    fn = getattr(objective, "derived_metrics", None)
+    return {**means, **fn(means)} if fn is not None else means
+
+
+def make_eval_step(objective, model):
     """eval(params, batch, ref_params) -> metric sums/counts (for averaging over batches).
     The objective gets rng None: no training-only noise (MoE router jitter)."""
 
     def evaluate(params, batch, ref_params):
-        loss_sum, weight, metrics = objective.loss(model, params, batch, ref_params, None, mesh)
+        stats = batch_statistics(objective, model, params, batch, ref_params)
+        loss_sum, weight, metrics = objective.loss(model, params, {**batch, **stats}, ref_params, None)
         metrics = dict(metrics, loss=(loss_sum, weight))
         return metrics
 

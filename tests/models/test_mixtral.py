@@ -408,7 +408,7 @@ def test_objectives_add_the_aux_loss(objective):
         cfg = CFG.replace(output_router_logits=with_aux, router_aux_loss_coef=0.5)
         model = build_model(cfg, lm_head=obj.lm_head, scalar_heads=obj.scalar_heads)
         params = init_params(model, jax.random.key(0))
-        loss_sum, weight, metrics = jax.jit(lambda p: obj.loss(model, p, batch, None, jax.random.key(0), None))(params)
+        loss_sum, weight, metrics = jax.jit(lambda p: obj.loss(model, p, batch, None, jax.random.key(0)))(params)
         results[with_aux] = (float(loss_sum / weight), {k: float(s / c) for k, (s, c) in metrics.items()})
     (plain, m0), (total, m1) = results[False], results[True]
     assert "moe/aux_loss" not in m0 and m1["moe/aux_loss"] > 0

@@ -25,7 +25,7 @@ def _eos_embedding_grad(batch: dict) -> float:
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def loss(p):
-        total, weight, _ = SFT().loss(model, p, batch, None, jax.random.key(1), None)
+        total, weight, _ = SFT().loss(model, p, batch, None, jax.random.key(1))
         return total / weight
 
     grads = jax.grad(loss)(params)

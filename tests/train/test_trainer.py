@@ -180,7 +180,7 @@ def _one_step(world, batch, grad_accum, mesh=None, objective=None, steps=1):
     params = init_params(model, jax.random.key(0))
     tx, sched = make_optimizer(name="sgd", learning_rate=0.5, clip_norm=None)
     state = create_state(params, tx, 0)
-    step = jax.jit(make_train_step(objective, model, tx, sched, grad_accum, mesh))
+    step = jax.jit(make_train_step(objective, model, tx, sched, grad_accum))
     b = batch if mesh is None else shd.shard_batch(batch, mesh)
     for _ in range(steps):
         state, metrics = step(state, b, None)
@@ -250,8 +250,8 @@ def test_dpo_with_precomputed_reference_equals_reference_model(world):
     )
     pre = dict(batch, ref_chosen_logps=np.asarray(lp[:8]), ref_rejected_logps=np.asarray(lp[8:]))
     for avg in (False, True):
-        a = DPO(reference="model", average_log_prob=avg).loss(model, policy, batch, ref, None, None)
-        b = DPO(reference="precomputed", average_log_prob=avg).loss(model, policy, pre, None, None, None)
+        a = DPO(reference="model", average_log_prob=avg).loss(model, policy, batch, ref, None)
+        b = DPO(reference="precomputed", average_log_prob=avg).loss(model, policy, pre, None, None)
         assert float(a[0]) == pytest.approx(float(b[0]), rel=1e-5)
         assert float(a[2]["rewards/margins"][0]) == pytest.approx(float(b[2]["rewards/margins"][0]), rel=1e-4, abs=1e-5)
 

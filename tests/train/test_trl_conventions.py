@@ -53,7 +53,7 @@ def setup():
 
 
 def _ours(s, **kw):
-    loss_sum, weight, m = DPO(**kw).loss(s["model"], s["policy"], s["batch"], s["ref"], None, None)
+    loss_sum, weight, m = DPO(**kw).loss(s["model"], s["policy"], s["batch"], s["ref"], None)
     return float(loss_sum) / float(weight), {k: float(v[0]) / float(v[1]) for k, v in m.items()}
 
 

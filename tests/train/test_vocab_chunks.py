@@ -92,7 +92,7 @@ def _models(tied):
 def _compare_loss(objective, full, chunk, params, batch, ref_params=None):
     def loss(model):
         def f(p):
-            loss_sum, weight, metrics = objective.loss(model, p, batch, ref_params, None, None)
+            loss_sum, weight, metrics = objective.loss(model, p, batch, ref_params, None)
             return loss_sum / weight, metrics
 
         return jax.jit(jax.value_and_grad(f, has_aux=True))(params)

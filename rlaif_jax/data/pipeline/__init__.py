@@ -10,7 +10,7 @@ from rlaif_jax.data.pipeline.batches import (
     pad_batch,
     pad_preference_batch,
 )
-from rlaif_jax.data.pipeline.builders import load_host_records, preference_pipeline, sft_pipeline
+from rlaif_jax.data.pipeline.builders import labelled_pipeline, load_host_records, preference_pipeline, sft_pipeline
 from rlaif_jax.data.pipeline.iterator import (
     DataIterator,
     IndexStream,
@@ -29,6 +29,7 @@ __all__ = [
     "RowPacker",
     "as_document_stream",
     "empty_batch",
+    "labelled_pipeline",
     "load_host_records",
     "pack_batch",
     "packing_efficiency",

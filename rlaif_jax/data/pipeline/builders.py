@@ -26,8 +26,10 @@ from rlaif_jax.data.pipeline.iterator import (
     PreferenceBatcher,
     fingerprint,
 )
+from rlaif_jax.data.pipeline.labelled import LabelledBatcher
 from rlaif_jax.data.records import (
     DEMONSTRATIONS,
+    LABELLED,
     PREFERENCES,
     Schema,
     read_manifest,
@@ -318,6 +320,78 @@ def preference_pipeline(
     stream = IndexStream(len(pairs), epoch_size, seed, shuffle, num_epochs, process_index)
     fp = fingerprint(
         kind="preference",
+        data=checksums,
+        batch=batch_size,
+        seq_len=seq_len,
+        template=enc.template.name,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation=truncation_mode,
+        seed=seed,
+        shuffle=shuffle,
+        process=(process_index, process_count),
+        tokenizer=_tokenizer_hash(tok),
+    )
+    return DataIterator(batcher, stream, fp, state, prefetch, transform)
+
+
+@gin.configurable
+def labelled_pipeline(
+    data_dirs: str | Sequence[str],
+    tokenizer: Any,
+    *,
+    batch_size: Optional[int] = None,
+    global_batch_size: Optional[int] = None,
+    seq_len: int = 512,
+    template: str = "paper",
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation_mode: str = "keep_end",
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: Optional[int] = None,
+    drop_remainder: bool = True,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    prefetch: int = 2,
+    transform: Optional[Callable[[dict], Any]] = None,
+    state: Optional[dict] = None,
+) -> DataIterator:
+    """KTO batches (rlaif_jax.data.pipeline.labelled: the SFT keys, `label`, and the
+    mismatched `kl_*` rows) from LABELLED record sets.
+
+    Bind one of batch_size (examples per process) or global_batch_size, as sft_pipeline. The
+    mismatched pairs cycle completions within each process's batch, so it needs at least 2
+    rows: with one, a row's "mismatched" completion would be its own.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    batch_size = per_process_batch("labelled_pipeline", batch_size, global_batch_size, process_count)
+    check_settings(
+        "labelled_pipeline",
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        num_epochs=num_epochs,
+        prefetch=prefetch,
+    )
+    if batch_size < 2:
+        raise ConfigError(
+            f"{binding('labelled_pipeline.batch_size')}: {batch_size} row per process leaves KTO no mismatched "
+            "completion for its KL estimate (each row pairs its prompt with another row's completion); use 2 or more"
+        )
+    process_index, process_count, tok, records, epoch_size, checksums = _host_inputs(
+        data_dirs, LABELLED, "labelled completions", tokenizer, process_index, process_count
+    )
+    enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
+    examples = _encode_in_chunks(
+        records, lambda c: enc.encode_sft([r["prompt"] for r in c], [r["completion"] for r in c])
+    )
+    labels = np.asarray([r["label"] for r in records], np.float32)
+    batcher = LabelledBatcher(examples, labels, batch_size, seq_len, max_length, drop_remainder)
+    stream = IndexStream(len(examples), epoch_size, seed, shuffle, num_epochs, process_index)
+    fp = fingerprint(
+        kind="labelled",
         data=checksums,
         batch=batch_size,
         seq_len=seq_len,

@@ -122,7 +122,23 @@ PREFERENCES = Schema(
     ),
 )
 
-SCHEMAS = {s.name: s for s in (PROMPTS, DEMONSTRATIONS, COMPARISONS, PREFERENCES)}
+# Unpaired labelled completions (KTO): written from a critic's 1-5 ratings
+# (rlaif_jax.feedback.ratings.rating_labels_stage) or by unpairing preference pairs.
+LABELLED = Schema(
+    "labelled",
+    1,
+    (
+        _text("prompt_id"),
+        _text("prompt"),
+        _text("completion"),
+        Field("label", "int", choices=(0, 1), doc="1 desirable, 0 undesirable"),
+        _text("source", doc="where the label came from, e.g. the critic, its rating and threshold"),
+        Field("rating", "float", required=False, doc="the critic's rating the label was read from"),
+        _text("source_model", required=False, doc="model that wrote the completion"),
+    ),
+)
+
+SCHEMAS = {s.name: s for s in (PROMPTS, DEMONSTRATIONS, COMPARISONS, PREFERENCES, LABELLED)}
 
 
 def get_schema(name: str) -> Schema:
