@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "samples": ("rlaif_jax.commands.samples:main", "sample an SFT policy on the feedback prompts"),
     "critic": ("rlaif_jax.commands.critic:main", "the critic's pairwise judgments of two response sets"),
     "preferences": ("rlaif_jax.commands.preferences:main", "comparisons -> preference pairs and a report"),
+    "labels": ("rlaif_jax.commands.labels:main", "critic ratings (or unpaired pairs) -> KTO's labelled completions"),
     "audit": ("rlaif_jax.commands.audit:main", "the teacher-critic gap audit, before any training"),
     "evaluate": ("rlaif_jax.commands.evaluate:main", "AlpacaEval-style win rates of a checkpoint or outputs"),
     "report": ("rlaif_jax.commands.report:main", "tables and plots across evaluation runs"),
