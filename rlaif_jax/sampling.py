@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlaif_jax import continuous_batching
 from rlaif_jax import sharding as shd
 from rlaif_jax.models.decoder import Transformer
 from rlaif_jax.models.kv_cache import CACHE_LOGICAL_AXES, init_cache
@@ -37,6 +38,10 @@ class SamplingParams:
     pad_id: int = 0
     # Prompt lengths are rounded up to a multiple of this to bound recompilation.
     prompt_bucket: int = 16
+    # Continuous batching (continuous_batching.py): decode this many rows at a time, a finished
+    # row's slot taking the next prompt, when a call has more prompts than slots (one device).
+    # The same samples as the static batch; 0 decodes every prompt of a call as one batch.
+    slots: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -47,6 +52,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.slots < 0:
+            raise ValueError(f"slots must be >= 0 (0: one static batch), got {self.slots}")
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
 
 
@@ -235,6 +242,8 @@ def generate(
       SampleOutput with host arrays tokens [B, T], lengths [B], logprobs [B, T],
       T = sampling.max_new_tokens.
     """
+    if sampling.slots and len(prompts) > sampling.slots and model.layout is None:
+        return continuous_batching.generate_continuous(model, params, prompts, rng, sampling, sampling.slots)
     tokens, positions, segs = left_pad(prompts, sampling.pad_id, sampling.prompt_bucket)
     fn = _compiled(model, sampling)
     if model.layout is not None:

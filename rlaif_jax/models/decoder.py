@@ -348,7 +348,7 @@ class Attention(nn.Module):
         if T == 1:
             # Written first: in a ring the slot overwritten held the key one window back,
             # which the window masks anyway.
-            filled = jnp.minimum(cache_index + 1, S)
+            filled = jnp.minimum(jnp.max(cache_index) + 1, S)  # per-row indices: the furthest row
             out = filled_attention(q, new, positions, segment_ids, filled, cfg.sliding_window, cfg.decode_block)
             return out, new
         if ring:
