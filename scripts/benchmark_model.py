@@ -42,6 +42,12 @@ def main():
     )
     ap.add_argument("--decode_block", type=int, default=None, help="DecoderConfig.decode_block (default: the config's)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU if not known")
+    ap.add_argument(
+        "--torch_threads",
+        type=int,
+        default=0,
+        help="PyTorch intra-op threads (0: every core; on a loaded machine 1 avoids spin-waiting)",
+    )
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument(
         "--moe_impl",
@@ -67,7 +73,7 @@ def main():
         import torch
         import transformers
 
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(args.torch_threads or os.cpu_count())
     if args.hf_dir:
         path = args.hf_dir
         if torch is not None:
