@@ -122,7 +122,8 @@ def generate_continuous(
     slots: int,
 ) -> smp.SampleOutput:
     """`sampling.generate`'s outputs (the same call, the same keys) with `slots` rows decoding
-    at a time: a finished row's slot takes the next prompt. Single-device (no layout)."""
+    at a time: a finished row's slot takes the next prompt. Single-device (no layout).
+    `rng`: one key (prompt i draws with fold_in(rng, i)) or one key per prompt [B]."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     if model.layout is not None:
@@ -131,7 +132,8 @@ def generate_continuous(
     B, P = tokens.shape
     T = sampling.max_new_tokens
     W = P + T
-    keys = smp.row_keys(smp._typed(rng), B)
+    rng = smp._typed(rng)
+    keys = rng if rng.ndim == 1 else smp.row_keys(rng, B)
     start, insert, decode = _programs(model, sampling, P, W)
     state = _empty_state(model, sampling, slots, W)
     out_tokens = np.full((B, T), sampling.pad_id, np.int32)
