@@ -36,6 +36,23 @@ def train_batch(kind: str, rs, batch: int, seq_len: int, vocab: int) -> dict:
     return {**make_batch(rs, batch, seq_len, vocab, "chosen_"), **make_batch(rs, batch, seq_len, vocab, "rejected_")}
 
 
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each fn() over `repeats` rounds that call every fn once in turn: on a
+    shared machine the load then falls on all of them alike, not on whichever ran last."""
+    import time
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
 # -- analytic FLOPs -------------------------------------------------------------------------
 
 

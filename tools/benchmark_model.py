@@ -35,8 +35,19 @@ def main():
     ap.add_argument(
         "--sliding_window", type=int, default=None, help="presets: a Mistral sliding window of this many tokens"
     )
+    ap.add_argument(
+        "--attention_impl",
+        default=None,
+        help="DecoderConfig.attention_impl for the forward (default: the config's, 'auto')",
+    )
     ap.add_argument("--decode_block", type=int, default=None, help="DecoderConfig.decode_block (default: the config's)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU if not known")
+    ap.add_argument(
+        "--torch_threads",
+        type=int,
+        default=0,
+        help="PyTorch intra-op threads (0: every core; on a loaded machine 1 avoids spin-waiting)",
+    )
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument(
         "--moe_impl",
@@ -49,7 +60,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from rlaif_jax.benchmarks import torch_generate
+    from rlaif_jax.benchmarks import interleaved_medians, torch_generate
     from rlaif_jax.models import apply, build_model
     from rlaif_jax.models.hf_io import load_hf
     from rlaif_jax.sampling import SamplingParams, generate
@@ -62,7 +73,7 @@ def main():
         import torch
         import transformers
 
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(args.torch_threads or os.cpu_count())
     if args.hf_dir:
         path = args.hf_dir
         if torch is not None:
@@ -82,6 +93,8 @@ def main():
     overrides = {} if args.moe_impl is None else {"moe_impl": args.moe_impl}
     if args.decode_block is not None:
         overrides["decode_block"] = args.decode_block
+    if args.attention_impl is not None:
+        overrides["attention_impl"] = args.attention_impl
     cfg, params = load_hf(path, dtype=args.dtype, param_dtype=args.dtype, **overrides)
     model = build_model(cfg)
     dev = jax.devices()[0]
@@ -90,7 +103,19 @@ def main():
     ids = rs.randint(3, cfg.vocab_size, (B, T)).astype(np.int32)
     fwd = jax.jit(lambda p, t: apply(model, p, t)["logits"])
     ids_dev = jnp.asarray(ids)
-    t_jax = median_seconds(lambda: fwd(params, ids_dev).block_until_ready(), args.repeats)
+    fwd_fns = {"jax": lambda: fwd(params, ids_dev).block_until_ready()}
+    if hf_model is not None:
+        t_ids = torch.tensor(ids, dtype=torch.long)
+
+        def torch_fwd():
+            with torch.inference_mode():
+                return hf_model(t_ids).logits
+
+        fwd_fns["torch"] = torch_fwd
+    # Interleaved: the two frameworks' repetitions alternate, so a shared machine's load
+    # falls on both alike.
+    fwd_times = interleaved_medians(fwd_fns, args.repeats)
+    t_jax = fwd_times["jax"]
     n_params = cfg.num_params()
     n_active = cfg.num_params(active=True)  # MoE: the experts a token is routed to
     fwd_flops = B * T * (2 * n_active + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T)
@@ -120,9 +145,8 @@ def main():
 
     torch_rows = {}
     if hf_model is not None:
-        t_ids = torch.tensor(ids, dtype=torch.long)
+        t_fwd = fwd_times["torch"]
         with torch.inference_mode():
-            t_fwd = median_seconds(lambda: hf_model(t_ids).logits, args.repeats)
             p_ids = torch.tensor(np.array(prompts), dtype=torch.long)
             t_tgen = median_seconds(lambda: torch_generate(hf_model, p_ids, args.new_tokens), args.repeats)
         torch_rows = {"forward": B * T / t_fwd, "generate": B * args.new_tokens / t_tgen}
@@ -134,7 +158,7 @@ def main():
             f"{name:10s} {tps:16.1f} {'' if ref is None else f'{ref:16.1f}':>16} "
             f"{'' if ref is None else f'{tps / ref:7.2f}'}"
         )
-    print(f"\nforward: batch {B} x {T} tokens, MFU {mfu}")
+    print(f"\nforward: batch {B} x {T} tokens, attention {cfg.attention_impl}, MFU {mfu}")
     print(f"generate: batch {B}, prompt {args.prompt_len}, {args.new_tokens} new tokens (greedy, no early stop)")
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:

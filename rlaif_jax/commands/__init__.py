@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("rlaif_jax.commands.evaluate:main", "AlpacaEval-style win rates of a checkpoint or outputs"),
     "report": ("rlaif_jax.commands.report:main", "tables and plots across evaluation runs"),
     "sweep": ("rlaif_jax.commands.sweep:main", "expand a grid of bindings into runs; run, print or tabulate"),
+    "plan": ("rlaif_jax.plan:main", "price a run before it runs: FLOPs, time, chip-hours, API dollars per stage"),
     "aot": ("rlaif_jax.commands.aot:main", "compile a run for a TPU slice you do not have; memory per chip"),
     "serve": ("rlaif_jax.commands.serve:main", "an OpenAI-compatible server over a checkpoint or the synthetic world"),
     "prepare": ("rlaif_jax.commands.prepare:main", "prompt sources and the paper's released data -> records"),

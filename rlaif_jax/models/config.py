@@ -19,7 +19,7 @@ from rlaif_jax import errors
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 MOE_IMPLS = ("ragged", "dense")
 # Attention kernels (see DecoderConfig.attention_impl and docs/model_api.md).
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash", "blocked")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 _DTYPES = {
@@ -94,8 +94,10 @@ class DecoderConfig:
     # Attention kernel for the full-sequence (no KV cache) forward: "einsum" (the reference:
     # a materialised [B, H, T, T] float32 score tensor), "xla" (jax.nn.dot_product_attention
     # with implementation="xla" and the exact boolean mask), "cudnn" (cuDNN flash attention,
-    # NVIDIA GPU, bf16/fp16 only), "splash" (the Pallas splash-attention kernel, TPU only) or
-    # "auto" (cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, else einsum). Decoding with
+    # NVIDIA GPU, bf16/fp16 only), "splash" (the Pallas splash-attention kernel, TPU only),
+    # "blocked" (models/blocked_attention.py: causal query blocks with an online softmax, for
+    # the CPU) or "auto" (cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, blocked on CPU
+    # from decoder.BLOCKED_MIN_LENGTH tokens, else einsum). Decoding with
     # a KV cache always uses einsum. A runtime choice: never written to an HF config.json.
     attention_impl: str = "auto"
     # Training log-probs by vocabulary chunks of this many ids (train.vocab_chunks): the

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import errors
 from rlaif_jax.models import kv_cache
+from rlaif_jax.models.blocked_attention import blocked_attention
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.kv_cache import CACHE_LOGICAL_AXES, init_cache  # noqa: F401 - re-exported
@@ -149,6 +150,8 @@ def filled_attention(q, cache: dict, q_pos, q_seg, filled, sliding_window, block
 _BINDING = "DecoderConfig.attention_impl"
 # Run the splash kernel in Pallas interpret mode (tests on CPU); off the TPU it is refused.
 SPLASH_INTERPRET = False
+# 'auto' on CPU runs 'blocked' from this length (einsum's [T, T] scores cost most there).
+BLOCKED_MIN_LENGTH = 512
 
 
 def _is_cuda() -> bool:
@@ -171,8 +174,8 @@ def platform(layout: Optional[Layout] = None) -> str:
 
 def resolve_attention_impl(cfg: DecoderConfig, length: int, layout: Optional[Layout] = None) -> str:
     """The kernel `cfg.attention_impl` means on the model's platform (see `platform`) for a
-    sequence of `length`: 'auto' is cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, else
-    einsum (so CPU runs are unchanged). Splash tiles the sequence in blocks of 128: other
+    sequence of `length`: 'auto' is cudnn on an NVIDIA GPU in bf16/fp16, splash on TPU, blocked
+    on CPU from BLOCKED_MIN_LENGTH tokens, else einsum. Splash tiles the sequence in blocks of 128: other
     lengths (the 4-token init, short batches) run einsum."""
     impl = cfg.attention_impl
     if impl == "splash" and length % 128:
@@ -190,6 +193,8 @@ def resolve_attention_impl(cfg: DecoderConfig, length: int, layout: Optional[Lay
         and cfg.head_dim <= 256
     ):
         return "cudnn"
+    if backend == "cpu" and length >= BLOCKED_MIN_LENGTH:
+        return "blocked"
     return "einsum"
 
 
@@ -215,6 +220,8 @@ def fused_attention(impl, q, k, v, positions, segment_ids, sliding_window, layou
         return _index_masked_sdpa(q, k, v, segment_ids, sliding_window, "cudnn")
     if impl == "splash":
         return _splash(q, k, v, segment_ids, sliding_window, layout)
+    if impl == "blocked":
+        return blocked_attention(q, k, v, positions, segment_ids, positions, segment_ids, sliding_window)
     raise errors.ConfigError(f"{_BINDING} = {impl!r}: not a fused kernel")  # checked in config
 
 
@@ -341,7 +348,7 @@ class Attention(nn.Module):
         if T == 1:
             # Written first: in a ring the slot overwritten held the key one window back,
             # which the window masks anyway.
-            filled = jnp.minimum(cache_index + 1, S)
+            filled = jnp.minimum(jnp.max(cache_index) + 1, S)  # per-row indices: the furthest row
             out = filled_attention(q, new, positions, segment_ids, filled, cfg.sliding_window, cfg.decode_block)
             return out, new
         if ring:

@@ -53,12 +53,25 @@ def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
     }
 
 
+def _write_rows(cache: dict, new: dict, slots) -> dict:
+    """Row b's one new entry at slot slots[b] (a select, not a scatter: cheap on every backend)."""
+    hit = jnp.arange(cache["k"].shape[1], dtype=jnp.int32)[None, :] == slots[:, None]  # [B, S]
+    out = {}
+    for name, c in cache.items():
+        h = hit.reshape(hit.shape + (1,) * (c.ndim - 2))
+        out[name] = jnp.where(h, new[name].astype(c.dtype), c)
+    return out
+
+
 def write(cache: dict, k, v, positions, segment_ids, cache_index, ring: bool) -> dict:
     """One layer's cache ({k, v: [B, S, KV, D], pos, seg: [B, S]}) with a call's T tokens
     written at sequence indices [cache_index, cache_index + T): at those slots, or, in a ring,
-    at index % S, keeping only the last S when T > S."""
+    at index % S, keeping only the last S when T > S. A decode step (T = 1) may give one
+    index per row (cache_index [B]: continuous batching's slots each at their own length)."""
     new = {"k": k, "v": v, "pos": positions, "seg": segment_ids}
     S, T = cache["k"].shape[1], k.shape[1]
+    if T == 1 and jnp.ndim(cache_index) == 1:  # one decode step, each row at its own index
+        return _write_rows(cache, new, jnp.asarray(cache_index, jnp.int32) % S if ring else cache_index)
     if not ring:
         return {
             name: jax.lax.dynamic_update_slice_in_dim(c, new[name].astype(c.dtype), cache_index, axis=1)
