@@ -103,7 +103,8 @@ def train(
         r-1's policy and keeps the SFT model as the reference. None: the initial params.
 
         train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
-        tokenizer=..., state=... (the iterator position to resume from). `loop` (logging,
+        tokenizer=..., state=... (the iterator position to resume from); eval_data also with
+        num_epochs=1, so that an evaluation is one pass whatever is bound. `loop` (logging,
         checkpoints, export) defaults to a LoopSettings built here, so gin's `LoopSettings.*`
         bindings hold. `stop_after` ends the process-side loop early without a final checkpoint:
         preemption in tests.
@@ -312,8 +313,10 @@ def _plan(
 
 
 def evaluate(eval_fn, params, eval_data: Callable, tok, mesh, ref_params, max_batches: Optional[int]) -> dict:
-    """Metric averages over one pass of the held-out iterator (sums / counts, exactly)."""
-    it = eval_data(tokenizer=tok, state=None)
+    """Metric averages over one pass of the held-out iterator (sums / counts, exactly).
+    One pass whatever the binding: a pipeline left repeating forever (num_epochs=None, the
+    default, as when a scope typo drops eval/...num_epochs) would never end the evaluation."""
+    it = eval_data(tokenizer=tok, state=None, num_epochs=1)
     sums: dict = {}
     try:
         for i, batch in enumerate(it):
