@@ -5,6 +5,7 @@ written or paid for is lost or paid twice. docs/reliability.md's table lists the
 
 import json
 import os
+import shutil
 
 import gin
 import pytest
@@ -23,7 +24,7 @@ from tests.feedback.conftest import (  # noqa: F401
     serve,
     write_prompts_jsonl,
 )
-from tests.train.fixtures import make_world
+from tests.train.fixtures import make_world, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -147,7 +148,7 @@ def sft_gin(tmp_path, run_dir, world, extra: str = "") -> str:
     path = tmp_path / f"sft_{abs(hash((str(run_dir), extra)))}.gin"
     path.write_text(f"""
 include '{ROOT}/configs/models/tiny_llama.gin'
-include '{ROOT}/configs/mesh/single_device.gin'
+make_mesh.data = -1
 custom_model_config.vocab_size = {world["vocab"]}
 custom_model_config.hidden_size = 32
 custom_model_config.intermediate_size = 64
@@ -158,7 +159,7 @@ train.tokenizer = '{world["tok_dir"]}'
 train.train_data = @sft_pipeline
 train.num_steps = 2
 sft_pipeline.data_dirs = '{world["demos"]}'
-sft_pipeline.batch_size = 4
+sft_pipeline.batch_size = 8
 sft_pipeline.seq_len = 32
 sft_pipeline.max_length = 32
 sft_pipeline.max_prompt_length = 16
@@ -166,3 +167,73 @@ sft_pipeline.prefetch = 0
 {extra}
 """)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(world, tmp_path_factory):
+    """A tiny HF model directory (zero weights: nothing to compile; the world's tokenizer),
+    written by save_hf."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+    from rlaif_jax.models import build_model
+    from rlaif_jax.models.hf_io import save_hf
+    from rlaif_jax.models.params import abstract_params
+
+    d = str(tmp_path_factory.mktemp("hf") / "model")
+    cfg = tiny_config(world["vocab"])
+    params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nn.unbox(abstract_params(build_model(cfg))))
+    save_hf(d, cfg, params, tokenizer=load_tokenizer(world["tok_dir"]))
+    return d
+
+
+def _truncate(d):
+    path = os.path.join(d, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return path
+
+
+def _reshape(d):
+    path = os.path.join(d, "config.json")
+    cfg = json.load(open(path))
+    cfg["intermediate_size"] = 48  # the weights say 64
+    json.dump(cfg, open(path, "w"))
+    return d
+
+
+def _drop_shard(d):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    os.remove(os.path.join(d, "model.safetensors"))
+    names = sorted(tensors)
+    first = {k: tensors[k] for k in names[: len(names) // 2]}
+    save_file(first, os.path.join(d, "model-00001-of-00002.safetensors"))
+    shard = {k: "model-00001-of-00002.safetensors" if k in first else "model-00002-of-00002.safetensors" for k in names}
+    json.dump({"weight_map": shard}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
+    return os.path.join(d, "model-00002-of-00002.safetensors")
+
+
+@pytest.mark.parametrize(
+    "break_it, says",
+    [
+        (_truncate, "not a readable safetensors file"),
+        (_reshape, "has shape (64, 32), its config.json implies (48, 32)"),
+        (_drop_shard, "missing, though the index lists it"),
+    ],
+    ids=["truncated", "wrong-shapes", "missing-shard"],
+)
+def test_broken_init_from_weights_are_one_line_naming_the_file(world, hf_dir, tmp_path, capsys, break_it, says):
+    d = str(tmp_path / "model")
+    shutil.copytree(hf_dir, d)
+    named = break_it(d)
+    gin_file = sft_gin(tmp_path, tmp_path / "run", world, f"train.init_from = '{d}'\ntrain.model_config = None")
+    rc, err = run_script(_train_main, [f"--gin_file={gin_file}"], capsys)
+    line = one_error_line(err)  # before: exit 1 and a traceback
+    assert rc == 2
+    assert line.startswith(f"error: {named}") and says in line and ("re-export" in line), line
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not (ckpts.exists() and os.listdir(ckpts)) and not (tmp_path / "run" / "hf").exists()
