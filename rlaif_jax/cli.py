@@ -44,6 +44,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.synthetic.models",
     "rlaif_jax.arm",
     "rlaif_jax.iterative",
+    "rlaif_jax.preflight",
 )
 
 
@@ -214,6 +215,8 @@ def run(main: Callable[..., Optional[int]], argv: Optional[Sequence[str]] = None
         line = user_error_line(e)
         if line is None or os.environ.get("RLAIF_TRACEBACK") == "1":
             raise
-        print(f"error: {line}", file=sys.stderr)
         inner = _unwrapped(e)
+        # The run preflight reports every problem it found, one line each.
+        for problem in getattr(inner, "problems", None) or [line]:
+            print(f"error: {problem}", file=sys.stderr)
         return inner.exit_status if isinstance(inner, Interrupted) else 2

@@ -19,6 +19,7 @@ from rlaif_jax.models import DecoderConfig, build_model, init_params
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.hf_io import load_hf, save_hf
+from rlaif_jax.preflight import run_preflight, train_checks
 from rlaif_jax.train.metrics import mfu, peak_tflops
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.run_loop import (
@@ -131,6 +132,10 @@ def train(
         init_dir = local_hf_dir(init_from, "init_from")
         tok_dir = local_hf_dir(tokenizer, "tokenizer", weights=False) or init_dir
         ref_dir = local_hf_dir(reference_from, "reference_from")
+        # Every model/tokenizer pairing, before the data or any weights load.
+        run_preflight(
+            train_checks(model_config, init_dir, ref_dir, local_hf_dir(tokenizer, "tokenizer", weights=False))
+        )
         return _plan(
             data_state,
             closing,

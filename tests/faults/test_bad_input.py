@@ -237,3 +237,207 @@ def test_broken_init_from_weights_are_one_line_naming_the_file(world, hf_dir, tm
     assert line.startswith(f"error: {named}") and says in line and ("re-export" in line), line
     ckpts = tmp_path / "run" / "checkpoints"
     assert not (ckpts.exists() and os.listdir(ckpts)) and not (tmp_path / "run" / "hf").exists()
+
+
+def test_an_eval_pass_ends_whatever_the_binding(world):
+    """An eval pipeline left repeating forever (num_epochs=None: unscoped, or the scope
+    misspelt) is still one pass. Run on a daemon thread, so a hang fails the test in 60 s
+    instead of hanging it."""
+    import functools
+    import threading
+
+    import jax
+
+    from rlaif_jax import sharding as shd
+    from rlaif_jax.data.pipeline.builders import sft_pipeline
+    from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+    from rlaif_jax.train.loop import evaluate
+
+    forever = functools.partial(
+        sft_pipeline, world["demos"], batch_size=8, seq_len=32, max_length=32, max_prompt_length=16, prefetch=0
+    )
+    rows = []
+
+    def count(params, batch, ref):  # the eval step's (sum, count) per metric
+        rows.append(len(batch["segment_ids"]))
+        return {"rows": (float(len(batch["segment_ids"])), 1.0)}
+
+    out = {}
+    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tok = load_tokenizer(world["tok_dir"])
+    t = threading.Thread(target=lambda: out.update(evaluate(count, None, forever, tok, mesh, None, None)), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the evaluation pass never ended"
+    assert out == {"rows": 8.0} and len(rows) == 32 // 8  # one pass over the 32 examples
+
+
+def _permuted_tokenizer(tok_dir, dest) -> str:
+    """The same tokenizer with two words' ids swapped: same size, other ids."""
+    shutil.copytree(tok_dir, dest)
+    path = os.path.join(dest, "tokenizer.json")
+    d = json.load(open(path))
+    vocab = d["model"]["vocab"]
+    a, b = [w for w in vocab if vocab[w] > 4][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    json.dump(d, open(path, "w"))
+    return str(dest)
+
+
+def _dpo_gin(tmp_path, world, init_from, extra="") -> str:
+    path = tmp_path / "dpo.gin"
+    path.write_text(f"""
+make_mesh.data = -1
+train.run_dir = '{tmp_path / "run"}'
+train.objective = @DPO()
+train.init_from = '{init_from}'
+train.train_data = @preference_pipeline
+train.num_steps = 2
+DPO.beta = 0.1
+preference_pipeline.data_dirs = '{world["prefs"]}'
+preference_pipeline.batch_size = 8
+preference_pipeline.seq_len = 32
+preference_pipeline.max_length = 32
+preference_pipeline.max_prompt_length = 16
+preference_pipeline.prefetch = 0
+{extra}
+""")
+    return str(path)
+
+
+def _nothing_trained(run_dir) -> None:
+    ckpts = run_dir / "checkpoints"
+    assert not (ckpts.exists() and os.listdir(ckpts)) and not (run_dir / "hf").exists()
+
+
+def test_a_tokenizer_of_the_same_size_but_other_ids_is_refused(world, hf_dir, tmp_path, capsys):
+    """Before: DPO trained and exported without a word."""
+    other = _permuted_tokenizer(world["tok_dir"], tmp_path / "other_tok")
+    rc, err = run_script(
+        _train_main, [f"--gin_file={_dpo_gin(tmp_path, world, hf_dir, f'train.tokenizer = {other!r}')}"], capsys
+    )
+    line = one_error_line(err)
+    assert rc == 2
+    assert line.startswith(f"error: train.tokenizer = '{other}' is not the tokenizer saved with train.init_from")
+    assert f"'{hf_dir}' (same {world['vocab']} tokens, other ids)" in line
+    _nothing_trained(tmp_path / "run")
+
+
+def test_a_tokenizer_larger_than_the_model_and_a_misfit_reference_are_all_reported(world, tmp_path, capsys):
+    """Before: "loss non-finite at step 0" and a traceback, blaming numerics. Two problems:
+    both reported, one line each."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from rlaif_jax.models import build_model
+    from rlaif_jax.models.hf_io import save_hf
+    from rlaif_jax.models.params import abstract_params
+
+    small = tiny_config(world["vocab"] - 8)
+    d = str(tmp_path / "small")
+    save_hf(
+        d, small, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nn.unbox(abstract_params(build_model(small))))
+    )
+    ref = str(tmp_path / "ref")
+    other = tiny_config(world["vocab"] + 8)
+    save_hf(
+        ref, other, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nn.unbox(abstract_params(build_model(other))))
+    )
+    extra = f"train.tokenizer = {world['tok_dir']!r}\ntrain.reference_from = {ref!r}"
+    rc, err = run_script(_train_main, [f"--gin_file={_dpo_gin(tmp_path, world, d, extra)}"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 2 and all(len(ln) < 300 for ln in lines), lines
+    assert f"train.init_from '{d}' has {world['vocab'] - 8} embeddings but train.tokenizer" in lines[0]
+    assert f"has {world['vocab']} tokens" in lines[0]
+    assert "train.reference_from" in lines[1] and "different vocabularies" in lines[1]
+    _nothing_trained(tmp_path / "run")
+
+
+def test_ppo_with_a_reward_model_of_another_vocabulary_is_refused(world, hf_dir, tmp_path, capsys):
+    """Before: policy vocab 422 and reward model vocab 64 died as a non-finite loss."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from rlaif_jax.cli import main_with_gin
+    from rlaif_jax.models import build_model
+    from rlaif_jax.models.hf_io import save_hf
+    from rlaif_jax.models.params import abstract_params
+    from rlaif_jax.train.ppo import train_ppo
+
+    rm_cfg = tiny_config(world["vocab"] - 8)
+    rm = str(tmp_path / "rm")
+    model = build_model(rm_cfg, lm_head=False, scalar_heads=("score",))
+    save_hf(
+        rm,
+        rm_cfg,
+        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nn.unbox(abstract_params(model))),
+        score_head=True,
+    )
+    gin_file = tmp_path / "ppo.gin"
+    gin_file.write_text(f"""
+make_mesh.data = -1
+train_ppo.run_dir = '{tmp_path / "run"}'
+train_ppo.policy = '{hf_dir}'
+train_ppo.reward_model = '{rm}'
+train_ppo.prompts = '{world["demos"]}'
+train_ppo.num_iterations = 1
+""")
+    rc, err = run_script(lambda argv: main_with_gin("ppo", train_ppo, argv), [f"--gin_file={gin_file}"], capsys)
+    line = one_error_line(err)
+    assert rc == 2
+    assert line.startswith(
+        f"error: train_ppo.policy '{hf_dir}' and train_ppo.reward_model '{rm}' have different vocabularies"
+    )
+    assert f"({world['vocab']} vs {world['vocab'] - 8} tokens)" in line
+    _nothing_trained(tmp_path / "run")
+
+
+def _preferences(world, dest, tie) -> str:
+    """The world's preference pairs with every `tie`-th one's rejected set to its chosen."""
+    from rlaif_jax.data.records import PREFERENCES, write_records
+
+    rows = list(read_records(world["prefs"], PREFERENCES))
+    rows = [dict(r, rejected=r["chosen"]) if i % tie == 0 else r for i, r in enumerate(rows)]
+    write_records(str(dest), PREFERENCES, rows)
+    return str(dest)
+
+
+def test_a_preference_set_of_tied_pairs_is_refused_and_a_few_warned_about(world, hf_dir, tmp_path, capsys, caplog):
+    """Before: DPO trained at loss 0.693 with zero gradient and exported a model."""
+    tied = _preferences(world, tmp_path / "tied", tie=1)
+    extra = f"preference_pipeline.data_dirs = {tied!r}"
+    rc, err = run_script(_train_main, [f"--gin_file={_dpo_gin(tmp_path, world, hf_dir, extra)}"], capsys)
+    line = one_error_line(err)
+    assert rc == 2
+    n = len(
+        list(
+            read_records(
+                tied, DEMONSTRATIONS.__class__ and __import__("rlaif_jax.data.records").data.records.PREFERENCES
+            )
+        )
+    )
+    assert line.startswith(f"error: {tied}: {n} of {n} preference pairs (100%) have chosen == rejected"), line
+    assert "above 20%" in line and "rebuild the pairs" in line
+    _nothing_trained(tmp_path / "run")
+
+    # One tied pair in 16 (6%): a warning, not a refusal (checked on the pipeline alone).
+    from rlaif_jax.data.pipeline.builders import preference_pipeline
+    from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+
+    gin.clear_config()
+    few = _preferences(world, tmp_path / "few", tie=16)
+    with caplog.at_level("WARNING", logger="rlaif_jax.preflight"):
+        it = preference_pipeline(
+            few,
+            load_tokenizer(world["tok_dir"]),
+            batch_size=8,
+            seq_len=32,
+            max_length=32,
+            max_prompt_length=16,
+            prefetch=0,
+        )
+        it.close()
+    assert any("preference pairs" in r.message and "above 1%" in r.message for r in caplog.records), caplog.text
