@@ -11,7 +11,7 @@ import gin
 import pytest
 
 from rlaif_jax.cli import run
-from rlaif_jax.data.records import DEMONSTRATIONS, read_records
+from rlaif_jax.data.records import DEMONSTRATIONS, PREFERENCES, read_records
 from rlaif_jax.errors import UserError
 from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector
 from rlaif_jax.feedback.stages import load_prompts, teacher_stage
@@ -397,7 +397,7 @@ train_ppo.num_iterations = 1
 
 def _preferences(world, dest, tie) -> str:
     """The world's preference pairs with every `tie`-th one's rejected set to its chosen."""
-    from rlaif_jax.data.records import PREFERENCES, write_records
+    from rlaif_jax.data.records import write_records
 
     rows = list(read_records(world["prefs"], PREFERENCES))
     rows = [dict(r, rejected=r["chosen"]) if i % tie == 0 else r for i, r in enumerate(rows)]
@@ -412,13 +412,7 @@ def test_a_preference_set_of_tied_pairs_is_refused_and_a_few_warned_about(world,
     rc, err = run_script(_train_main, [f"--gin_file={_dpo_gin(tmp_path, world, hf_dir, extra)}"], capsys)
     line = one_error_line(err)
     assert rc == 2
-    n = len(
-        list(
-            read_records(
-                tied, DEMONSTRATIONS.__class__ and __import__("rlaif_jax.data.records").data.records.PREFERENCES
-            )
-        )
-    )
+    n = len(list(read_records(tied, PREFERENCES)))
     assert line.startswith(f"error: {tied}: {n} of {n} preference pairs (100%) have chosen == rejected"), line
     assert "above 20%" in line and "rebuild the pairs" in line
     _nothing_trained(tmp_path / "run")
