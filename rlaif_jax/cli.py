@@ -209,7 +209,10 @@ def run(main: Callable[..., Optional[int]], argv: Optional[Sequence[str]] = None
         # paid for or trained since the last save, which a rerun resumes from.
         if os.environ.get("RLAIF_TRACEBACK") == "1":
             raise
-        print("error: stopped by SIGINT; what was saved before it is kept: rerun the same command", file=sys.stderr)
+        print(
+            "error: stopped at once (Ctrl-C, or a second signal); what was saved is kept: rerun the same command",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:
         line = user_error_line(e)

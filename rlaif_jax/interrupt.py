@@ -6,8 +6,9 @@ taking new requests, saves what has arrived and waits briefly for the answers in
 trainer checkpoints its current step when the last checkpoint is old. Then the work raises
 `Interrupted`, whose message says what was kept, and rlaif_jax.cli.run prints it as one
 `error:` line and exits 128 + the signal (130 for SIGINT, 143 for SIGTERM, what a TPU VM's
-preemption sends). A second signal asks to stop now (`Stop.hurry`): no more waiting.
-Outside `graceful()` the signals keep their default behaviour.
+preemption sends). A second signal stops at once (KeyboardInterrupt: what was saved is
+kept, nothing more is waited for), for work that takes long to notice the flag (a model
+loading or compiling). Outside `graceful()` the signals keep their default behaviour.
 """
 
 from __future__ import annotations
@@ -38,20 +39,13 @@ class Stop:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.signum: Optional[int] = None
-        self.count = 0
 
     @property
     def requested(self) -> bool:
         return self._event.is_set()
 
-    @property
-    def hurry(self) -> bool:
-        """A second signal: stop waiting for anything."""
-        return self.count > 1
-
     def set(self, signum: int) -> None:
         self.signum = self.signum or signum
-        self.count += 1
         self._event.set()
 
     def interrupted(self, kept: str) -> Interrupted:
@@ -75,8 +69,14 @@ def graceful() -> Iterator[Stop]:
         yield stop
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
+
+    def handle(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.set(signum)
+
     for s in SIGNALS:
-        signal.signal(s, lambda signum, frame: stop.set(signum))
+        signal.signal(s, handle)
     _active = stop
     try:
         yield stop

@@ -512,7 +512,7 @@ class FeedbackClient:
                     "%s: stopping; waiting up to %.0fs for %d answers in flight", desc, self.stop_grace_s, len(pending)
                 )
                 deadline = time.monotonic() + self.stop_grace_s
-                while pending and not stop.hurry and time.monotonic() < deadline:
+                while pending and time.monotonic() < deadline:
                     _, pending = await asyncio.wait(pending, timeout=0.05)
             return len(pending)
         finally:

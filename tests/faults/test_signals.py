@@ -9,6 +9,7 @@ Every wait is bounded: a process that does not stop fails the test instead of ha
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from rlaif_jax.feedback.cache import read_cache_lines
 from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector
 from tests.feedback.conftest import (  # noqa: F401
     KEY_ENV,
+    REPO,
     SECRET,
     api_key,
     serve,
@@ -86,3 +88,51 @@ def test_a_signal_mid_stage_keeps_every_answer_paid_for(serve, tmp_path, api_key
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list(read_records(str(tmp_path / "out"), DEMONSTRATIONS))) == n
     assert set(faults.paid().values()) == {1} and len(faults.paid()) == n  # nothing paid twice
+
+
+def test_sigterm_mid_training_checkpoints_the_current_step_and_exits_143(tmp_path, capsys):
+    """A preemption: the run stops after the step under way, checkpoints it (the last
+    checkpoint is older than LoopSettings.stop_checkpoint_after_min = 0) and exits 143.
+    In this process (no second JAX start-up and compile): the signal comes from a thread
+    watching metrics.jsonl; the run is 40 steps, so code that ignores it ends instead of
+    hanging, and fails the test."""
+    import gin
+
+    from rlaif_jax.cli import main_with_gin, run
+    from rlaif_jax.train.checkpoint import Checkpointer
+    from rlaif_jax.train.loop import train
+    from tests.faults.test_bad_input import sft_gin
+    from tests.train.fixtures import make_world
+
+    tok, tok_dir, demos, _ = make_world(str(tmp_path / "world"))
+    world = dict(vocab=len(tok), tok_dir=tok_dir, demos=demos)
+    run_dir = tmp_path / "run"
+    extra = "train.num_steps = 40\nLoopSettings.log_every = 1\nLoopSettings.stop_checkpoint_after_min = 0"
+    gin_file = sft_gin(tmp_path, run_dir, world, extra)
+    metrics = run_dir / "metrics.jsonl"
+
+    def preempt():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_text().count("\n") >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    # Without a handler of the run's, SIGTERM would end pytest: ignored, the run goes on.
+    before = signal.signal(signal.SIGTERM, lambda *a: None)
+    watcher = threading.Thread(target=preempt, daemon=True)
+    gin.clear_config()
+    try:
+        watcher.start()
+        rc = run(lambda argv: main_with_gin("train", train, argv), [f"--gin_file={gin_file}"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        gin.clear_config()
+    err = capsys.readouterr().err
+    assert rc == 143, err[-3000:]  # before the fix: 0 (the signal ignored) or killed at once
+    line = _one_error_line(err)
+    step = Checkpointer(str(run_dir / "checkpoints")).latest_step()
+    assert step is not None and 3 <= step < 40
+    assert f"stopped by SIGTERM: at step {step}; the checkpoint of step {step} is in" in line, line
+    assert "rerun the same command" in line
