@@ -139,11 +139,14 @@ def check_scopes() -> None:
     """A reference under a scope that no binding uses, where a bound scope is spelled almost
     the same (`@evl/sft_pipeline` beside `eval/...` bindings), is a typo: the configurable would
     silently run with the unscoped bindings (the training data, repeated forever)."""
-    bound = {part for scope, _ in gin.config._CONFIG for part in scope.split("/") if part}
+    # A macro is stored as a binding under its name as the scope (MACRO/gin.macro): not a scope.
+    bound = {part for scope, sel in gin.config._CONFIG if sel != "gin.macro" for part in scope.split("/") if part}
     for name, value in _bindings():
         for ref in _references(value):
+            if ref.selector == "gin.macro":
+                continue
             for scope in ref.scopes:
-                near = difflib.get_close_matches(scope, sorted(bound), n=1, cutoff=0.6)
+                near = difflib.get_close_matches(scope, sorted(bound), n=1, cutoff=0.8)
                 if scope not in bound and near:
                     raise ConfigError(
                         f"gin config: {name} = @{ref.scoped_selector}: no binding is under the scope "
