@@ -139,7 +139,12 @@ def tokenizer_check(role: str, model: ModelSpec, tokenizer: Any, tokenizer_bindi
             (_tokenizer(os.fspath(tokenizer)) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer),
         )
         out = []
-        given = f"{tokenizer_binding} = {os.fspath(tokenizer)!r}" if tokenizer_binding else "its tokenizer"
+        is_path = isinstance(tokenizer, (str, os.PathLike))
+        given = (
+            (f"{tokenizer_binding} = {os.fspath(tokenizer)!r}" if is_path else tokenizer_binding)
+            if tokenizer_binding
+            else "its tokenizer"
+        )
         if len(tok) > cfg.vocab_size:
             out.append(
                 Finding(

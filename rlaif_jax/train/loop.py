@@ -130,12 +130,11 @@ def train(
     def build(data_state: Optional[dict], closing: Closing) -> Plan:
         # HF directories on GCS: a local copy per host (the weights are memory-mapped).
         init_dir = local_hf_dir(init_from, "init_from")
-        tok_dir = local_hf_dir(tokenizer, "tokenizer", weights=False) or init_dir
+        given_tok = local_hf_dir(tokenizer, "tokenizer", weights=False)
+        tok_dir = given_tok or init_dir
         ref_dir = local_hf_dir(reference_from, "reference_from")
         # Every model/tokenizer pairing, before the data or any weights load.
-        run_preflight(
-            train_checks(model_config, init_dir, ref_dir, local_hf_dir(tokenizer, "tokenizer", weights=False))
-        )
+        run_preflight(train_checks(model_config, init_dir, ref_dir, given_tok))
         return _plan(
             data_state,
             closing,
