@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import gin
 
+from rlaif_jax import fileio as fio
 from rlaif_jax.data.ids import id_conflicts
 from rlaif_jax.data.records import PREFERENCES, read_records
 from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, tokenizer_hash
@@ -270,12 +271,12 @@ def record_findings(
 def record_set_check(
     path: str, schema: Any, binding: str = "", tokenizer: Any = None, settings: Optional[PreflightSettings] = None
 ) -> Check:
-    """A record directory (rlaif_jax.data.records) read and checked: see record_findings.
+    """A record directory (rlaif_jax.data.records) or JSONL file read and checked: see record_findings.
     With a tokenizer, preference pairs whose responses tokenize the same count as tied."""
 
     def run() -> list[Finding]:
         where = f"{binding} = {path!r}" if binding else path
-        records = list(read_records(path, schema))
+        records = list(read_records(path, schema)) if fio.isdir(path) else fio.read_jsonl_objects(path, "a record")
         pairs = None
         if schema is PREFERENCES and tokenizer is not None and records:
             tok = _tokenizer(os.fspath(tokenizer)) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
@@ -313,4 +314,32 @@ def ppo_checks(policy: str, reward_model: Optional[str]) -> list[Check]:
     checks = [tokenizer_check("train_ppo.policy", policy, policy)]
     if reward_model:
         checks.append(same_vocabulary_check("train_ppo.policy", policy, "train_ppo.reward_model", reward_model))
+    return checks
+
+
+def pipeline_checks(
+    models: Mapping[str, ModelSpec],
+    tokenizer: Any = None,
+    tokenizer_binding: str = "",
+    record_sets: Optional[Mapping[str, tuple[str, Any]]] = None,
+    settings: Optional[PreflightSettings] = None,
+) -> list[Check]:
+    """A multi-stage run's checks in one call (the arm, the miniature): every model
+    ({binding: HF directory or DecoderConfig}, e.g. {"run_arm.base_model": ...,
+    "run_arm.reward_model": ...}) with the tokenizer (`tokenizer`, else the first model's own)
+    and with the first model's vocabulary, and every input record set that exists now
+    ({binding: (path, schema)}; sets a later stage writes are checked by the trainer that
+    reads them)."""
+    items = list(models.items())
+    checks = []
+    for i, (role, model) in enumerate(items):
+        if tokenizer is not None:
+            checks.append(tokenizer_check(role, model, tokenizer, tokenizer_binding or "tokenizer"))
+        elif i == 0 and isinstance(model, (str, os.PathLike)):
+            checks.append(tokenizer_check(role, model, model))
+        if i > 0:
+            checks.append(same_vocabulary_check(items[0][0], items[0][1], role, model))
+    for binding, (path, schema) in (record_sets or {}).items():
+        if path is not None and fio.exists(path):
+            checks.append(record_set_check(path, schema, binding, tokenizer, settings))
     return checks
