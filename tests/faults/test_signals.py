@@ -84,10 +84,11 @@ def test_a_signal_mid_stage_keeps_every_answer_paid_for(serve, tmp_path, api_key
     # Every answer the server was paid for (the ones in flight included) is in the cache.
     assert len(read_cache_lines(str(cache))) == paid, (paid, line)
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len(list(read_records(str(tmp_path / "out"), DEMONSTRATIONS))) == n
-    assert set(faults.paid().values()) == {1} and len(faults.paid()) == n  # nothing paid twice
+    if sig == signal.SIGINT:  # the rerun (once: the signal made no difference to the cache)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(list(read_records(str(tmp_path / "out"), DEMONSTRATIONS))) == n
+        assert set(faults.paid().values()) == {1} and len(faults.paid()) == n  # nothing paid twice
 
 
 def test_sigterm_mid_training_checkpoints_the_current_step_and_exits_143(tmp_path, capsys):
