@@ -282,7 +282,7 @@ def teacher_stage(
         report = {
             "prompts": len(rows) + len(skipped_long),
             "skipped_too_long": len(skipped_long),
-            "requested": len(to_ask),
+            "requested": len(rows),  # answered now or kept from out_dir's records
             "kept_from_out_dir": len(rows) - len(to_ask),
             "request_errors": len(errors),
             "demonstrations": len(demos),
