@@ -6,15 +6,19 @@ can fix (rlaif_jax.errors) ends the script with one line, not a traceback."""
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import importlib
 import logging
 import os
+import re
 import sys
 from typing import Callable, Optional, Sequence
 
 import gin
 
 from rlaif_jax.errors import ConfigError, StorageError, UserError
+from rlaif_jax.interrupt import Interrupted
 
 # Modules whose @gin.configurable functions a config may bind.
 CONFIGURABLE_MODULES = (
@@ -44,6 +48,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.train.orpo",
     "rlaif_jax.train.cpo",
     "rlaif_jax.feedback.ratings",
+    "rlaif_jax.preflight",
 )
 
 
@@ -136,7 +141,63 @@ def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> No
     except (ValueError, KeyError, TypeError, IOError) as e:
         # A typo'd configurable or parameter, a bad value, an unreadable file: gin's own
         # message names the binding and where it was given.
-        raise ConfigError(f"gin config: {_one_line(e)}") from None
+        raise ConfigError(f"gin config: {_config_problem(e)}") from None
+    check_scopes()
+
+
+# gin's messages can quote the whole config; the one line we print stays readable.
+_MAX_LINE = 280
+
+
+def _bindings():
+    """(binding as written, value) of every parsed gin binding, macros included."""
+    for (scope, selector), params in gin.config._CONFIG.items():
+        name = selector.rsplit(".", 1)[-1]
+        for param, value in params.items():
+            yield f"{scope + '/' if scope else ''}{name}.{param}", value
+
+
+def _references(value):
+    return [v for v in gin.config._iterate_flattened_values(value) if isinstance(v, gin.config.ConfigurableReference)]
+
+
+def _macros() -> list[str]:
+    return sorted(scope for scope, selector in gin.config._CONFIG if selector == "gin.macro")
+
+
+def _config_problem(e: BaseException) -> str:
+    """gin's error as one line: an undefined macro names the bindings using it and the
+    macros that are defined; anything else is cut before gin's dump of the config."""
+    text = _one_line(e)
+    m = re.match(r"No bindings specified for '(.+?)/gin\.macro'", str(e))
+    if m:
+        name = m.group(1)
+        users = [b for b, v in _bindings() if any(r.scoped_selector == f"{name}/gin.macro" for r in _references(v))]
+        near = difflib.get_close_matches(name, _macros(), n=1)
+        hint = f" (did you mean %{near[0]}?)" if near else ""
+        used = f"{', '.join(users[:3])} uses" if users else "the config uses"
+        text = f"{used} macro %{name}, which is never defined{hint}; define {name} = ... or fix the spelling"
+    text = text.split(" in config string:")[0]
+    return text if len(text) <= _MAX_LINE else text[: _MAX_LINE - 3] + "..."
+
+
+def check_scopes() -> None:
+    """A reference under a scope that no binding uses, where a bound scope is spelled almost
+    the same (`@evl/sft_pipeline` beside `eval/...` bindings), is a typo: the configurable would
+    silently run with the unscoped bindings (the training data, repeated forever)."""
+    # A macro is stored as a binding under its name as the scope (MACRO/gin.macro): not a scope.
+    bound = {part for scope, sel in gin.config._CONFIG if sel != "gin.macro" for part in scope.split("/") if part}
+    for name, value in _bindings():
+        for ref in _references(value):
+            if ref.selector == "gin.macro":
+                continue
+            for scope in ref.scopes:
+                near = difflib.get_close_matches(scope, sorted(bound), n=1, cutoff=0.8)
+                if scope not in bound and near:
+                    raise ConfigError(
+                        f"gin config: {name} = @{ref.scoped_selector}: no binding is under the scope "
+                        f"'{scope}' (did you mean @{near[0]}/{ref.selector}?); fix the scope"
+                    )
 
 
 def main_with_gin(description: str, fn, argv: Optional[Sequence[str]] = None, extra_modules=()) -> object:
@@ -149,8 +210,25 @@ def _one_line(e: BaseException) -> str:
     return " ".join(part.strip() for part in str(e).strip().splitlines() if part.strip())
 
 
+def _unwrapped(e: BaseException) -> BaseException:
+    """The exception gin re-raised: gin wraps an error inside a configurable in a proxy of its
+    class that adds "In call to configurable ..." to the message but loses its attributes
+    (an OSError's filename)."""
+    while (
+        e.__context__ is not None
+        and type(e) is not type(e.__context__)
+        and isinstance(e, type(e.__context__))
+        and type(e).__name__ == type(e.__context__).__name__
+    ):
+        e = e.__context__
+    return e
+
+
 def user_error_line(e: BaseException) -> Optional[str]:
     """The one line to print for an error the user can fix, or None for a bug (traceback)."""
+    e = _unwrapped(e)
+    if isinstance(e, Interrupted):
+        return str(e)
     if isinstance(e, UserError):
         # gin appends "In call to configurable ..." lines to errors raised inside a
         # configurable; our messages are one line and say everything already.
@@ -161,7 +239,12 @@ def user_error_line(e: BaseException) -> Optional[str]:
         # gin's own message names the configurable and the missing parameters.
         return f"gin config: {_one_line(e)}; bind them with --gin_param (see the config's header)"
     if isinstance(e, OSError) and e.filename is not None and not isinstance(e, (BrokenPipeError, ConnectionError)):
-        return f"{e.filename}: {e.strerror or e}"
+        fix = (
+            "; make it writable or choose another directory"
+            if isinstance(e, PermissionError) or e.errno == errno.EROFS
+            else ""
+        )
+        return f"{e.filename}: {e.strerror or e}{fix}"
     return None
 
 
@@ -170,9 +253,22 @@ def run(main: Callable[..., Optional[int]], argv: Optional[Sequence[str]] = None
     error the user can fix. RLAIF_TRACEBACK=1 shows the traceback as well."""
     try:
         return main(argv) or 0
+    except KeyboardInterrupt:
+        # Ctrl-C outside the work that saves what it has (rlaif_jax.interrupt): nothing was
+        # paid for or trained since the last save, which a rerun resumes from.
+        if os.environ.get("RLAIF_TRACEBACK") == "1":
+            raise
+        print(
+            "error: stopped at once (Ctrl-C, or a second signal); what was saved is kept: rerun the same command",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as e:
         line = user_error_line(e)
         if line is None or os.environ.get("RLAIF_TRACEBACK") == "1":
             raise
-        print(f"error: {line}", file=sys.stderr)
-        return 2
+        inner = _unwrapped(e)
+        # The run preflight reports every problem it found, one line each.
+        for problem in getattr(inner, "problems", None) or [line]:
+            print(f"error: {problem}", file=sys.stderr)
+        return inner.exit_status if isinstance(inner, Interrupted) else 2

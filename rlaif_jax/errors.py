@@ -29,6 +29,11 @@ class ConfigError(UserError):
     """A setting out of its range, or a path that is missing or of the wrong kind."""
 
 
+class WeightsError(UserError):
+    """A model directory whose weights cannot be used as they are (truncated, missing a shard,
+    shaped for another config); the message names the file and says to re-export it."""
+
+
 class StorageError(OSError):
     """A write that failed (disk full, read-only, permission); the message names the path,
     what was kept, and what to do."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable, Mapping
 
 PROMPT_ID_HEX_CHARS = 16
 
@@ -16,3 +17,17 @@ def prompt_id(text: str) -> str:
     if not isinstance(text, str):
         raise TypeError(f"prompt_id needs str, got {type(text).__name__}")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:PROMPT_ID_HEX_CHARS]
+
+
+def id_conflicts(rows: Iterable[Mapping], key: str = "prompt_id", text: str = "prompt") -> dict[str, list[int]]:
+    """{id: indices of its rows} for every id that `rows` give to more than one distinct
+    `text`: two prompts under one id, which every later join on the id would mix up."""
+    first_text: dict[str, str] = {}
+    where: dict[str, list[int]] = {}
+    bad: set[str] = set()
+    for i, r in enumerate(rows):
+        k = r[key]
+        where.setdefault(k, []).append(i)
+        if first_text.setdefault(k, r[text]) != r[text]:
+            bad.add(k)
+    return {k: where[k] for k in where if k in bad}

@@ -39,6 +39,7 @@ from rlaif_jax.feedback.cache import ResultCache, append_whole, rescue_paths
 from rlaif_jax.feedback.limits import RateLimiter
 from rlaif_jax.feedback.pricing import BATCH_DISCOUNT, cost_usd, price_for
 from rlaif_jax.feedback.request import ChatRequest
+from rlaif_jax.interrupt import Stop, graceful
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ class FeedbackClient:
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
         max_retry_after_s: float = 600.0,
+        stop_grace_s: float = 10.0,
         prices: Optional[Mapping[str, Sequence[float]]] = None,
         progress: bool = True,
         fsync_interval_s: float = 0.25,
@@ -228,6 +230,7 @@ class FeedbackClient:
             ("backoff_base_s", backoff_base_s),
             ("backoff_max_s", backoff_max_s),
             ("max_retry_after_s", max_retry_after_s),
+            ("stop_grace_s", stop_grace_s),
             ("fsync_interval_s", fsync_interval_s),
         ):
             non_negative(binding(f"FeedbackClient.{name}"), value)
@@ -241,6 +244,9 @@ class FeedbackClient:
         self.timeout_s = timeout_s
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.max_retry_after_s = max_retry_after_s
+        # After SIGINT / SIGTERM, how long the answers in flight (already paid for) are
+        # waited for before they are dropped.
+        self.stop_grace_s = stop_grace_s
         self.prices = {k: tuple(v) for k, v in prices.items()} if prices is not None else None
         self.progress = progress
         self.retry_failed = retry_failed
@@ -435,8 +441,13 @@ class FeedbackClient:
 
     # -- many requests -------------------------------------------------------------------
 
-    async def run_async(self, requests: Sequence[ChatRequest], desc: str = "requests") -> list[dict]:
-        """Results in the order of `requests`; identical requests are sent once."""
+    async def run_async(
+        self, requests: Sequence[ChatRequest], desc: str = "requests", stop: Optional[Stop] = None
+    ) -> list[dict]:
+        """Results in the order of `requests`; identical requests are sent once. When `stop`
+        is raised (SIGINT / SIGTERM, see rlaif_jax.interrupt), no new request is sent, the
+        answers in flight get stop_grace_s to arrive (and be cached), and Interrupted says
+        what was kept."""
         unique: dict[str, ChatRequest] = {}
         for r in requests:
             unique.setdefault(r.key, r)
@@ -453,6 +464,8 @@ class FeedbackClient:
             while True:
                 if self.cache.failed:
                     return  # an answer could not be saved: pay for no more of them
+                if stop is not None and stop.requested:
+                    return
                 try:
                     r = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -465,8 +478,9 @@ class FeedbackClient:
 
         n_workers = min(self.max_concurrency, max(1, len(unique)))
         retries0 = self.summary.retries
+        dropped = 0
         try:
-            await asyncio.gather(*(worker() for _ in range(n_workers)))
+            dropped = await self._work([asyncio.ensure_future(worker()) for _ in range(n_workers)], stop, desc)
         finally:
             bar.close()
             summary.elapsed_s = time.monotonic() - t0
@@ -476,7 +490,35 @@ class FeedbackClient:
             await self._aclose()
         log.info("%s: %s", desc, summary.line())
         self.cache.raise_if_failed()
+        if stop is not None and stop.requested:
+            raise stop.interrupted(
+                f"{len(results)} of {len(unique)} answers are saved in {self.cache.path}"
+                + (f" ({dropped} in flight were dropped)" if dropped else "")
+                + "; rerun the same command to send the rest (the saved ones are not paid again)"
+            )
         return [results[r.key] for r in requests]
+
+    async def _work(self, tasks: list, stop: Optional[Stop], desc: str) -> int:
+        """Waits for the workers; after a stop, grants the requests in flight stop_grace_s
+        and cancels the rest. Returns how many were cancelled."""
+        pending = set(tasks)
+        try:
+            while pending and not (stop is not None and stop.requested):
+                done, pending = await asyncio.wait(pending, timeout=0.05, return_when=asyncio.FIRST_EXCEPTION)
+                for t in done:
+                    t.result()  # a worker's bug: raised here, the others cancelled below
+            if pending:
+                log.warning(
+                    "%s: stopping; waiting up to %.0fs for %d answers in flight", desc, self.stop_grace_s, len(pending)
+                )
+                deadline = time.monotonic() + self.stop_grace_s
+                while pending and time.monotonic() < deadline:
+                    _, pending = await asyncio.wait(pending, timeout=0.05)
+            return len(pending)
+        finally:
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def _fold(self, s: Summary) -> None:
         retries, rbk = self.summary.retries, self.summary.retries_by_kind
@@ -491,7 +533,8 @@ class FeedbackClient:
                 self._oai = None
 
     def run(self, requests: Sequence[ChatRequest], desc: str = "requests") -> list[dict]:
-        return asyncio.run(self.run_async(requests, desc))
+        with graceful() as stop:
+            return asyncio.run(self.run_async(requests, desc, stop))
 
     # -- Batch API -----------------------------------------------------------------------
 
@@ -541,6 +584,7 @@ class FeedbackClient:
         max_requests_per_batch: int = 50_000,
         max_batch_bytes: int = 190 * 1024**2,
         max_wait_s: Optional[float] = None,
+        stop: Optional[Stop] = None,
     ) -> list[dict]:
         """The same results through the Batch API (half price, up to 24 h). Submitted batch
         ids are recorded before polling, so a killed run picks up its batches again instead
@@ -600,7 +644,12 @@ class FeedbackClient:
                             f"{len(pending)} batch(es) still running after {max_wait_s}s: {sorted(pending)}; "
                             "rerun to keep polling them (they are recorded, not resubmitted)"
                         )
-                    await asyncio.sleep(poll_interval_s)
+                    await _sleep_unless(stop, poll_interval_s)
+                    if stop is not None and stop.requested:
+                        raise stop.interrupted(
+                            f"{len(pending)} batch(es) are submitted and recorded in {self._batch_state_path()}; "
+                            "rerun the same command to collect them (nothing is submitted twice)"
+                        )
             bar.close()
             # Keys of an in-flight batch from an earlier run that this run did not ask for
             # were collected into the cache above; keys this run asked for but no batch
@@ -673,7 +722,8 @@ class FeedbackClient:
         return out
 
     def run_batch(self, requests: Sequence[ChatRequest], desc: str = "batch", **kw) -> list[dict]:
-        return asyncio.run(self.run_batch_async(requests, desc, **kw))
+        with graceful() as stop:
+            return asyncio.run(self.run_batch_async(requests, desc, stop=stop, **kw))
 
     def close(self) -> None:
         self.cache.close()
@@ -683,6 +733,12 @@ class FeedbackClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+async def _sleep_unless(stop: Optional[Stop], seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (stop is not None and stop.requested):
+        await asyncio.sleep(min(0.1, max(0.0, end - time.monotonic())))
 
 
 def _batch_files(reqs: Sequence[ChatRequest], max_requests: int, max_bytes: int):

@@ -27,8 +27,17 @@ from typing import Any, Mapping, Optional, Sequence
 import gin
 
 from rlaif_jax import fileio as fio
+from rlaif_jax.data.ids import id_conflicts
 from rlaif_jax.data.ids import prompt_id as make_prompt_id
-from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, PROMPTS, read_records, write_records
+from rlaif_jax.data.records import (
+    COMPARISONS,
+    DEMONSTRATIONS,
+    PREFERENCES,
+    PROMPTS,
+    read_manifest,
+    read_records,
+    write_records,
+)
 from rlaif_jax.data.records.schemas import normalize_finish_reason
 from rlaif_jax.errors import (
     ConfigError,
@@ -75,8 +84,9 @@ def load_prompts(path: str, split: Optional[str] = None, setting: Optional[str] 
     binding that gave `path`), no prompts, or none in `split`, is a UserError naming it."""
     if _is_records_dir(path):
         rows = list(read_records(path, PROMPTS))
+        where = [f"record {i}" for i in range(len(rows))]
     elif fio.isfile(path):
-        rows = []
+        rows, where = [], []
         for line, r in fio.iter_jsonl(path):
             if not isinstance(r, dict):
                 raise UserError(
@@ -86,8 +96,10 @@ def load_prompts(path: str, split: Optional[str] = None, setting: Optional[str] 
                 raise UserError(f"{path}: line {line} has no string 'prompt'")
             r.setdefault("prompt_id", make_prompt_id(r["prompt"]))
             rows.append(r)
+            where.append(f"line {line}")
     else:
         raise _neither(path, setting, "prompts")
+    rows = _unique_prompts(path, rows, where)
     if setting and not rows:
         raise UserError(
             f"{setting} = {path!r}: holds no prompts; give a non-empty prompt file (nothing was sent or written)"
@@ -102,6 +114,24 @@ def load_prompts(path: str, split: Optional[str] = None, setting: Optional[str] 
                 f"{stage}.split to the split they are in, or None for all (nothing was sent or written)"
             )
     return rows
+
+
+def _unique_prompts(path: str, rows: list[dict], where: list[str]) -> list[dict]:
+    """One row per prompt_id: two different prompts under one id are refused (every record
+    and join downstream is keyed by it); a prompt repeated with its id is kept once."""
+    conflicts = id_conflicts(rows)
+    if conflicts:
+        pid, idx = next(iter(conflicts.items()))
+        raise UserError(
+            f"{path}: prompt_id {pid!r} is given to {len(idx)} rows with different prompts "
+            f"({', '.join(where[i] for i in idx[:3])}; {len(conflicts)} such id(s)); give each prompt "
+            "its own id, or drop the ids to use the prompt's hash (nothing was sent or written)"
+        )
+    seen: set = set()
+    out = [r for r in rows if not (r["prompt_id"] in seen or seen.add(r["prompt_id"]))]
+    if len(out) < len(rows):
+        log.warning("%s: %d repeated prompts (same id and text) are asked once", path, len(rows) - len(out))
+    return out
 
 
 def load_demonstrations(path: str, setting: Optional[str] = None) -> list[dict]:
@@ -197,8 +227,18 @@ def teacher_stage(
         check_replace(out_dir, len(rows) * n, "teacher_stage.overwrite", overwrite)
         sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "n": n if n != 1 else None}
         template = f"teacher_system@{hashlib.sha256((system_prompt or '').encode()).hexdigest()[:16]}"
+        answered = _answered_in(
+            out_dir,
+            stage="teacher",
+            model=client.model,
+            template=template,
+            sampling=sampling,
+            system_prompt=system_prompt,
+            keep_finish_reasons=list(keep_finish_reasons) if keep_finish_reasons is not None else None,
+        )
+        to_ask = [r for r in rows if (r["prompt_id"], r["prompt"]) not in answered]
         reqs = []
-        for r in rows:
+        for r in to_ask:
             msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
                 {"role": "user", "content": r["prompt"]}
             ]
@@ -207,10 +247,15 @@ def teacher_stage(
                     msgs, template=template, meta={"prompt_id": r["prompt_id"], "stage": "teacher"}, **sampling
                 )
             )
-        results = _run(client, reqs, f"teacher {client.model}", batch_api, poll_interval_s)
+        results = _run(client, reqs, f"teacher {client.model}", batch_api, poll_interval_s) if reqs else []
+        result_of = {r["prompt_id"]: res for r, res in zip(to_ask, results)}
         demos, errors = [], []
         dropped = {}
-        for r, res in zip(rows, results):
+        for r in rows:
+            if (r["prompt_id"], r["prompt"]) in answered:
+                demos.extend(answered[r["prompt_id"], r["prompt"]])
+                continue
+            res = result_of[r["prompt_id"]]
             if res["status"] != "ok":
                 errors.append({"prompt_id": r["prompt_id"], "key": res["key"], **res["error"]})
                 continue
@@ -237,7 +282,8 @@ def teacher_stage(
         report = {
             "prompts": len(rows) + len(skipped_long),
             "skipped_too_long": len(skipped_long),
-            "requested": len(rows),
+            "requested": len(rows),  # answered now or kept from out_dir's records
+            "kept_from_out_dir": len(rows) - len(to_ask),
             "request_errors": len(errors),
             "demonstrations": len(demos),
             "dropped": dropped,
@@ -268,6 +314,24 @@ def teacher_stage(
         save_operative_config(out_dir)
         log.info("teacher: %d demonstrations, %d request errors -> %s", len(demos), len(errors), out_dir)
         return manifest
+
+
+def _answered_in(out_dir: str, stage: str, **asked) -> dict[tuple[str, str], list[dict]]:
+    """{(prompt_id, prompt): its records} of the complete set already in out_dir, when that
+    set was asked for the same way (`asked`: the provenance fields that change an answer).
+    A rerun does not pay again for what is written there, whatever API cache it is given
+    (a concurrent writer that was refused, then rerun, has another cache)."""
+    if not _is_records_dir(out_dir):
+        return {}
+    prov = read_manifest(out_dir, DEMONSTRATIONS).get("provenance") or {}
+    if prov.get("stage") != stage or (prov.get("client") or {}).get("model") != asked.pop("model"):
+        return {}
+    if any(prov.get(k) != v for k, v in asked.items()):
+        return {}
+    out: dict[tuple[str, str], list[dict]] = {}
+    for rec in read_records(out_dir, DEMONSTRATIONS):
+        out.setdefault((rec["prompt_id"], rec["prompt"]), []).append(rec)
+    return out
 
 
 # -- critic --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import sharding as shd
+from rlaif_jax.errors import WeightsError
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.heads import SCORE_HEAD, head_param
 from rlaif_jax.models.params import abstract_params, build_model
@@ -196,6 +197,12 @@ def _hf_shape(kind: str, shape: tuple) -> tuple:
 
 # -- reading ---------------------------------------------------------------------------------
 
+_REDO = "; re-export the model directory, or copy it again"
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:100]
+
 
 class _SafetensorsDir:
     """Lazy, memory-mapped access to every tensor of an HF directory by name."""
@@ -211,11 +218,11 @@ class _SafetensorsDir:
                 with open(index_file) as f:
                     weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index_file}: not a valid safetensors index ({e})") from None
+                raise WeightsError(f"{index_file}: not a valid safetensors index ({e}){_REDO}") from None
         elif os.path.exists(single):
             weight_map = None
         else:
-            raise FileNotFoundError(
+            raise WeightsError(
                 f"{path}: no model.safetensors or model.safetensors.index.json "
                 "(only safetensors checkpoints are supported; convert .bin files first)"
             )
@@ -223,10 +230,14 @@ class _SafetensorsDir:
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         for fname in files:
             fpath = os.path.join(path, fname)
+            if not os.path.exists(fpath):
+                raise WeightsError(f"{fpath}: missing, though the index lists it (an incomplete copy?){_REDO}")
             try:
                 self._handles[fname] = safe_open(fpath, framework="numpy")
             except Exception as e:
-                raise ValueError(f"cannot open safetensors file {fpath}: {e}") from None
+                raise WeightsError(
+                    f"{fpath}: not a readable safetensors file ({_short(e)}; truncated?){_REDO}"
+                ) from None
         if weight_map is None:
             weight_map = {k: "model.safetensors" for k in self._handles["model.safetensors"].keys()}
         self.weight_map = weight_map
@@ -241,7 +252,7 @@ class _SafetensorsDir:
         try:
             return self._handles[self.weight_map[key]]
         except KeyError:
-            raise KeyError(f"{self.path}: checkpoint has no tensor {key!r}") from None
+            raise WeightsError(f"{self.path}: checkpoint has no tensor {key!r}{_REDO}") from None
 
     def getter(self, key: str) -> Callable:
         sl = self._handle(key).get_slice(key)
@@ -251,7 +262,9 @@ class _SafetensorsDir:
             try:
                 return np.asarray(sl[index])
             except Exception as e:  # truncated file, bad offsets
-                raise ValueError(f"{os.path.join(self.path, fname)}: cannot read {key!r}: {e}") from None
+                raise WeightsError(
+                    f"{os.path.join(self.path, fname)}: cannot read {key!r} ({_short(e)}; truncated?){_REDO}"
+                ) from None
 
         return get
 
@@ -312,9 +325,9 @@ def load_hf(
     plan = _plan(cfg, lm_head, score_head, _moe_layout(cfg, store))
     missing = [k for entries in plan.values() for e in entries for k in e.hf_keys() if k not in store.weight_map]
     if missing:
-        raise KeyError(
-            f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]} "
-            f"(model_type={cfg.model_type}, tie_word_embeddings={cfg.tie_word_embeddings})"
+        raise WeightsError(
+            f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:2]} "
+            f"(model_type={cfg.model_type}, tie_word_embeddings={cfg.tie_word_embeddings}){_REDO}"
         )
     used = {k for entries in plan.values() for e in entries for k in e.hf_keys()}
     # A reward model initialised from a policy drops its LM head on purpose.
@@ -333,7 +346,10 @@ def load_hf(
             for key in e.hf_keys():
                 got = store.shape(key)
                 if got != want:
-                    raise ValueError(f"{path}: tensor {key!r} has shape {got}, the config implies {want}")
+                    raise WeightsError(
+                        f"{path}: tensor {key!r} has shape {got}, its config.json implies {want}; the weights "
+                        "and config.json are from different models: re-export the directory"
+                    )
         getters = [_entry_getter(store, e) for e in entries]
         kinds = [e.kind for e in entries]
         dtype = spec.dtype

@@ -19,6 +19,7 @@ from rlaif_jax.models import DecoderConfig, build_model, init_params
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.hf_io import load_hf, save_hf
+from rlaif_jax.preflight import run_preflight, train_checks
 from rlaif_jax.train.metrics import mfu, peak_tflops
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.run_loop import (
@@ -103,7 +104,8 @@ def train(
         r-1's policy and keeps the SFT model as the reference. None: the initial params.
 
         train_data / eval_data are pipeline constructors (e.g. gin `@sft_pipeline`), called with
-        tokenizer=..., state=... (the iterator position to resume from). `loop` (logging,
+        tokenizer=..., state=... (the iterator position to resume from); eval_data also with
+        num_epochs=1, so that an evaluation is one pass whatever is bound. `loop` (logging,
         checkpoints, export) defaults to a LoopSettings built here, so gin's `LoopSettings.*`
         bindings hold. `stop_after` ends the process-side loop early without a final checkpoint:
         preemption in tests.
@@ -128,8 +130,11 @@ def train(
     def build(data_state: Optional[dict], closing: Closing) -> Plan:
         # HF directories on GCS: a local copy per host (the weights are memory-mapped).
         init_dir = local_hf_dir(init_from, "init_from")
-        tok_dir = local_hf_dir(tokenizer, "tokenizer", weights=False) or init_dir
+        given_tok = local_hf_dir(tokenizer, "tokenizer", weights=False)
+        tok_dir = given_tok or init_dir
         ref_dir = local_hf_dir(reference_from, "reference_from")
+        # Every model/tokenizer pairing, before the data or any weights load.
+        run_preflight(train_checks(model_config, init_dir, ref_dir, given_tok))
         return _plan(
             data_state,
             closing,
@@ -310,8 +315,10 @@ def _plan(
 
 
 def evaluate(eval_fn, params, eval_data: Callable, tok, mesh, ref_params, max_batches: Optional[int]) -> dict:
-    """Metric averages over one pass of the held-out iterator (sums / counts, exactly)."""
-    it = eval_data(tokenizer=tok, state=None)
+    """Metric averages over one pass of the held-out iterator (sums / counts, exactly).
+    One pass whatever the binding: a pipeline left repeating forever (num_epochs=None, the
+    default, as when a scope typo drops eval/...num_epochs) would never end the evaluation."""
+    it = eval_data(tokenizer=tok, state=None, num_epochs=1)
     sums: dict = {}
     try:
         for i, batch in enumerate(it):

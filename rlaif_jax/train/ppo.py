@@ -47,6 +47,7 @@ from rlaif_jax.models.config import numerics_overrides
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param, without_head
 from rlaif_jax.models.hf_io import load_hf, save_hf
+from rlaif_jax.preflight import ppo_checks, run_preflight
 from rlaif_jax.sampling import SamplingParams, _generate, left_pad
 from rlaif_jax.train.advantages import (
     GROUP_STDS,
@@ -607,10 +608,12 @@ def train_ppo(
     kind = RunKind("train_ppo", "iteration", "prompt stream", default_log_every=1, desc="ppo")
 
     def build(data_state: Optional[dict], closing: Closing) -> Plan:
+        policy_dir, rm_dir = local_hf_dir(policy, "policy"), local_hf_dir(reward_model, "reward_model")
+        run_preflight(ppo_checks(policy_dir, rm_dir))  # before the prompts or any weights load
         return _plan(
             data_state,
-            policy=local_hf_dir(policy, "policy"),
-            reward_model=local_hf_dir(reward_model, "reward_model"),
+            policy=policy_dir,
+            reward_model=rm_dir,
             prompts=prompts,
             num_iterations=num_iterations,
             reward_fn=reward_fn,

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from rlaif_jax import fileio
 from rlaif_jax import sharding as shd
 from rlaif_jax.data.pipeline.batches import pad_preference_batch
-from rlaif_jax.data.pipeline.builders import _tokenizer_hash, check_settings
+from rlaif_jax.data.pipeline.builders import check_settings
 from rlaif_jax.data.records import PREFERENCES, read_manifest, read_records, write_records
 from rlaif_jax.data.tokenize.encode import TRUNCATION_MODES, Encoder
-from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, tokenizer_hash
 from rlaif_jax.errors import UserError, binding, existing_dir, existing_path, one_of, whole
 from rlaif_jax.models import apply, build_model
 from rlaif_jax.models.hf_io import load_hf
@@ -44,7 +44,7 @@ def reference_identity(ref_dir: str, tok) -> str:
                     h.update(chunk)
             if name == "model.safetensors.index.json":
                 break  # the index names every shard; hashing 100 GB of weights is not worth it
-    return f"{fileio.abspath(ref_dir)}#weights={h.hexdigest()[:16]}#tokenizer={_tokenizer_hash(tok)}"
+    return f"{fileio.abspath(ref_dir)}#weights={h.hexdigest()[:16]}#tokenizer={tokenizer_hash(tok)}"
 
 
 @gin.configurable

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rlaif_jax import fileio
-from rlaif_jax.errors import StorageError, binding, whole
+from rlaif_jax.errors import StorageError, binding, non_negative, whole
+from rlaif_jax.interrupt import graceful
 from rlaif_jax.outputs import writer_lock
 from rlaif_jax.train.checkpoint import Checkpointer, abstract_like
 from rlaif_jax.train.metrics import MetricsWriter
@@ -55,6 +56,9 @@ class LoopSettings:
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     export_hf: bool = True  # the final weights as an HF directory in run_dir/hf
+    # On SIGINT / SIGTERM (a preemption) the run stops after the current step and writes a
+    # checkpoint of it if the last one is older than this many minutes (0: always).
+    stop_checkpoint_after_min: float = 5.0
 
     def __post_init__(self):
         b = lambda p: binding(f"LoopSettings.{p}")  # noqa: E731
@@ -62,6 +66,7 @@ class LoopSettings:
             whole(b("log_every"), self.log_every, 1, hint="> 0, or None for the trainer's default")
         whole(b("checkpoint_every"), self.checkpoint_every, 0, hint=">= 0; 0 saves at the end only")
         whole(b("keep_checkpoints"), self.keep_checkpoints, 1)
+        non_negative(b("stop_checkpoint_after_min"), self.stop_checkpoint_after_min)
 
     def every(self, default: int) -> int:
         """log_every, or the trainer's default when unset."""
@@ -184,7 +189,7 @@ def run(
 def _run(rd: RunDir, kind: RunKind, settings: LoopSettings, build, stop_after) -> dict:
     log_every = settings.every(kind.default_log_every)
     ckpt = Checkpointer(fileio.join(rd.path, "checkpoints"), settings.keep_checkpoints, settings.async_checkpoint)
-    with Closing(ckpt.close) as closing:
+    with Closing(ckpt.close) as closing, graceful() as stop:
         try:
             latest = ckpt.latest_step()
             plan = build((ckpt.restore_data(latest) if latest is not None else None) or None, closing)
@@ -205,6 +210,7 @@ def _run(rd: RunDir, kind: RunKind, settings: LoopSettings, build, stop_after) -
             closing.add(bar.close)
             step = start
             metrics = None
+            saved_step, saved_at = latest, time.monotonic()
 
             def write_row() -> dict:
                 nonlocal t_last, steps_since
@@ -238,6 +244,19 @@ def _run(rd: RunDir, kind: RunKind, settings: LoopSettings, build, stop_after) -
                     _check_finite(state, recent, rd, kind)
                     ckpt.save(step, state, plan.data.get_state())
                     rd.sync(writer)
+                    saved_step, saved_at = step, time.monotonic()
+                if stop.requested:
+                    old = saved_step is None or time.monotonic() - saved_at >= 60 * settings.stop_checkpoint_after_min
+                    if old and saved_step != step:
+                        _check_finite(state, recent, rd, kind)
+                        ckpt.save(step, state, plan.data.get_state())
+                        saved_step = step
+                    ckpt.wait()
+                    rd.sync(writer)
+                    raise stop.interrupted(
+                        f"at {kind.unit} {step}; the checkpoint of {kind.unit} {saved_step} is in "
+                        f"{ckpt.directory}: rerun the same command to resume from it"
+                    )
                 if stop_after is not None and step >= stop_after:
                     ckpt.wait()
                     return last

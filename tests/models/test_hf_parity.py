@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from rlaif_jax.errors import WeightsError  # noqa: E402
 from rlaif_jax.models import DecoderConfig, apply, build_model  # noqa: E402
 from rlaif_jax.models.hf_io import load_hf, save_hf  # noqa: E402
 from tests.models.hf_fixtures import FAMILIES, make_hf_model, random_ids, save_hf_model  # noqa: E402
@@ -139,9 +140,9 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
     cfg = DecoderConfig.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"model.embed_tokens.weight.*shape"):
         load_hf(str(tmp_path), config=cfg.replace(vocab_size=98))
-    with pytest.raises(KeyError, match="lacks"):
+    with pytest.raises(WeightsError, match="lacks"):
         load_hf(str(tmp_path), config=cfg.replace(num_layers=4))
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    with pytest.raises(WeightsError, match="safetensors"):
         load_hf(str(tmp_path / "nowhere"), config=cfg)
 
 

@@ -37,8 +37,9 @@ from rlaif_jax.data.records import (
 )
 from rlaif_jax.data.records.shards import iter_shard
 from rlaif_jax.data.tokenize.encode import Encoder
-from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, tokenizer_hash
 from rlaif_jax.errors import ConfigError, UserError, binding, whole
+from rlaif_jax.preflight import Check, PreflightSettings, record_findings, run_preflight
 
 _ENCODE_CHUNK = 2048
 
@@ -76,11 +77,6 @@ def load_host_records(
         d, _, entry = shards[g]
         records.extend(iter_shard(d, schema, entry))
     return records, min(per_process), [e["sha256"] for _, _, e in shards]
-
-
-def _tokenizer_hash(tok: Any) -> str:
-    """Identifies the vocabulary, so a resumed run with another tokenizer is refused."""
-    return fingerprint(vocab=sorted(tok.get_vocab().items()), bos=tok.bos_token_id, eos=tok.eos_token_id)
 
 
 def _chunks(n: int):
@@ -173,6 +169,15 @@ def _host_inputs(data_dirs, schema, what: str, tokenizer, process_index, process
     return process_index, process_count, tok, records, epoch_size, checksums
 
 
+def _check_records(data_dirs, records: list, preferences: bool, token_pairs=None) -> None:
+    """The preflight's record-set checks on the records as loaded (rlaif_jax.preflight)."""
+    where = ", ".join(map(str, data_dirs)) if isinstance(data_dirs, (list, tuple)) else str(data_dirs)
+    settings = PreflightSettings()
+    run_preflight(
+        [Check(f"records {where}", lambda: record_findings(where, records, preferences, token_pairs, settings))]
+    )
+
+
 def _encode_in_chunks(records: list, encode: Callable[[list], list]) -> list:
     out = []
     for sl in _chunks(len(records)):
@@ -227,6 +232,7 @@ def sft_pipeline(
     process_index, process_count, tok, records, epoch_size, checksums = _host_inputs(
         data_dirs, DEMONSTRATIONS, "demonstrations", tokenizer, process_index, process_count
     )
+    _check_records(data_dirs, records, preferences=False)
     enc = Encoder(tok, template, max_length, max_prompt_length, truncation_mode)
     examples = _encode_in_chunks(
         records, lambda c: enc.encode_sft([r["prompt"] for r in c], [r["completion"] for r in c])
@@ -251,7 +257,7 @@ def sft_pipeline(
         shuffle=shuffle,
         process=(process_index, process_count),
         max_carry=max_carry if packing else None,
-        tokenizer=_tokenizer_hash(tok),
+        tokenizer=tokenizer_hash(tok),
     )
     return DataIterator(batcher, stream, fp, state, prefetch, transform)
 
@@ -316,6 +322,8 @@ def preference_pipeline(
         records,
         lambda c: enc.encode_pairs([r["prompt"] for r in c], [r["chosen"] for r in c], [r["rejected"] for r in c]),
     )
+    # After encoding: a pair whose responses differ only past max_length is tied too.
+    _check_records(data_dirs, records, preferences=True, token_pairs=[(c.response, r.response) for c, r in pairs])
     batcher = PreferenceBatcher(pairs, batch_size, seq_len, drop_remainder, ref)
     stream = IndexStream(len(pairs), epoch_size, seed, shuffle, num_epochs, process_index)
     fp = fingerprint(
@@ -330,7 +338,7 @@ def preference_pipeline(
         seed=seed,
         shuffle=shuffle,
         process=(process_index, process_count),
-        tokenizer=_tokenizer_hash(tok),
+        tokenizer=tokenizer_hash(tok),
     )
     return DataIterator(batcher, stream, fp, state, prefetch, transform)
 
