@@ -38,7 +38,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.eval.evaluate",
     "rlaif_jax.synthetic.backend",
     "rlaif_jax.synthetic.models",
-    "rlaif_jax.arm",
+    "rlaif_jax.pipeline.settings",
     "rlaif_jax.iterative",
 )
 
