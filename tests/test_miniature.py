@@ -162,6 +162,19 @@ def test_bad_training_knobs_are_refused_before_any_stage_runs(knob, value, messa
         MiniatureSettings(**{knob: value})
 
 
+def test_a_user_binding_of_a_knob_the_campaign_sets_is_refused(tmp_path, clean_gin):
+    """One door per knob: the miniature's DPO learning rate is run_miniature.dpo_lr, so a
+    recipe-style binding of the same key is an error before anything is made, not ignored."""
+    import gin
+
+    from rlaif_jax.errors import ConfigError
+
+    gin.bind_parameter("dpo/make_optimizer.learning_rate", 1e-3)
+    with pytest.raises(ConfigError, match=r"dpo/make_optimizer.learning_rate is set by the miniature"):
+        run_miniature(MiniatureSettings(out_dir=str(tmp_path / "mini")))
+    assert not os.path.exists(tmp_path / "mini")
+
+
 def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
     from rlaif_jax.miniature.world import claim_shared
 

@@ -16,7 +16,7 @@ import gin
 
 from rlaif_jax.errors import ConfigError, in_range, non_negative, positive, whole
 from rlaif_jax.iterative import IterativeSettings
-from rlaif_jax.miniature.world import MAX_PROMPT_TOKENS, Evaluation, World, task_accuracy
+from rlaif_jax.miniature.world import MAX_PROMPT_TOKENS, Evaluation, World, one_device_mesh, seq, task_accuracy
 from rlaif_jax.pipeline import ArmSettings
 from rlaif_jax.train.advantages import KLController
 from rlaif_jax.train.ppo import PPOConfig
@@ -241,9 +241,10 @@ def arm_settings(s: MiniatureSettings, world: World, name: str) -> ArmSettings:
     )
 
 
-def bindings(s: MiniatureSettings, world: World, name: str) -> dict[str, tuple[Any, str]]:
+def bindings(s: MiniatureSettings, world: Optional[World], name: str) -> dict[str, tuple[Any, str]]:
     """The campaign's gin bindings for arm `name` (under scope SCOPE): key -> (value, the
-    run_miniature knob it comes from, or '' for what the miniature fixes)."""
+    run_miniature knob it comes from, or '' for what the miniature fixes). Without a world
+    (not made yet) the keys alone, the world's values None."""
     epochs = SFT_DATA[start_of(name)[0]][2]
     out: dict[str, tuple[Any, str]] = {}
 
@@ -254,19 +255,19 @@ def bindings(s: MiniatureSettings, world: World, name: str) -> dict[str, tuple[A
     lrs = {"sft": "sft_lr", "dpo": "dpo_lr", "reward_model": "rm_lr"}
     for scope, log_every in loops.items():
         bind(f"{scope}/train.num_steps", None)
-        bind(f"{scope}/train.mesh", world.mesh)
+        bind(f"{scope}/train.mesh", one_device_mesh)
         bind(f"{scope}/train.loop", LoopSettings(log_every=log_every, async_checkpoint=False))
         bind(f"{scope}/make_optimizer.learning_rate", getattr(s, lrs[scope]), lrs[scope])
         bind(f"{scope}/make_optimizer.clip_norm", 10.0)
-    bind("sft/train.tokenizer", world.tokenizer)
-    if world.base is None:  # num_pretrain 0: SFT starts from random weights of the world's shape
-        bind("sft/train.model_config", world.model_config, "num_pretrain")
+    bind("sft/train.tokenizer", world and world.tokenizer)
+    if not s.num_pretrain:  # SFT starts from random weights of the world's shape
+        bind("sft/train.model_config", world and world.model_config, "num_pretrain")
     data = {"sft": ("sft_pipeline", epochs), "dpo": ("preference_pipeline", "dpo_epochs")}
     data["reward_model"] = ("preference_pipeline", "rm_epochs")
     for scope, (pipeline, knob) in data.items():
         bind(f"{scope}/{pipeline}.num_epochs", getattr(s, knob), knob)
         bind(f"{scope}/{pipeline}.seed", s.seed, "seed")
-        for k, v in world.seq().items():
+        for k, v in seq(s.seq_len, s.batch_size).items():
             bind(f"{scope}/{pipeline}.{k}", v, k if k in ("seq_len", "batch_size") else "")
     bind("dpo/DPO.beta", s.dpo_beta, "dpo_beta")
     bind("dpo/DPO.rpo_alpha", s.dpo_rpo_alpha, "dpo_rpo_alpha")
@@ -284,7 +285,7 @@ def bindings(s: MiniatureSettings, world: World, name: str) -> dict[str, tuple[A
     )
     bind("ppo/train_ppo.kl", KLController(init_coef=s.ppo_kl_coef), "ppo_kl_coef")
     bind("ppo/make_optimizer.learning_rate", s.ppo_lr, "ppo_lr")
-    bind("ppo/train_ppo.mesh", world.mesh)
+    bind("ppo/train_ppo.mesh", one_device_mesh)
     bind("ppo/train_ppo.loop", LoopSettings(log_every=5))
     for k, v in (("max_length", 64), ("max_prompt_length", MAX_PROMPT_TOKENS), ("temperature", 1.0), ("top_p", 0.9)):
         bind(f"samples/SamplingSettings.{k}", v)

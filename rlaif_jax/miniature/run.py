@@ -23,6 +23,7 @@ def run_miniature(settings: Optional[C.MiniatureSettings] = None) -> list:
     """Runs (or resumes) the miniature `settings` describe (None: gin's `run_miniature.*`);
     returns the result rows (also results.md / results.csv / summary.json in out_dir)."""
     s = settings if settings is not None else C.MiniatureSettings()
+    C.check_no_user_binding(C.bindings(s, None, s.arms[0]))  # before anything is made
     os.makedirs(s.out_dir, exist_ok=True)
     world_models = synthetic_world()
     claim_shared(
@@ -57,11 +58,9 @@ def run_miniature(settings: Optional[C.MiniatureSettings] = None) -> list:
             pretrain_epochs=s.pretrain_epochs,
             pretrain_lr=s.pretrain_lr,
             batch_size=s.batch_size,
-            seq_len=s.seq_len,
             progress=s.progress,
         )
         arms = {name: C.arm_settings(s, world, name) for name in s.arms}
-        C.check_no_user_binding(C.bindings(s, world, s.arms[0]))
         for name in s.arms:
             with C.bound(C.bindings(s, world, name)):
                 run_arm(arms[name])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 
@@ -64,8 +64,6 @@ class World:
     base: Optional[str]
     url: str
     seed: int
-    batch_size: int
-    seq_len: int
     progress: bool
 
     def path(self, *parts: str) -> str:
@@ -86,15 +84,13 @@ class World:
             progress=self.progress,
         )
 
-    def seq(self, packed: bool = False) -> dict:
-        n = PRETRAIN_SEQ_LEN if packed else self.seq_len
-        return dict(
-            seq_len=n, max_length=n, max_prompt_length=MAX_PROMPT_TOKENS, batch_size=self.batch_size, prefetch=0
-        )
 
-    @property
-    def mesh(self) -> Callable:
-        return one_device_mesh
+def seq(seq_len: int, batch_size: int) -> dict:
+    """A data pipeline's lengths and batch: rows of seq_len tokens, prompts of at most
+    MAX_PROMPT_TOKENS (longer ones keep their end)."""
+    return dict(
+        seq_len=seq_len, max_length=seq_len, max_prompt_length=MAX_PROMPT_TOKENS, batch_size=batch_size, prefetch=0
+    )
 
 
 def one_device_mesh():
@@ -137,7 +133,6 @@ def make_world(
     pretrain_epochs: int,
     pretrain_lr: float,
     batch_size: int,
-    seq_len: int,
     progress: bool,
 ) -> World:
     """The world the arms share: the prompts, the teachers' completions, the tokenizer and
@@ -176,8 +171,6 @@ def make_world(
         base=shared("runs", "base", "hf") if num_pretrain else None,
         url=url,
         seed=seed,
-        batch_size=batch_size,
-        seq_len=seq_len,
         progress=progress,
     )
 
@@ -208,10 +201,10 @@ def make_world(
                     seed=seed,
                     packing=True,
                     transform=as_document_stream,
-                    **world.seq(packed=True),
+                    **seq(PRETRAIN_SEQ_LEN, batch_size),
                 ),
                 optimizer=functools.partial(make_optimizer, learning_rate=pretrain_lr, clip_norm=10.0),
-                mesh=world.mesh,
+                mesh=one_device_mesh,
                 seed=seed,
                 loop=LoopSettings(log_every=20, async_checkpoint=False),
             )
