@@ -42,7 +42,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.eval.evaluate",
     "rlaif_jax.synthetic.backend",
     "rlaif_jax.synthetic.models",
-    "rlaif_jax.arm",
+    "rlaif_jax.pipeline.settings",
     "rlaif_jax.iterative",
     "rlaif_jax.train.kto",
     "rlaif_jax.train.orpo",

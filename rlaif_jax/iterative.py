@@ -15,9 +15,8 @@ with the DPO reference the SFT model or round r-1's policy (`reference`). Pairin
               fewest, prompts whose samples all tie give no pair
   mix         both sets of pairs, trained on together
 
-The orchestrators (rlaif_jax.arm, rlaif_jax.miniature) walk a round's steps as registry
-stages named `round<r>/<step>` in the step's own gin scope, under their directory layout
-(round_dir); this module holds what both share.
+The pipeline (rlaif_jax.pipeline) walks a round's steps as stages named `round<r>/<step>`
+in the step's own gin scope; this module holds what a round is and how its pairs are made.
 """
 
 from __future__ import annotations
@@ -30,7 +29,10 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import gin
 
+from rlaif_jax import fileio
+from rlaif_jax.data.records import COMPARISONS, write_records
 from rlaif_jax.errors import ConfigError
+from rlaif_jax.feedback.stages import comparison_record, load_comparisons
 
 PAIRINGS = ("teacher", "best_worst", "mix")
 REFERENCES = ("sft", "previous")
@@ -82,11 +84,6 @@ class IterativeSettings:
     def reference_round(self, r: int) -> int:
         """The round whose policy is round r's DPO reference (0: the SFT model)."""
         return 0 if self.reference == "sft" else r - 1
-
-
-def round_dir(root: str, r: int) -> str:
-    """Round r's outputs: root/rounds/<r>/{samples, comparisons, preferences, dpo, eval}."""
-    return os.path.join(root, "rounds", str(r))
 
 
 def comparison_sets(
@@ -188,10 +185,6 @@ def write_best_vs_worst(comparison_dirs: Sequence[str], out_dir: str, num_shards
     Returns:
       The report: prompts, pairs, all_tied, invalid.
     """
-    from rlaif_jax import fileio
-    from rlaif_jax.data.records import COMPARISONS, write_records
-    from rlaif_jax.feedback.stages import comparison_record, load_comparisons
-
     comps, report = best_vs_worst(c for d in comparison_dirs for c in load_comparisons(d))
     if not comps:
         raise ConfigError(
@@ -218,8 +211,6 @@ def write_best_vs_worst(comparison_dirs: Sequence[str], out_dir: str, num_shards
 def api_cost(comparison_dirs: Sequence[str]) -> float:
     """US dollars the critic's requests behind these critic outputs cost (their
     report.json; answers served from the cache cost nothing again)."""
-    from rlaif_jax import fileio
-
     total = 0.0
     for d in comparison_dirs:
         path = fileio.join(d, "report.json")

@@ -17,8 +17,8 @@ def main():
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
     import gin
 
-    from rlaif_jax.arm import run_arm
     from rlaif_jax.cli import import_configurables
+    from rlaif_jax.pipeline import run_arm
 
     import_configurables()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

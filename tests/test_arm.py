@@ -1,8 +1,9 @@
-"""A chained arm (rlaif_jax.arm) runs every stage through the gin recipe, against the
+"""A chained arm (rlaif_jax.pipeline) runs every stage through the gin recipe, against the
 synthetic world served over the OpenAI-compatible API on 127.0.0.1; a relaunch reuses what
 is done without asking the API again; a failing stage is recorded and resumed; arms share
 data and each other's stages."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -12,10 +13,12 @@ import sys
 import gin
 import pytest
 
-from rlaif_jax.arm import STAGES, ArmError, run_arm
 from rlaif_jax.data.records import read_manifest, read_records
+from rlaif_jax.errors import UserError
 from rlaif_jax.feedback.cache import read_cache_lines
 from rlaif_jax.feedback.server import ServerThread, make_app
+from rlaif_jax.miniature.world import task_accuracy
+from rlaif_jax.pipeline import STAGES, ArmError, ArmSettings, run_arm
 from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
 from rlaif_jax.synthetic.backend import synthetic_world
 from tests.processes import free_port, run_together
@@ -189,7 +192,10 @@ def test_teacher_completions_can_come_from_a_released_file(world, tmp_path):
     assert states(arm_dir)["teacher"] == "done"
 
 
-def test_rl_arm_reuses_another_arms_sft_and_preferences(world):
+def test_ppo_arm_reuses_another_arms_sft_and_trains_its_reward_model_on_sample_pairs(world):
+    """The paper PPO recipe's reward-model data (run_arm.rm_sample_pairs): the critic judges
+    the SFT policy's sample against the teacher (DPO's pairs) and two samples of a prompt
+    against each other; the reward model learns both, PPO climbs it."""
     # Runs after the DPO test in this module; on its own it builds what it needs first.
     dpo = os.path.join(world["root"], "dpo")
     if not os.path.exists(os.path.join(dpo, "summary.json")):
@@ -198,8 +204,10 @@ def test_rl_arm_reuses_another_arms_sft_and_preferences(world):
     arm_dir = configure(
         world,
         "ppo",
-        "run_arm.stages = ['reward_model', 'ppo', 'evaluate']",
-        f"run_arm.stage_dirs = {{'sft': '{dpo}/sft', 'preferences': '{dpo}/preferences'}}",
+        "run_arm.stages = ['samples', 'critic', 'preferences', 'reward_model', 'ppo', 'evaluate']",
+        f"run_arm.stage_dirs = {{'sft': '{dpo}/sft'}}",
+        "run_arm.rm_sample_pairs = True",
+        "run_arm.rm_samples = 2",
         "train_ppo.num_iterations = 2",
         "train_ppo.config = @PPOConfig()",
         "PPOConfig.rollout_batch_size = 8",
@@ -207,11 +215,28 @@ def test_rl_arm_reuses_another_arms_sft_and_preferences(world):
         "PPOConfig.max_new_tokens = 8",
         "PPOConfig.max_prompt_length = 32",
     )
-    summary = run_arm()
-    assert states(arm_dir) == {"reward_model": "done", "ppo": "done", "evaluate": "done"}
+    # The evaluation hook: the synthetic world's true task score of the PPO policy's answers.
+    summary = run_arm(dataclasses.replace(ArmSettings(), eval_scores=task_accuracy))
+    assert 0 <= summary["eval/task_score"] <= 100 and os.path.exists(os.path.join(arm_dir, "eval", "scores.json"))
+    assert set(states(arm_dir).values()) == {"done"}
     assert summary["policy"] == os.path.join(arm_dir, "ppo", "hf")
     assert summary["ppo/iteration"] == 2 and "reward_model/accuracy" in summary
     assert not os.path.exists(os.path.join(arm_dir, "sft"))  # reused, not retrained
+    # Sample 0 against the teacher, sample 0 against sample 1, each with the miniature's seed.
+    teacher = list(read_records(os.path.join(arm_dir, "comparisons", "teacher-0")))
+    between = list(read_records(os.path.join(arm_dir, "comparisons", "samples-0-1")))
+    assert {c["model_2"] for c in teacher} == {"weak-teacher"} and len(between) == 54
+    assert {c["model_1"] for c in between} == {c["model_2"] for c in between} == {"ppo/sft"}
+    assert read_manifest(os.path.join(arm_dir, "comparisons", "samples-0-1"))["provenance"]["seed"] == 100
+    # DPO's pairs are the teacher's alone; the reward model's add the decided sample pairs.
+    with open(os.path.join(arm_dir, "status.json")) as f:
+        assert json.load(f)["stages"]["reward_model"]["data"] == os.path.join(arm_dir, "preferences_rm")
+    rm_pairs = read_manifest(os.path.join(arm_dir, "preferences_rm"))["num_records"]
+    assert summary["reward_model/pairs"] == rm_pairs > summary["preferences/pairs"]
+    assert read_manifest(os.path.join(arm_dir, "preferences_rm"))["provenance"]["comparisons"] == [
+        os.path.join(arm_dir, "comparisons", "teacher-0"),
+        os.path.join(arm_dir, "comparisons", "samples-0-1"),
+    ]
 
 
 def test_failed_api_requests_stop_the_arm_until_a_relaunch_gets_answers(world):
@@ -275,7 +300,7 @@ def test_judge_settings_bound_in_the_critic_scope_reach_the_critic_stage(world):
 )
 def test_recipe_errors_name_the_binding(world, bindings, match):
     configure(world, "bad", *bindings)
-    with pytest.raises(ArmError, match=match):
+    with pytest.raises(UserError, match=match):  # ArmError, or the runner's MissingInput
         run_arm()
 
 
@@ -299,6 +324,8 @@ def test_paper_arms_resolve(path):
         assert gin.query_parameter("%JUDGE") == "claude-v1"
     if {"critic", "dpo", "ppo"} & set(stages):
         assert gin.query_parameter("run_arm.evaluate_sft") is True
+    if "reward_model" in stages:  # the miniature's reward-model data: sample-vs-sample pairs too
+        assert gin.query_parameter("run_arm.rm_sample_pairs") is True and gin.query_parameter("run_arm.rm_samples") >= 2
 
 
 def test_run_arm_script_runs_a_recipe(world, tmp_path):
@@ -474,7 +501,8 @@ def test_the_papers_rlaif_arm_runs_as_written(world, tmp_path):
 def test_the_registry_declares_each_stage_once():
     """ARM_STAGES is the one declaration: the order, the host-0 stages, the output
     directories and the summary keys run_arm has always used follow from it."""
-    from rlaif_jax.arm import _OUT, ARM_STAGES
+    from rlaif_jax.pipeline import ARM_STAGES
+    from rlaif_jax.pipeline.order import OUTPUTS as _OUT
 
     assert STAGES == (
         "prompts",
@@ -505,6 +533,7 @@ def test_the_registry_declares_each_stage_once():
         "samples": "samples",
         "critic": "comparisons",
         "preferences": "preferences",
+        "rm_preferences": "preferences_rm",
         "dpo": "dpo",
         "rounds": "rounds",
         "reward_model": "reward_model",

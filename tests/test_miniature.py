@@ -1,7 +1,8 @@
-"""A reduced miniature (a few dozen steps per stage) runs every stage end to end over the
-real API path and leaves each stage's records, metrics, the findings, the table and the
-plot; a rerun resumes without asking the API again. The full default miniature, with the
-thresholds the README states, is the slow test at the end."""
+"""A reduced miniature (a few dozen steps per stage) runs every arm through the pipeline's
+stages (rlaif_jax.pipeline) end to end over the real API path and leaves each stage's
+records, metrics, the findings, the table and the plot; a rerun resumes without asking the
+API again. The full default miniature, with the thresholds the README states, is the slow
+test at the end."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 from rlaif_jax.data.records import read_manifest
 from rlaif_jax.feedback.cache import read_cache_lines
 from rlaif_jax.feedback.stages import load_comparisons
-from rlaif_jax.miniature import ARMS, run_miniature, win_rate
+from rlaif_jax.miniature import ARMS, MiniatureSettings, run_miniature, win_rate
 
 SMALL = dict(
     num_prompts=100,
@@ -42,21 +43,21 @@ def test_win_rate_counts_ties_half_and_never_scores_invalid():
     assert r["se"] == pytest.approx(100 * se)
 
 
-def test_reduced_miniature_runs_every_stage(tmp_path):
+def test_reduced_miniature_runs_every_stage(tmp_path, clean_gin):
     out = str(tmp_path / "mini")
-    rows = run_miniature(out_dir=out, **SMALL)
+    rows = run_miniature(MiniatureSettings(out_dir=out, **SMALL))
     assert [r["arm"] for r in rows] == list(ARMS)
     fb = "data/feedback/sft_weak_10"
     for sub in (
         "data/prompts/sft",
         "data/prompts/feedback",
-        "data/weak-teacher/sft",
-        "data/strong-teacher/feedback",
+        "data/teachers/weak-teacher/demonstrations/sft",
+        "data/teachers/strong-teacher/demonstrations/feedback",
         "data/reference/eval",
         "data/web/pretrain",
         f"{fb}/samples/0",
         f"{fb}/samples/1",
-        f"{fb}/comparisons/1",
+        f"{fb}/comparisons/teacher-1",
         f"{fb}/samples/2",
         f"{fb}/comparisons/samples-0-1",
         f"{fb}/comparisons/samples-1-2",
@@ -86,7 +87,7 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
     assert records(f"{fb}/preferences_rm") == records(f"{fb}/preferences") + decided - (
         same(f"{fb}/preferences_rm") - same(f"{fb}/preferences")
     )
-    assert not os.path.exists(os.path.join(out, fb, "comparisons/2"))
+    assert not os.path.exists(os.path.join(out, fb, "comparisons/teacher-2"))
     assert not os.path.exists(os.path.join(out, "data/feedback/sft_strong_10/comparisons/samples-0-1"))
     assert not os.path.exists(os.path.join(out, "data/feedback/sft_strong_10/samples/2"))
     prompts = {
@@ -117,11 +118,13 @@ def test_reduced_miniature_runs_every_stage(tmp_path):
         for line in open(os.path.join(out, "eval/dpo_weak_10/judgments/comparisons.jsonl"))
     )
     # The critic's order randomisation was exercised: some judgments saw the pair swapped.
-    swaps = [c["swapped"] for c in map(json.loads, open(os.path.join(out, fb, "comparisons/0/comparisons.jsonl")))]
+    swaps = [
+        c["swapped"] for c in map(json.loads, open(os.path.join(out, fb, "comparisons/teacher-0/comparisons.jsonl")))
+    ]
     assert 0 < sum(swaps) < len(swaps)
     # Rerun: every stage is found done and no request goes to the API again.
     before = {f: len(read_cache_lines(os.path.join(out, "cache", f))) for f in os.listdir(os.path.join(out, "cache"))}
-    again = run_miniature(out_dir=out, **SMALL)
+    again = run_miniature(MiniatureSettings(out_dir=out, **SMALL))
     after = {f: len(read_cache_lines(os.path.join(out, "cache", f))) for f in os.listdir(os.path.join(out, "cache"))}
     assert before == after and [r["win_rate"] for r in again] == [r["win_rate"] for r in rows]
 
@@ -159,19 +162,32 @@ def test_bad_training_knobs_are_refused_before_any_stage_runs(knob, value, messa
         MiniatureSettings(**{knob: value})
 
 
-def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
-    from rlaif_jax.miniature import _claim_shared
+def test_a_user_binding_of_a_knob_the_campaign_sets_is_refused(tmp_path, clean_gin):
+    """One door per knob: the miniature's DPO learning rate is run_miniature.dpo_lr, so a
+    recipe-style binding of the same key is an error before anything is made, not ignored."""
+    import gin
 
-    _claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 64})
-    _claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 64})  # the same settings: reused
+    from rlaif_jax.errors import ConfigError
+
+    gin.bind_parameter("dpo/make_optimizer.learning_rate", 1e-3)
+    with pytest.raises(ConfigError, match=r"dpo/make_optimizer.learning_rate is set by the miniature"):
+        run_miniature(MiniatureSettings(out_dir=str(tmp_path / "mini")))
+    assert not os.path.exists(tmp_path / "mini")
+
+
+def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
+    from rlaif_jax.miniature.world import claim_shared
+
+    claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 64})
+    claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 64})  # the same settings: reused
     with pytest.raises(ValueError, match=r"run_miniature.shared_dir=.*hidden_size"):
-        _claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 128})
+        claim_shared(str(tmp_path), {"seed": 0, "hidden_size": 128})
 
 
 @pytest.mark.slow
 def test_default_miniature_shows_the_papers_findings(tmp_path):
     """The README's main job, at its defaults (seed 0): about 12 minutes on the README's 2 quiet CPU cores."""
-    run_miniature(out_dir=str(tmp_path / "mini"), progress=False)
+    run_miniature(MiniatureSettings(out_dir=str(tmp_path / "mini"), progress=False))
     summary = json.load(open(tmp_path / "mini" / "summary.json"))
     failed = [k for k in ("1", "1b", "2", "3") if not summary[f"finding/{k}/holds"]]
     assert not failed, open(tmp_path / "mini" / "results.md").read()

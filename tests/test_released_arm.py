@@ -10,10 +10,10 @@ import os
 import gin
 import pytest
 
-from rlaif_jax.arm import run_arm
 from rlaif_jax.data.prompts import import_paper_annotations
 from rlaif_jax.data.records import read_manifest
 from rlaif_jax.feedback.server import ServerThread, make_app
+from rlaif_jax.pipeline import run_arm
 from rlaif_jax.synthetic.backend import SyntheticBackend
 from rlaif_jax.synthetic.models import Critic
 from rlaif_jax.synthetic.released_files import write_released_inputs

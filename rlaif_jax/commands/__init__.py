@@ -21,15 +21,13 @@ from typing import Optional, Sequence
 # name -> ("module:function", one line for `rlaif --help`). In the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "miniature": (
-        # TODO(lead, at merge): "rlaif_jax.miniature.command:main" (the pipeline branch)
-        "rlaif_jax.commands.miniature:main",
+        "rlaif_jax.miniature.command:main",
         "the paper in miniature on one CPU: synthetic world, seven arms, the findings",
     ),
     "train": ("rlaif_jax.commands.train:main", "train an SFT, DPO-family or reward-model objective"),
     "ppo": ("rlaif_jax.commands.ppo:main", "PPO / RLOO / GRPO against a reward model"),
     "arm": (
-        # TODO(lead, at merge): "rlaif_jax.pipeline.command:main" (the pipeline branch)
-        "rlaif_jax.commands.arm:main",
+        "rlaif_jax.pipeline.command:main",
         "one arm of the paper, every stage chained and resumable",
     ),
     "teacher": ("rlaif_jax.commands.teacher:main", "teacher completions through an OpenAI-compatible API"),

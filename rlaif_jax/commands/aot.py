@@ -179,7 +179,7 @@ def sampler_programs(aot, target, stage: str):
 
 def plan(aot, target) -> list:
     """[(note, [Program])] for what the parsed config runs."""
-    from rlaif_jax.arm import run_arm
+    from rlaif_jax.pipeline import ArmSettings
 
     config = gin.config_str()
     try:
@@ -189,7 +189,7 @@ def plan(aot, target) -> list:
     if stages is not None:
         out = []
         for stage in stages:
-            if stage == "sft" and setting(run_arm, "run_arm", "sft_fraction") == 0.0:
+            if stage == "sft" and setting(ArmSettings, "run_arm", "sft_fraction") == 0.0:
                 continue
             if stage in ("sft", "dpo", "reward_model"):
                 from rlaif_jax.train import DPO, SFT, RewardModel

@@ -12,7 +12,7 @@ reward model), length control, and reports.
 
 from rlaif_jax.eval.alpaca_eval_lc import alpaca_eval_lc_win_rate
 from rlaif_jax.eval.length_control import estimate_instruction_difficulty, length_controlled_win_rate
-from rlaif_jax.eval.winrate import WinRate, preferences_from_verdicts, verdict_win_rate, win_rate
+from rlaif_jax.winrate import WinRate, preferences_from_verdicts, verdict_win_rate, win_rate
 
 __all__ = [
     "WinRate",

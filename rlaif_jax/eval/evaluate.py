@@ -38,9 +38,9 @@ from rlaif_jax.errors import ConfigError, UserError
 from rlaif_jax.eval.alpaca_eval_lc import SOLVERS, AlpacaEvalDataError, alpaca_eval_lc_win_rate, difficulties
 from rlaif_jax.eval.length_control import length_controlled_win_rate
 from rlaif_jax.eval.settings import EvalJudgeSettings, EvalSamplingSettings
-from rlaif_jax.eval.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
+from rlaif_jax.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("judge", "reward_model")

@@ -74,7 +74,7 @@ def joint_length_control(run_dirs: Sequence[str], l2_difficulty: float = 1.0) ->
     import numpy as np
 
     from rlaif_jax.eval.length_control import estimate_instruction_difficulty, length_controlled_win_rate
-    from rlaif_jax.eval.winrate import preferences_from_verdicts
+    from rlaif_jax.winrate import preferences_from_verdicts
 
     runs = {d: _judgments(d) for d in run_dirs}
     runs = {d: j for d, j in runs.items() if j}

@@ -2,7 +2,7 @@
 reference output of the same instruction are scored by a trained Bradley-Terry reward model;
 report the mean reward and the win rate against the reference, where an instruction is a
 win when r(policy) > r(reference), a tie (0.5) when equal, with AlpacaEval's standard
-error (rlaif_jax.eval.winrate). `bt_win_rate` is the continuous version: the mean of
+error (rlaif_jax.winrate). `bt_win_rate` is the continuous version: the mean of
 sigmoid(r_policy - r_reference), the reward model's own P(policy preferred)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from rlaif_jax.eval.winrate import win_rate
+from rlaif_jax.winrate import win_rate
 
 
 def reward_protocol_metrics(policy_rewards: Sequence[float], reference_rewards: Sequence[float]) -> dict:

@@ -12,7 +12,7 @@ the paper's reading of it.
 
 It is a small wrapper over the critic stage's own parts: the same FeedbackClient (cache,
 retries, Batch API), judge_pairs and JudgeSettings, and the evaluation's win-rate and
-standard error (rlaif_jax.eval.winrate). The cost of the requests not yet cached is priced
+standard error (rlaif_jax.winrate). The cost of the requests not yet cached is priced
 and printed before any is sent, and refused above AuditSettings.max_cost_usd.
 """
 
@@ -30,7 +30,6 @@ import gin
 from rlaif_jax import fileio as fio
 from rlaif_jax.environment import PACKAGES, package_versions
 from rlaif_jax.errors import ConfigError, UserError, binding, existing_path, in_range, non_negative, whole
-from rlaif_jax.eval.winrate import verdict_win_rate
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.pricing import BATCH_DISCOUNT, price_for
@@ -38,6 +37,7 @@ from rlaif_jax.feedback.settings import JudgeSettings
 from rlaif_jax.feedback.stages import judge_pairs, judge_requests, load_demonstrations, pair_tasks
 from rlaif_jax.fileio import write_json, write_jsonl
 from rlaif_jax.outputs import writer_lock
+from rlaif_jax.winrate import verdict_win_rate
 
 log = logging.getLogger(__name__)
 AUDIT_VERSION = 1

@@ -37,7 +37,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from rlaif_jax.errors import ConfigError, StorageError, UserError
 from rlaif_jax.fileio import is_url
@@ -408,7 +408,3 @@ def read_cache_lines(path: str | os.PathLike) -> list[dict]:
             except ValueError:
                 pass
     return out
-
-
-def record_summary(rec: dict[str, Any]) -> str:
-    return f"{rec.get('key', '?')[:12]} {rec.get('status')}"

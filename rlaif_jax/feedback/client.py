@@ -28,7 +28,7 @@ import logging
 import os
 import random
 import time
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import gin
 import openai
@@ -803,7 +803,3 @@ def _error_text(e: openai.APIStatusError) -> str:
         return e.response.text[:500]
     except Exception:  # pragma: no cover
         return str(e)
-
-
-def results_ok(records: Iterable[Mapping[str, Any]]) -> bool:
-    return all(r["status"] == "ok" for r in records)

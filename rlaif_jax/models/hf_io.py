@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -117,10 +117,6 @@ def _global_entries(cfg: DecoderConfig, lm_head: bool, score_head: bool) -> dict
 
 
 # -- layout transforms (HF tensor <-> our param), also on slices ---------------------------
-
-
-def _heads_dim(kind: str, shape: Sequence[int]) -> int:
-    return shape[-1] if kind in ("qkv_kernel", "qkv_bias") else shape[1]
 
 
 def _read_slice(get: Callable, kind: str, shape: tuple, index: tuple) -> np.ndarray:

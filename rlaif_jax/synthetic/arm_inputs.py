@@ -1,4 +1,4 @@
-"""The inputs a chained arm (rlaif_jax.arm) starts from, in the synthetic world: a prompt
+"""The inputs a chained arm (rlaif_jax.pipeline) starts from, in the synthetic world: a prompt
 source carrying the weak teacher's replies (as ShareGPT carries GPT-3.5's), an
 AlpacaEval-format evaluation set with the reference model's outputs, and a tiny random base
 model with its tokenizer. Serve the world's models with `scripts/serve_openai.py --synthetic`."""

@@ -19,6 +19,7 @@ from rlaif_jax.models import DecoderConfig, build_model, init_params
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.hf_io import load_hf, save_hf
+from rlaif_jax.models.remote import local_hf_dir
 from rlaif_jax.preflight import run_preflight, train_checks
 from rlaif_jax.train.metrics import mfu, peak_tflops
 from rlaif_jax.train.optim import make_optimizer
@@ -32,7 +33,6 @@ from rlaif_jax.train.run_loop import (
     run,
     run_lock,
 )
-from rlaif_jax.train.rundir import local_hf_dir
 from rlaif_jax.train.step import compile_step, init_state, make_eval_step, make_train_step
 
 # The run loop's names that callers of `train` import from here too.

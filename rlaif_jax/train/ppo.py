@@ -47,6 +47,7 @@ from rlaif_jax.models.config import numerics_overrides
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param, without_head
 from rlaif_jax.models.hf_io import load_hf, save_hf
+from rlaif_jax.models.remote import local_hf_dir
 from rlaif_jax.preflight import ppo_checks, run_preflight
 from rlaif_jax.sampling import SamplingParams, _generate, left_pad
 from rlaif_jax.train.advantages import (
@@ -63,7 +64,6 @@ from rlaif_jax.train.advantages import (
 from rlaif_jax.train.logprobs import chunked, lm_forward, model_token_stats
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.run_loop import Closing, LoopSettings, Plan, RunKind, check_length, run
-from rlaif_jax.train.rundir import local_hf_dir
 from rlaif_jax.train.step import (
     TrainState,
     batch_shardings,

@@ -28,10 +28,10 @@ from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, tokenizer_hash
 from rlaif_jax.errors import UserError, binding, existing_dir, existing_path, one_of, whole
 from rlaif_jax.models import apply, build_model
 from rlaif_jax.models.hf_io import load_hf
+from rlaif_jax.models.remote import local_hf_dir
 from rlaif_jax.outputs import check_replace, writer_lock
 from rlaif_jax.train.logprobs import sequence_logps
 from rlaif_jax.train.objectives import concat_pairs
-from rlaif_jax.train.rundir import local_hf_dir
 
 
 def reference_identity(ref_dir: str, tok) -> str:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rlaif_jax.eval import length_control as LC
-from rlaif_jax.eval.winrate import win_rate
+from rlaif_jax.winrate import win_rate
 
 
 def _sigmoid(z):

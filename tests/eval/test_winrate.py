@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from rlaif_jax.eval import winrate as W
+from rlaif_jax import winrate as W
 
 
 def test_matches_alpaca_eval_reported_numbers():

@@ -208,7 +208,7 @@ def test_arm_audits_before_training_and_a_relaunch_reuses_it(world, tmp_path):
     through its own cache role, and the reading lands in the arm's summary."""
     import random
 
-    from rlaif_jax.arm import ArmError, run_arm
+    from rlaif_jax.pipeline import ArmError, run_arm
 
     rng = random.Random(0)
     source = tmp_path / "prompts.json"

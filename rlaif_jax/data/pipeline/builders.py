@@ -410,6 +410,6 @@ def labelled_pipeline(
         seed=seed,
         shuffle=shuffle,
         process=(process_index, process_count),
-        tokenizer=_tokenizer_hash(tok),
+        tokenizer=tokenizer_hash(tok),
     )
     return DataIterator(batcher, stream, fp, state, prefetch, transform)

@@ -67,7 +67,7 @@ class LocalModel:
         from rlaif_jax.errors import ConfigError, existing_dir
         from rlaif_jax.models import build_model
         from rlaif_jax.models.hf_io import load_hf
-        from rlaif_jax.train.rundir import local_hf_dir
+        from rlaif_jax.models.remote import local_hf_dir
 
         if not 0 < max_prompt_length < max_length:
             raise ConfigError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")

@@ -1,4 +1,5 @@
-"""Win rates as AlpacaEval reports them.
+"""Win rates as AlpacaEval reports them (below feedback and eval: the critic statistics, the
+gap audit and the evaluation all score verdicts with it).
 
 A preference is P(policy output beats the reference) for one instruction: 1 for a win, 0
 for a loss, 0.5 for a tie, or a value in between when the judge's logprobs give one (the
