@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from typing import Callable
 
 import numpy as np
+
+from rlaif_jax import sharding as shd
+from rlaif_jax.models import build_model, init_params
+from rlaif_jax.models.decoder import init_scalar_head
+from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param
+from rlaif_jax.train import DPO, SFT, create_state, make_optimizer, make_train_step
+from rlaif_jax.train.advantages import KLController
+from rlaif_jax.train.ppo import PPOConfig, PPOTrainer
+from rlaif_jax.train.step import init_state
 
 BETA = 0.1  # DPO beta of both frameworks' steps
 CLIP_NORM = 10.0
@@ -39,7 +49,6 @@ def train_batch(kind: str, rs, batch: int, seq_len: int, vocab: int) -> dict:
 def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Median seconds of each fn() over `repeats` rounds that call every fn once in turn: on a
     shared machine the load then falls on all of them alike, not on whichever ran last."""
-    import time
 
     for fn in fns.values():
         for _ in range(warmup):
@@ -118,9 +127,6 @@ def jax_train_runner(kind: str, model, params, mesh, batch: dict) -> Callable[[]
     its loss is on the host side of the device. DPO's reference is the initial policy."""
     import jax
 
-    from rlaif_jax import sharding as shd
-    from rlaif_jax.train import DPO, SFT, create_state, make_optimizer, make_train_step
-
     objective = SFT() if kind == "sft" else DPO(beta=BETA)
     tx, sched = make_optimizer(name="rmsprop", learning_rate=1e-6, clip_norm=CLIP_NORM)
     holder = {"state": create_state(jax.tree.map(lambda x: x.copy(), params), tx, 0)}
@@ -140,14 +146,6 @@ def ppo_trainer(cfg, layout, rollout_batch, mini_batch, epochs, prompt_len, new_
     reward model; a "separate" or "shared" value model)."""
     import jax
     import jax.numpy as jnp
-
-    from rlaif_jax.models import build_model, init_params
-    from rlaif_jax.models.decoder import init_scalar_head
-    from rlaif_jax.models.heads import SCORE_HEAD, VALUE_HEAD, head_param
-    from rlaif_jax.train.advantages import KLController
-    from rlaif_jax.train.optim import make_optimizer
-    from rlaif_jax.train.ppo import PPOConfig, PPOTrainer
-    from rlaif_jax.train.step import init_state
 
     config = PPOConfig(
         rollout_batch_size=rollout_batch,

@@ -26,6 +26,7 @@ from typing import Mapping, Optional, Sequence
 import gin
 
 from rlaif_jax import benchmarks
+from rlaif_jax.cli import gin_arg_parser, parse_gin
 from rlaif_jax.errors import ConfigError
 from rlaif_jax.feedback import pricing
 
@@ -404,7 +405,6 @@ def format_plan(rows: Sequence[StagePlan], sl: Slice, eff: Efficiency) -> str:
 
 
 def main(argv=None) -> int:
-    from rlaif_jax.cli import gin_arg_parser, parse_gin
 
     ap = gin_arg_parser(__doc__)
     ap.add_argument(

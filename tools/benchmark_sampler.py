@@ -52,9 +52,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from rlaif_jax.benchmarks import interleaved_medians
-    from rlaif_jax.continuous_batching import generate_continuous
     from rlaif_jax.models import build_model, init_params
-    from rlaif_jax.sampling import SamplingParams, generate, generate_samples, row_keys
+    from rlaif_jax.sampling import SamplingParams, generate, generate_continuous, generate_samples, row_keys
 
     cfg = preset_config(args.preset)
     hf = None

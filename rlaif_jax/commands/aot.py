@@ -28,8 +28,21 @@ import sys
 
 import gin
 
+from rlaif_jax import aot
+from rlaif_jax import sharding as shd
 from rlaif_jax.cli import gin_arg_parser, parse_gin
+from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
 from rlaif_jax.errors import ConfigError
+from rlaif_jax.eval.evaluate import evaluate
+from rlaif_jax.eval.settings import EvalSamplingSettings
+from rlaif_jax.feedback.settings import SamplingSettings
+from rlaif_jax.feedback.stages import policy_samples_stage
+from rlaif_jax.models.config import numerics_overrides
+from rlaif_jax.pipeline import ArmSettings
+from rlaif_jax.train import DPO, SFT, RewardModel
+from rlaif_jax.train.loop import train
+from rlaif_jax.train.optim import make_optimizer
+from rlaif_jax.train.ppo import PPOConfig, train_ppo
 
 _UNSET = object()
 # What an HF export's config.json carries none of: a model loaded from one (train_ppo's
@@ -61,7 +74,6 @@ def _shape(mesh) -> str:
 
 
 def model_config(scope: str = ""):
-    from rlaif_jax.train.loop import train
 
     cfg = setting(train, "train", "model_config", scope, default=None)
     if cfg is None:
@@ -81,15 +93,11 @@ def exported(cfg, **overrides):
 def layout(devices):
     """The Layout a run builds where it starts: make_mesh (in the caller's gin scope) over
     the target's devices, with logical_rules()."""
-    from rlaif_jax import sharding as shd
 
     return shd.Layout(shd.make_mesh(devices=devices), shd.logical_rules())
 
 
 def train_programs(aot, target, stage: str, objective=None):
-    from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
-    from rlaif_jax.train.loop import train
-    from rlaif_jax.train.optim import make_optimizer
 
     with gin.config_scope(stage or None):
         objective = objective or setting(train, "train", "objective", stage)
@@ -118,9 +126,6 @@ def train_programs(aot, target, stage: str, objective=None):
 
 
 def ppo_programs(aot, target, stage: str):
-    from rlaif_jax.models.config import numerics_overrides
-    from rlaif_jax.train.optim import make_optimizer
-    from rlaif_jax.train.ppo import PPOConfig, train_ppo
 
     with gin.config_scope(stage or None):
         config = setting(train_ppo, "train_ppo", "config", stage)
@@ -144,18 +149,10 @@ def ppo_programs(aot, target, stage: str):
 
 
 def sampler_programs(aot, target, stage: str):
-    from rlaif_jax import sharding as shd
-
     if stage == "samples":
-        from rlaif_jax.feedback.settings import SamplingSettings as Settings
-        from rlaif_jax.feedback.stages import policy_samples_stage as fn
-
-        name = "policy_samples_stage"
+        name, fn, Settings = "policy_samples_stage", policy_samples_stage, SamplingSettings
     else:
-        from rlaif_jax.eval.evaluate import evaluate as fn
-        from rlaif_jax.eval.settings import EvalSamplingSettings as Settings
-
-        name = "evaluate"
+        name, fn, Settings = "evaluate", evaluate, EvalSamplingSettings
     get = lambda p: setting(fn, name, p, stage)  # noqa: E731
     bucket = get("length_bucket") if "length_bucket" in inspect.signature(fn).parameters else 32
     dtype, mesh_shape = get("dtype"), get("mesh_shape")
@@ -179,7 +176,6 @@ def sampler_programs(aot, target, stage: str):
 
 def plan(aot, target) -> list:
     """[(note, [Program])] for what the parsed config runs."""
-    from rlaif_jax.pipeline import ArmSettings
 
     config = gin.config_str()
     try:
@@ -192,8 +188,6 @@ def plan(aot, target) -> list:
             if stage == "sft" and setting(ArmSettings, "run_arm", "sft_fraction") == 0.0:
                 continue
             if stage in ("sft", "dpo", "reward_model"):
-                from rlaif_jax.train import DPO, SFT, RewardModel
-
                 with gin.config_scope(stage):
                     objective = {"sft": SFT, "dpo": DPO, "reward_model": RewardModel}[stage]()
                 out.append(train_programs(aot, target, stage, objective))
@@ -241,7 +235,6 @@ def main(argv=None) -> int:
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.topology[4:]}".strip()
     parse_gin(args)
-    from rlaif_jax import aot
 
     target = aot.target(args.topology)
     reports, notes, warnings = [], [], []

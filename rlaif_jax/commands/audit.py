@@ -15,10 +15,10 @@ asked is JudgeSettings (always both orders). In the synthetic world (scripts/ser
 """
 
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.feedback.audit import audit_gap
 
 
 def main(argv=None):
-    from rlaif_jax.feedback.audit import audit_gap
 
     r = main_with_gin(__doc__, audit_gap, argv, extra_modules=("rlaif_jax.feedback.audit",))
     print(

@@ -15,9 +15,10 @@ import dataclasses
 import json
 import os
 
+from rlaif_jax.bandit import BanditConfig, plot, run
+
 
 def main(argv=None):
-    from rlaif_jax.bandit import BanditConfig, plot, run
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out_dir", default="runs/bandit")

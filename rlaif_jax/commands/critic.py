@@ -10,10 +10,10 @@ e.g. --gin_param=JudgeSettings.both_orders=True.
 """
 
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.feedback.stages import critic_stage
 
 
 def main(argv=None):
-    from rlaif_jax.feedback.stages import critic_stage
 
     manifest = main_with_gin(
         __doc__, critic_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")

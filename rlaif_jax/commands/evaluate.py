@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import sys
 
+from rlaif_jax.cli import gin_arg_parser, parse_gin
+from rlaif_jax.eval.evaluate import evaluate
+
 
 def _label_value(v: str):
     try:
@@ -27,7 +30,6 @@ def _label_value(v: str):
 
 
 def main(argv=None):
-    from rlaif_jax.cli import gin_arg_parser, parse_gin
 
     ap = gin_arg_parser(__doc__)
     ap.add_argument("--checkpoint", help="HF-format policy directory")
@@ -39,7 +41,6 @@ def main(argv=None):
     ap.add_argument("--label", action="append", default=[], help="KEY=VALUE copied into metrics.json (repeatable)")
     args = ap.parse_args(argv)
     parse_gin(args, extra_modules=("rlaif_jax.eval.evaluate",))
-    from rlaif_jax.eval.evaluate import evaluate
 
     kw = {
         k: getattr(args, k)

@@ -13,10 +13,10 @@ import json
 import sys
 
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.feedback.ratings import rating_labels_stage, unpair_preferences_stage
 
 
 def main(argv=None):
-    from rlaif_jax.feedback.ratings import rating_labels_stage, unpair_preferences_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--from_pairs"]:

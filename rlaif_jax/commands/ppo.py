@@ -9,10 +9,10 @@ and the operative gin configs are written to the run directory.
 """
 
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.train.ppo import train_ppo
 
 
 def train_ppo_main():
-    from rlaif_jax.train.ppo import train_ppo
 
     return train_ppo()
 

@@ -7,10 +7,10 @@
 import json
 
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.feedback.stages import preferences_stage
 
 
 def main(argv=None):
-    from rlaif_jax.feedback.stages import preferences_stage
 
     manifest = main_with_gin(
         __doc__, preferences_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")

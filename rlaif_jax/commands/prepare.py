@@ -11,6 +11,7 @@
 """
 
 from rlaif_jax.cli import gin_arg_parser, parse_gin
+from rlaif_jax.data.prompts import imports, prepare
 
 STAGES = ("prepare_prompts", "import_paper_completions", "import_paper_annotations")
 
@@ -20,7 +21,6 @@ def main(argv=None):
     ap.add_argument("stage", choices=STAGES)
     args = ap.parse_args(argv)
     parse_gin(args)
-    from rlaif_jax.data.prompts import imports, prepare
 
     fn = getattr(prepare, args.stage, None) or getattr(imports, args.stage)
     stats = fn()

@@ -6,10 +6,10 @@
 """
 
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.train.reference import precompute_reference_logps
 
 
 def main(argv=None):
-    from rlaif_jax.train.reference import precompute_reference_logps
 
     manifest = main_with_gin(__doc__, lambda: precompute_reference_logps(), argv, ["rlaif_jax.train.reference"])
     print(f"wrote {sum(s['num_records'] for s in manifest['shards'])} pairs with reference log-probs")

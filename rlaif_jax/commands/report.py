@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from rlaif_jax.eval.report import make_report
+
 
 def main(argv=None):
-    from rlaif_jax.eval.report import make_report
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="evaluation run directories (each with metrics.json)")

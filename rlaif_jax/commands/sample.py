@@ -12,6 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from rlaif_jax import sharding as shd
+from rlaif_jax.data.tokenize.encode import Encoder
+from rlaif_jax.errors import existing_dir
+from rlaif_jax.models import build_model
+from rlaif_jax.models.hf_io import load_hf
+from rlaif_jax.sampling import SamplingParams, generate
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,11 +38,6 @@ def main(argv=None):
 
     import jax
 
-    from rlaif_jax import sharding as shd
-    from rlaif_jax.models import build_model
-    from rlaif_jax.models.hf_io import load_hf
-    from rlaif_jax.sampling import SamplingParams, generate
-
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file) as f:
@@ -45,14 +47,11 @@ def main(argv=None):
 
     from transformers import AutoTokenizer
 
-    from rlaif_jax.errors import existing_dir
-
     existing_dir("--hf_dir", args.hf_dir, "HF model directory", must_contain="config.json")
     tok = AutoTokenizer.from_pretrained(args.hf_dir, local_files_only=True)
     mesh = shd.make_mesh(*[int(x) for x in args.mesh.split(",")]) if args.mesh else None
     layout = shd.Layout(mesh, shd.logical_rules()) if mesh else None
     cfg, params = load_hf(args.hf_dir, layout=layout, dtype=args.dtype, param_dtype=args.dtype)
-    from rlaif_jax.data.tokenize.encode import Encoder
 
     if args.template == "none":
         ids = [

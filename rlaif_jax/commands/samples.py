@@ -10,10 +10,10 @@ temperature, top_p, top_k, seed, batch_size): e.g. --gin_param=SamplingSettings.
 """
 
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.feedback.stages import policy_samples_stage
 
 
 def main(argv=None):
-    from rlaif_jax.feedback.stages import policy_samples_stage
 
     manifest = main_with_gin(__doc__, policy_samples_stage, argv, extra_modules=("rlaif_jax.feedback.stages",))
     print(f"{manifest['num_records']} samples: {manifest['provenance']['finish_reasons']}")

@@ -16,6 +16,12 @@ import argparse
 import logging
 import os
 
+import gin
+
+from rlaif_jax.feedback.server import make_app, serve_forever
+from rlaif_jax.feedback.server.model_backend import LocalModel, ModelBackend
+from rlaif_jax.synthetic.backend import synthetic_world
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,17 +42,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rlaif_jax.feedback.server import make_app, serve_forever
-    from rlaif_jax.feedback.server.model_backend import LocalModel, ModelBackend
-
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not key:
         ap.error(f"--api_key_env {args.api_key_env} is not set")
     if args.synthetic:
-        import gin
-
-        from rlaif_jax.synthetic.backend import synthetic_world
-
         gin.parse_config(args.gin_param)
         serve_forever(make_app(synthetic_world(), api_key=key), args.host, args.port)
         return 0

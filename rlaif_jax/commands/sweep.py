@@ -12,6 +12,8 @@ import argparse
 import shlex
 import sys
 
+from rlaif_jax.sweep import aggregate, expand, load_sweep, run_locally, tpu_commands
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,8 +24,6 @@ def main(argv=None):
     mode.add_argument("--aggregate", action="store_true", help="only aggregate finished runs")
     ap.add_argument("--metrics", nargs="*", help="summary keys for the table (default: the sweep's, else all)")
     args = ap.parse_args(argv)
-
-    from rlaif_jax.sweep import aggregate, expand, load_sweep, run_locally, tpu_commands
 
     spec = load_sweep(args.sweep_file)
     runs = expand(spec)

@@ -7,10 +7,10 @@ Rerunning the same command after a crash or kill sends only the requests not yet
 """
 
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.feedback.stages import teacher_stage
 
 
 def main(argv=None):
-    from rlaif_jax.feedback.stages import teacher_stage
 
     manifest = main_with_gin(
         __doc__, teacher_stage, argv, extra_modules=("rlaif_jax.feedback.stages", "rlaif_jax.feedback.client")

@@ -12,6 +12,10 @@ plus files in the shapes and names of the paper's released data, built from the 
 
 import argparse
 
+from rlaif_jax.data.toy import write_toy_world
+from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
+from rlaif_jax.synthetic.released_files import write_released_inputs
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,18 +24,13 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, default=64, help="toy: examples; arm: prompts (plus 1/5 as many eval)")
     args = ap.parse_args(argv)
     if args.kind == "arm":
-        from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
-
         for k, v in write_arm_inputs(args.out_dir, args.examples, max(args.examples // 5, 1)).items():
             print(f"{k}: {v}")
         return 0
     if args.kind == "released":
-        from rlaif_jax.synthetic.released_files import write_released_inputs
-
         for k, v in write_released_inputs(args.out_dir, args.examples, max(args.examples // 5, 1)).items():
             print(f"{k}: {v}")
         return 0
-    from rlaif_jax.data.toy import write_toy_world
 
     w = write_toy_world(args.out_dir, args.examples)
     for k in ("tokenizer", "demonstrations", "preferences"):

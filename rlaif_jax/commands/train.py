@@ -8,12 +8,15 @@ Relaunching the same command resumes from the run directory's last checkpoint. T
 and the operative gin configs are written to the run directory.
 """
 
+import gin
+
 from rlaif_jax.cli import main_with_gin
+from rlaif_jax.errors import UserError
+from rlaif_jax.train.loop import train
 
 
 def bound(name: str) -> bool:
     """Whether the parsed gin config binds `name` (configurable.parameter)."""
-    import gin
 
     try:
         gin.query_parameter(name)
@@ -23,8 +26,6 @@ def bound(name: str) -> bool:
 
 
 def train_main():
-    from rlaif_jax.errors import UserError
-    from rlaif_jax.train.loop import train
 
     if not bound("train.run_dir") and bound("train_ppo.run_dir"):
         raise UserError(

@@ -28,11 +28,13 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 
 from rlaif_jax import fileio
+from rlaif_jax.data.records import PREFERENCES
 from rlaif_jax.iterative import IterativeSettings
 from rlaif_jax.pipeline import order
 from rlaif_jax.pipeline.context import Arm, default_cache_dir
-from rlaif_jax.pipeline.runner import Runner, Stage, Status, no_preflight
+from rlaif_jax.pipeline.runner import Runner, Stage, Status
 from rlaif_jax.pipeline.settings import ArmSettings
+from rlaif_jax.preflight import pipeline_checks, run_preflight, saved_tokenizer
 
 
 def layout(settings: ArmSettings) -> Arm:
@@ -40,9 +42,27 @@ def layout(settings: ArmSettings) -> Arm:
     return Arm(settings, Runner("layout", Status(None), 0.0), order.REGISTRY, order.round_stages)
 
 
+def arm_preflight(stages: Sequence[Stage], arm: Arm) -> None:
+    """Before the first stage: the base model against the tokenizer saved with it, and every
+    preference set the arm is handed ready-made (run_arm.stage_dirs, e.g. released
+    annotations or another arm's pairs) for emptiness, duplicate ids and tied pairs. Sets a
+    stage of this arm writes are checked by the trainer that reads them."""
+    s = arm.settings
+    running = {stage.name for stage in stages}
+    models = {}
+    if s.base_model and os.path.isdir(s.base_model) and saved_tokenizer(s.base_model) is not None:
+        models["run_arm.base_model"] = s.base_model
+    records = {
+        f"run_arm.stage_dirs[{key!r}]": (s.stage_dirs[key], PREFERENCES)
+        for key in ("preferences", "rm_preferences")
+        if s.stage_dirs.get(key) and "preferences" not in running
+    }
+    run_preflight(pipeline_checks(models, record_sets=records))
+
+
 def run_arm(
     settings: Optional[ArmSettings] = None,
-    preflight: Callable[[Sequence[Stage], Any], None] = no_preflight,
+    preflight: Callable[[Sequence[Stage], Any], None] = arm_preflight,
 ) -> dict:
     """Runs (or resumes) one arm; returns its summary (also out_dir/summary.json).
 

@@ -20,6 +20,7 @@ import json
 import os
 
 from rlaif_jax.data.released import ANNOTATIONS_FILE, GPT4_COMPLETIONS_FILE, SHAREGPT_FILE
+from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
 
 LONG = " ".join(["word"] * 30)  # over a max_words=20 bound on prepare_prompts, not over the paper's 2000
 
@@ -114,7 +115,6 @@ def write_released_inputs(root: str, num_prompts: int = 80, num_eval: int = 16, 
     """The synthetic world's inputs (rlaif_jax.synthetic.arm_inputs: eval set, tiny base
     model) and released-shape files built from its prompts and weak-teacher replies under
     root/released; returns every path. `model`: write_arm_inputs' hidden_size, num_layers."""
-    from rlaif_jax.synthetic.arm_inputs import write_arm_inputs
 
     paths = write_arm_inputs(root, num_prompts=num_prompts, num_eval=num_eval, **model)
     with open(paths["prompts"]) as f:
