@@ -62,40 +62,22 @@ class MiniatureSettings:
     (teacher strengths, the web corpus's quality, the critic's and the judge's strength /
     noise / position bias) are gin bindings of `synthetic_world`.
 
-    What each setting stands for: num_prompts the paper's ShareGPT prompts (6,000: with
-    1,000 the reward model stayed near chance on held-out pairs and PPO had nothing to
-    climb; at 3,000, on 300 examples, SFT weak 10% swung with the seed, at seed 2 above its
-    own SFT weak 100%, and there DPO on the strong arm's pairs gained more than half of
-    finding 1's gain; README "How the defaults were found"); num_pretrain / pretrain_* the base model's
-    pretraining (0 starts SFT from random weights; at pretrain_lr 3e-3 two of three seeds
-    pretrained badly on an AVX-512 machine, README "Across seeds"); sft_fraction the paper's 10% split; sft_epochs /
+    What each setting stands for (how each default was found: docs/experiments/, one page
+    per question): num_prompts the paper's ShareGPT prompts, split sft_fraction (the paper's
+    10%) for SFT and the rest for feedback; num_pretrain / pretrain_* the base model's
+    pretraining on the web corpus (0 starts SFT from random weights); sft_epochs /
     sft_small_epochs SFT on 100% / 10% of the prompts; seq_len the tokens an SFT, DPO or
-    reward-model example is padded (and, if longer, truncated) to: the miniature's
-    examples are a prompt of at most 32 tokens and a short answer, 37 tokens at the longest
-    at the defaults, and padding them to 64 cost ~40% of those steps (pretraining packs its
-    documents into 64-token windows either way); feedback_samples policy samples per
-    feedback prompt, each judged against the teacher's completion (the paper: 1);
-    dpo_* / rm_* / ppo_* the RL stages (DPO: the paper's sigmoid loss plus, at
-    dpo_rpo_alpha 0.1, a tenth of the SFT-regularised option of its code, which keeps plain
-    DPO from lowering the chosen answers' likelihood until its outputs drift; 0 is the
-    paper's main runs, 1 its code's option in full);
+    reward-model example is padded (and, if longer, truncated) to; feedback_samples policy
+    samples per feedback prompt, each judged against the teacher's completion (the paper:
+    1); dpo_* / rm_* / ppo_* the RL stages (dpo_rpo_alpha the weight of the SFT term of the
+    paper's code's RPO option: 0 is the paper's main runs, 1 its code's option in full);
     rm_sample_pairs: the reward model also learns the critic's verdict between each two
-    policy samples of a feedback prompt (InstructGPT's ranking of several samples of the
-    policy; the paper's reward model learns only the DPO pairs, sample vs teacher). PPO asks
-    the reward model to rank the policy's own answers to one prompt, which sample-vs-teacher
-    pairs teach only indirectly (README "How the defaults were found"); rm_samples: how many
-    policy samples per feedback prompt those pairs draw on (all pairs of them; InstructGPT
-    ranks 4 to 9), the first feedback_samples shared with DPO, any more sampled and judged
-    for the reward model alone; ppo_kl_coef the per-token KL penalty to the SFT policy in
-    PPO's reward (the paper's later version sweeps it with PPO's lr): at 0.1 PPO drifted 4.7 to 5.8
-    nats from SFT weak 10% where that policy already counted well, climbed the reward
-    model's errors on the list tasks and lost win rate (README "How the defaults were
-    found"); at 0.2 (lr 3e-4) those runs ended 2.1 and 3.3 nats from it; ppo_lr / ppo_iterations PPO's
-    optimizer's rate and its rollouts of 32 feedback prompts (120: about 0.7 of a pass over them): at
-    3e-4 for 60 PPO moved 2 to 4 nats from SFT weak 10% and its win gain at seed 2 fell under 2
-    SE; 1e-4 for 120 ended 1 to 1.6 nats from it at 3,000 prompts (about 2 at 6,000) and raised
-    PPO's gain in all six runs that train a PPO arm of their own (README "How the defaults were
-    found");
+    policy samples of a feedback prompt (InstructGPT's ranking of several samples; the
+    paper's reward model learns only the DPO pairs, sample vs teacher); rm_samples: how many
+    policy samples per feedback prompt those pairs draw on (all pairs of them), the first
+    feedback_samples shared with DPO, any more sampled and judged for the reward model
+    alone; ppo_kl_coef the per-token KL penalty to the SFT policy in PPO's reward; ppo_lr /
+    ppo_iterations PPO's optimizer's rate and its rollouts of 32 feedback prompts;
     eval_* the paper's evaluation sampling.
     iterative: the rounds of the optional arm dpo_weak_10_iter (add it to `arms`): rounds,
     pairing, DPO reference, samples per prompt (None: gin's IterativeSettings()); its DPO
