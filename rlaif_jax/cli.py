@@ -40,6 +40,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.synthetic.models",
     "rlaif_jax.arm",
     "rlaif_jax.iterative",
+    "rlaif_jax.lora.settings",
 )
 
 
