@@ -89,6 +89,7 @@ def layout(devices):
 
 def train_programs(aot, target, stage: str, objective=None):
     from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
+    from rlaif_jax.lora import LoraSettings
     from rlaif_jax.train.loop import train
     from rlaif_jax.train.optim import make_optimizer
 
@@ -112,10 +113,16 @@ def train_programs(aot, target, stage: str, objective=None):
         seed = setting(train, "train", "seed", stage)
         tx, schedule = make_optimizer(params=None, default_total_steps=1000)
         lay = layout(target.devices)
+        # As train builds it: LoraSettings() in the stage's scope when train.lora is unbound.
+        lora = setting(train, "train", "lora", stage, default=None) or LoraSettings()
     precomputed = getattr(objective, "reference", None) == "precomputed"
     batch = aot.batch_layout(objective.data_kind, rows, seq_len, precomputed)
     note = f"{stage or 'train'}: {batch_note}; mesh {_shape(lay.mesh)}"
-    return note, aot.train_step_programs(stage or "train", objective, cfg, tx, schedule, lay, batch, grad_accum, seed)
+    if lora.enabled:
+        note += f"; LoRA rank {lora.rank} on {lora.targets!r}, base {lora.quantize}"
+    return note, aot.train_step_programs(
+        stage or "train", objective, cfg, tx, schedule, lay, batch, grad_accum, seed, lora=lora
+    )
 
 
 def ppo_programs(aot, target, stage: str):

@@ -242,23 +242,23 @@ def quantize_base(params: Any, settings: LoraSettings, layout=None) -> Any:
     """`params` with each targeted projection's kernel replaced by settings.quantize codes
     and scales (rlaif_jax.lora.quant), placed on `layout` like the kernel's outer axes
     (a stacked [layers, ...] kernel is quantized layer by layer). Unchanged when quantize
-    is "none". The float kernels are dropped as each is replaced."""
+    is "none". Abstract params (ShapeDtypeStructs) give the abstract quantized tree, placed."""
     if settings.quantize == "none":
         return params
     for path, node in list(_targets(params, settings)):
-        name = path[-1]
-        in_axes, out_axes = AXES[name]
+        in_axes, out_axes = AXES[path[-1]]
         w = node["kernel"]
         n_in = len(in_axes)
         scanned = w.ndim > len(in_axes) + len(out_axes)
         one = lambda k: quant.quantize(k, n_in, settings.quantize, settings.block_size)  # noqa: E731
         fn = jax.vmap(one) if scanned else one
         axes = (("layers",) if scanned else ()) + (in_axes[0], out_axes[0])
-        out_sh = None
-        if layout is not None:
-            shapes = jax.eval_shape(fn, w)
-            out_sh = {k: layout.sharding(axes, s.shape) for k, s in shapes.items()}
-        q = jax.jit(fn, out_shardings=out_sh)(w)
+        shapes = jax.eval_shape(fn, w)
+        out_sh = None if layout is None else {k: layout.sharding(axes, s.shape) for k, s in shapes.items()}
+        if isinstance(w, jax.ShapeDtypeStruct):
+            q = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=out_sh and out_sh[k]) for k, s in shapes.items()}
+        else:
+            q = jax.jit(fn, out_shardings=out_sh)(w)
         rest = {k: v for k, v in node.items() if k != "kernel"}
         params = _replace(params, path, {**rest, **q})
     return params

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 
 from rlaif_jax import fileio
@@ -23,6 +24,7 @@ from rlaif_jax.lora.adapters import (
     LORA_A,
     LORA_B,
     LoraModel,
+    abstract_adapters,
     dequantize_base,
     init_adapters,
     merge,
@@ -122,6 +124,23 @@ def prepare(objective, model, params, settings: LoraSettings, seed: int, referen
         settings=settings,
         base_shapes=base_shapes,
     )
+
+
+def abstract_split(objective, model, params, settings: LoraSettings, reference: Optional[Any] = None):
+    """prepare's (trainable, frozen) for abstract params (placed ShapeDtypeStructs, as the
+    AOT compile builds them): what a LoRA run's step takes, without any weights."""
+    heads = {head_param(h) for h in objective.scalar_heads}
+    boxed = abstract_adapters(model, settings)
+    sh = model.layout.param_shardings(boxed) if model.layout is not None else None
+    unboxed = nn.unbox(boxed)
+    adapters = (
+        unboxed
+        if sh is None
+        else jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, sh)
+    )
+    trainable = merge(select_tree(params, lambda p: p[0] in heads), adapters)
+    base = quantize_base(select_tree(params, lambda p: p[0] not in heads), settings, model.layout)
+    return trainable, {"base": base, "reference": reference}
 
 
 def _hash_files(directory: str, names) -> str:
