@@ -68,6 +68,8 @@ def test_zero_b_is_the_base_and_the_merged_export_is_the_adapted_model(world, tm
     adapters = _random_adapters(model, settings)
     adapted = _logits(lm, merge(params, adapters), tokens)
     assert float(jnp.abs(adapted - base).max()) > 1e-2
+    dropped = LoraModel(model, dataclasses.replace(settings, dropout=0.5)).with_dropout(jax.random.key(9))
+    assert float(jnp.abs(_logits(dropped, merge(params, adapters), tokens) - adapted).max()) > 1e-3
     save_hf(str(tmp_path), cfg, merged_weights(merge(params, adapters), settings))
     _, exported = load_hf(str(tmp_path), config=cfg)
     np.testing.assert_allclose(_logits(model, exported, tokens), adapted, atol=1e-5, rtol=0)
@@ -259,3 +261,40 @@ def test_qlora_sft_from_a_peft_adapter(world, tmp_path):
         float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(load_peft(start, build_model(cfg), settings))))),
         rel=1e-5,
     )
+
+
+@pytest.mark.parametrize(
+    "value_model,quantize", [("separate", "none"), pytest.param("shared", "nf4", marks=pytest.mark.slow)]
+)
+def test_lora_ppo_trains_adapters_against_the_base_as_reference(world, tmp_path, value_model, quantize):
+    from rlaif_jax.train.ppo import PPOConfig, train_ppo
+
+    target = world["tok"].convert_tokens_to_ids("cat")
+    config = PPOConfig(
+        rollout_batch_size=8,
+        mini_batch_size=8,
+        ppo_epochs=1,
+        max_new_tokens=4,
+        max_prompt_length=16,
+        value_model=value_model,
+    )
+    train_ppo(
+        run_dir=str(tmp_path),
+        policy=world["base"],
+        prompts=world["demos"],
+        num_iterations=3,
+        config=config,
+        reward_fn=lambda tokens, pos, segs, rmask, P: ((tokens[:, P:] == target) * rmask).sum(1) / 4.0,
+        optimizer=functools.partial(make_optimizer, learning_rate=1e-2),
+        mesh=ONE_DEVICE,
+        lora=LoraSettings(rank=4, quantize=quantize, block_size=16),
+    )
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    # The reference is the policy with its adapters off: identical at the start (B = 0).
+    assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0
+    base = load_file(os.path.join(world["base"], "model.safetensors"))
+    merged = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for k, w in base.items():
+        if not any(p in k for p in ("_proj.",)):
+            np.testing.assert_array_equal(merged[k], w, err_msg=k)  # embeddings, norms, LM head
+    assert max(float(np.abs(merged[k] - base[k]).max()) for k in base if "q_proj" in k) > 1e-3
