@@ -36,7 +36,11 @@ from rlaif_jax.lora import quant
 from rlaif_jax.lora.settings import LoraSettings
 
 LORA_A, LORA_B = "lora_a", "lora_b"
-DROPOUT_RNG = "lora_dropout"
+# The adapters' dropout stream. The decoder's nn.scan splits only the "params" and "router"
+# streams per layer (any other stream is not seen inside the scanned layers), so dropout
+# draws from "router", which only training steps provide (MoE jitter reads it too, in other
+# modules: make_rng folds in each module's path).
+DROPOUT_RNG = "router"
 # Each projection's (input, output) logical axes, as decoder.py names its kernel's.
 AXES = {
     "q_proj": (("embed",), ("heads", "head_dim")),
