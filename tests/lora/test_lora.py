@@ -53,7 +53,8 @@ def _random_adapters(model, settings, seed=1):
     return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("scan", [True, False])
+# Unscanned layers in the slow suite: the default suite's ~60 s budget (tests/lora: ~50 s).
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_zero_b_is_the_base_and_the_merged_export_is_the_adapted_model(world, tmp_path, scan):
     cfg = tiny_config(len(world["tok"]), scan_layers=scan)
     model = build_model(cfg)
@@ -150,7 +151,7 @@ def test_nf4_and_int8_dequantise_as_blockwise_absmax_references():
     assert np.all(err <= np.abs(w).max(axis=0) / 127 / 2 + 1e-8)
 
 
-@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", [pytest.param("int8", marks=pytest.mark.slow), "nf4"])
 def test_qlora_runs_the_dequantised_base(world, kind):
     cfg = world["cfg"]
     model = build_model(cfg)
@@ -263,9 +264,8 @@ def test_qlora_sft_from_a_peft_adapter(world, tmp_path):
     )
 
 
-@pytest.mark.parametrize(
-    "value_model,quantize", [("separate", "none"), pytest.param("shared", "nf4", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # a PPO run per case (~30 s each on an idle 2-core CPU)
+@pytest.mark.parametrize("value_model,quantize", [("separate", "none"), ("shared", "nf4")])
 def test_lora_ppo_trains_adapters_against_the_base_as_reference(world, tmp_path, value_model, quantize):
     from rlaif_jax.train.ppo import PPOConfig, train_ppo
 
