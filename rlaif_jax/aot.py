@@ -33,6 +33,8 @@ from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.errors import ConfigError
+from rlaif_jax.lora import LoraModel, LoraSettings
+from rlaif_jax.lora import training as lora_training
 from rlaif_jax.models import DecoderConfig, build_model
 from rlaif_jax.models.params import abstract_params, param_shardings
 from rlaif_jax.train.step import (
@@ -252,6 +254,7 @@ def train_step_programs(
     batch: dict,
     grad_accum: int = 1,
     seed: int = 0,
+    lora: Optional[LoraSettings] = None,
 ) -> list[Program]:
     """The `train` loop's one compiled step (SFT / DPO / reward model), with the frozen
     reference when the objective needs one, as train.step.compile_step jits it.
@@ -265,19 +268,25 @@ def train_step_programs(
       batch: batch_layout(...) of the global batch.
       grad_accum: train.grad_accum.
       seed: train.seed.
+      lora: train.lora; with LoRA on, the state holds the adapters and the step's constant
+        is the frozen (quantized) base, as rlaif_jax.lora.training.prepare splits them.
     Returns:
       [the train step Program].
     """
     mesh = layout.mesh
     model, params = model_params(cfg, layout, objective.lm_head, objective.scalar_heads)
-    state = initial_state(params, tx, seed)
     ref = params if objective.needs_reference else None  # the loop's copy, placed alike
+    if lora is not None and lora.enabled:
+        # The reference is the base with adapters off: no copy (reference_from not modelled).
+        params, ref = lora_training.abstract_split(objective, model, params, lora)
+        objective, model = lora_training.LoraObjective(objective), LoraModel(model, lora)
+    state = initial_state(params, tx, seed)
     batch = _placed_batch(batch, mesh)
     jitted = jit_step(make_train_step(objective, model, tx, schedule, grad_accum), state, batch, mesh, ref)
     rows, length = next(iter(batch.values())).shape[:2]
     seqs = rows * (2 if any(k.startswith("chosen_") for k in batch) else 1)
     # 6N per token forward + backward; a reference forward adds 2N.
-    flops = cfg.flops_per_token(length) * seqs * length * (4 / 3 if ref is not None else 1)
+    flops = cfg.flops_per_token(length) * seqs * length * (4 / 3 if objective.needs_reference else 1)
     # The rows the model runs on: a preference batch's pairs are concatenated (chosen, then
     # rejected) and constrained over the batch axes as twice as many rows.
     what = "batch" if seqs == rows else "chosen + rejected batch"

@@ -49,6 +49,7 @@ CONFIGURABLE_MODULES = (
     "rlaif_jax.train.cpo",
     "rlaif_jax.feedback.ratings",
     "rlaif_jax.preflight",
+    "rlaif_jax.lora.settings",
 )
 
 

@@ -16,7 +16,7 @@ LAYERS = (
     ("outputs", "models", "winrate"),
     ("sampling", "data", "preflight"),
     ("feedback",),  # API clients, judging, the OpenAI-compatible server: no training
-    ("train",),
+    ("train", "lora"),
     ("eval", "aot", "benchmarks", "plan"),
     ("iterative", "sweep", "synthetic"),
     ("pipeline",),  # the one orchestrator

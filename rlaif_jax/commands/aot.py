@@ -37,6 +37,7 @@ from rlaif_jax.eval.evaluate import evaluate
 from rlaif_jax.eval.settings import EvalSamplingSettings
 from rlaif_jax.feedback.settings import SamplingSettings
 from rlaif_jax.feedback.stages import policy_samples_stage
+from rlaif_jax.lora import LoraSettings
 from rlaif_jax.models.config import numerics_overrides
 from rlaif_jax.pipeline import ArmSettings
 from rlaif_jax.train import DPO, SFT, RewardModel
@@ -119,10 +120,16 @@ def train_programs(aot, target, stage: str, objective=None):
         seed = setting(train, "train", "seed", stage)
         tx, schedule = make_optimizer(params=None, default_total_steps=1000)
         lay = layout(target.devices)
+        # As train builds it: LoraSettings() in the stage's scope when train.lora is unbound.
+        lora = setting(train, "train", "lora", stage, default=None) or LoraSettings()
     precomputed = getattr(objective, "reference", None) == "precomputed"
     batch = aot.batch_layout(objective.data_kind, rows, seq_len, precomputed)
     note = f"{stage or 'train'}: {batch_note}; mesh {_shape(lay.mesh)}"
-    return note, aot.train_step_programs(stage or "train", objective, cfg, tx, schedule, lay, batch, grad_accum, seed)
+    if lora.enabled:
+        note += f"; LoRA rank {lora.rank} on {lora.targets!r}, base {lora.quantize}"
+    return note, aot.train_step_programs(
+        stage or "train", objective, cfg, tx, schedule, lay, batch, grad_accum, seed, lora=lora
+    )
 
 
 def ppo_programs(aot, target, stage: str):

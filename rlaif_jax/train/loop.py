@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.errors import ConfigError, UserError, binding, existing_dir, positive, whole
+from rlaif_jax.lora import LoraSettings
+from rlaif_jax.lora import training as lora_training
 from rlaif_jax.models import DecoderConfig, build_model, init_params
 from rlaif_jax.models.decoder import init_scalar_head
 from rlaif_jax.models.heads import head_param
@@ -89,6 +91,7 @@ def train(
     sample_max_new_tokens: int = 64,
     peak_device_tflops: Optional[float] = None,
     loop: Optional[LoopSettings] = None,
+    lora: Optional[LoraSettings] = None,
     stop_after: Optional[int] = None,
 ) -> dict:
     """Train `objective` for num_steps, or until the data runs out when num_steps is None
@@ -108,10 +111,12 @@ def train(
         num_epochs=1, so that an evaluation is one pass whatever is bound. `loop` (logging,
         checkpoints, export) defaults to a LoopSettings built here, so gin's `LoopSettings.*`
         bindings hold. `stop_after` ends the process-side loop early without a final checkpoint:
-        preemption in tests.
+        preemption in tests. `lora` (LoRA / QLoRA, rlaif_jax.lora) defaults to a LoraSettings
+        built here, so gin's (scoped) `LoraSettings.*` bindings hold; rank 0 is off.
         Returns the summary: {"step": last step, **the last logged metrics}.
     """
     loop = loop if loop is not None else LoopSettings()
+    lora = lora if lora is not None else LoraSettings()
     _check_settings(
         num_steps,
         model_config,
@@ -156,6 +161,8 @@ def train(
             sample_prompts=sample_prompts,
             sample_max_new_tokens=sample_max_new_tokens,
             peak_device_tflops=peak_device_tflops,
+            lora=lora,
+            run_dir=run_dir,
         )
 
     return run(run_dir, kind, loop, build, stop_after)
@@ -237,6 +244,8 @@ def _plan(
     sample_prompts,
     sample_max_new_tokens,
     peak_device_tflops,
+    lora: LoraSettings,
+    run_dir: str,
 ) -> Plan:
     """train's data, model, state and compiled step."""
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
@@ -264,8 +273,16 @@ def _plan(
     if objective.needs_reference and reference_from:
         # The policy's shape: a reference of another architecture fails here, not mid-step.
         _, ref_params = load_hf(reference_from, layout=layout, config=cfg, lm_head=objective.lm_head)
-    elif objective.needs_reference:
+    elif objective.needs_reference and not lora.enabled:
         ref_params = jax.tree.map(jnp.copy, params)
+    lora_run = None
+    if lora.enabled:
+        # Only the adapters (and a fresh score head) train; the frozen base (the reference
+        # unless reference_from) is the step's constant `ref_params`.
+        lora_training.check_base_pointer(run_dir, lora_training.base_pointer(init_from, cfg, seed, lora))
+        lora_run = lora_training.prepare(objective, model, params, lora, seed, reference=ref_params)
+        objective, model, params, ref_params = lora_run.objective, lora_run.model, lora_run.trainable, lora_run.frozen
+    policy = lora_run.full_params if lora_run else lambda p: p
     state = init_state(params, tx, seed)
     del params
     step_fn = compile_step(make_train_step(objective, model, tx, schedule, grad_accum), state, the_mesh, ref_params)
@@ -295,7 +312,8 @@ def _plan(
         writer.write(step, ev, prefix="eval/")
         if sample_prompts and objective.lm_head and tok is not None:
             for p, text in zip(
-                sample_prompts, sample_texts(model, state.params, tok, sample_prompts, sample_max_new_tokens, the_mesh)
+                sample_prompts,
+                sample_texts(model, policy(state.params), tok, sample_prompts, sample_max_new_tokens, the_mesh),
             ):
                 writer.text(step, "samples", f"**{p}**\n\n{text}")
                 writer.write(step, {"prompt": p, "completion": text}, prefix="sample/")
@@ -307,7 +325,11 @@ def _plan(
         batches=batches,
         step=step,
         summarize=summarize,
-        export=lambda d, state: save_hf(d, cfg, state.params, tokenizer=tok, score_head=not objective.lm_head),
+        export=lambda d, state: (
+            lora_run.export(d, cfg, state.params, tokenizer=tok, base_model=init_from or "")
+            if lora_run
+            else save_hf(d, cfg, state.params, tokenizer=tok, score_head=not objective.lm_head)
+        ),
         postfix=lambda m: dict(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}"),
         after_step=after_step,
         num_steps=num_steps,

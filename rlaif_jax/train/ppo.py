@@ -19,6 +19,7 @@ on the shared run loop (rlaif_jax.train.run_loop), as `train` does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Callable, Optional, Sequence
@@ -42,6 +43,8 @@ from rlaif_jax.errors import (
     positive,
     whole,
 )
+from rlaif_jax.lora import LoraSettings
+from rlaif_jax.lora import ppo as lora_ppo
 from rlaif_jax.models import DecoderConfig, apply, build_model, gather_last
 from rlaif_jax.models.config import numerics_overrides
 from rlaif_jax.models.decoder import init_scalar_head
@@ -494,6 +497,10 @@ class PPOTrainer:
         return state, metrics
 
 
+class LoraPPOTrainer(lora_ppo.LoraPPOMixin, PPOTrainer):
+    """PPOTrainer training LoRA adapters on a frozen base (rlaif_jax.lora.ppo)."""
+
+
 _HOST_TIMES = ("time/rollout", "time/scoring", "time/update")
 
 
@@ -587,6 +594,7 @@ def train_ppo(
     seed: int = 0,
     numerics: Optional[dict] = None,
     loop: Optional[LoopSettings] = None,
+    lora: Optional[LoraSettings] = None,
     stop_after: Optional[int] = None,
 ) -> dict:
     """PPO from an SFT policy (HF dir; also the reference) against a reward model (HF dir
@@ -600,9 +608,12 @@ def train_ppo(
     iteration). `numerics` ({dtype, param_dtype, remat_policy, ...}, models.config.
     NUMERICS_FIELDS) applies to the policy, reference, critic and reward model: their HF
     exports' config.json carry none, so without it all four run float32 without remat.
+    `lora` (rlaif_jax.lora.ppo; rank 0 off) trains adapters on the frozen SFT policy, which is
+    also the KL reference with the adapters off; defaults to LoraSettings() built here (gin).
     Returns the summary: {"iteration": num_iterations, **the last logged metrics}.
     """
     loop = loop if loop is not None else LoopSettings()
+    lora = lora if lora is not None else LoraSettings()
     _check_settings(policy, prompts, num_iterations, reward_model, reward_fn, stop_after)
     overrides = numerics_overrides(binding("train_ppo.numerics"), numerics)
     kind = RunKind("train_ppo", "iteration", "prompt stream", default_log_every=1, desc="ppo")
@@ -624,6 +635,7 @@ def train_ppo(
             template=template,
             seed=seed,
             numerics=overrides,
+            lora=lora,
         )
 
     return run(run_dir, kind, loop, build, stop_after)
@@ -655,6 +667,7 @@ def _plan(
     template,
     seed,
     numerics,
+    lora,
 ) -> Plan:
     """train_ppo's prompts, models, state and trainer."""
     from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
@@ -680,14 +693,14 @@ def _plan(
     the_mesh = mesh() if callable(mesh) else mesh
     layout = shd.Layout(the_mesh, shd.logical_rules())
     cfg, pol_params = load_hf(policy, layout=layout, **numerics)
-    ref_params = jax.tree.map(jnp.copy, pol_params)
+    ref_params = None if lora.enabled else jax.tree.map(jnp.copy, pol_params)
     params = {"policy": pol_params}
     rm_model = rm_params = None
     value_cfg = cfg
     if reward_model:
         rm_cfg, rm_params = load_hf(reward_model, layout=layout, lm_head=False, score_head=True, **numerics)
         rm_model = build_model(rm_cfg, lm_head=False, scalar_heads=(SCORE_HEAD,), layout=layout)
-    if config.uses_critic:
+    if config.uses_critic and not lora.enabled:
         if config.value_model == "shared":
             params["policy"][head_param(VALUE_HEAD)] = init_scalar_head(cfg, jax.random.key(seed + 1), layout)
         else:
@@ -701,7 +714,14 @@ def _plan(
                 value_cfg = cfg
             params["value"] = value
     eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    trainer = PPOTrainer(
+    make_trainer = PPOTrainer
+    if lora.enabled:  # adapters on the frozen policy, which is also the reference (adapters off)
+        float_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pol_params)
+        params, frozen = lora_ppo.split(cfg, pol_params, config, lora, layout, seed, VALUE_HEAD)
+        ref_params = frozen["policy"]
+        del pol_params
+        make_trainer = functools.partial(LoraPPOTrainer, lora=lora, frozen=frozen)
+    trainer = make_trainer(
         cfg,
         config,
         tx,
@@ -718,7 +738,8 @@ def _plan(
     state = init_state(params, tx, seed, trainer.initial_extra())
 
     def export(d: str, state: TrainState) -> None:
-        save_hf(d, cfg, without_head(state.params["policy"], VALUE_HEAD), tokenizer=tok)
+        policy = trainer.merged_policy(state.params, float_shapes) if lora.enabled else state.params["policy"]
+        save_hf(d, cfg, without_head(policy, VALUE_HEAD), tokenizer=tok)
 
     return Plan(
         state=state,
