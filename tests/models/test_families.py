@@ -82,6 +82,17 @@ def test_packed_and_padded_logits_match_hf(family):
     np.testing.assert_allclose(ours[1, :14], _hf_logits(hf, long[None])[0], atol=1e-4, rtol=1e-4)
 
 
+# The decode path's family features are the Gemmas' (per-layer windows over a full cache, caps
+# in the cached kernels, two RoPE bases); the others' only differ from Llama-2 in the forward
+# checked above, and each compile costs ~5 s of CPU.
+DECODE_DEFAULT = ("gemma2", "gemma3")
+
+
+@pytest.mark.parametrize(
+    "family",
+    [n if n in DECODE_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in MODERN],
+    indirect=True,
+)
 def test_greedy_decoding_equals_hf_generate(family):
     """Prompts longer than the window, 8 new tokens through the KV cache."""
     _, hf, _, _, model, params, _ = family
@@ -129,6 +140,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 def test_each_family_feature_changes_the_logits(family):
     name, hf, _, cfg, _, params, _ = family
     ids = random_ids(1, 14, 7)
