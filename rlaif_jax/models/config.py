@@ -497,7 +497,7 @@ class DecoderConfig:
             kw.pop("hidden_act")
             gemma_kw = dict(
                 hidden_activation=self.hidden_act,
-                query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+                query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar or self.head_dim),
                 sliding_window=self.sliding_window,
                 layer_types=layer_types,
                 attn_logit_softcapping=self.attn_logit_softcap,
@@ -527,6 +527,11 @@ class DecoderConfig:
             cfg = transformers.LlamaConfig(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, **kw)
             cfg.architectures = ["LlamaForCausalLM"]
         return cfg
+
+
+def _int_if_whole(x):
+    """transformers' Gemma configs type query_pre_attn_scalar as an int."""
+    return int(x) if float(x).is_integer() else x
 
 
 def _get(d: dict, key: str, default):
@@ -610,6 +615,15 @@ def model_config(
 
 
 @gin.configurable
-def custom_model_config(**kwargs) -> DecoderConfig:
-    """A config spelled out in gin (tiny test models, architecture ablations)."""
+def custom_model_config(sliding_window_pattern: Optional[int] = None, **kwargs) -> DecoderConfig:
+    """A config spelled out in gin (model files, tiny test models, architecture ablations).
+
+    `sliding_window_pattern` n (HF's Gemma spelling) sets layer_types: every n-th layer global,
+    the others sliding (Gemma 2: 2, alternating from a sliding first layer; Gemma 3: 6)."""
+    if sliding_window_pattern is not None:
+        errors.whole("custom_model_config.sliding_window_pattern", sliding_window_pattern, 1)
+        kwargs["layer_types"] = tuple(
+            "sliding_attention" if (i + 1) % sliding_window_pattern else "full_attention"
+            for i in range(kwargs.get("num_layers", 0))
+        )
     return DecoderConfig(**kwargs)
