@@ -1,5 +1,5 @@
 """A tiny Gemma-2-shaped model (soft caps, alternating sliding / global layers) and a tiny
-Qwen2-shaped one (q/k/v bias) compiled ahead of time for a real TPU topology (v5e 2x2 through
+Qwen2-shaped one (q/k/v bias): their SFT steps compiled ahead of time for a real TPU topology (v5e 2x2 through
 libtpu, from this CPU host): the splash kernel with its soft cap, a sliding and a global kernel
 per layer under the scan, the params split over fsdp, and the programs fit."""
 
@@ -9,9 +9,9 @@ import pytest
 from rlaif_jax import aot
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import DecoderConfig
-from rlaif_jax.train import DPO, SFT, make_optimizer
+from rlaif_jax.train import SFT, make_optimizer
 
-ROWS, LENGTH = 8, 256
+ROWS, LENGTH = 8, 128
 BASE = dict(
     vocab_size=512,
     hidden_size=64,
@@ -29,7 +29,7 @@ GEMMA2 = DecoderConfig(
     hidden_act="gelu_pytorch_tanh",
     head_dim=32,
     query_pre_attn_scalar=24,
-    sliding_window=128,
+    sliding_window=64,
     layer_types=("sliding_attention", "full_attention"),
     attn_logit_softcap=50.0,
     final_logit_softcap=30.0,
@@ -39,7 +39,7 @@ GEMMA2 = DecoderConfig(
 QWEN2 = DecoderConfig(**BASE, model_type="qwen2", tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("cfg, objective", [(GEMMA2, DPO(beta=0.1)), (QWEN2, SFT())], ids=["gemma2_dpo", "qwen2_sft"])
+@pytest.mark.parametrize("cfg, objective", [(GEMMA2, SFT()), (QWEN2, SFT())], ids=["gemma2_sft", "qwen2_sft"])
 def test_family_steps_compile_for_tpu(cfg, objective):
     pytest.importorskip("libtpu", reason="libtpu is not installed: pip install -e '.[test,tpu-aot]' (CI installs it)")
     target = aot.target("v5e-4")
