@@ -285,7 +285,7 @@ def _log_once(msg: str) -> None:
         log.warning(msg)
 
 
-def _index_masked_sdpa(q, k, v, segment_ids, sliding_window, implementation, scale):
+def _index_masked_sdpa(q, k, v, segment_ids, sliding_window, implementation, scale=None):
     """jax.nn.dot_product_attention with the kernel's own causal / left-window masks (by
     index: cuDNN skips the masked blocks) and the packing mask (same segment, key not padding)
     as a boolean [B, 1, T, T] mask, which cuDNN adds as a bias."""
@@ -296,7 +296,7 @@ def _index_masked_sdpa(q, k, v, segment_ids, sliding_window, implementation, sca
         k,
         v,
         mask=seg[:, None],
-        scale=scale,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
         is_causal=True,
         local_window_size=window,
         implementation=implementation,
