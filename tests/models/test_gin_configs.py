@@ -2,12 +2,14 @@
 
 import os
 
+import flax.linen as nn
 import gin
 import jax
 import pytest
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import DecoderConfig, build_model, init_params
+from rlaif_jax.models.params import abstract_params
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
@@ -90,3 +92,6 @@ def test_modern_model_files_match_transformers_and_the_published_sizes():
         assert sum(p.numel() for p in hf.parameters()) == cfg.num_params(), name
         numerics = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "remat_policy", "vocab_chunk_size")}
         assert DecoderConfig.from_hf(hf.config, **numerics) == cfg, name
+        if name in ("gemma2_9b", "gemma3_1b", "qwen2_5_7b", "qwen3_8b"):  # our decoder holds exactly those
+            abstract = jax.tree.leaves(nn.unbox(abstract_params(build_model(cfg))))
+            assert sum(x.size for x in abstract) == cfg.num_params(), name
