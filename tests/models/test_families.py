@@ -179,3 +179,15 @@ def test_gemma_hidden_activation_field_is_named():
     d["hidden_activation"] = "relu"
     with pytest.raises(ConfigError, match="hidden_activation = 'relu'"):
         DecoderConfig.from_hf(d)
+
+
+@pytest.mark.slow  # ~3 s of CPU; the per-layer windows are Gemma 2's mechanism, checked above
+def test_qwen2_sliding_window_layers_match_hf(tmp_path):
+    """A Qwen2 checkpoint with use_sliding_window (layers from max_window_layers on slide)."""
+    hf = make_hf_model("qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    save_hf_model(hf, tmp_path)
+    cfg, params = load_hf(str(tmp_path))
+    assert cfg.layer_types == ("full_attention", "sliding_attention", "sliding_attention")
+    ids = random_ids(2, 14, 8)
+    ours = np.asarray(apply(build_model(cfg), params, ids)["logits"])
+    np.testing.assert_allclose(ours, _hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
