@@ -336,7 +336,7 @@ def _splash_kernel(T: int, groups: int, sliding_window: Optional[int], interpret
     )
 
 
-def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout], scale, logit_softcap=None):
+def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout], scale=None, logit_softcap=None):
     if platform(layout) != "tpu" and not SPLASH_INTERPRET:
         raise errors.ConfigError(
             f"{_BINDING} = 'splash' needs a TPU (Pallas TPU kernel), but the model runs on "
@@ -346,6 +346,7 @@ def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout], scal
 
     B, T, H, D = q.shape
     KV = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
     kernel = _splash_kernel(T, H // KV, sliding_window, bool(SPLASH_INTERPRET), logit_softcap)
 
     def local(q, k, v, seg):
