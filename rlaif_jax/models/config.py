@@ -1,6 +1,8 @@
-"""Decoder configuration shared by the Llama-style families (LLaMA-1, Llama-2, Mistral, Yi,
-DeepSeek-LLM) and the sparse mixture-of-experts Mixtral, built from a Hugging Face
-``config.json`` or from gin."""
+"""Decoder configuration shared by the Llama-style families (LLaMA-1/2/3, Mistral, Yi,
+DeepSeek-LLM), the sparse mixture-of-experts Mixtral, Qwen2/2.5, Qwen3, Gemma 2 and Gemma 3
+(text), built from a Hugging Face ``config.json`` or from gin. Family features that are fixed
+by the architecture (Gemma's (1 + w) norms, Qwen3's q/k norms...) follow from `model_type`;
+the ones a checkpoint sets (soft caps, window layout) are fields. docs/models.md."""
 
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ from rlaif_jax import errors
 
 # HF model types whose weights and maths are the same Llama-style decoder (mixtral: with a
 # sparse mixture-of-experts block in place of the MLP).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+# HF hidden_act / hidden_activation values the MLP implements (GELU: the tanh approximation).
+SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MOE_IMPLS = ("ragged", "dense")
 # Attention kernels (see DecoderConfig.attention_impl and docs/model_api.md).
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash", "blocked")
@@ -64,6 +70,21 @@ class DecoderConfig:
     eos_token_id: Any = 2
     pad_token_id: Optional[int] = None
     model_type: str = "llama"
+    # MLP activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (Gemma's GeGLU).
+    hidden_act: str = "silu"
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (Gemma) instead of
+    # head_dim ** -0.5 when set.
+    query_pre_attn_scalar: Optional[float] = None
+    # tanh soft caps (Gemma 2): scores -> cap * tanh(scores / cap) before the mask and
+    # softmax, and the LM head's logits likewise (in float32). None = no cap.
+    attn_logit_softcap: Optional[float] = None
+    final_logit_softcap: Optional[float] = None
+    # Per layer "sliding_attention" (sliding_window) or "full_attention" (Gemma 2 alternates,
+    # Gemma 3 five local to one global); None = every layer as `sliding_window` says.
+    layer_types: Optional[tuple] = None
+    # Gemma 3: the RoPE base of the sliding layers (plain RoPE); rope_theta / rope_scaling
+    # are the global layers'.
+    rope_local_theta: Optional[float] = None
     # Numerics: params are stored in param_dtype, matmuls run in dtype; norms, softmax and
     # logits stay in float32 because bf16 there costs accuracy and saves almost nothing.
     dtype: str = "float32"
@@ -121,6 +142,9 @@ class DecoderConfig:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        self._check_family()
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
@@ -165,7 +189,67 @@ class DecoderConfig:
             if not 0 <= self.router_jitter_noise < 1:
                 raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise}")
 
+    def _check_family(self):
+        errors.one_of("DecoderConfig.hidden_act", self.hidden_act, SUPPORTED_ACTS)
+        if self.layer_types is not None:
+            for t in self.layer_types:
+                errors.one_of("DecoderConfig.layer_types", t, LAYER_TYPES)
+            if len(self.layer_types) != self.num_layers:
+                raise errors.ConfigError(
+                    f"DecoderConfig.layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}"
+                )
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise errors.ConfigError("DecoderConfig.layer_types has sliding layers but sliding_window is not set")
+        if self.rope_local_theta is not None and self.local_layers is None:
+            raise errors.ConfigError(
+                "DecoderConfig.rope_local_theta needs layer_types with both sliding and full layers"
+            )
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise errors.ConfigError(f"DecoderConfig.{name} must be > 0 or None, got {v!r}")
+        if self.mlp_bias and self.model_type not in ("llama", "mistral"):
+            raise errors.ConfigError(f"DecoderConfig.mlp_bias: model_type {self.model_type!r} has no MLP bias")
+
     # -- derived ---------------------------------------------------------------------------
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma's RMSNorm scales by (1 + w) (w stored zero-centred), a norm before and after
+        both attention and MLP, and embeddings times sqrt(hidden_size)."""
+        return self.model_type in GEMMA_TYPES
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 and Gemma 3: an RMSNorm over head_dim on each query and key head, before RoPE."""
+        return self.model_type in ("qwen3", "gemma3_text")
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Bias on the q/k/v projections: Qwen2 always (its o_proj has none), else attention_bias."""
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def local_layers(self) -> Optional[tuple]:
+        """Per layer True for sliding-window layers, when layers differ; None when every layer
+        attends alike (then `uniform_window` is their window)."""
+        if self.layer_types is None or len(set(self.layer_types)) == 1:
+            return None
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def uniform_window(self) -> Optional[int]:
+        """The sliding window of every layer when all layers are alike (None: full attention
+        everywhere or layers differ)."""
+        if self.layer_types is None:
+            return self.sliding_window or None
+        if set(self.layer_types) == {"sliding_attention"}:
+            return self.sliding_window
+        return None
+
     @property
     def rope_scaling_dict(self) -> dict:
         return dict(self.rope_scaling or ())
@@ -201,12 +285,16 @@ class DecoderConfig:
         """Parameter count; `active`: only the experts one token runs through (MoE)."""
         h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.qkv_bias:
+            attn += d * (self.num_heads + 2 * self.num_kv_heads)
         if self.attention_bias:
-            attn += d * (self.num_heads + 2 * self.num_kv_heads) + h
+            attn += h
+        if self.qk_norm:
+            attn += 2 * d
         mlp = 3 * h * f + (2 * f + h if self.mlp_bias else 0)
         if self.is_moe:
             mlp = mlp * (self.num_experts_per_tok if active else self.num_experts) + h * self.num_experts
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + mlp + (4 if self.is_gemma else 2) * h
         total = self.num_layers * per_layer + h
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
@@ -222,25 +310,74 @@ class DecoderConfig:
     # -- Hugging Face interop --------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf_config, **overrides) -> "DecoderConfig":
-        """From a transformers config object (LlamaConfig / MistralConfig / MixtralConfig) or
-        its dict."""
+        """From a transformers config object (Llama / Mistral / Mixtral / Qwen2 / Qwen3 /
+        Gemma2 / Gemma3Text config) or its dict. A field the decoder does not implement is a
+        ConfigError naming it: never a silently different model."""
         d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         model_type = d.get("model_type", "llama")
+        if model_type == "gemma3":
+            raise errors.ConfigError(
+                "config.json model_type 'gemma3' is the multimodal Gemma 3 (text_config + vision "
+                "tower); only the text-only Gemma3ForCausalLM ('gemma3_text', e.g. gemma-3-1b) is "
+                "supported"
+            )
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported yet; supported: {SUPPORTED_MODEL_TYPES}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported (only silu)")
-        # transformers >= 5 folds theta and scaling into rope_parameters; older configs keep
-        # rope_theta and rope_scaling apart.
-        rope = dict(d.get("rope_parameters") or {})
+            raise errors.ConfigError(
+                f"config.json model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        gemma = model_type in GEMMA_TYPES
+        act_field = "hidden_activation" if gemma and d.get("hidden_activation") else "hidden_act"
+        act = d.get(act_field) or "silu"
+        if act not in SUPPORTED_ACTS:
+            raise errors.ConfigError(
+                f"config.json {act_field} = {act!r} is not implemented; supported: {', '.join(SUPPORTED_ACTS)}"
+            )
+        if d.get("use_bidirectional_attention"):
+            raise errors.ConfigError("config.json use_bidirectional_attention = true is not implemented (causal only)")
+        for field in ("attention_chunk_size", "no_rope_layers", "moe_intermediate_size"):
+            if d.get(field):
+                raise errors.ConfigError(f"config.json {field} = {d[field]!r} is not implemented")
+        # transformers >= 5 folds theta and scaling into rope_parameters (Gemma 3: one dict per
+        # layer type); older configs keep rope_theta and rope_scaling apart.
+        rope_all = dict(d.get("rope_parameters") or {})
+        local_theta = None
+        if "full_attention" in rope_all:
+            local = dict(rope_all.get("sliding_attention") or {})
+            if local.get("rope_type", "default") != "default":
+                raise errors.ConfigError(
+                    f"config.json rope_parameters.sliding_attention.rope_type = {local['rope_type']!r} is not "
+                    "implemented (sliding layers: plain RoPE)"
+                )
+            local_theta = local.get("rope_theta")
+            rope_all = dict(rope_all["full_attention"] or {})
+        rope = rope_all
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
         if not rope and d.get("rope_scaling"):
             rope = dict(d["rope_scaling"])
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise errors.ConfigError(
+                f"config.json rope_parameters.rope_type = {rope_type!r} is not implemented; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
         rope_scaling = None if rope_type in (None, "default") else rope
-        window = d.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+        window = d.get("sliding_window") if model_type != "llama" else None
         if d.get("use_sliding_window") is False:
             window = None
+        layer_types = d.get("layer_types")
+        if layer_types is not None:
+            bad = sorted(set(layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise errors.ConfigError(f"config.json layer_types has {bad}: only {', '.join(LAYER_TYPES)}")
+            kinds = set(layer_types)
+            if kinds == {"full_attention"} or not window:
+                layer_types, window = None, None
+            elif kinds == {"sliding_attention"}:
+                layer_types = None
+            else:
+                layer_types = tuple(layer_types)
+        if layer_types is None:
+            local_theta = None  # one kind of layer: the global rope is every layer's
         kw = dict(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -261,8 +398,17 @@ class DecoderConfig:
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             model_type=model_type,
+            hidden_act=act,
+            layer_types=layer_types,
+            rope_local_theta=None if local_theta is None else float(local_theta),
             initializer_range=d.get("initializer_range", 0.02),
         )
+        if gemma:
+            kw.update(
+                query_pre_attn_scalar=d.get("query_pre_attn_scalar"),
+                attn_logit_softcap=d.get("attn_logit_softcapping"),
+                final_logit_softcap=d.get("final_logit_softcapping"),
+            )
         if model_type == "mixtral":
             # transformers 4.x and 5.x both write num_local_experts (5.x maps num_experts to it).
             kw.update(
@@ -310,10 +456,17 @@ class DecoderConfig:
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
-            hidden_act="silu",
+            hidden_act=self.hidden_act,
             initializer_range=self.initializer_range,
         )
         _set_hf_rope(kw, self.rope_theta, rope)
+        layer_types = list(self.layer_types) if self.layer_types else None
+        if self.model_type in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+            if layer_types is None:
+                kind = "sliding_attention" if self.sliding_window else "full_attention"
+                layer_types = [kind] * self.num_layers
+            if self.model_type == "qwen2" and self.attention_bias:
+                raise ValueError("attention_bias (an o_proj bias) cannot be exported as a Qwen2 checkpoint")
         if self.model_type == "mixtral":
             if self.attention_bias:
                 raise ValueError("attention_bias cannot be exported as a Mixtral checkpoint")
@@ -330,12 +483,57 @@ class DecoderConfig:
         elif self.model_type == "mistral":
             cfg = transformers.MistralConfig(sliding_window=self.sliding_window, **kw)
             cfg.architectures = ["MistralForCausalLM"]
+        elif self.model_type in ("qwen2", "qwen3"):
+            cls = transformers.Qwen2Config if self.model_type == "qwen2" else transformers.Qwen3Config
+            extra = {} if self.model_type == "qwen2" else {"attention_bias": self.attention_bias}
+            sliding = "sliding_attention" in layer_types
+            cfg = cls(
+                use_sliding_window=sliding,
+                sliding_window=self.sliding_window if sliding else None,
+                layer_types=layer_types,
+                **extra,
+                **kw,
+            )
+            cfg.architectures = ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "Qwen3ForCausalLM"]
+        elif self.is_gemma:
+            kw.pop("hidden_act")
+            gemma_kw = dict(
+                hidden_activation=self.hidden_act,
+                query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar or self.head_dim),
+                sliding_window=self.sliding_window,
+                layer_types=layer_types,
+                attn_logit_softcapping=self.attn_logit_softcap,
+                final_logit_softcapping=self.final_logit_softcap,
+                attention_bias=self.attention_bias,
+            )
+            if self.model_type == "gemma2":
+                cfg = transformers.Gemma2Config(**gemma_kw, **kw)
+                cfg.architectures = ["Gemma2ForCausalLM"]
+            else:
+                kw.pop("rope_parameters", None)
+                kw.pop("rope_theta", None)
+                kw.pop("rope_scaling", None)
+                local = self.rope_local_theta if self.rope_local_theta is not None else self.rope_theta
+                cfg = transformers.Gemma3TextConfig(
+                    rope_parameters={
+                        "full_attention": {"rope_theta": self.rope_theta, **rope},
+                        "sliding_attention": {"rope_theta": local, "rope_type": "default"},
+                    },
+                    **gemma_kw,
+                    **kw,
+                )
+                cfg.architectures = ["Gemma3ForCausalLM"]
         else:
             if self.sliding_window:
                 raise ValueError("sliding_window needs model_type='mistral' to export to HF")
             cfg = transformers.LlamaConfig(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, **kw)
             cfg.architectures = ["LlamaForCausalLM"]
         return cfg
+
+
+def _int_if_whole(x):
+    """transformers' Gemma configs type query_pre_attn_scalar as an int."""
+    return int(x) if float(x).is_integer() else x
 
 
 def _get(d: dict, key: str, default):
@@ -419,6 +617,15 @@ def model_config(
 
 
 @gin.configurable
-def custom_model_config(**kwargs) -> DecoderConfig:
-    """A config spelled out in gin (tiny test models, architecture ablations)."""
+def custom_model_config(sliding_window_pattern: Optional[int] = None, **kwargs) -> DecoderConfig:
+    """A config spelled out in gin (model files, tiny test models, architecture ablations).
+
+    `sliding_window_pattern` n (HF's Gemma spelling) sets layer_types: every n-th layer global,
+    the others sliding (Gemma 2: 2, alternating from a sliding first layer; Gemma 3: 6)."""
+    if sliding_window_pattern is not None:
+        errors.whole("custom_model_config.sliding_window_pattern", sliding_window_pattern, 1)
+        kwargs["layer_types"] = tuple(
+            "sliding_attention" if (i + 1) % sliding_window_pattern else "full_attention"
+            for i in range(kwargs.get("num_layers", 0))
+        )
     return DecoderConfig(**kwargs)

@@ -1,6 +1,8 @@
 """One Flax decoder for the Llama-style families: RMSNorm, RoPE, SwiGLU (or Mixtral's sparse
 mixture of SwiGLU experts), grouped-query attention, optional sliding window, tied or untied
-embeddings, optional scalar heads.
+embeddings, optional scalar heads; and the family features of Qwen2/3 (q/k/v bias, q/k norms)
+and Gemma 2/3 (GeGLU, (1 + w) norms around attention and MLP, scaled embeddings, logit soft
+caps, sliding layers alternating with global ones, local and global RoPE bases).
 
 Attention masks are built from explicit positions and segment ids, so one code path covers
 padded batches (segment 0 = padding), packed batches (segments 1..k) and KV-cache decoding
@@ -9,11 +11,13 @@ padded batches (segment 0 = padding), packed batches (segments 1..k) and KV-cach
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
@@ -23,9 +27,10 @@ from rlaif_jax.models.blocked_attention import blocked_attention
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.kv_cache import CACHE_LOGICAL_AXES, init_cache  # noqa: F401 - re-exported
-from rlaif_jax.models.rope import apply_rope, rope_cos_sin
+from rlaif_jax.models.rope import apply_rope, local_rope_cos_sin, rope_cos_sin
 from rlaif_jax.sharding import Layout, constrain
 
+log = logging.getLogger(__name__)
 Array = jax.Array
 # Scores of masked pairs. A finite value keeps rows with nothing to attend to (padding
 # queries) finite instead of NaN; their outputs are never used.
@@ -46,19 +51,28 @@ class RMSNorm(nn.Module):
     eps: float
     dtype: Any
     param_dtype: Any
+    # Gemma: the weight is stored zero-centred and scales by (1 + w), in float32.
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (x.shape[-1],),
-            self.param_dtype,
-        )
+        init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:  # as HF Gemma: the multiply in float32, then the cast
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         # HF casts back to the input dtype before the scale multiply; same here for parity.
         return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def softcap(x: Array, cap: Optional[float]) -> Array:
+    """cap * tanh(x / cap) (Gemma 2's attention-score and final-logit caps); x when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _no_window(window) -> bool:
+    return window is None or (isinstance(window, (int, np.integer)) and window <= 0)
 
 
 def Dense(features: tuple, axis: tuple, kernel_axes: tuple, cfg: DecoderConfig, use_bias: bool = False, *, name: str):
@@ -76,30 +90,34 @@ def Dense(features: tuple, axis: tuple, kernel_axes: tuple, cfg: DecoderConfig, 
 
 
 def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: Optional[int]) -> Array:
-    """[batch, q_len, k_len] boolean: same segment, key not padding, causal, within window."""
+    """[batch, q_len, k_len] boolean: same segment, key not padding, causal, within window
+    (`sliding_window` may be traced: a layer's window inside the scan over layers)."""
     m = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
     m &= k_pos[:, None, :] <= q_pos[:, :, None]
-    if sliding_window:
+    if not _no_window(sliding_window):
         m &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
     return m
 
 
-def einsum_attention(q, k, v, q_pos, q_seg, k_pos, k_seg, sliding_window):
+def einsum_attention(q, k, v, q_pos, q_seg, k_pos, k_seg, sliding_window, *, scale=None, logit_softcap=None):
     """The reference kernel: q [B, T, H, D] against k/v [B, S, KV, D] (GQA: H // KV query
     heads per KV head) with the exact mask of `attention_mask`, a materialised float32
-    [B, KV, H // KV, T, S] score tensor -> [B, T, H, D] in v's dtype."""
+    [B, KV, H // KV, T, S] score tensor -> [B, T, H, D] in v's dtype. Scores are q.k * scale
+    (default head_dim ** -0.5), then soft-capped (`softcap`) when logit_softcap is set."""
     B, T, H, D = q.shape
     KV = k.shape[2]
     qg = q.reshape(B, T, KV, H // KV, D)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (D**-0.5)
+    scores = softcap(scores * (D**-0.5 if scale is None else scale), logit_softcap)
     mask = attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
 
 
-def filled_attention(q, cache: dict, q_pos, q_seg, filled, sliding_window, block: int):
+def filled_attention(
+    q, cache: dict, q_pos, q_seg, filled, sliding_window, block: int, *, scale=None, logit_softcap=None
+):
     """`einsum_attention` of q [B, T, H, D] over one layer's cache ({k, v: [B, S, KV, D],
     pos, seg: [B, S]}) that reads only slots [0, filled) (`filled` traced: every slot past it
     is empty): blocks of `block` slots with an online softmax, in a loop that stops at the
@@ -110,9 +128,13 @@ def filled_attention(q, cache: dict, q_pos, q_seg, filled, sliding_window, block
     The last block starts at S - block when S is not a multiple of `block` (a dynamic slice
     must fit); the slots it shares with the block before are masked, not counted twice."""
     S = cache["k"].shape[1]
+    kw = dict(scale=scale, logit_softcap=logit_softcap)
     if not block or S <= block:
-        return einsum_attention(q, cache["k"], cache["v"], q_pos, q_seg, cache["pos"], cache["seg"], sliding_window)
+        return einsum_attention(
+            q, cache["k"], cache["v"], q_pos, q_seg, cache["pos"], cache["seg"], sliding_window, **kw
+        )
     B, T, H, D = q.shape
+    qk_scale = D**-0.5 if scale is None else scale
     KV = cache["k"].shape[2]
     qg = q.reshape(B, T, KV, H // KV, D)
 
@@ -126,7 +148,7 @@ def filled_attention(q, cache: dict, q_pos, q_seg, filled, sliding_window, block
         mask = attention_mask(q_pos, q_seg, pb, sb, sliding_window)
         mask &= (first + jnp.arange(block) >= start)[None, None, :]
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores * (D**-0.5), _MASKED)
+        scores = jnp.where(mask[:, None, None], softcap(scores * qk_scale, logit_softcap), _MASKED)
         m_new = jnp.maximum(m, scores.max(-1))
         p = jnp.where(mask[:, None, None], jnp.exp(scores - m_new[..., None]), 0.0)
         scale = jnp.exp(m - m_new)
@@ -187,6 +209,7 @@ def resolve_attention_impl(cfg: DecoderConfig, length: int, layout: Optional[Lay
         return "splash" if length % 128 == 0 else "einsum"
     if (
         backend == "gpu"
+        and cfg.attn_logit_softcap is None  # cuDNN has no soft cap: see fused_attention
         and _is_cuda()
         and cfg.compute_dtype in (jnp.bfloat16, jnp.float16)
         and cfg.head_dim % 8 == 0
@@ -198,34 +221,80 @@ def resolve_attention_impl(cfg: DecoderConfig, length: int, layout: Optional[Lay
     return "einsum"
 
 
-def fused_attention(impl, q, k, v, positions, segment_ids, sliding_window, layout: Optional[Layout] = None):
+def fused_attention(
+    impl,
+    q,
+    k,
+    v,
+    positions,
+    segment_ids,
+    sliding_window,
+    layout: Optional[Layout] = None,
+    *,
+    scale=None,
+    logit_softcap=None,
+):
     """Self-attention over one full sequence (no cache) with one of the fused kernels.
     q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D] in q's dtype. `layout`: the model's
-    (splash runs per device under a mesh), None on one device.
+    (splash runs per device under a mesh), None on one device. `scale` (default
+    head_dim ** -0.5) and `logit_softcap` as in `einsum_attention`: splash caps in its kernel;
+    cuDNN cannot, so a soft-capped model falls back to 'xla' (logged), and 'xla' with a cap is
+    the einsum reference (jax.nn.dot_product_attention has no cap).
 
     'xla' masks with the exact mask of `attention_mask` (by positions). 'cudnn' and 'splash'
     mask causality and the window by index within the row and packing by segment id, which is
     the same mask when positions count up by one inside each segment (every batch this stack
     builds); queries of padding (segment 0) differ but their outputs are never used."""
     D = q.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+    if impl == "cudnn" and logit_softcap is not None:
+        _log_once(
+            f"{_BINDING} = 'cudnn': cuDNN flash attention has no attention-logit soft cap "
+            f"(this model's is {logit_softcap}); running 'xla' instead"
+        )
+        impl = "xla"
     if impl == "xla":
+        if logit_softcap is not None:
+            return einsum_attention(
+                q,
+                k,
+                v,
+                positions,
+                segment_ids,
+                positions,
+                segment_ids,
+                sliding_window,
+                scale=scale,
+                logit_softcap=logit_softcap,
+            ).astype(q.dtype)
         mask = attention_mask(positions, segment_ids, positions, segment_ids, sliding_window)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=D**-0.5, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
     if impl == "cudnn":
         if not _is_cuda():
             raise errors.ConfigError(
                 f"{_BINDING} = 'cudnn' needs an NVIDIA GPU (cuDNN), but the backend is "
                 f"{jax.default_backend()!r}; use 'auto', 'xla' or 'einsum'"
             )
-        return _index_masked_sdpa(q, k, v, segment_ids, sliding_window, "cudnn")
+        return _index_masked_sdpa(q, k, v, segment_ids, sliding_window, "cudnn", scale)
     if impl == "splash":
-        return _splash(q, k, v, segment_ids, sliding_window, layout)
+        return _splash(q, k, v, segment_ids, sliding_window, layout, scale, logit_softcap)
     if impl == "blocked":
-        return blocked_attention(q, k, v, positions, segment_ids, positions, segment_ids, sliding_window)
+        return blocked_attention(
+            q, k, v, positions, segment_ids, positions, segment_ids, sliding_window, logit_softcap, scale=scale
+        )
     raise errors.ConfigError(f"{_BINDING} = {impl!r}: not a fused kernel")  # checked in config
 
 
-def _index_masked_sdpa(q, k, v, segment_ids, sliding_window, implementation):
+_LOGGED: set = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.warning(msg)
+
+
+def _index_masked_sdpa(q, k, v, segment_ids, sliding_window, implementation, scale=None):
     """jax.nn.dot_product_attention with the kernel's own causal / left-window masks (by
     index: cuDNN skips the masked blocks) and the packing mask (same segment, key not padding)
     as a boolean [B, 1, T, T] mask, which cuDNN adds as a bias."""
@@ -236,7 +305,7 @@ def _index_masked_sdpa(q, k, v, segment_ids, sliding_window, implementation):
         k,
         v,
         mask=seg[:, None],
-        scale=q.shape[-1] ** -0.5,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
         is_causal=True,
         local_window_size=window,
         implementation=implementation,
@@ -250,7 +319,7 @@ def _splash_block(T: int) -> int:
     raise ValueError(f"splash attention needs a sequence length that is a multiple of 128, got {T}")
 
 
-def _splash_kernel(T: int, groups: int, sliding_window: Optional[int], interpret: bool):
+def _splash_kernel(T: int, groups: int, sliding_window: Optional[int], interpret: bool, logit_softcap=None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -271,10 +340,12 @@ def _splash_kernel(T: int, groups: int, sliding_window: Optional[int], interpret
     )
     # One kernel per KV head: its `groups` query heads share the single K/V head (MQA). Built
     # per trace (not cached): it holds arrays that would leak from one trace into the next.
-    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * groups), block_sizes=blocks, interpret=interpret)
+    return sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([one] * groups), block_sizes=blocks, interpret=interpret, attn_logits_soft_cap=logit_softcap
+    )
 
 
-def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout]):
+def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout], scale=None, logit_softcap=None):
     if platform(layout) != "tpu" and not SPLASH_INTERPRET:
         raise errors.ConfigError(
             f"{_BINDING} = 'splash' needs a TPU (Pallas TPU kernel), but the model runs on "
@@ -284,11 +355,12 @@ def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout]):
 
     B, T, H, D = q.shape
     KV = k.shape[2]
-    kernel = _splash_kernel(T, H // KV, sliding_window, bool(SPLASH_INTERPRET))
+    scale = D**-0.5 if scale is None else scale
+    kernel = _splash_kernel(T, H // KV, sliding_window, bool(SPLASH_INTERPRET), logit_softcap)
 
     def local(q, k, v, seg):
         b = q.shape[0]
-        qg = (q * jnp.asarray(D**-0.5, q.dtype)).reshape(b, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4)
+        qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, KV, T, D]
         seg = seg.astype(jnp.int32)
 
@@ -311,45 +383,76 @@ def _splash(q, k, v, segment_ids, sliding_window, layout: Optional[Layout]):
     )(q, k, v, segment_ids)
 
 
+def layer_window(cfg: DecoderConfig, local):
+    """The sliding window of one layer: `cfg.uniform_window` when every layer attends alike
+    (local None); else the window for a sliding layer and none for a global one, `local` a
+    Python bool (unscanned layers) or a traced one (the scan over layers: then a traced window
+    that the full global layers never reach)."""
+    if local is None:
+        return cfg.uniform_window
+    if isinstance(local, (bool, np.bool_)):
+        return cfg.sliding_window if local else None
+    return jnp.where(local, cfg.sliding_window, jnp.iinfo(jnp.int32).max)
+
+
 class Attention(nn.Module):
     cfg: DecoderConfig
     layout: Optional[Layout] = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, cache_index=None, local=None):
         cfg = self.cfg
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
+        bias = cfg.qkv_bias
         q = Dense((H, D), (-1,), ("embed", "heads", "head_dim"), cfg, bias, name="q_proj")(x)
         k = Dense((KV, D), (-1,), ("embed", "kv_heads", "head_dim"), cfg, bias, name="k_proj")(x)
         v = Dense((KV, D), (-1,), ("embed", "kv_heads", "head_dim"), cfg, bias, name="v_proj")(x)
+        if cfg.qk_norm:  # Qwen3 / Gemma 3: per head, before RoPE
+            norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, cfg.is_gemma, name=name)
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         B, T = q.shape[:2]
-        o_proj = Dense((cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), cfg, bias, name="o_proj")
+        o_proj = Dense(
+            (cfg.hidden_size,), (-2, -1), ("heads", "head_dim", "embed"), cfg, cfg.attention_bias, name="o_proj"
+        )
         if cache is not None:
-            out, cache = self._cached(q, k, v, positions, segment_ids, cache, cache_index)
+            out, cache = self._cached(q, k, v, positions, segment_ids, cache, cache_index, local)
             return o_proj(out), cache
-        impl = resolve_attention_impl(cfg, T, self.layout)
-        if impl != "einsum":
-            out = fused_attention(impl, q, k, v, positions, segment_ids, cfg.sliding_window, self.layout)
-        else:
-            out = einsum_attention(q, k, v, positions, segment_ids, positions, segment_ids, cfg.sliding_window)
-        return o_proj(out), cache
+        return o_proj(self._full(q, k, v, positions, segment_ids, local)), cache
 
-    def _cached(self, q, k, v, positions, segment_ids, cache, cache_index):
+    def _full(self, q, k, v, positions, segment_ids, local):
+        cfg = self.cfg
+        impl = resolve_attention_impl(cfg, q.shape[1], self.layout)
+        kw = dict(scale=cfg.attention_scale, logit_softcap=cfg.attn_logit_softcap)
+
+        def run(window):
+            if impl == "einsum":
+                return einsum_attention(q, k, v, positions, segment_ids, positions, segment_ids, window, **kw)
+            return fused_attention(impl, q, k, v, positions, segment_ids, window, self.layout, **kw)
+
+        traced = local is not None and not isinstance(local, (bool, np.bool_))
+        if traced and impl in ("cudnn", "splash"):
+            # Their masks are static: a sliding and a global layer are two kernels, and the scan
+            # over layers picks one per layer.
+            return jax.lax.cond(local, lambda: run(cfg.sliding_window), lambda: run(None))
+        return run(layer_window(cfg, local))
+
+    def _cached(self, q, k, v, positions, segment_ids, cache, cache_index, local=None):
         """Attention of this call's T tokens (sequence indices [cache_index, cache_index + T))
         through the cache, and the cache with their keys written (`kv_cache.write`); empty
         slots carry segment 0 and are masked."""
         cfg = self.cfg
         T, S = q.shape[1], cache["k"].shape[1]
+        window = layer_window(cfg, local)
+        kw = dict(scale=cfg.attention_scale, logit_softcap=cfg.attn_logit_softcap)
         ring = kv_cache.is_ring(cfg, S)
         new = kv_cache.write(cache, k, v, positions, segment_ids, cache_index, ring)
         if T == 1:
             # Written first: in a ring the slot overwritten held the key one window back,
             # which the window masks anyway.
             filled = jnp.minimum(jnp.max(cache_index) + 1, S)  # per-row indices: the furthest row
-            out = filled_attention(q, new, positions, segment_ids, filled, cfg.sliding_window, cfg.decode_block)
+            out = filled_attention(q, new, positions, segment_ids, filled, window, cfg.decode_block, **kw)
             return out, new
         if ring:
             # Several tokens into a ring overwrite keys that this call's own earlier queries
@@ -360,9 +463,7 @@ class Attention(nn.Module):
             }
         else:
             keys = {n: c.astype(q.dtype) if n in ("k", "v") else c for n, c in new.items()}
-        out = einsum_attention(
-            q, keys["k"], keys["v"], positions, segment_ids, keys["pos"], keys["seg"], cfg.sliding_window
-        )
+        out = einsum_attention(q, keys["k"], keys["v"], positions, segment_ids, keys["pos"], keys["seg"], window, **kw)
         return out, new
 
 
@@ -390,11 +491,17 @@ class MLP(nn.Module):
             x = x.reshape(-1, x.shape[-1])
         gate = Dense((cfg.intermediate_size,), (-1,), ("embed", "mlp"), cfg, b, name="gate_proj")(x)
         up = Dense((cfg.intermediate_size,), (-1,), ("embed", "mlp"), cfg, b, name="up_proj")(x)
-        h = nn.silu(gate) * up
+        h = _activation(cfg)(gate) * up
         if not flat:
             h = constrain(self.layout, h, ("activation_batch", "activation_length", "activation_mlp"))
         out = Dense((cfg.hidden_size,), (-1,), ("mlp", "embed"), cfg, b, name="down_proj")(h)
         return out.reshape(*lead, cfg.hidden_size) if flat else out
+
+
+def _activation(cfg: DecoderConfig):
+    if cfg.hidden_act == "gelu_pytorch_tanh":  # Gemma's GeGLU: the tanh approximation, as HF
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return nn.silu
 
 
 # -- sparse mixture of experts (Mixtral) -----------------------------------------------------
@@ -527,18 +634,29 @@ class Block(nn.Module):
     layout: Optional[Layout] = None
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, positions, segment_ids, cache_index):
+    def __call__(self, x, cache, cos, sin, positions, segment_ids, cache_index, local=None):
+        """`local`: whether this layer is a sliding-window one when layers differ (a traced
+        bool under the scan over layers), else None. `cos`/`sin` are then pairs (global,
+        local) of tables when the sliding layers have their own RoPE base (Gemma 3)."""
         cfg = self.cfg
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, cfg.is_gemma, name=name)
+        if isinstance(cos, tuple):
+            cos, sin = (jnp.where(local, a_local, a_global) for a_global, a_local in (cos, sin))
         h, cache = Attention(cfg, self.layout, name="attn")(
-            norm("input_norm")(x), cos, sin, positions, segment_ids, cache, cache_index
+            norm("input_norm")(x), cos, sin, positions, segment_ids, cache, cache_index, local
         )
-        x = x + h
-        h = norm("post_attn_norm")(x)
+        if cfg.is_gemma:  # Gemma: norms after attention and the MLP too (HF's names in hf_io)
+            x = x + norm("post_attn_norm")(h)
+            h = norm("pre_mlp_norm")(x)
+        else:
+            x = x + h
+            h = norm("post_attn_norm")(x)
         if cfg.is_moe:
             h, stats = MoE(cfg, self.layout, name="moe")(h, segment_ids)
         else:
             h, stats = MLP(cfg, self.layout, name="mlp")(h), None
+        if cfg.is_gemma:
+            h = norm("post_mlp_norm")(h)
         x = constrain(self.layout, x + h, BATCH_LENGTH_EMBED)
         return x, (cache, stats)
 
@@ -594,9 +712,15 @@ class Transformer(nn.Module):
             name="embed",
         )
         x = embed(tokens.astype(jnp.int32))
+        if cfg.is_gemma:  # HF rounds the scale to the embedding's dtype before the multiply
+            x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
         x = constrain(self.layout, x, BATCH_LENGTH_EMBED)
         cos, sin = rope_cos_sin(cfg, positions)
         cos, sin = cos.astype(cfg.compute_dtype), sin.astype(cfg.compute_dtype)
+        if cfg.rope_local_theta is not None:
+            lcos, lsin = local_rope_cos_sin(cfg, positions)
+            cos, sin = (cos, lcos.astype(cfg.compute_dtype)), (sin, lsin.astype(cfg.compute_dtype))
+        local_layers = cfg.local_layers
         if cache_index is None:
             cache_index = jnp.zeros((), jnp.int32)
 
@@ -605,36 +729,40 @@ class Transformer(nn.Module):
                 _remat(Block, cfg.remat_policy, scanned=True, moe=cfg.is_moe),
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "router": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 out_axes=0,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
+            local = None if local_layers is None else jnp.asarray(local_layers)
             x, (new_cache, stats) = scan(cfg, self.layout, name="layers")(
-                x, cache, cos, sin, positions, segment_ids, cache_index
+                x, cache, cos, sin, positions, segment_ids, cache_index, local
             )
         else:
             block_cls = _remat(Block, cfg.remat_policy, scanned=False, moe=cfg.is_moe)
             caches, layer_stats = [], []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                local = None if local_layers is None else local_layers[i]
                 x, (c, st) = block_cls(cfg, self.layout, name=f"layers_{i}")(
-                    x, layer_cache, cos, sin, positions, segment_ids, cache_index
+                    x, layer_cache, cos, sin, positions, segment_ids, cache_index, local
                 )
                 caches.append(c)
                 layer_stats.append(st)
             new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
             stats = jax.tree.map(lambda *s: jnp.stack(s), *layer_stats)
 
-        hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")(x)
+        hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, cfg.is_gemma, name="final_norm")(x)
         out = {"hidden": hidden}
         if self.lm_head:
             if cfg.tie_word_embeddings:
                 logits = embed.attend(hidden)
             else:
                 logits = Dense((cfg.vocab_size,), (-1,), ("embed", "vocab"), cfg, name="lm_head")(hidden)
+            # Gemma 2's final cap in float32 (HF caps in the model dtype: closer to exact here).
+            logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
             out["logits"] = constrain(
-                self.layout, logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
+                self.layout, logits, ("activation_batch", "activation_length", "activation_vocab")
             )
         for head in self.scalar_heads:
             # Heads run in float32: they are tiny and their outputs feed losses directly.

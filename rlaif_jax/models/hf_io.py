@@ -94,10 +94,17 @@ def _layer_entries(cfg: DecoderConfig, i: int, moe_layout: str = "hub") -> dict:
         e[("mlp", "gate_proj", "kernel")] = _Entry(pre + "mlp.gate_proj.weight", "kernel")
         e[("mlp", "up_proj", "kernel")] = _Entry(pre + "mlp.up_proj.weight", "kernel")
         e[("mlp", "down_proj", "kernel")] = _Entry(pre + "mlp.down_proj.weight", "kernel")
-    if cfg.attention_bias:
+    if cfg.qkv_bias:
         for n in ("q", "k", "v"):
             e[("attn", f"{n}_proj", "bias")] = _Entry(pre + f"self_attn.{n}_proj.bias", "qkv_bias")
+    if cfg.attention_bias:
         e[("attn", "o_proj", "bias")] = _Entry(pre + "self_attn.o_proj.bias", "vector")
+    if cfg.qk_norm:
+        for n in ("q", "k"):
+            e[("attn", f"{n}_norm", "scale")] = _Entry(pre + f"self_attn.{n}_norm.weight", "vector")
+    if cfg.is_gemma:
+        e[("pre_mlp_norm", "scale")] = _Entry(pre + "pre_feedforward_layernorm.weight", "vector")
+        e[("post_mlp_norm", "scale")] = _Entry(pre + "post_feedforward_layernorm.weight", "vector")
     if cfg.mlp_bias:
         for n in ("gate", "up", "down"):
             e[("mlp", f"{n}_proj", "bias")] = _Entry(pre + f"mlp.{n}_proj.bias", "vector")

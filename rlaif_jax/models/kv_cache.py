@@ -24,9 +24,11 @@ CACHE_LOGICAL_AXES = {
 
 def cache_slots(cfg: DecoderConfig, length: int) -> int:
     """Slots a cache for sequences of `length` (prompt + new tokens) needs: a sliding-window
-    model never looks back further than its window, so min(length, sliding_window)."""
-    if cfg.sliding_window and cfg.sliding_window < length:
-        return cfg.sliding_window
+    model never looks back further than its window, so min(length, sliding_window). A model
+    whose full-attention layers sit between sliding ones (Gemma 2/3) keeps every slot."""
+    window = cfg.uniform_window
+    if window and window < length:
+        return window
     return length
 
 
@@ -34,7 +36,7 @@ def is_ring(cfg: DecoderConfig, slots: int) -> bool:
     """Whether a cache of `slots` wraps (writes at index % slots): exactly when it is a window
     wide. A shorter one never fills (`cache_slots` gave the whole length) and a longer one is a
     plain cache."""
-    return bool(cfg.sliding_window) and slots == cfg.sliding_window
+    return bool(cfg.uniform_window) and slots == cfg.uniform_window
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:

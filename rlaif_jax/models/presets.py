@@ -5,6 +5,21 @@ import time
 
 import numpy as np
 
+_GEMMA2 = dict(
+    model_type="gemma2",
+    hidden_act="gelu_pytorch_tanh",
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+    tie_word_embeddings=True,
+)
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
 PRESETS = {
     # ~7M params: seconds per step on a 2-core laptop.
     "tiny": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4),
@@ -42,6 +57,76 @@ PRESETS = {
         model_type="mixtral",
         num_experts=8,
         num_experts_per_tok=2,
+    ),
+    # Tiny shapes of the issue-36 families (random weights; CPU tests and the AOT CI check).
+    "tiny-gemma2": dict(
+        _GEMMA2,
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        sliding_window=64,
+        layer_types=("sliding_attention", "full_attention") * 2,
+    ),
+    "tiny-qwen3": dict(
+        model_type="qwen3",
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        rope_theta=1e6,
+    ),
+    # Full sizes (the shapes of configs/models/<name>.gin, for benchmark_model.py).
+    "llama3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        rope_theta=5e5,
+        rope_scaling=_LLAMA3_ROPE,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        rope_theta=1e6,
+    ),
+    "qwen3-8b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=1e6,
+    ),
+    "gemma2-9b": dict(
+        _GEMMA2,
+        vocab_size=256000,
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_layers=42,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        layer_types=("sliding_attention", "full_attention") * 21,
     ),
 }
 

@@ -88,6 +88,16 @@ def rope_cos_sin(cfg: DecoderConfig, positions: jnp.ndarray) -> tuple[jnp.ndarra
         seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
         base = cfg.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
         inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    return _cos_sin(inv, scale, positions)
+
+
+def local_rope_cos_sin(cfg: DecoderConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Gemma 3's sliding-window layers: plain RoPE with base `rope_local_theta` (the global
+    layers' scaling does not apply to them)."""
+    return _cos_sin(jnp.asarray(_base_inv_freq(cfg.rope_local_theta, cfg.head_dim)), 1.0, positions)
+
+
+def _cos_sin(inv, scale: float, positions):
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scale, jnp.sin(emb) * scale

@@ -34,7 +34,8 @@ def model_token_stats(model, params, out: dict, tokens, temperature: float = 1.0
     (logits / temperature). The full-logits path keeps its own functions (token_logps,
     entropy_and_accuracy, ppo.response_logps_and_entropy), unchanged."""
     w, axis = lm_head_weight(model, params)
-    return next_token_stats(out["hidden"], w, tokens, model.cfg.vocab_chunk_size, axis, temperature)
+    cfg = model.cfg
+    return next_token_stats(out["hidden"], w, tokens, cfg.vocab_chunk_size, axis, temperature, cfg.final_logit_softcap)
 
 
 def model_token_logps(model, params, out: dict, tokens) -> jax.Array:

@@ -14,7 +14,9 @@ then into this chunk's slice of d weight and a running sum of d hidden. A chunk 
 does not divide V leaves a smaller last chunk, done once after the scan.
 
 Numerics follow the full path (decoder.Transformer's LM head, then logprobs.token_logps):
-the matmul in the hidden states' dtype, its result cast to float32, then / temperature.
+the matmul in the hidden states' dtype, its result cast to float32, soft-capped when the model
+caps its final logits (Gemma 2: cap * tanh(z / cap), whose derivative 1 - tanh^2 the backward
+applies), then / temperature.
 """
 
 from __future__ import annotations
@@ -35,11 +37,16 @@ class TokenStats(NamedTuple):
     correct: jax.Array
 
 
-def _chunk_logits(hidden, w, vocab_axis: int, temperature: float):
-    """[B, T, C] float32 logits of one weight chunk ([C, D] for vocab_axis 0, [D, C] for 1)."""
+def _chunk_logits(hidden, w, vocab_axis: int, temperature: float, softcap=None, with_slope: bool = False):
+    """[B, T, C] float32 logits of one weight chunk ([C, D] for vocab_axis 0, [D, C] for 1);
+    with_slope: also d logits / d z of the soft cap (None without one)."""
     contract = 1 - vocab_axis  # the weight's hidden-size axis
-    z = jax.lax.dot_general(hidden, w, (((2,), (contract,)), ((), ())))
-    return z.astype(jnp.float32) / temperature
+    z = jax.lax.dot_general(hidden, w, (((2,), (contract,)), ((), ()))).astype(jnp.float32)
+    slope = None
+    if softcap is not None:
+        t = jnp.tanh(z / softcap)
+        z, slope = softcap * t, 1.0 - t * t
+    return (z / temperature, slope) if with_slope else z / temperature
 
 
 def _weight_chunk(w, start, size: int, vocab_axis: int):
@@ -83,7 +90,7 @@ def _absorb(r: _Running, logits, start, targets) -> _Running:
     )
 
 
-def _forward(hidden, w, targets, chunk: int, vocab_axis: int, temperature: float):
+def _forward(hidden, w, targets, chunk: int, vocab_axis: int, temperature: float, softcap=None):
     vocab = w.shape[vocab_axis]
     n, rest = _split(vocab, chunk)
     shape = targets.shape
@@ -92,14 +99,14 @@ def _forward(hidden, w, targets, chunk: int, vocab_axis: int, temperature: float
 
     def body(r, k):
         start = k * chunk
-        logits = _chunk_logits(hidden, _weight_chunk(w, start, chunk, vocab_axis), vocab_axis, temperature)
+        logits = _chunk_logits(hidden, _weight_chunk(w, start, chunk, vocab_axis), vocab_axis, temperature, softcap)
         return _absorb(r, logits, start, targets), None
 
     if n:
         r, _ = jax.lax.scan(body, r, jnp.arange(n, dtype=jnp.int32))
     if rest:
         start = n * chunk
-        logits = _chunk_logits(hidden, _weight_chunk(w, start, rest, vocab_axis), vocab_axis, temperature)
+        logits = _chunk_logits(hidden, _weight_chunk(w, start, rest, vocab_axis), vocab_axis, temperature, softcap)
         r = _absorb(r, logits, start, targets)
     log_z = r.max + jnp.log(r.sum)
     mean_logit = r.moment / r.sum
@@ -107,8 +114,10 @@ def _forward(hidden, w, targets, chunk: int, vocab_axis: int, temperature: float
     return stats, (log_z, mean_logit)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def chunked_token_stats(hidden, w, targets, chunk: int, vocab_axis: int, temperature: float = 1.0) -> TokenStats:
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def chunked_token_stats(
+    hidden, w, targets, chunk: int, vocab_axis: int, temperature: float = 1.0, softcap=None
+) -> TokenStats:
     """TokenStats of `targets` [B, T] under logits hidden @ w / temperature, vocab chunk by
     chunk.
 
@@ -119,16 +128,17 @@ def chunked_token_stats(hidden, w, targets, chunk: int, vocab_axis: int, tempera
       targets: [B, T] int token ids, the token each position predicts.
       chunk: vocabulary ids per step (> 0); the last chunk is smaller when it does not divide V.
       temperature: logits are divided by it (PPO's sampling temperature).
+      softcap: the model's final-logit soft cap (DecoderConfig.final_logit_softcap), or None.
     """
-    return _forward(hidden, w, targets, chunk, vocab_axis, temperature)[0]
+    return _forward(hidden, w, targets, chunk, vocab_axis, temperature, softcap)[0]
 
 
-def _fwd(hidden, w, targets, chunk, vocab_axis, temperature):
-    stats, (log_z, mean_logit) = _forward(hidden, w, targets, chunk, vocab_axis, temperature)
+def _fwd(hidden, w, targets, chunk, vocab_axis, temperature, softcap):
+    stats, (log_z, mean_logit) = _forward(hidden, w, targets, chunk, vocab_axis, temperature, softcap)
     return stats, (hidden, w, targets, log_z, mean_logit)
 
 
-def _bwd(chunk, vocab_axis, temperature, res, g):
+def _bwd(chunk, vocab_axis, temperature, softcap, res, g):
     hidden, w, targets, log_z, mean_logit = res
     g_logp, g_ent = g.logp.astype(jnp.float32), g.entropy.astype(jnp.float32)
     vocab = w.shape[vocab_axis]
@@ -137,14 +147,15 @@ def _bwd(chunk, vocab_axis, temperature, res, g):
     def grads(start, size):
         """(d hidden [B, T, D] float32, d weight chunk) of ids start..start+size-1."""
         wk = _weight_chunk(w, start, size, vocab_axis)
-        logits = _chunk_logits(hidden, wk, vocab_axis, temperature)
+        logits, slope = _chunk_logits(hidden, wk, vocab_axis, temperature, softcap, with_slope=True)
         p = jnp.exp(logits - log_z[..., None])
         d = -p * (g_logp[..., None] + g_ent[..., None] * (logits - mean_logit[..., None]))
         hit = (targets - start)[..., None] == jnp.arange(size, dtype=targets.dtype)
         d = d + jnp.where(hit, g_logp[..., None], 0.0)
         # through "/ temperature" and the float32 cast, back to the matmul's dtype (as autodiff
         # of the full path)
-        dz = (d / temperature).astype(hidden.dtype)
+        d = d / temperature if slope is None else d * slope / temperature
+        dz = d.astype(hidden.dtype)
         dh = jax.lax.dot_general(dz, wk, (((2,), (vocab_axis,)), ((), ())), preferred_element_type=jnp.float32)
         if vocab_axis == 0:  # [C, D]
             dw = jnp.einsum("btc,btd->cd", dz, hidden, preferred_element_type=jnp.float32)
@@ -172,9 +183,11 @@ def _bwd(chunk, vocab_axis, temperature, res, g):
 chunked_token_stats.defvjp(_fwd, _bwd)
 
 
-def next_token_stats(hidden, w, tokens, chunk: int, vocab_axis: int, temperature: float = 1.0) -> TokenStats:
+def next_token_stats(
+    hidden, w, tokens, chunk: int, vocab_axis: int, temperature: float = 1.0, softcap=None
+) -> TokenStats:
     """TokenStats aligned with `tokens` [B, T] like logprobs.token_logps: entry t is about
     tokens[t] as predicted from position t-1; entry 0 (nothing predicts it) is 0."""
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1).astype(jnp.int32)
-    stats = chunked_token_stats(hidden, w, targets, chunk, vocab_axis, temperature)
+    stats = chunked_token_stats(hidden, w, targets, chunk, vocab_axis, temperature, softcap)
     return TokenStats(*(jnp.pad(s[:, :-1], ((0, 0), (1, 0))) for s in stats))

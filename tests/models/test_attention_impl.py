@@ -90,7 +90,9 @@ def test_cudnn_masking_matches_einsum(window, monkeypatch):
     monkeypatch.setattr(
         decoder,
         "fused_attention",
-        lambda impl, q, k, v, pos, seg, w, layout=None: decoder._index_masked_sdpa(q, k, v, seg, w, "xla"),
+        lambda impl, q, k, v, pos, seg, w, layout=None, **kw: decoder._index_masked_sdpa(
+            q, k, v, seg, w, "xla", kw.get("scale")
+        ),
     )
     _compare(_cfg(sliding_window=window, attention_impl="xla"), 16)
 

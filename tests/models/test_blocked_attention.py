@@ -108,3 +108,23 @@ def test_auto_on_cpu_blocks_long_sequences_only():
     )
     assert decoder.resolve_attention_impl(cfg, decoder.BLOCKED_MIN_LENGTH) == "blocked"
     assert decoder.resolve_attention_impl(cfg, decoder.BLOCKED_MIN_LENGTH - 1) == "einsum"
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_traced_window_scale_and_cap_match_einsum(local):
+    """Gemma's layers inside the scan: the window is traced (the layer's own, or no window as
+    int32 max), the scores' scale is query_pre_attn_scalar's, and the cap applies."""
+    q, k, v, pos, seg = _packed(2)
+    q = q * 4
+    kw = dict(scale=0.2, logit_softcap=3.0)
+
+    def run(fn, flag):
+        window = jnp.where(flag, 5, jnp.iinfo(jnp.int32).max)
+        return fn(q, k, v, pos, seg, pos, seg, window, **kw)
+
+    ref = jax.jit(functools.partial(run, einsum_attention))(local)
+    out = jax.jit(functools.partial(run, functools.partial(blocked_attention, block=8, kv_block=3)))(local)
+    real = np.asarray(seg != 0)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5, rtol=1e-5)
+    static = einsum_attention(q, k, v, pos, seg, pos, seg, 5 if local else None, **kw)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(static)[real], atol=1e-5, rtol=1e-5)
