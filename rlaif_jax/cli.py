@@ -106,9 +106,12 @@ def gin_arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> None:
+    # force: a library imported with the command may already have put a WARNING handler on
+    # the root logger (a root-level log call at import does), which would hide --log_level.
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     # orbax logs every checkpoint step at INFO through absl; keep the console readable.
     logging.getLogger("absl").setLevel(logging.WARNING)

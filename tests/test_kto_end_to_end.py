@@ -42,9 +42,7 @@ def test_critic_ratings_to_kto_training(tmp_path, monkeypatch):
     world = synthetic_world(critic_noise=0.0)
     strong, rng = world.models["strong-teacher"], random.Random(0)
     weak = _demos(tmp_path / "weak.jsonl", [(r["instruction"], r["output"]) for r in rows])
-    good = _demos(
-        tmp_path / "strong.jsonl", [(r["instruction"], strong.answer(r["instruction"], rng)) for r in rows], "s"
-    )
+    good = _demos(tmp_path / "strong.jsonl", [(r["instruction"], strong.answer(r["instruction"], rng)) for r in rows])
     with ServerThread(make_app(world)) as srv:
         client = FeedbackClient(
             model="critic",

@@ -65,12 +65,12 @@ class LoraObjective:
     def needs_reference(self):
         return self.inner.needs_reference
 
-    def loss(self, model: LoraModel, params, batch, ref_params, rng, mesh):
+    def loss(self, model: LoraModel, params, batch, ref_params, rng):
         base, reference = ref_params["base"], ref_params["reference"]
         inner_ref = (base if reference is None else reference) if self.inner.needs_reference else None
         # The adapters' dropout draws from its own stream (the step's key also feeds MoE jitter).
         dropout = None if rng is None else jax.random.fold_in(rng, 0x10A)
-        return self.inner.loss(model.with_dropout(dropout), merge(base, params), batch, inner_ref, rng, mesh)
+        return self.inner.loss(model.with_dropout(dropout), merge(base, params), batch, inner_ref, rng)
 
 
 @dataclasses.dataclass
