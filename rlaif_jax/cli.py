@@ -106,13 +106,12 @@ def gin_arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_gin(args: argparse.Namespace, extra_modules: Sequence[str] = ()) -> None:
-    # force: a library imported with the command may already have put a WARNING handler on
-    # the root logger (a root-level log call at import does), which would hide --log_level.
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+    level = getattr(logging, args.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A library imported with the command may already have configured the root logger (a
+    # root-level log call at import does, at WARNING), making basicConfig a no-op: our own
+    # loggers still log at --log_level through whatever handler is there.
+    logging.getLogger("rlaif_jax").setLevel(level)
     # orbax logs every checkpoint step at INFO through absl; keep the console readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     import_configurables(extra_modules)
