@@ -141,7 +141,8 @@ def test_the_runs_state_is_placed_as_compiled():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("value_model", ["shared", "separate"])
+# The paper's separate value model here; the shared one (its numerics in test_ppo.py) in the slow suite.
+@pytest.mark.parametrize("value_model", [pytest.param("shared", marks=pytest.mark.slow), "separate"])
 def test_ppo_programs_are_the_trainers_own(value_model):
     """PPO's rollout, scoring and update are PPOTrainer.compile's jitted programs, lowered
     on abstract policy / reference / reward params placed as train_ppo places them."""
