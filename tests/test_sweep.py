@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rlaif_jax.data.toy import write_toy_world
-from rlaif_jax.sweep import expand, load_sweep
+from rlaif_jax.sweep import expand, load_sweep, tpu_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,3 +171,16 @@ def test_miniature_gap_sweep_is_3x3_over_one_shared_base_and_plots(tmp_path, cle
     )
     assert out.returncode == 0, out.stderr
     assert (root / "gap.png").stat().st_size > 0 and (root / "gap.md").read_text().count("\n") == 11
+
+
+def test_a_sweep_runs_an_rlaif_subcommand_or_a_script(tmp_path):
+    """`command` names the rlaif subcommand each run is (python -m rlaif_jax <command>, so a
+    sweep works wherever the package is installed); tpu/run.sh gets the venv's `rlaif`."""
+    base = {"name": "s", "gin_files": ["a.gin"], "run_dir_param": "ARM_DIR", "run_root": str(tmp_path)}
+    (run,) = expand({**base, "command": "arm"})
+    assert run.command[1:4] == ("-m", "rlaif_jax", "arm")
+    assert tpu_commands([run])[0].startswith("tpu/run.sh rlaif arm --gin_file=a.gin")
+    (run,) = expand({**base, "script": "tools/x.py"})
+    assert run.command[1] == "tools/x.py" and tpu_commands([run])[0].startswith("tpu/run.sh python tools/x.py")
+    with pytest.raises(ValueError, match="not both"):
+        expand({**base, "command": "arm", "script": "tools/x.py"})
