@@ -28,6 +28,7 @@ SMALL = dict(
     hidden_size=64,
     feedback_samples=2,
     rm_samples=3,
+    kto_epochs=1,
     progress=False,
 )
 

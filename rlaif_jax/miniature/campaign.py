@@ -310,7 +310,7 @@ def bindings(s: MiniatureSettings, world: Optional[World], name: str) -> dict[st
     bind("dpo/LoraSettings.rank", s.lora_rank if lora else 0, "lora_rank")
     bind("dpo/LoraSettings.alpha", s.lora_alpha, "lora_alpha")
     bind("kto/KTO.beta", s.kto_beta, "kto_beta")
-    for k, v in (("mode", "rating"), ("template", "rating_v1"), ("max_tokens", 8)):
+    for k, v in (("mode", "rating"), ("template", "rating_v1")):
         bind(f"ratings/JudgeSettings.{k}", v)
     bind("ratings/rating_labels_stage.threshold", s.kto_threshold, "kto_threshold")
     bind("ppo/train_ppo.num_iterations", s.ppo_iterations, "ppo_iterations")

@@ -23,7 +23,8 @@ def run_miniature(settings: Optional[C.MiniatureSettings] = None) -> list:
     """Runs (or resumes) the miniature `settings` describe (None: gin's `run_miniature.*`);
     returns the result rows (also results.md / results.csv / summary.json in out_dir)."""
     s = settings if settings is not None else C.MiniatureSettings()
-    C.check_no_user_binding(C.bindings(s, None, s.arms[0]))  # before anything is made
+    # Before anything is made; every arm binds the same keys (run_miniature.arms may be empty).
+    C.check_no_user_binding(C.bindings(s, None, C.ARMS[0]))
     os.makedirs(s.out_dir, exist_ok=True)
     world_models = synthetic_world()
     claim_shared(
