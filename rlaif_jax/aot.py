@@ -202,12 +202,13 @@ def global_rows(
 
 def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool = False) -> dict:
     """ShapeDtypeStructs of the batch a pipeline yields (rlaif_jax.data.pipeline.batches):
-    kind "sft" (tokens, positions, segment_ids, loss_mask) or "preference" (the same keys
-    prefixed chosen_ / rejected_, plus the reference log-probs when precomputed). Packing
-    changes the contents, not the shapes.
+    kind "sft" (tokens, positions, segment_ids, loss_mask), "preference" (the same keys
+    prefixed chosen_ / rejected_, plus the reference log-probs when precomputed) or
+    "labelled" (KTO's: the SFT keys, `label` [rows] float32, and the mismatched pairs' SFT
+    keys prefixed kl_). Packing changes the contents, not the shapes.
 
     Args:
-      kind: "sft" or "preference".
+      kind: "sft", "preference" or "labelled".
       rows: the global batch (global_rows: global_batch_size, or the per-process batch_size
         x processes).
       length: the pipeline's seq_len.
@@ -226,6 +227,10 @@ def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool 
 
     if kind == "sft":
         return seq()
+    if kind == "labelled":
+        return {**seq(), **seq("kl_"), "label": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+    if kind != "preference":
+        raise ValueError(f"unknown batch kind {kind!r}; one of 'sft', 'preference', 'labelled'")
     out = {**seq("chosen_"), **seq("rejected_")}
     if precomputed_reference:
         out.update({k: jax.ShapeDtypeStruct((rows,), jnp.float32) for k in ("ref_chosen_logps", "ref_rejected_logps")})

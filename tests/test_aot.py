@@ -194,6 +194,32 @@ def test_cpu_devices_step_compiles_sharded():
     _check_compiled(SFT(), target)
 
 
+def test_kto_step_compiles_with_the_labelled_pipelines_batch():
+    """KTO's batch layout is the labelled pipeline's (the SFT keys, `label`, the mismatched
+    kl_ rows: same keys, shapes and dtypes as a real batch), and its step (with the
+    step-batch KL statistic) compiles with every batch entry's rows over data x fsdp."""
+    from rlaif_jax.data.pipeline.labelled import pad_labelled_batch
+    from rlaif_jax.data.tokenize.encode import Encoded
+    from rlaif_jax.train import KTO
+
+    examples = [Encoded(np.array([1, 5, 6], np.int32), np.array([7, 2], np.int32))] * ROWS
+    real = pad_labelled_batch(examples, [1, 0] * (ROWS // 2), ROWS, LENGTH, LENGTH)
+    layout = aot.batch_layout("labelled", ROWS, LENGTH)
+    assert {k: (v.shape, v.dtype) for k, v in layout.items()} == {
+        k: (v.shape, np.dtype(v.dtype)) for k, v in real.items()
+    }
+    target = aot.target("cpu-4")
+    (program,) = _programs(KTO(), target)
+    report, compiled = aot.compile_program(program, target)
+    (_, batch_sh, _), _ = compiled.input_shardings
+    assert set(batch_sh) == set(layout)
+    for key, sh in batch_sh.items():
+        assert tuple(sh.spec)[0] == ("data", "fsdp"), (key, sh)
+    assert report.argument_bytes > 0 and report.fits
+    with pytest.raises(ValueError, match="unknown batch kind 'pairs'"):
+        aot.batch_layout("pairs", ROWS, LENGTH)
+
+
 def test_unknown_topology_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"--topology=v9-8: unknown slice; known: .*v4-32.*v5e-16.*v5p-64.*cpu-N"):
         aot.target("v9-8")
