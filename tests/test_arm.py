@@ -351,7 +351,7 @@ def test_paper_arms_resolve(path):
     assert critic in ("gpt-4-0314", "claude-v1")
     if "claude" in os.path.basename(path):
         assert gin.query_parameter("%JUDGE") == "claude-v1"
-    if {"critic", "dpo", "ppo"} & set(stages):
+    if {"critic", "dpo", "ppo"} & set(stages) and "sft" in stages:
         assert gin.query_parameter("run_arm.evaluate_sft") is True
     if "reward_model" in stages:  # the miniature's reward-model data: sample-vs-sample pairs too
         assert gin.query_parameter("run_arm.rm_sample_pairs") is True and gin.query_parameter("run_arm.rm_samples") >= 2
