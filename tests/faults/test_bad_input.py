@@ -11,10 +11,11 @@ import gin
 import pytest
 
 from rlaif_jax.cli import run
-from rlaif_jax.data.records import DEMONSTRATIONS, PREFERENCES, read_records
+from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, read_records
 from rlaif_jax.errors import UserError
-from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector
-from rlaif_jax.feedback.stages import load_prompts, teacher_stage
+from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector, RuleJudge
+from rlaif_jax.feedback.settings import JudgeSettings
+from rlaif_jax.feedback.stages import critic_stage, load_prompts, teacher_stage
 from tests.faults.disks import read_only
 from tests.feedback.conftest import (  # noqa: F401
     KEY_ENV,
@@ -75,6 +76,45 @@ def test_a_rerun_with_another_cache_does_not_pay_again_for_what_out_dir_holds(se
     with make_client(srv, tmp_path, cache="writer_b.jsonl") as c:
         teacher_stage(prompts=prompts, out_dir=out, client=c, system_prompt="Be terse.")
     assert len(faults.paid()) == 24
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "rating"])
+def test_a_critic_rerun_with_another_cache_does_not_pay_again_for_what_out_dir_holds(serve, tmp_path, api_key, mode):
+    """Case 6 for the critic (both modes): its comparisons in out_dir are reused whatever
+    cache the rerun is given; a judgment that failed is asked again."""
+    demos = [
+        {"prompt_id": f"p{i}", "prompt": f"task {i}", "completion": f"GOOD answer {i}", "source_model": "t"}
+        for i in range(6)
+    ] + [{"prompt_id": "p6", "prompt": "task 6 [[fault:400]]", "completion": "GOOD x", "source_model": "t"}]
+    first_set = tmp_path / "a.jsonl"
+    first_set.write_text("".join(json.dumps(d) + "\n" for d in demos))
+    second_set = tmp_path / "b.jsonl"
+    second_set.write_text("".join(json.dumps({**d, "completion": "weak", "source_model": "p"}) + "\n" for d in demos))
+    faults = FaultInjector()
+    srv = serve(RuleJudge(["judge"]), faults)
+    out = str(tmp_path / "critic")
+    judge = JudgeSettings(mode=mode, both_orders=mode == "pairwise", template=f"{mode}_v1")
+
+    def critic(cache):
+        with make_client(srv, tmp_path, model="judge", cache=cache) as c:
+            return critic_stage(
+                responses_1=str(first_set), responses_2=str(second_set), out_dir=out, client=c, judge=judge
+            )
+
+    critic("writer_a.jsonl")
+    first = list(read_records(out, COMPARISONS))
+    paid = sum(faults.paid().values())
+    assert paid == 12 and len(first) == 7
+    m = critic("writer_b.jsonl")
+    assert sum(faults.paid().values()) == paid  # before: 24, each twice
+    assert list(read_records(out, COMPARISONS)) == first
+    assert m["provenance"]["report"]["kept_from_out_dir"] == 6  # p6's error is asked again (and fails again)
+    assert sum(e["outcome"] != "ok" for e in faults.log) > 0
+
+    # Asked another way (another seed decides the order): nothing is reused.
+    judge = JudgeSettings(mode=mode, both_orders=mode == "pairwise", template=f"{mode}_v1", seed=1)
+    critic("writer_b.jsonl")
+    assert sum(faults.paid().values()) > paid
 
 
 def test_two_prompts_under_one_prompt_id_are_refused_and_repeats_asked_once(tmp_path):
