@@ -363,6 +363,34 @@ def test_a_tokenizer_of_the_same_size_but_other_ids_is_refused(world, hf_dir, tm
     _nothing_trained(tmp_path / "run")
 
 
+def test_a_model_copied_without_its_tokenizer_is_checked_against_the_fingerprint_saved_with_it(
+    world, hf_dir, tmp_path, capsys
+):
+    """save_hf writes the tokenizer's fingerprint beside config.json; a copy of the weights
+    without the tokenizer's files (before: only size and special ids were checked) still
+    refuses a tokenizer of the same size and special ids but other ids, and accepts its own."""
+    from rlaif_jax.data.tokenize.tokenizer import FINGERPRINT_FILE, load_tokenizer, tokenizer_hash
+    from rlaif_jax.preflight import run_preflight, tokenizer_check
+
+    fp = json.load(open(os.path.join(hf_dir, FINGERPRINT_FILE)))
+    assert fp["tokenizer_hash"] == tokenizer_hash(load_tokenizer(world["tok_dir"])) and fp["tokens"] == world["vocab"]
+    weights = tmp_path / "w"  # short paths: the line stays under 300 characters
+    shutil.copytree(hf_dir, weights)
+    for name in os.listdir(weights):
+        if name != FINGERPRINT_FILE and (name.startswith("tokenizer") or name == "special_tokens_map.json"):
+            os.remove(weights / name)
+    other = _permuted_tokenizer(world["tok_dir"], tmp_path / "t")
+    rc, err = run_script(
+        _train_main, [f"--gin_file={_dpo_gin(tmp_path, world, weights, f'train.tokenizer = {other!r}')}"], capsys
+    )
+    line = one_error_line(err)
+    assert rc == 2
+    assert line.startswith(f"error: train.tokenizer = '{other}' is not the tokenizer saved with train.init_from")
+    assert f"'{weights}' (same {world['vocab']} tokens, other ids); give the tokenizer it was exported with" in line
+    _nothing_trained(tmp_path / "run")
+    run_preflight([tokenizer_check("train.init_from", str(weights), world["tok_dir"], "train.tokenizer")])  # its own
+
+
 def test_a_tokenizer_larger_than_the_model_and_a_misfit_reference_are_all_reported(world, tmp_path, capsys):
     """Before: "loss non-finite at step 0" and a traceback, blaming numerics. Two problems:
     both reported, one line each."""
