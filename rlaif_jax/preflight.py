@@ -7,8 +7,9 @@ reported (one line each), not just the first.
                              `error:` line and exits 2)
   tokenizer_check(...)       a model (HF directory or DecoderConfig) and the tokenizer fed to it:
                              vocabulary size, special token ids, and the tokenizer against
-                             the one saved with the model (same size but other ids: silent
-                             garbage otherwise)
+                             the one the model was exported with (its fingerprint, written
+                             by save_hf beside config.json, or its saved tokenizer files):
+                             same size but other ids is silent garbage otherwise
   same_vocabulary_check(...) two models that read the same token ids (PPO's policy and reward
                              model, a DPO policy and its reference)
   record_set_check(...)      a record set: non-empty, no prompt_id given to two prompts, and
@@ -42,7 +43,7 @@ from rlaif_jax.data.checks import (  # noqa: F401 (the preflight's own names)
     run_preflight,
 )
 from rlaif_jax.data.records import PREFERENCES, read_records
-from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, tokenizer_hash
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, saved_fingerprint, tokenizer_hash
 from rlaif_jax.models import DecoderConfig
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,18 @@ def saved_tokenizer(model: ModelSpec) -> Optional[Any]:
     if not any(os.path.exists(os.path.join(d, f)) for f in _TOKENIZER_FILES):
         return None
     return _tokenizer(d)
+
+
+def saved_tokenizer_hash(model: ModelSpec) -> Optional[tuple[str, int]]:
+    """(tokenizer_hash, size) of the tokenizer a model directory was exported with: the
+    fingerprint save_hf writes beside config.json, else the tokenizer saved there, else None."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    fp = saved_fingerprint(os.fspath(model))
+    if fp is not None:
+        return fp["tokenizer_hash"], fp.get("tokens")
+    saved = saved_tokenizer(model)
+    return (tokenizer_hash(saved), len(saved)) if saved is not None else None
 
 
 def _cfg(model: ModelSpec):
@@ -124,17 +137,15 @@ def tokenizer_check(role: str, model: ModelSpec, tokenizer: Any, tokenizer_bindi
                         fatal=which != "pad",  # padding is masked out; bos / eos change what is learnt
                     )
                 )
-        saved = saved_tokenizer(model) if tokenizer_binding else None
-        if saved is not None and tokenizer_hash(saved) != tokenizer_hash(tok):
-            size = (
-                f"same {len(tok)} tokens, other ids" if len(saved) == len(tok) else f"{len(saved)} vs {len(tok)} tokens"
+        saved = saved_tokenizer_hash(model) if tokenizer_binding else None
+        if saved is not None and saved[0] != tokenizer_hash(tok):
+            size = f"same {len(tok)} tokens, other ids" if saved[1] == len(tok) else f"{saved[1]} vs {len(tok)} tokens"
+            fix = (
+                f"unset {tokenizer_binding} to use the saved one, or give that model's tokenizer"
+                if saved_tokenizer(model) is not None
+                else "give the tokenizer it was exported with"
             )
-            out.append(
-                Finding(
-                    f"{given} is not the tokenizer saved with {_name(role, model)} ({size}); unset "
-                    f"{tokenizer_binding} to use the saved one, or give that model's tokenizer"
-                )
-            )
+            out.append(Finding(f"{given} is not the tokenizer saved with {_name(role, model)} ({size}); {fix}"))
         return out
 
     return Check(f"{_name(role, model)} / tokenizer", run)
@@ -154,8 +165,8 @@ def same_vocabulary_check(role_a: str, model_a: ModelSpec, role_b: str, model_b:
                     f"give a {role_b} of the same base"
                 )
             ]
-        ta, tb = saved_tokenizer(model_a), saved_tokenizer(model_b)
-        if ta is not None and tb is not None and tokenizer_hash(ta) != tokenizer_hash(tb):
+        ta, tb = saved_tokenizer_hash(model_a), saved_tokenizer_hash(model_b)
+        if ta is not None and tb is not None and ta[0] != tb[0]:
             return [
                 Finding(
                     f"{pair} were saved with different tokenizers (same size, other ids); give a "

@@ -316,22 +316,70 @@ def teacher_stage(
         return manifest
 
 
-def _answered_in(out_dir: str, stage: str, **asked) -> dict[tuple[str, str], list[dict]]:
-    """{(prompt_id, prompt): its records} of the complete set already in out_dir, when that
-    set was asked for the same way (`asked`: the provenance fields that change an answer).
-    A rerun does not pay again for what is written there, whatever API cache it is given
-    (a concurrent writer that was refused, then rerun, has another cache)."""
+def kept_records(out_dir: str, schema, stage: str, **asked) -> list[dict]:
+    """The records of the complete set already in out_dir when that set was asked for the
+    same way (`asked`: `model` and the provenance fields that change an answer), else [].
+    Every API stage reuses them: a rerun does not pay again for what is written there,
+    whatever API cache it is given (a concurrent writer that was refused, then rerun, has
+    another cache)."""
     if not _is_records_dir(out_dir):
-        return {}
-    prov = read_manifest(out_dir, DEMONSTRATIONS).get("provenance") or {}
+        return []
+    prov = read_manifest(out_dir, schema).get("provenance") or {}
     if prov.get("stage") != stage or (prov.get("client") or {}).get("model") != asked.pop("model"):
-        return {}
+        return []
     if any(prov.get(k) != v for k, v in asked.items()):
-        return {}
+        return []
+    return list(read_records(out_dir, schema))
+
+
+def _answered_in(out_dir: str, stage: str, **asked) -> dict[tuple[str, str], list[dict]]:
+    """{(prompt_id, prompt): its records} of kept_records (a teacher's demonstrations)."""
     out: dict[tuple[str, str], list[dict]] = {}
-    for rec in read_records(out_dir, DEMONSTRATIONS):
+    for rec in kept_records(out_dir, DEMONSTRATIONS, stage, **asked):
         out.setdefault((rec["prompt_id"], rec["prompt"]), []).append(rec)
     return out
+
+
+def task_key(c: Any) -> tuple[str, str, str, str]:
+    """What a judgment answers: (prompt_id, prompt, response_1, response_2), of a PairTask or
+    a comparison dict."""
+    if isinstance(c, Mapping):
+        return c["prompt_id"], c["prompt"], c["response_1"], c["response_2"]
+    return c.prompt_id, c.prompt, c.response_1, c.response_2
+
+
+def answered(c: Mapping[str, Any]) -> bool:
+    """A comparison whose every request was answered (no API error in it or its views):
+    reusable. One with an error is asked again."""
+    return not c.get("error") and not any(v.get("error") for v in c.get("views") or ())
+
+
+def _judged_in(out_dir: str, judge_name: str, **asked) -> dict[tuple, dict]:
+    """{task_key: comparison} of a critic's complete set in out_dir asked the same way: the
+    rich rows of comparisons.jsonl that agree with the records (a later run killed between
+    the two files cannot slip its rows in) and hold no API error."""
+    records = {task_key(r): r for r in kept_records(out_dir, COMPARISONS, "critic", **asked)}
+    side = fio.join(out_dir, "comparisons.jsonl")
+    if not records or not fio.isfile(side):
+        return {}
+    out = {}
+    for c in fio.read_jsonl_objects(side, "a comparison object"):
+        k = task_key(c)
+        if (
+            k in records
+            and c.get("judge") == judge_name
+            and answered(c)
+            and comparison_record(c) == _as_record(records[k])
+        ):
+            out[k] = c
+    return out
+
+
+def _as_record(rec: Mapping[str, Any]) -> dict:
+    return {k: rec.get(k) for k in _COMPARISON_FIELDS} | {
+        "model_1": rec.get("model_1") or None,
+        "model_2": rec.get("model_2") or None,
+    }
 
 
 # -- critic --------------------------------------------------------------------------------
@@ -398,24 +446,33 @@ def judge_pairs(
     tasks: Sequence[J.PairTask],
     judge: JudgeSettings,
     template: Optional[J.JudgeTemplate] = None,
+    kept: Optional[Mapping[tuple, Mapping[str, Any]]] = None,
 ) -> list[dict]:
-    """Asks the judge about every task.
+    """Asks the judge about every task not already judged in `kept`.
 
     Args:
       client: the judge's API client (cache, retries, accounting).
       tasks: the pairs, response_1 in canonical first place.
       judge: how to ask and read the answers.
       template: judge.template already loaded (None: loaded here).
+      kept: {task_key: comparison} already written by a run asked the same way (see
+        kept_records): those tasks are not asked again, whatever the client's cache.
 
     Returns:
       Comparison dicts (COMPARISONS fields + views, p_1, error...) in the order of tasks.
     """
     template = template or J.load_template(judge.template)
-    plan, reqs = judge_requests(client, tasks, judge, template)
-    results = _run(client, reqs, f"critic {client.model}", judge.batch_api, judge.poll_interval_s) if reqs else []
     judge_name = judge.name or client.model
+    kept = {k: c for k, c in (kept or {}).items() if c.get("judge") == judge_name and answered(c)}
+    plan, reqs = judge_requests(client, [t for t in tasks if task_key(t) not in kept], judge, template)
+    results = _run(client, reqs, f"critic {client.model}", judge.batch_api, judge.poll_interval_s) if reqs else []
+    fresh = {task_key(t): (kind, t, idx) for kind, t, idx in plan}
     out = []
-    for kind, t, idx in plan:
+    for t in tasks:
+        if task_key(t) in kept:
+            out.append(dict(kept[task_key(t)]))
+            continue
+        kind, t, idx = fresh[task_key(t)]
         if kind == "identical":
             out.append(J.identical_comparison(t, judge_name, judge.mode))
         elif kind == "pairwise":
@@ -481,10 +538,22 @@ def judge_requests(
 
 def comparison_record(c: Mapping[str, Any]) -> dict:
     """The COMPARISONS-schema subset of a comparison dict."""
-    return {
-        k: c[k]
-        for k in ("prompt_id", "prompt", "response_1", "response_2", "judge", "verdict", "raw_judge_text", "swapped")
-    } | {"model_1": c.get("model_1") or None, "model_2": c.get("model_2") or None}
+    return {k: c[k] for k in _COMPARISON_FIELDS} | {
+        "model_1": c.get("model_1") or None,
+        "model_2": c.get("model_2") or None,
+    }
+
+
+_COMPARISON_FIELDS = (
+    "prompt_id",
+    "prompt",
+    "response_1",
+    "response_2",
+    "judge",
+    "verdict",
+    "raw_judge_text",
+    "swapped",
+)
 
 
 @gin.configurable
@@ -539,14 +608,32 @@ def critic_stage(
             tasks, join["responses_truncated"] = truncate_to_budget(
                 tasks, truncate_tokenizer, truncate_max_length, truncate_template
             )
-        comps = judge_pairs(client, tasks, judge, tmpl)
+        asked = {
+            "template": tmpl.id,
+            "template_sha256": tmpl.sha256,
+            "mode": judge.mode,
+            "both_orders": judge.both_orders,
+            "seed": judge.seed,
+            "logprobs": judge.logprobs,
+            "top_logprobs": judge.top_logprobs if judge.logprobs else None,
+            "temperature": judge.temperature,
+            "max_tokens": judge.max_tokens,
+            "on_disagreement": judge.on_disagreement,
+        }
+        kept = _judged_in(out_dir, judge.name or client.model, model=client.model, **asked)
+        comps = judge_pairs(client, tasks, judge, tmpl, kept=kept)
         write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
         write_jsonl(
             fio.join(out_dir, "errors.jsonl"),
             [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")],
         )
         _, prefs_report = build_preference_pairs(comps)
-        report = {"join": join, "api": client.summary.as_dict(), **prefs_report}
+        report = {
+            "join": join,
+            "kept_from_out_dir": sum(task_key(t) in kept for t in tasks),  # not asked again
+            "api": client.summary.as_dict(),
+            **prefs_report,
+        }
         write_json(fio.join(out_dir, "report.json"), report)
         manifest = write_records(
             out_dir,
@@ -557,15 +644,7 @@ def critic_stage(
                 "stage": "critic",
                 "stage_version": STAGE_VERSION,
                 "client": client.describe(),
-                "template": tmpl.id,
-                "template_sha256": tmpl.sha256,
-                "mode": judge.mode,
-                "both_orders": judge.both_orders,
-                "seed": judge.seed,
-                "logprobs": judge.logprobs,
-                "temperature": judge.temperature,
-                "max_tokens": judge.max_tokens,
-                "on_disagreement": judge.on_disagreement,
+                **asked,
                 "responses_1": fio.abspath(responses_1),
                 "responses_2": fio.abspath(responses_2),
                 "api_mode": "batch" if judge.batch_api else "online",

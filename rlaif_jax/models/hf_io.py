@@ -436,4 +436,7 @@ def save_hf(
         hf_cfg.dtype = str(np.dtype(cfg.params_dtype))
     hf_cfg.save_pretrained(path)
     if tokenizer is not None:
+        from rlaif_jax.data.tokenize.tokenizer import save_fingerprint
+
         tokenizer.save_pretrained(path)
+        save_fingerprint(path, tokenizer)  # kept even where the tokenizer's files are not copied on

@@ -89,6 +89,28 @@ def tokenizer_hash(tok: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Written beside every export's config.json (save_hf): the tokenizer the model was trained
+# with, so a run given the weights without that tokenizer's files is still checked against it.
+FINGERPRINT_FILE = "tokenizer_fingerprint.json"
+
+
+def save_fingerprint(directory: str, tok: Any) -> None:
+    """Writes FINGERPRINT_FILE: tokenizer_hash, size and bos / eos ids of `tok`."""
+    fp = {"tokenizer_hash": tokenizer_hash(tok), "tokens": len(tok), "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+    with open(os.path.join(directory, FINGERPRINT_FILE), "w") as f:
+        json.dump(fp, f, indent=2)
+
+
+def saved_fingerprint(directory: str) -> Optional[dict]:
+    """FINGERPRINT_FILE of a model directory, or None (an export older than it, or not ours)."""
+    path = os.path.join(directory, FINGERPRINT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        fp = json.load(f)
+    return fp if isinstance(fp, dict) and isinstance(fp.get("tokenizer_hash"), str) else None
+
+
 def load_tokenizer(path_or_tokenizer: Any) -> Any:
     """A local HF tokenizer directory (never the hub), or an already-loaded tokenizer."""
     if not isinstance(path_or_tokenizer, (str, os.PathLike)):
