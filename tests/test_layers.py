@@ -53,7 +53,6 @@ NOT_YET_MOVED = {
     "rlaif_jax.commands": 3,
     "rlaif_jax.data.prompts.readers": 1,
     "rlaif_jax.eval.alpaca_eval_lc": 1,
-    "rlaif_jax.eval.evaluate": 9,
     "rlaif_jax.eval.report": 5,
     "rlaif_jax.eval.reward_score": 6,
     "rlaif_jax.feedback.server.model_backend": 11,  # keeps the server importable without the model stack

@@ -34,11 +34,23 @@ import gin
 import numpy as np
 
 from rlaif_jax import fileio
+from rlaif_jax.data.prompts.readers import read_prompt_source
+from rlaif_jax.data.prompts.types import InputError
 from rlaif_jax.errors import ConfigError, UserError
 from rlaif_jax.eval.alpaca_eval_lc import SOLVERS, AlpacaEvalDataError, alpaca_eval_lc_win_rate, difficulties
 from rlaif_jax.eval.length_control import length_controlled_win_rate
+from rlaif_jax.eval.reward_score import RewardScorer, reward_protocol_metrics
 from rlaif_jax.eval.settings import EvalJudgeSettings, EvalSamplingSettings
+from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
+from rlaif_jax.feedback.stages import (
+    answered,
+    judge_asked,
+    judge_pairs,
+    load_demonstrations,
+    policy_samples_stage,
+    task_key,
+)
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 from rlaif_jax.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 
@@ -56,8 +68,6 @@ def load_eval_set(path: str, references: Optional[str] = None, reference_generat
     `output` is the reference) or any prompt file the data readers accept; `references`
     (an AlpacaEval-format file) supplies or replaces the reference outputs, joined on the
     instruction text. Every instruction must end with a reference output."""
-    from rlaif_jax.data.prompts.readers import read_prompt_source
-    from rlaif_jax.data.prompts.types import InputError
 
     try:
         prompts, _, _ = read_prompt_source(path)
@@ -186,7 +196,6 @@ def generate_outputs(
     Returns:
       The outputs, in the order of rows.
     """
-    from rlaif_jax.feedback.stages import load_demonstrations, policy_samples_stage
 
     prompts_path = fileio.join(out_dir, "prompts.jsonl")
     write_jsonl(prompts_path, ({"prompt_id": r["prompt_id"], "prompt": r["prompt"]} for r in rows))
@@ -225,7 +234,6 @@ def generate_outputs(
 def load_outputs(path: str, rows: Sequence[Mapping]) -> list[str]:
     """Policy outputs from an AlpacaEval-format file (instruction, output), for judging
     outputs generated elsewhere."""
-    from rlaif_jax.data.prompts.readers import read_prompt_source
 
     got, _, _ = read_prompt_source(path, format="alpaca")
     by_id = {}
@@ -310,6 +318,24 @@ def check_alpaca_eval_lc(
         ) from None
 
 
+def _judged_before(out_dir: str, asked: Mapping[str, Any]) -> dict:
+    """{task_key: judgment} of an earlier evaluation in out_dir whose judge was asked the same
+    way (metrics.json's judge_asked) and answered: a rerun, whatever API cache it is given,
+    does not pay again for them. A judgment is matched by its prompt and both responses, so
+    outputs that changed are judged anew."""
+    metrics_path, rows_path = fileio.join(out_dir, "metrics.json"), fileio.join(out_dir, "judgments.jsonl")
+    if not (fileio.isfile(metrics_path) and fileio.isfile(rows_path)):
+        return {}
+    try:
+        before = fileio.read_json(metrics_path)
+    except ValueError:
+        return {}
+    if not isinstance(before, dict) or before.get("judge_asked") != dict(asked):
+        return {}
+    rows = fileio.read_jsonl_objects(rows_path, "a judgment object")
+    return {task_key(c): c for c in rows if "response_1" in c and answered(c)}
+
+
 @gin.configurable
 def evaluate(
     out_dir: str = gin.REQUIRED,
@@ -357,9 +383,6 @@ def evaluate(
     Returns:
       The metrics.
     """
-    from rlaif_jax.feedback import judge as J
-    from rlaif_jax.feedback.stages import judge_pairs
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if lc_method not in LC_METHODS:
@@ -417,7 +440,9 @@ def evaluate(
             J.PairTask(r["prompt_id"], r["prompt"], o, r["reference"], name, r["reference_generator"])
             for r, o in zip(rows, outputs)
         ]
-        comps = judge_pairs(client, tasks, judge, tmpl)
+        asked = {"model": client.model, **judge_asked(judge, tmpl)}
+        kept = _judged_before(out_dir, asked)
+        comps = judge_pairs(client, tasks, judge, tmpl, kept=kept)
         _write_jsonl(fileio.join(out_dir, "judgments.jsonl"), comps)
         jm = judge_metrics(
             comps,
@@ -443,14 +468,14 @@ def evaluate(
             order_seed=judge.seed,
             both_orders=judge.both_orders,
             logprobs=judge.logprobs,
+            judge_asked=asked,
+            kept_from_out_dir=sum(task_key(x) in kept for x in tasks),  # judgments not asked again
             api=api,
             cost_usd=api["cost_usd"],
             cost_usd_total=_add_to_ledger(out_dir, api),
             client=client.describe(),
         )
     else:
-        from rlaif_jax.eval.reward_score import RewardScorer, reward_protocol_metrics
-
         scorer = RewardScorer(
             reward_model,
             template=sampling.template,

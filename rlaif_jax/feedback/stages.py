@@ -354,6 +354,23 @@ def answered(c: Mapping[str, Any]) -> bool:
     return not c.get("error") and not any(v.get("error") for v in c.get("views") or ())
 
 
+def judge_asked(judge: JudgeSettings, tmpl: J.JudgeTemplate) -> dict[str, Any]:
+    """How a judge was asked, every field that changes an answer: judgments written under
+    the same values are reused rather than asked again (critic_stage, the evaluation)."""
+    return {
+        "template": tmpl.id,
+        "template_sha256": tmpl.sha256,
+        "mode": judge.mode,
+        "both_orders": judge.both_orders,
+        "seed": judge.seed,
+        "logprobs": judge.logprobs,
+        "top_logprobs": judge.top_logprobs if judge.logprobs else None,
+        "temperature": judge.temperature,
+        "max_tokens": judge.max_tokens,
+        "on_disagreement": judge.on_disagreement,
+    }
+
+
 def _judged_in(out_dir: str, judge_name: str, **asked) -> dict[tuple, dict]:
     """{task_key: comparison} of a critic's complete set in out_dir asked the same way: the
     rich rows of comparisons.jsonl that agree with the records (a later run killed between
@@ -608,18 +625,7 @@ def critic_stage(
             tasks, join["responses_truncated"] = truncate_to_budget(
                 tasks, truncate_tokenizer, truncate_max_length, truncate_template
             )
-        asked = {
-            "template": tmpl.id,
-            "template_sha256": tmpl.sha256,
-            "mode": judge.mode,
-            "both_orders": judge.both_orders,
-            "seed": judge.seed,
-            "logprobs": judge.logprobs,
-            "top_logprobs": judge.top_logprobs if judge.logprobs else None,
-            "temperature": judge.temperature,
-            "max_tokens": judge.max_tokens,
-            "on_disagreement": judge.on_disagreement,
-        }
+        asked = judge_asked(judge, tmpl)
         kept = _judged_in(out_dir, judge.name or client.model, model=client.model, **asked)
         comps = judge_pairs(client, tasks, judge, tmpl, kept=kept)
         write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)

@@ -32,6 +32,7 @@ from rlaif_jax.errors import WeightsError
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.heads import SCORE_HEAD, head_param
 from rlaif_jax.models.params import abstract_params, build_model
+from rlaif_jax.models.tokenizer_fingerprint import save_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +437,5 @@ def save_hf(
         hf_cfg.dtype = str(np.dtype(cfg.params_dtype))
     hf_cfg.save_pretrained(path)
     if tokenizer is not None:
-        from rlaif_jax.data.tokenize.tokenizer import save_fingerprint
-
         tokenizer.save_pretrained(path)
         save_fingerprint(path, tokenizer)  # kept even where the tokenizer's files are not copied on
