@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Samples-stage throughput on random weights: K samples of every prompt, the static sampler
 called once per sample (what the stages do today), K samples sharing one prefill
-(sampling.generate_samples), continuous batching (SamplingParams.slots) and HF generate
+(sampling.generate_samples), continuous batching (SamplingParams.slots), the two combined
+(generate_samples with slots: one prefill per prompt feeding K decode slots) and HF generate
 (PyTorch), repetitions interleaved in one process.
 
   python tools/benchmark_sampler.py --preset tiny --samples 1 4 --lengths miniature chat
@@ -17,6 +18,7 @@ Prints generated tokens/s (sum of the samples' lengths over the median wall time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 
@@ -46,6 +48,12 @@ def main(argv=None) -> int:
         help="PyTorch intra-op threads (0: every core; on a loaded machine 1 avoids spin-waiting)",
     )
     ap.add_argument("--no_torch", action="store_true")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["shared", "continuous", "shared+cont"],
+        help="JAX variants beside today's (default: all)",
+    )
     args = ap.parse_args(argv)
 
     import jax
@@ -102,7 +110,22 @@ def main(argv=None) -> int:
                     generate_continuous(model, params, prompts * len(keys), rows, sp, slots).lengths.sum()
                 )
 
-            fns = {"today": today, "shared prefill": shared, f"continuous ({slots} slots)": continuous}
+            def combined(keys=keys, prompts=prompts, sp=sp):
+                # One prefill per prompt feeding its K rows inside continuous batching
+                # (generate_samples with SamplingParams.slots).
+                spc = dataclasses.replace(sp, slots=slots)
+                made[f"shared+cont ({slots} sl)"] = sum(
+                    int(o.lengths.sum()) for o in generate_samples(model, params, prompts, keys, spc)
+                )
+
+            fns = {
+                "today": today,
+                "shared prefill": shared,
+                f"continuous ({slots} slots)": continuous,
+                f"shared+cont ({slots} sl)": combined,
+            }
+            if args.variants:
+                fns = {k: v for k, v in fns.items() if k == "today" or k.split(" ")[0] in args.variants}
             if hf is not None:
                 width = max(len(p) for p in prompts)
                 ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])

@@ -804,6 +804,7 @@ def policy_samples_stage(
                     top_k=sampling.top_k,
                     seed=sampling.seed * 1_000_003 + bi,
                     length_bucket=length_bucket,
+                    rng_per_prompt=sampling.rng_per_prompt,
                 )
                 samples = [
                     {

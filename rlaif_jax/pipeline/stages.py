@@ -254,27 +254,35 @@ def step_samples(ctx, stage: Stage) -> dict:
     """The round's policy samples, each with its own seed. On n hosts, host i samples every
     n-th prompt on its own chips into <samples>/parts/, then process 0 joins the parts in the
     prompts' order into the record set the critic reads."""
+    import contextlib
+
+    from rlaif_jax.feedback.server.model_backend import shared_seeds
+
     view = _round(ctx)
     arm, s = view.arm, view.settings
     made = []
-    for k in range(view.design.samples):
-        out = view.sample_dir(k)
-        if is_complete(out):
-            continue
-        sample = functools.partial(
-            policy_samples_stage,
-            hf_dir=arm.local(view.start()),
-            prompts=arm.prompts("feedback"),
-            split="feedback",
-            sampling=dataclasses.replace(SamplingSettings(), seed=view.sample_seed(k)),
-            source_model=f"{view.name}/sft",
-        )
-        i, n = jax.process_index(), jax.process_count()
-        if n == 1:
-            sample(out_dir=out, num_shards=s.num_shards)
-        else:
-            _sample_on_hosts(arm, sample, out, i, n)
-        made.append(k)
+    todo = [k for k in range(view.design.samples) if not is_complete(view.sample_dir(k))]
+    base = SamplingSettings()
+    # SamplingSettings.rng_per_prompt: the first pass draws every pass's samples of a batch
+    # with one prefill per prompt (the same samples as K passes in that mode).
+    seeds = [view.sample_seed(k) for k in todo]
+    with shared_seeds(seeds) if base.rng_per_prompt and len(todo) > 1 else contextlib.nullcontext():
+        for k in todo:
+            out = view.sample_dir(k)
+            sample = functools.partial(
+                policy_samples_stage,
+                hf_dir=arm.local(view.start()),
+                prompts=arm.prompts("feedback"),
+                split="feedback",
+                sampling=dataclasses.replace(base, seed=view.sample_seed(k)),
+                source_model=f"{view.name}/sft",
+            )
+            i, n = jax.process_index(), jax.process_count()
+            if n == 1:
+                sample(out_dir=out, num_shards=s.num_shards)
+            else:
+                _sample_on_hosts(arm, sample, out, i, n)
+            made.append(k)
     hosts = {"hosts": jax.process_count()} if jax.process_count() > 1 else {}
     return {"state": "done" if made else "reused", "output": view.out("samples"), **hosts}
 
