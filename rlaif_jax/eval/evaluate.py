@@ -44,12 +44,13 @@ from rlaif_jax.eval.settings import EvalJudgeSettings, EvalSamplingSettings
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.feedback.stages import (
-    answered,
     judge_asked,
     judge_pairs,
+    judged_before,
     load_demonstrations,
     policy_samples_stage,
     task_key,
+    write_judged,
 )
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 from rlaif_jax.winrate import continuous_preferences, preferences_from_verdicts, win_rate
@@ -318,24 +319,6 @@ def check_alpaca_eval_lc(
         ) from None
 
 
-def _judged_before(out_dir: str, asked: Mapping[str, Any]) -> dict:
-    """{task_key: judgment} of an earlier evaluation in out_dir whose judge was asked the same
-    way (metrics.json's judge_asked) and answered: a rerun, whatever API cache it is given,
-    does not pay again for them. A judgment is matched by its prompt and both responses, so
-    outputs that changed are judged anew."""
-    metrics_path, rows_path = fileio.join(out_dir, "metrics.json"), fileio.join(out_dir, "judgments.jsonl")
-    if not (fileio.isfile(metrics_path) and fileio.isfile(rows_path)):
-        return {}
-    try:
-        before = fileio.read_json(metrics_path)
-    except ValueError:
-        return {}
-    if not isinstance(before, dict) or before.get("judge_asked") != dict(asked):
-        return {}
-    rows = fileio.read_jsonl_objects(rows_path, "a judgment object")
-    return {task_key(c): c for c in rows if "response_1" in c and answered(c)}
-
-
 @gin.configurable
 def evaluate(
     out_dir: str = gin.REQUIRED,
@@ -441,9 +424,9 @@ def evaluate(
             for r, o in zip(rows, outputs)
         ]
         asked = {"model": client.model, **judge_asked(judge, tmpl)}
-        kept = _judged_before(out_dir, asked)
+        kept = judged_before(out_dir, "judgments.jsonl", asked)
         comps = judge_pairs(client, tasks, judge, tmpl, kept=kept)
-        _write_jsonl(fileio.join(out_dir, "judgments.jsonl"), comps)
+        write_judged(out_dir, "judgments.jsonl", comps, asked)
         jm = judge_metrics(
             comps,
             outputs,

@@ -371,6 +371,44 @@ def judge_asked(judge: JudgeSettings, tmpl: J.JudgeTemplate) -> dict[str, Any]:
     }
 
 
+ASKED_FILE = "judge_asked.json"
+
+
+def _sha256(path: str) -> str:
+    with fio.open_file(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_judged(out_dir: str, rows_file: str, comps: Sequence[Mapping], asked: Mapping[str, Any]) -> None:
+    """Writes the judgments to out_dir/rows_file, then ASKED_FILE: how they were asked and the
+    file's hash (a run killed between the two leaves a hash that no longer matches: nothing
+    is reused from it)."""
+    path = fio.join(out_dir, rows_file)
+    write_jsonl(path, comps)
+    write_json(fio.join(out_dir, ASKED_FILE), {"asked": dict(asked), "file": rows_file, "sha256": _sha256(path)})
+
+
+def judged_before(out_dir: str, rows_file: str, asked: Mapping[str, Any]) -> dict[tuple, dict]:
+    """{task_key: judgment} that an earlier run wrote with write_judged into out_dir, when it
+    was asked the same way (`asked`: the model and judge_asked()): the evaluation and the gap
+    audit reuse them, so a rerun pays for nothing again whatever API cache it is given.
+    Judgments are matched by prompt and both responses (changed responses are judged anew);
+    one with an API error is asked again."""
+    side, rows_path = fio.join(out_dir, ASKED_FILE), fio.join(out_dir, rows_file)
+    if not (fio.isfile(side) and fio.isfile(rows_path)):
+        return {}
+    try:
+        before = fio.read_json(side)
+    except ValueError:
+        return {}
+    if not isinstance(before, dict) or before.get("asked") != dict(asked) or before.get("file") != rows_file:
+        return {}
+    if before.get("sha256") != _sha256(rows_path):
+        return {}
+    rows = fio.read_jsonl_objects(rows_path, "a judgment object")
+    return {task_key(c): c for c in rows if "response_1" in c and answered(c)}
+
+
 def _judged_in(out_dir: str, judge_name: str, **asked) -> dict[tuple, dict]:
     """{task_key: comparison} of a critic's complete set in out_dir asked the same way: the
     rich rows of comparisons.jsonl that agree with the records (a later run killed between
