@@ -55,7 +55,7 @@ NOT_YET_MOVED = {
     "rlaif_jax.eval.alpaca_eval_lc": 1,
     "rlaif_jax.eval.report": 5,
     "rlaif_jax.eval.reward_score": 6,
-    "rlaif_jax.feedback.server.model_backend": 11,  # keeps the server importable without the model stack
+    "rlaif_jax.feedback.server.model_backend": 10,  # keeps the server importable without the model stack
     "rlaif_jax.feedback.server.testing": 2,
     "rlaif_jax.feedback.stages": 4,
     "rlaif_jax.fileio": 1,

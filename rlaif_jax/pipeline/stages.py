@@ -12,6 +12,7 @@ the one-round arm's KTO on the critic's ratings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -30,6 +31,7 @@ from rlaif_jax.eval.evaluate import evaluate
 from rlaif_jax.feedback.audit import SUMMARY_KEYS, audit_gap
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.ratings import rating_labels_stage
+from rlaif_jax.feedback.server.model_backend import shared_seeds
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.feedback.stages import (
     critic_stage,
@@ -254,9 +256,6 @@ def step_samples(ctx, stage: Stage) -> dict:
     """The round's policy samples, each with its own seed. On n hosts, host i samples every
     n-th prompt on its own chips into <samples>/parts/, then process 0 joins the parts in the
     prompts' order into the record set the critic reads."""
-    import contextlib
-
-    from rlaif_jax.feedback.server.model_backend import shared_seeds
 
     view = _round(ctx)
     arm, s = view.arm, view.settings

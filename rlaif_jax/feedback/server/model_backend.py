@@ -146,7 +146,7 @@ class LocalModel:
     ) -> list[Sample]:
         import jax
 
-        from rlaif_jax.sampling import SamplingParams, generate, generate_samples
+        from rlaif_jax import sampling
 
         budgets = [self.max_length - len(p) for p in prompts]
         if max_new_tokens is not None:
@@ -155,7 +155,7 @@ class LocalModel:
             raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room under max_length")
         # Rounded up so that only a few distinct decode lengths are ever compiled.
         steps = -(-max(budgets) // length_bucket) * length_bucket
-        sp = SamplingParams(
+        sp = sampling.SamplingParams(
             max_new_tokens=steps,
             temperature=temperature,
             top_p=top_p,
@@ -175,12 +175,12 @@ class LocalModel:
                 # Every pass's samples of this batch: one prefill per prompt, K x B rows decoding
                 # through B slots (a finished row's slot takes the next).
                 sp_k = dataclasses.replace(sp, slots=len(ids))
-                outs = generate_samples(self.model, self.params, ids, [jax.random.key(s) for s in seeds], sp_k)
+                outs = sampling.generate_samples(self.model, self.params, ids, [jax.random.key(s) for s in seeds], sp_k)
                 for s, o in zip(seeds[1:], outs[1:]):
                     ctx["made"][(key, s)] = o
                 out = outs[0]
             else:
-                out = generate(self.model, self.params, ids, jax.random.key(seed), sp)
+                out = sampling.generate(self.model, self.params, ids, jax.random.key(seed), sp)
         return self._samples(prompts, out, budgets)
 
     @staticmethod
