@@ -32,11 +32,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import sharding as shd
+from rlaif_jax.data.pipeline.builders import per_process_batch
 from rlaif_jax.errors import ConfigError
 from rlaif_jax.lora import LoraModel, LoraSettings
 from rlaif_jax.lora import training as lora_training
 from rlaif_jax.models import DecoderConfig, build_model
+from rlaif_jax.models.heads import SCORE_HEAD
 from rlaif_jax.models.params import abstract_params, param_shardings
+from rlaif_jax.train.ppo import VALUE_HEAD, PPOTrainer
 from rlaif_jax.train.step import (
     TrainState,
     batch_shardings,
@@ -189,7 +192,6 @@ def global_rows(
       (rows, phrase), e.g. (8, "global batch 8 (2 per process x 4 hosts) =
       preference_pipeline.global_batch_size").
     """
-    from rlaif_jax.data.pipeline.builders import per_process_batch
 
     n_hosts = f"{hosts} host{'s' if hosts != 1 else ''}"
     where = f"the {slice_name}'s {n_hosts}" if slice_name else n_hosts
@@ -398,8 +400,6 @@ def ppo_programs(
     Returns:
       [rollout, score, update] Programs.
     """
-    from rlaif_jax.models.heads import SCORE_HEAD
-    from rlaif_jax.train.ppo import VALUE_HEAD, PPOTrainer
 
     mesh = layout.mesh
     reward_cfg = reward_cfg or cfg

@@ -18,6 +18,7 @@ JudgeSettings, SamplingSettings), built from gin in the caller's scope when not 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from rlaif_jax.data.records import (
     write_records,
 )
 from rlaif_jax.data.records.schemas import normalize_finish_reason
+from rlaif_jax.data.tokenize import get_template, load_tokenizer
 from rlaif_jax.errors import (
     ConfigError,
     UserError,
@@ -53,6 +55,7 @@ from rlaif_jax.errors import (
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.preferences import build_preference_pairs
+from rlaif_jax.feedback.server.model_backend import LocalModel
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 from rlaif_jax.outputs import check_replace, writer_lock
@@ -472,9 +475,6 @@ def truncate_to_budget(
     """Cuts each response so that BOS + templated prompt + response fits max_length tokens:
     the paper judges the teacher's completion truncated to the policy sample's budget, so
     the critic cannot prefer it merely for going on longer. Returns (tasks, responses cut)."""
-    import dataclasses
-
-    from rlaif_jax.data.tokenize import get_template, load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     tmpl = get_template(template, tok)
@@ -800,7 +800,6 @@ def policy_samples_stage(
     Returns:
       The manifest of the demonstration records.
     """
-    from rlaif_jax.feedback.server.model_backend import LocalModel
 
     sampling = sampling if sampling is not None else SamplingSettings()
     existing_dir(

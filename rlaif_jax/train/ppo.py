@@ -31,6 +31,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlaif_jax import sharding as shd
+from rlaif_jax.data.records import read_records
+from rlaif_jax.data.tokenize.encode import Encoder
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 from rlaif_jax.errors import (
     ConfigError,
     UserError,
@@ -570,8 +573,6 @@ class PromptStream:
 
 
 def _load_prompts(prompts_dir: str, tok, max_prompt_length: int, template: str) -> list:
-    from rlaif_jax.data.records import read_records
-    from rlaif_jax.data.tokenize.encode import Encoder
 
     texts = [r["prompt"] for r in read_records(prompts_dir)]
     enc = Encoder(tok, template, max_length=max_prompt_length + 1, max_prompt_length=max_prompt_length)
@@ -670,7 +671,6 @@ def _plan(
     lora,
 ) -> Plan:
     """train_ppo's prompts, models, state and trainer."""
-    from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
     tok = load_tokenizer(policy)
     # The optimizer and the prompts before any weights: bad settings and an empty prompt set
