@@ -158,6 +158,40 @@ def sampling_cost(cfg, prompts: float, prompt_len: int, new_tokens: int, batch: 
     return prompts * (prompt_len + new_tokens), flops, hbm
 
 
+def stage_plan(stage: str, tokens: float, flops: float, hbm: float, sl: Slice, eff: Efficiency, price: float, note=""):
+    """One compute stage's StagePlan: roofline seconds, chip-hours and dollars."""
+    s = roofline_seconds(flops, hbm, sl, eff)
+    ch = s / 3600 * sl.chips
+    return StagePlan(stage, tokens, flops, hbm, s, ch, ch * price, note=note)
+
+
+def train_stage(stage: str, cfg, sequences: float, seq_len: int, kind: str, sl, eff, price, note="") -> StagePlan:
+    """A training stage (sft / dpo / reward_model / kto): `sequences` rows of seq_len."""
+    flops = training_flops(cfg, sequences, seq_len, kind)
+    return stage_plan(stage, sequences * seq_len, flops, 0.0, sl, eff, price, note)
+
+
+def sample_stage(stage: str, cfg, prompts: float, prompt_len: int, new: int, batch: int, sl, eff, price, note=""):
+    """A sampling stage (policy samples, evaluation generations) of the static sampler."""
+    tokens, flops, hbm = sampling_cost(cfg, prompts, prompt_len, new, batch, _param_bytes(cfg), sl)
+    return stage_plan(stage, tokens, flops, hbm, sl, eff, price, note)
+
+
+def ppo_stage(cfg, config, iters: int, sl: Slice, eff: Efficiency, price: float) -> StagePlan:
+    """PPO: per iteration a rollout (prefill + R decode steps, each reading the weights) then
+    scoring and `ppo_epochs` updates (compute); the two kinds of program are priced apart
+    and summed, not one roofline over their total."""
+    rows = config.rollout_batch_size * config.samples_per_prompt * sl.hosts
+    P, R = config.max_prompt_length, config.max_new_tokens
+    total = iters * benchmarks.ppo_flops(cfg, rows, P, R, config.ppo_epochs)
+    rollout = iters * benchmarks.generate_flops(cfg, rows, P, R)
+    hbm = iters * R * _param_bytes(cfg) * sl.hosts
+    s = roofline_seconds(rollout, hbm, sl, eff) + roofline_seconds(total - rollout, 0.0, sl, eff)
+    ch = s / 3600 * sl.chips
+    note = f"{iters} iterations x {rows} rollouts of {P}+{R} tokens, {config.ppo_epochs} epochs"
+    return StagePlan("ppo", iters * rows * (P + R), total, hbm, s, ch, ch * price, note=note)
+
+
 def api_cost(
     stage: str,
     model: str,
@@ -241,14 +275,50 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
     price = chip_price if chip_price is not None else sl.chip.usd_per_chip_hour
     P, C = work.mean_prompt_tokens, work.mean_completion_tokens
 
-    def compute(stage, tokens, flops, hbm, note):
-        s = roofline_seconds(flops, hbm, sl, eff)
-        ch = s / 3600 * sl.chips
-        out.append(StagePlan(stage, tokens, flops, hbm, s, ch, ch * price, note=note))
-
     cache = lambda role: os.path.join(cache_dir, f"{role}.jsonl") if cache_dir else None  # noqa: E731
-    for stage in stages:
-        if stage == "teacher":
+
+    def rounds():
+        """The iterative arm: k rounds of samples, critic, preferences and DPO, each round as
+        the one-round arm's stages (IterativeSettings' samples per prompt; its pairing's
+        comparisons per prompt; one DPO pair per feedback prompt), the k rounds summed."""
+        k = int(setting("IterativeSettings", "rounds", "", 3))
+        m = int(setting("IterativeSettings", "samples", "", 2))
+        pairing = str(setting("IterativeSettings", "pairing", "", "teacher"))
+        per_prompt = {"teacher": m, "best_worst": m * (m - 1) // 2}.get(pairing, m + m * (m - 1) // 2)
+        start = len(out)
+        for sub in ("samples", "critic", "preferences", "dpo"):
+            one(sub)
+        for p in out[start:]:
+            f = k * (m if p.stage == "samples" else per_prompt if p.stage == "critic" else 1)
+            for name in (
+                "tokens",
+                "flops",
+                "hbm_bytes",
+                "seconds",
+                "chip_hours",
+                "usd",
+                "api_in_tokens",
+                "api_out_tokens",
+            ):
+                setattr(p, name, getattr(p, name) * f)
+            p.api_requests *= f
+            p.api_usd = None if p.api_usd is None else p.api_usd * f
+            p.note = f"{k} rounds x ({p.note or p.stage})" + (f", x{f // k} per prompt" if f > k else "")
+            p.stage = f"rounds/{p.stage}"
+
+    def one(stage):
+        if stage == "rounds":
+            rounds()
+        elif stage in ("prompts", "preferences"):
+            out.append(StagePlan(stage, note="negligible (data preparation on the host)"))
+        elif stage == "audit":
+            model = str(setting("FeedbackClient", "model", "critic", "gpt-4-0314"))  # run_arm.critic asks
+            n = int(setting("AuditSettings", "sample_size", "audit", 200))
+            need = P + 2 * C + work.judge_template_tokens
+            out.append(
+                api_cost("audit", model, n, need, work.judge_output_tokens, cached_answers(cache("audit")), prices)
+            )
+        elif stage == "teacher":
             for model in teachers:
                 if model in imports:
                     continue
@@ -260,9 +330,7 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
                 if want:
                     p = api_cost("teacher", model, want, P + 10, C, cached_answers(cache(f"teacher-{model}")), prices)
                     out.append(p)
-        elif stage == "sft":
-            if sft_fraction == 0.0:
-                continue
+        elif stage == "sft" and sft_fraction != 0.0:
             examples = (
                 work.num_prompts * sft_fraction
                 if sft_fraction is not None
@@ -271,8 +339,8 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
             epochs = setting("sft_pipeline", "num_epochs", "sft", 1)
             seq = setting("sft_pipeline", "seq_len", "sft", 512)
             cfg = _model_config("sft")
-            rows = examples * epochs
-            compute("sft", rows * seq, training_flops(cfg, rows, seq, "sft"), 0.0, f"{examples:.0f} x {epochs} epochs")
+            note = f"{examples:.0f} x {epochs} epochs"
+            out.append(train_stage("sft", cfg, examples * epochs, seq, "sft", sl, eff, price, note))
         elif stage in ("samples", "evaluate"):
             scope = stage
             name = "SamplingSettings" if stage == "samples" else "EvalSamplingSettings"
@@ -285,10 +353,12 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
                 if stage == "samples"
                 else work.eval_prompts * (2 if setting("run_arm", "evaluate_sft", "", False) else 1)
             )
+            if stage == "evaluate" and "rounds" in stages and setting("IterativeSettings", "evaluate_rounds", "", True):
+                prompts += work.eval_prompts * (int(setting("IterativeSettings", "rounds", "", 3)) - 1)  # each round's
             prompt_len = min(P, max_prompt)
             new = max_len - prompt_len
-            tokens, flops, hbm = sampling_cost(cfg, prompts, prompt_len, new, batch, _param_bytes(cfg), sl)
-            compute(stage, tokens, flops, hbm, f"{prompts} prompts, batch {batch}, {new} decode steps")
+            note = f"{prompts} prompts, batch {batch}, {new} decode steps"
+            out.append(sample_stage(stage, cfg, prompts, prompt_len, new, batch, sl, eff, price, note))
             if stage == "evaluate":
                 model = str(setting("FeedbackClient", "model", "judge", "gpt-4-0314"))
                 out.append(
@@ -321,26 +391,21 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
             cfg = _model_config(stage)
             seqs = 2 * n_fb * epochs  # chosen and rejected
             kind = "dpo" if stage == "dpo" else "reward_model"
-            compute(stage, seqs * seq, training_flops(cfg, seqs, seq, kind), 0.0, f"{n_fb} pairs x {epochs} epochs")
+            out.append(train_stage(stage, cfg, seqs, seq, kind, sl, eff, price, f"{n_fb} pairs x {epochs} epochs"))
         elif stage == "ppo":
             out.append(_ppo(sl, eff, price, "ppo"))
-        else:
+        elif stage != "sft":  # an sft stage of fraction 0 trains nothing
             out.append(StagePlan(stage, note="no compute or API cost estimated"))
+
+    for stage in stages:
+        one(stage)
     return out
 
 
 def _ppo(sl: Slice, eff: Efficiency, price: float, scope: str) -> StagePlan:
     config = setting("train_ppo", "config", scope)
     iters = setting("train_ppo", "num_iterations", scope, 1)
-    cfg = _model_config(scope)
-    rows = config.rollout_batch_size * config.samples_per_prompt * sl.hosts
-    P, R = config.max_prompt_length, config.max_new_tokens
-    flops = iters * benchmarks.ppo_flops(cfg, rows, P, R, config.ppo_epochs)
-    hbm = iters * R * _param_bytes(cfg) * sl.hosts
-    s = roofline_seconds(flops, hbm, sl, eff)
-    ch = s / 3600 * sl.chips
-    note = f"{iters} iterations x {rows} rollouts of {P}+{R} tokens, {config.ppo_epochs} epochs"
-    return StagePlan("ppo", iters * rows * (P + R), flops, hbm, s, ch, ch * price, note=note)
+    return ppo_stage(_model_config(scope), config, iters, sl, eff, price)
 
 
 def plan_config(
@@ -370,6 +435,245 @@ def plan_config(
         ch = s / 3600 * sl.chips
         return [StagePlan(kind, seqs * seq, flops, 0.0, s, ch, ch * price, note=f"{n} examples x {epochs} epochs")]
     raise ConfigError("the config runs nothing to plan: give an arm (run_arm.stages) or train / train_ppo")
+
+
+# -- the miniature on this CPU: plan's estimates against a finished run's stage times ------------
+
+# A nominal 2-core CPU as a "chip" (peak: 2 cores x 3 GHz x 32 float32 FLOP/cycle; memory: one
+# DDR4 channel's share): the efficiencies calibrated against it are what the run reached.
+CPU_2CORE = Chip("cpu", 0.192, 20.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuCalibration:
+    """One measured number per program kind, from a finished miniature run: the train step's
+    efficiency (mfu, from the base model's pretraining: its steady step time); the sampler's
+    (hbm_efficiency: a decode step's time as weight-streaming at that fraction of the nominal
+    bandwidth, from one samples stage); the synthetic critic / judge's seconds per request
+    (from one critic stage); and one compile time charged to the first stage that runs each
+    distinct program (from the base's first logged steps, which include its compile)."""
+
+    mfu: float
+    hbm_efficiency: float
+    request_seconds: float
+    compile_seconds: float
+
+    @property
+    def efficiency(self) -> Efficiency:
+        return Efficiency(self.mfu, self.hbm_efficiency)
+
+
+def _read_json(*parts):
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)
+
+
+def _metrics(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _miniature_settings(run_dir: str):
+    """MiniatureSettings as the run bound them (run_miniature.* in an arm's operative config)."""
+    import ast
+    import glob
+
+    from rlaif_jax.miniature.campaign import MiniatureSettings
+
+    fields = {f.name for f in dataclasses.fields(MiniatureSettings)} - {"out_dir", "shared_dir", "iterative"}
+    kw = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "runs", "*", "operative_config.gin")))[:1]:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" = ")
+                if key.startswith("run_miniature.") and key[14:] in fields:
+                    try:
+                        kw[key[14:]] = ast.literal_eval(value.strip())
+                    except (ValueError, SyntaxError):
+                        pass
+    return MiniatureSettings(**kw)
+
+
+def _samples(run_dir: str, start: str, i: int) -> int:
+    return _read_json(run_dir, "data", "feedback", start, "samples", str(i), "manifest.json")["num_records"]
+
+
+def _requests(*report) -> int:
+    """Requests a critic / judge stage sent: its comparisons less the identical pairs (decided
+    without asking)."""
+    return int(_read_json(*report, "report.json")["pairs"])
+
+
+def miniature_calibration(run_dir: str, samples_arm: str = "dpo_strong_10", critic_arm: str = "ppo_weak_10"):
+    """CpuCalibration from a finished default miniature run (see CpuCalibration): the base's
+    pretraining for the train step and the compile time, `samples_arm`'s samples stage for the
+    sampler, `critic_arm`'s critic stage for the seconds per request."""
+    from rlaif_jax.miniature.world import PRETRAIN_SEQ_LEN
+
+    s = _miniature_settings(run_dir)
+    cfg = _miniature_model(run_dir)
+    logs = _metrics(os.path.join(run_dir, "runs", "base", "metrics.jsonl"))
+    steady = sorted(m["step_time"] for m in logs[1:])[len(logs[1:]) // 2]
+    flops = training_flops(cfg, s.batch_size, PRETRAIN_SEQ_LEN, "sft")
+    mfu = flops / steady / (CPU_2CORE.peak_tflops * 1e12)
+    first_steps = logs[0]["step"]
+    compile_s = max(0.0, (logs[0]["step_time"] - steady) * first_steps)
+    sl = Slice("cpu-1", CPU_2CORE, 1, 1)
+    # The sampler: the samples stage's seconds (the arm's second samples stage: no compile) as
+    # its decode steps streaming the weights, hbm_bytes / (bandwidth x efficiency) = seconds
+    # (the roofline's memory term; its compute term is below it at this size).
+    measured = _read_json(run_dir, "arms", samples_arm, "status.json")["stages"]["samples"]["seconds"]
+    p = next(r for r in _plan_rows(run_dir, s, cfg, sl, Efficiency(mfu), 0.0, 0.0, samples_arm) if r.stage == "samples")
+    hbm_eff = p.hbm_bytes / (CPU_2CORE.hbm_gbps * 1e9 * measured)
+    crit = _read_json(run_dir, "arms", critic_arm, "status.json")["stages"]["critic"]["seconds"]
+    n = _critic_requests(run_dir, s, critic_arm)
+    return CpuCalibration(mfu, min(hbm_eff, 1.0), crit / max(n, 1), compile_s)
+
+
+def _miniature_model(run_dir: str):
+    from rlaif_jax.models.config import DecoderConfig
+
+    return DecoderConfig.from_hf(_read_json(run_dir, "runs", "base", "hf", "config.json"))
+
+
+def _stage_owners(s) -> dict:
+    """(arm, stage) -> the sample indices / comparison dirs it made first, in the run's order
+    (later arms reuse what an earlier one made)."""
+    from rlaif_jax.miniature.campaign import stages_of, start_of
+
+    made, owners = set(), {}
+    for arm in s.run_order():
+        start, _ = start_of(arm)
+        st = stages_of(arm)
+        if "samples" not in st:
+            continue
+        k = s.rm_samples if "reward_model" in st else s.feedback_samples
+        idx = [i for i in range(k) if (start, "s", i) not in made]
+        dirs = [f"teacher-{i}" for i in range(s.feedback_samples)]
+        if "reward_model" in st and s.rm_sample_pairs:
+            dirs += [f"samples-{i}-{j}" for i in range(k) for j in range(i + 1, k)]
+        dirs = [d for d in dirs if (start, "c", d) not in made]
+        made |= {(start, "s", i) for i in idx} | {(start, "c", d) for d in dirs}
+        owners[arm] = (start, idx, dirs)
+    return owners
+
+
+def _critic_requests(run_dir: str, s, arm: str) -> int:
+    start, _, dirs = _stage_owners(s)[arm]
+    return sum(_requests(run_dir, "data", "feedback", start, "comparisons", d) for d in dirs)
+
+
+def _plan_rows(run_dir: str, s, cfg, sl: Slice, eff: Efficiency, request_s: float, compile_s: float, arm: str):
+    """plan's StagePlans for one arm of the miniature run (its settings, the counts its data
+    manifests hold), with the stage helpers plan_arm uses; API stages priced in seconds per
+    request, the first stage of each distinct program given one compile time."""
+    from rlaif_jax.miniature.campaign import SFT_DATA, bindings, stages_of, start_of
+    from rlaif_jax.miniature.world import MAX_PROMPT_TOKENS
+
+    b = {k: v for k, (v, _) in bindings(s, None, arm).items()}
+    start, _ = start_of(arm)
+    out = []
+
+    def api(stage, requests, note):
+        out.append(StagePlan(stage, seconds=requests * request_s, api_requests=requests, note=note))
+
+    for stage in stages_of(arm):
+        if stage == "sft":
+            if arm != start:
+                out.append(StagePlan("sft", note="reused"))
+                continue
+            teacher, splits, _ = SFT_DATA[arm]
+            n = sum(
+                _read_json(run_dir, "data", "teachers", teacher, "demonstrations", sp, "manifest.json")["num_records"]
+                for sp in splits
+            )
+            epochs, seq = b["sft/sft_pipeline.num_epochs"], b["sft/sft_pipeline.seq_len"]
+            rows = n * epochs // s.batch_size * s.batch_size  # whole batches
+            out.append(train_stage("sft", cfg, rows, seq, "sft", sl, eff, 0.0, f"{n} x {epochs} epochs"))
+        elif stage == "samples":
+            _, idx, _ = _stage_owners(s)[arm]
+            n = sum(_samples(run_dir, start, i) for i in idx)
+            batch = 32  # SamplingSettings.batch_size (the miniature leaves it)
+            new = 64 - MAX_PROMPT_TOKENS  # max_length 64
+            note = f"{len(idx)} samples of {n // max(len(idx), 1)} prompts"
+            out.append(sample_stage("samples", cfg, n, MAX_PROMPT_TOKENS, new, batch, sl, eff, 0.0, note))
+        elif stage == "critic":
+            api("critic", _critic_requests(run_dir, s, arm), "synthetic critic, identical pairs not asked")
+        elif stage == "preferences":
+            out.append(StagePlan("preferences", note="negligible (records only)"))
+        elif stage in ("dpo", "reward_model"):
+            name = "preferences" if stage == "dpo" else "preferences_rm"
+            pairs = _read_json(run_dir, "data", "feedback", start, name, "manifest.json")["num_records"]
+            epochs = b[f"{stage}/preference_pipeline.num_epochs"]
+            seq = b[f"{stage}/preference_pipeline.seq_len"]
+            rows = 2 * (pairs * epochs // s.batch_size * s.batch_size)
+            out.append(train_stage(stage, cfg, rows, seq, stage, sl, eff, 0.0, f"{pairs} pairs x {epochs} epochs"))
+        elif stage == "ppo":
+            out.append(ppo_stage(cfg, b["ppo/train_ppo.config"], b["ppo/train_ppo.num_iterations"], sl, eff, 0.0))
+        elif stage == "evaluate":
+            ev = os.path.join(run_dir, "eval", arm)
+            n = _read_json(ev, "generations", "manifest.json")["num_records"]
+            p = sample_stage("evaluate", cfg, n, MAX_PROMPT_TOKENS, 64 - MAX_PROMPT_TOKENS, 32, sl, eff, 0.0)
+            judge = _requests(ev, "judgments")
+            p.seconds += judge * request_s
+            p.api_requests, p.note = judge, f"{n} generations + {judge} judge requests"
+            out.append(p)
+        else:
+            out.append(StagePlan(stage, note="not estimated"))
+    return out
+
+
+# The programs a stage compiles (the miniature's shapes): a stage pays one compile per program
+# no earlier stage of the run compiled.
+_PROGRAMS = {
+    "sft": ("train:sft",),
+    "dpo": ("train:dpo",),
+    "reward_model": ("train:reward_model",),
+    "ppo": ("ppo:rollout", "ppo:score", "ppo:update"),
+    "samples": ("sample:t1.0",),
+    "evaluate": ("sample:t0.7",),
+}
+
+
+def plan_miniature(run_dir: str, cal: Optional[CpuCalibration] = None) -> list[tuple[str, StagePlan]]:
+    """[(arm, StagePlan)] predicting every stage of a finished miniature run on its CPU from
+    the calibration (default: `miniature_calibration(run_dir)`), in the run's order."""
+    cal = cal or miniature_calibration(run_dir)
+    s = _miniature_settings(run_dir)
+    cfg = _miniature_model(run_dir)
+    sl = Slice("cpu-1", CPU_2CORE, 1, 1)
+    compiled, out = set(), []
+    for arm in s.run_order():
+        for p in _plan_rows(run_dir, s, cfg, sl, cal.efficiency, cal.request_seconds, cal.compile_seconds, arm):
+            if p.note != "reused":
+                new = [k for k in _PROGRAMS.get(p.stage, ()) if k not in compiled]
+                compiled |= set(new)
+                if new:
+                    p.seconds += len(new) * cal.compile_seconds
+                    p.note += f"; +{len(new)} compile"
+            out.append((arm, p))
+    return out
+
+
+def miniature_table(run_dir: str, cal: Optional[CpuCalibration] = None) -> str:
+    """Markdown: stage, predicted s, measured s, error % for every stage of the run."""
+    cal = cal or miniature_calibration(run_dir)
+    lines = [
+        f"calibration: mfu {cal.mfu:.3f} of {CPU_2CORE.peak_tflops * 1e3:.0f} GFLOP/s, sampler HBM efficiency "
+        f"{cal.hbm_efficiency:.4f} of {CPU_2CORE.hbm_gbps:g} GB/s, {cal.request_seconds * 1e3:.2f} ms per critic "
+        f"request, {cal.compile_seconds:.1f} s per compiled program",
+        "",
+        "| arm | stage | predicted s | measured s | error % | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, p in plan_miniature(run_dir, cal):
+        st = _read_json(run_dir, "arms", arm, "status.json")["stages"].get(p.stage, {})
+        m = st.get("seconds")
+        if p.note == "reused" or m is None:
+            continue
+        err = f"{100 * (p.seconds - m) / m:+.0f}" if m else ""
+        lines.append(f"| {arm} | {p.stage} | {p.seconds:.1f} | {m:.1f} | {err} | {p.note} |")
+    return "\n".join(lines)
 
 
 def format_plan(rows: Sequence[StagePlan], sl: Slice, eff: Efficiency) -> str:
@@ -407,8 +711,11 @@ def format_plan(rows: Sequence[StagePlan], sl: Slice, eff: Efficiency) -> str:
 def main(argv=None) -> int:
 
     ap = gin_arg_parser(__doc__)
+    ap.add_argument("--slice", help="v4-32 | v5e-16 | v5p-64 | ... | cpu-1 (with --peak_tflops/--hbm_gbps)")
     ap.add_argument(
-        "--slice", required=True, help="v4-32 | v5e-16 | v5p-64 | ... | cpu-1 (with --peak_tflops/--hbm_gbps)"
+        "--miniature_run",
+        help="a finished miniature run's out_dir: print plan's prediction of each of its stages on this CPU "
+        "(calibrated on the run itself, see CpuCalibration) beside the measured seconds, and nothing else",
     )
     ap.add_argument("--mfu", type=float, default=None, help="fraction of peak FLOPs reached (default 0.35)")
     ap.add_argument("--hbm_efficiency", type=float, default=None, help="fraction of HBM bandwidth (default 0.6)")
@@ -424,6 +731,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON document instead of the table")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.miniature_run:
+        print(miniature_table(args.miniature_run))
+        return 0
+    if not args.slice:
+        raise ConfigError("--slice is required (e.g. --slice=v4-32)")
     parse_gin(args)
     chip = None
     if args.peak_tflops or args.hbm_gbps:
