@@ -483,6 +483,9 @@ def generate_rows(
     lens = np.asarray([len(p) for p in prompts])
     row_prompt = np.asarray(row_prompt, np.int64)
     R = len(row_prompt)
+    # Fewer rows than slots: no more slots than the rows' power of two (idle slots cost a
+    # forward each step; the power of two bounds the programs compiled).
+    slots = min(slots, _pow2(R))
     P = tokens.shape[1]
     T = sampling.max_new_tokens
     W = P + T

@@ -65,13 +65,19 @@ def main(argv=None) -> int:
         choices=["shared", "continuous", "shared+cont"],
         help="JAX variants beside today's (default: all)",
     )
+    ap.add_argument(
+        "--row_write",
+        choices=["auto", "scatter", "select"],
+        default="auto",
+        help="models.kv_cache.ROW_WRITE: how continuous batching writes each row's new key (an ablation)",
+    )
     args = ap.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
 
     from rlaif_jax.benchmarks import interleaved_medians
-    from rlaif_jax.models import build_model, init_params
+    from rlaif_jax.models import build_model, init_params, kv_cache
     from rlaif_jax.sampling import (
         SamplingParams,
         generate,
@@ -81,6 +87,7 @@ def main(argv=None) -> int:
         row_keys,
     )
 
+    kv_cache.ROW_WRITE = args.row_write
     cfg = preset_config(args.preset)
     hf = None
     if not args.no_torch:
@@ -99,7 +106,10 @@ def main(argv=None) -> int:
     if hf is None:
         params = init_params(model, jax.random.key(0))
     rs = np.random.RandomState(0)
-    print(f"preset {args.preset}: {cfg.num_params() / 1e6:.1f}M params, {args.prompts} prompts, jax {jax.__version__}")
+    print(
+        f"preset {args.preset}: {cfg.num_params() / 1e6:.1f}M params, {args.prompts} prompts, "
+        f"row write {args.row_write}, jax {jax.__version__}"
+    )
     print(f"{'lengths':10s} {'K':>2s} {'variant':22s} {'tok/s':>9s} {'x today':>8s} {'tokens':>7s}")
     for lname in args.lengths:
         (lo, hi), new, mean = LENGTHS[lname]
