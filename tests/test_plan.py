@@ -7,6 +7,7 @@ import gin
 import pytest
 
 from rlaif_jax import plan
+from rlaif_jax.miniature import plan_check
 from rlaif_jax.models import DecoderConfig
 
 CFG = DecoderConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -99,13 +100,13 @@ def _miniature_fixture(root):
 def test_plan_predicts_a_miniature_run_from_one_number_per_program_kind(tmp_path):
     _miniature_fixture(tmp_path)
     run = str(tmp_path)
-    cal = plan.miniature_calibration(run, samples_arm="dpo_weak_10", critic_arm="dpo_weak_10")
+    cal = plan_check.miniature_calibration(run, samples_arm="dpo_weak_10", critic_arm="dpo_weak_10")
     assert cal.compile_seconds == pytest.approx(20 * 0.25)
     assert cal.request_seconds == pytest.approx(1.0 / 500)
     cfg = DecoderConfig.from_hf(json.loads((tmp_path / "runs/base/hf/config.json").read_text()))
     rate = plan.training_flops(cfg, 32, 64, "sft") / 0.1  # the base's steady FLOP/s
     assert cal.mfu * plan.CPU_2CORE.peak_tflops * 1e12 == pytest.approx(rate)
-    rows = {(arm, p.stage): p for arm, p in plan.plan_miniature(run, cal)}
+    rows = {(arm, p.stage): p for arm, p in plan_check.plan_miniature(run, cal)}
     # SFT: 640 examples x 10 epochs of 40 tokens at the base's rate, plus its program's compile.
     sft = rows["sft_weak_10", "sft"]
     assert sft.seconds == pytest.approx(plan.training_flops(cfg, 6400, 40, "sft") / rate + cal.compile_seconds)
@@ -120,5 +121,5 @@ def test_plan_predicts_a_miniature_run_from_one_number_per_program_kind(tmp_path
     # had 20 (the sampler's decode streams the weights per batch), and 80 judge requests.
     ev = rows["dpo_weak_10", "evaluate"]
     assert ev.seconds == pytest.approx(4.0 * 4 / 20 + 80 * cal.request_seconds)
-    table = plan.miniature_table(run, cal)
+    table = plan_check.miniature_table(run, cal)
     assert "| dpo_weak_10 | dpo |" in table and "| sft_weak_10 | sft |" in table
