@@ -424,6 +424,14 @@ def _decode_program(model: Transformer, sp: SamplingParams, P: int):
     return jax.jit(functools.partial(_decode_slots, model, sp, P), donate_argnums=(1,))
 
 
+def _compact_slots(state: dict, keep):
+    """The state of the slots `keep` only (in that order): the tail's live rows in fewer slots."""
+    return {k: (jax.tree.map(lambda c: c[:, keep], v) if k == "cache" else v[keep]) for k, v in state.items()}
+
+
+_compact_program = jax.jit(_compact_slots)
+
+
 def _empty_slots(model: Transformer, sp: SamplingParams, slots: int, W: int) -> dict:
     T = sp.max_new_tokens
     return {
@@ -453,6 +461,7 @@ def generate_rows(
     sampling: SamplingParams,
     slots: int,
     refill: Optional[int] = None,
+    min_slots: Optional[int] = None,
 ) -> SampleOutput:
     """Continuous batching of R rows, row r sampling prompt row_prompt[r] with its own key
     keys[r] ([R] typed keys; step t draws with fold_in(keys[r], t)): `slots` rows decode at a
@@ -461,7 +470,11 @@ def generate_rows(
     prefill (order rows prompt-major: the K samples of a prompt side by side), and a fill's
     prompts are padded to their own bucket, not the call's longest. Row r's output is what the
     static sampler gives a prompt drawing with keys[r]: the same tokens, log-probs to float
-    rounding (a row's masked padding differs). Single-device (no layout)."""
+    rounding (a row's masked padding differs). Single-device (no layout).
+
+    The tail (every row started) shrinks: once the live rows fit in half the slots they move
+    into a program of half as many, down to `min_slots` (default slots // 4), so the last
+    long rows do not pay for the idle slots' forward (one more decode program per halving)."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     if model.layout is not None:
@@ -470,6 +483,9 @@ def generate_rows(
     lens = np.asarray([len(p) for p in prompts])
     row_prompt = np.asarray(row_prompt, np.int64)
     R = len(row_prompt)
+    # Fewer rows than slots: no more slots than the rows' power of two (idle slots cost a
+    # forward each step; the power of two bounds the programs compiled).
+    slots = min(slots, _pow2(R))
     P = tokens.shape[1]
     T = sampling.max_new_tokens
     W = P + T
@@ -479,7 +495,8 @@ def generate_rows(
     # Refill once a quarter of the slots is free: fewer prefill calls and host round trips than
     # refilling each slot as it frees, for a few idle slot-steps.
     refill = max(1, slots // 4) if refill is None else max(1, refill)
-    state = _empty_slots(model, sampling, slots, W)
+    min_slots = max(1, slots // 4) if min_slots is None else max(1, min(min_slots, slots))
+    state, cur = _empty_slots(model, sampling, slots, W), slots
     out_tokens = np.full((R, T), sampling.pad_id, np.int32)
     out_logps = np.zeros((R, T), np.float32)
     out_lengths = np.zeros((R,), np.int32)
@@ -503,11 +520,23 @@ def generate_rows(
             pr = row_prompt[pad]
             state = insert(state, to, cache, last, positions[pr, -1] + 1, keys[pad], pad.astype(np.int32))
             free, nxt, live = free[n:], nxt + n, live + n
-        # Return when `refill` slots are free while rows wait, else when every live row is done.
-        min_done = slots - live + min(refill, R - nxt, live) if nxt < R else slots
+        if nxt >= R:
+            # The tail: the live rows into the fewest slots (a power of two, >= min_slots) that
+            # hold them; the slots' order is free (each row carries its id, key and position).
+            new = max(min_slots, _pow2(max(live, 1)))
+            if new < cur:
+                ids = np.asarray(state["ids"])
+                keep = np.argsort(ids < 0, kind="stable")[:new].astype(np.int32)
+                state, cur = _compact_program(state, keep), new
+        # Return when `refill` slots are free while rows wait; in the tail when the live rows
+        # fit in half the slots (while halving is allowed), else when every live row is done.
+        if nxt < R:
+            min_done = slots - live + min(refill, R - nxt, live)
+        else:
+            min_done = cur - cur // 2 if cur // 2 >= min_slots else cur
         state = decode(params, state, jnp.int32(min_done))
         done, ids = np.asarray(state["done"]), np.asarray(state["ids"])
-        finished = [s for s in range(slots) if done[s] and ids[s] >= 0]
+        finished = [s for s in range(cur) if done[s] and ids[s] >= 0]
         if finished:
             toks, lps, lens_ = (np.asarray(state[k]) for k in ("tokens", "logprobs", "lengths"))
             for s in finished:
