@@ -139,12 +139,15 @@ def roofline_seconds(flops: float, hbm_bytes: float, sl: Slice, eff: Efficiency)
     return max(compute, memory)
 
 
-def training_flops(cfg, sequences: float, seq_len: int, kind: str) -> float:
+def training_flops(cfg, sequences: float, seq_len: int, kind: str, lora: bool = False) -> float:
     """Forward+backward of `sequences` rows of seq_len (the pipelines pad to it): 6N per token
     plus causal attention (DecoderConfig.flops_per_token); DPO adds the reference model's
-    forward (a third) unless its log-probs were precomputed."""
+    forward (a third) unless its log-probs were precomputed; KTO adds, per row, the policy's
+    forward on its mismatched (KL) row and the reference's on both (as much again). With LoRA
+    the frozen weights get no gradient: the trained model's 6N is 4N (the adapters' own
+    FLOPs are negligible at small rank)."""
     f = sequences * seq_len * cfg.flops_per_token(seq_len)
-    return f * (4 / 3 if kind == "dpo" else 1.0)
+    return f * ((2 / 3 if lora else 1.0) + {"dpo": 1 / 3, "kto": 1.0}.get(kind, 0.0))
 
 
 def sampling_cost(cfg, prompts: float, prompt_len: int, new_tokens: int, batch: int, param_bytes: int, sl: Slice):
@@ -165,9 +168,9 @@ def stage_plan(stage: str, tokens: float, flops: float, hbm: float, sl: Slice, e
     return StagePlan(stage, tokens, flops, hbm, s, ch, ch * price, note=note)
 
 
-def train_stage(stage: str, cfg, sequences: float, seq_len: int, kind: str, sl, eff, price, note="") -> StagePlan:
+def train_stage(stage: str, cfg, sequences: float, seq_len: int, kind: str, sl, eff, price, note="", lora=False):
     """A training stage (sft / dpo / reward_model / kto): `sequences` rows of seq_len."""
-    flops = training_flops(cfg, sequences, seq_len, kind)
+    flops = training_flops(cfg, sequences, seq_len, kind, lora)
     return stage_plan(stage, sequences * seq_len, flops, 0.0, sl, eff, price, note)
 
 
@@ -256,6 +259,11 @@ def _model_config(scope: str):
     return cfg
 
 
+def _lora(scope: str) -> bool:
+    """Whether the stage trains LoRA adapters (LoraSettings.rank > 0 in its scope)."""
+    return int(setting("LoraSettings", "rank", scope, 0) or 0) > 0
+
+
 def _param_bytes(cfg, dtype_bytes: int = 2) -> int:
     """The sampler's weights (bfloat16 by default, as the paper arms sample)."""
     return cfg.num_params() * dtype_bytes
@@ -340,7 +348,7 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
             seq = setting("sft_pipeline", "seq_len", "sft", 512)
             cfg = _model_config("sft")
             note = f"{examples:.0f} x {epochs} epochs"
-            out.append(train_stage("sft", cfg, examples * epochs, seq, "sft", sl, eff, price, note))
+            out.append(train_stage("sft", cfg, examples * epochs, seq, "sft", sl, eff, price, note, _lora("sft")))
         elif stage in ("samples", "evaluate"):
             scope = stage
             name = "SamplingSettings" if stage == "samples" else "EvalSamplingSettings"
@@ -390,8 +398,37 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
             seq = setting("preference_pipeline", "seq_len", stage, 512)
             cfg = _model_config(stage)
             seqs = 2 * n_fb * epochs  # chosen and rejected
-            kind = "dpo" if stage == "dpo" else "reward_model"
-            out.append(train_stage(stage, cfg, seqs, seq, kind, sl, eff, price, f"{n_fb} pairs x {epochs} epochs"))
+            objective = str(setting("run_arm", "preference_objective", "", "dpo"))
+            # ORPO and CPO train without a reference model: no reference forward.
+            kind = ("dpo" if objective == "dpo" else objective) if stage == "dpo" else "reward_model"
+            note = f"{n_fb} pairs x {epochs} epochs" + (
+                "" if objective == "dpo" or stage != "dpo" else f", {objective}"
+            )
+            out.append(train_stage(stage, cfg, seqs, seq, kind, sl, eff, price, note, _lora(stage)))
+        elif stage == "ratings":
+            # The critic rates each policy sample and the teacher's reply it is paired with, one
+            # answer a request (rating mode).
+            model = str(setting("FeedbackClient", "model", "critic", "gpt-4-0314"))
+            k = int(setting("run_arm", "feedback_samples", "", 1))
+            need = P + C + work.judge_template_tokens
+            out.append(
+                api_cost(
+                    "ratings",
+                    model,
+                    2 * k * n_fb,
+                    need,
+                    work.judge_output_tokens,
+                    cached_answers(cache("critic")),
+                    prices,
+                )
+            )
+        elif stage == "kto":
+            epochs = setting("labelled_pipeline", "num_epochs", "kto", 1)
+            seq = setting("labelled_pipeline", "seq_len", "kto", 512)
+            cfg = _model_config("kto")
+            rows = 2 * int(setting("run_arm", "feedback_samples", "", 1)) * n_fb  # ties dropped: an upper bound
+            note = f"<= {rows} labelled answers x {epochs} epochs"
+            out.append(train_stage("kto", cfg, rows * epochs, seq, "kto", sl, eff, price, note, _lora("kto")))
         elif stage == "ppo":
             out.append(_ppo(sl, eff, price, "ppo"))
         elif stage != "sft":  # an sft stage of fraction 0 trains nothing

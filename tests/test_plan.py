@@ -123,3 +123,39 @@ def test_plan_predicts_a_miniature_run_from_one_number_per_program_kind(tmp_path
     assert ev.seconds == pytest.approx(4.0 * 4 / 20 + 80 * cal.request_seconds)
     table = plan_check.miniature_table(run, cal)
     assert "| dpo_weak_10 | dpo |" in table and "| sft_weak_10 | sft |" in table
+
+
+def test_the_kto_and_orpo_arms_are_priced(capsys):
+    """The KTO arm's ratings (one critic request per rated answer) and KTO training (the
+    policy and the reference on each row and its mismatched KL row), ORPO without a
+    reference model and LoRA without the frozen weights' gradients are estimated."""
+    gin.clear_config()
+    rows = {}
+    try:
+        for arm in (
+            "kto_gpt4_ratings_on_sft_gpt35_10pct",
+            "orpo_gpt4_on_sft_gpt35_10pct",
+            "dpo_gpt4_on_sft_gpt35_10pct",
+            "dpo_gpt4_on_sft_gpt35_10pct_lora",
+        ):
+            gin.clear_config()
+            rc = plan.main(
+                [
+                    "--gin_file=configs/models/llama2_7b.gin",
+                    f"--gin_file=configs/experiments/paper/arms/{arm}.gin",
+                    "--slice=v5e-16",
+                    "--json",
+                ]
+            )
+            assert rc == 0
+            rows[arm] = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["stages"]}
+    finally:
+        gin.clear_config()
+    kto = rows["kto_gpt4_ratings_on_sft_gpt35_10pct"]
+    feedback_prompts = int(kto["samples"]["note"].split()[0])
+    assert kto["ratings"]["api_requests"] == 2 * feedback_prompts  # a sample and the teacher's reply each
+    assert kto["kto"]["flops"] > 0 and kto["ratings"]["api_usd"] > 0
+    dpo, orpo = rows["dpo_gpt4_on_sft_gpt35_10pct"]["dpo"], rows["orpo_gpt4_on_sft_gpt35_10pct"]["dpo"]
+    assert orpo["flops"] == pytest.approx(dpo["flops"] * 3 / 4)  # no reference forward
+    lora = rows["dpo_gpt4_on_sft_gpt35_10pct_lora"]["dpo"]
+    assert lora["flops"] == pytest.approx(dpo["flops"] * 3 / 4)  # 4N + the reference's 2N, not 6N + 2N
