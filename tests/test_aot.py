@@ -229,6 +229,13 @@ def test_cpu_devices_step_compiles_sharded():
     _check_compiled(SFT(), target)
 
 
+def test_v5e_8_is_one_host_of_eight_chips():
+    """Cloud's v5litepod-8 is one 8-chip host; libtpu's default for 2x4 is two hosts."""
+    t = _libtpu_target("v5e-8")
+    assert (len(t.devices), t.hosts, len(t.host0_devices)) == (8, 1, 8)
+    assert (len(aot.target("v5e-16").devices), aot.target("v5e-16").hosts) == (16, 4)
+
+
 def test_unknown_topology_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"--topology=v9-8: unknown slice; known: .*v4-32.*v5e-16.*v5p-64.*cpu-N"):
         aot.target("v9-8")
