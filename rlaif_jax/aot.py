@@ -157,6 +157,10 @@ class Program:
     flops: float = 0.0
     batch_rows: tuple = ()
     arg_names: tuple = ()
+    # Per-chip bytes of arguments that are other arguments' arrays passed again (LoRA PPO's
+    # frozen base is also the reference and the critic's trunk): the compiler counts them in
+    # each parameter, the chip holds them once.
+    shared_bytes: int = 0
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
@@ -441,6 +445,9 @@ def ppo_programs(
     scored, _ = jax.eval_shape(_score, state.params, ref, rm_params, kl_coef, prompts, response, lengths, *frozen)
     scored = _placed_batch(scored, mesh)
 
+    # LoRA: frozen["value"] is the policy base's arrays, and the reference is frozen["policy"].
+    size = lambda t: sum(_per_chip_bytes(x) for x in jax.tree.leaves(t))  # noqa: E731
+    twice = size(frozen[0]["value"]) if frozen else 0
     n_pol = 1 + (config.uses_critic and config.value_model == "separate")
     P_, R = config.max_prompt_length, config.max_new_tokens
     T = P_ + R
@@ -454,6 +461,7 @@ def ppo_programs(
             flops=generate_flops(cfg, rows, P_, R),
             batch_rows=(("rollout", rows),),
             arg_names=("params", "prompts", "rng", "frozen"),
+            shared_bytes=twice,
         ),
         Program(
             "ppo/score",
@@ -463,6 +471,7 @@ def ppo_programs(
             flops=fwd * (2 + n_pol),
             batch_rows=(("rollout", rows),),
             arg_names=("params", "ref_params", "reward_params", "kl_coef", "prompts", "response", "lengths", "frozen"),
+            shared_bytes=twice + (size(ref) if frozen else 0),
         ),
         Program(
             "ppo/update",
@@ -472,6 +481,7 @@ def ppo_programs(
             flops=fwd * 3 * n_pol * config.ppo_epochs,
             batch_rows=(("rollout", rows), ("mini-batch", config.mini_batch_size)),
             arg_names=("state", "batch", "frozen"),
+            shared_bytes=twice,
         ),
     ]
 
@@ -526,15 +536,23 @@ class Report:
     compile_s: float
     warnings: tuple = ()
     largest: tuple = ()  # (argument path, per-chip bytes), largest first
+    shared_bytes: int = 0  # Program.shared_bytes: counted in argument_bytes, held once
     # The compiler's refusal (out of memory): temp_bytes is then what it said it needed and
     # argument_bytes the abstract arguments' per-chip sum.
     error: str = ""
 
     @property
     def total_bytes(self) -> int:
-        """Peak per-chip footprint: arguments + outputs not aliased to a donated argument +
-        temporaries + code (MaxText's and axlearn's accounting)."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+        """Peak per-chip footprint: arguments (less those passed twice: shared_bytes) +
+        outputs not aliased to a donated argument +        temporaries + code (MaxText's and axlearn's accounting)."""
+        return (
+            self.argument_bytes
+            - self.shared_bytes
+            + self.output_bytes
+            - self.alias_bytes
+            + self.temp_bytes
+            + self.code_bytes
+        )
 
     @property
     def fits(self) -> bool:
@@ -633,6 +651,7 @@ def compile_program(program: Program, target: Target) -> tuple[Report, Any]:
         chips=program.mesh.size,
         warnings=tuple(replication_warnings(program, target.hbm_bytes)),
         largest=_largest_args(program),
+        shared_bytes=program.shared_bytes,
     )
     try:
         compiled = lowered.compile()

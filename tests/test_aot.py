@@ -202,6 +202,10 @@ def test_lora_ppo_programs_are_the_lora_trainers_own(value_model, quantize):
     kernels = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
     assert kernels and all("lora_" in k or "value" in k for k in kernels), kernels
     assert (frozen["value"] is None) == (value_model == "shared")
+    # The base is passed again as the reference (score) and the critic's trunk (separate
+    # critic): counted once in the footprint.
+    rollout, score, update = (p.shared_bytes for p in programs)
+    assert score > update == rollout and (update > 0) == (value_model == "separate")
     (_, _, frozen_sh), _ = compiled.input_shardings
     for x, s in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_sh)):
         if x.ndim >= 3 and x.size >= 2048:  # stacked layer kernels / codes (not the small scales)
