@@ -32,11 +32,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import sharding as shd
+from rlaif_jax.data.pipeline.builders import per_process_batch
 from rlaif_jax.errors import ConfigError
 from rlaif_jax.lora import LoraModel, LoraSettings
 from rlaif_jax.lora import training as lora_training
+from rlaif_jax.lora.adapters import abstract_adapters, quantize_base
 from rlaif_jax.models import DecoderConfig, build_model
+from rlaif_jax.models.heads import SCORE_HEAD, head_param
 from rlaif_jax.models.params import abstract_params, param_shardings
+from rlaif_jax.train.ppo import VALUE_HEAD, LoraPPOTrainer, PPOTrainer
 from rlaif_jax.train.step import (
     TrainState,
     batch_shardings,
@@ -198,7 +202,6 @@ def global_rows(
       (rows, phrase), e.g. (8, "global batch 8 (2 per process x 4 hosts) =
       preference_pipeline.global_batch_size").
     """
-    from rlaif_jax.data.pipeline.builders import per_process_batch
 
     n_hosts = f"{hosts} host{'s' if hosts != 1 else ''}"
     where = f"the {slice_name}'s {n_hosts}" if slice_name else n_hosts
@@ -211,12 +214,13 @@ def global_rows(
 
 def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool = False) -> dict:
     """ShapeDtypeStructs of the batch a pipeline yields (rlaif_jax.data.pipeline.batches):
-    kind "sft" (tokens, positions, segment_ids, loss_mask) or "preference" (the same keys
-    prefixed chosen_ / rejected_, plus the reference log-probs when precomputed). Packing
-    changes the contents, not the shapes.
+    kind "sft" (tokens, positions, segment_ids, loss_mask), "preference" (the same keys
+    prefixed chosen_ / rejected_, plus the reference log-probs when precomputed) or
+    "labelled" (KTO's: the SFT keys, `label` [rows] float32, and the mismatched pairs' SFT
+    keys prefixed kl_). Packing changes the contents, not the shapes.
 
     Args:
-      kind: "sft" or "preference".
+      kind: "sft", "preference" or "labelled".
       rows: the global batch (global_rows: global_batch_size, or the per-process batch_size
         x processes).
       length: the pipeline's seq_len.
@@ -235,6 +239,10 @@ def batch_layout(kind: str, rows: int, length: int, precomputed_reference: bool 
 
     if kind == "sft":
         return seq()
+    if kind == "labelled":
+        return {**seq(), **seq("kl_"), "label": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+    if kind != "preference":
+        raise ValueError(f"unknown batch kind {kind!r}; one of 'sft', 'preference', 'labelled'")
     out = {**seq("chosen_"), **seq("rejected_")}
     if precomputed_reference:
         out.update({k: jax.ShapeDtypeStruct((rows,), jnp.float32) for k in ("ref_chosen_logps", "ref_rejected_logps")})
@@ -406,8 +414,6 @@ def ppo_programs(
     Returns:
       [rollout, score, update] Programs.
     """
-    from rlaif_jax.models.heads import SCORE_HEAD
-    from rlaif_jax.train.ppo import VALUE_HEAD, PPOTrainer
 
     mesh = layout.mesh
     reward_cfg = reward_cfg or cfg
@@ -424,8 +430,6 @@ def ppo_programs(
     if lora is not None and lora.enabled:
         params, frozen = _lora_ppo_split(cfg, config, policy, lora, layout)
         ref = frozen["policy"]
-        from rlaif_jax.train.ppo import LoraPPOTrainer
-
         trainer = LoraPPOTrainer(
             cfg, config, tx, layout, ref, rm_model, rm_params, value_cfg=cfg, lora=lora, frozen=frozen
         )
@@ -488,18 +492,12 @@ def ppo_programs(
 
 def _placed_adapters(model, lora: LoraSettings) -> Any:
     """The abstract adapters of `model`, placed as init_adapters places them."""
-    from rlaif_jax.lora.adapters import abstract_adapters
-
     boxed = abstract_adapters(model, lora)
     return abstract(nn.unbox(boxed), model.layout.param_shardings(boxed))
 
 
 def _lora_ppo_split(cfg: DecoderConfig, config, policy: Any, lora: LoraSettings, layout: shd.Layout):
     """rlaif_jax.lora.ppo.split on abstract params: (trainable, frozen)."""
-    from rlaif_jax.lora.adapters import quantize_base
-    from rlaif_jax.models.heads import head_param
-    from rlaif_jax.train.ppo import VALUE_HEAD
-
     base = quantize_base(policy, lora, layout)
     shared = config.uses_critic and config.value_model == "shared"
     trainable = {

@@ -158,6 +158,40 @@ def sampling_cost(cfg, prompts: float, prompt_len: int, new_tokens: int, batch: 
     return prompts * (prompt_len + new_tokens), flops, hbm
 
 
+def stage_plan(stage: str, tokens: float, flops: float, hbm: float, sl: Slice, eff: Efficiency, price: float, note=""):
+    """One compute stage's StagePlan: roofline seconds, chip-hours and dollars."""
+    s = roofline_seconds(flops, hbm, sl, eff)
+    ch = s / 3600 * sl.chips
+    return StagePlan(stage, tokens, flops, hbm, s, ch, ch * price, note=note)
+
+
+def train_stage(stage: str, cfg, sequences: float, seq_len: int, kind: str, sl, eff, price, note="") -> StagePlan:
+    """A training stage (sft / dpo / reward_model / kto): `sequences` rows of seq_len."""
+    flops = training_flops(cfg, sequences, seq_len, kind)
+    return stage_plan(stage, sequences * seq_len, flops, 0.0, sl, eff, price, note)
+
+
+def sample_stage(stage: str, cfg, prompts: float, prompt_len: int, new: int, batch: int, sl, eff, price, note=""):
+    """A sampling stage (policy samples, evaluation generations) of the static sampler."""
+    tokens, flops, hbm = sampling_cost(cfg, prompts, prompt_len, new, batch, _param_bytes(cfg), sl)
+    return stage_plan(stage, tokens, flops, hbm, sl, eff, price, note)
+
+
+def ppo_stage(cfg, config, iters: int, sl: Slice, eff: Efficiency, price: float) -> StagePlan:
+    """PPO: per iteration a rollout (prefill + R decode steps, each reading the weights) then
+    scoring and `ppo_epochs` updates (compute); the two kinds of program are priced apart
+    and summed, not one roofline over their total."""
+    rows = config.rollout_batch_size * config.samples_per_prompt * sl.hosts
+    P, R = config.max_prompt_length, config.max_new_tokens
+    total = iters * benchmarks.ppo_flops(cfg, rows, P, R, config.ppo_epochs)
+    rollout = iters * benchmarks.generate_flops(cfg, rows, P, R)
+    hbm = iters * R * _param_bytes(cfg) * sl.hosts
+    s = roofline_seconds(rollout, hbm, sl, eff) + roofline_seconds(total - rollout, 0.0, sl, eff)
+    ch = s / 3600 * sl.chips
+    note = f"{iters} iterations x {rows} rollouts of {P}+{R} tokens, {config.ppo_epochs} epochs"
+    return StagePlan("ppo", iters * rows * (P + R), total, hbm, s, ch, ch * price, note=note)
+
+
 def api_cost(
     stage: str,
     model: str,
@@ -241,14 +275,50 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
     price = chip_price if chip_price is not None else sl.chip.usd_per_chip_hour
     P, C = work.mean_prompt_tokens, work.mean_completion_tokens
 
-    def compute(stage, tokens, flops, hbm, note):
-        s = roofline_seconds(flops, hbm, sl, eff)
-        ch = s / 3600 * sl.chips
-        out.append(StagePlan(stage, tokens, flops, hbm, s, ch, ch * price, note=note))
-
     cache = lambda role: os.path.join(cache_dir, f"{role}.jsonl") if cache_dir else None  # noqa: E731
-    for stage in stages:
-        if stage == "teacher":
+
+    def rounds():
+        """The iterative arm: k rounds of samples, critic, preferences and DPO, each round as
+        the one-round arm's stages (IterativeSettings' samples per prompt; its pairing's
+        comparisons per prompt; one DPO pair per feedback prompt), the k rounds summed."""
+        k = int(setting("IterativeSettings", "rounds", "", 3))
+        m = int(setting("IterativeSettings", "samples", "", 2))
+        pairing = str(setting("IterativeSettings", "pairing", "", "teacher"))
+        per_prompt = {"teacher": m, "best_worst": m * (m - 1) // 2}.get(pairing, m + m * (m - 1) // 2)
+        start = len(out)
+        for sub in ("samples", "critic", "preferences", "dpo"):
+            one(sub)
+        for p in out[start:]:
+            f = k * (m if p.stage == "samples" else per_prompt if p.stage == "critic" else 1)
+            for name in (
+                "tokens",
+                "flops",
+                "hbm_bytes",
+                "seconds",
+                "chip_hours",
+                "usd",
+                "api_in_tokens",
+                "api_out_tokens",
+            ):
+                setattr(p, name, getattr(p, name) * f)
+            p.api_requests *= f
+            p.api_usd = None if p.api_usd is None else p.api_usd * f
+            p.note = f"{k} rounds x ({p.note or p.stage})" + (f", x{f // k} per prompt" if f > k else "")
+            p.stage = f"rounds/{p.stage}"
+
+    def one(stage):
+        if stage == "rounds":
+            rounds()
+        elif stage in ("prompts", "preferences"):
+            out.append(StagePlan(stage, note="negligible (data preparation on the host)"))
+        elif stage == "audit":
+            model = str(setting("FeedbackClient", "model", "critic", "gpt-4-0314"))  # run_arm.critic asks
+            n = int(setting("AuditSettings", "sample_size", "audit", 200))
+            need = P + 2 * C + work.judge_template_tokens
+            out.append(
+                api_cost("audit", model, n, need, work.judge_output_tokens, cached_answers(cache("audit")), prices)
+            )
+        elif stage == "teacher":
             for model in teachers:
                 if model in imports:
                     continue
@@ -260,9 +330,7 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
                 if want:
                     p = api_cost("teacher", model, want, P + 10, C, cached_answers(cache(f"teacher-{model}")), prices)
                     out.append(p)
-        elif stage == "sft":
-            if sft_fraction == 0.0:
-                continue
+        elif stage == "sft" and sft_fraction != 0.0:
             examples = (
                 work.num_prompts * sft_fraction
                 if sft_fraction is not None
@@ -271,8 +339,8 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
             epochs = setting("sft_pipeline", "num_epochs", "sft", 1)
             seq = setting("sft_pipeline", "seq_len", "sft", 512)
             cfg = _model_config("sft")
-            rows = examples * epochs
-            compute("sft", rows * seq, training_flops(cfg, rows, seq, "sft"), 0.0, f"{examples:.0f} x {epochs} epochs")
+            note = f"{examples:.0f} x {epochs} epochs"
+            out.append(train_stage("sft", cfg, examples * epochs, seq, "sft", sl, eff, price, note))
         elif stage in ("samples", "evaluate"):
             scope = stage
             name = "SamplingSettings" if stage == "samples" else "EvalSamplingSettings"
@@ -285,10 +353,12 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
                 if stage == "samples"
                 else work.eval_prompts * (2 if setting("run_arm", "evaluate_sft", "", False) else 1)
             )
+            if stage == "evaluate" and "rounds" in stages and setting("IterativeSettings", "evaluate_rounds", "", True):
+                prompts += work.eval_prompts * (int(setting("IterativeSettings", "rounds", "", 3)) - 1)  # each round's
             prompt_len = min(P, max_prompt)
             new = max_len - prompt_len
-            tokens, flops, hbm = sampling_cost(cfg, prompts, prompt_len, new, batch, _param_bytes(cfg), sl)
-            compute(stage, tokens, flops, hbm, f"{prompts} prompts, batch {batch}, {new} decode steps")
+            note = f"{prompts} prompts, batch {batch}, {new} decode steps"
+            out.append(sample_stage(stage, cfg, prompts, prompt_len, new, batch, sl, eff, price, note))
             if stage == "evaluate":
                 model = str(setting("FeedbackClient", "model", "judge", "gpt-4-0314"))
                 out.append(
@@ -321,26 +391,21 @@ def plan_arm(sl: Slice, eff: Efficiency, work: Workload, prices=None, chip_price
             cfg = _model_config(stage)
             seqs = 2 * n_fb * epochs  # chosen and rejected
             kind = "dpo" if stage == "dpo" else "reward_model"
-            compute(stage, seqs * seq, training_flops(cfg, seqs, seq, kind), 0.0, f"{n_fb} pairs x {epochs} epochs")
+            out.append(train_stage(stage, cfg, seqs, seq, kind, sl, eff, price, f"{n_fb} pairs x {epochs} epochs"))
         elif stage == "ppo":
             out.append(_ppo(sl, eff, price, "ppo"))
-        else:
+        elif stage != "sft":  # an sft stage of fraction 0 trains nothing
             out.append(StagePlan(stage, note="no compute or API cost estimated"))
+
+    for stage in stages:
+        one(stage)
     return out
 
 
 def _ppo(sl: Slice, eff: Efficiency, price: float, scope: str) -> StagePlan:
     config = setting("train_ppo", "config", scope)
     iters = setting("train_ppo", "num_iterations", scope, 1)
-    cfg = _model_config(scope)
-    rows = config.rollout_batch_size * config.samples_per_prompt * sl.hosts
-    P, R = config.max_prompt_length, config.max_new_tokens
-    flops = iters * benchmarks.ppo_flops(cfg, rows, P, R, config.ppo_epochs)
-    hbm = iters * R * _param_bytes(cfg) * sl.hosts
-    s = roofline_seconds(flops, hbm, sl, eff)
-    ch = s / 3600 * sl.chips
-    note = f"{iters} iterations x {rows} rollouts of {P}+{R} tokens, {config.ppo_epochs} epochs"
-    return StagePlan("ppo", iters * rows * (P + R), flops, hbm, s, ch, ch * price, note=note)
+    return ppo_stage(_model_config(scope), config, iters, sl, eff, price)
 
 
 def plan_config(
@@ -370,6 +435,33 @@ def plan_config(
         ch = s / 3600 * sl.chips
         return [StagePlan(kind, seqs * seq, flops, 0.0, s, ch, ch * price, note=f"{n} examples x {epochs} epochs")]
     raise ConfigError("the config runs nothing to plan: give an arm (run_arm.stages) or train / train_ppo")
+
+
+# -- a CPU as a chip: plan's estimates against a finished miniature run's stage times
+# (miniature/plan_check.py reads the run; plan knows nothing of the miniature) -----------------
+
+# A nominal 2-core CPU as a "chip" (peak: 2 cores x 3 GHz x 32 float32 FLOP/cycle; memory: one
+# DDR4 channel's share): the efficiencies calibrated against it are what the run reached.
+CPU_2CORE = Chip("cpu", 0.192, 20.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuCalibration:
+    """One measured number per program kind, from a finished miniature run: the train step's
+    efficiency (mfu, from the base model's pretraining: its steady step time); the sampler's
+    (hbm_efficiency: a decode step's time as weight-streaming at that fraction of the nominal
+    bandwidth, from one samples stage); the synthetic critic / judge's seconds per request
+    (from one critic stage); and one compile time charged to the first stage that runs each
+    distinct program (from the base's first logged steps, which include its compile)."""
+
+    mfu: float
+    hbm_efficiency: float
+    request_seconds: float
+    compile_seconds: float
+
+    @property
+    def efficiency(self) -> Efficiency:
+        return Efficiency(self.mfu, self.hbm_efficiency)
 
 
 def format_plan(rows: Sequence[StagePlan], sl: Slice, eff: Efficiency) -> str:

@@ -7,15 +7,18 @@ reported (one line each), not just the first.
                              `error:` line and exits 2)
   tokenizer_check(...)       a model (HF directory or DecoderConfig) and the tokenizer fed to it:
                              vocabulary size, special token ids, and the tokenizer against
-                             the one saved with the model (same size but other ids: silent
-                             garbage otherwise)
+                             the one the model was exported with (its fingerprint, written
+                             by save_hf beside config.json, or its saved tokenizer files):
+                             same size but other ids is silent garbage otherwise
   same_vocabulary_check(...) two models that read the same token ids (PPO's policy and reward
                              model, a DPO policy and its reference)
   record_set_check(...)      a record set: non-empty, no prompt_id given to two prompts, and
                              for preference pairs the share with chosen == rejected (or the same
                              token ids): refused above PreflightSettings.max_identical_share,
                              a warning above warn_identical_share
-  preference_findings(...)   the last on pairs already in memory (the preference pipeline's)
+  preference_findings(...)   the last on pairs already in memory (the preference pipeline's);
+                             it, Finding, Check and run_preflight live in rlaif_jax.data.checks
+                             (the input pipelines use them) and are handed on from here
 
 A trainer builds its checks from its settings (rlaif_jax.train.loop.train, ppo.train_ppo);
 a pipeline runner builds them for every stage before its first one. Each check is a small
@@ -24,74 +27,29 @@ value (`Check`) so a runner can gather them from all its stages and run them at 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
-
-import gin
+from typing import Any, Mapping, Optional, Union
 
 from rlaif_jax import fileio as fio
-from rlaif_jax.data.ids import id_conflicts
+from rlaif_jax.data.checks import (  # noqa: F401 (the preflight's own names)
+    Check,
+    Finding,
+    PreflightError,
+    PreflightSettings,
+    preference_findings,
+    record_findings,
+    run_preflight,
+)
 from rlaif_jax.data.records import PREFERENCES, read_records
-from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, tokenizer_hash
-from rlaif_jax.errors import UserError, in_range
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, saved_fingerprint, tokenizer_hash
 from rlaif_jax.models import DecoderConfig
 
 log = logging.getLogger(__name__)
 
 # Files whose presence means an HF directory carries its tokenizer (save_hf writes them).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    message: str  # one line naming the file / binding / model pair and what to do
-    fatal: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    what: str  # for logs: "policy runs/sft/hf / tokenizer runs/toy/tokenizer"
-    run: Callable[[], Sequence[Finding]]
-
-
-class PreflightError(UserError):
-    """Every problem the preflight found; str() is the first, `problems` all of them."""
-
-    def __init__(self, problems: Sequence[str]):
-        self.problems = list(problems)
-        more = f" (+{len(problems) - 1} more problem(s), each on its own line)" if len(problems) > 1 else ""
-        super().__init__(problems[0] + more)
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class PreflightSettings:
-    """Thresholds of the record-set checks. A preference pair whose chosen and rejected are
-    the same (text or token ids) gives DPO and the reward model zero gradient: an all-tied
-    set trains at loss log 2 and exports an unchanged model."""
-
-    max_identical_share: float = 0.2  # refuse a preference set with more tied pairs than this
-    warn_identical_share: float = 0.01  # warn above this
-
-    def __post_init__(self):
-        in_range("PreflightSettings.max_identical_share", self.max_identical_share, 0.0, 1.0)
-        in_range("PreflightSettings.warn_identical_share", self.warn_identical_share, 0.0, self.max_identical_share)
-
-
-def run_preflight(checks: Iterable[Check]) -> None:
-    """Runs every check; logs the warnings and raises one PreflightError listing every problem."""
-    problems = []
-    for c in checks:
-        for f in c.run():
-            if f.fatal:
-                problems.append(f.message)
-            else:
-                log.warning("preflight: %s", f.message)
-    if problems:
-        raise PreflightError(problems)
 
 
 # -- models and tokenizers -----------------------------------------------------------------
@@ -118,6 +76,18 @@ def saved_tokenizer(model: ModelSpec) -> Optional[Any]:
     if not any(os.path.exists(os.path.join(d, f)) for f in _TOKENIZER_FILES):
         return None
     return _tokenizer(d)
+
+
+def saved_tokenizer_hash(model: ModelSpec) -> Optional[tuple[str, int]]:
+    """(tokenizer_hash, size) of the tokenizer a model directory was exported with: the
+    fingerprint save_hf writes beside config.json, else the tokenizer saved there, else None."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    fp = saved_fingerprint(os.fspath(model))
+    if fp is not None:
+        return fp["tokenizer_hash"], fp.get("tokens")
+    saved = saved_tokenizer(model)
+    return (tokenizer_hash(saved), len(saved)) if saved is not None else None
 
 
 def _cfg(model: ModelSpec):
@@ -167,17 +137,15 @@ def tokenizer_check(role: str, model: ModelSpec, tokenizer: Any, tokenizer_bindi
                         fatal=which != "pad",  # padding is masked out; bos / eos change what is learnt
                     )
                 )
-        saved = saved_tokenizer(model) if tokenizer_binding else None
-        if saved is not None and tokenizer_hash(saved) != tokenizer_hash(tok):
-            size = (
-                f"same {len(tok)} tokens, other ids" if len(saved) == len(tok) else f"{len(saved)} vs {len(tok)} tokens"
+        saved = saved_tokenizer_hash(model) if tokenizer_binding else None
+        if saved is not None and saved[0] != tokenizer_hash(tok):
+            size = f"same {len(tok)} tokens, other ids" if saved[1] == len(tok) else f"{saved[1]} vs {len(tok)} tokens"
+            fix = (
+                f"unset {tokenizer_binding} to use the saved one, or give that model's tokenizer"
+                if saved_tokenizer(model) is not None
+                else "give the tokenizer it was exported with"
             )
-            out.append(
-                Finding(
-                    f"{given} is not the tokenizer saved with {_name(role, model)} ({size}); unset "
-                    f"{tokenizer_binding} to use the saved one, or give that model's tokenizer"
-                )
-            )
+            out.append(Finding(f"{given} is not the tokenizer saved with {_name(role, model)} ({size}); {fix}"))
         return out
 
     return Check(f"{_name(role, model)} / tokenizer", run)
@@ -197,8 +165,8 @@ def same_vocabulary_check(role_a: str, model_a: ModelSpec, role_b: str, model_b:
                     f"give a {role_b} of the same base"
                 )
             ]
-        ta, tb = saved_tokenizer(model_a), saved_tokenizer(model_b)
-        if ta is not None and tb is not None and tokenizer_hash(ta) != tokenizer_hash(tb):
+        ta, tb = saved_tokenizer_hash(model_a), saved_tokenizer_hash(model_b)
+        if ta is not None and tb is not None and ta[0] != tb[0]:
             return [
                 Finding(
                     f"{pair} were saved with different tokenizers (same size, other ids); give a "
@@ -208,64 +176,6 @@ def same_vocabulary_check(role_a: str, model_a: ModelSpec, role_b: str, model_b:
         return []
 
     return Check(f"{role_a} / {role_b}", run)
-
-
-# -- record sets ---------------------------------------------------------------------------
-
-
-def preference_findings(
-    where: str,
-    records: Sequence[Mapping],
-    token_pairs: Optional[Sequence[tuple[Sequence[int], Sequence[int]]]] = None,
-    settings: Optional[PreflightSettings] = None,
-) -> list[Finding]:
-    """Tied pairs (chosen == rejected, as text or, with `token_pairs`, as the token ids the
-    trainer sees) above the thresholds."""
-    settings = settings or PreflightSettings()
-    if not records:
-        return []
-    tied = sum(
-        r["chosen"] == r["rejected"] or (token_pairs is not None and list(token_pairs[i][0]) == list(token_pairs[i][1]))
-        for i, r in enumerate(records)
-    )
-    share = tied / len(records)
-    if share <= settings.warn_identical_share:
-        return []
-    fatal = share > settings.max_identical_share
-    limit = settings.max_identical_share if fatal else settings.warn_identical_share
-    return [
-        Finding(
-            f"{where}: {tied} of {len(records)} preference pairs ({share:.0%}) have chosen == rejected (or "
-            f"the same tokens), above {limit:.0%}"
-            + ("; they train nothing: rebuild the pairs (see PreflightSettings.max_identical_share)" if fatal else ""),
-            fatal=fatal,
-        )
-    ]
-
-
-def record_findings(
-    where: str,
-    records: Sequence[Mapping],
-    preferences: bool,
-    token_pairs=None,
-    settings: Optional[PreflightSettings] = None,
-) -> list[Finding]:
-    """A record set's sanity: non-empty, no prompt_id shared by two prompts, tied pairs."""
-    if not records:
-        return [Finding(f"{where}: holds no records; give a non-empty record set")]
-    out = []
-    conflicts = id_conflicts(records) if records and "prompt_id" in records[0] else {}
-    if conflicts:
-        pid, idx = next(iter(conflicts.items()))
-        out.append(
-            Finding(
-                f"{where}: prompt_id {pid!r} is given to {len(idx)} different prompts (records "
-                f"{', '.join(map(str, idx[:3]))}; {len(conflicts)} such id(s)); rebuild the set with one id per prompt"
-            )
-        )
-    if preferences:
-        out.extend(preference_findings(where, records, token_pairs, settings))
-    return out
 
 
 def record_set_check(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import gin
 import jax
@@ -20,7 +20,7 @@ import numpy as np
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.models.decoder import Transformer
-from rlaif_jax.models.kv_cache import CACHE_LOGICAL_AXES, init_cache
+from rlaif_jax.models.kv_cache import CACHE_LOGICAL_AXES, cache_slots, init_cache
 from rlaif_jax.models.params import check_placement
 
 
@@ -299,6 +299,14 @@ def generate_samples(
         # One key per step for the whole batch: K x B rows under one prefill cannot draw what
         # K separate calls would, so the K calls are made (the same samples, no shared prefill).
         return [generate(model, params, prompts, k, sampling) for k in rngs]
+    if sampling.slots and model.layout is None:
+        # One prefill per prompt feeding its K rows, inside continuous batching.
+        B, K = len(prompts), len(rngs)
+        per = jnp.stack([row_keys(_typed(jnp.asarray(k)), B) for k in rngs], axis=1)  # [B, K]
+        out = generate_rows(
+            model, params, prompts, np.repeat(np.arange(B), K), per.reshape(B * K), sampling, sampling.slots
+        )
+        return [SampleOutput(*(x.reshape((B, K) + x.shape[1:])[:, j] for x in out)) for j in range(K)]
     tokens, positions, segs = left_pad(prompts, sampling.pad_id, sampling.prompt_bucket)
     if model.layout is not None:
         tokens, positions, segs = shd.shard_batch((tokens, positions, segs), model.layout.mesh)
@@ -329,16 +337,27 @@ def _step_keys(keys, steps):
     return jax.vmap(jax.random.fold_in)(keys, steps.astype(jnp.uint32))
 
 
-def _start_slots(model: Transformer, sp: SamplingParams, W: int, params, tokens, positions, segs, keys):
-    """Prefill n prompts ([n, P]) into fresh cache rows of W slots; their first tokens."""
-    cache, last = _prefill(model, params, tokens, positions, segs, W)
-    tok, lp = sample_step(last, _step_keys(keys, jnp.zeros(keys.shape, jnp.int32)), sp)
-    return cache, tok, lp
+def _start_slots(model: Transformer, W: int, offset: int, params, tokens, positions, segs, src):
+    """Prefill n prompts ([n, P']) once for the rows that sample them: row r takes prompt
+    src[r]'s cache (at cache index `offset` of its W slots, empty around it) and last logits.
+    One prefill feeds every row of the same prompt (the K samples of a prompt)."""
+    # offset < 0: a ring cache, prefilled whole (W slots) at the call's layout.
+    cache, last = _prefill(model, params, tokens, positions, segs, W if offset < 0 else tokens.shape[1])
+    rows = {}
+    for n, c in cache.items():
+        r = c[:, src]  # [L, m, S, ...]
+        if offset >= 0 and r.shape[2] != W:
+            full = jnp.zeros(r.shape[:2] + (W,) + r.shape[3:], r.dtype)
+            r = jax.lax.dynamic_update_slice_in_dim(full, r, offset, axis=2)
+        rows[n] = r
+    return rows, last[src]
 
 
-def _insert_slots(sp: SamplingParams, state: dict, slots, cache, tok, lp, next_pos, keys, ids):
-    """The started prompts into their slots (rows past the slots' count are dropped)."""
+def _insert_slots(sp: SamplingParams, state: dict, slots, cache, last, next_pos, keys, ids):
+    """The started rows into their slots, each drawing its first token from its prompt's last
+    logits with its key (rows whose slot is past the slots' count are dropped)."""
     T = sp.max_new_tokens
+    tok, lp = sample_step(last, _step_keys(keys, jnp.zeros(keys.shape, jnp.int32)), sp)
     eos = jnp.asarray(sp.eos_ids or (-1,), jnp.int32)
     put = lambda x, v: x.at[slots].set(v, mode="drop")  # noqa: E731
     s = dict(state)
@@ -390,12 +409,27 @@ def _decode_slots(model: Transformer, sp: SamplingParams, P: int, params, state:
     return jax.lax.while_loop(cond, body, state)
 
 
+@functools.lru_cache(maxsize=64)
+def _start_program(model: Transformer, W: int, offset: int):
+    return jax.jit(functools.partial(_start_slots, model, W, offset))
+
+
 @functools.lru_cache(maxsize=32)
-def _slot_programs(model: Transformer, sp: SamplingParams, P: int, W: int):
-    start = jax.jit(functools.partial(_start_slots, model, sp, W))
-    insert = jax.jit(functools.partial(_insert_slots, sp), donate_argnums=(0,))
-    decode = jax.jit(functools.partial(_decode_slots, model, sp, P), donate_argnums=(1,))
-    return start, insert, decode
+def _insert_program(sp: SamplingParams):
+    return jax.jit(functools.partial(_insert_slots, sp), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=32)
+def _decode_program(model: Transformer, sp: SamplingParams, P: int):
+    return jax.jit(functools.partial(_decode_slots, model, sp, P), donate_argnums=(1,))
+
+
+def _compact_slots(state: dict, keep):
+    """The state of the slots `keep` only (in that order): the tail's live rows in fewer slots."""
+    return {k: (jax.tree.map(lambda c: c[:, keep], v) if k == "cache" else v[keep]) for k, v in state.items()}
+
+
+_compact_program = jax.jit(_compact_slots)
 
 
 def _empty_slots(model: Transformer, sp: SamplingParams, slots: int, W: int) -> dict:
@@ -414,6 +448,105 @@ def _empty_slots(model: Transformer, sp: SamplingParams, slots: int, W: int) -> 
     }
 
 
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def generate_rows(
+    model: Transformer,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    row_prompt: Sequence[int],
+    keys: jax.Array,
+    sampling: SamplingParams,
+    slots: int,
+    refill: Optional[int] = None,
+    min_slots: Optional[int] = None,
+) -> SampleOutput:
+    """Continuous batching of R rows, row r sampling prompt row_prompt[r] with its own key
+    keys[r] ([R] typed keys; step t draws with fold_in(keys[r], t)): `slots` rows decode at a
+    time in one compiled loop, and when `refill` slots have finished (or the rows left fit),
+    the next rows are prefilled into them. Rows of the same prompt inserted together share one
+    prefill (order rows prompt-major: the K samples of a prompt side by side), and a fill's
+    prompts are padded to their own bucket, not the call's longest. Row r's output is what the
+    static sampler gives a prompt drawing with keys[r]: the same tokens, log-probs to float
+    rounding (a row's masked padding differs). Single-device (no layout).
+
+    The tail (every row started) shrinks: once the live rows fit in half the slots they move
+    into a program of half as many, down to `min_slots` (default slots // 4), so the last
+    long rows do not pay for the idle slots' forward (one more decode program per halving)."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if model.layout is not None:
+        raise ValueError("continuous batching runs on one device; use sampling.generate on a mesh")
+    tokens, positions, segs = left_pad(prompts, sampling.pad_id, sampling.prompt_bucket)
+    lens = np.asarray([len(p) for p in prompts])
+    row_prompt = np.asarray(row_prompt, np.int64)
+    R = len(row_prompt)
+    # Fewer rows than slots: no more slots than the rows' power of two (idle slots cost a
+    # forward each step; the power of two bounds the programs compiled).
+    slots = min(slots, _pow2(R))
+    P = tokens.shape[1]
+    T = sampling.max_new_tokens
+    W = P + T
+    ring = cache_slots(model.cfg, W) < W
+    keys = _typed(keys)
+    decode, insert = _decode_program(model, sampling, P), _insert_program(sampling)
+    # Refill once a quarter of the slots is free: fewer prefill calls and host round trips than
+    # refilling each slot as it frees, for a few idle slot-steps.
+    refill = max(1, slots // 4) if refill is None else max(1, refill)
+    min_slots = max(1, slots // 4) if min_slots is None else max(1, min(min_slots, slots))
+    state, cur = _empty_slots(model, sampling, slots, W), slots
+    out_tokens = np.full((R, T), sampling.pad_id, np.int32)
+    out_logps = np.zeros((R, T), np.float32)
+    out_lengths = np.zeros((R,), np.int32)
+    nxt, live, free = 0, 0, list(range(slots))
+    while nxt < R or live:
+        if free and nxt < R:
+            n = min(len(free), R - nxt)
+            rows = np.arange(nxt, nxt + n)
+            uniq, src = np.unique(row_prompt[rows], return_inverse=True)
+            # The fill's prompts at their own bucket (a ring cache keeps the call's layout).
+            Pf = P if ring else min(P, -(-int(lens[uniq].max()) // sampling.prompt_bucket) * sampling.prompt_bucket)
+            u = np.concatenate([uniq, np.full(_pow2(len(uniq)) - len(uniq), uniq[0])])
+            # Every fill starts `slots` rows (fixed shapes: one insert program); the rows past
+            # n go to slot index `slots`, which the insert drops.
+            pad = np.concatenate([rows, np.full(slots - n, rows[0])])
+            srcp = np.concatenate([src, np.zeros(slots - n, src.dtype)]).astype(np.int32)
+            to = np.concatenate([free[:n], np.full(slots - n, slots)]).astype(np.int32)
+            # A ring cache is prefilled at the call's layout (offset -1: the whole W-slot ring).
+            start = _start_program(model, W, -1 if ring else P - Pf)
+            cache, last = start(params, tokens[u, P - Pf :], positions[u, P - Pf :], segs[u, P - Pf :], srcp)
+            pr = row_prompt[pad]
+            state = insert(state, to, cache, last, positions[pr, -1] + 1, keys[pad], pad.astype(np.int32))
+            free, nxt, live = free[n:], nxt + n, live + n
+        if nxt >= R:
+            # The tail: the live rows into the fewest slots (a power of two, >= min_slots) that
+            # hold them; the slots' order is free (each row carries its id, key and position).
+            new = max(min_slots, _pow2(max(live, 1)))
+            if new < cur:
+                ids = np.asarray(state["ids"])
+                keep = np.argsort(ids < 0, kind="stable")[:new].astype(np.int32)
+                state, cur = _compact_program(state, keep), new
+        # Return when `refill` slots are free while rows wait; in the tail when the live rows
+        # fit in half the slots (while halving is allowed), else when every live row is done.
+        if nxt < R:
+            min_done = slots - live + min(refill, R - nxt, live)
+        else:
+            min_done = cur - cur // 2 if cur // 2 >= min_slots else cur
+        state = decode(params, state, jnp.int32(min_done))
+        done, ids = np.asarray(state["done"]), np.asarray(state["ids"])
+        finished = [s for s in range(cur) if done[s] and ids[s] >= 0]
+        if finished:
+            toks, lps, lens_ = (np.asarray(state[k]) for k in ("tokens", "logprobs", "lengths"))
+            for s in finished:
+                out_tokens[ids[s]], out_logps[ids[s]], out_lengths[ids[s]] = toks[s], lps[s], lens_[s]
+            state["ids"] = state["ids"].at[np.asarray(finished)].set(-1)
+            free += finished
+            live -= len(finished)
+    return SampleOutput(out_tokens, out_lengths, out_logps)
+
+
 def generate_continuous(
     model: Transformer,
     params: Any,
@@ -425,47 +558,7 @@ def generate_continuous(
     """`sampling.generate`'s outputs (the same call, the same keys) with `slots` rows decoding
     at a time: a finished row's slot takes the next prompt. Single-device (no layout).
     `rng`: one key (prompt i draws with fold_in(rng, i)) or one key per prompt [B]."""
-    if slots < 1:
-        raise ValueError(f"slots must be >= 1, got {slots}")
-    if model.layout is not None:
-        raise ValueError("continuous batching runs on one device; use sampling.generate on a mesh")
-    tokens, positions, segs = left_pad(prompts, sampling.pad_id, sampling.prompt_bucket)
-    B, P = tokens.shape
-    T = sampling.max_new_tokens
-    W = P + T
     rng = _typed(rng)
+    B = len(prompts)
     keys = rng if rng.ndim == 1 else row_keys(rng, B)
-    start, insert, decode = _slot_programs(model, sampling, P, W)
-    state = _empty_slots(model, sampling, slots, W)
-    out_tokens = np.full((B, T), sampling.pad_id, np.int32)
-    out_logps = np.zeros((B, T), np.float32)
-    out_lengths = np.zeros((B,), np.int32)
-    nxt = 0
-    free = list(range(slots))
-    live = 0
-    while nxt < B or live:
-        if free and nxt < B:
-            n = min(len(free), B - nxt)
-            # Prefill batches rounded up to a power of two (few compiles); the extra rows go to
-            # slot index `slots`, which the insert drops.
-            m = 1 << (n - 1).bit_length()
-            idx = np.arange(nxt, nxt + n)
-            pad = np.concatenate([idx, np.full(m - n, idx[0])])
-            cache, tok, lp = start(params, tokens[pad], positions[pad], segs[pad], keys[pad])
-            to = np.concatenate([free[:n], np.full(m - n, slots)]).astype(np.int32)
-            state = insert(state, to, cache, tok, lp, positions[pad, -1] + 1, keys[pad], pad.astype(np.int32))
-            free, nxt, live = free[n:], nxt + n, live + n
-        # Return when a slot frees up while prompts wait, else when every live row is done.
-        min_done = slots - live + 1 if nxt < B else slots
-        state = decode(params, state, jnp.int32(min_done))
-        done = np.asarray(state["done"])
-        ids = np.asarray(state["ids"])
-        finished = [s for s in range(slots) if done[s] and ids[s] >= 0]
-        if finished:
-            toks, lps, lens = (np.asarray(state[k]) for k in ("tokens", "logprobs", "lengths"))
-            for s in finished:
-                out_tokens[ids[s]], out_logps[ids[s]], out_lengths[ids[s]] = toks[s], lps[s], lens[s]
-            state["ids"] = state["ids"].at[np.asarray(finished)].set(-1)
-            free += finished
-            live -= len(finished)
-    return SampleOutput(out_tokens, out_lengths, out_logps)
+    return generate_rows(model, params, prompts, np.arange(B), keys, sampling, slots)

@@ -6,7 +6,8 @@ A sweep file (YAML):
     gin_files: [configs/experiments/tiny_dpo.gin]
     run_dir_param: train.run_dir        # the binding that receives each run's directory
     run_root: runs/sweeps/tiny_dpo_beta
-    script: scripts/train.py            # default
+    command: train                      # the `rlaif` subcommand each run is (default train;
+                                        # arm, ppo, miniature, ...); or script: a .py file to run
     fixed: {train.num_steps: 20}        # bindings for every run
     grid:                               # the cartesian product of these
       DPO.beta: [0.1, 0.5]
@@ -85,7 +86,7 @@ def load_sweep(path: str) -> dict:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a sweep file is a mapping")
-    known = {"name", "gin_files", "run_dir_param", "run_root", "script", "fixed", "grid", "metrics"}
+    known = {"name", "gin_files", "run_dir_param", "run_root", "command", "script", "fixed", "grid", "metrics"}
     unknown = set(spec) - known
     if unknown:
         raise ValueError(f"{path}: unknown sweep keys {sorted(unknown)}; known: {sorted(known)}")
@@ -99,6 +100,16 @@ def load_sweep(path: str) -> dict:
     return spec
 
 
+def _launcher(spec: dict, python: str) -> list[str]:
+    """The head of each run's command: `python -m rlaif_jax <command>` (works wherever the
+    package is installed), or a script file the spec names."""
+    if "command" in spec and "script" in spec:
+        raise ValueError(f"sweep {spec.get('name', '')!r}: give `command` (an rlaif subcommand) or `script`, not both")
+    if "script" in spec:
+        return [python, spec["script"]]
+    return [python, "-m", "rlaif_jax", str(spec.get("command", "train"))]
+
+
 def expand(spec: dict, python: str = sys.executable) -> list[Run]:
     grid = spec.get("grid") or {}
     keys = list(grid)
@@ -107,7 +118,7 @@ def expand(spec: dict, python: str = sys.executable) -> list[Run]:
         point = dict(zip(keys, values))
         name = _slug(point)
         run_dir = fileio.join(spec["run_root"], name)
-        cmd = [python, spec.get("script", "scripts/train.py")]
+        cmd = _launcher(spec, python)
         cmd += [f"--gin_file={g}" for g in spec["gin_files"]]
         cmd += [f"--gin_file={g}" for k, v in point.items() if _is_file_axis(k) for g in _files(v)]
         params = {k: v for k, v in point.items() if not _is_file_axis(k)}
@@ -137,12 +148,15 @@ def run_locally(runs: list[Run], log=print) -> dict:
 
 
 def tpu_commands(runs: list[Run]) -> list[str]:
-    """The commands to launch each unfinished run on a TPU slice with tpu/run.sh. On the
-    workers the interpreter is the venv's `python`."""
+    """The commands to launch each unfinished run on a TPU slice with tpu/run.sh: on the
+    workers, the venv's `rlaif` (tpu/setup.sh installs it), or its `python` for a script."""
     out = []
     for r in runs:
-        if not r.finished:
-            out.append(shlex.join(["tpu/run.sh", "python", *r.command[1:]]))
+        if r.finished:
+            continue
+        head = ["rlaif"] if r.command[1:3] == ("-m", "rlaif_jax") else ["python"]
+        rest = r.command[3:] if head == ["rlaif"] else r.command[1:]
+        out.append(shlex.join(["tpu/run.sh", *head, *rest]))
     return out
 
 

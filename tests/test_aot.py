@@ -141,7 +141,8 @@ def test_the_runs_state_is_placed_as_compiled():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("value_model", ["shared", "separate"])
+# The paper's separate value model here; the shared one (its numerics in test_ppo.py) in the slow suite.
+@pytest.mark.parametrize("value_model", [pytest.param("shared", marks=pytest.mark.slow), "separate"])
 def test_ppo_programs_are_the_trainers_own(value_model):
     """PPO's rollout, scoring and update are PPOTrainer.compile's jitted programs, lowered
     on abstract policy / reference / reward params placed as train_ppo places them."""
@@ -238,6 +239,32 @@ def test_v5e_8_is_one_host_of_eight_chips():
     t = _libtpu_target("v5e-8")
     assert (len(t.devices), t.hosts, len(t.host0_devices)) == (8, 1, 8)
     assert (len(aot.target("v5e-16").devices), aot.target("v5e-16").hosts) == (16, 4)
+
+
+def test_kto_step_compiles_with_the_labelled_pipelines_batch():
+    """KTO's batch layout is the labelled pipeline's (the SFT keys, `label`, the mismatched
+    kl_ rows: same keys, shapes and dtypes as a real batch), and its step (with the
+    step-batch KL statistic) compiles with every batch entry's rows over data x fsdp."""
+    from rlaif_jax.data.pipeline.labelled import pad_labelled_batch
+    from rlaif_jax.data.tokenize.encode import Encoded
+    from rlaif_jax.train import KTO
+
+    examples = [Encoded(np.array([1, 5, 6], np.int32), np.array([7, 2], np.int32))] * ROWS
+    real = pad_labelled_batch(examples, [1, 0] * (ROWS // 2), ROWS, LENGTH, LENGTH)
+    layout = aot.batch_layout("labelled", ROWS, LENGTH)
+    assert {k: (v.shape, v.dtype) for k, v in layout.items()} == {
+        k: (v.shape, np.dtype(v.dtype)) for k, v in real.items()
+    }
+    target = aot.target("cpu-4")
+    (program,) = _programs(KTO(), target)
+    report, compiled = aot.compile_program(program, target)
+    (_, batch_sh, _), _ = compiled.input_shardings
+    assert set(batch_sh) == set(layout)
+    for key, sh in batch_sh.items():
+        assert tuple(sh.spec)[0] == ("data", "fsdp"), (key, sh)
+    assert report.argument_bytes > 0 and report.fits
+    with pytest.raises(ValueError, match="unknown batch kind 'pairs'"):
+        aot.batch_layout("pairs", ROWS, LENGTH)
 
 
 def test_unknown_topology_lists_the_known_ones():

@@ -108,6 +108,35 @@ def test_dpo_arm_chains_every_stage_then_a_relaunch_reuses_all(world):
     assert os.path.isdir(os.path.join(data, "prompts", "feedback"))
 
 
+def test_kto_arm_trains_on_the_critics_ratings_of_its_samples(world):
+    """ratings -> kto: the critic rates each policy sample and the teacher's reply on its
+    own, the labelled answers train KTO from the policy (here the base, sft_fraction 0, to
+    keep the test short); a relaunch reuses every stage without asking the critic again."""
+    bindings = (
+        "run_arm.stages = ['prompts', 'samples', 'ratings', 'kto']",
+        "run_arm.sft_fraction = 0.0",
+        "labelled_pipeline.num_epochs = 1",
+    )
+    arm_dir = configure(world, "kto", *bindings)
+    summary = run_arm()
+    assert {k: v for k, v in states(arm_dir).items() if k != "prompts"} == dict.fromkeys(
+        ("samples", "ratings", "kto"), "done"
+    )
+    comps = list(read_records(os.path.join(arm_dir, "ratings")))
+    assert len(comps) == 54 and {c["model_2"] for c in comps} == {"weak-teacher"}
+    counts = read_manifest(os.path.join(arm_dir, "labelled"))["provenance"]["counts"]
+    assert counts["responses"] == 108 and counts["desirable"] and counts["undesirable"]
+    assert summary["ratings/desirable"] == counts["desirable"] and summary["ratings/ties"] == counts["ties"]
+    assert not os.path.exists(os.path.join(arm_dir, "comparisons"))  # no pairwise critic
+    assert summary["policy"] == os.path.join(arm_dir, "kto", "hf") and summary["kto/step"] > 0
+    assert "kto/kl" in summary and "kto/rewards/margins" in summary
+    assert "kto/make_optimizer.learning_rate = 0.0003" in open(os.path.join(arm_dir, "kto", "config.gin")).read()
+    before = cache_sizes(world)
+    configure(world, "kto", *bindings)
+    run_arm()
+    assert cache_sizes(world) == before and set(states(arm_dir).values()) == {"reused"}
+
+
 def test_failed_stage_is_recorded_and_the_relaunch_resumes_there(world):
     arm_dir = configure(
         world,
@@ -322,7 +351,7 @@ def test_paper_arms_resolve(path):
     assert critic in ("gpt-4-0314", "claude-v1")
     if "claude" in os.path.basename(path):
         assert gin.query_parameter("%JUDGE") == "claude-v1"
-    if {"critic", "dpo", "ppo"} & set(stages):
+    if {"critic", "dpo", "ppo"} & set(stages) and "sft" in stages:
         assert gin.query_parameter("run_arm.evaluate_sft") is True
     if "reward_model" in stages:  # the miniature's reward-model data: sample-vs-sample pairs too
         assert gin.query_parameter("run_arm.rm_sample_pairs") is True and gin.query_parameter("run_arm.rm_samples") >= 2
@@ -513,6 +542,8 @@ def test_the_registry_declares_each_stage_once():
         "critic",
         "preferences",
         "dpo",
+        "ratings",
+        "kto",
         "rounds",
         "reward_model",
         "ppo",
@@ -524,6 +555,7 @@ def test_the_registry_declares_each_stage_once():
         "audit",
         "critic",
         "preferences",
+        "ratings",
         "evaluate",
     ]
     assert _OUT == {
@@ -535,6 +567,9 @@ def test_the_registry_declares_each_stage_once():
         "preferences": "preferences",
         "rm_preferences": "preferences_rm",
         "dpo": "dpo",
+        "ratings": "ratings",
+        "labelled": "labelled",
+        "kto": "kto",
         "rounds": "rounds",
         "reward_model": "reward_model",
         "ppo": "ppo",
@@ -544,6 +579,7 @@ def test_the_registry_declares_each_stage_once():
     assert {s.name: s.summary_keys for s in ARM_STAGES if s.summary_keys} == {
         "sft": ("step", "loss"),
         "dpo": ("step", "loss", "rewards/accuracies", "rewards/margins"),
+        "kto": ("step", "loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins"),
         "reward_model": ("step", "loss", "accuracy", "eval/accuracy"),
         "ppo": ("iteration", "objective/scores", "objective/kl", "objective/rlhf_reward"),
     }

@@ -28,6 +28,7 @@ SMALL = dict(
     hidden_size=64,
     feedback_samples=2,
     rm_samples=3,
+    kto_epochs=1,
     progress=False,
 )
 
@@ -43,10 +44,14 @@ def test_win_rate_counts_ties_half_and_never_scores_invalid():
     assert r["se"] == pytest.approx(100 * se)
 
 
+# The optional one-round arms, run after the default ones in the same reduced miniature.
+NEW_ARMS = ("kto_weak_10", "orpo_weak_10", "dpo_weak_10_lora")
+
+
 def test_reduced_miniature_runs_every_stage(tmp_path, clean_gin):
     out = str(tmp_path / "mini")
-    rows = run_miniature(MiniatureSettings(out_dir=out, **SMALL))
-    assert [r["arm"] for r in rows] == list(ARMS)
+    rows = run_miniature(MiniatureSettings(out_dir=out, arms=NEW_ARMS[:1] + ARMS + NEW_ARMS[1:], **SMALL))
+    assert [r["arm"] for r in rows] == list(NEW_ARMS[:1] + ARMS + NEW_ARMS[1:])  # rows as asked
     fb = "data/feedback/sft_weak_10"
     for sub in (
         "data/prompts/sft",
@@ -95,7 +100,7 @@ def test_reduced_miniature_runs_every_stage(tmp_path, clean_gin):
         for s in ("sft", "feedback")
     }
     assert prompts == {"sft": 10, "feedback": 90}
-    for arm in ("base",) + ARMS + ("rm_weak_10",):
+    for arm in ("base",) + ARMS + NEW_ARMS + ("rm_weak_10",):
         assert os.path.exists(os.path.join(out, "runs", arm, "hf", "config.json")), arm
         assert os.path.getsize(os.path.join(out, "runs", arm, "metrics.jsonl")) > 0, arm
     for r in rows:
@@ -122,11 +127,30 @@ def test_reduced_miniature_runs_every_stage(tmp_path, clean_gin):
         c["swapped"] for c in map(json.loads, open(os.path.join(out, fb, "comparisons/teacher-0/comparisons.jsonl")))
     ]
     assert 0 < sum(swaps) < len(swaps)
-    # Rerun: every stage is found done and no request goes to the API again.
+    # The optional arms: KTO learnt the critic's ratings of sft_weak_10's samples and the
+    # teacher's replies; ORPO and LoRA DPO trained on dpo_weak_10's pairs; each one's gain
+    # over SFT weak 10% is in the report, beside DPO's.
+    labelled = read_manifest(os.path.join(out, fb, "labelled"))["provenance"]["counts"]
+    assert labelled["responses"] == 2 * 90 * 2 and labelled["desirable"] + labelled["undesirable"] > 0
+    assert len(load_comparisons(os.path.join(out, fb, "ratings/teacher-1"))) == 90
+    status = lambda arm: json.load(open(os.path.join(out, "arms", arm, "status.json")))["stages"]  # noqa: E731
+    assert status("orpo_weak_10")["dpo"]["objective"] == "orpo" and status("orpo_weak_10")["dpo"]["reference"] is None
+    assert "objective" not in status("dpo_weak_10_lora")["dpo"]
+    assert set(status("kto_weak_10")) == {"sft", "samples", "ratings", "kto", "evaluate"}
+    assert "LoraSettings.rank = 8" in open(os.path.join(out, "runs/dpo_weak_10_lora/config.gin")).read()
+    assert "LoraSettings.rank = 0" in open(os.path.join(out, "runs/dpo_weak_10/config.gin")).read()
+    assert "Other objectives on the same SFT policy" in md
+    for arm in ("dpo_weak_10",) + NEW_ARMS:
+        assert summary[f"gain/{arm}/win_se"] >= 0, arm
+    # Rerun with the default arms alone: every stage is found done, no request goes to the
+    # API again, and the report is the default one (no optional arms' gains).
     before = {f: len(read_cache_lines(os.path.join(out, "cache", f))) for f in os.listdir(os.path.join(out, "cache"))}
     again = run_miniature(MiniatureSettings(out_dir=out, **SMALL))
     after = {f: len(read_cache_lines(os.path.join(out, "cache", f))) for f in os.listdir(os.path.join(out, "cache"))}
-    assert before == after and [r["win_rate"] for r in again] == [r["win_rate"] for r in rows]
+    first = {r["arm"]: r["win_rate"] for r in rows}
+    assert before == after and [r["win_rate"] for r in again] == [first[a] for a in ARMS]
+    assert "Other objectives" not in open(os.path.join(out, "results.md")).read()
+    assert not any(k.startswith("gain/") for k in json.load(open(os.path.join(out, "summary.json"))))
 
 
 def test_reward_model_sample_pairs_need_two_samples_per_prompt():

@@ -7,6 +7,7 @@ import gin
 import pytest
 
 from rlaif_jax import plan
+from rlaif_jax.miniature import plan_check
 from rlaif_jax.models import DecoderConfig
 
 CFG = DecoderConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -66,3 +67,59 @@ def test_plan_prints_every_stage_of_a_paper_arm(capsys):
     for stage in ("sft", "samples", "critic", "dpo", "evaluate", "judge", "total"):
         assert f"\n{stage} " in out
     assert "mfu 40%" in out and "gpt-4-0314" in out
+
+
+def _miniature_fixture(root):
+    """A finished two-arm miniature run's files, as much of them as plan_miniature reads."""
+
+    def put(rel, doc):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+
+    cfg = {"model_type": "llama", "vocab_size": 48, "hidden_size": 32, "intermediate_size": 64}
+    cfg.update(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    put("runs/base/hf/config.json", cfg)
+    put("runs/base/operative_config.gin", "run_miniature.arms = ['sft_weak_10', 'dpo_weak_10']\n")
+    # First logged interval: 20 steps at 0.35 s (compile inside); then 0.1 s a step.
+    logs = [{"step": 20, "step_time": 0.35}] + [{"step": 20 * i, "step_time": 0.1} for i in range(2, 6)]
+    put("runs/base/metrics.jsonl", "".join(json.dumps(m) + "\n" for m in logs))
+    put("data/teachers/weak-teacher/demonstrations/sft/manifest.json", {"num_records": 640})
+    for i in (0, 1):
+        put(f"data/feedback/sft_weak_10/samples/{i}/manifest.json", {"num_records": 320})
+        put(f"data/feedback/sft_weak_10/comparisons/teacher-{i}/report.json", {"pairs": 250})
+    put("data/feedback/sft_weak_10/preferences/manifest.json", {"num_records": 400})
+    for arm in ("sft_weak_10", "dpo_weak_10"):
+        put(f"eval/{arm}/generations/manifest.json", {"num_records": 100})
+        put(f"eval/{arm}/judgments/report.json", {"pairs": 80})
+    stages = {"samples": 4.0, "critic": 1.0, "preferences": 0.1, "dpo": 9.0, "evaluate": 1.0}
+    put("arms/dpo_weak_10/status.json", {"stages": {k: {"seconds": v} for k, v in stages.items()}})
+    put("arms/sft_weak_10/status.json", {"stages": {"sft": {"seconds": 8.0}, "evaluate": {"seconds": 3.0}}})
+
+
+def test_plan_predicts_a_miniature_run_from_one_number_per_program_kind(tmp_path):
+    _miniature_fixture(tmp_path)
+    run = str(tmp_path)
+    cal = plan_check.miniature_calibration(run, samples_arm="dpo_weak_10", critic_arm="dpo_weak_10")
+    assert cal.compile_seconds == pytest.approx(20 * 0.25)
+    assert cal.request_seconds == pytest.approx(1.0 / 500)
+    cfg = DecoderConfig.from_hf(json.loads((tmp_path / "runs/base/hf/config.json").read_text()))
+    rate = plan.training_flops(cfg, 32, 64, "sft") / 0.1  # the base's steady FLOP/s
+    assert cal.mfu * plan.CPU_2CORE.peak_tflops * 1e12 == pytest.approx(rate)
+    rows = {(arm, p.stage): p for arm, p in plan_check.plan_miniature(run, cal)}
+    # SFT: 640 examples x 10 epochs of 40 tokens at the base's rate, plus its program's compile.
+    sft = rows["sft_weak_10", "sft"]
+    assert sft.seconds == pytest.approx(plan.training_flops(cfg, 6400, 40, "sft") / rate + cal.compile_seconds)
+    # DPO: 400 pairs x 4 epochs in whole batches of 32, two sequences each, a reference forward.
+    dpo = rows["dpo_weak_10", "dpo"]
+    assert dpo.seconds == pytest.approx(plan.training_flops(cfg, 2 * 1600, 40, "dpo") / rate + cal.compile_seconds)
+    # The samples stage the sampler was calibrated on comes back as measured (plus its compile).
+    assert rows["dpo_weak_10", "samples"].seconds == pytest.approx(4.0 + cal.compile_seconds)
+    assert rows["dpo_weak_10", "critic"].seconds == pytest.approx(1.0)
+    assert rows["dpo_weak_10", "sft"].note == "reused"
+    # The second evaluation compiles nothing new: 4 batches of decode steps where the samples
+    # had 20 (the sampler's decode streams the weights per batch), and 80 judge requests.
+    ev = rows["dpo_weak_10", "evaluate"]
+    assert ev.seconds == pytest.approx(4.0 * 4 / 20 + 80 * cal.request_seconds)
+    table = plan_check.miniature_table(run, cal)
+    assert "| dpo_weak_10 | dpo |" in table and "| sft_weak_10 | sft |" in table

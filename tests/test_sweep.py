@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rlaif_jax.data.toy import write_toy_world
-from rlaif_jax.sweep import expand, load_sweep
+from rlaif_jax.sweep import expand, load_sweep, tpu_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,18 +54,18 @@ def test_grid_expansion_and_bad_files(tmp_path):
 
 
 def test_sweep_runs_skips_and_aggregates(tmp_path):
-    path = _sweep_file(tmp_path, {"make_optimizer.learning_rate": [1e-3, 1e-2], "SFT.reduction": ["sum", "typo"]})
+    path = _sweep_file(tmp_path, {"make_optimizer.learning_rate": [1e-3], "SFT.reduction": ["sum", "typo"]})
     env = dict(os.environ, XLA_FLAGS="")
     r = subprocess.run(
         [sys.executable, "scripts/sweep.py", path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
-    # The "typo" reduction is rejected by SFT, so two runs fail and the sweep says so.
-    assert r.returncode == 1 and "2 run(s) failed" in r.stderr
+    # The "typo" reduction is rejected by SFT, so that run fails and the sweep says so.
+    assert r.returncode == 1 and "1 run(s) failed" in r.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
     done = [row for row in rows if row["status"] == "finished"]
-    assert len(rows) == 4 and len(done) == 2
-    assert {row["make_optimizer.learning_rate"] for row in done} == {"0.001", "0.01"}
-    assert sorted(float(row["learning_rate"]) for row in done) == pytest.approx([1e-3, 1e-2])
+    assert len(rows) == 2 and len(done) == 1
+    assert {row["make_optimizer.learning_rate"] for row in done} == {"0.001"}
+    assert [float(row["learning_rate"]) for row in done] == pytest.approx([1e-3])
     assert all(float(row["loss"]) > 0 for row in done)
     # Rerun: finished runs are skipped (their logs do not grow).
     log = tmp_path / "sweep" / "learning_rate=0.001,reduction=sum" / "sweep.log"
@@ -171,3 +171,16 @@ def test_miniature_gap_sweep_is_3x3_over_one_shared_base_and_plots(tmp_path, cle
     )
     assert out.returncode == 0, out.stderr
     assert (root / "gap.png").stat().st_size > 0 and (root / "gap.md").read_text().count("\n") == 11
+
+
+def test_a_sweep_runs_an_rlaif_subcommand_or_a_script(tmp_path):
+    """`command` names the rlaif subcommand each run is (python -m rlaif_jax <command>, so a
+    sweep works wherever the package is installed); tpu/run.sh gets the venv's `rlaif`."""
+    base = {"name": "s", "gin_files": ["a.gin"], "run_dir_param": "ARM_DIR", "run_root": str(tmp_path)}
+    (run,) = expand({**base, "command": "arm"})
+    assert run.command[1:4] == ("-m", "rlaif_jax", "arm")
+    assert tpu_commands([run])[0].startswith("tpu/run.sh rlaif arm --gin_file=a.gin")
+    (run,) = expand({**base, "script": "tools/x.py"})
+    assert run.command[1] == "tools/x.py" and tpu_commands([run])[0].startswith("tpu/run.sh python tools/x.py")
+    with pytest.raises(ValueError, match="not both"):
+        expand({**base, "command": "arm", "script": "tools/x.py"})

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Samples-stage throughput on random weights: K samples of every prompt, the static sampler
 called once per sample (what the stages do today), K samples sharing one prefill
-(sampling.generate_samples), continuous batching (SamplingParams.slots) and HF generate
+(sampling.generate_samples), continuous batching (SamplingParams.slots), the two combined
+(generate_samples with slots: one prefill per prompt feeding K decode slots) and HF generate
 (PyTorch), repetitions interleaved in one process.
 
   python tools/benchmark_sampler.py --preset tiny --samples 1 4 --lengths miniature chat
@@ -17,6 +18,7 @@ Prints generated tokens/s (sum of the samples' lengths over the median wall time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 
@@ -37,7 +39,18 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=16, help="prompts per stage batch")
     ap.add_argument("--samples", type=int, nargs="+", default=[1, 4], help="K samples per prompt")
     ap.add_argument("--lengths", nargs="+", choices=sorted(LENGTHS), default=["miniature", "chat"])
-    ap.add_argument("--slots", type=int, default=0, help="continuous batching slots (default: --prompts)")
+    ap.add_argument(
+        "--slots",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="continuous batching slots (default: --prompts); several: one shared+cont variant each",
+    )
+    ap.add_argument(
+        "--no_shrink",
+        action="store_true",
+        help="also run shared+cont at the first --slots without the tail's shrinking (generate_rows min_slots=slots)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--torch_threads",
@@ -46,15 +59,35 @@ def main(argv=None) -> int:
         help="PyTorch intra-op threads (0: every core; on a loaded machine 1 avoids spin-waiting)",
     )
     ap.add_argument("--no_torch", action="store_true")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["shared", "continuous", "shared+cont"],
+        help="JAX variants beside today's (default: all)",
+    )
+    ap.add_argument(
+        "--row_write",
+        choices=["auto", "scatter", "select"],
+        default="auto",
+        help="models.kv_cache.ROW_WRITE: how continuous batching writes each row's new key (an ablation)",
+    )
     args = ap.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
 
     from rlaif_jax.benchmarks import interleaved_medians
-    from rlaif_jax.models import build_model, init_params
-    from rlaif_jax.sampling import SamplingParams, generate, generate_continuous, generate_samples, row_keys
+    from rlaif_jax.models import build_model, init_params, kv_cache
+    from rlaif_jax.sampling import (
+        SamplingParams,
+        generate,
+        generate_continuous,
+        generate_rows,
+        generate_samples,
+        row_keys,
+    )
 
+    kv_cache.ROW_WRITE = args.row_write
     cfg = preset_config(args.preset)
     hf = None
     if not args.no_torch:
@@ -73,7 +106,10 @@ def main(argv=None) -> int:
     if hf is None:
         params = init_params(model, jax.random.key(0))
     rs = np.random.RandomState(0)
-    print(f"preset {args.preset}: {cfg.num_params() / 1e6:.1f}M params, {args.prompts} prompts, jax {jax.__version__}")
+    print(
+        f"preset {args.preset}: {cfg.num_params() / 1e6:.1f}M params, {args.prompts} prompts, "
+        f"row write {args.row_write}, jax {jax.__version__}"
+    )
     print(f"{'lengths':10s} {'K':>2s} {'variant':22s} {'tok/s':>9s} {'x today':>8s} {'tokens':>7s}")
     for lname in args.lengths:
         (lo, hi), new, mean = LENGTHS[lname]
@@ -92,7 +128,7 @@ def main(argv=None) -> int:
                     int(o.lengths.sum()) for o in generate_samples(model, params, prompts, keys, sp)
                 )
 
-            slots = args.slots or args.prompts
+            slots = args.slots[0] or args.prompts
 
             def continuous(keys=keys, prompts=prompts, sp=sp):
                 # The K samples as one call of K x prompts through `slots` slots.
@@ -102,7 +138,39 @@ def main(argv=None) -> int:
                     generate_continuous(model, params, prompts * len(keys), rows, sp, slots).lengths.sum()
                 )
 
-            fns = {"today": today, "shared prefill": shared, f"continuous ({slots} slots)": continuous}
+            def combined(keys=keys, prompts=prompts, sp=sp):
+                # One prefill per prompt feeding its K rows inside continuous batching
+                # (generate_samples with SamplingParams.slots).
+                spc = dataclasses.replace(sp, slots=slots)
+                made[f"shared+cont ({slots} sl)"] = sum(
+                    int(o.lengths.sum()) for o in generate_samples(model, params, prompts, keys, spc)
+                )
+
+            def combined_at(n, min_slots=None, name=None, keys=keys, prompts=prompts, sp=sp):
+                # generate_samples with slots=n, spelled out to reach generate_rows' min_slots.
+                def run():
+                    B, K = len(prompts), len(keys)
+                    per = jnp.stack([row_keys(k, B) for k in keys], axis=1).reshape(B * K)
+                    out = generate_rows(
+                        model, params, prompts, np.repeat(np.arange(B), K), per, sp, n, min_slots=min_slots
+                    )
+                    made[name] = int(out.lengths.sum())
+
+                return run
+
+            fns = {
+                "today": today,
+                "shared prefill": shared,
+                f"continuous ({slots} slots)": continuous,
+                f"shared+cont ({slots} sl)": combined,
+            }
+            for n in args.slots[1:]:
+                fns[f"shared+cont ({n} sl)"] = combined_at(n, name=f"shared+cont ({n} sl)")
+            if args.no_shrink:
+                name = f"shared+cont ({slots}, no shrink)"
+                fns[name] = combined_at(slots, min_slots=slots, name=name)
+            if args.variants:
+                fns = {k: v for k, v in fns.items() if k == "today" or k.split(" ")[0] in args.variants}
             if hf is not None:
                 width = max(len(p) for p in prompts)
                 ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])

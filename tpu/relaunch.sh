@@ -3,7 +3,7 @@
 # preempted (or is gone), recreate it, set it up and rerun the command. The trainers resume
 # from the last checkpoint in their run directory (put it on gs://), so nothing is lost but
 # the steps since that checkpoint.
-#   SPOT=1 tpu/relaunch.sh python scripts/train.py --gin_file=... --gin_param="train.run_dir='gs://bucket/run'"
+#   SPOT=1 tpu/relaunch.sh rlaif train --gin_file=... --gin_param="train.run_dir='gs://bucket/run'"
 set -euo pipefail
 here=$(dirname "$0")
 # shellcheck source=tpu/common.sh

@@ -2,8 +2,8 @@
 # Run a command on every worker at once, in the background, logging to $LOG_FILE on each.
 # RLAIF_DISTRIBUTED=1 makes the scripts call jax.distributed.initialize(), which discovers
 # the slice's coordinator and process ids on Cloud TPU by itself.
-#   tpu/run.sh python scripts/train.py --gin_file=configs/experiments/tiny_sft.gin
-#   tpu/run.sh python scripts/train_ppo.py --gin_file=configs/experiments/tiny_ppo.gin
+#   tpu/run.sh rlaif train --gin_file=configs/experiments/tiny_sft.gin
+#   tpu/run.sh rlaif ppo --gin_file=configs/experiments/tiny_ppo.gin
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "$0")/common.sh"

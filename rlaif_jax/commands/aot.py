@@ -5,7 +5,7 @@ without weights; print each program's per-chip memory against the chip's HBM.
     --gin_file=configs/mesh/tpu_v4_32.gin \\
     --gin_file=configs/experiments/paper/arms/dpo_gpt4_on_sft_gpt35_10pct.gin --topology=v4-32
 
-An arm (run_arm.stages) compiles its stages' programs: sft / dpo / reward_model train
+An arm (run_arm.stages) compiles its stages' programs: sft / dpo (its preference_objective) / kto / reward_model train
 steps, the policy-samples and evaluation samplers (prefill + decode), PPO's rollout,
 scoring and update. A single-stage recipe compiles its `train` step or train_ppo's
 programs. Batches are the global ones: a pipeline's global_batch_size where it is bound (it
@@ -31,7 +31,7 @@ import gin
 from rlaif_jax import aot
 from rlaif_jax import sharding as shd
 from rlaif_jax.cli import gin_arg_parser, parse_gin
-from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
+from rlaif_jax.data.pipeline.builders import labelled_pipeline, preference_pipeline, sft_pipeline
 from rlaif_jax.errors import ConfigError
 from rlaif_jax.eval.evaluate import evaluate
 from rlaif_jax.eval.settings import EvalSamplingSettings
@@ -40,7 +40,8 @@ from rlaif_jax.feedback.stages import policy_samples_stage
 from rlaif_jax.lora import LoraSettings
 from rlaif_jax.models.config import numerics_overrides
 from rlaif_jax.pipeline import ArmSettings
-from rlaif_jax.train import DPO, SFT, RewardModel
+from rlaif_jax.pipeline.stages import PREFERENCE_OBJECTIVES
+from rlaif_jax.train import KTO, SFT, RewardModel
 from rlaif_jax.train.loop import train
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.ppo import PPOConfig, train_ppo
@@ -103,11 +104,10 @@ def train_programs(aot, target, stage: str, objective=None):
     with gin.config_scope(stage or None):
         objective = objective or setting(train, "train", "objective", stage)
         cfg = model_config(stage)
-        pipe, pipe_name = (
-            (sft_pipeline, "sft_pipeline")
-            if objective.data_kind == "sft"
-            else (preference_pipeline, "preference_pipeline")
-        )
+        pipe, pipe_name = {
+            "sft": (sft_pipeline, "sft_pipeline"),
+            "labelled": (labelled_pipeline, "labelled_pipeline"),
+        }.get(objective.data_kind, (preference_pipeline, "preference_pipeline"))
         rows, batch_note = aot.global_rows(
             pipe_name,
             setting(pipe, pipe_name, "batch_size", stage),
@@ -198,9 +198,11 @@ def plan(aot, target) -> list:
         for stage in stages:
             if stage == "sft" and setting(ArmSettings, "run_arm", "sft_fraction") == 0.0:
                 continue
-            if stage in ("sft", "dpo", "reward_model"):
+            if stage in ("sft", "dpo", "kto", "reward_model"):
+                # The dpo stage trains run_arm.preference_objective (DPO, ORPO, CPO).
+                preference = PREFERENCE_OBJECTIVES[setting(ArmSettings, "run_arm", "preference_objective")]
                 with gin.config_scope(stage):
-                    objective = {"sft": SFT, "dpo": DPO, "reward_model": RewardModel}[stage]()
+                    objective = {"sft": SFT, "dpo": preference, "kto": KTO, "reward_model": RewardModel}[stage]()
                 out.append(train_programs(aot, target, stage, objective))
             elif stage == "ppo":
                 out.append(ppo_programs(aot, target, stage))

@@ -54,6 +54,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from rlaif_jax import fileio
 from rlaif_jax.errors import UserError
 from rlaif_jax.eval.length_control import sigmoid
 
@@ -180,7 +181,6 @@ def fit_cv(
 
 
 def _read_csv(path: str) -> tuple[list[str], list[list[str]]]:
-    from rlaif_jax import fileio
 
     try:
         with fileio.open_file(path, "r") as f:

@@ -34,11 +34,24 @@ import gin
 import numpy as np
 
 from rlaif_jax import fileio
+from rlaif_jax.data.prompts.readers import read_prompt_source
+from rlaif_jax.data.prompts.types import InputError
 from rlaif_jax.errors import ConfigError, UserError
 from rlaif_jax.eval.alpaca_eval_lc import SOLVERS, AlpacaEvalDataError, alpaca_eval_lc_win_rate, difficulties
 from rlaif_jax.eval.length_control import length_controlled_win_rate
+from rlaif_jax.eval.reward_score import RewardScorer, reward_protocol_metrics
 from rlaif_jax.eval.settings import EvalJudgeSettings, EvalSamplingSettings
+from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
+from rlaif_jax.feedback.stages import (
+    judge_asked,
+    judge_pairs,
+    judged_before,
+    load_demonstrations,
+    policy_samples_stage,
+    task_key,
+    write_judged,
+)
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 from rlaif_jax.winrate import continuous_preferences, preferences_from_verdicts, win_rate
 
@@ -56,8 +69,6 @@ def load_eval_set(path: str, references: Optional[str] = None, reference_generat
     `output` is the reference) or any prompt file the data readers accept; `references`
     (an AlpacaEval-format file) supplies or replaces the reference outputs, joined on the
     instruction text. Every instruction must end with a reference output."""
-    from rlaif_jax.data.prompts.readers import read_prompt_source
-    from rlaif_jax.data.prompts.types import InputError
 
     try:
         prompts, _, _ = read_prompt_source(path)
@@ -186,7 +197,6 @@ def generate_outputs(
     Returns:
       The outputs, in the order of rows.
     """
-    from rlaif_jax.feedback.stages import load_demonstrations, policy_samples_stage
 
     prompts_path = fileio.join(out_dir, "prompts.jsonl")
     write_jsonl(prompts_path, ({"prompt_id": r["prompt_id"], "prompt": r["prompt"]} for r in rows))
@@ -225,7 +235,6 @@ def generate_outputs(
 def load_outputs(path: str, rows: Sequence[Mapping]) -> list[str]:
     """Policy outputs from an AlpacaEval-format file (instruction, output), for judging
     outputs generated elsewhere."""
-    from rlaif_jax.data.prompts.readers import read_prompt_source
 
     got, _, _ = read_prompt_source(path, format="alpaca")
     by_id = {}
@@ -357,9 +366,6 @@ def evaluate(
     Returns:
       The metrics.
     """
-    from rlaif_jax.feedback import judge as J
-    from rlaif_jax.feedback.stages import judge_pairs
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if lc_method not in LC_METHODS:
@@ -417,8 +423,10 @@ def evaluate(
             J.PairTask(r["prompt_id"], r["prompt"], o, r["reference"], name, r["reference_generator"])
             for r, o in zip(rows, outputs)
         ]
-        comps = judge_pairs(client, tasks, judge, tmpl)
-        _write_jsonl(fileio.join(out_dir, "judgments.jsonl"), comps)
+        asked = {"model": client.model, **judge_asked(judge, tmpl)}
+        kept = judged_before(out_dir, "judgments.jsonl", asked)
+        comps = judge_pairs(client, tasks, judge, tmpl, kept=kept)
+        write_judged(out_dir, "judgments.jsonl", comps, asked)
         jm = judge_metrics(
             comps,
             outputs,
@@ -443,14 +451,14 @@ def evaluate(
             order_seed=judge.seed,
             both_orders=judge.both_orders,
             logprobs=judge.logprobs,
+            judge_asked=asked,
+            kept_from_out_dir=sum(task_key(x) in kept for x in tasks),  # judgments not asked again
             api=api,
             cost_usd=api["cost_usd"],
             cost_usd_total=_add_to_ledger(out_dir, api),
             client=client.describe(),
         )
     else:
-        from rlaif_jax.eval.reward_score import RewardScorer, reward_protocol_metrics
-
         scorer = RewardScorer(
             reward_model,
             template=sampling.template,

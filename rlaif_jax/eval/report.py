@@ -13,6 +13,11 @@ import math
 import os
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
+
+from rlaif_jax.eval.length_control import estimate_instruction_difficulty, length_controlled_win_rate
+from rlaif_jax.winrate import preferences_from_verdicts
+
 COLUMNS = (
     "run",
     "base_model",
@@ -71,10 +76,6 @@ def joint_length_control(run_dirs: Sequence[str], l2_difficulty: float = 1.0) ->
     runs given (AlpacaEval 2's approach, over our runs instead of its leaderboard):
     {run_dir: lc_joint_win_rate}. Needs >= 2 judge runs; instructions are matched by
     prompt_id, and each must have one reference output across runs."""
-    import numpy as np
-
-    from rlaif_jax.eval.length_control import estimate_instruction_difficulty, length_controlled_win_rate
-    from rlaif_jax.winrate import preferences_from_verdicts
 
     runs = {d: _judgments(d) for d in run_dirs}
     runs = {d: j for d, j in runs.items() if j}
@@ -159,7 +160,6 @@ def plot_grouped_bars(
     """One group of bars per `group` value, one bar per `series` value, error bars +- SE
     (the paper's main figure: base models x arms)."""
     plt = _plt()
-    import numpy as np
 
     groups = list(dict.fromkeys(str(r.get(group)) for r in rows))
     series_vals = list(dict.fromkeys(str(r.get(series)) for r in rows))

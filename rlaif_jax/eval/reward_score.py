@@ -12,6 +12,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from rlaif_jax.data.tokenize import Encoder, load_tokenizer
+from rlaif_jax.models import build_model
+from rlaif_jax.models.heads import SCORE_HEAD
+from rlaif_jax.models.hf_io import load_hf
+from rlaif_jax.train.reward import sequence_rewards
 from rlaif_jax.winrate import win_rate
 
 
@@ -58,10 +63,6 @@ class RewardScorer:
         batch_size: int = 16,
         dtype: str = "float32",
     ):
-        from rlaif_jax.data.tokenize import Encoder, load_tokenizer
-        from rlaif_jax.models import build_model
-        from rlaif_jax.models.heads import SCORE_HEAD
-        from rlaif_jax.models.hf_io import load_hf
 
         self.tokenizer = load_tokenizer(hf_dir)
         self.encoder = Encoder(self.tokenizer, template, max_length, max_prompt_length)
@@ -73,8 +74,6 @@ class RewardScorer:
     def _score_fn(self):
         if self._fn is None:
             import jax
-
-            from rlaif_jax.train.reward import sequence_rewards
 
             self._fn = jax.jit(lambda p, t, pos, seg: sequence_rewards(self.model, p, t, pos, seg))
         return self._fn

@@ -34,8 +34,17 @@ from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.pricing import BATCH_DISCOUNT, price_for
 from rlaif_jax.feedback.settings import JudgeSettings
-from rlaif_jax.feedback.stages import judge_pairs, judge_requests, load_demonstrations, pair_tasks
-from rlaif_jax.fileio import write_json, write_jsonl
+from rlaif_jax.feedback.stages import (
+    judge_asked,
+    judge_pairs,
+    judge_requests,
+    judged_before,
+    load_demonstrations,
+    pair_tasks,
+    task_key,
+    write_judged,
+)
+from rlaif_jax.fileio import write_json
 from rlaif_jax.outputs import writer_lock
 from rlaif_jax.winrate import verdict_win_rate
 
@@ -281,7 +290,10 @@ def audit_gap(
                 "prompts (nothing was sent or written)"
             )
         template = J.load_template(judge.template)
-        _, requests = judge_requests(client, tasks, judge, template)
+        # Judgments an earlier audit in out_dir wrote, asked the same way: not asked (or paid) again.
+        asked = {"model": client.model, **judge_asked(judge, template)}
+        kept = judged_before(out_dir, "comparisons.jsonl", asked)
+        _, requests = judge_requests(client, [t for t in tasks if task_key(t) not in kept], judge, template)
         estimate = estimate_cost(client, requests, judge.batch_api)
         usd = "unpriced model" if estimate["usd_max"] is None else f"at most ${estimate['usd_max']:.4f}"
         print(
@@ -302,7 +314,7 @@ def audit_gap(
                     f"{binding('AuditSettings.max_cost_usd')} = {limit}: the audit would cost {usd}; "
                     "raise the limit or lower AuditSettings.sample_size (nothing was sent)"
                 )
-        comps = judge_pairs(client, tasks, judge, template)
+        comps = judge_pairs(client, tasks, judge, template, kept=kept)
         stats = gap_statistics(comps, settings.confidence)
         word, text = reading(stats)
         report = {
@@ -322,10 +334,11 @@ def audit_gap(
             "api_errors": sum(bool(c.get("error")) for c in comps),
             "settings": dataclasses.asdict(settings),
             "judge": dataclasses.asdict(judge),
+            "kept_from_out_dir": sum(task_key(t) in kept for t in tasks),
             "client": client.describe(),
             "packages": package_versions(PACKAGES + ("openai",)),
         }
-        write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
+        write_judged(out_dir, "comparisons.jsonl", comps, asked)
         with fio.atomic_write(fio.join(out_dir, "report.md")) as f:
             f.write(markdown(report))
         write_json(fio.join(out_dir, "metrics.json"), report)

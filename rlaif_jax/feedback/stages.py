@@ -18,6 +18,7 @@ JudgeSettings, SamplingSettings), built from gin in the caller's scope when not 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from rlaif_jax.data.records import (
     write_records,
 )
 from rlaif_jax.data.records.schemas import normalize_finish_reason
+from rlaif_jax.data.tokenize import get_template, load_tokenizer
 from rlaif_jax.errors import (
     ConfigError,
     UserError,
@@ -53,6 +55,7 @@ from rlaif_jax.errors import (
 from rlaif_jax.feedback import judge as J
 from rlaif_jax.feedback.client import FeedbackClient
 from rlaif_jax.feedback.preferences import build_preference_pairs
+from rlaif_jax.feedback.server.model_backend import LocalModel
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.fileio import save_operative_config, write_json, write_jsonl
 from rlaif_jax.outputs import check_replace, writer_lock
@@ -316,22 +319,125 @@ def teacher_stage(
         return manifest
 
 
-def _answered_in(out_dir: str, stage: str, **asked) -> dict[tuple[str, str], list[dict]]:
-    """{(prompt_id, prompt): its records} of the complete set already in out_dir, when that
-    set was asked for the same way (`asked`: the provenance fields that change an answer).
-    A rerun does not pay again for what is written there, whatever API cache it is given
-    (a concurrent writer that was refused, then rerun, has another cache)."""
+def kept_records(out_dir: str, schema, stage: str, **asked) -> list[dict]:
+    """The records of the complete set already in out_dir when that set was asked for the
+    same way (`asked`: `model` and the provenance fields that change an answer), else [].
+    Every API stage reuses them: a rerun does not pay again for what is written there,
+    whatever API cache it is given (a concurrent writer that was refused, then rerun, has
+    another cache)."""
     if not _is_records_dir(out_dir):
-        return {}
-    prov = read_manifest(out_dir, DEMONSTRATIONS).get("provenance") or {}
+        return []
+    prov = read_manifest(out_dir, schema).get("provenance") or {}
     if prov.get("stage") != stage or (prov.get("client") or {}).get("model") != asked.pop("model"):
-        return {}
+        return []
     if any(prov.get(k) != v for k, v in asked.items()):
-        return {}
+        return []
+    return list(read_records(out_dir, schema))
+
+
+def _answered_in(out_dir: str, stage: str, **asked) -> dict[tuple[str, str], list[dict]]:
+    """{(prompt_id, prompt): its records} of kept_records (a teacher's demonstrations)."""
     out: dict[tuple[str, str], list[dict]] = {}
-    for rec in read_records(out_dir, DEMONSTRATIONS):
+    for rec in kept_records(out_dir, DEMONSTRATIONS, stage, **asked):
         out.setdefault((rec["prompt_id"], rec["prompt"]), []).append(rec)
     return out
+
+
+def task_key(c: Any) -> tuple[str, str, str, str]:
+    """What a judgment answers: (prompt_id, prompt, response_1, response_2), of a PairTask or
+    a comparison dict."""
+    if isinstance(c, Mapping):
+        return c["prompt_id"], c["prompt"], c["response_1"], c["response_2"]
+    return c.prompt_id, c.prompt, c.response_1, c.response_2
+
+
+def answered(c: Mapping[str, Any]) -> bool:
+    """A comparison whose every request was answered (no API error in it or its views):
+    reusable. One with an error is asked again."""
+    return not c.get("error") and not any(v.get("error") for v in c.get("views") or ())
+
+
+def judge_asked(judge: JudgeSettings, tmpl: J.JudgeTemplate) -> dict[str, Any]:
+    """How a judge was asked, every field that changes an answer: judgments written under
+    the same values are reused rather than asked again (critic_stage, the evaluation)."""
+    return {
+        "template": tmpl.id,
+        "template_sha256": tmpl.sha256,
+        "mode": judge.mode,
+        "both_orders": judge.both_orders,
+        "seed": judge.seed,
+        "logprobs": judge.logprobs,
+        "top_logprobs": judge.top_logprobs if judge.logprobs else None,
+        "temperature": judge.temperature,
+        "max_tokens": judge.max_tokens,
+        "on_disagreement": judge.on_disagreement,
+    }
+
+
+ASKED_FILE = "judge_asked.json"
+
+
+def _sha256(path: str) -> str:
+    with fio.open_file(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_judged(out_dir: str, rows_file: str, comps: Sequence[Mapping], asked: Mapping[str, Any]) -> None:
+    """Writes the judgments to out_dir/rows_file, then ASKED_FILE: how they were asked and the
+    file's hash (a run killed between the two leaves a hash that no longer matches: nothing
+    is reused from it)."""
+    path = fio.join(out_dir, rows_file)
+    write_jsonl(path, comps)
+    write_json(fio.join(out_dir, ASKED_FILE), {"asked": dict(asked), "file": rows_file, "sha256": _sha256(path)})
+
+
+def judged_before(out_dir: str, rows_file: str, asked: Mapping[str, Any]) -> dict[tuple, dict]:
+    """{task_key: judgment} that an earlier run wrote with write_judged into out_dir, when it
+    was asked the same way (`asked`: the model and judge_asked()): the evaluation and the gap
+    audit reuse them, so a rerun pays for nothing again whatever API cache it is given.
+    Judgments are matched by prompt and both responses (changed responses are judged anew);
+    one with an API error is asked again."""
+    side, rows_path = fio.join(out_dir, ASKED_FILE), fio.join(out_dir, rows_file)
+    if not (fio.isfile(side) and fio.isfile(rows_path)):
+        return {}
+    try:
+        before = fio.read_json(side)
+    except ValueError:
+        return {}
+    if not isinstance(before, dict) or before.get("asked") != dict(asked) or before.get("file") != rows_file:
+        return {}
+    if before.get("sha256") != _sha256(rows_path):
+        return {}
+    rows = fio.read_jsonl_objects(rows_path, "a judgment object")
+    return {task_key(c): c for c in rows if "response_1" in c and answered(c)}
+
+
+def _judged_in(out_dir: str, judge_name: str, **asked) -> dict[tuple, dict]:
+    """{task_key: comparison} of a critic's complete set in out_dir asked the same way: the
+    rich rows of comparisons.jsonl that agree with the records (a later run killed between
+    the two files cannot slip its rows in) and hold no API error."""
+    records = {task_key(r): r for r in kept_records(out_dir, COMPARISONS, "critic", **asked)}
+    side = fio.join(out_dir, "comparisons.jsonl")
+    if not records or not fio.isfile(side):
+        return {}
+    out = {}
+    for c in fio.read_jsonl_objects(side, "a comparison object"):
+        k = task_key(c)
+        if (
+            k in records
+            and c.get("judge") == judge_name
+            and answered(c)
+            and comparison_record(c) == _as_record(records[k])
+        ):
+            out[k] = c
+    return out
+
+
+def _as_record(rec: Mapping[str, Any]) -> dict:
+    return {k: rec.get(k) for k in _COMPARISON_FIELDS} | {
+        "model_1": rec.get("model_1") or None,
+        "model_2": rec.get("model_2") or None,
+    }
 
 
 # -- critic --------------------------------------------------------------------------------
@@ -369,9 +475,6 @@ def truncate_to_budget(
     """Cuts each response so that BOS + templated prompt + response fits max_length tokens:
     the paper judges the teacher's completion truncated to the policy sample's budget, so
     the critic cannot prefer it merely for going on longer. Returns (tasks, responses cut)."""
-    import dataclasses
-
-    from rlaif_jax.data.tokenize import get_template, load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     tmpl = get_template(template, tok)
@@ -398,24 +501,33 @@ def judge_pairs(
     tasks: Sequence[J.PairTask],
     judge: JudgeSettings,
     template: Optional[J.JudgeTemplate] = None,
+    kept: Optional[Mapping[tuple, Mapping[str, Any]]] = None,
 ) -> list[dict]:
-    """Asks the judge about every task.
+    """Asks the judge about every task not already judged in `kept`.
 
     Args:
       client: the judge's API client (cache, retries, accounting).
       tasks: the pairs, response_1 in canonical first place.
       judge: how to ask and read the answers.
       template: judge.template already loaded (None: loaded here).
+      kept: {task_key: comparison} already written by a run asked the same way (see
+        kept_records): those tasks are not asked again, whatever the client's cache.
 
     Returns:
       Comparison dicts (COMPARISONS fields + views, p_1, error...) in the order of tasks.
     """
     template = template or J.load_template(judge.template)
-    plan, reqs = judge_requests(client, tasks, judge, template)
-    results = _run(client, reqs, f"critic {client.model}", judge.batch_api, judge.poll_interval_s) if reqs else []
     judge_name = judge.name or client.model
+    kept = {k: c for k, c in (kept or {}).items() if c.get("judge") == judge_name and answered(c)}
+    plan, reqs = judge_requests(client, [t for t in tasks if task_key(t) not in kept], judge, template)
+    results = _run(client, reqs, f"critic {client.model}", judge.batch_api, judge.poll_interval_s) if reqs else []
+    fresh = {task_key(t): (kind, t, idx) for kind, t, idx in plan}
     out = []
-    for kind, t, idx in plan:
+    for t in tasks:
+        if task_key(t) in kept:
+            out.append(dict(kept[task_key(t)]))
+            continue
+        kind, t, idx = fresh[task_key(t)]
         if kind == "identical":
             out.append(J.identical_comparison(t, judge_name, judge.mode))
         elif kind == "pairwise":
@@ -481,10 +593,22 @@ def judge_requests(
 
 def comparison_record(c: Mapping[str, Any]) -> dict:
     """The COMPARISONS-schema subset of a comparison dict."""
-    return {
-        k: c[k]
-        for k in ("prompt_id", "prompt", "response_1", "response_2", "judge", "verdict", "raw_judge_text", "swapped")
-    } | {"model_1": c.get("model_1") or None, "model_2": c.get("model_2") or None}
+    return {k: c[k] for k in _COMPARISON_FIELDS} | {
+        "model_1": c.get("model_1") or None,
+        "model_2": c.get("model_2") or None,
+    }
+
+
+_COMPARISON_FIELDS = (
+    "prompt_id",
+    "prompt",
+    "response_1",
+    "response_2",
+    "judge",
+    "verdict",
+    "raw_judge_text",
+    "swapped",
+)
 
 
 @gin.configurable
@@ -539,14 +663,21 @@ def critic_stage(
             tasks, join["responses_truncated"] = truncate_to_budget(
                 tasks, truncate_tokenizer, truncate_max_length, truncate_template
             )
-        comps = judge_pairs(client, tasks, judge, tmpl)
+        asked = judge_asked(judge, tmpl)
+        kept = _judged_in(out_dir, judge.name or client.model, model=client.model, **asked)
+        comps = judge_pairs(client, tasks, judge, tmpl, kept=kept)
         write_jsonl(fio.join(out_dir, "comparisons.jsonl"), comps)
         write_jsonl(
             fio.join(out_dir, "errors.jsonl"),
             [{"prompt_id": c["prompt_id"], "error": c["error"]} for c in comps if c.get("error")],
         )
         _, prefs_report = build_preference_pairs(comps)
-        report = {"join": join, "api": client.summary.as_dict(), **prefs_report}
+        report = {
+            "join": join,
+            "kept_from_out_dir": sum(task_key(t) in kept for t in tasks),  # not asked again
+            "api": client.summary.as_dict(),
+            **prefs_report,
+        }
         write_json(fio.join(out_dir, "report.json"), report)
         manifest = write_records(
             out_dir,
@@ -557,15 +688,7 @@ def critic_stage(
                 "stage": "critic",
                 "stage_version": STAGE_VERSION,
                 "client": client.describe(),
-                "template": tmpl.id,
-                "template_sha256": tmpl.sha256,
-                "mode": judge.mode,
-                "both_orders": judge.both_orders,
-                "seed": judge.seed,
-                "logprobs": judge.logprobs,
-                "temperature": judge.temperature,
-                "max_tokens": judge.max_tokens,
-                "on_disagreement": judge.on_disagreement,
+                **asked,
                 "responses_1": fio.abspath(responses_1),
                 "responses_2": fio.abspath(responses_2),
                 "api_mode": "batch" if judge.batch_api else "online",
@@ -677,7 +800,6 @@ def policy_samples_stage(
     Returns:
       The manifest of the demonstration records.
     """
-    from rlaif_jax.feedback.server.model_backend import LocalModel
 
     sampling = sampling if sampling is not None else SamplingSettings()
     existing_dir(
@@ -719,6 +841,7 @@ def policy_samples_stage(
                     top_k=sampling.top_k,
                     seed=sampling.seed * 1_000_003 + bi,
                     length_bucket=length_bucket,
+                    rng_per_prompt=sampling.rng_per_prompt,
                 )
                 samples = [
                     {

@@ -6,6 +6,11 @@ PEFT's LoRA computes W x + s B(A(dropout(x))) with lora_A.weight [r, in] and lor
 [out, r] on the HF projection's flattened input / output; ours hold A [*in, r] and B [r, *out]
 on the decoder's kernel layout [*in, *out], flattened in the same (row-major) order as
 hf_io's kernels, so A = lora_A.weight.T and B = lora_B.weight.T reshaped.
+
+A reward model's adapter (adapters + its trainable score head) is a SEQ_CLS adapter: PEFT
+keeps the head whole as a `modules_to_save` module, saved as base_model.model.score.weight
+([1, hidden], the transpose of our [hidden, 1] kernel), which
+`PeftModel.from_pretrained(LlamaForSequenceClassification(base), dir)` loads.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from rlaif_jax.lora.adapters import LORA_A, LORA_B, abstract_adapters
 from rlaif_jax.lora.settings import LoraSettings
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+SCORE_MODULE = "score"  # the HF *ForSequenceClassification head (hf_io's score.weight)
+SCORE_KEY = f"base_model.model.{SCORE_MODULE}.weight"
 _HF_PARENT = {"attn": "self_attn", "mlp": "mlp"}
 
 
@@ -42,10 +49,16 @@ def _modules(adapters: Any, scanned: bool, num_layers: int):
                 yield f"model.layers.{layer}.{_HF_PARENT[parent]}.{name}", a, b
 
 
-def save_peft(path: str, cfg, adapters: Any, settings: LoraSettings, base_model: str = "") -> None:
+def save_peft(
+    path: str, cfg, adapters: Any, settings: LoraSettings, base_model: str = "", score_kernel: Any = None
+) -> None:
     """Writes adapters (an adapter tree: init_adapters' layout) as a PEFT LoRA directory.
-    Every process must call it (gathers are collective); process 0 writes."""
+    With `score_kernel` (a reward model's score head kernel, [hidden, 1]) the directory is
+    a SEQ_CLS adapter carrying the head as `modules_to_save`. Every process must call it
+    (gathers are collective); process 0 writes."""
     tensors, targets, names = {}, [], set()
+    if score_kernel is not None:
+        tensors[SCORE_KEY] = np.ascontiguousarray(np.asarray(shd.to_host(score_kernel), np.float32).T)
     for module, a, b in _modules(adapters, cfg.scan_layers, cfg.num_layers):
         a, b = shd.to_host(a), shd.to_host(b)
         r = a.shape[-1]
@@ -60,7 +73,7 @@ def save_peft(path: str, cfg, adapters: Any, settings: LoraSettings, base_model:
     uniform = len(targets) == len(names) * cfg.num_layers
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "CAUSAL_LM" if score_kernel is None else "SEQ_CLS",
         "base_model_name_or_path": base_model or None,
         "r": settings.rank,
         "lora_alpha": settings.alpha,
@@ -69,7 +82,7 @@ def save_peft(path: str, cfg, adapters: Any, settings: LoraSettings, base_model:
         "target_modules": sorted(names) if uniform else targets,
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        "modules_to_save": None if score_kernel is None else [SCORE_MODULE],
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -95,8 +108,9 @@ def _check_config(path: str, config: dict, settings: LoraSettings) -> None:
     for key, ok in (("bias", "none"), ("fan_in_fan_out", False)):
         if config.get(key, ok) != ok:
             raise UserError(f"{where}: {key} = {config[key]!r} is not supported (only {ok!r})")
-    if config.get("modules_to_save"):
-        raise UserError(f"{where}: modules_to_save {config['modules_to_save']!r} is not supported")
+    extra = set(config.get("modules_to_save") or ()) - {SCORE_MODULE, "classifier"}  # PEFT adds both for SEQ_CLS
+    if extra:
+        raise UserError(f"{where}: modules_to_save {sorted(extra)!r} is not supported (only a reward model's score)")
 
 
 def load_peft(path: str, model, settings: LoraSettings) -> Any:
@@ -107,6 +121,7 @@ def load_peft(path: str, model, settings: LoraSettings) -> Any:
     with open(os.path.join(path, CONFIG)) as f:
         _check_config(path, json.load(f), settings)
     tensors = load_file(os.path.join(path, WEIGHTS))
+    tensors.pop(SCORE_KEY, None)  # a reward model's head: load_peft_score
     cfg = model.cfg
     abstract = abstract_adapters(model, settings)
     unboxed = nn.unbox(abstract)
@@ -151,3 +166,20 @@ def load_peft(path: str, model, settings: LoraSettings) -> Any:
     if shardings is None:
         return jax.tree.map(jnp.asarray, out)
     return jax.tree.map(jax.device_put, out, shardings)
+
+
+def load_peft_score(path: str, hidden_size: int) -> Any:
+    """The score head kernel ([hidden, 1], float32) a SEQ_CLS adapter directory carries, or
+    None when it has none (a language model's adapter: the run's head stays fresh)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, WEIGHTS), "numpy") as f:
+        if SCORE_KEY not in f.keys():
+            return None
+        w = f.get_tensor(SCORE_KEY)
+    if w.shape != (1, hidden_size):
+        raise UserError(
+            f"{os.path.join(path, WEIGHTS)}: {SCORE_KEY} has shape {tuple(w.shape)}, not (1, {hidden_size}) "
+            "(one score per sequence on this model's hidden size); give an adapter of this base"
+        )
+    return np.ascontiguousarray(w.T).astype(np.float32)

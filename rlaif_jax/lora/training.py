@@ -16,9 +16,10 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from rlaif_jax import fileio
-from rlaif_jax.errors import UserError
+from rlaif_jax.errors import UserError, binding
 from rlaif_jax.lora import peft_io
 from rlaif_jax.lora.adapters import (
     LORA_A,
@@ -33,7 +34,7 @@ from rlaif_jax.lora.adapters import (
 )
 from rlaif_jax.lora.adapters import select as select_tree
 from rlaif_jax.lora.settings import LoraSettings
-from rlaif_jax.models.heads import head_param
+from rlaif_jax.models.heads import SCORE_HEAD, head_param
 from rlaif_jax.models.hf_io import save_hf
 
 BASE_POINTER = "lora_base.json"
@@ -98,12 +99,15 @@ class LoraRun:
         return select_tree(trainable, lambda p: p[-1] in (LORA_A, LORA_B))
 
     def export(self, path: str, cfg, trainable, tokenizer=None, base_model: str = "") -> None:
-        """The merged HF model at `path` (as a full fine-tuning run exports it) and, for a
-        language model, the PEFT adapter alone at path/PEFT_SUBDIR."""
+        """The merged HF model at `path` (as a full fine-tuning run exports it) and the PEFT
+        adapter alone at path/PEFT_SUBDIR: a CAUSAL_LM adapter for a language model, a
+        SEQ_CLS one with the score head as `modules_to_save` for a reward model."""
         score_head = not self.objective.lm_head
         save_hf(path, cfg, self.merged(trainable), tokenizer=tokenizer, score_head=score_head)
-        if not score_head:
-            peft_io.save_peft(os.path.join(path, PEFT_SUBDIR), cfg, self.adapters(trainable), self.settings, base_model)
+        score = trainable[head_param(SCORE_HEAD)]["kernel"] if score_head else None
+        peft_io.save_peft(
+            os.path.join(path, PEFT_SUBDIR), cfg, self.adapters(trainable), self.settings, base_model, score
+        )
 
 
 def prepare(objective, model, params, settings: LoraSettings, seed: int, reference: Optional[Any] = None) -> LoraRun:
@@ -115,6 +119,7 @@ def prepare(objective, model, params, settings: LoraSettings, seed: int, referen
     base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
     if settings.init_adapter:
         adapters = peft_io.load_peft(settings.init_adapter, model, settings)
+        trainable_heads = _score_from_adapter(settings.init_adapter, model, trainable_heads)
     else:
         adapters = init_adapters(model, settings, jax.random.key(seed + 2))
     base = quantize_base(base, settings, model.layout)
@@ -126,6 +131,25 @@ def prepare(objective, model, params, settings: LoraSettings, seed: int, referen
         settings=settings,
         base_shapes=base_shapes,
     )
+
+
+def _score_from_adapter(path: str, model, heads: dict) -> dict:
+    """A reward model started from a SEQ_CLS adapter takes its score head too (placed as the
+    fresh one was); a causal LM given one is refused (its head would be silently dropped)."""
+    kernel = peft_io.load_peft_score(path, model.cfg.hidden_size)
+    if kernel is None:
+        return heads
+    name = head_param(SCORE_HEAD)
+    if name not in heads:
+        raise UserError(
+            f"{binding('LoraSettings.init_adapter')} = {path!r} is a reward model's adapter (it carries a "
+            "score head); give a language model's adapter, or train a reward model from it"
+        )
+    fresh = heads[name]["kernel"]
+    loaded = jnp.asarray(kernel, fresh.dtype)
+    if isinstance(fresh, jax.Array):
+        loaded = jax.device_put(loaded, fresh.sharding)
+    return {**heads, name: {**heads[name], "kernel": loaded}}
 
 
 def abstract_split(objective, model, params, settings: LoraSettings, reference: Optional[Any] = None):

@@ -33,11 +33,28 @@ LABELS = {
     "ppo_weak_10": "SFT weak 10% + PPO",
     "dpo_strong_10": "SFT strong 10% + DPO",
     "dpo_weak_10_iter": "SFT weak 10% + iterative DPO",
+    "kto_weak_10": "SFT weak 10% + KTO (ratings)",
+    "orpo_weak_10": "SFT weak 10% + ORPO",
+    "dpo_weak_10_lora": "SFT weak 10% + DPO LoRA",
 }
 # Arms run only when asked for (run_miniature.arms): the default table stays the paper's.
 # dpo_weak_10_iter: iterative RLAIF (rlaif_jax.iterative) from SFT weak 10%, one row per round.
-OPTIONAL_ARMS = ("dpo_weak_10_iter",)
+# kto_weak_10: KTO from SFT weak 10% on the critic's 1-5 ratings (rating mode) of the same
+# samples and teacher replies dpo_weak_10's pairs are judged from; orpo_weak_10: ORPO on
+# dpo_weak_10's preference pairs from the same SFT policy (the objective is the only
+# difference); dpo_weak_10_lora: dpo_weak_10 as LoRA adapters, the reference the SFT policy
+# with the adapters off. Each reuses sft_weak_10's SFT run and samples (and the last two its
+# critic's verdicts) and is compared with SFT weak 10% in the report.
+OPTIONAL_ARMS = ("dpo_weak_10_iter", "kto_weak_10", "orpo_weak_10", "dpo_weak_10_lora")
 ITERATIVE_START = {"dpo_weak_10_iter": ("sft_weak_10", "weak-teacher")}
+# Optional one-round arms -> (the SFT arm they start from, the teacher its samples are
+# judged or rated against), as RL_START (kept apart: the critic statistic of the report
+# reads RL_START's arms' verdicts).
+OPTIONAL_START = {
+    "kto_weak_10": ("sft_weak_10", "weak-teacher"),
+    "orpo_weak_10": ("sft_weak_10", "weak-teacher"),
+    "dpo_weak_10_lora": ("sft_weak_10", "weak-teacher"),
+}
 # RL arm -> (the SFT arm it starts from, the teacher whose completions its samples are judged
 # against): the paper pairs the SFT policy's sample with its own teacher's completion.
 RL_START = {
@@ -82,6 +99,14 @@ class MiniatureSettings:
     iterative: the rounds of the optional arm dpo_weak_10_iter (add it to `arms`): rounds,
     pairing, DPO reference, samples per prompt (None: gin's IterativeSettings()); its DPO
     steps use dpo_*.
+    The other optional arms (OPTIONAL_ARMS; run after the default ones, which they leave
+    unchanged): kto_beta / kto_lr / kto_epochs KTO of kto_weak_10 (weights 1, the SFT policy
+    as reference) on the critic's ratings, labelled desirable above kto_threshold on the 1-5
+    scale and undesirable below it (ties dropped); orpo_beta / orpo_lr (ORPO's lambda and
+    rate; its epochs dpo_epochs) of orpo_weak_10; lora_rank / lora_alpha / lora_lr the
+    adapters (all seven projections) and rate of dpo_weak_10_lora (its other settings
+    dpo_*): adapters start at B = 0 and move a low-rank update, so LoRA takes a higher rate
+    than full DPO.
     shared_dir: where the tokenizer, the web corpus and the base model live (default
     out_dir), so that runs differing only in later knobs (a sweep over teacher and critic
     strengths) pretrain once; it refuses settings other than those it was made with."""
@@ -119,6 +144,15 @@ class MiniatureSettings:
     shared_dir: Optional[str] = None
     progress: bool = True
     iterative: Optional[IterativeSettings] = None  # the iterative arm's rounds; None: IterativeSettings()
+    kto_beta: float = 0.1
+    kto_lr: float = 3e-5
+    kto_epochs: int = 4
+    kto_threshold: float = 3.0
+    orpo_beta: float = 0.1
+    orpo_lr: float = 3e-5
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_lr: float = 3e-4
 
     def __post_init__(self):
         object.__setattr__(self, "arms", tuple(self.arms))  # gin hands a list
@@ -151,18 +185,26 @@ class MiniatureSettings:
             raise ConfigError(f"run_miniature.num_pretrain must be >= 0 (0: no pretraining), got {self.num_pretrain}")
         # Checked here, before any stage runs: the trainers would catch these only when their
         # stage starts, minutes into the run (and a zero-iteration PPO not at all).
-        for name in ("pretrain_epochs", "sft_epochs", "sft_small_epochs", "dpo_epochs", "rm_epochs", "ppo_iterations"):
+        epochs = ("pretrain_epochs", "sft_epochs", "sft_small_epochs", "dpo_epochs", "rm_epochs", "ppo_iterations")
+        for name in epochs + ("kto_epochs", "lora_rank"):
             whole(f"run_miniature.{name}", getattr(self, name), 1)
-        for name in ("pretrain_lr", "sft_lr", "dpo_lr", "rm_lr", "ppo_lr", "dpo_beta"):
+        rates = ("pretrain_lr", "sft_lr", "dpo_lr", "rm_lr", "ppo_lr", "dpo_beta")
+        for name in rates + ("kto_beta", "kto_lr", "orpo_beta", "orpo_lr", "lora_alpha", "lora_lr"):
             positive(f"run_miniature.{name}", getattr(self, name))
         for name in ("dpo_rpo_alpha", "ppo_kl_coef", "eval_temperature"):
             non_negative(f"run_miniature.{name}", getattr(self, name))
         in_range("run_miniature.eval_top_p", self.eval_top_p, 0.0, 1.0, lo_open=True)
+        in_range("run_miniature.kto_threshold", self.kto_threshold, 1.0, 5.0)
+
+    def run_order(self) -> tuple[str, ...]:
+        """The arms in the order they run: the default ones first (as asked), then the
+        optional ones, so an optional arm never changes what a default arm computes."""
+        return tuple(a for a in self.arms if a in ARMS) + tuple(a for a in self.arms if a not in ARMS)
 
 
 def start_of(name: str) -> tuple[str, str]:
     """(the SFT arm an arm starts from, the teacher its samples are judged against)."""
-    return {**RL_START, **ITERATIVE_START}.get(name, (name, SFT_DATA.get(name, ("",))[0]))
+    return {**RL_START, **ITERATIVE_START, **OPTIONAL_START}.get(name, (name, SFT_DATA.get(name, ("",))[0]))
 
 
 def stages_of(name: str) -> tuple[str, ...]:
@@ -170,7 +212,9 @@ def stages_of(name: str) -> tuple[str, ...]:
         return ("sft", "rounds", "evaluate")
     if name.startswith("sft_"):
         return ("sft", "evaluate")
-    if name.startswith("dpo_"):
+    if name.startswith("kto_"):
+        return ("sft", "samples", "ratings", "kto", "evaluate")
+    if name.startswith(("dpo_", "orpo_")):  # orpo: the dpo stage, preference_objective 'orpo'
         return ("sft", "samples", "critic", "preferences", "dpo", "evaluate")
     return ("sft", "samples", "critic", "preferences", "reward_model", "ppo", "evaluate")
 
@@ -197,6 +241,7 @@ def arm_settings(s: MiniatureSettings, world: World, name: str) -> ArmSettings:
         sft_teacher=sft_teacher,
         sft_splits=splits,
         pair_teacher=teacher,
+        preference_objective="orpo" if name.startswith("orpo_") else "dpo",
         feedback_samples=s.feedback_samples,
         rm_sample_pairs=s.rm_sample_pairs,
         rm_samples=s.rm_samples,
@@ -210,7 +255,10 @@ def arm_settings(s: MiniatureSettings, world: World, name: str) -> ArmSettings:
             "critic": fb("comparisons"),
             "preferences": fb("preferences"),
             "rm_preferences": fb("preferences_rm"),
+            "ratings": fb("ratings"),
+            "labelled": fb("labelled"),
             "dpo": world.path(policy),
+            "kto": world.path(policy),
             "rounds": world.path(policy, "rounds"),
             "reward_model": world.path("runs", "rm_" + name.split("_", 1)[1]),
             "ppo": world.path(policy),
@@ -233,8 +281,11 @@ def bindings(s: MiniatureSettings, world: Optional[World], name: str) -> dict[st
     def bind(key: str, value: Any, knob: str = "") -> None:
         out[key] = (value, knob)
 
-    loops = {"sft": 20, "dpo": 10, "reward_model": 10}
-    lrs = {"sft": "sft_lr", "dpo": "dpo_lr", "reward_model": "rm_lr"}
+    # Every arm binds the same keys (the optional arms' with neutral values elsewhere): gin
+    # keeps a binding after its arm, so each arm sets what the one before it may have set.
+    loops = {"sft": 20, "dpo": 10, "reward_model": 10, "kto": 10}
+    dpo_lr = {"orpo_weak_10": "orpo_lr", "dpo_weak_10_lora": "lora_lr"}.get(name, "dpo_lr")
+    lrs = {"sft": "sft_lr", "dpo": dpo_lr, "reward_model": "rm_lr", "kto": "kto_lr"}
     for scope, log_every in loops.items():
         bind(f"{scope}/train.num_steps", None)
         bind(f"{scope}/train.mesh", one_device_mesh)
@@ -246,6 +297,7 @@ def bindings(s: MiniatureSettings, world: Optional[World], name: str) -> dict[st
         bind("sft/train.model_config", world and world.model_config, "num_pretrain")
     data = {"sft": ("sft_pipeline", epochs), "dpo": ("preference_pipeline", "dpo_epochs")}
     data["reward_model"] = ("preference_pipeline", "rm_epochs")
+    data["kto"] = ("labelled_pipeline", "kto_epochs")
     for scope, (pipeline, knob) in data.items():
         bind(f"{scope}/{pipeline}.num_epochs", getattr(s, knob), knob)
         bind(f"{scope}/{pipeline}.seed", s.seed, "seed")
@@ -253,6 +305,14 @@ def bindings(s: MiniatureSettings, world: Optional[World], name: str) -> dict[st
             bind(f"{scope}/{pipeline}.{k}", v, k if k in ("seq_len", "batch_size") else "")
     bind("dpo/DPO.beta", s.dpo_beta, "dpo_beta")
     bind("dpo/DPO.rpo_alpha", s.dpo_rpo_alpha, "dpo_rpo_alpha")
+    bind("dpo/ORPO.beta", s.orpo_beta, "orpo_beta")
+    lora = name == "dpo_weak_10_lora"
+    bind("dpo/LoraSettings.rank", s.lora_rank if lora else 0, "lora_rank")
+    bind("dpo/LoraSettings.alpha", s.lora_alpha, "lora_alpha")
+    bind("kto/KTO.beta", s.kto_beta, "kto_beta")
+    for k, v in (("mode", "rating"), ("template", "rating_v1")):
+        bind(f"ratings/JudgeSettings.{k}", v)
+    bind("ratings/rating_labels_stage.threshold", s.kto_threshold, "kto_threshold")
     bind("ppo/train_ppo.num_iterations", s.ppo_iterations, "ppo_iterations")
     bind(
         "ppo/train_ppo.config",

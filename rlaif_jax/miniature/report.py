@@ -1,7 +1,9 @@
 """The miniature's report: each arm's row (win rate against the reference +- SE, the world's
 task score), the paper's findings as paired differences on the same eval prompts, the critic's
 preference for the SFT policy's sample, results.md / results.csv / results.png (and rounds.png
-for the iterative arm), summary.json."""
+for the iterative arm), summary.json. With the optional KTO / ORPO / LoRA arms, each one's
+gain over SFT weak 10% (paired, beside DPO's) follows the findings; without them the report
+is what it always was."""
 
 from __future__ import annotations
 
@@ -16,8 +18,39 @@ matplotlib.use("Agg")  # files only: the miniature runs on machines without a di
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rlaif_jax import environment, fileio  # noqa: E402
-from rlaif_jax.miniature.campaign import ITERATIVE_START, LABELS, RL_START  # noqa: E402
+from rlaif_jax.eval.paired import PairedDifference, paired_difference  # noqa: E402
+from rlaif_jax.miniature.campaign import ITERATIVE_START, LABELS, OPTIONAL_START, RL_START  # noqa: E402
 from rlaif_jax.synthetic import findings as F  # noqa: E402
+
+GAIN_BASE = "sft_weak_10"
+
+
+def gains(per_prompt: dict) -> list[tuple[str, PairedDifference, PairedDifference]]:
+    """(arm, win-rate gain, task-score gain) over SFT weak 10%, paired on the eval prompts
+    (points), of each optional one-round arm that ran, DPO's first for comparison; empty
+    when no optional arm ran (the default report stays as it was)."""
+    optional = [a for a in OPTIONAL_START if a in per_prompt]
+    if GAIN_BASE not in per_prompt or not optional:
+        return []
+    arms = (["dpo_weak_10"] if "dpo_weak_10" in per_prompt else []) + optional
+    b = per_prompt[GAIN_BASE]
+    return [
+        (a, paired_difference(per_prompt[a]["win"], b["win"]), paired_difference(per_prompt[a]["task"], b["task"]))
+        for a in arms
+    ]
+
+
+def gains_markdown(found: list) -> str:
+    lines = [
+        f"Other objectives on the same SFT policy: gain over {LABELS[GAIN_BASE]}, paired on the same eval prompts "
+        "(points, +- SE):",
+        "",
+        "| arm | win rate | task score | n |",
+        "|---|---|---|---|",
+    ]
+    for arm, w, t in found:
+        lines.append(f"| {LABELS[arm]} | {w.diff:+.1f} +- {w.se:.1f} | {t.diff:+.1f} +- {t.se:.1f} | {w.n} |")
+    return "\n".join(lines)
 
 
 def critic_policy_preferred(comparisons: Sequence[dict]) -> dict:
@@ -31,10 +64,15 @@ def critic_policy_preferred(comparisons: Sequence[dict]) -> dict:
     }
 
 
-def write_summary(out_dir: str, rows: list, found: list, critic: dict, env: dict) -> dict:
-    """One flat summary per miniature, so sweeps (rlaif_jax.sweep) can tabulate runs."""
+def write_summary(out_dir: str, rows: list, found: list, critic: dict, env: dict, gained: list = ()) -> dict:
+    """One flat summary per miniature, so sweeps (rlaif_jax.sweep) can tabulate runs;
+    gain/<arm>/{win,task}_{diff,se} for the optional arms' gains."""
     summary = {f"{r['arm']}/{k}": r[k] for r in rows for k in ("win_rate", "se", "task_score", "task_exact")}
     summary.update(F.flatten(found))
+    for arm, w, t in gained:
+        for name, d in (("win", w), ("task", t)):
+            summary[f"gain/{arm}/{name}_diff"] = d.diff
+            summary[f"gain/{arm}/{name}_se"] = d.se
     summary.update({f"critic/{start}/policy_preferred": c["policy_preferred"] for start, c in critic.items()})
     summary["environment"] = env
     with fileio.atomic_write(os.path.join(out_dir, "summary.json")) as f:
@@ -42,7 +80,9 @@ def write_summary(out_dir: str, rows: list, found: list, critic: dict, env: dict
     return summary
 
 
-def write_report(out_dir: str, rows: list, reference: dict, found: list, critic: dict, env: dict) -> None:
+def write_report(
+    out_dir: str, rows: list, reference: dict, found: list, critic: dict, env: dict, gained: list = ()
+) -> None:
     cols = ["label", "win_rate", "se", "task_score", "task_exact", "wins", "losses", "ties", "invalid", "n"]
     with fileio.atomic_write(os.path.join(out_dir, "results.csv")) as f:
         w = csv.DictWriter(f, fieldnames=["arm"] + cols)
@@ -66,6 +106,8 @@ def write_report(out_dir: str, rows: list, reference: dict, found: list, critic:
         )
     if found:
         lines += ["", F.markdown(found)]
+    if gained:
+        lines += ["", gains_markdown(gained)]
     lines += ["", f"Computed with {environment.one_line(env)}."]
     with fileio.atomic_write(os.path.join(out_dir, "results.md")) as f:
         f.write("\n".join(lines) + "\n")

@@ -23,7 +23,8 @@ def run_miniature(settings: Optional[C.MiniatureSettings] = None) -> list:
     """Runs (or resumes) the miniature `settings` describe (None: gin's `run_miniature.*`);
     returns the result rows (also results.md / results.csv / summary.json in out_dir)."""
     s = settings if settings is not None else C.MiniatureSettings()
-    C.check_no_user_binding(C.bindings(s, None, s.arms[0]))  # before anything is made
+    # Before anything is made; every arm binds the same keys (run_miniature.arms may be empty).
+    C.check_no_user_binding(C.bindings(s, None, C.ARMS[0]))
     os.makedirs(s.out_dir, exist_ok=True)
     world_models = synthetic_world()
     claim_shared(
@@ -61,7 +62,7 @@ def run_miniature(settings: Optional[C.MiniatureSettings] = None) -> list:
             progress=s.progress,
         )
         arms = {name: C.arm_settings(s, world, name) for name in s.arms}
-        for name in s.arms:
+        for name in s.run_order():
             with C.bound(C.bindings(s, world, name)):
                 run_arm(arms[name])
         rows, per_prompt = [], {}
@@ -76,9 +77,10 @@ def run_miniature(settings: Optional[C.MiniatureSettings] = None) -> list:
             comps = [c for k in range(s.feedback_samples) for c in load_comparisons(view.teacher_comparisons(k))]
             critic[start] = report.critic_policy_preferred(comps)
     found = F.findings(per_prompt)
+    gains = report.gains(per_prompt)
     env = environment.describe()
-    report.write_report(s.out_dir, rows, reference_accuracy(world), found, critic, env)
-    report.write_summary(s.out_dir, rows, found, critic, env)
+    report.write_report(s.out_dir, rows, reference_accuracy(world), found, critic, env, gains)
+    report.write_summary(s.out_dir, rows, found, critic, env, gains)
     return rows
 
 

@@ -36,6 +36,7 @@ from rlaif_jax.errors import WeightsError
 from rlaif_jax.models.config import DecoderConfig
 from rlaif_jax.models.heads import SCORE_HEAD, head_param
 from rlaif_jax.models.params import abstract_params, build_model
+from rlaif_jax.models.tokenizer_fingerprint import save_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -498,3 +499,4 @@ def save_hf(
     hf_cfg.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+        save_fingerprint(path, tokenizer)  # kept even where the tokenizer's files are not copied on

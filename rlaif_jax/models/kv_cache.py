@@ -55,8 +55,20 @@ def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
     }
 
 
+# How a decode step with one cache index per row writes: "scatter" (B entries, in place; XLA
+# CPU/GPU) or "select" (a where over the whole cache: no scatter, which TPUs run slowly).
+ROW_WRITE = "auto"
+
+
 def _write_rows(cache: dict, new: dict, slots) -> dict:
-    """Row b's one new entry at slot slots[b] (a select, not a scatter: cheap on every backend)."""
+    """Row b's one new entry at slot slots[b]."""
+    how = ROW_WRITE if ROW_WRITE != "auto" else ("select" if jax.default_backend() == "tpu" else "scatter")
+    if how == "scatter":
+        b = jnp.arange(cache["k"].shape[0], dtype=jnp.int32)
+        return {
+            name: c.at[b, slots].set(new[name][:, 0].astype(c.dtype), indices_are_sorted=True, unique_indices=True)
+            for name, c in cache.items()
+        }
     hit = jnp.arange(cache["k"].shape[1], dtype=jnp.int32)[None, :] == slots[:, None]  # [B, S]
     out = {}
     for name, c in cache.items():

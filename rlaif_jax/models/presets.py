@@ -5,6 +5,8 @@ import time
 
 import numpy as np
 
+from rlaif_jax.models.config import DecoderConfig
+
 _GEMMA2 = dict(
     model_type="gemma2",
     hidden_act="gelu_pytorch_tanh",
@@ -132,7 +134,6 @@ PRESETS = {
 
 
 def preset_config(name: str, **overrides):
-    from rlaif_jax.models.config import DecoderConfig
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")

@@ -41,6 +41,7 @@ INPUTS = {
     "critic": ("critic comparisons", "add 'critic' to run_arm.stages"),
     "preferences": ("preference records", "add 'preferences' to run_arm.stages"),
     "reward_data": ("the reward model's preference records", "add 'preferences' to run_arm.stages"),
+    "labelled": ("labelled completions (the critic's ratings)", "add 'ratings' to run_arm.stages"),
     "reward_model": ("reward model", "add 'reward_model' to run_arm.stages"),
 }
 
@@ -176,7 +177,7 @@ class Arm:
         if s.sft_fraction != 0.0 and "sft" not in s.stage_dirs:
             splits = ("sft", "feedback") if s.sft_fraction is not None else s.sft_splits
             need += [(s.sft_teacher, split) for split in splits]
-        if "critic" in s.stages or ("rounds" in s.stages and s.iterative.judges_teacher):
+        if "critic" in s.stages or "ratings" in s.stages or ("rounds" in s.stages and s.iterative.judges_teacher):
             need.append((s.pair_teacher, "feedback"))
         if "audit" in s.stages and s.audit_against:
             split = audit_settings().split
@@ -192,7 +193,7 @@ class Arm:
         s = self.settings
         if "rounds" in s.stages:
             return self.round(s.iterative.rounds).policy()
-        for stage in ("ppo", "dpo"):
+        for stage in ("ppo", "dpo", "kto"):
             if stage in s.stages or stage in s.stage_dirs:
                 return fileio.join(self.out(stage), "hf")
         if self.trains_sft():
@@ -227,7 +228,7 @@ class Arm:
 
     def outputs(self, stage: Stage) -> list[str]:
         s = self.settings
-        if stage.name in ("samples", "critic", "preferences"):
+        if stage.name in ("samples", "critic", "preferences", "ratings"):
             return self.round(1).outputs(stage)
         if stage.name == "teacher":
             return [self.teacher_dir(m, split) for m, split in self.needed_teachers()]
@@ -235,15 +236,15 @@ class Arm:
             return [self.out("sft")] if s.sft_fraction != 0.0 else []
         if stage.name == "evaluate":
             return [self.out(key) for key, _ in self.evaluations()]
-        if stage.name in ("audit", "dpo", "rounds", "reward_model", "ppo"):
+        if stage.name in ("audit", "dpo", "kto", "rounds", "reward_model", "ppo"):
             return [self.out(stage.name)]
         return []  # prompts: its own done file (stats.json)
 
     def input_path(self, key: str) -> Optional[str]:
         if key == "prompts":
             return self.prompts("feedback")
-        if key == "reward_model":
-            return self.out("reward_model")
+        if key in ("reward_model", "labelled"):
+            return self.out(key)
         return self.round(1).input_path(key)
 
     def input_name(self, key: str) -> str:
@@ -355,6 +356,10 @@ class Round:
     def sample_comparisons(self, i: int, j: int) -> str:
         return fileio.join(self.out("critic"), f"samples-{i}-{j}")
 
+    def rating_comparisons(self, k: int) -> str:
+        """The critic's ratings of sample k and the pair teacher's completion (rating mode)."""
+        return fileio.join(self.out("ratings"), f"teacher-{k}") if self._nested else self.out("ratings")
+
     def best_worst(self) -> str:
         return fileio.join(self.out("critic"), "best_worst")
 
@@ -416,6 +421,8 @@ class Round:
             return [o for _, _, o, _, _ in self.judgments()] + ([self.best_worst()] if self.design.best_worst else [])
         if step == "preferences":
             return [self.out("preferences")] + ([self.out("rm_preferences")] if self.design.rm_pairs else [])
+        if step == "ratings":
+            return [self.rating_comparisons(k) for k in self.design.teacher_samples] + [self.out("labelled")]
         return [self.out(step)]
 
     def input_path(self, key: str) -> Optional[str]:

@@ -2,6 +2,12 @@
 
   prompts -> teacher -> [audit] -> sft -> samples -> critic -> preferences -> dpo | reward_model -> ppo -> evaluate
 
+(`dpo` trains run_arm.preference_objective: DPO, ORPO or CPO/SimPO), or KTO on the critic's
+ratings instead of its pairwise verdicts: `sft -> samples -> ratings -> kto -> evaluate`
+(`ratings`: the critic rates each policy sample and the pair teacher's completion on its own,
+labelled desirable / undesirable by a threshold; `kto`: KTO from the SFT policy, which is
+its reference),
+
 or, iterative RLAIF, `sft -> rounds -> evaluate`: k rounds of samples -> critic -> preferences
 -> DPO, each from the previous round's policy (rlaif_jax.iterative).
 
@@ -65,6 +71,26 @@ ARM_STAGES = (
         done="summary.json",
         summary_keys=("step", "loss", "rewards/accuracies", "rewards/margins"),
         report=S.report_dpo,
+    ),
+    # KTO on the critic's ratings: each policy sample and the pair teacher's completion rated
+    # on its own (the critic in rating mode, `ratings/JudgeSettings.*`), then labelled by
+    # `ratings/rating_labels_stage.threshold` (rlaif_jax.feedback.ratings).
+    Stage(
+        "ratings",
+        S.step_ratings,
+        inputs=("samples", "teacher"),
+        outputs=(("ratings", "ratings"), ("labelled", "labelled")),
+        host0=True,
+        report=S.report_ratings,
+    ),
+    Stage(
+        "kto",
+        S.stage_kto,
+        inputs=("labelled", "sft"),
+        outputs=(("kto", "kto"),),
+        done="summary.json",
+        summary_keys=("step", "loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins"),
+        report=S.report_training,
     ),
     # Iterative RLAIF: samples -> critic -> preferences -> DPO, k rounds, each from the
     # previous round's policy, under out_dir/rounds/<r>.
@@ -163,11 +189,19 @@ def plan(settings: ArmSettings) -> list[Stage]:
         )
     # The rounds sample, judge and train on their own; a one-round stage beside them would
     # train a second policy from the SFT model that nothing evaluates.
-    clash = [st for st in ("samples", "critic", "preferences", "dpo", "reward_model", "ppo") if st in settings.stages]
+    one_round = ("samples", "critic", "preferences", "dpo", "ratings", "kto", "reward_model", "ppo")
+    clash = [st for st in one_round if st in settings.stages]
     if "rounds" in settings.stages and clash:
         raise ArmError(
             f"run_arm.stages: 'rounds' (iterative RLAIF) runs its own samples, critic, preferences and "
             f"DPO every round; leave out {clash}"
+        )
+    # An arm ends with one policy: KTO trains its own from the SFT model.
+    policies = [st for st in ("dpo", "kto", "ppo") if st in settings.stages]
+    if "kto" in policies and len(policies) > 1:
+        raise ArmError(
+            f"run_arm.stages: {policies} each train a policy from the SFT model and the arm evaluates one; "
+            "run KTO as its own arm (it can reuse this one's SFT run and samples through run_arm.stage_dirs)"
         )
     bad_dirs = set(settings.stage_dirs) - set(OUTPUTS)
     if bad_dirs:

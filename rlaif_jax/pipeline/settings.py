@@ -17,6 +17,12 @@ class ArmError(UserError):
     """A recipe that cannot run as written (names the binding to change)."""
 
 
+# The objectives the `dpo` stage can train on the preference records (rlaif_jax.train): DPO
+# from the SFT policy against it as the reference; ORPO and CPO (SimPO, AlphaPO by
+# `dpo/CPO.loss_type`) from the same policy, reference-free.
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "cpo")
+
+
 @gin.configurable("run_arm")
 @dataclasses.dataclass(frozen=True)
 class ArmSettings:
@@ -44,6 +50,11 @@ class ArmSettings:
     sft_fraction:    instead of splits: the first fraction of all prompts, in order (the
                      paper's data-scaling curve); 0 trains nothing and evaluates the base.
     pair_teacher:    whose completions the policy's samples are compared to by the critic.
+    preference_objective: what the `dpo` stage trains on the preference pairs: 'dpo' (the
+                     paper), 'orpo' or 'cpo' (reference-free; `cpo` with `dpo/CPO.loss_type =
+                     'simpo'` is SimPO). Built in the stage's gin scope (`dpo/ORPO.beta`); the
+                     stage, its status.json entry and out_dir/dpo keep their name whatever it
+                     trains (docs/objectives.md).
     feedback_samples: policy samples per feedback prompt, each judged against pair_teacher's
                      completion (DPO's pairs and the reward model's; the paper: 1).
     rm_sample_pairs: the reward model also learns the critic's verdict between each two policy
@@ -57,6 +68,7 @@ class ArmSettings:
                      them; the first feedback_samples shared with DPO's pairs).
     critic, judge:   client constructors for the critic stage and the evaluation judge
                      (gin: an unevaluated `@critic/FeedbackClient`; called with cache_path).
+                     The `ratings` stage (KTO's data) asks the same critic in rating mode.
     audit_against:   the strongest model available (or the critic itself, as a teacher): the
                      optional 'audit' stage has the critic compare sft_teacher's completions
                      with this model's before any training (rlaif_jax.feedback.audit; its
@@ -106,6 +118,7 @@ class ArmSettings:
     sft_splits: tuple[str, ...] = ("sft",)
     sft_fraction: Optional[float] = None
     pair_teacher: str = "sharegpt-chatgpt"
+    preference_objective: str = "dpo"
     feedback_samples: int = 1
     rm_sample_pairs: bool = False
     rm_samples: int = 4
@@ -134,6 +147,10 @@ class ArmSettings:
             object.__setattr__(self, name, dict(getattr(self, name) or {}))
         if self.sft_fraction is not None and not 0.0 <= self.sft_fraction <= 1.0:
             raise ArmError(f"run_arm.sft_fraction must be in [0, 1], got {self.sft_fraction}")
+        if self.preference_objective not in PREFERENCE_OBJECTIVES:
+            raise ArmError(
+                f"run_arm.preference_objective = {self.preference_objective!r}: one of {list(PREFERENCE_OBJECTIVES)}"
+            )
         for name in ("feedback_samples", "rm_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ArmError(f"run_arm.{name} must be a whole number >= 1, got {getattr(self, name)!r}")

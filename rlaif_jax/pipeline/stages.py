@@ -6,10 +6,13 @@ into the summary (after a run, and when the output is reused).
 
 Round steps (samples, critic, preferences, dpo, evaluate) are the same functions for the
 one-round arm (round 1, today's paths and stage names) and each round of a 'rounds' arm.
+The `dpo` step trains run_arm.preference_objective (DPO, ORPO, CPO); `ratings` and `kto` are
+the one-round arm's KTO on the critic's ratings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -20,13 +23,15 @@ import gin
 import jax
 
 from rlaif_jax import fileio
-from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
+from rlaif_jax.data.pipeline.builders import labelled_pipeline, preference_pipeline, sft_pipeline
 from rlaif_jax.data.prompts.imports import import_paper_completions
 from rlaif_jax.data.prompts.prepare import prepare_prompts
 from rlaif_jax.data.records import DEMONSTRATIONS, PROMPTS, read_manifest, read_records, write_records
 from rlaif_jax.eval.evaluate import evaluate
 from rlaif_jax.feedback.audit import SUMMARY_KEYS, audit_gap
 from rlaif_jax.feedback.client import FeedbackClient
+from rlaif_jax.feedback.ratings import rating_labels_stage
+from rlaif_jax.feedback.server.model_backend import shared_seeds
 from rlaif_jax.feedback.settings import JudgeSettings, SamplingSettings
 from rlaif_jax.feedback.stages import (
     critic_stage,
@@ -40,7 +45,7 @@ from rlaif_jax.iterative import api_cost, write_best_vs_worst
 from rlaif_jax.pipeline.context import Arm, Round, audit_settings, safe_name
 from rlaif_jax.pipeline.runner import Stage, is_complete
 from rlaif_jax.pipeline.settings import ArmError
-from rlaif_jax.train import DPO, SFT, RewardModel, loop
+from rlaif_jax.train import CPO, DPO, KTO, ORPO, SFT, RewardModel, loop
 from rlaif_jax.train.ppo import train_ppo
 from rlaif_jax.winrate import verdict_win_rate
 
@@ -251,27 +256,32 @@ def step_samples(ctx, stage: Stage) -> dict:
     """The round's policy samples, each with its own seed. On n hosts, host i samples every
     n-th prompt on its own chips into <samples>/parts/, then process 0 joins the parts in the
     prompts' order into the record set the critic reads."""
+
     view = _round(ctx)
     arm, s = view.arm, view.settings
     made = []
-    for k in range(view.design.samples):
-        out = view.sample_dir(k)
-        if is_complete(out):
-            continue
-        sample = functools.partial(
-            policy_samples_stage,
-            hf_dir=arm.local(view.start()),
-            prompts=arm.prompts("feedback"),
-            split="feedback",
-            sampling=dataclasses.replace(SamplingSettings(), seed=view.sample_seed(k)),
-            source_model=f"{view.name}/sft",
-        )
-        i, n = jax.process_index(), jax.process_count()
-        if n == 1:
-            sample(out_dir=out, num_shards=s.num_shards)
-        else:
-            _sample_on_hosts(arm, sample, out, i, n)
-        made.append(k)
+    todo = [k for k in range(view.design.samples) if not is_complete(view.sample_dir(k))]
+    base = SamplingSettings()
+    # SamplingSettings.rng_per_prompt: the first pass draws every pass's samples of a batch
+    # with one prefill per prompt (the same samples as K passes in that mode).
+    seeds = [view.sample_seed(k) for k in todo]
+    with shared_seeds(seeds) if base.rng_per_prompt and len(todo) > 1 else contextlib.nullcontext():
+        for k in todo:
+            out = view.sample_dir(k)
+            sample = functools.partial(
+                policy_samples_stage,
+                hf_dir=arm.local(view.start()),
+                prompts=arm.prompts("feedback"),
+                split="feedback",
+                sampling=dataclasses.replace(base, seed=view.sample_seed(k)),
+                source_model=f"{view.name}/sft",
+            )
+            i, n = jax.process_index(), jax.process_count()
+            if n == 1:
+                sample(out_dir=out, num_shards=s.num_shards)
+            else:
+                _sample_on_hosts(arm, sample, out, i, n)
+            made.append(k)
     hosts = {"hosts": jax.process_count()} if jax.process_count() > 1 else {}
     return {"state": "done" if made else "reused", "output": view.out("samples"), **hosts}
 
@@ -361,24 +371,107 @@ def report_preferences(ctx, stage: Stage) -> None:
         ]
 
 
+# run_arm.preference_objective -> the objective the dpo step builds (in its gin scope, so
+# `dpo/DPO.beta`, `dpo/ORPO.beta`, `dpo/CPO.loss_type` hold).
+PREFERENCE_OBJECTIVES = {"dpo": DPO, "orpo": ORPO, "cpo": CPO}
+
+
 def step_dpo(ctx, stage: Stage) -> dict:
-    """DPO from the round's starting policy; the reference is the SFT model or that policy."""
+    """run_arm.preference_objective (DPO by default) from the round's starting policy on its
+    preference pairs; DPO's reference is the SFT model or that policy, ORPO and CPO keep
+    none."""
     view = _round(ctx)
+    objective = PREFERENCE_OBJECTIVES[view.settings.preference_objective]()
     start, ref = view.start(), view.reference()
+    if not objective.needs_reference:
+        ref = None
     loop.train(
         run_dir=view.out("dpo"),
-        objective=DPO(),
+        objective=objective,
         init_from=view.arm.local(start),
-        reference_from=None if ref == start else view.arm.local(ref),
+        reference_from=None if ref in (None, start) else view.arm.local(ref),
         train_data=functools.partial(preference_pipeline, view.out("preferences")),
         seed=view.settings.seed,
     )
-    return {"output": view.out("dpo"), "init_from": start, "reference": ref}
+    named = {} if view.settings.preference_objective == "dpo" else {"objective": view.settings.preference_objective}
+    return {"output": view.out("dpo"), "init_from": start, "reference": ref, **named}
 
 
 def report_dpo(ctx, stage: Stage) -> None:
     view = _round(ctx)
     view.arm.train_results("dpo", view.out("dpo"), view.results)
+
+
+# -- KTO on the critic's ratings: ratings -> kto -------------------------------------------
+
+
+def step_ratings(ctx, stage: Stage) -> dict:
+    """The critic rates each policy sample and the pair teacher's completion on its own
+    (rating mode: JudgeSettings in the stage's scope, `ratings/JudgeSettings.mode =
+    'rating'`), the same responses the critic stage judges pairwise, with the same seeds;
+    then every rated response is labelled by `ratings/rating_labels_stage.threshold`
+    (rlaif_jax.feedback.ratings: above desirable, below undesirable, ties and invalid
+    ratings dropped and counted)."""
+    view = _round(ctx)
+    arm, s = view.arm, view.settings
+    if s.critic is None:
+        raise ArmError(f"the {stage.name} stage needs run_arm.critic (e.g. @critic/FeedbackClient)")
+    judge = JudgeSettings()
+    if judge.mode != "rating":
+        raise ArmError(
+            f"the {stage.name} stage asks the critic to rate each answer: bind {stage.name}/JudgeSettings.mode = "
+            f"'rating' and {stage.name}/JudgeSettings.template = 'rating_v1' (as configs/feedback/critic_rating.gin), "
+            f"got mode {judge.mode!r}"
+        )
+    teacher = arm.teacher_dir(s.pair_teacher, "feedback")
+    made = []
+    for k in view.design.teacher_samples:
+        out = view.rating_comparisons(k)
+        if is_complete(out):
+            continue
+        trunc = {"truncate_tokenizer": arm.local(view.start())} if s.truncate_pairs else {}
+        critic_stage(
+            responses_1=view.sample_dir(k),
+            responses_2=teacher,
+            out_dir=out,
+            client=s.critic(cache_path=arm.cache("critic")),
+            judge=dataclasses.replace(judge, seed=view.critic_seed(k)),
+            num_shards=s.num_shards,
+            **trunc,
+        )
+        arm.check_requests(stage.name, out, "manifest.json", *count_errors(fileio.join(out, "comparisons.jsonl")))
+        made.append(out)
+    labelled = view.out("labelled")
+    if not is_complete(labelled):
+        rating_labels_stage(
+            comparisons=[view.rating_comparisons(k) for k in view.design.teacher_samples],
+            out_dir=labelled,
+            num_shards=s.num_shards,
+        )
+        made.append(labelled)
+    return {"state": "done" if made else "reused", "output": labelled}
+
+
+def report_ratings(ctx, stage: Stage) -> None:
+    view = _round(ctx)
+    counts = read_json(fileio.join(view.out("labelled"), "report.json"))
+    view.results.update(
+        {f"ratings/{k}": counts[k] for k in ("desirable", "undesirable", "ties", "invalid") if k in counts}
+    )
+
+
+def stage_kto(arm: Arm, stage: Stage) -> dict:
+    """KTO from the SFT policy, which is also its reference (with LoRA: the base with the
+    adapters off), on the labelled completions."""
+    out = arm.out("kto")
+    loop.train(
+        run_dir=out,
+        objective=KTO(),
+        init_from=arm.local(arm.sft_policy()),
+        train_data=functools.partial(labelled_pipeline, arm.out("labelled")),
+        seed=arm.settings.seed,
+    )
+    return {"output": out, "data": arm.out("labelled")}
 
 
 # -- evaluation --------------------------------------------------------------------------

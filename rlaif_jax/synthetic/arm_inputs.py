@@ -9,6 +9,10 @@ import json
 import os
 import random
 
+from rlaif_jax.data.tokenize.tokenizer import build_test_tokenizer
+from rlaif_jax.models import DecoderConfig, build_model, init_params
+from rlaif_jax.models.hf_io import save_hf
+from rlaif_jax.synthetic.backend import synthetic_world
 from rlaif_jax.synthetic.tasks import make_instructions, vocabulary
 
 
@@ -18,11 +22,6 @@ def write_arm_inputs(
     """Writes root/{prompts.json, eval.json, base/}; returns their paths. The replies come
     from the same Teacher models (and knobs) the synthetic server answers with."""
     import jax
-
-    from rlaif_jax.data.tokenize.tokenizer import build_test_tokenizer
-    from rlaif_jax.models import DecoderConfig, build_model, init_params
-    from rlaif_jax.models.hf_io import save_hf
-    from rlaif_jax.synthetic.backend import synthetic_world
 
     os.makedirs(root, exist_ok=True)
     world = synthetic_world()

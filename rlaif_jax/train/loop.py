@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax import sharding as shd
+from rlaif_jax.data.tokenize.encode import Encoder
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 from rlaif_jax.errors import ConfigError, UserError, binding, existing_dir, positive, whole
 from rlaif_jax.lora import LoraSettings
 from rlaif_jax.lora import training as lora_training
@@ -23,6 +25,7 @@ from rlaif_jax.models.heads import head_param
 from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.models.remote import local_hf_dir
 from rlaif_jax.preflight import run_preflight, train_checks
+from rlaif_jax.sampling import SamplingParams, generate
 from rlaif_jax.train.metrics import mfu, peak_tflops
 from rlaif_jax.train.optim import make_optimizer
 from rlaif_jax.train.run_loop import (
@@ -248,7 +251,6 @@ def _plan(
     run_dir: str,
 ) -> Plan:
     """train's data, model, state and compiled step."""
-    from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir) if tok_dir else None
     # The optimizer and the data before any weights: their settings are checked, and an
@@ -356,8 +358,6 @@ def evaluate(eval_fn, params, eval_data: Callable, tok, mesh, ref_params, max_ba
 
 
 def sample_texts(model, params, tok, prompts: Sequence[str], max_new_tokens: int, mesh, template: str = "paper"):
-    from rlaif_jax.data.tokenize.encode import Encoder
-    from rlaif_jax.sampling import SamplingParams, generate
 
     enc = Encoder(
         tok,

@@ -19,6 +19,7 @@ import numpy as np
 
 from rlaif_jax import fileio
 from rlaif_jax.errors import StorageError
+from rlaif_jax.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ class MetricsWriter:
         if not self.enabled:
             return
         if fileio.is_url(run_dir):
-            from rlaif_jax.train.rundir import RunDir
-
             self._mirror = RunDir(run_dir, pull=(filename,))
             run_dir = self._mirror.local
         os.makedirs(run_dir, exist_ok=True)

@@ -31,6 +31,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlaif_jax import sharding as shd
+from rlaif_jax.data.records import read_records
+from rlaif_jax.data.tokenize.encode import Encoder
+from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 from rlaif_jax.errors import (
     ConfigError,
     UserError,
@@ -44,7 +47,6 @@ from rlaif_jax.errors import (
     whole,
 )
 from rlaif_jax.lora import LoraSettings
-from rlaif_jax.lora import ppo as lora_ppo
 from rlaif_jax.models import DecoderConfig, apply, build_model, gather_last
 from rlaif_jax.models.config import numerics_overrides
 from rlaif_jax.models.decoder import init_scalar_head
@@ -53,6 +55,7 @@ from rlaif_jax.models.hf_io import load_hf, save_hf
 from rlaif_jax.models.remote import local_hf_dir
 from rlaif_jax.preflight import ppo_checks, run_preflight
 from rlaif_jax.sampling import SamplingParams, _generate, left_pad
+from rlaif_jax.train import lora_ppo
 from rlaif_jax.train.advantages import (
     GROUP_STDS,
     KL_ESTIMATORS,
@@ -498,7 +501,7 @@ class PPOTrainer:
 
 
 class LoraPPOTrainer(lora_ppo.LoraPPOMixin, PPOTrainer):
-    """PPOTrainer training LoRA adapters on a frozen base (rlaif_jax.lora.ppo)."""
+    """PPOTrainer training LoRA adapters on a frozen base (rlaif_jax.train.lora_ppo)."""
 
 
 _HOST_TIMES = ("time/rollout", "time/scoring", "time/update")
@@ -570,8 +573,6 @@ class PromptStream:
 
 
 def _load_prompts(prompts_dir: str, tok, max_prompt_length: int, template: str) -> list:
-    from rlaif_jax.data.records import read_records
-    from rlaif_jax.data.tokenize.encode import Encoder
 
     texts = [r["prompt"] for r in read_records(prompts_dir)]
     enc = Encoder(tok, template, max_length=max_prompt_length + 1, max_prompt_length=max_prompt_length)
@@ -608,7 +609,7 @@ def train_ppo(
     iteration). `numerics` ({dtype, param_dtype, remat_policy, ...}, models.config.
     NUMERICS_FIELDS) applies to the policy, reference, critic and reward model: their HF
     exports' config.json carry none, so without it all four run float32 without remat.
-    `lora` (rlaif_jax.lora.ppo; rank 0 off) trains adapters on the frozen SFT policy, which is
+    `lora` (rlaif_jax.train.lora_ppo; rank 0 off) trains adapters on the frozen SFT policy, which is
     also the KL reference with the adapters off; defaults to LoraSettings() built here (gin).
     Returns the summary: {"iteration": num_iterations, **the last logged metrics}.
     """
@@ -670,7 +671,6 @@ def _plan(
     lora,
 ) -> Plan:
     """train_ppo's prompts, models, state and trainer."""
-    from rlaif_jax.data.tokenize.tokenizer import load_tokenizer
 
     tok = load_tokenizer(policy)
     # The optimizer and the prompts before any weights: bad settings and an empty prompt set

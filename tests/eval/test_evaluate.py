@@ -138,7 +138,9 @@ def test_full_evaluate_against_local_judge(tmp_path, tiny_ckpt, clean_gin):
         assert len(faults.log) == sent
         assert (run / "generations" / "samples.jsonl").read_text() == samples_before
         m2 = json.loads((run / "metrics.json").read_text())
-        assert m2["win_rate"] == m["win_rate"] and m2["api"]["cached"] == len(EVAL_SET)
+        # The judgments already in the run's directory are reused (not even a cache lookup).
+        assert m2["win_rate"] == m["win_rate"] and m2["kept_from_out_dir"] == len(EVAL_SET)
+        assert m2["api"]["requests"] == 0
         # Nothing new paid; what the first invocation paid stays on the run's books.
         assert m2["cost_usd"] == 0.0 and m2["cost_usd_total"] == pytest.approx(m["cost_usd"])
 
@@ -224,25 +226,36 @@ def test_logprob_weighted_judge_on_existing_outputs(tmp_path):
         )
     )
     with ServerThread(make_app(RuleJudge(models=["judge"], confidence=0.9))) as srv:
-        client = FeedbackClient(
-            model="judge",
-            cache_path=str(tmp_path / "c.jsonl"),
-            base_url=srv.url,
-            api_key_env="NO_SUCH_KEY_VAR",
-            progress=False,
-        )
-        m = evaluate(
-            out_dir=str(tmp_path / "run"),
-            eval_set=str(eval_path),
-            policy_outputs=str(outs),
-            client=client,
-            judge=EvalJudgeSettings(both_orders=True, logprobs=True),
-            lc_bootstrap=0,
-        )
+
+        def run(cache, **judge):
+            client = FeedbackClient(
+                model="judge",
+                cache_path=str(tmp_path / cache),
+                base_url=srv.url,
+                api_key_env="NO_SUCH_KEY_VAR",
+                progress=False,
+            )
+            return evaluate(
+                out_dir=str(tmp_path / "run"),
+                eval_set=str(eval_path),
+                policy_outputs=str(outs),
+                client=client,
+                judge=EvalJudgeSettings(both_orders=True, logprobs=True, **judge),
+                lc_bootstrap=0,
+            )
+
+        m = run("c.jsonl")
+        # A rerun into the same out_dir with another (empty) cache pays for nothing: the
+        # judgments written there were asked the same way (issue 39, case 6).
+        again = run("other_cache.jsonl")
+        reseeded = run("third_cache.jsonl", seed=1)  # asked another way: asked again
     assert (m["n_wins"], m["n_losses"], m["n_ties"], m["n_invalid"], m["n_identical"]) == (2, 1, 1, 0, 1)
     assert m["win_rate"] == pytest.approx(100 * 2.5 / 4)
     assert m["continuous_win_rate"] == pytest.approx(100 * (0.9 + 0.1 + 0.9 + 0.5) / 4)
     assert m["api"]["requests"] == 6  # 3 pairs x 2 orders
+    assert again["api"]["requests"] == 0 and again["kept_from_out_dir"] == 4  # q4, identical, is never sent
+    assert again["win_rate"] == m["win_rate"] and again["continuous_win_rate"] == m["continuous_win_rate"]
+    assert reseeded["api"]["requests"] == 6 and reseeded["kept_from_out_dir"] == 0
 
 
 def test_reward_protocol_metrics():

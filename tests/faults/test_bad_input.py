@@ -11,10 +11,11 @@ import gin
 import pytest
 
 from rlaif_jax.cli import run
-from rlaif_jax.data.records import DEMONSTRATIONS, PREFERENCES, read_records
+from rlaif_jax.data.records import COMPARISONS, DEMONSTRATIONS, PREFERENCES, read_records
 from rlaif_jax.errors import UserError
-from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector
-from rlaif_jax.feedback.stages import load_prompts, teacher_stage
+from rlaif_jax.feedback.server.testing import EchoTeacher, FaultInjector, RuleJudge
+from rlaif_jax.feedback.settings import JudgeSettings
+from rlaif_jax.feedback.stages import critic_stage, load_prompts, teacher_stage
 from tests.faults.disks import read_only
 from tests.feedback.conftest import (  # noqa: F401
     KEY_ENV,
@@ -75,6 +76,45 @@ def test_a_rerun_with_another_cache_does_not_pay_again_for_what_out_dir_holds(se
     with make_client(srv, tmp_path, cache="writer_b.jsonl") as c:
         teacher_stage(prompts=prompts, out_dir=out, client=c, system_prompt="Be terse.")
     assert len(faults.paid()) == 24
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "rating"])
+def test_a_critic_rerun_with_another_cache_does_not_pay_again_for_what_out_dir_holds(serve, tmp_path, api_key, mode):
+    """Case 6 for the critic (both modes): its comparisons in out_dir are reused whatever
+    cache the rerun is given; a judgment that failed is asked again."""
+    demos = [
+        {"prompt_id": f"p{i}", "prompt": f"task {i}", "completion": f"GOOD answer {i}", "source_model": "t"}
+        for i in range(6)
+    ] + [{"prompt_id": "p6", "prompt": "task 6 [[fault:400]]", "completion": "GOOD x", "source_model": "t"}]
+    first_set = tmp_path / "a.jsonl"
+    first_set.write_text("".join(json.dumps(d) + "\n" for d in demos))
+    second_set = tmp_path / "b.jsonl"
+    second_set.write_text("".join(json.dumps({**d, "completion": "weak", "source_model": "p"}) + "\n" for d in demos))
+    faults = FaultInjector()
+    srv = serve(RuleJudge(["judge"]), faults)
+    out = str(tmp_path / "critic")
+    judge = JudgeSettings(mode=mode, both_orders=mode == "pairwise", template=f"{mode}_v1")
+
+    def critic(cache):
+        with make_client(srv, tmp_path, model="judge", cache=cache) as c:
+            return critic_stage(
+                responses_1=str(first_set), responses_2=str(second_set), out_dir=out, client=c, judge=judge
+            )
+
+    critic("writer_a.jsonl")
+    first = list(read_records(out, COMPARISONS))
+    paid = sum(faults.paid().values())
+    assert paid == 12 and len(first) == 7
+    m = critic("writer_b.jsonl")
+    assert sum(faults.paid().values()) == paid  # before: 24, each twice
+    assert list(read_records(out, COMPARISONS)) == first
+    assert m["provenance"]["report"]["kept_from_out_dir"] == 6  # p6's error is asked again (and fails again)
+    assert sum(e["outcome"] != "ok" for e in faults.log) > 0
+
+    # Asked another way (another seed decides the order): nothing is reused.
+    judge = JudgeSettings(mode=mode, both_orders=mode == "pairwise", template=f"{mode}_v1", seed=1)
+    critic("writer_b.jsonl")
+    assert sum(faults.paid().values()) > paid
 
 
 def test_two_prompts_under_one_prompt_id_are_refused_and_repeats_asked_once(tmp_path):
@@ -321,6 +361,34 @@ def test_a_tokenizer_of_the_same_size_but_other_ids_is_refused(world, hf_dir, tm
     assert line.startswith(f"error: train.tokenizer = '{other}' is not the tokenizer saved with train.init_from")
     assert f"'{hf_dir}' (same {world['vocab']} tokens, other ids)" in line
     _nothing_trained(tmp_path / "run")
+
+
+def test_a_model_copied_without_its_tokenizer_is_checked_against_the_fingerprint_saved_with_it(
+    world, hf_dir, tmp_path, capsys
+):
+    """save_hf writes the tokenizer's fingerprint beside config.json; a copy of the weights
+    without the tokenizer's files (before: only size and special ids were checked) still
+    refuses a tokenizer of the same size and special ids but other ids, and accepts its own."""
+    from rlaif_jax.data.tokenize.tokenizer import FINGERPRINT_FILE, load_tokenizer, tokenizer_hash
+    from rlaif_jax.preflight import run_preflight, tokenizer_check
+
+    fp = json.load(open(os.path.join(hf_dir, FINGERPRINT_FILE)))
+    assert fp["tokenizer_hash"] == tokenizer_hash(load_tokenizer(world["tok_dir"])) and fp["tokens"] == world["vocab"]
+    weights = tmp_path / "w"  # short paths: the line stays under 300 characters
+    shutil.copytree(hf_dir, weights)
+    for name in os.listdir(weights):
+        if name != FINGERPRINT_FILE and (name.startswith("tokenizer") or name == "special_tokens_map.json"):
+            os.remove(weights / name)
+    other = _permuted_tokenizer(world["tok_dir"], tmp_path / "t")
+    rc, err = run_script(
+        _train_main, [f"--gin_file={_dpo_gin(tmp_path, world, weights, f'train.tokenizer = {other!r}')}"], capsys
+    )
+    line = one_error_line(err)
+    assert rc == 2
+    assert line.startswith(f"error: train.tokenizer = '{other}' is not the tokenizer saved with train.init_from")
+    assert f"'{weights}' (same {world['vocab']} tokens, other ids); give the tokenizer it was exported with" in line
+    _nothing_trained(tmp_path / "run")
+    run_preflight([tokenizer_check("train.init_from", str(weights), world["tok_dir"], "train.tokenizer")])  # its own
 
 
 def test_a_tokenizer_larger_than_the_model_and_a_misfit_reference_are_all_reported(world, tmp_path, capsys):

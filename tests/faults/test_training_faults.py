@@ -51,7 +51,9 @@ def straight(world, tmp_path_factory):
     return tmp / "run"
 
 
-def _gin(tmp_path, world, run_dir) -> str:
+def _gin(tmp_path, world, run_dir, objective="SFT", pipeline="sft_pipeline", data=None, extra="", steps=STEPS) -> str:
+    """The tiny run's gin file (`steps` steps, a checkpoint every EVERY): SFT on the
+    demonstrations unless told another objective, its pipeline and data (`extra`: more lines)."""
     path = tmp_path / "run.gin"
     path.write_text(f"""
 include '{ROOT}/configs/models/tiny_llama.gin'
@@ -60,21 +62,21 @@ custom_model_config.vocab_size = {world["vocab"]}
 custom_model_config.hidden_size = 32
 custom_model_config.intermediate_size = 64
 train.run_dir = '{run_dir}'
-train.objective = @SFT()
+train.objective = @{objective}()
 train.model_config = %MODEL_CONFIG
 train.tokenizer = '{world["tok_dir"]}'
-train.train_data = @sft_pipeline
-train.num_steps = {STEPS}
+train.train_data = @{pipeline}
+train.num_steps = {steps}
 LoopSettings.log_every = 1
 LoopSettings.checkpoint_every = {EVERY}
-sft_pipeline.data_dirs = '{world["demos"]}'
-sft_pipeline.batch_size = 4
-sft_pipeline.seq_len = 32
-sft_pipeline.max_length = 32
-sft_pipeline.max_prompt_length = 16
-sft_pipeline.prefetch = 0
+{pipeline}.data_dirs = '{data or world["demos"]}'
+{pipeline}.batch_size = 4
+{pipeline}.seq_len = 32
+{pipeline}.max_length = 32
+{pipeline}.max_prompt_length = 16
+{pipeline}.prefetch = 0
 make_optimizer.learning_rate = 1e-3
-""")
+{extra}""")
     return str(path)
 
 

@@ -80,10 +80,16 @@ def test_a_planted_gap_is_found_and_read_as_the_papers_artefact(world, capsys):
     assert {c["model_1"] for c in comps} == {"weak-teacher"}
     md = open(world["root"] / "gap" / "report.md").read()
     assert "**Reading: gap.**" in md and "jax" in md
-    # A rerun asks nothing again and reads the same.
+    # A rerun asks nothing again and reads the same: the judgments in out_dir were asked the
+    # same way, so not even the cache is consulted (another cache would pay nothing either).
     again = audit(world, "weak-teacher", "strong-teacher", "gap")
-    assert again["cost"]["estimate"]["to_send"] == 0 and again["cost"]["api"]["cached"] == 2 * sent
+    assert again["cost"]["estimate"]["requests"] == 0 and again["kept_from_out_dir"] == N
+    assert again["cost"]["api"]["requests"] == 0 and again["cost"]["api"]["cached"] == 0
     assert again["strong_preferred"] == r["strong_preferred"]
+    # Without the record of how they were asked, nothing is reused (asked again, from the cache).
+    os.remove(world["root"] / "gap" / "judge_asked.json")
+    anew = audit(world, "weak-teacher", "strong-teacher", "gap")
+    assert anew["kept_from_out_dir"] == 0 and anew["cost"]["api"]["cached"] == 2 * sent
 
 
 def test_equally_strong_teachers_show_no_gap(world, tmp_path):

@@ -157,3 +157,19 @@ def test_policy_samples_stage_writes_records_and_resumes(tmp_path, tiny_ckpt):
     )
     assert [d["completion"] for d in read_records(tmp_path / "c", DEMONSTRATIONS)] != [d["completion"] for d in a]
     assert other["provenance"]["top_p"] == 0.9
+
+
+def test_shared_seeds_draw_what_separate_passes_draw(local_model):
+    """SamplingSettings.rng_per_prompt in the samples stage: under shared_seeds the first
+    pass draws every pass's samples of a batch (one prefill per prompt, continuous batching)
+    and the later passes get exactly what they would have drawn alone."""
+    from rlaif_jax.feedback.server import model_backend
+
+    texts = ["hi there", "a longer prompt about cats and dogs", "x"]
+    kw = dict(temperature=1.0, top_p=0.9, rng_per_prompt=True, length_bucket=16)
+    seeds = [s * 1_000_003 + 2 for s in (7, 1007)]  # batch 2 of the passes with seeds 7 and 1007
+    alone = [[x.token_ids for x in local_model.sample(texts, seed=s, **kw)] for s in seeds]
+    with model_backend.shared_seeds([7, 1007]):
+        together = [[x.token_ids for x in local_model.sample(texts, seed=s, **kw)] for s in seeds]
+        assert not model_backend._SHARED.ctx["made"]  # the second pass took its batch
+    assert together == alone and alone[0] != alone[1]

@@ -98,6 +98,54 @@ def test_peft_loads_our_adapter_on_transformers_llama_and_we_load_it_back(world,
         load_peft(str(tmp_path), model, LoraSettings(rank=4, alpha=16.0, targets=settings.targets))
 
 
+def test_reward_model_peft_export_scores_as_ours_on_transformers_and_starts_a_run(world, tmp_path):
+    """A LoRA reward model's PEFT export: SEQ_CLS, the score head in modules_to_save; PEFT on
+    LlamaForSequenceClassification gives our scores, and the directory starts a run again."""
+    peft = pytest.importorskip("peft", reason="PEFT interop needs peft (pip install peft)")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from rlaif_jax.lora.training import LoraRun
+
+    cfg = world["cfg"]
+    obj = RewardModel()
+    model = build_model(cfg, lm_head=False, scalar_heads=obj.scalar_heads)
+    params = init_params(model, jax.random.key(0))
+    rm_base = str(tmp_path / "rm_base")
+    save_hf(rm_base, cfg, params, score_head=True)
+    settings = LoraSettings(rank=4, alpha=16.0, targets=r"(q|v|o|up)_proj$")
+    run = prepare(obj, model, params, settings, seed=0)
+    score = run.trainable["score_head"]["kernel"]
+    trainable = merge(
+        {"score_head": {"kernel": score + 0.5 * jax.random.normal(jax.random.key(7), score.shape)}},
+        _random_adapters(model, settings),
+    )
+    out = str(tmp_path / "hf")
+    LoraRun.export(run, out, cfg, trainable, base_model=rm_base)
+    peft_dir = os.path.join(out, PEFT_SUBDIR)
+    config = json.load(open(os.path.join(peft_dir, "adapter_config.json")))
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+
+    tokens = np.random.RandomState(0).randint(3, cfg.vocab_size, (3, 12))
+    apply_score = jax.jit(lambda p, t: apply(LoraModel(model, settings), p, t)["score"][:, -1])
+    ours = np.asarray(apply_score(run.full_params(trainable), jnp.asarray(tokens)))
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(rm_base, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, peft_dir)(torch.tensor(tokens)).logits[:, 0].numpy()
+        merged = transformers.LlamaForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+        merged_scores = merged(torch.tensor(tokens)).logits[:, 0].numpy()
+    assert float(np.abs(ours - np.asarray(apply_score(params, jnp.asarray(tokens)))).max()) > 1e-2  # adapted
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(merged_scores, theirs, atol=1e-4, rtol=0)
+
+    # Back as a run's starting point: the adapters and the score head.
+    again = prepare(obj, model, params, dataclasses.replace(settings, init_adapter=peft_dir), seed=1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), again.trainable, trainable)
+    # A language model given a reward model's adapter: refused, not its head silently dropped.
+    lm = build_model(cfg)
+    with pytest.raises(Exception, match="is a reward model's adapter"):
+        prepare(SFT(), lm, init_params(lm, jax.random.key(0)), dataclasses.replace(settings, init_adapter=peft_dir), 0)
+
+
 def test_reward_model_trains_adapters_and_a_fresh_score_head(world):
     cfg = world["cfg"]
     obj = RewardModel()

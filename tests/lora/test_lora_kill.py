@@ -7,7 +7,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from rlaif_jax.train.metrics import read_jsonl
-from tests.faults.test_training_faults import ROOT, Launch, _complete_steps, _in_process, _rows, no_orphans  # noqa: F401
+from tests.faults.test_training_faults import Launch, _complete_steps, _in_process, _rows, no_orphans  # noqa: F401
+from tests.faults.test_training_faults import _gin as _faults_gin
 from tests.train.fixtures import make_world
 
 STEPS, EVERY = 8, 4
@@ -20,32 +21,16 @@ def world(tmp_path_factory):
 
 
 def _gin(tmp_path, world, run_dir) -> str:
-    path = tmp_path / "run.gin"
-    path.write_text(f"""
-include '{ROOT}/configs/models/tiny_llama.gin'
-include '{ROOT}/configs/mesh/single_device.gin'
-custom_model_config.vocab_size = {world["vocab"]}
-custom_model_config.hidden_size = 32
-custom_model_config.intermediate_size = 64
-train.run_dir = '{run_dir}'
-train.objective = @DPO()
-train.model_config = %MODEL_CONFIG
-train.tokenizer = '{world["tok_dir"]}'
-train.train_data = @preference_pipeline
-train.num_steps = {STEPS}
-LoopSettings.log_every = 1
-LoopSettings.checkpoint_every = {EVERY}
-LoraSettings.rank = 4
-LoraSettings.dropout = 0.1
-preference_pipeline.data_dirs = '{world["prefs"]}'
-preference_pipeline.batch_size = 4
-preference_pipeline.seq_len = 32
-preference_pipeline.max_length = 32
-preference_pipeline.max_prompt_length = 16
-preference_pipeline.prefetch = 0
-make_optimizer.learning_rate = 1e-3
-""")
-    return str(path)
+    return _faults_gin(
+        tmp_path,
+        world,
+        run_dir,
+        "DPO",
+        "preference_pipeline",
+        world["prefs"],
+        "LoraSettings.rank = 4\nLoraSettings.dropout = 0.1\n",
+        steps=STEPS,
+    )
 
 
 @pytest.mark.slow  # two launches of scripts/train.py and an in-process run

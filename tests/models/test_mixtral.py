@@ -95,7 +95,15 @@ def test_parity_is_sensitive_to_routing(tiny, monkeypatch):
             assert np.abs(_logits(cfg.replace(moe_impl=impl), params, ids) - ref).max() > 1e-2
 
 
-@pytest.mark.parametrize("scan,remat", [(True, "none"), (True, "full"), (False, "dots")])
+# One case in the default suite; the other scan/remat pairs in the slow suite (~7 s each).
+@pytest.mark.parametrize(
+    "scan,remat",
+    [
+        pytest.param(True, "none", marks=pytest.mark.slow),
+        (True, "full"),
+        pytest.param(False, "dots", marks=pytest.mark.slow),
+    ],
+)
 def test_ragged_equals_dense_values_and_grads(tiny, scan, remat):
     _, path = tiny
     ids = random_ids(2, 10)
@@ -281,7 +289,14 @@ def reference():
 
 @pytest.mark.parametrize(
     "sizes,impl",
-    [((8, 1, 1), "ragged"), ((1, 8, 1), "ragged"), ((2, 2, 2), "ragged"), ((1, 2, 4), "ragged"), ((2, 2, 2), "dense")],
+    # (2, 2, 2) splits every axis at once; the one-axis meshes are in the slow suite (~8 s each).
+    [
+        pytest.param((8, 1, 1), "ragged", marks=pytest.mark.slow),
+        pytest.param((1, 8, 1), "ragged", marks=pytest.mark.slow),
+        ((2, 2, 2), "ragged"),
+        pytest.param((1, 2, 4), "ragged", marks=pytest.mark.slow),
+        ((2, 2, 2), "dense"),
+    ],
 )
 def test_sharded_forward_and_grad_match_single_device(reference, sizes, impl):
     params0, l0, logits0, aux0, g0 = reference
@@ -300,6 +315,7 @@ def test_sharded_forward_and_grad_match_single_device(reference, sizes, impl):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=1e-6, rtol=1e-4), g, g0)
 
 
+@pytest.mark.slow  # ~12 s; tests/models/test_sharding.py checks the dense model's sampler under a mesh
 def test_sampler_under_mesh_matches_single_device():
     model = build_model(CFG)
     params = init_params(model, jax.random.key(1))
@@ -389,7 +405,10 @@ def _sft_batch():
     }
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "reward"])
+# DPO (two forward passes) in the default suite; SFT and the reward model in the slow one.
+@pytest.mark.parametrize(
+    "objective", [pytest.param("sft", marks=pytest.mark.slow), "dpo", pytest.param("reward", marks=pytest.mark.slow)]
+)
 def test_objectives_add_the_aux_loss(objective):
     from rlaif_jax.train.dpo import DPO
     from rlaif_jax.train.reward import RewardModel

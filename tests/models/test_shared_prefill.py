@@ -114,6 +114,23 @@ def test_shared_prefill_equals_separate_calls(tiny):
     assert any((a.tokens != b.tokens).any() for a, b in zip(shared, shared[1:]))
 
 
+def test_shared_prefill_in_slots_equals_separate_calls(tiny):
+    """SamplingParams.slots: one prefill per prompt feeding its K rows inside continuous
+    batching (fills of a prompt's rows split across refills, prompts padded to their own
+    bucket) draws what K separate static calls draw."""
+    model, params = tiny
+    prompts = PROMPTS + [[1, 2], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    keys = [jax.random.key(s) for s in (3, 4, 5)]
+    sp = dataclasses.replace(SP, eos_ids=tuple(range(2, 14)))  # rows stop early: slots refill
+    got = generate_samples(model, params, prompts, keys, dataclasses.replace(sp, slots=4))
+    for key, g in zip(keys, got):
+        alone = generate(model, params, prompts, key, sp)
+        np.testing.assert_array_equal(g.tokens, alone.tokens)
+        np.testing.assert_array_equal(g.lengths, alone.lengths)
+        np.testing.assert_allclose(g.logprobs, alone.logprobs, atol=1e-5)
+    assert len({int(n) for g in got for n in g.lengths}) > 1
+
+
 def test_greedy_shared_samples_are_identical_and_legacy_keys_work(tiny):
     model, params = tiny
     sp = SamplingParams(max_new_tokens=5, temperature=0.0)

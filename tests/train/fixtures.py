@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from rlaif_jax.data.pipeline.builders import preference_pipeline, sft_pipeline
 from rlaif_jax.data.toy import write_toy_world
 from rlaif_jax.models import DecoderConfig
@@ -71,3 +73,18 @@ def loop_args(args: dict) -> dict:
     if settings:
         args["loop"] = LoopSettings(**settings)
     return args
+
+
+def random_rows(rs, n: int, lengths, seq_len: int, vocab: int, prefix: str = "") -> dict:
+    """n rows of random tokens (ids 3..vocab-1) whose loss mask covers `lengths[i]` tokens
+    from position 4: the batch keys an objective reads, under `prefix` (chosen_, kl_, ...)."""
+    out = {
+        f"{prefix}tokens": rs.randint(3, vocab, (n, seq_len)).astype(np.int32),
+        f"{prefix}positions": np.tile(np.arange(seq_len, dtype=np.int32), (n, 1)),
+        f"{prefix}segment_ids": np.ones((n, seq_len), np.int32),
+    }
+    mask = np.zeros((n, seq_len), np.float32)
+    for i, k in enumerate(lengths):
+        mask[i, 4 : 4 + k] = 1
+    out[f"{prefix}loss_mask"] = mask
+    return out

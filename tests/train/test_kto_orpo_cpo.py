@@ -18,7 +18,7 @@ from rlaif_jax.train.cpo import alphapo_rewards
 from rlaif_jax.train.kto import KL_KEY, kto_losses
 from rlaif_jax.train.objectives import concat_pairs, response_logps
 from rlaif_jax.train.orpo import log1mexp, log_odds_ratio
-from tests.train.fixtures import tiny_config
+from tests.train.fixtures import random_rows, tiny_config
 
 B, T, V = 4, 12, 16
 SEQ = ("tokens", "positions", "segment_ids", "loss_mask")
@@ -33,16 +33,7 @@ def logsig(x):
 
 
 def _rows(rs, n, lengths, prefix=""):
-    out = {
-        f"{prefix}tokens": rs.randint(3, V, (n, T)).astype(np.int32),
-        f"{prefix}positions": np.tile(np.arange(T, dtype=np.int32), (n, 1)),
-        f"{prefix}segment_ids": np.ones((n, T), np.int32),
-    }
-    mask = np.zeros((n, T), np.float32)
-    for i, k in enumerate(lengths):
-        mask[i, 4 : 4 + k] = 1
-    out[f"{prefix}loss_mask"] = mask
-    return out
+    return random_rows(rs, n, lengths, T, V, prefix)
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,7 @@ def test_nonfinite_batch_dump_lands_in_the_remote_run_dir(world, mem):
     assert "metrics.jsonl" in files and "summary.json" not in files
 
 
+@pytest.mark.slow  # ~28 s; the remote layout and resume are checked for SFT above, PPO resume in test_ppo.py
 def test_ppo_on_a_remote_run_dir_resumes_and_exports(world, mem, monkeypatch):
     from rlaif_jax.models import build_model, init_params
     from rlaif_jax.models.hf_io import save_hf

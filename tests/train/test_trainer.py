@@ -205,7 +205,8 @@ def test_gradient_accumulation_equals_one_large_batch(world):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5), p1, p4)
 
 
-@pytest.mark.parametrize("sizes", [(8, 1, 1), (2, 2, 2)])
+# (2, 2, 2) shards data, fsdp and tensor at once; pure data parallelism in the slow suite (~20 s).
+@pytest.mark.parametrize("sizes", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_sharded_training_matches_single_device(world, sizes):
     batch = _batch(world)
     p1, m1 = _one_step(world, batch, 1, steps=2)

@@ -15,7 +15,7 @@ import pytest
 from rlaif_jax.models import apply, build_model, init_params
 from rlaif_jax.train import CPO, KTO, ORPO
 from rlaif_jax.train.objectives import concat_pairs
-from tests.train.fixtures import tiny_config
+from tests.train.fixtures import random_rows, tiny_config
 
 torch = pytest.importorskip("torch", reason="TRL runs on torch")
 pytest.importorskip("trl", reason="TRL's own loss functions (pip install trl accelerate; not default dependencies)")
@@ -28,16 +28,7 @@ B, T, V = 3, 12, 16
 
 
 def _rows(rs, n, lengths, prefix=""):
-    out = {
-        f"{prefix}tokens": rs.randint(3, V, (n, T)).astype(np.int32),
-        f"{prefix}positions": np.tile(np.arange(T, dtype=np.int32), (n, 1)),
-        f"{prefix}segment_ids": np.ones((n, T), np.int32),
-    }
-    mask = np.zeros((n, T), np.float32)
-    for i, k in enumerate(lengths):
-        mask[i, 4 : 4 + k] = 1
-    out[f"{prefix}loss_mask"] = mask
-    return out
+    return random_rows(rs, n, lengths, T, V, prefix)
 
 
 @pytest.fixture(scope="module")

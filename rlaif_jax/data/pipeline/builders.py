@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import gin
 import numpy as np
 
+from rlaif_jax.data.checks import Check, PreflightSettings, record_findings, run_preflight
 from rlaif_jax.data.pipeline.iterator import (
     DataIterator,
     IndexStream,
@@ -39,7 +40,6 @@ from rlaif_jax.data.records.shards import iter_shard
 from rlaif_jax.data.tokenize.encode import Encoder
 from rlaif_jax.data.tokenize.tokenizer import load_tokenizer, tokenizer_hash
 from rlaif_jax.errors import ConfigError, UserError, binding, whole
-from rlaif_jax.preflight import Check, PreflightSettings, record_findings, run_preflight
 
 _ENCODE_CHUNK = 2048
 
@@ -170,7 +170,7 @@ def _host_inputs(data_dirs, schema, what: str, tokenizer, process_index, process
 
 
 def _check_records(data_dirs, records: list, preferences: bool, token_pairs=None) -> None:
-    """The preflight's record-set checks on the records as loaded (rlaif_jax.preflight)."""
+    """The record-set checks on the records as loaded (rlaif_jax.data.checks)."""
     where = ", ".join(map(str, data_dirs)) if isinstance(data_dirs, (list, tuple)) else str(data_dirs)
     settings = PreflightSettings()
     run_preflight(

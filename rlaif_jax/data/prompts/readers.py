@@ -11,6 +11,7 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from rlaif_jax.data.ids import prompt_id
 from rlaif_jax.data.prompts.types import InputError, PromptExample, Stats
 from rlaif_jax.errors import UserError
 from rlaif_jax.fileio import decode_utf8, isdir, isfile, json_kind, open_file
@@ -252,7 +253,6 @@ def parse_trl(rows: Iterable[Any], source: str) -> tuple[list[PromptExample], li
     - prompt only -> PromptExample
     Returns (prompts, preferences, stats).
     """
-    from rlaif_jax.data.ids import prompt_id
 
     stats, prompts, prefs = Stats(), [], []
     for i, row in enumerate(rows):

@@ -7,10 +7,15 @@ and chat-template code as a real model without any download.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Any, Optional, Sequence
+
+from rlaif_jax.models.tokenizer_fingerprint import (  # noqa: F401 (handed on)
+    FINGERPRINT_FILE,
+    save_fingerprint,
+    saved_fingerprint,
+    tokenizer_hash,
+)
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
@@ -78,15 +83,6 @@ def build_test_tokenizer(
     os.makedirs(out_dir, exist_ok=True)
     hf.save_pretrained(os.fspath(out_dir))
     return load_tokenizer(out_dir)
-
-
-def tokenizer_hash(tok: Any) -> str:
-    """Identifies a tokenizer's vocabulary and bos / eos ids (what a model's embedding rows
-    mean): the data pipeline's resume fingerprint and the run preflight (rlaif_jax.preflight)
-    compare it. The same value as rlaif_jax.data.pipeline.iterator.fingerprint(vocab=..,
-    bos=.., eos=..), which run directories already hold."""
-    parts = {"vocab": sorted(tok.get_vocab().items()), "bos": tok.bos_token_id, "eos": tok.eos_token_id}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_tokenizer(path_or_tokenizer: Any) -> Any:

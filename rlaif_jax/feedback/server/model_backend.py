@@ -9,6 +9,7 @@ A request that carries a `seed` runs alone, so its sample depends only on its se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -47,6 +48,27 @@ def render_messages(messages: Sequence[dict], template: str, tokenizer: Any) -> 
     return "".join(parts) + "Assistant: "
 
 
+# The K policy samples of a stage under rng_per_prompt: `shared_seeds` names the K base seeds
+# that K passes over the same prompts will ask for (batch b of the pass with base seed s draws
+# with seed s * 1_000_003 + b). The first pass's batch samples all K at once (one prefill per
+# prompt feeding K decode slots: sampling.generate_samples with slots), and the later passes
+# take their batch from here: the same samples as K separate passes in this mode.
+_SHARED = threading.local()
+
+
+@contextlib.contextmanager
+def shared_seeds(seeds: Sequence[int], stride: int = 1_000_003):
+    """Within the block, a per-prompt-RNG sample of a batch with seed s * stride + b (s in
+    `seeds`) draws the other seeds' samples of the same batch with it and keeps them for their
+    own passes."""
+    prev = getattr(_SHARED, "ctx", None)
+    _SHARED.ctx = {"seeds": [int(s) for s in seeds], "stride": stride, "made": {}}
+    try:
+        yield
+    finally:
+        _SHARED.ctx = prev
+
+
 class LocalModel:
     """Loads an HF directory once; samples text prompts with per-row token budgets."""
 
@@ -72,6 +94,8 @@ class LocalModel:
         if not 0 < max_prompt_length < max_length:
             raise ConfigError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
         existing_dir("hf_dir", hf_dir, "HF model directory", must_contain="config.json")  # not a hub name
+        # What a checkpoint's samples depend on besides the call (shared_seeds' key).
+        self.source = (str(hf_dir), dtype, tuple(mesh_shape or ()), template, max_prompt_length, max_length)
         hf_dir = local_hf_dir(hf_dir, "hf_dir")  # gs://: a local copy, fetched once per host
         self.tokenizer = load_tokenizer(hf_dir)
         # This host's devices: a sampler serves (or samples for) one host, also on a
@@ -118,10 +142,11 @@ class LocalModel:
         seed: int = 0,
         max_new_tokens: Optional[int] = None,
         length_bucket: int = 32,
+        rng_per_prompt: bool = False,
     ) -> list[Sample]:
         import jax
 
-        from rlaif_jax.sampling import SamplingParams, generate
+        from rlaif_jax import sampling
 
         budgets = [self.max_length - len(p) for p in prompts]
         if max_new_tokens is not None:
@@ -130,16 +155,48 @@ class LocalModel:
             raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room under max_length")
         # Rounded up so that only a few distinct decode lengths are ever compiled.
         steps = -(-max(budgets) // length_bucket) * length_bucket
-        sp = SamplingParams(
+        sp = sampling.SamplingParams(
             max_new_tokens=steps,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
+            rng_per_prompt=rng_per_prompt,
         )
+        ids = [list(p) for p in prompts]
+        ctx = getattr(_SHARED, "ctx", None) if rng_per_prompt else None
+        key = (self.source, tuple(map(tuple, ids)), sp)
+        if ctx is not None and (key, seed) in ctx["made"]:
+            return self._samples(prompts, ctx["made"].pop((key, seed)), budgets)
+        seeds = self._sibling_seeds(ctx, seed)
         with self._lock:
-            out = generate(self.model, self.params, [list(p) for p in prompts], jax.random.key(seed), sp)
+            if len(seeds) > 1 and self.model.layout is None:
+                # Every pass's samples of this batch: one prefill per prompt, K x B rows decoding
+                # through B slots (a finished row's slot takes the next).
+                sp_k = dataclasses.replace(sp, slots=len(ids))
+                outs = sampling.generate_samples(self.model, self.params, ids, [jax.random.key(s) for s in seeds], sp_k)
+                for s, o in zip(seeds[1:], outs[1:]):
+                    ctx["made"][(key, s)] = o
+                out = outs[0]
+            else:
+                out = sampling.generate(self.model, self.params, ids, jax.random.key(seed), sp)
+        return self._samples(prompts, out, budgets)
+
+    @staticmethod
+    def _sibling_seeds(ctx, seed: int) -> list:
+        """[seed] + the other shared passes' seeds of the same batch (none outside shared_seeds)."""
+        if ctx is None:
+            return [seed]
+        stride = ctx["stride"]
+        for base in ctx["seeds"]:
+            b = seed - base * stride
+            if 0 <= b < stride:
+                later = ctx["seeds"][ctx["seeds"].index(base) + 1 :]
+                return [seed] + [s * stride + b for s in later]
+        return [seed]
+
+    def _samples(self, prompts, out, budgets) -> list[Sample]:
         samples = []
         for p, toks, n, lps, budget in zip(prompts, out.tokens, out.lengths, out.logprobs, budgets):
             n = int(min(n, budget))
@@ -203,6 +260,7 @@ class LocalModel:
         max_new_tokens: Optional[int] = None,
         length_bucket: int = 32,
         raw: bool = False,
+        rng_per_prompt: bool = False,
     ) -> list[Sample]:
         """Samples for prompts; `raw` sends the text as is, else the template wraps it."""
         rendered = (
@@ -218,6 +276,7 @@ class LocalModel:
             seed=seed,
             max_new_tokens=max_new_tokens,
             length_bucket=length_bucket,
+            rng_per_prompt=rng_per_prompt,
         )
 
 

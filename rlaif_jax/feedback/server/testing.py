@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import re
 import socket
@@ -133,7 +134,6 @@ class RuleJudge:
 
 
 def _label_logprobs(label: str, conf: float) -> list:
-    import math
 
     other = "b" if label == "a" else "a"
     top = [{"token": label, "logprob": math.log(conf)}, {"token": other, "logprob": math.log(1 - conf)}]
@@ -146,7 +146,6 @@ def _label_logprobs(label: str, conf: float) -> list:
 
 
 def _rating_logprobs(rating: int, conf: float) -> list:
-    import math
 
     rest = (1 - conf) / 4
     top = [{"token": str(r), "logprob": math.log(conf if r == rating else rest)} for r in range(1, 6)]
