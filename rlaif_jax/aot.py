@@ -36,10 +36,11 @@ from rlaif_jax.data.pipeline.builders import per_process_batch
 from rlaif_jax.errors import ConfigError
 from rlaif_jax.lora import LoraModel, LoraSettings
 from rlaif_jax.lora import training as lora_training
+from rlaif_jax.lora.adapters import abstract_adapters, quantize_base
 from rlaif_jax.models import DecoderConfig, build_model
-from rlaif_jax.models.heads import SCORE_HEAD
+from rlaif_jax.models.heads import SCORE_HEAD, head_param
 from rlaif_jax.models.params import abstract_params, param_shardings
-from rlaif_jax.train.ppo import VALUE_HEAD, PPOTrainer
+from rlaif_jax.train.ppo import VALUE_HEAD, LoraPPOTrainer, PPOTrainer
 from rlaif_jax.train.step import (
     TrainState,
     batch_shardings,
@@ -53,20 +54,24 @@ GiB = 1024**3
 
 # name -> (topology for get_topology_desc, chip_config_name, HBM GiB per chip). Names count
 # chips for v5e and TensorCores for v4 / v5p (two per chip), as Cloud TPU names slices. Hosts
-# come from libtpu's description; v5e-8 is left out: libtpu describes 2x4 as two hosts,
-# Cloud's v5litepod-8 is one 8-chip host (the per-process batch would be doubled).
+# come from libtpu's description (TOPOLOGY_OPTIONS where it differs from Cloud's machines).
 TPU_TOPOLOGIES = {
     "v4-8": ("v4:2x2x1", "megacore", 32),
     "v4-16": ("v4:2x2x2", "megacore", 32),
     "v4-32": ("v4:2x2x4", "megacore", 32),
     "v4-64": ("v4:2x4x4", "megacore", 32),
     "v5e-4": ("v5e:2x2", None, 16),
+    "v5e-8": ("v5e:2x4", None, 16),
     "v5e-16": ("v5e:4x4", None, 16),
     "v5e-32": ("v5e:4x8", None, 16),
     "v5p-8": ("v5p:2x2x1", None, 95),
     "v5p-32": ("v5p:2x2x4", None, 95),
     "v5p-64": ("v5p:2x4x4", None, 95),
 }
+# Extra get_topology_desc arguments. libtpu's default host for a 2x4 v5e is 2x2 chips (two
+# hosts); Cloud's v5litepod-8 (ct5lp-hightpu-8t) is one host of 8 chips, as
+# chips_per_host_bounds (2, 4, 1) describes it (else the per-process batch would be halved).
+TOPOLOGY_OPTIONS = {"v5e-8": {"chips_per_host_bounds": (2, 4, 1)}}
 CPU_NOTE = "CPU devices share the host's memory: the per-device budget (host RAM / N) is indicative only"
 
 
@@ -132,6 +137,7 @@ def target(name: str) -> Target:
     from jax.experimental import topologies
 
     kw = {"chip_config_name": chip_config} if chip_config else {}
+    kw.update(TOPOLOGY_OPTIONS.get(name, {}))
     topo = topologies.get_topology_desc(topology_name=topo_name, platform="tpu", **kw)
     return Target(name, "tpu", tuple(topo.devices), hbm_gib * GiB)
 
@@ -155,6 +161,10 @@ class Program:
     flops: float = 0.0
     batch_rows: tuple = ()
     arg_names: tuple = ()
+    # Per-chip bytes of arguments that are other arguments' arrays passed again (LoRA PPO's
+    # frozen base is also the reference and the critic's trunk): the compiler counts them in
+    # each parameter, the chip holds them once.
+    shared_bytes: int = 0
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
@@ -383,10 +393,13 @@ def ppo_programs(
     rows: int,
     reward_cfg: Optional[DecoderConfig] = None,
     seed: int = 0,
+    lora: Optional[LoraSettings] = None,
 ) -> list[Program]:
     """PPO's three programs as PPOTrainer.compile jits them: rollout (the sampler), scoring
     (policy, reference, value and reward forwards, advantages) and the update (ppo_epochs x
     mini-batches of the clipped losses), with models and params as train_ppo builds them.
+    With LoRA on (train_ppo.lora), as LoraPPOTrainer: the state holds the adapters (and value
+    head), and each program takes the frozen (quantized) base, which is also the reference.
 
     Args:
       cfg: the policy's config as train_ppo loads it (the SFT export's config.json with
@@ -397,6 +410,7 @@ def ppo_programs(
       rows: the global rollout (rollout_batch_size x samples_per_prompt x processes).
       reward_cfg: the reward model's config (default: cfg).
       seed: train_ppo.seed.
+      lora: train_ppo.lora.
     Returns:
       [rollout, score, update] Programs.
     """
@@ -412,16 +426,32 @@ def ppo_programs(
         shared = config.value_model == "shared"
         _, head_host = model_params(cfg if shared else reward_cfg, layout, lm_head=shared, scalar_heads=(VALUE_HEAD,))
         params["policy" if shared else "value"] = head_host
-    trainer = PPOTrainer(cfg, config, tx, layout, ref, rm_model, rm_params, value_cfg=reward_cfg)
+    frozen = ()  # LoRA: the programs' last argument, the frozen base
+    if lora is not None and lora.enabled:
+        params, frozen = _lora_ppo_split(cfg, config, policy, lora, layout)
+        ref = frozen["policy"]
+        trainer = LoraPPOTrainer(
+            cfg, config, tx, layout, ref, rm_model, rm_params, value_cfg=cfg, lora=lora, frozen=frozen
+        )
+        _sample, _score = trainer._sample_f, trainer._score_f
+        frozen = (frozen,)
+    else:
+        trainer = PPOTrainer(cfg, config, tx, layout, ref, rm_model, rm_params, value_cfg=reward_cfg)
+        _sample, _score = trainer._sample, trainer._score
     state = initial_state(params, tx, seed, trainer.initial_extra())
     prompts = _prompts(rows, config.max_prompt_length, mesh)
     sample, score, update = trainer.compile(state, prompts)
+    if frozen:  # the jitted functions themselves, which take the base as their last argument
+        sample, score, update = trainer.jitted
     rng = _rng(mesh)
-    response, lengths = _placed_batch(jax.eval_shape(trainer._sample, state.params, prompts, rng), mesh)
+    response, lengths = _placed_batch(jax.eval_shape(_sample, state.params, prompts, rng, *frozen), mesh)
     kl_coef = state.extra["kl_coef"]
-    scored, _ = jax.eval_shape(trainer._score, state.params, ref, rm_params, kl_coef, prompts, response, lengths)
+    scored, _ = jax.eval_shape(_score, state.params, ref, rm_params, kl_coef, prompts, response, lengths, *frozen)
     scored = _placed_batch(scored, mesh)
 
+    # LoRA: frozen["value"] is the policy base's arrays, and the reference is frozen["policy"].
+    size = lambda t: sum(_per_chip_bytes(x) for x in jax.tree.leaves(t))  # noqa: E731
+    twice = size(frozen[0]["value"]) if frozen else 0
     n_pol = 1 + (config.uses_critic and config.value_model == "separate")
     P_, R = config.max_prompt_length, config.max_new_tokens
     T = P_ + R
@@ -430,31 +460,59 @@ def ppo_programs(
         Program(
             "ppo/rollout",
             sample,
-            (state.params, prompts, rng),
+            (state.params, prompts, rng, *frozen),
             mesh,
             flops=generate_flops(cfg, rows, P_, R),
             batch_rows=(("rollout", rows),),
-            arg_names=("params", "prompts", "rng"),
+            arg_names=("params", "prompts", "rng", "frozen"),
+            shared_bytes=twice,
         ),
         Program(
             "ppo/score",
             score,
-            (state.params, ref, rm_params, kl_coef, prompts, response, lengths),
+            (state.params, ref, rm_params, kl_coef, prompts, response, lengths, *frozen),
             mesh,
             flops=fwd * (2 + n_pol),
             batch_rows=(("rollout", rows),),
-            arg_names=("params", "ref_params", "reward_params", "kl_coef", "prompts", "response", "lengths"),
+            arg_names=("params", "ref_params", "reward_params", "kl_coef", "prompts", "response", "lengths", "frozen"),
+            shared_bytes=twice + (size(ref) if frozen else 0),
         ),
         Program(
             "ppo/update",
             update,
-            (state, scored),
+            (state, scored, *frozen),
             mesh,
             flops=fwd * 3 * n_pol * config.ppo_epochs,
             batch_rows=(("rollout", rows), ("mini-batch", config.mini_batch_size)),
-            arg_names=("state", "batch"),
+            arg_names=("state", "batch", "frozen"),
+            shared_bytes=twice,
         ),
     ]
+
+
+def _placed_adapters(model, lora: LoraSettings) -> Any:
+    """The abstract adapters of `model`, placed as init_adapters places them."""
+    boxed = abstract_adapters(model, lora)
+    return abstract(nn.unbox(boxed), model.layout.param_shardings(boxed))
+
+
+def _lora_ppo_split(cfg: DecoderConfig, config, policy: Any, lora: LoraSettings, layout: shd.Layout):
+    """rlaif_jax.lora.ppo.split on abstract params: (trainable, frozen)."""
+    base = quantize_base(policy, lora, layout)
+    shared = config.uses_critic and config.value_model == "shared"
+    trainable = {
+        "policy": _placed_adapters(build_model(cfg, scalar_heads=(VALUE_HEAD,) if shared else (), layout=layout), lora)
+    }
+    frozen = {"policy": base, "value": None}
+    if config.uses_critic:
+        value_model, value_params = model_params(cfg, layout, lm_head=False, scalar_heads=(VALUE_HEAD,))
+        head = value_params[head_param(VALUE_HEAD)]
+        if shared:
+            trainable["policy"][head_param(VALUE_HEAD)] = head
+        else:
+            trainable["value"] = {**_placed_adapters(value_model, lora), head_param(VALUE_HEAD): head}
+            frozen["value"] = {k: v for k, v in base.items() if k != "lm_head"}
+    return trainable, frozen
 
 
 # -- compiling and reporting -------------------------------------------------------------------
@@ -476,15 +534,23 @@ class Report:
     compile_s: float
     warnings: tuple = ()
     largest: tuple = ()  # (argument path, per-chip bytes), largest first
+    shared_bytes: int = 0  # Program.shared_bytes: counted in argument_bytes, held once
     # The compiler's refusal (out of memory): temp_bytes is then what it said it needed and
     # argument_bytes the abstract arguments' per-chip sum.
     error: str = ""
 
     @property
     def total_bytes(self) -> int:
-        """Peak per-chip footprint: arguments + outputs not aliased to a donated argument +
-        temporaries + code (MaxText's and axlearn's accounting)."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+        """Peak per-chip footprint: arguments (less those passed twice: shared_bytes) +
+        outputs not aliased to a donated argument +        temporaries + code (MaxText's and axlearn's accounting)."""
+        return (
+            self.argument_bytes
+            - self.shared_bytes
+            + self.output_bytes
+            - self.alias_bytes
+            + self.temp_bytes
+            + self.code_bytes
+        )
 
     @property
     def fits(self) -> bool:
@@ -583,6 +649,7 @@ def compile_program(program: Program, target: Target) -> tuple[Report, Any]:
         chips=program.mesh.size,
         warnings=tuple(replication_warnings(program, target.hbm_bytes)),
         largest=_largest_args(program),
+        shared_bytes=program.shared_bytes,
     )
     try:
         compiled = lowered.compile()

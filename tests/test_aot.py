@@ -173,6 +173,46 @@ def test_ppo_programs_are_the_trainers_own(value_model):
             assert "fsdp" in _mesh_axes(s), (x.shape, s)
 
 
+@pytest.mark.parametrize("value_model, quantize", [("shared", "none"), ("separate", "nf4")])
+def test_lora_ppo_programs_are_the_lora_trainers_own(value_model, quantize):
+    """With train_ppo.lora on, the programs are LoraPPOTrainer's: the state holds only the
+    adapters (and the value head), the frozen (quantized) base is every program's last
+    argument, split over fsdp like the params."""
+    from rlaif_jax.lora import LoraSettings
+    from rlaif_jax.train.ppo import PPOConfig
+
+    target = aot.target("cpu-4")
+    config = PPOConfig(
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        ppo_epochs=1,
+        max_new_tokens=8,
+        max_prompt_length=8,
+        value_model=value_model,
+    )
+    tx, _ = make_optimizer(name="adamw", learning_rate=1e-6, clip_norm=1.0)
+    lora = LoraSettings(rank=4, quantize=quantize, block_size=32)
+    programs = aot.ppo_programs(CFG, config, tx, _layout(target), rows=8, lora=lora)
+    assert [p.name for p in programs] == ["ppo/rollout", "ppo/score", "ppo/update"]
+    for p in programs:
+        report, compiled = aot.compile_program(p, target)
+        assert report.fits and report.warnings == () and compiled is not None, report
+        assert p.arg_names[-1] == "frozen" and len(p.args) == len(p.arg_names)
+    state, _, frozen = programs[2].args
+    assert set(state.params) == ({"policy"} if value_model == "shared" else {"policy", "value"})
+    kernels = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    assert kernels and all("lora_" in k or "value" in k for k in kernels), kernels
+    assert (frozen["value"] is None) == (value_model == "shared")
+    # The base is passed again as the reference (score) and the critic's trunk (separate
+    # critic): counted once in the footprint.
+    rollout, score, update = (p.shared_bytes for p in programs)
+    assert score > update == rollout and (update > 0) == (value_model == "separate")
+    (_, _, frozen_sh), _ = compiled.input_shardings
+    for x, s in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_sh)):
+        if x.ndim >= 3 and x.size >= 2048:  # stacked layer kernels / codes (not the small scales)
+            assert "fsdp" in _mesh_axes(s), (x.shape, s)
+
+
 def test_tpu_compiler_out_of_memory_is_a_verdict():
     target = _libtpu_target("v5e-4")
     mesh = shd.make_mesh(1, -1, 1, devices=target.devices)
@@ -192,6 +232,13 @@ def test_cpu_devices_step_compiles_sharded():
     target = aot.target("cpu-4")
     assert target.platform == "cpu" and target.hosts == 1 and "indicative" in target.note
     _check_compiled(SFT(), target)
+
+
+def test_v5e_8_is_one_host_of_eight_chips():
+    """Cloud's v5litepod-8 is one 8-chip host; libtpu's default for 2x4 is two hosts."""
+    t = _libtpu_target("v5e-8")
+    assert (len(t.devices), t.hosts, len(t.host0_devices)) == (8, 1, 8)
+    assert (len(aot.target("v5e-16").devices), aot.target("v5e-16").hosts) == (16, 4)
 
 
 def test_kto_step_compiles_with_the_labelled_pipelines_batch():

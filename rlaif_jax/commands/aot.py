@@ -143,6 +143,8 @@ def ppo_programs(aot, target, stage: str):
         numerics = numerics_overrides("train_ppo.numerics", setting(train_ppo, "train_ppo", "numerics", stage))
         cfg = exported(model_config(stage), **numerics)
         seed = setting(train_ppo, "train_ppo", "seed", stage)
+        # As train_ppo builds it: LoraSettings() in the stage's scope when train_ppo.lora is unbound.
+        lora = setting(train_ppo, "train_ppo", "lora", stage, default=None) or LoraSettings()
     if not isinstance(config, PPOConfig):
         raise ConfigError(f"train_ppo.config = {config!r}: expected a PPOConfig (e.g. @PPOConfig())")
     rows = config.rollout_batch_size * config.samples_per_prompt * target.hosts
@@ -152,7 +154,9 @@ def ppo_programs(aot, target, stage: str):
         f"mini-batches of {config.mini_batch_size}; policy, reference, value and reward models in {cfg.dtype} "
         f"compute, {cfg.param_dtype} params, remat {cfg.remat_policy} (train_ppo.numerics = {numerics or None})"
     )
-    return note, aot.ppo_programs(cfg, config, tx, lay, rows, seed=seed)
+    if lora.enabled:
+        note += f"; LoRA rank {lora.rank} on {lora.targets!r}, base {lora.quantize} (= the reference)"
+    return note, aot.ppo_programs(cfg, config, tx, lay, rows, seed=seed, lora=lora)
 
 
 def sampler_programs(aot, target, stage: str):

@@ -311,16 +311,14 @@ class DecoderConfig:
     @classmethod
     def from_hf(cls, hf_config, **overrides) -> "DecoderConfig":
         """From a transformers config object (Llama / Mistral / Mixtral / Qwen2 / Qwen3 /
-        Gemma2 / Gemma3Text config) or its dict. A field the decoder does not implement is a
+        Gemma2 / Gemma3Text config, or a multimodal Gemma3Config: its text model) or its
+        dict. A field the decoder does not implement is a
         ConfigError naming it: never a silently different model."""
         d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         model_type = d.get("model_type", "llama")
         if model_type == "gemma3":
-            raise errors.ConfigError(
-                "config.json model_type 'gemma3' is the multimodal Gemma 3 (text_config + vision "
-                "tower); only the text-only Gemma3ForCausalLM ('gemma3_text', e.g. gemma-3-1b) is "
-                "supported"
-            )
+            d = gemma3_text_config(d)
+            model_type = d["model_type"]
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise errors.ConfigError(
                 f"config.json model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -614,6 +612,40 @@ def model_config(
         vocab_chunk_size=vocab_chunk_size,
         **overrides,
     )
+
+
+def gemma3_text_config(d: dict) -> dict:
+    """The text tower's config of a multimodal Gemma 3 config.json (model_type 'gemma3',
+    Gemma3ForConditionalGeneration: gemma-3-4b / 12b / 27b): its `text_config` as a full
+    gemma3_text dict (transformers' Gemma3TextConfig fills the fields the hub files leave to
+    the defaults), with the wrapper's token ids where it sets them (the IT checkpoints put
+    eos [1, 106] there). The vision tower's config is not read: the decoder is the text model.
+
+    Args:
+      d: the multimodal config as a dict.
+    Returns:
+      The text config dict (model_type 'gemma3_text').
+    """
+    text = d.get("text_config")
+    if not text:
+        raise errors.ConfigError(
+            "config.json model_type 'gemma3' (the multimodal Gemma 3) has no text_config: "
+            "cannot find the text model's config"
+        )
+    text = dict(text.to_dict() if hasattr(text, "to_dict") else text)
+    text_type = text.pop("model_type", "gemma3_text")
+    if text_type != "gemma3_text":
+        raise errors.ConfigError(
+            f"config.json text_config.model_type = {text_type!r} in a 'gemma3' checkpoint; expected 'gemma3_text'"
+        )
+    import transformers
+
+    text = transformers.Gemma3TextConfig(**text).to_dict()
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if d.get(k) is not None:
+            text[k] = d[k]
+    text["model_type"] = "gemma3_text"
+    return text
 
 
 @gin.configurable

@@ -10,6 +10,10 @@ Mixtral experts are read from the hub layout (`block_sparse_moe.gate` and one
 5.x `save_pretrained` writes) or from transformers 5.x's in-memory fused layout
 (`mlp.gate`, `mlp.experts.gate_up_proj` [E, 2F, H], `mlp.experts.down_proj` [E, H, F]);
 export writes the hub layout.
+
+A multimodal checkpoint (Gemma3ForConditionalGeneration) is read as its text model (the
+tensors under `language_model.model.`, or `model.language_model.`); the vision tower is
+dropped, and export writes a text-only checkpoint (Gemma3ForCausalLM).
 """
 
 from __future__ import annotations
@@ -273,6 +277,63 @@ class _SafetensorsDir:
         return get
 
 
+# Where a multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its text model, as
+# (prefix of the decoder's `model.` tensors, key of an untied LM head): the hub files and
+# transformers' save_pretrained write the first; the second is the in-memory naming of
+# transformers >= 4.52, which some fine-tunes were saved with.
+_TEXT_TOWER_PREFIXES = (
+    ("language_model.model.", "language_model.lm_head.weight"),
+    ("model.language_model.", "lm_head.weight"),
+)
+
+
+class _TextTower:
+    """A multimodal checkpoint's text model seen under the text-only names (`model.*`,
+    `lm_head.weight`), as _SafetensorsDir presents them; `dropped` counts the other tensors
+    (vision tower, multimodal projector), which the decoder does not use."""
+
+    def __init__(self, store: _SafetensorsDir, prefix: str, head: str):
+        self.path = store.path
+        self._store = store
+        self._names = {}
+        for key in store.keys():
+            if key.startswith(prefix):
+                self._names["model." + key[len(prefix) :]] = key
+            elif key == head:
+                self._names["lm_head.weight"] = key
+        self.dropped = len(store.weight_map) - len(self._names)
+        self.weight_map = {ours: store.weight_map[theirs] for ours, theirs in self._names.items()}
+
+    def keys(self):
+        return self.weight_map.keys()
+
+    def shape(self, key: str) -> tuple:
+        return self._store.shape(self._names.get(key, key))
+
+    def getter(self, key: str) -> Callable:
+        return self._store.getter(self._names.get(key, key))
+
+
+def _text_tower(store: _SafetensorsDir):
+    """The store itself, or its text tower when the text model's tensors sit under a
+    multimodal wrapper's prefix (gemma-3-4b / 12b / 27b); the other tensors are dropped with
+    one logged line."""
+    if "model.embed_tokens.weight" in store.weight_map:
+        return store
+    for prefix, head in _TEXT_TOWER_PREFIXES:
+        if prefix + "embed_tokens.weight" in store.weight_map:
+            tower = _TextTower(store, prefix, head)
+            log.info(
+                "%s: a multimodal checkpoint: loading its text model (%s*) and dropping %d tensor(s) of the "
+                "vision tower / multimodal projector",
+                store.path,
+                prefix,
+                tower.dropped,
+            )
+            return tower
+    return store
+
+
 def _plan(cfg: DecoderConfig, lm_head: bool, score_head: bool, moe_layout: str = "hub") -> dict:
     """Our flat param path -> list of HF entries (one per layer when layers are stacked)."""
     plan = {k: [v] for k, v in _global_entries(cfg, lm_head, score_head).items()}
@@ -316,7 +377,7 @@ def load_hf(
     `score_head` loads a LlamaForSequenceClassification's `score` (num_labels=1) as our
     scalar head named "score"."""
     cfg = config or DecoderConfig.from_pretrained(path, **config_overrides)
-    store = _SafetensorsDir(path)
+    store = _text_tower(_SafetensorsDir(path))
     heads = (SCORE_HEAD,) if score_head else ()
     model = build_model(cfg, lm_head=lm_head, scalar_heads=heads)
     boxed = abstract_params(model)

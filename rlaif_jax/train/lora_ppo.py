@@ -128,6 +128,8 @@ class LoraPPOMixin:
                 out_shardings=(batch_shardings(scored[0], mesh), rep),
             )
             update = jit_step(self._update_f, state, scored[0], mesh, frozen)
+        # The jitted functions, which take the base last (the AOT compile lowers them).
+        self.jitted = (sample, score, update)
         return (
             lambda params, prompts, key: sample(params, prompts, key, frozen),
             lambda *a: score(*a, frozen),

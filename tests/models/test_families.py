@@ -161,7 +161,7 @@ def test_each_family_feature_changes_the_logits(family):
     [
         ("hidden_act", "gelu", "hidden_act = 'gelu' is not implemented"),
         ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}, "rope_parameters.rope_type"),
-        ("model_type", "gemma3", "multimodal"),
+        ("model_type", "gemma3", "no text_config"),
         ("model_type", "phi3", "model_type 'phi3' is not supported"),
         ("use_bidirectional_attention", True, "use_bidirectional_attention"),
         ("layer_types", ["chunked_attention"] * 2, "layer_types"),

@@ -70,6 +70,9 @@ MODERN_FILES = {
     "gemma2_27b": 27_227_128_320,
     "gemma3_270m": 268_098_176,
     "gemma3_1b": 999_885_952,
+    # Text towers of multimodal checkpoints: the cards' 4.3B / 12.2B count the vision tower too.
+    "gemma3_4b": None,
+    "gemma3_12b": None,
 }
 
 
