@@ -341,7 +341,6 @@ def test_pipelines_read_url_data_dirs(tmp_path, tokenizer_dir):
 
 def test_feedback_stages_write_urls(monkeypatch):
     from rlaif_jax.feedback import stages
-    from rlaif_jax.feedback.server import model_backend
     from rlaif_jax.feedback.settings import SamplingSettings
 
     comps = [dict(c, prompt_id=prompt_id(f"p{i}"), prompt=f"p{i}") for i, c in enumerate(SAMPLES["comparisons"][1])]
@@ -363,7 +362,7 @@ def test_feedback_stages_write_urls(monkeypatch):
             calls.append(seed)
             return [types.SimpleNamespace(text=f"{p} -> {seed}", finish_reason="stop") for p in prompts]
 
-    monkeypatch.setattr(model_backend, "LocalModel", FakeModel)
+    monkeypatch.setattr(stages, "LocalModel", FakeModel)  # the name the samples stage calls
     put(f"{MEM}/prompts.jsonl", "".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(5)))
     kw = dict(
         hf_dir=f"{MEM}/ckpt/tiny",
