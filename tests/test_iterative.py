@@ -178,7 +178,7 @@ def test_the_miniature_iterative_arm_is_optional():
         "dpo_strong_10",
     )
     assert MiniatureSettings().arms == ARMS and inspect.signature(MiniatureSettings).parameters["arms"].default == ARMS
-    assert OPTIONAL_ARMS == ("dpo_weak_10_iter",) and MiniatureSettings(arms=OPTIONAL_ARMS).iterative is None
+    assert "dpo_weak_10_iter" in OPTIONAL_ARMS and MiniatureSettings(arms=("dpo_weak_10_iter",)).iterative is None
     with pytest.raises(ConfigError, match="unknown arms.*dpo_weak_10_iter"):
         MiniatureSettings(arms=("dpo_weak_11",))
 
