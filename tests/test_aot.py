@@ -142,13 +142,10 @@ def test_the_runs_state_is_placed_as_compiled():
 
 
 # The paper's separate value model here; the shared one (its numerics in test_ppo.py) in the slow suite.
-@pytest.mark.parametrize("value_model", [pytest.param("shared", marks=pytest.mark.slow), "separate"])
-def test_ppo_programs_are_the_trainers_own(value_model):
-    """PPO's rollout, scoring and update are PPOTrainer.compile's jitted programs, lowered
-    on abstract policy / reference / reward params placed as train_ppo places them."""
+def _small_ppo(value_model: str):
+    """The target, a small PPOConfig and an optimizer for the PPO program tests."""
     from rlaif_jax.train.ppo import PPOConfig
 
-    target = aot.target("cpu-4")
     config = PPOConfig(
         rollout_batch_size=8,
         mini_batch_size=4,
@@ -158,6 +155,14 @@ def test_ppo_programs_are_the_trainers_own(value_model):
         value_model=value_model,
     )
     tx, _ = make_optimizer(name="adamw", learning_rate=1e-6, clip_norm=1.0)
+    return aot.target("cpu-4"), config, tx
+
+
+@pytest.mark.parametrize("value_model", [pytest.param("shared", marks=pytest.mark.slow), "separate"])
+def test_ppo_programs_are_the_trainers_own(value_model):
+    """PPO's rollout, scoring and update are PPOTrainer.compile's jitted programs, lowered
+    on abstract policy / reference / reward params placed as train_ppo places them."""
+    target, config, tx = _small_ppo(value_model)
     programs = aot.ppo_programs(CFG, config, tx, _layout(target), rows=8)
     assert [p.name for p in programs] == ["ppo/rollout", "ppo/score", "ppo/update"]
     for p in programs:
@@ -179,18 +184,8 @@ def test_lora_ppo_programs_are_the_lora_trainers_own(value_model, quantize):
     adapters (and the value head), the frozen (quantized) base is every program's last
     argument, split over fsdp like the params."""
     from rlaif_jax.lora import LoraSettings
-    from rlaif_jax.train.ppo import PPOConfig
 
-    target = aot.target("cpu-4")
-    config = PPOConfig(
-        rollout_batch_size=8,
-        mini_batch_size=4,
-        ppo_epochs=1,
-        max_new_tokens=8,
-        max_prompt_length=8,
-        value_model=value_model,
-    )
-    tx, _ = make_optimizer(name="adamw", learning_rate=1e-6, clip_norm=1.0)
+    target, config, tx = _small_ppo(value_model)
     lora = LoraSettings(rank=4, quantize=quantize, block_size=32)
     programs = aot.ppo_programs(CFG, config, tx, _layout(target), rows=8, lora=lora)
     assert [p.name for p in programs] == ["ppo/rollout", "ppo/score", "ppo/update"]
