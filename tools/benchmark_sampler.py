@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         "--row_write",
         choices=["auto", "scatter", "select"],
         default="auto",
-        help="models.kv_cache.ROW_WRITE: how continuous batching writes each row's new key (an ablation)",
+        help="DecoderConfig.kv_row_write: how continuous batching writes each row's new key (an ablation)",
     )
     args = ap.parse_args(argv)
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from rlaif_jax.benchmarks import interleaved_medians
-    from rlaif_jax.models import build_model, init_params, kv_cache
+    from rlaif_jax.models import build_model, init_params
     from rlaif_jax.sampling import (
         SamplingParams,
         generate,
@@ -87,8 +87,7 @@ def main(argv=None) -> int:
         row_keys,
     )
 
-    kv_cache.ROW_WRITE = args.row_write
-    cfg = preset_config(args.preset)
+    cfg = dataclasses.replace(preset_config(args.preset), kv_row_write=args.row_write)
     hf = None
     if not args.no_torch:
         import torch

@@ -451,7 +451,6 @@ def evaluate(
             order_seed=judge.seed,
             both_orders=judge.both_orders,
             logprobs=judge.logprobs,
-            judge_asked=asked,
             kept_from_out_dir=sum(task_key(x) in kept for x in tasks),  # judgments not asked again
             api=api,
             cost_usd=api["cost_usd"],

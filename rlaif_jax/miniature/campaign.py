@@ -131,7 +131,7 @@ class MiniatureSettings:
     dpo_beta: float = 0.1
     dpo_lr: float = 3e-5
     dpo_rpo_alpha: float = 0.1
-    rm_epochs: int = 4
+    rm_epochs: int = 2
     rm_lr: float = 3e-4
     rm_sample_pairs: bool = True
     rm_samples: int = 4

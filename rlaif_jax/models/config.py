@@ -26,6 +26,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 MOE_IMPLS = ("ragged", "dense")
 # Attention kernels (see DecoderConfig.attention_impl and docs/model_api.md).
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash", "blocked")
+KV_ROW_WRITES = ("auto", "scatter", "select")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 _DTYPES = {
@@ -132,6 +133,11 @@ class DecoderConfig:
     # 0 reads the whole cache in one einsum. Caches of at most this many slots are read
     # whole either way. A runtime choice, like attention_impl.
     decode_block: int = 256
+    # How a decode step with one cache index per row (continuous batching) writes each row's
+    # new key: "scatter" (B entries in place; XLA CPU / GPU), "select" (a where over the whole
+    # cache, no scatter, which TPUs run slowly) or "auto" (select on TPU, else scatter). The
+    # same values either way. A runtime choice, like attention_impl.
+    kv_row_write: str = "auto"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -157,6 +163,7 @@ class DecoderConfig:
             "DecoderConfig.vocab_chunk_size", self.vocab_chunk_size, 0, "0 for full logits, else ids per chunk"
         )
         errors.whole("DecoderConfig.decode_block", self.decode_block, 0, "0 reads the whole cache; e.g. 256")
+        errors.one_of("DecoderConfig.kv_row_write", self.kv_row_write, KV_ROW_WRITES)
         if self.attention_impl == "cudnn":
             if resolve_dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
                 raise errors.ConfigError(
@@ -562,6 +569,7 @@ NUMERICS_FIELDS = (
     "attention_impl",
     "vocab_chunk_size",
     "decode_block",
+    "kv_row_write",
 )
 
 

@@ -447,7 +447,7 @@ class Attention(nn.Module):
         window = layer_window(cfg, local)
         kw = dict(scale=cfg.attention_scale, logit_softcap=cfg.attn_logit_softcap)
         ring = kv_cache.is_ring(cfg, S)
-        new = kv_cache.write(cache, k, v, positions, segment_ids, cache_index, ring)
+        new = kv_cache.write(cache, k, v, positions, segment_ids, cache_index, ring, cfg.kv_row_write)
         if T == 1:
             # Written first: in a ring the slot overwritten held the key one window back,
             # which the window masks anyway.

@@ -55,14 +55,9 @@ def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
     }
 
 
-# How a decode step with one cache index per row writes: "scatter" (B entries, in place; XLA
-# CPU/GPU) or "select" (a where over the whole cache: no scatter, which TPUs run slowly).
-ROW_WRITE = "auto"
-
-
-def _write_rows(cache: dict, new: dict, slots) -> dict:
-    """Row b's one new entry at slot slots[b]."""
-    how = ROW_WRITE if ROW_WRITE != "auto" else ("select" if jax.default_backend() == "tpu" else "scatter")
+def _write_rows(cache: dict, new: dict, slots, row_write: str) -> dict:
+    """Row b's one new entry at slot slots[b] (row_write: DecoderConfig.kv_row_write)."""
+    how = row_write if row_write != "auto" else ("select" if jax.default_backend() == "tpu" else "scatter")
     if how == "scatter":
         b = jnp.arange(cache["k"].shape[0], dtype=jnp.int32)
         return {
@@ -77,15 +72,17 @@ def _write_rows(cache: dict, new: dict, slots) -> dict:
     return out
 
 
-def write(cache: dict, k, v, positions, segment_ids, cache_index, ring: bool) -> dict:
+def write(cache: dict, k, v, positions, segment_ids, cache_index, ring: bool, row_write: str = "auto") -> dict:
     """One layer's cache ({k, v: [B, S, KV, D], pos, seg: [B, S]}) with a call's T tokens
     written at sequence indices [cache_index, cache_index + T): at those slots, or, in a ring,
     at index % S, keeping only the last S when T > S. A decode step (T = 1) may give one
-    index per row (cache_index [B]: continuous batching's slots each at their own length)."""
+    index per row (cache_index [B]: continuous batching's slots each at their own length),
+    written as row_write says (DecoderConfig.kv_row_write)."""
     new = {"k": k, "v": v, "pos": positions, "seg": segment_ids}
     S, T = cache["k"].shape[1], k.shape[1]
     if T == 1 and jnp.ndim(cache_index) == 1:  # one decode step, each row at its own index
-        return _write_rows(cache, new, jnp.asarray(cache_index, jnp.int32) % S if ring else cache_index)
+        slots = jnp.asarray(cache_index, jnp.int32) % S if ring else cache_index
+        return _write_rows(cache, new, slots, row_write)
     if not ring:
         return {
             name: jax.lax.dynamic_update_slice_in_dim(c, new[name].astype(c.dtype), cache_index, axis=1)

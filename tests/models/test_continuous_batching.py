@@ -1,5 +1,6 @@
 """Continuous batching (SamplingParams.slots) gives the static sampler's samples for the same
-key: a plain cache and a sliding-window ring, rows stopping early at EOS and refilled."""
+key: a plain cache and a sliding-window ring, rows stopping early at EOS and refilled, with
+each row's new key written by a scatter (CPU / GPU) or a select (TPU)."""
 
 import dataclasses
 
@@ -34,10 +35,12 @@ def test_slots_give_the_static_samples(window):
     )
     static = generate(model, params, PROMPTS, jax.random.key(5), sp)
     assert len(set(static.lengths.tolist())) > 1
-    cont = generate(model, params, PROMPTS, jax.random.key(5), dataclasses.replace(sp, slots=2))
-    np.testing.assert_array_equal(cont.tokens, static.tokens)
-    np.testing.assert_array_equal(cont.lengths, static.lengths)
-    np.testing.assert_allclose(cont.logprobs, static.logprobs, atol=1e-5)
+    for row_write in ("scatter", "select"):
+        m = build_model(dataclasses.replace(cfg, kv_row_write=row_write))
+        cont = generate(m, params, PROMPTS, jax.random.key(5), dataclasses.replace(sp, slots=2))
+        np.testing.assert_array_equal(cont.tokens, static.tokens)
+        np.testing.assert_array_equal(cont.lengths, static.lengths)
+        np.testing.assert_allclose(cont.logprobs, static.logprobs, atol=1e-5)
 
 
 def test_bad_slots_are_rejected():
