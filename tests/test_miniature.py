@@ -210,7 +210,7 @@ def test_shared_dir_refuses_a_base_made_with_other_settings(tmp_path):
 
 @pytest.mark.slow
 def test_default_miniature_shows_the_papers_findings(tmp_path):
-    """The README's main job, at its defaults (seed 0): about 12 minutes on the README's 2 quiet CPU cores."""
+    """The README's main job, at its defaults (seed 0): about 11 minutes on the README's 2 quiet CPU cores."""
     run_miniature(MiniatureSettings(out_dir=str(tmp_path / "mini"), progress=False))
     summary = json.load(open(tmp_path / "mini" / "summary.json"))
     failed = [k for k in ("1", "1b", "2", "3") if not summary[f"finding/{k}/holds"]]
