@@ -24,6 +24,7 @@ import tempfile
 
 import numpy as np
 
+from rlaif_jax.models.config import KV_ROW_WRITES
 from rlaif_jax.models.presets import PRESETS, preset_config
 
 LENGTHS = {
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--row_write",
-        choices=["auto", "scatter", "select"],
+        choices=KV_ROW_WRITES,
         default="auto",
         help="DecoderConfig.kv_row_write: how continuous batching writes each row's new key (an ablation)",
     )

@@ -72,7 +72,7 @@ def _write_rows(cache: dict, new: dict, slots, row_write: str) -> dict:
     return out
 
 
-def write(cache: dict, k, v, positions, segment_ids, cache_index, ring: bool, row_write: str = "auto") -> dict:
+def write(cache: dict, k, v, positions, segment_ids, cache_index, ring: bool, row_write: str) -> dict:
     """One layer's cache ({k, v: [B, S, KV, D], pos, seg: [B, S]}) with a call's T tokens
     written at sequence indices [cache_index, cache_index + T): at those slots, or, in a ring,
     at index % S, keeping only the last S when T > S. A decode step (T = 1) may give one
